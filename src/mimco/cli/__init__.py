@@ -1,0 +1,1 @@
+"""The ``mimco`` command line."""

@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclasses, YAML files and ``key=value`` overrides.
+
+Each CLI stage has one top-level dataclass (:class:`TeacherConfig` for ``mimco teacher``,
+:class:`PretrainConfig` for ``mimco pretrain``) made of the sections below. A YAML file gives
+any subset of the keys; ``section.key=value`` overrides on the command line come last.
+An unknown key or a value of the wrong type is a :class:`~mimco.errors.MimcoError` that names
+the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mimco.errors import MimcoError
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are prepared before augmentation."""
+
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | folder | procedural
+    root: str = ""  # "" = the dataset's default location
+    img_size: int = 28
+    channels: int = 3  # grey images are repeated to 3 channels unless this is 1
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    subset: int = 0  # use only the first N training images (0 = all)
+    download: bool = False  # allow torchvision to download a missing dataset (needs network)
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of images cannot be read
+    num_workers: int = 2  # loader workers for file datasets (in-memory datasets need none)
+    procedural_size: int = 2048  # images per split of the procedural dataset
+
+
+@dataclass
+class ModelConfig:
+    """The ViT backbone (a timm VisionTransformer)."""
+
+    arch: str = "vit_tiny"  # preset: vit_mini | vit_tiny | vit_small | vit_base
+    patch_size: int = 16
+    embed_dim: int = 0  # 0 = the preset's value
+    depth: int = 0
+    num_heads: int = 0  # MoCo v3 ViT-S uses 12, DINO/DeiT ViT-S 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    pos_embed: str = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
+    freeze_patch_embed: bool = False  # MoCo v3's frozen random patch projection
+
+
+@dataclass
+class ContrastiveAugConfig:
+    """MoCo v3's two asymmetric views (view 2 differs in blur and solarize)."""
+
+    min_scale: float = 0.08
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob1: float = 1.0
+    blur_prob2: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_prob1: float = 0.0
+    solarize_prob2: float = 0.2
+    flip_prob: float = 0.5
+
+
+@dataclass
+class MimAugConfig:
+    """MIM-style light augmentation: one crop shared by teacher and student."""
+
+    min_scale: float = 0.67
+    max_scale: float = 1.0
+    flip_prob: float = 0.5
+
+
+@dataclass
+class MocoConfig:
+    proj_dim: int = 256
+    mlp_dim: int = 4096
+    temperature: float = 0.2
+    momentum: float = 0.99  # rises to 1 on a per-iteration cosine
+
+
+@dataclass
+class MaskConfig:
+    type: str = "random"  # random (SimMIM) | block (BEiT)
+    ratio: float = 0.6
+    mask_patch_size: int = 0  # pixels; 0 = the model's patch size
+    min_block_patches: int = 4
+    min_aspect: float = 0.3
+
+
+@dataclass
+class TeacherSourceConfig:
+    checkpoint: str = ""  # a `mimco teacher` checkpoint (last.pt)
+    encoder: str = "momentum"  # momentum | base
+    image_target: str = "cls"  # cls | projector
+
+
+@dataclass
+class MimcoLossConfig:
+    patch_loss: str = "infonce"  # infonce | l1 | smooth_l1 | cosine
+    patch_negatives: str = "image"  # image (same-image tokens) | batch (all tokens of the batch)
+    patch_temperature: float = 0.2
+    patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
+    image_temperature: float = 0.2
+    patch_weight: float = 1.0
+    image_weight: float = 1.0  # lambda
+    head_hidden_dim: int = 512
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    epochs: float = 100.0
+    warmup_epochs: float = 10.0
+    batch_size: int = 256  # global batch per optimiser step
+    accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
+    clip_grad: float = 0.0  # max grad norm, 0 = off
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs"
+    name: str = ""  # run folder name; "" = <stage>-<time>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    log_every: int = 20  # steps between CSV rows
+    ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end
+    max_steps: int = 0  # stop after this many steps (schedule unchanged), 0 = run all
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    at_end: bool = True  # k-NN on the test split when training ends (labelled datasets)
+    max_train: int = 0  # bank size cap, 0 = all
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1 (``mimco teacher``): MoCo v3."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: ContrastiveAugConfig = field(default_factory=ContrastiveAugConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(weight_decay=0.1, epochs=300.0, warmup_epochs=40.0, betas=[0.9, 0.999])
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 2 (``mimco pretrain``): MimCo."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aug: MimAugConfig = field(default_factory=MimAugConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
+    loss: MimcoLossConfig = field(default_factory=MimcoLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+C = TypeVar("C")
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field of a config dataclass."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown(key: str, root: type) -> MimcoError:
+    close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(root))}"
+    return MimcoError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise MimcoError(f"config key '{key}' expects a list like [0.5, 0.5], got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise MimcoError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in hints:
+            raise _unknown(key, root)
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise MimcoError(f"config key '{key}' is a section; give its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
+            _apply(getattr(obj, name), value, root, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hint, key))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.base_lr=1e-3"`` -> (["optim", "base_lr"], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise MimcoError(f"override '{text}' is not of the form key=value (e.g. optim.epochs=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Build ``cls`` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    cfg = cls()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise MimcoError(f"config file not found: {p} (configs live in configs/; pass --config configs/<name>.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MimcoError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise MimcoError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+        _apply(cfg, data, cls)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
+    """Apply ``key=value`` overrides to ``cfg`` in place (and return it)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, type(cfg))
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(cls: type[C], data: dict) -> C:
+    cfg = cls()
+    _apply(cfg, data, cls)
+    return cfg

@@ -1,0 +1,143 @@
+"""Datasets by name, and the deterministic, resumable stream of training batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from mimco.config import DataConfig
+from mimco.data.fashion_mnist import load_fashion_mnist
+from mimco.data.files import BadImageCounter, FileImages, collate_skip_bad
+from mimco.data.procedural import make_shapes
+from mimco.errors import MimcoError
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "procedural", "imagefolder", "folder")
+IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural")
+
+
+@dataclass
+class ImageArray:
+    """An in-memory dataset: uint8 images (N, C, S, S) and int64 labels (N,) (-1 if unlabelled)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    channels: int  # channels the model expects; grey images are expanded on access
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.images[idx]
+        return x.expand(-1, self.channels, -1, -1) if x.shape[1] != self.channels else x
+
+
+def _array(images: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> ImageArray:
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x[:, None]
+    if cfg.channels not in (1, 3):
+        raise MimcoError(f"data.channels must be 1 or 3, got {cfg.channels}")
+    if x.shape[1] == 3 and cfg.channels == 1:
+        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().to(torch.uint8)
+    if x.shape[-1] != cfg.img_size or x.shape[-2] != cfg.img_size:
+        x = F.interpolate(x.float(), size=(cfg.img_size, cfg.img_size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return ImageArray(x.contiguous(), torch.from_numpy(labels).long(), cfg.channels)
+
+
+def _torchvision(cls_name: str, cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+
+    root = cfg.root or "data"
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=cfg.download)
+    except RuntimeError as e:
+        raise MimcoError(f"{cls_name} not found in {root} ({str(e).splitlines()[0]}); set data.root or data.download=true") from None
+    return np.asarray(ds.data).transpose(0, 3, 1, 2), np.asarray(ds.targets)
+
+
+def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None = None) -> ImageArray | FileImages | None:
+    """The train (or test) split of ``cfg.name``; ``None`` when the dataset has no test split.
+
+    In-memory datasets come back as :class:`ImageArray` at ``img_size``; file datasets as
+    :class:`FileImages` whose items pass through ``transform``.
+    """
+    name = cfg.name
+    if name == "fashion_mnist":
+        ds = _array(*load_fashion_mnist(cfg.root, train, cfg.download), cfg)
+    elif name in ("cifar10", "cifar100"):
+        ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
+    elif name == "procedural":
+        ds = _array(*make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
+    elif name in ("imagefolder", "folder"):
+        from pathlib import Path
+
+        root = Path(cfg.root)
+        split = root / ("train" if train else "val")
+        if (root / "train").is_dir():
+            if not split.is_dir():
+                return None
+            root = split
+        elif not train:
+            return None
+        return FileImages(str(root), labelled=name == "imagefolder", channels=cfg.channels, transform=transform,
+                          subset=cfg.subset if train else 0)
+    else:
+        raise MimcoError(f"unknown dataset '{name}'; data.name must be one of {', '.join(DATASETS)}")
+    if train and cfg.subset:
+        ds = ImageArray(ds.images[: cfg.subset], ds.labels[: cfg.subset], ds.channels)
+    return ds
+
+
+class BatchStream:
+    """Training batches for steps ``start, start+1, ...``, identical across resumes.
+
+    Epoch ``e`` visits the images in ``randperm(N, seed + e)``; step ``s`` takes global batch
+    ``s % steps_per_epoch`` of that order and this process takes its contiguous slice.
+    In-memory batches are augmented by ``batch_transform`` on ``device``; file datasets are
+    augmented per image in loader workers. Yields a list of views, each (B_local, C, S, S).
+    """
+
+    def __init__(self, dataset: ImageArray | FileImages, global_batch: int, seed: int, device: torch.device,
+                 batch_transform: Callable | None = None, num_workers: int = 2, max_bad_fraction: float = 0.01,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise MimcoError(f"optim.batch_size={global_batch} is not divisible by the {world_size} processes")
+        if len(dataset) < global_batch:
+            raise MimcoError(f"optim.batch_size={global_batch} is larger than the dataset ({len(dataset)} images); lower it")
+        self.ds, self.gb, self.seed, self.device = dataset, global_batch, seed, device
+        self.batch_transform, self.num_workers = batch_transform, num_workers
+        self.rank, self.world = rank, world_size
+        self.local = global_batch // world_size
+        self.steps_per_epoch = len(dataset) // global_batch
+        self.bad = BadImageCounter(max_bad_fraction, len(dataset))
+
+    def _local_indices(self, epoch: int, first: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.ds), generator=g)[: self.steps_per_epoch * self.gb]
+        perm = perm.view(self.steps_per_epoch, self.gb)[first:, self.rank * self.local : (self.rank + 1) * self.local]
+        return perm
+
+    def __call__(self, start_step: int) -> Iterator[list[torch.Tensor]]:
+        step = start_step
+        while True:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            idx = self._local_indices(epoch, first)
+            if isinstance(self.ds, ImageArray):
+                for row in idx:
+                    x = self.ds.batch(row).to(self.device, non_blocking=True)
+                    yield self.batch_transform(x)
+            else:
+                loader = DataLoader(self.ds, batch_sampler=idx.tolist(), num_workers=self.num_workers,
+                                    collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda")
+                for batch, n_bad in loader:
+                    self.bad.update(n_bad, self.local)
+                    if batch is None:
+                        continue
+                    yield [v.to(self.device, non_blocking=True) for v in batch[0]]
+            step = (epoch + 1) * self.steps_per_epoch

@@ -1,0 +1,31 @@
+"""AdamW with weight decay off for norms, biases and tokens; per-iteration warm-up + cosine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from mimco.config import OptimConfig
+
+
+def scaled_lr(cfg: OptimConfig) -> float:
+    """The linear scaling rule: ``base_lr * batch_size / 256``."""
+    return cfg.base_lr * cfg.batch_size / 256.0
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; ndim <= 1 and ``model.no_weight_decay()`` get no decay."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    return torch.optim.AdamW(groups, lr=scaled_lr(cfg), betas=tuple(cfg.betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    warmup_steps: int) -> CosineLRScheduler:
+    """timm cosine schedule stepped per iteration (``step_update(step)``): linear warm-up from 0
+    over ``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=cfg.min_lr,
+                             warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)

@@ -1,0 +1,51 @@
+"""Frozen features of a backbone (or raw pixels) over a whole split, in inference mode."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from mimco.config import DataConfig
+from mimco.data.build import ImageArray
+from mimco.data.files import FileImages, collate_skip_bad
+from mimco.data.transforms import Normalize, image_eval
+from mimco.models.vit import encode
+
+
+def _batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device):
+    if isinstance(dataset, ImageArray):
+        norm = Normalize(data.mean, data.std, data.channels)
+        for i in range(0, len(dataset), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(dataset)))
+            yield norm(dataset.batch(idx).to(device)), dataset.labels[idx]
+    else:
+        dataset.transform = image_eval(data)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_skip_bad)
+        for batch, _ in loader:
+            if batch is not None:
+                yield batch[0].to(device), batch[1]
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages, data: DataConfig,
+                     device: torch.device, batch_size: int = 512, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (features (N, D) float32 on CPU, labels (N,)).
+
+    ``backbone=None`` gives the normalised raw pixels, flattened (the honest floor).
+    ``pool``: ``cls`` (CLS token after the final norm) or ``mean`` (mean of patch tokens).
+    """
+    if backbone is not None:
+        was_training = backbone.training
+        backbone.eval()
+    feats, labels = [], []
+    for x, y in _batches(dataset, data, batch_size, device):
+        if backbone is None:
+            f = x.flatten(1)
+        else:
+            tokens = encode(backbone, x)
+            f = tokens[:, 0] if pool == "cls" else tokens[:, backbone.num_prefix_tokens :].mean(1)
+        feats.append(f.float().cpu())
+        labels.append(y)
+    if backbone is not None:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

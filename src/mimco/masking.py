@@ -1,0 +1,145 @@
+"""Mask generators for masked image modeling: pure, batched, seeded.
+
+A mask is a bool tensor of shape (B, H*W) over the patch grid, row-major, True where the
+patch is hidden from the student. Every row of a mask holds exactly the same number of True
+values, so masked tokens can be gathered into a dense (B, M, D) tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def num_masked(num_cells: int, ratio: float) -> int:
+    """Number of cells hidden for a mask ``ratio`` (rounded; at least 1, at most all but one)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    return min(max(int(round(num_cells * ratio)), 1), num_cells - 1)
+
+
+def random_mask(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    ratio: float,
+    mask_unit: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """SimMIM random masking in units of ``mask_unit`` x ``mask_unit`` patches.
+
+    Args:
+        batch_size: B.
+        grid_size: (H, W) of the patch grid; both must divide by ``mask_unit``.
+        ratio: fraction of mask units hidden; exactly ``num_masked(units, ratio)`` per image.
+        mask_unit: side of one mask unit in patches (SimMIM's mask_patch_size / patch_size).
+        generator: torch generator for reproducibility.
+    Returns:
+        bool tensor (B, H*W).
+    """
+    h, w = grid_size
+    if h % mask_unit or w % mask_unit:
+        raise ValueError(f"patch grid {h}x{w} is not divisible by the mask unit {mask_unit}")
+    hc, wc = h // mask_unit, w // mask_unit
+    count = num_masked(hc * wc, ratio)
+    noise = torch.rand(batch_size, hc * wc, generator=generator)
+    ids = noise.argsort(dim=1)[:, :count]
+    cells = torch.zeros(batch_size, hc * wc, dtype=torch.bool)
+    cells.scatter_(1, ids, True)
+    cells = cells.view(batch_size, hc, 1, wc, 1).expand(batch_size, hc, mask_unit, wc, mask_unit)
+    return cells.reshape(batch_size, h * w).to(device) if device is not None else cells.reshape(batch_size, h * w)
+
+
+def sample_blocks(
+    grid_size: tuple[int, int],
+    target: int,
+    rng: np.random.Generator,
+    min_patches: int = 4,
+    min_aspect: float = 0.3,
+    max_attempts: int = 10,
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """BEiT blockwise masking of one image.
+
+    Rectangles of area in [min_patches, remaining] and aspect ratio h/w in
+    [min_aspect, 1/min_aspect] are placed until ``target`` patches are masked; a rectangle may
+    overlap earlier ones but never pushes the count past ``target``. When no further
+    rectangle fits (tiny grids), the remainder is filled with random single patches so the
+    count is exact.
+
+    Returns:
+        (mask (H, W) bool array, list of accepted rectangles (top, left, height, width)).
+    """
+    h, w = grid_size
+    mask = np.zeros((h, w), dtype=bool)
+    blocks: list[tuple[int, int, int, int]] = []
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    while mask.sum() < target:
+        remaining = target - int(mask.sum())
+        added = 0
+        for _ in range(max_attempts):
+            area = rng.uniform(min_patches, max(min_patches, remaining))
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            bh = int(round(math.sqrt(area * aspect)))
+            bw = int(round(math.sqrt(area / aspect)))
+            if not (1 <= bh <= h and 1 <= bw <= w):
+                continue
+            if bh * bw < min_patches or not (min_aspect <= bh / bw <= 1.0 / min_aspect):
+                continue
+            top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+            new = bh * bw - int(mask[top : top + bh, left : left + bw].sum())
+            if 0 < new <= remaining:
+                mask[top : top + bh, left : left + bw] = True
+                blocks.append((top, left, bh, bw))
+                added = new
+                break
+        if added == 0:
+            free = np.flatnonzero(~mask.ravel())
+            fill = rng.choice(free, size=remaining, replace=False)
+            mask.ravel()[fill] = True
+    return mask, blocks
+
+
+def block_mask(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    ratio: float,
+    seed: int,
+    min_patches: int = 4,
+    min_aspect: float = 0.3,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """BEiT blockwise masking for a batch; seeded by ``seed``.
+
+    Returns:
+        bool tensor (B, H*W) with exactly ``num_masked(H*W, ratio)`` True values per row.
+    """
+    h, w = grid_size
+    target = num_masked(h * w, ratio)
+    rng = np.random.default_rng(seed)
+    masks = [sample_blocks(grid_size, target, rng, min_patches, min_aspect)[0].ravel() for _ in range(batch_size)]
+    out = torch.from_numpy(np.stack(masks))
+    return out.to(device) if device is not None else out
+
+
+class MaskGenerator:
+    """Builds the mask for step ``step`` of a run from the config, deterministically.
+
+    The mask depends only on (seed, step, rank), so a resumed run draws the same masks.
+    """
+
+    def __init__(self, kind: str, ratio: float, grid_size: tuple[int, int], mask_unit: int = 1,
+                 min_patches: int = 4, min_aspect: float = 0.3, seed: int = 0) -> None:
+        if kind not in ("random", "block"):
+            raise ValueError(f"unknown mask type '{kind}'")
+        self.kind, self.ratio, self.grid_size, self.mask_unit = kind, ratio, grid_size, mask_unit
+        self.min_patches, self.min_aspect, self.seed = min_patches, min_aspect, seed
+        num_masked(grid_size[0] * grid_size[1] // (mask_unit * mask_unit), ratio)  # validates ratio
+
+    def __call__(self, batch_size: int, step: int, rank: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+        seed = (self.seed * 1_000_003 + step) * 1009 + rank
+        if self.kind == "random":
+            g = torch.Generator().manual_seed(seed)
+            return random_mask(batch_size, self.grid_size, self.ratio, self.mask_unit, g, device)
+        return block_mask(batch_size, self.grid_size, self.ratio, seed, self.min_patches, self.min_aspect, device)

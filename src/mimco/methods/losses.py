@@ -1,0 +1,102 @@
+"""Contrastive and regression losses, standalone and distributed-aware.
+
+Every InfoNCE here L2-normalises both sides, divides cosine similarities by a temperature and
+takes the cross-entropy with the positive's index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimco.engine.distributed import gather_no_grad, rank
+
+
+def info_nce(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Plain InfoNCE: ``CE(normalize(q) @ normalize(k).T / T, labels)``.
+
+    Args:
+        query: (M, D); keys: (K, D); labels: (M,) index of each query's positive in ``keys``.
+    """
+    logits = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    return F.cross_entropy(logits.float(), labels)
+
+
+class GlobalInfoNCE(nn.Module):
+    """InfoNCE against the keys of the whole global batch, scaled by 2T (MoCo v3).
+
+    Keys are gathered from every process without gradient; the positive for local query i
+    is global key ``rank * B + i``. Used for MoCo v3 and for MimCo's image-level loss.
+    """
+
+    def __init__(self, temperature: float = 0.2, gather: bool = True, scale_by_2t: bool = True) -> None:
+        super().__init__()
+        self.temperature, self.gather, self.scale_by_2t = temperature, gather, scale_by_2t
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query (B, D) with gradient, keys (B, D) targets -> scalar loss."""
+        b = query.shape[0]
+        all_keys = gather_no_grad(keys) if self.gather else keys
+        offset = rank() * b if self.gather else 0
+        labels = torch.arange(b, device=query.device) + offset
+        loss = info_nce(query, all_keys, labels, self.temperature)
+        return loss * (2.0 * self.temperature) if self.scale_by_2t else loss
+
+
+class PatchContrastiveLoss(nn.Module):
+    """Patch-level contrastive reconstruction over masked positions.
+
+    For every masked position the student prediction is pulled to the teacher token at the
+    same position and pushed from the negatives: the other patch tokens of the same image
+    (``negatives="image"``) or every teacher patch token of the batch (``"batch"``).
+    Negatives whose teacher cosine similarity to the positive exceeds ``neg_threshold``
+    are dropped (near-duplicates of the positive are false negatives).
+    """
+
+    def __init__(self, temperature: float = 0.2, negatives: str = "image", neg_threshold: float = 1.0) -> None:
+        super().__init__()
+        if negatives not in ("image", "batch"):
+            raise ValueError(f"unknown patch negatives '{negatives}'")
+        self.temperature, self.negatives, self.neg_threshold = temperature, negatives, neg_threshold
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pred: (B, M, D) student predictions at the masked positions (row-major order).
+            target: (B, N, D) teacher patch tokens at every position.
+            mask: bool (B, N), exactly M True per row.
+        Returns:
+            scalar, averaged over the B*M masked positions.
+        """
+        b, n, _ = target.shape
+        p = F.normalize(pred.float(), dim=-1)
+        t = F.normalize(target.float(), dim=-1)
+        pos_idx = mask.nonzero()[:, 1].view(b, -1)  # (B, M) grid index of each masked position
+        t_pos = torch.gather(t, 1, pos_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, M, D)
+        if self.negatives == "image":
+            logits = p @ t.transpose(1, 2)  # (B, M, N)
+            labels = pos_idx
+            sim = t_pos @ t.transpose(1, 2) if self.neg_threshold < 1.0 else None
+        else:
+            flat = t.reshape(b * n, -1)
+            logits = p @ flat.T  # (B, M, B*N)
+            labels = pos_idx + torch.arange(b, device=mask.device)[:, None] * n
+            sim = t_pos @ flat.T if self.neg_threshold < 1.0 else None
+        if sim is not None:
+            drop = sim > self.neg_threshold
+            drop.scatter_(2, labels.unsqueeze(-1), False)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
+
+
+def regression_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Feature regression for the ablation: ``l1`` | ``smooth_l1`` | ``cosine`` (1 - cos), mean over tokens."""
+    pred, target = pred.float(), target.float()
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=1.0)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    raise ValueError(f"unknown regression loss '{kind}'")

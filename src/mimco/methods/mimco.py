@@ -1,0 +1,90 @@
+"""Stage 2: MimCo (Zhou et al. 2022): a masked student reconstructs a frozen contrastive
+teacher's view of the unmasked image, at patch level and at image level."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from mimco.config import MimcoLossConfig
+from mimco.engine.distributed import rank
+from mimco.masking import MaskGenerator
+from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
+from mimco.models.heads import mlp_head
+from mimco.models.student import MaskedViT
+from mimco.models.vit import encode
+
+PATCH_LOSSES = ("infonce", "l1", "smooth_l1", "cosine")
+
+
+class MimCo(nn.Module):
+    """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher.
+
+    The teacher is a timm ViT whose ``head`` is its projector (``image_target="projector"``)
+    or anything else (ignored for ``"cls"``). It stays in eval mode, takes no gradient and is
+    never given to the optimiser.
+    """
+
+    def __init__(self, student: MaskedViT, teacher: VisionTransformer, loss: MimcoLossConfig,
+                 mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0) -> None:
+        super().__init__()
+        if loss.patch_loss not in PATCH_LOSSES:
+            raise ValueError(f"unknown loss.patch_loss '{loss.patch_loss}'")
+        if image_target not in ("cls", "projector"):
+            raise ValueError(f"unknown teacher.image_target '{image_target}'")
+        self.student, self.teacher, self.cfg, self.mask_generator = student, teacher, loss, mask_generator
+        self.image_target = image_target
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
+        self.patch_head = mlp_head(s_dim, loss.head_hidden_dim, t_dim)
+        self.image_head = mlp_head(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
+        self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold)
+        self.image_criterion = GlobalInfoNCE(loss.image_temperature)
+
+    def train(self, mode: bool = True) -> "MimCo":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) -> (patch tokens (B, N, Dt), image embedding (B, Dt or proj_dim))."""
+        tokens = encode(self.teacher, x)
+        p = self.teacher.num_prefix_tokens
+        image = tokens[:, 0]
+        if self.image_target == "projector":
+            image = self.teacher.head(image)
+        return tokens[:, p:], image
+
+    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """views: [x] (B, C, H, W), the same crop for teacher and student -> (loss, logs)."""
+        (x,) = views
+        b = x.shape[0]
+        mask = self.mask_generator(b, step, rank(), x.device)
+        t_patch, t_image = self.teacher_targets(x)
+        tokens = self.student(x, mask)
+        p = self.student.num_prefix_tokens
+        cfg, logs = self.cfg, {}
+        loss = tokens.new_zeros((), dtype=torch.float32)
+        if cfg.patch_weight > 0:
+            masked = tokens[:, p:][mask].view(b, -1, tokens.shape[-1])  # (B, M, Ds)
+            pred = self.patch_head(masked)
+            if cfg.patch_loss == "infonce":
+                lp = self.patch_criterion(pred, t_patch, mask)
+            else:
+                lp = regression_loss(cfg.patch_loss, pred, t_patch[mask].view(b, -1, t_patch.shape[-1]))
+            loss = loss + cfg.patch_weight * lp
+            logs["loss_patch"] = lp.detach()
+        if cfg.image_weight > 0:
+            li = self.image_criterion(self.image_head(tokens[:, 0]), t_image)
+            loss = loss + cfg.image_weight * li
+            logs["loss_img"] = li.detach()
+        return loss, logs
+
+    def backbone(self) -> VisionTransformer:
+        return self.student.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"student.{n}" for n in self.student.no_weight_decay()}

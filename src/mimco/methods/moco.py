@@ -1,0 +1,66 @@
+"""Stage 1: MoCo v3 for ViT (Chen, Xie, He 2021), the contrastive teacher."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from mimco.methods.losses import GlobalInfoNCE
+from mimco.models.heads import moco_mlp
+
+
+def momentum_at(step: int, total_steps: int, base: float) -> float:
+    """Per-iteration cosine from ``base`` at step 0 to 1 at the last step."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) * (1.0 - base)
+
+
+class MoCoV3(nn.Module):
+    """Base encoder + projector + predictor, and an EMA momentum encoder + projector.
+
+    Keys follow the released checkpoints without the DDP prefix: ``base_encoder.*`` (its
+    ``head`` is the 3-layer projector), ``momentum_encoder.*``, ``predictor.*``.
+    """
+
+    def __init__(self, backbone: VisionTransformer, proj_dim: int = 256, mlp_dim: int = 4096,
+                 temperature: float = 0.2, base_momentum: float = 0.99) -> None:
+        super().__init__()
+        backbone.head = moco_mlp(3, backbone.embed_dim, mlp_dim, proj_dim)
+        self.base_encoder = backbone
+        self.momentum_encoder = copy.deepcopy(backbone)
+        self.momentum_encoder.requires_grad_(False)
+        self.predictor = moco_mlp(2, proj_dim, mlp_dim, proj_dim)
+        self.criterion = GlobalInfoNCE(temperature)
+        self.base_momentum = base_momentum
+        self.total_steps = 1
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m: float) -> None:
+        """momentum_param = m * momentum_param + (1 - m) * base_param."""
+        mom = [p for p in self.momentum_encoder.parameters()]
+        base = [p.detach() for p in self.base_encoder.parameters()]
+        torch._foreach_mul_(mom, m)
+        torch._foreach_add_(mom, base, alpha=1.0 - m)
+
+    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """views: [x1, x2], each (B, C, H, W) -> (loss, logs)."""
+        x1, x2 = views
+        q1 = self.predictor(self.base_encoder(x1))
+        q2 = self.predictor(self.base_encoder(x2))
+        m = momentum_at(step, self.total_steps, self.base_momentum)
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            k1 = self.momentum_encoder(x1)
+            k2 = self.momentum_encoder(x2)
+        loss = self.criterion(q1, k2) + self.criterion(q2, k1)
+        return loss, {"momentum": torch.tensor(m)}
+
+    def backbone(self) -> VisionTransformer:
+        """The encoder used as the stage-1 model for evaluation (the momentum encoder)."""
+        return self.momentum_encoder
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"base_encoder.{n}" for n in self.base_encoder.no_weight_decay()}

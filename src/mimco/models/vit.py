@@ -1,0 +1,93 @@
+"""ViT backbones from timm, with MoCo v3's fixed 2-D sin-cos position table and frozen
+patch projection as options."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from mimco.config import ModelConfig
+from mimco.errors import MimcoError
+
+#: name -> (embed_dim, depth, num_heads)
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_mini": (128, 4, 4),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's 2-D sin-cos table with a zero CLS slot.
+
+    The first half of the channels encodes the patch row, the second half the column
+    (sin then cos within each half).
+
+    Returns:
+        (1, 1 + H*W, dim) float tensor.
+    """
+    if dim % 4:
+        raise MimcoError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    h, w = grid_size
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    q = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float32) / q)
+    out_r = rows.flatten()[:, None] * omega[None]
+    out_c = cols.flatten()[:, None] * omega[None]
+    table = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table], dim=0)[None]
+
+
+def resolve_arch(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(embed_dim, depth, num_heads) from the preset, with explicit non-zero fields winning."""
+    if cfg.arch not in PRESETS:
+        raise MimcoError(f"unknown model.arch '{cfg.arch}'; choose one of {', '.join(PRESETS)}")
+    dim, depth, heads = PRESETS[cfg.arch]
+    dim, depth, heads = cfg.embed_dim or dim, cfg.depth or depth, cfg.num_heads or heads
+    if dim % heads:
+        raise MimcoError(f"model.embed_dim={dim} is not divisible by model.num_heads={heads}")
+    return dim, depth, heads
+
+
+def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTransformer:
+    """A timm VisionTransformer without classifier (``num_classes=0``, CLS pooling)."""
+    if img_size % cfg.patch_size:
+        raise MimcoError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
+    if cfg.pos_embed not in ("learned", "sincos"):
+        raise MimcoError(f"unknown model.pos_embed '{cfg.pos_embed}'; choose learned or sincos")
+    dim, depth, heads = resolve_arch(cfg)
+    model = VisionTransformer(
+        img_size=img_size, patch_size=cfg.patch_size, in_chans=in_chans, num_classes=0, global_pool="token",
+        embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    if cfg.pos_embed == "sincos":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_pos_embed(model.patch_embed.grid_size, dim))
+        model.pos_embed.requires_grad_(False)
+    if cfg.freeze_patch_embed:
+        model.patch_embed.proj.weight.requires_grad_(False)
+        model.patch_embed.proj.bias.requires_grad_(False)
+    return model
+
+
+def encode(model: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None = None,
+           mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """All output tokens of a timm ViT after the final norm, optionally SimMIM-masked.
+
+    Args:
+        x: images (B, C, H, W).
+        mask: bool (B, N) over the patch grid; masked patch embeddings are replaced by
+            ``mask_token`` (1, 1, D) before position embeddings are added.
+    Returns:
+        (B, P + N, D) tokens, P = ``model.num_prefix_tokens`` (the CLS token first).
+    """
+    t = model.patch_embed(x)
+    if mask is not None:
+        w = mask.unsqueeze(-1).to(t.dtype)
+        t = t * (1.0 - w) + mask_token.to(t.dtype) * w
+    t = model._pos_embed(t)
+    t = model.norm_pre(model.patch_drop(t))
+    t = model.blocks(t)
+    return model.norm(t)

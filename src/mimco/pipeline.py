@@ -1,0 +1,165 @@
+"""Build and run each stage from its config: device, run folder, data, method, trainer, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from mimco.config import PretrainConfig, TeacherConfig, from_dict, save_config
+from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
+from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
+from mimco.engine import distributed as dist
+from mimco.engine.checkpoint import load_checkpoint
+from mimco.engine.trainer import Trainer
+from mimco.errors import MimcoError
+from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.masking import MaskGenerator
+from mimco.methods import MimCo, MoCoV3
+from mimco.models import MaskedViT, create_vit, moco_mlp
+
+STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
+
+
+def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
+    """Threads, device, process group and seeds."""
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.precision not in ("fp32", "bf16"):
+        raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32 or bf16")
+    if t.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif t.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MimcoError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    elif t.device.split(":")[0] not in ("cpu", "cuda"):
+        raise MimcoError(f"unknown train.device '{t.device}'; choose auto, cpu or cuda")
+    else:
+        device = torch.device(t.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
+        torch.cuda.set_device(device)
+    dist.init_from_env(device)
+    torch.manual_seed(t.seed * 1000 + dist.rank())
+    return device
+
+
+def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool) -> Path:
+    name = cfg.train.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    d = Path(cfg.train.out_dir) / name
+    if not resuming and (d / "last.pt").exists():
+        raise MimcoError(f"{d} already holds a run; pass --resume auto to continue it or choose another train.name")
+    if dist.is_main():
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views: bool) -> BatchStream:
+    data = cfg.data
+    if data.name in IN_MEMORY:
+        ds = load_dataset(data, train=True)
+        tf = (BatchTwoViews(cfg.aug, data) if two_views else BatchMimView(cfg.aug, data)).to(device)
+    else:
+        ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
+        tf = None
+    return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,
+                       data.max_bad_fraction, dist.rank(), dist.world_size())
+
+
+def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0,
+                  in_chans: int = 0) -> tuple[VisionTransformer, int, TeacherConfig | PretrainConfig]:
+    """The backbone of a ``mimco teacher`` checkpoint (its momentum or base encoder) or of a
+    ``mimco pretrain`` one (the student), built at ``img_size`` (0 = the checkpoint's own; the
+    position table is resampled when it differs).
+
+    Returns (ViT whose ``head`` is the MoCo projector or Identity, projector width or 0, the run's config).
+    """
+    if not path:
+        raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`)")
+    ckpt = load_checkpoint(path)
+    if ckpt["stage"] == "teacher":
+        tcfg = from_dict(TeacherConfig, ckpt["config"])
+        if encoder not in ("momentum", "base"):
+            raise MimcoError(f"unknown teacher.encoder '{encoder}'; choose momentum or base")
+        prefix, proj_dim = f"{encoder}_encoder.", tcfg.moco.proj_dim
+    else:
+        tcfg, prefix, proj_dim = from_dict(PretrainConfig, ckpt["config"]), "student.backbone.", 0
+    img_size, in_chans = img_size or tcfg.data.img_size, in_chans or tcfg.data.channels
+    if tcfg.data.channels != in_chans:
+        raise MimcoError(f"the teacher was trained on {tcfg.data.channels}-channel images but data.channels={in_chans}")
+    vit = create_vit(tcfg.model, img_size, in_chans)
+    if proj_dim:
+        vit.head = moco_mlp(3, vit.embed_dim, tcfg.moco.mlp_dim, proj_dim)
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if state["pos_embed"].shape != vit.pos_embed.shape:
+        old = tcfg.data.img_size // tcfg.model.patch_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(vit.patch_embed.grid_size), [old, old],
+                                                    num_prefix_tokens=vit.num_prefix_tokens)
+    vit.load_state_dict(state)
+    return vit, proj_dim, tcfg
+
+
+def build_mimco(cfg: PretrainConfig, device: torch.device) -> MimCo:
+    data, m = cfg.data, cfg.mask
+    teacher, proj_dim, _ = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, data.channels)
+    if cfg.teacher.image_target == "projector" and not proj_dim:
+        raise MimcoError("teacher.image_target=projector needs a MoCo teacher with a projector; use teacher.image_target=cls")
+    student = MaskedViT(create_vit(cfg.model, data.img_size, data.channels))
+    if teacher.patch_embed.grid_size != student.backbone.patch_embed.grid_size:
+        raise MimcoError(f"teacher patch grid {teacher.patch_embed.grid_size} differs from the student's "
+                         f"{student.backbone.patch_embed.grid_size}; use the teacher's model.patch_size")
+    unit = (m.mask_patch_size or cfg.model.patch_size) // cfg.model.patch_size
+    if m.mask_patch_size % cfg.model.patch_size:
+        raise MimcoError(f"mask.mask_patch_size={m.mask_patch_size} is not a multiple of model.patch_size={cfg.model.patch_size}")
+    try:
+        gen = MaskGenerator(m.type, m.ratio, student.backbone.patch_embed.grid_size, max(unit, 1),
+                            m.min_block_patches, m.min_aspect, cfg.train.seed)
+        return MimCo(student, teacher, cfg.loss, gen, cfg.teacher.image_target, proj_dim).to(device)
+    except ValueError as e:
+        raise MimcoError(f"{e}; see configs/ for valid values") from None
+
+
+def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str, Any] | None = None,
+              run_dir: Path | None = None) -> dict[str, Any]:
+    """Train one stage end to end; returns a summary (also written to the run folder)."""
+    device = setup(cfg)
+    run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
+    if stage == "teacher":
+        method: torch.nn.Module = MoCoV3(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.moco.proj_dim,
+                                         cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
+    else:
+        method = build_mimco(cfg, device)
+    stream = _stream(cfg, device, two_views=stage == "teacher")
+    if dist.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
+    summary["run_dir"] = str(run_dir)
+    if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"]:
+        summary.update(evaluate(method.backbone(), cfg, device, linear=False))
+    if dist.is_main():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate(backbone: torch.nn.Module | None, cfg: TeacherConfig | PretrainConfig, device: torch.device,
+             linear: bool = True, splits: tuple[Any, Any] | None = None) -> dict[str, float]:
+    """k-NN (and linear-probe) top-1 on the test split; {} when the dataset has no labelled test split."""
+    if splits is None:
+        splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    train, test = splits
+    if test is None or (isinstance(train, ImageArray) and int(train.labels.min()) < 0):
+        return {}
+    if cfg.eval.max_train and len(train) > cfg.eval.max_train and isinstance(train, ImageArray):
+        train = ImageArray(train.images[: cfg.eval.max_train], train.labels[: cfg.eval.max_train], train.channels)
+    ftr, ytr = extract_features(backbone, train, cfg.data, device)
+    fte, yte = extract_features(backbone, test, cfg.data, device)
+    out = {"knn_top1": round(knn_accuracy(ftr, ytr, fte, yte, cfg.eval.knn_k, cfg.eval.knn_temperature), 2)}
+    if linear:
+        out["linear_top1"] = round(linear_probe(ftr, ytr, fte, yte, seed=cfg.train.seed), 2)
+    return out
