@@ -26,12 +26,12 @@ from mimco.errors import MimcoError
 class DataConfig:
     """Where images come from and how they are prepared before augmentation."""
 
-    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagefolder | folder | procedural
-    root: str = ""  # "" = the dataset's default location
-    img_size: int = 28
+    name: str = "imagefolder"  # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural
+    root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
+    img_size: int = 224
     channels: int = 3  # grey images are repeated to 3 channels unless this is 1
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     subset: int = 0  # use only the first N training images (0 = all)
     download: bool = False  # allow torchvision to download a missing dataset (needs network)
     max_bad_fraction: float = 0.01  # stop when more than this fraction of images cannot be read
@@ -227,6 +227,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

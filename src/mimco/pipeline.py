@@ -130,12 +130,14 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
     """Train one stage end to end; returns a summary (also written to the run folder)."""
     device = setup(cfg)
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    stream = _stream(cfg, device, two_views=stage == "teacher")
     if stage == "teacher":
         method: torch.nn.Module = MoCoV3(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.moco.proj_dim,
                                          cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
     else:
         method = build_mimco(cfg, device)
-    stream = _stream(cfg, device, two_views=stage == "teacher")
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()

@@ -41,7 +41,9 @@ def _train(stage: str, args: argparse.Namespace) -> int:
         resume = load_checkpoint(path)
         if resume["stage"] != stage:
             raise MimcoError(f"{path} is a '{resume['stage']}' checkpoint; resume it with `mimco {resume['stage']}`")
-        cfg = apply_overrides(from_dict(cls, resume["config"]), args.overrides)
+        cfg = from_dict(cls, resume["config"])
+        cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
+        cfg = apply_overrides(cfg, args.overrides)
         run_dir = path.parent
     else:
         cfg = load_config(cls, config_path(args.config), args.overrides)

@@ -37,7 +37,7 @@ class ImageArray:
 
 
 def _array(images: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> ImageArray:
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = torch.from_numpy(np.array(images, copy=True))
     if x.ndim == 3:
         x = x[:, None]
     if cfg.channels not in (1, 3):
@@ -137,7 +137,7 @@ class BatchStream:
                                     collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda")
                 for batch, n_bad in loader:
                     self.bad.update(n_bad, self.local)
-                    if batch is None:
+                    if batch is None or len(batch[1]) < 2:  # BatchNorm and InfoNCE need two images
                         continue
                     yield [v.to(self.device, non_blocking=True) for v in batch[0]]
             step = (epoch + 1) * self.steps_per_epoch

@@ -52,11 +52,11 @@ def resolve_arch(cfg: ModelConfig) -> tuple[int, int, int]:
 
 def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTransformer:
     """A timm VisionTransformer without classifier (``num_classes=0``, CLS pooling)."""
+    dim, depth, heads = resolve_arch(cfg)
     if img_size % cfg.patch_size:
         raise MimcoError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     if cfg.pos_embed not in ("learned", "sincos"):
         raise MimcoError(f"unknown model.pos_embed '{cfg.pos_embed}'; choose learned or sincos")
-    dim, depth, heads = resolve_arch(cfg)
     model = VisionTransformer(
         img_size=img_size, patch_size=cfg.patch_size, in_chans=in_chans, num_classes=0, global_pool="token",
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,

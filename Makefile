@@ -1,0 +1,27 @@
+# One command each: `make test` and `make demo` set up everything they need.
+# The virtual environment lives outside the checkout so fresh clones (and CI) reuse it.
+VENV ?= $(HOME)/.cache/mimco/venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data test demo clean-venv
+
+$(PY):
+	python3 -m venv $(VENV)
+
+setup: $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root; skipped when present).
+data:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+test: setup data
+	$(PY) -m pytest -q
+
+demo: setup data
+	$(VENV)/bin/mimco demo
+
+clean-venv:
+	rm -rf $(VENV)

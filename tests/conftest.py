@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny configs on the procedural dataset so every test runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimco.config import PretrainConfig, TeacherConfig, load_config
+
+TINY_MODEL = ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
+TINY_DATA = ["data.name=procedural", "data.img_size=16", "data.procedural_size=256"]
+TINY_RUN = ["optim.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0.25", "optim.base_lr=1e-3",
+            "train.progress=false", "train.log_every=2", "eval.at_end=false"]
+
+
+def tiny_overrides(out: Path, name: str) -> list[str]:
+    return [*TINY_DATA, *TINY_MODEL, *TINY_RUN, f"train.out_dir={out}", f"train.name={name}"]
+
+
+def tiny_teacher_cfg(out: Path, name: str = "teacher", extra: tuple[str, ...] = ()) -> TeacherConfig:
+    return load_config(TeacherConfig, None, [*tiny_overrides(out, name), "moco.mlp_dim=64", "moco.proj_dim=32", *extra])
+
+
+def tiny_pretrain_cfg(out: Path, teacher_ckpt: Path, name: str = "student", extra: tuple[str, ...] = ()) -> PretrainConfig:
+    return load_config(PretrainConfig, None, [*tiny_overrides(out, name), f"teacher.checkpoint={teacher_ckpt}",
+                                              "loss.head_hidden_dim=64", *extra])
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A tiny MoCo v3 teacher trained once for the whole session."""
+    from mimco.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("teacher_run")
+    run_stage("teacher", tiny_teacher_cfg(out))
+    return out / "teacher" / "last.pt"

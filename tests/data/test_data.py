@@ -1,0 +1,142 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
+from mimco.data import BatchStream, load_dataset, make_shapes
+from mimco.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from mimco.data.files import BadImageCounter, FileImages
+from mimco.data.transforms import BatchMimView, BatchTwoViews, image_two_views
+from mimco.errors import MimcoError
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def fake_fmnist(root: Path, n: int = 40) -> None:
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+
+
+def test_fashion_mnist_reader_and_channels(tmp_path):
+    fake_fmnist(tmp_path)
+    x, y = load_fashion_mnist(str(tmp_path), train=True)
+    assert x.shape == (40, 28, 28) and y.shape == (40,) and y.dtype == np.int64
+    ds = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path), img_size=32, channels=3))
+    batch = ds.batch(torch.arange(4))
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8
+    assert torch.equal(batch[:, 0], batch[:, 2])  # grey repeated to 3 channels
+
+
+def test_fashion_mnist_missing_and_truncated(tmp_path):
+    with pytest.raises(MimcoError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(str(tmp_path))
+    fake_fmnist(tmp_path)
+    raw = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(MimcoError, match="truncated"):
+        load_fashion_mnist(str(tmp_path))
+
+
+@pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_default_location():
+    x, y = load_fashion_mnist(train=False)
+    assert x.shape == (10000, 28, 28) and sorted(np.unique(y).tolist()) == list(range(10))
+
+
+def test_procedural_deterministic_and_labelled():
+    a, la = make_shapes(64, 16, seed=0)
+    b, lb = make_shapes(64, 16, seed=0)
+    assert np.array_equal(a, b) and np.array_equal(la, lb) and a.shape == (64, 3, 16, 16)
+    assert set(la.tolist()) == set(range(6))
+    assert not np.array_equal(a, make_shapes(64, 16, seed=1)[0])
+
+
+def test_unknown_dataset():
+    with pytest.raises(MimcoError, match="unknown dataset 'imagenet'.*fashion_mnist"):
+        load_dataset(DataConfig(name="imagenet"))
+
+
+def _save_images(folder: Path, n: int, mode: str = "RGB") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray((np.random.rand(20, 24, 3) * 255).astype(np.uint8)).convert(mode).save(folder / f"{i}.png")
+
+
+def test_image_folder_labels_and_modes(tmp_path):
+    _save_images(tmp_path / "cat", 3)
+    _save_images(tmp_path / "dog", 2, mode="L")
+    _save_images(tmp_path / "dog", 1, mode="RGBA")
+    ds = FileImages(str(tmp_path), labelled=True)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5  # 2 dog files overwritten by the RGBA pass
+    img, label = ds[4]
+    assert img.mode == "RGB" and label == 1
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(MimcoError, match="is not a folder"):
+        FileImages(str(tmp_path / "nope"), labelled=False)
+    with pytest.raises(MimcoError, match="no class sub-folders"):
+        FileImages(str(tmp_path), labelled=True)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(MimcoError, match="no images"):
+        FileImages(str(tmp_path), labelled=True)
+
+
+def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
+    _save_images(tmp_path / "x", 6)
+    (tmp_path / "x" / "bad.png").write_bytes(b"not an image")
+    good = (tmp_path / "x" / "0.png").read_bytes()
+    (tmp_path / "x" / "trunc.png").write_bytes(good[: len(good) // 2])
+    ds = FileImages(str(tmp_path), labelled=False)
+    loaded = [ds[i] for i in range(len(ds))]
+    assert sum(x is None for x in loaded) == 2
+    counter = BadImageCounter(0.5, len(ds))
+    with pytest.warns(UserWarning, match="unreadable"):
+        counter.update(2, 8)
+    with pytest.raises(MimcoError, match="could not be read"):
+        BadImageCounter(0.1, len(ds)).update(2, 8)
+
+
+def test_batch_views_shapes_and_normalisation():
+    data = DataConfig(name="procedural", img_size=16, mean=[0.5] * 3, std=[0.5] * 3)
+    x = torch.from_numpy(make_shapes(8, 16)[0])
+    v1, v2 = BatchTwoViews(ContrastiveAugConfig(), data)(x)
+    assert v1.shape == v2.shape == (8, 3, 16, 16) and v1.dtype == torch.float32
+    assert v1.min() >= -1.0 - 1e-5 and v1.max() <= 1.0 + 1e-5 and not torch.equal(v1, v2)
+    (v,) = BatchMimView(MimAugConfig(), data)(x)
+    assert v.shape == (8, 3, 16, 16)
+    grey = BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16, channels=1))(x[:, :1])
+    assert grey[0].shape == (8, 1, 16, 16)
+
+
+def test_per_image_views_for_files():
+    img = Image.fromarray((np.random.rand(50, 70, 3) * 255).astype(np.uint8))
+    v1, v2 = image_two_views(ContrastiveAugConfig(), DataConfig(img_size=32))(img)
+    assert v1.shape == v2.shape == (3, 32, 32)
+
+
+def test_batch_stream_resumes_in_place():
+    ds = load_dataset(DataConfig(name="procedural", img_size=16, procedural_size=100))
+    ident = lambda x: [x]  # noqa: E731
+    s = BatchStream(ds, 32, seed=0, device=torch.device("cpu"), batch_transform=ident)
+    assert s.steps_per_epoch == 3
+    it = s(0)
+    full = [next(it)[0] for _ in range(7)]
+    it = s(4)
+    resumed = [next(it)[0] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed))
+    assert not torch.equal(full[0], full[3])  # a new permutation each epoch
+    with pytest.raises(MimcoError, match="larger than the dataset"):
+        BatchStream(ds, 128, 0, torch.device("cpu"), ident)

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimco.config import OptimConfig
+from mimco.engine import atomic_save, build_optimizer, build_scheduler, load_checkpoint
+from mimco.errors import MimcoError
+from mimco.methods.mimco import MimCo
+from mimco.pipeline import run_stage
+from tests.conftest import tiny_pretrain_cfg, tiny_teacher_cfg
+from tests.methods.test_mimco import tiny_mimco
+
+
+def test_param_groups_skip_decay_on_norms_biases_tokens():
+    m: MimCo = tiny_mimco()
+    opt = build_optimizer(m, OptimConfig(weight_decay=0.05))
+    ids = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    for name in ["student.mask_token", "student.backbone.cls_token", "student.backbone.pos_embed",
+                 "student.backbone.norm.weight", "student.backbone.blocks.0.attn.qkv.bias"]:
+        assert ids[id(named[name])] == 0.0, name
+    assert ids[id(named["student.backbone.blocks.0.attn.qkv.weight"])] == 0.05
+    assert not any(id(p) in ids for p in m.teacher.parameters())
+
+
+def test_warmup_then_cosine_per_iteration():
+    p = torch.nn.Parameter(torch.zeros(1))
+    cfg = OptimConfig(base_lr=2.56e-3, batch_size=100, min_lr=0.0)  # lr = 1e-3
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    s = build_scheduler(opt, cfg, total_steps=110, warmup_steps=10)
+    lrs = []
+    for step in range(110):
+        s.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"stage": "teacher", "model": {}, "step": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"x": Boom()}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_refuses_non_mimco_and_code(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(MimcoError, match="not a mimco checkpoint"):
+        load_checkpoint(tmp_path / "other.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": Evil(), "stage": "teacher"}, tmp_path / "evil.pt")
+    with pytest.raises(MimcoError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("stage", ["teacher", "pretrain"])
+def test_resume_equals_uninterrupted(tmp_path, stage, teacher_ckpt):
+    make = (lambda n, extra=(): tiny_teacher_cfg(tmp_path, n, extra)) if stage == "teacher" else \
+        (lambda n, extra=(): tiny_pretrain_cfg(tmp_path, teacher_ckpt, n, extra))
+    full = run_stage(stage, make("full"))
+    assert full["step"] == 8
+    part = run_stage(stage, make("part", ("train.max_steps=3",)))
+    assert part["step"] == 3
+    resumed = run_stage(stage, make("part"), resume=load_checkpoint(tmp_path / "part" / "last.pt"),
+                        run_dir=tmp_path / "part")
+    assert resumed["step"] == 8
+    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "part" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (tmp_path / "part" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,lr,loss") and len(rows) == 1 + 5  # steps 2, 3 | 4, 6, 8
+    weights = load_file(str(tmp_path / "full" / "backbone.safetensors"))
+    assert "blocks.0.attn.qkv.weight" in weights and not any(k.startswith("head.") for k in weights)
+
+
+def test_bf16_accumulation_and_clipping(tmp_path, monkeypatch):
+    from mimco.methods.moco import MoCoV3
+
+    calls = []
+    original = MoCoV3.forward
+
+    def counting(self, views, step):
+        calls.append(views[0].shape[0])
+        loss, logs = original(self, views, step)
+        assert loss.dtype == torch.float32  # the loss is computed in fp32 under autocast
+        return loss, logs
+
+    monkeypatch.setattr(MoCoV3, "forward", counting)
+    out = run_stage("teacher", tiny_teacher_cfg(tmp_path, "bf16", ("train.precision=bf16", "optim.accum_steps=2",
+                                                                    "optim.clip_grad=1.0", "train.max_steps=3")))
+    assert out["step"] == 3 and torch.isfinite(torch.tensor(out["loss"]))
+    assert calls == [16] * 6  # 3 steps x 2 micro-batches of 32 / 2

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from mimco.config import MimcoLossConfig, ModelConfig
+from mimco.masking import MaskGenerator
+from mimco.methods.mimco import MimCo
+from mimco.models import MaskedViT, create_vit
+
+
+def tiny_mimco(teacher_dim: int = 48, **loss) -> MimCo:
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
+    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=teacher_dim, depth=1, num_heads=2), 16, 3)
+    cfg = MimcoLossConfig(head_hidden_dim=32, **loss)
+    return MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0))
+
+
+def test_gradients_reach_student_never_teacher():
+    m = tiny_mimco()
+    loss, logs = m([torch.randn(4, 3, 16, 16)], step=0)
+    loss.backward()
+    assert set(logs) == {"loss_patch", "loss_img"}
+    assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
+    assert m.student.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert m.student.mask_token.grad.abs().sum() > 0
+    assert m.patch_head[0].weight.grad is not None and m.image_head[0].weight.grad is not None
+
+
+def test_teacher_stays_in_eval_mode():
+    m = tiny_mimco()
+    m.train()
+    assert m.student.training and not m.teacher.training
+
+
+def test_patch_loss_ignores_unmasked_positions():
+    m = tiny_mimco(image_weight=0.0)
+    x = torch.randn(2, 3, 16, 16)
+    captured = {}
+
+    def keep(_module, _inputs, out):
+        out.retain_grad()
+        captured["tokens"] = out
+
+    m.student.register_forward_hook(keep)
+    loss, _ = m([x], step=3)
+    loss.backward()
+    mask = m.mask_generator(2, 3)
+    grad = captured["tokens"].grad[:, 1:]  # patch tokens, CLS dropped
+    assert grad[~mask].abs().max() == 0
+    assert grad[mask].abs().sum(-1).min() > 0
+
+
+@pytest.mark.parametrize("kind", ["l1", "smooth_l1", "cosine"])
+def test_regression_switch(kind):
+    m = tiny_mimco(patch_loss=kind)
+    loss, logs = m([torch.randn(2, 3, 16, 16)], step=0)
+    assert torch.isfinite(loss) and logs["loss_patch"] > 0
+
+
+def test_weights_switch_terms_off():
+    _, logs = tiny_mimco(patch_weight=0.0)([torch.randn(2, 3, 16, 16)], step=0)
+    assert set(logs) == {"loss_img"}
+    _, logs = tiny_mimco(image_weight=0.0)([torch.randn(2, 3, 16, 16)], step=0)
+    assert set(logs) == {"loss_patch"}
+
+
+def test_teacher_bit_identical_after_training_steps():
+    m = tiny_mimco(patch_negatives="batch")
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.5)
+    for step in range(5):
+        loss, _ = m([torch.randn(4, 3, 16, 16)], step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = m.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    m = tiny_mimco()
+    x = torch.randn(8, 3, 16, 16)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = m([x], step=0)  # same mask every step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

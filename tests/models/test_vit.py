@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from mimco.config import ModelConfig
+from mimco.errors import MimcoError
+from mimco.models import MaskedViT, create_vit, sincos_pos_embed
+
+
+def test_presets_and_heads():
+    vit = create_vit(ModelConfig(arch="vit_small", num_heads=12), 32, 3)
+    assert vit.embed_dim == 384 and len(vit.blocks) == 12 and vit.blocks[0].attn.num_heads == 12
+    assert create_vit(ModelConfig(arch="vit_small"), 32, 3).blocks[0].attn.num_heads == 6
+    with pytest.raises(MimcoError, match="divisible"):
+        create_vit(ModelConfig(embed_dim=100, num_heads=3), 32, 3)
+    with pytest.raises(MimcoError, match="unknown model.arch"):
+        create_vit(ModelConfig(arch="vit_huge_x"), 32, 3)
+
+
+def test_sincos_table_layout():
+    t = sincos_pos_embed((3, 4), 16)[0]
+    assert t.shape == (13, 16) and torch.all(t[0] == 0)
+    rows = t[1:].view(3, 4, 16)
+    # first half depends on the row only, second half on the column only
+    assert torch.allclose(rows[:, :1, :8].expand(3, 4, 8), rows[:, :, :8])
+    assert torch.allclose(rows[:1, :, 8:].expand(3, 4, 8), rows[:, :, 8:])
+    assert torch.allclose(rows[0, 0, :4], torch.zeros(4)) and torch.allclose(rows[0, 0, 4:8], torch.ones(4))
+
+
+def test_sincos_fixed_and_frozen_patch_embed():
+    vit = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2, pos_embed="sincos",
+                                 freeze_patch_embed=True), 16, 3)
+    assert not vit.pos_embed.requires_grad and not vit.patch_embed.proj.weight.requires_grad
+    assert torch.equal(vit.pos_embed.data, sincos_pos_embed((4, 4), 32))
+
+
+def test_masked_patches_do_not_see_their_pixels():
+    torch.manual_seed(0)
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 0] = True  # top-left 4x4 patch
+    y = x.clone()
+    y[..., :4, :4] = torch.randn(3, 4, 4)
+    assert torch.allclose(student(x, mask), student(y, mask), atol=1e-6)
+    assert not torch.allclose(student(x), student(y), atol=1e-4)
+
+
+def test_student_backbone_is_plain_timm():
+    import timm
+
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
+                            depth=2, num_heads=2, num_classes=0)
+    ref.load_state_dict(student.backbone.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    student.eval(), ref.eval()
+    assert torch.allclose(student(x)[:, 0], ref(x), atol=1e-6)

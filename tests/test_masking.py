@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from mimco.masking import MaskGenerator, block_mask, num_masked, random_mask, sample_blocks
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
+def test_random_mask_exact_ratio_and_shape(ratio):
+    m = random_mask(8, (4, 4), ratio, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (8, 16) and m.dtype == torch.bool
+    assert (m.sum(1) == round(16 * ratio)).all()
+
+
+def test_random_mask_units_are_square_blocks():
+    m = random_mask(4, (8, 8), 0.5, mask_unit=2, generator=torch.Generator().manual_seed(1)).view(4, 8, 8)
+    assert (m.sum((1, 2)) == 32).all()
+    cells = m.view(4, 4, 2, 4, 2)
+    assert (cells.all(dim=(2, 4)) == cells.any(dim=(2, 4))).all()  # every 2x2 unit all-or-nothing
+
+
+def test_random_mask_seeded():
+    a = random_mask(4, (4, 4), 0.6, generator=torch.Generator().manual_seed(3))
+    b = random_mask(4, (4, 4), 0.6, generator=torch.Generator().manual_seed(3))
+    c = random_mask(4, (4, 4), 0.6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_block_mask_exact_and_seeded():
+    a = block_mask(16, (14, 14), 0.4, seed=0)
+    assert a.shape == (16, 196) and (a.sum(1) == num_masked(196, 0.4)).all()
+    assert torch.equal(a, block_mask(16, (14, 14), 0.4, seed=0))
+    assert not torch.equal(a, block_mask(16, (14, 14), 0.4, seed=1))
+    small = block_mask(8, (4, 4), 0.6, seed=0)
+    assert (small.sum(1) == 10).all()
+
+
+def test_blocks_within_area_and_aspect_bounds():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask, blocks = sample_blocks((14, 14), 78, rng, min_patches=4, min_aspect=0.3)
+        assert blocks
+        for top, left, h, w in blocks:
+            assert h * w >= 4 and 0.3 <= h / w <= 1 / 0.3
+            assert top + h <= 14 and left + w <= 14
+            assert mask[top : top + h, left : left + w].all()
+
+
+def test_generator_depends_on_step_and_rank_only():
+    g = MaskGenerator("random", 0.6, (4, 4), seed=7)
+    assert torch.equal(g(4, step=5), g(4, step=5))
+    assert not torch.equal(g(4, step=5), g(4, step=6))
+    assert not torch.equal(g(4, step=5, rank=0), g(4, step=5, rank=1))
+    with pytest.raises(ValueError):
+        MaskGenerator("random", 1.0, (4, 4))
