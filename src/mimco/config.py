@@ -33,7 +33,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     subset: int = 0  # use only the first N training images (0 = all)
-    download: bool = False  # allow torchvision to download a missing dataset (needs network)
+    download: bool = True  # files absent: let torchvision download them (needs network), else fail with how to install
     max_bad_fraction: float = 0.01  # stop when more than this fraction of images cannot be read
     num_workers: int = 2  # loader workers for file datasets (in-memory datasets need none)
     procedural_size: int = 2048  # images per split of the procedural dataset

@@ -1,8 +1,10 @@
 """The CLI end to end on the procedural dataset, and its one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +82,8 @@ def test_empty_and_corrupt_folders(tmp_path, capsys):
 
 def test_subprocess_no_traceback_and_module_entry(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "model.arch=vit_giant", "data.name=procedural",
-                        f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+                        f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("mimco: error: unknown model.arch 'vit_giant'")
     assert "Traceback" not in r.stderr

@@ -40,13 +40,36 @@ def test_fashion_mnist_reader_and_channels(tmp_path):
 
 def test_fashion_mnist_missing_and_truncated(tmp_path):
     with pytest.raises(MimcoError, match="apt-get install dataset-fashion-mnist"):
-        load_fashion_mnist(str(tmp_path))
+        load_fashion_mnist(str(tmp_path), download=False)
     fake_fmnist(tmp_path)
     raw = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(raw[:-100])
     with pytest.raises(MimcoError, match="truncated"):
         load_fashion_mnist(str(tmp_path))
+
+
+def test_fashion_mnist_download_fallback(tmp_path, monkeypatch):
+    import torchvision
+
+    calls = []
+
+    def fake_download(root, train, download):
+        calls.append((root, train, download))
+        raw = Path(root) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        fake_fmnist(raw, n=5)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_download)
+    x, _ = load_fashion_mnist(str(tmp_path), train=False)
+    assert calls == [(str(tmp_path), False, True)] and x.shape == (5, 28, 28)
+
+    def offline(root, train, download):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(MimcoError, match="download into .* failed.*apt-get install"):
+        load_fashion_mnist(str(tmp_path / "other"))
 
 
 @pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="Debian package dataset-fashion-mnist not installed")

@@ -47,7 +47,7 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fashion_mnist(root: str = "", train: bool = True, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(root: str = "", train: bool = True, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Returns (images uint8 (N, 28, 28), labels int64 (N,))."""
     base = Path(root or DEFAULT_ROOT)
     img_stem, lbl_stem = _FILES[train]
