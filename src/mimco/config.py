@@ -101,9 +101,10 @@ class MaskConfig:
 
 @dataclass
 class TeacherSourceConfig:
-    checkpoint: str = ""  # a `mimco teacher` checkpoint (last.pt)
-    encoder: str = "momentum"  # momentum | base
-    image_target: str = "cls"  # cls | projector
+    checkpoint: str = ""  # mimco teacher/pretrain last.pt, MoCo v3, DINO, MAE, SimMIM or timm weights
+    encoder: str = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
+    image_target: str = "cls"  # cls | projector (MoCo checkpoints only)
+    num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
 
 
 @dataclass

@@ -9,20 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import PretrainConfig, TeacherConfig, from_dict, save_config
+from mimco.config import PretrainConfig, TeacherConfig, save_config
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine import distributed as dist
-from mimco.engine.checkpoint import load_checkpoint
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
 from mimco.eval import extract_features, knn_accuracy, linear_probe
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
-from mimco.models import MaskedViT, create_vit, moco_mlp
+from mimco.models import MaskedViT, create_vit
+from mimco.models.checkpoints import load_backbone
 
 STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
 
@@ -72,42 +70,15 @@ def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views
                        data.max_bad_fraction, dist.rank(), dist.world_size())
 
 
-def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0,
-                  in_chans: int = 0) -> tuple[VisionTransformer, int, TeacherConfig | PretrainConfig]:
-    """The backbone of a ``mimco teacher`` checkpoint (its momentum or base encoder) or of a
-    ``mimco pretrain`` one (the student), built at ``img_size`` (0 = the checkpoint's own; the
-    position table is resampled when it differs).
-
-    Returns (ViT whose ``head`` is the MoCo projector or Identity, projector width or 0, the run's config).
-    """
-    if not path:
-        raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`)")
-    ckpt = load_checkpoint(path)
-    if ckpt["stage"] == "teacher":
-        tcfg = from_dict(TeacherConfig, ckpt["config"])
-        if encoder not in ("momentum", "base"):
-            raise MimcoError(f"unknown teacher.encoder '{encoder}'; choose momentum or base")
-        prefix, proj_dim = f"{encoder}_encoder.", tcfg.moco.proj_dim
-    else:
-        tcfg, prefix, proj_dim = from_dict(PretrainConfig, ckpt["config"]), "student.backbone.", 0
-    img_size, in_chans = img_size or tcfg.data.img_size, in_chans or tcfg.data.channels
-    if tcfg.data.channels != in_chans:
-        raise MimcoError(f"the teacher was trained on {tcfg.data.channels}-channel images but data.channels={in_chans}")
-    vit = create_vit(tcfg.model, img_size, in_chans)
-    if proj_dim:
-        vit.head = moco_mlp(3, vit.embed_dim, tcfg.moco.mlp_dim, proj_dim)
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    if state["pos_embed"].shape != vit.pos_embed.shape:
-        old = tcfg.data.img_size // tcfg.model.patch_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(vit.patch_embed.grid_size), [old, old],
-                                                    num_prefix_tokens=vit.num_prefix_tokens)
-    vit.load_state_dict(state)
-    return vit, proj_dim, tcfg
-
-
 def build_mimco(cfg: PretrainConfig, device: torch.device) -> MimCo:
     data, m = cfg.data, cfg.mask
-    teacher, proj_dim, _ = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, data.channels)
+    if not cfg.teacher.checkpoint:
+        raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`) "
+                         "or a released MoCo v3 / DINO file")
+    teacher, state = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, cfg.teacher.num_heads)
+    proj_dim = state.projector["6.weight"].shape[0] if state.projector else 0
+    if teacher.patch_embed.proj.in_channels != data.channels:
+        raise MimcoError(f"the teacher takes {teacher.patch_embed.proj.in_channels}-channel images but data.channels={data.channels}")
     if cfg.teacher.image_target == "projector" and not proj_dim:
         raise MimcoError("teacher.image_target=projector needs a MoCo teacher with a projector; use teacher.image_target=cls")
     student = MaskedViT(create_vit(cfg.model, data.img_size, data.channels))

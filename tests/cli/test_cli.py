@@ -87,3 +87,25 @@ def test_subprocess_no_traceback_and_module_entry(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("mimco: error: unknown model.arch 'vit_giant'")
     assert "Traceback" not in r.stderr
+
+
+def test_pretrain_on_a_released_moco_layout_with_projector_target(tmp_path, capsys):
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mimco.models import moco_mlp
+
+    sd = {}
+    for name in ("base_encoder", "momentum_encoder"):
+        enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=12, num_classes=0)
+        sd.update({f"module.{name}.{k}": v for k, v in enc.state_dict().items()})
+        sd.update({f"module.{name}.head.{k}": v for k, v in moco_mlp(3, 48, 64, 24).state_dict().items()})
+    torch.save({"epoch": 1, "arch": "vit_small", "state_dict": sd, "optimizer": {}, "scaler": {}}, tmp_path / "moco.pth.tar")
+    code, out, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "train.max_steps=2",
+                             f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}", "teacher.image_target=projector",
+                             f"train.out_dir={tmp_path}", "train.name=s")
+    assert code == 0, err  # 32 px teacher resampled to the 16 px student grid
+    assert np.isfinite(json.loads(out)["loss_img"])
+    code, _, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}",
+                           "teacher.num_heads=6", f"train.out_dir={tmp_path}", "train.name=s2")
+    assert code == 2 and "trained with 12 heads" in err

@@ -20,7 +20,8 @@ from mimco.data.build import load_dataset
 from mimco.engine.checkpoint import load_checkpoint
 from mimco.eval import extract_features, knn_accuracy, linear_probe
 from mimco.models import create_vit
-from mimco.pipeline import load_backbone, run_stage, setup
+from mimco.models.checkpoints import load_backbone
+from mimco.pipeline import run_stage, setup
 
 QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
 

@@ -1,4 +1,4 @@
-"""``mimco teacher | pretrain | eval | demo``.
+"""``mimco teacher | pretrain | eval | export | inspect | demo``.
 
 User errors (:class:`~mimco.errors.MimcoError`) print one line and exit with code 2.
 """
@@ -53,13 +53,51 @@ def _train(stage: str, args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mimco.config import apply_overrides
-    from mimco.pipeline import evaluate, load_backbone, setup
+    from mimco.config import PretrainConfig, apply_overrides, load_config
+    from mimco.models.checkpoints import load_backbone
+    from mimco.pipeline import evaluate, setup
 
-    model, _, cfg = load_backbone(args.checkpoint)
-    cfg = apply_overrides(cfg, args.overrides)
+    model, state = load_backbone(args.checkpoint, args.encoder)
+    if state.config is not None and not args.config:
+        cfg = apply_overrides(state.config, args.overrides)
+    else:  # an external checkpoint: the data comes from --config / overrides
+        cfg = load_config(PretrainConfig, config_path(args.config), args.overrides)
     device = setup(cfg)
     print(json.dumps(evaluate(model.to(device), cfg, device, linear=not args.no_linear), indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mimco.models.checkpoints import load_backbone
+    from mimco.models.export import export_timm
+
+    model, state = load_backbone(args.checkpoint, args.encoder)
+    out = export_timm(model, args.out, {"source": str(args.checkpoint), "source_format": state.format,
+                                        "source_part": state.source})
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}; load with:\n"
+          f"  cfg = json.load(open('{out / 'config.json'}'))\n"
+          f"  model = timm.create_model(cfg['model_name'], checkpoint_path='{out / 'model.safetensors'}', **cfg['model_kwargs'])")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from mimco.models.checkpoints import build_backbone, infer_arch, parse_checkpoint, read_file
+    from mimco.models.export import timm_kwargs
+
+    state = parse_checkpoint(read_file(args.checkpoint), args.encoder)
+    arch = infer_arch(state.backbone)
+    vit = build_backbone(state, 0, args.num_heads, str(args.checkpoint))
+    kw = timm_kwargs(vit)
+    n_backbone = sum(v.numel() for v in state.backbone.values())
+    n_proj = sum(v.numel() for v in state.projector.values())
+    lines = [f"file:        {args.checkpoint}",
+             f"format:      {state.format}",
+             f"backbone:    {state.source or '(top level)'}  ({len(state.backbone)} tensors, {n_backbone / 1e6:.2f} M values)",
+             f"arch:        ViT width {arch['embed_dim']}, depth {arch['depth']}, heads {kw['num_heads']}, patch {arch['patch_size']}, "
+             f"image {arch['img_size']} px, {arch['in_chans']} channels, mlp ratio {arch['mlp_ratio']:g}",
+             f"projector:   {'MoCo 3-layer MLP (' + str(n_proj) + ' values), usable as teacher.image_target=projector' if state.projector else 'none'}",
+             "not loaded:  " + (", ".join(f"{g} ({n})" for g, n in state.ignored.items()) or "nothing")]
+    print("\n".join(lines))
     return 0
 
 
@@ -80,9 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", help="a last.pt to continue, or 'auto' for train.out_dir/train.name/last.pt")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10")
     e = sub.add_parser("eval", help="k-NN and linear probe of a checkpoint's backbone on its dataset's test split")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="any checkpoint mimco can load (mimco, MoCo v3, DINO, MAE, SimMIM, timm)")
+    e.add_argument("--config", help="data settings for an external checkpoint (mimco checkpoints carry their own)")
+    e.add_argument("--encoder", default="momentum", help="momentum | base (DINO: momentum = teacher)")
     e.add_argument("--no-linear", action="store_true", help="k-NN only")
     e.add_argument("overrides", nargs="*", metavar="key=value")
+    x = sub.add_parser("export", help="write a checkpoint's backbone as a timm state dict (safetensors) + config.json")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--encoder", default="momentum", help="momentum | base, for MoCo/DINO/teacher checkpoints")
+    i = sub.add_parser("inspect", help="print a checkpoint's detected format, architecture and what would be loaded")
+    i.add_argument("checkpoint")
+    i.add_argument("--encoder", default="momentum", help="momentum | base")
+    i.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
     d = sub.add_parser("demo", help="stage 1, stage 2 and evaluation on Fashion-MNIST (about 15 min on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); finished stages are reused")
     d.add_argument("--quick", action="store_true", help="a 1-minute version on 6k images (checks the machinery only)")
@@ -95,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("teacher", "pretrain"):
             return _train(args.command, args)
-        if args.command == "eval":
-            return _eval(args)
+        if args.command in ("eval", "export", "inspect"):
+            return {"eval": _eval, "export": _export, "inspect": _inspect}[args.command](args)
         return _demo(args)
     except MimcoError as e:
         print(f"mimco: error: {e}", file=sys.stderr)

@@ -1,0 +1,228 @@
+"""One loader for every backbone checkpoint a user brings: MoCo v3, DINO, MAE, SimMIM, timm,
+and mimco's own. The format is detected from the file's contents, never its name; the
+architecture is read from the tensor shapes (the heads count, which shapes cannot tell, comes
+from the format's known value or the config). Pickles load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from mimco.errors import MimcoError
+from mimco.models.heads import moco_mlp
+
+FORMATS = {
+    "mocov3": "MoCo v3 pre-training checkpoint",
+    "dino": "DINO full checkpoint",
+    "mae": "MAE checkpoint",
+    "simmim": "SimMIM checkpoint",
+    "timm": "timm / DINO backbone state dict",
+    "mimco_teacher": "mimco teacher (stage 1) checkpoint",
+    "mimco_pretrain": "mimco pretrain (stage 2) checkpoint",
+}
+
+
+@dataclass
+class BackboneState:
+    """What a checkpoint holds for a ViT backbone, in timm names."""
+
+    kind: str  # a key of FORMATS
+    source: str  # which part was taken, e.g. "module.momentum_encoder."
+    backbone: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor] = field(default_factory=dict)  # MoCo head.{0..7}.*
+    ignored: dict[str, int] = field(default_factory=dict)  # key group -> number of keys not loaded
+    num_heads: int = 0  # known from the format or the run config, 0 = unknown
+    config: Any = None  # a mimco run config, for mimco's own checkpoints
+
+    @property
+    def format(self) -> str:
+        return FORMATS[self.kind]
+
+
+def read_file(path: str | Path) -> Any:
+    """The raw contents of a checkpoint: safetensors, or a pickle read with ``weights_only=True``."""
+    p = Path(path)
+    if not p.is_file():
+        raise MimcoError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise MimcoError(f"cannot read {p} as safetensors: {str(e).splitlines()[0][:200]}") from None
+    try:  # DINO and MAE full checkpoints store their argparse Namespace: allow that one plain class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise MimcoError(f"refusing {p}: it holds Python objects beyond tensors and could run code when loaded "
+                         f"({first}); convert it to a plain state dict or safetensors you trust") from None
+    except Exception as e:
+        raise MimcoError(f"cannot read checkpoint {p}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def _strip(sd: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _groups(keys: list[str]) -> dict[str, int]:
+    """Count keys by their top-level module (``module.`` and ``encoder.`` prefixes kept): {"predictor.*": 10}."""
+    out: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        depth = 2 if parts[0] == "module" and len(parts) > 2 else 1
+        g = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def _split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """(backbone without head, MoCo projector keys, other head keys)."""
+    body = {k: v for k, v in sd.items() if not k.startswith("head.") and not k.startswith("head_")}
+    head = _strip(sd, "head.")
+    if {"0.weight", "6.weight"} <= head.keys():
+        return body, head, []
+    return body, {}, ["head." + k for k in head]
+
+
+def _choose(encoder: str, options: dict[str, str], what: str) -> str:
+    if encoder not in options:
+        raise MimcoError(f"unknown teacher.encoder '{encoder}' for a {what}; choose one of {', '.join(options)}")
+    return options[encoder]
+
+
+def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
+    """Detect the layout of ``obj`` (a loaded checkpoint) and pull out its backbone."""
+    if not isinstance(obj, dict):
+        raise MimcoError(f"a checkpoint should hold a dict, this one holds {type(obj).__name__}")
+    if "stage" in obj and "model" in obj and "config" in obj:  # mimco
+        from mimco.config import PretrainConfig, TeacherConfig, from_dict
+        from mimco.models.vit import resolve_arch
+
+        sd = obj["model"]
+        if obj["stage"] == "teacher":
+            cfg = from_dict(TeacherConfig, obj["config"])
+            prefix = _choose(encoder, {"momentum": "momentum_encoder.", "base": "base_encoder."}, FORMATS["mimco_teacher"])
+            body, proj, _ = _split_head(_strip(sd, prefix))
+            rest = [k for k in sd if not k.startswith(prefix)]
+            return BackboneState("mimco_teacher", prefix, body, proj, _groups(rest), resolve_arch(cfg.model)[2], cfg)
+        cfg = from_dict(PretrainConfig, obj["config"])
+        prefix = "student.backbone."
+        rest = [k for k in sd if not k.startswith(prefix)]
+        return BackboneState("mimco_pretrain", prefix, _strip(sd, prefix), {}, _groups(rest), resolve_arch(cfg.model)[2], cfg)
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd = obj["state_dict"]
+        if any(k.startswith("module.base_encoder.") for k in sd):
+            prefix = _choose(encoder, {"momentum": "module.momentum_encoder.", "base": "module.base_encoder."},
+                             FORMATS["mocov3"])
+            body, proj, _ = _split_head(_strip(sd, prefix))
+            if "patch_embed.proj.weight" not in body:
+                raise MimcoError("this MoCo v3 checkpoint has a convolutional stem (vit_conv_*); only the plain "
+                                 "patch-projection ViTs (vit-s-300ep, vit-b-300ep) are supported")
+            rest = [k for k in sd if not k.startswith(prefix)]
+            return BackboneState("mocov3", prefix, body, proj, _groups(rest), 12)
+        if "module.head.weight" in sd and sd["module.head.weight"].ndim == 2:
+            raise MimcoError("this is a MoCo v3 linear-probe checkpoint (linear-vit-*.pth.tar: a frozen backbone plus "
+                             "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / vit-b-300ep.pth.tar")
+        obj = sd  # a plain state dict saved under 'state_dict'
+    if "student" in obj and "teacher" in obj:  # DINO full checkpoint
+        part = _choose(encoder, {"momentum": "teacher", "base": "student"}, FORMATS["dino"])
+        sd = obj[part]
+        prefix = "module.backbone." if any(k.startswith("module.backbone.") for k in sd) else "backbone."
+        rest = [k for k in sd if not k.startswith(prefix)] + [k for k in obj if k != part]
+        return BackboneState("dino", f"{part}.{prefix}", _strip(sd, prefix), {}, _groups(rest), 0)
+    if "model" in obj and isinstance(obj["model"], dict):
+        sd = obj["model"]
+        if any(k.startswith("encoder.") for k in sd):
+            body, _, heads = _split_head(_strip(sd, "encoder."))
+            body = {k: v for k, v in body.items() if k != "mask_token"}
+            rest = [k for k in sd if not k.startswith("encoder.")] + ["encoder.mask_token"] * ("encoder.mask_token" in sd) + heads
+            return BackboneState("simmim", "model.encoder.", body, {}, _groups(rest), 0)
+        keep = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
+        body, _, heads = _split_head(keep)
+        rest = [k for k in sd if k.startswith("decoder") or k == "mask_token"] + heads
+        return BackboneState("mae", "model.", body, {}, _groups(rest), 0)
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in sd):
+        sd = _strip(sd, "module.")
+    body, proj, heads = _split_head(sd)
+    return BackboneState("timm", "", body, proj, _groups(heads), 0)
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """ViT hyper-parameters read from tensor shapes (timm names)."""
+    try:
+        w = sd["patch_embed.proj.weight"]  # (D, C, P, P)
+        pos = sd["pos_embed"]
+    except KeyError as e:
+        raise MimcoError(f"no ViT backbone found: key {e} is missing (is this a ViT checkpoint?)") from None
+    dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
+    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    prefix = 1 if "cls_token" in sd else 0
+    grid = int(round((pos.shape[1] - prefix) ** 0.5))
+    if grid * grid != pos.shape[1] - prefix:
+        raise MimcoError(f"pos_embed of {pos.shape[1]} tokens is not a square grid plus {prefix} CLS token")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    return {"embed_dim": dim, "depth": depth, "patch_size": patch, "in_chans": in_chans, "img_size": grid * patch,
+            "mlp_ratio": fc1.shape[0] / dim if fc1 is not None else 4.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+            "class_token": prefix == 1}
+
+
+def expected_heads(state: BackboneState, dim: int) -> int:
+    """The heads count: the run config's or the format's known value, else timm's head width of 64."""
+    return state.num_heads or max(dim // 64, 1)
+
+
+def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, path: str = "") -> VisionTransformer:
+    """A timm ViT holding ``state``'s weights (and MoCo projector as ``head``), at ``img_size``
+    (0 = the checkpoint's; the position table is resampled bicubically, CLS slot kept)."""
+    arch = infer_arch(state.backbone)
+    dim = arch["embed_dim"]
+    known = expected_heads(state, dim)
+    if num_heads and state.kind in ("mocov3", "mimco_teacher", "mimco_pretrain") and num_heads != known:
+        raise MimcoError(f"{state.format} {path} was trained with {known} heads but the config asks for {num_heads}; "
+                         f"set teacher.num_heads={known} (or 0 to take it from the checkpoint)")
+    heads = num_heads or known
+    if dim % heads:
+        raise MimcoError(f"{heads} heads do not divide the checkpoint's width {dim}; set teacher.num_heads to a divisor of {dim}")
+    size = img_size or arch["img_size"]
+    if size % arch["patch_size"]:
+        raise MimcoError(f"image size {size} is not divisible by the checkpoint's patch size {arch['patch_size']}")
+    vit = VisionTransformer(img_size=size, patch_size=arch["patch_size"], in_chans=arch["in_chans"], num_classes=0,
+                            global_pool="token", embed_dim=dim, depth=arch["depth"], num_heads=heads,
+                            mlp_ratio=arch["mlp_ratio"], qkv_bias=arch["qkv_bias"], class_token=arch["class_token"])
+    sd = dict(state.backbone)
+    if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
+        old = arch["img_size"] // arch["patch_size"]
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(vit.patch_embed.grid_size), [old, old],
+                                                 num_prefix_tokens=vit.num_prefix_tokens)
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise MimcoError(f"{path} looks like a {state.format} but its keys do not fit a timm ViT: "
+                         f"missing {sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
+                         f"unexpected {sorted(unexpected)[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    if state.projector:
+        p = state.projector
+        head = moco_mlp(3, dim, p["0.weight"].shape[0], p["6.weight"].shape[0])
+        head.load_state_dict(p)
+        vit.head = head
+    return vit
+
+
+def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_heads: int = 0
+                  ) -> tuple[VisionTransformer, BackboneState]:
+    """Read, detect and build: the one entry point for any backbone checkpoint.
+
+    Returns (timm ViT with ``head`` = MoCo projector when the file has one, else Identity, the parsed state).
+    """
+    state = parse_checkpoint(read_file(path), encoder)
+    return build_backbone(state, img_size, num_heads, str(path)), state
