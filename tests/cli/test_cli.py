@@ -109,3 +109,14 @@ def test_pretrain_on_a_released_moco_layout_with_projector_target(tmp_path, caps
     code, _, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}",
                            "teacher.num_heads=6", f"train.out_dir={tmp_path}", "train.name=s2")
     assert code == 2 and "trained with 12 heads" in err
+
+
+def test_eval_an_external_timm_file(tmp_path, capsys):
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=1, num_heads=1, num_classes=0)
+    torch.save(vit.state_dict(), tmp_path / "w.pth")
+    code, out, err = run_cli(capsys, "eval", tmp_path / "w.pth", "--no-linear", *TINY_DATA)
+    assert code == 0, err
+    assert 0 <= json.loads(out)["knn_top1"] <= 100
