@@ -184,6 +184,43 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class FinetuneAugConfig:
+    """The MAE/BEiT fine-tuning recipe (timm's RandAugment, mixup/cutmix, random erasing)."""
+
+    # MAE's rand-m9-mstd0.5-inc1, with the magnitude capped at 9: at 10 timm posterizes to 0 bits,
+    # which current Pillow refuses. "" = off.
+    auto_augment: str = "rand-m9-mstd0.5-inc1-mmax9"
+    min_scale: float = 0.08
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    reprob: float = 0.25
+
+
+@dataclass
+class ClassifierConfig:
+    layer_decay: float = 0.75  # 0.65 for ViT-B
+    drop_path_rate: float = 0.1
+    pool: str = "avg"  # avg (mean of patch tokens + fc_norm) | token (CLS)
+    encoder: str = "momentum"  # which encoder of a teacher / DINO checkpoint
+    num_heads: int = 0  # 0 = from the checkpoint
+
+
+@dataclass
+class FinetuneConfig:
+    """``mimco finetune``: full fine-tuning of a pre-trained backbone."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: FinetuneAugConfig = field(default_factory=FinetuneAugConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(base_lr=5e-4, weight_decay=0.05, epochs=100.0, warmup_epochs=5.0,
+                                            betas=[0.9, 0.999], min_lr=1e-6)
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 C = TypeVar("C")
 
 

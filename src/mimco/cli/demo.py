@@ -16,13 +16,16 @@ import torch
 
 from mimco.cli.main import BUNDLED
 from mimco.config import PretrainConfig, TeacherConfig, load_config
-from mimco.data.build import load_dataset
+from mimco.data.build import class_names, load_dataset
 from mimco.engine.checkpoint import load_checkpoint
 from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.eval.features import eval_batches
+from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
 from mimco.models import create_vit
 from mimco.models.checkpoints import load_backbone
 from mimco.pipeline import run_stage, setup
 
+TSNE_POINTS = 2000
 QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
 
 
@@ -64,6 +67,7 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
     s_min = _stage("pretrain", pcfg, out / "mimco")
 
     print("[demo] evaluating (k-NN k=20 on the 60k training bank, linear probe on frozen CLS features, 10k test images)")
+    eval_start = time.perf_counter()
     device = setup(pcfg)
     data = pcfg.data
     train, test = load_dataset(data, train=True), load_dataset(data, train=False)
@@ -74,19 +78,28 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
         ("MoCo v3 teacher", load_backbone(str(out / "teacher" / "last.pt"))[0], f"{t_min:.1f}"),
         ("MimCo student", load_backbone(str(out / "mimco" / "last.pt"))[0], f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
     ]
-    rows = []
+    rows, panels = [], []
     for name, model, minutes in models:
         model = model.to(device) if model is not None else None
         ftr, ytr = extract_features(model, train, data, device)
         fte, yte = extract_features(model, test, data, device)
+        panels.append((name, fte[:TSNE_POINTS], yte[:TSNE_POINTS]))
         knn = knn_accuracy(ftr, ytr, fte, yte, pcfg.eval.knn_k, pcfg.eval.knn_temperature)
         lin = linear_probe(ftr, ytr, fte, yte, seed=0)
         rows.append({"model": name, "train minutes": minutes, "k-NN top-1": f"{knn:.1f}", "linear probe top-1": f"{lin:.1f}"})
         print(f"[demo] {name}: k-NN {knn:.1f}  linear {lin:.1f}")
     header = (f"Fashion-MNIST test top-1 (%), ViT {data.img_size}px/patch {pcfg.model.patch_size}, width "
-              f"{pcfg.model.embed_dim}, depth {pcfg.model.depth}; {torch.get_num_threads()} threads; "
-              f"total {(time.perf_counter() - start) / 60:.1f} min{' (quick)' if quick else ''}")
+              f"{pcfg.model.embed_dim}, depth {pcfg.model.depth}; {torch.get_num_threads()} threads; training "
+              f"{t_min + s_min:.1f} min + evaluation {(time.perf_counter() - eval_start) / 60:.1f} min"
+              f"{' (quick)' if quick else ''}")
     md = write_table(rows, out, header)
     print("\n" + md)
-    print(f"[demo] wrote {out / 'results.md'} and {out / 'results.csv'}")
+    print("[demo] drawing t-SNE, training curves and attention maps")
+    tsne_figure(panels, out / "tsne.png", class_names=class_names(data))
+    curves_figure([out / "teacher", out / "mimco"], out / "curves.png")
+    x, _ = next(iter(eval_batches(test, data, 8, device)))
+    shown = test.batch(torch.arange(8)).float() / 255
+    attention_figure([(n, m) for n, m, _ in models[2:]], x, shown, out / "attention.png")
+    print(f"[demo] wrote {out / 'results.md'}, {out / 'results.csv'}, tsne.png, curves.png, attention.png "
+          f"({(time.perf_counter() - start) / 60:.1f} min in all)")
     return md

@@ -1,4 +1,5 @@
-"""``mimco teacher | pretrain | eval | export | inspect | demo``.
+"""``mimco teacher | pretrain | eval | export | inspect | demo``, and the evaluation commands of
+:mod:`mimco.cli.evaluate` (``knn | linprobe | finetune | plot | results``).
 
 User errors (:class:`~mimco.errors.MimcoError`) print one line and exit with code 2.
 """
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--encoder", default="momentum", help="momentum | base")
     i.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    from mimco.cli.evaluate import add_parsers
+
+    add_parsers(sub)
     d = sub.add_parser("demo", help="stage 1, stage 2 and evaluation on Fashion-MNIST (about 15 min on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); finished stages are reused")
     d.add_argument("--quick", action="store_true", help="a 1-minute version on 6k images (checks the machinery only)")
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args.command, args)
         if args.command in ("eval", "export", "inspect"):
             return {"eval": _eval, "export": _export, "inspect": _inspect}[args.command](args)
+        from mimco.cli.evaluate import HANDLERS
+
+        if args.command in HANDLERS:
+            return HANDLERS[args.command](args)
         return _demo(args)
     except MimcoError as e:
         print(f"mimco: error: {e}", file=sys.stderr)

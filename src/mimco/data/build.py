@@ -94,6 +94,19 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
     return ds
 
 
+def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None) -> list[str] | None:
+    """Human-readable class names where the dataset defines them."""
+    from mimco.data import fashion_mnist, procedural
+
+    if cfg.name == "fashion_mnist":
+        return fashion_mnist.CLASSES
+    if cfg.name == "procedural":
+        return procedural.CLASSES
+    if isinstance(dataset, FileImages) and dataset.classes:
+        return dataset.classes
+    return None
+
+
 class BatchStream:
     """Training batches for steps ``start, start+1, ...``, identical across resumes.
 

@@ -12,7 +12,8 @@ from mimco.data.transforms import Normalize, image_eval
 from mimco.models.vit import encode
 
 
-def _batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device):
+def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device):
+    """Normalised, un-augmented (images (B, C, S, S) on ``device``, labels (B,)) over a whole split."""
     if isinstance(dataset, ImageArray):
         norm = Normalize(data.mean, data.std, data.channels)
         for i in range(0, len(dataset), batch_size):
@@ -24,6 +25,16 @@ def _batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int
         for batch, _ in loader:
             if batch is not None:
                 yield batch[0].to(device), batch[1]
+
+
+def features_of(backbone: torch.nn.Module | None, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """(B, C, H, W) -> (B, D): CLS after the final norm, the mean of patch tokens, or raw pixels."""
+    if backbone is None:
+        return x.flatten(1)
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"unknown pool '{pool}'")
+    tokens = encode(backbone, x)
+    return tokens[:, 0] if pool == "cls" else tokens[:, backbone.num_prefix_tokens :].mean(1)
 
 
 @torch.inference_mode()
@@ -38,13 +49,8 @@ def extract_features(backbone: torch.nn.Module | None, dataset: ImageArray | Fil
         was_training = backbone.training
         backbone.eval()
     feats, labels = [], []
-    for x, y in _batches(dataset, data, batch_size, device):
-        if backbone is None:
-            f = x.flatten(1)
-        else:
-            tokens = encode(backbone, x)
-            f = tokens[:, 0] if pool == "cls" else tokens[:, backbone.num_prefix_tokens :].mean(1)
-        feats.append(f.float().cpu())
+    for x, y in eval_batches(dataset, data, batch_size, device):
+        feats.append(features_of(backbone, x, pool).float().cpu())
         labels.append(y)
     if backbone is not None:
         backbone.train(was_training)

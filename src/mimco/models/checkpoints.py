@@ -109,6 +109,9 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
         from mimco.models.vit import resolve_arch
 
         sd = obj["model"]
+        if obj["stage"] not in ("teacher", "pretrain"):
+            raise MimcoError(f"this is a mimco '{obj['stage']}' checkpoint (a classifier); its accuracy is in its run "
+                             "folder's summary.json; pass a teacher or pretrain checkpoint")
         if obj["stage"] == "teacher":
             cfg = from_dict(TeacherConfig, obj["config"])
             prefix = _choose(encoder, {"momentum": "momentum_encoder.", "base": "base_encoder."}, FORMATS["mimco_teacher"])

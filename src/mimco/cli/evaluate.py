@@ -1,0 +1,258 @@
+"""``mimco finetune | linprobe | knn | plot | results``.
+
+A model is named by a checkpoint path (any format :mod:`mimco.models.checkpoints` reads),
+``random:PATH`` (a randomly initialised ViT shaped like PATH's backbone) or ``pixels`` (raw
+pixels; k-NN, linear probe and t-SNE only). Data settings come from ``--config``, else from
+the first mimco checkpoint's own config, then ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, to_dict
+from mimco.errors import MimcoError
+
+
+def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
+    """(display name, model or None for pixels, parsed checkpoint state or None)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mimco.models.checkpoints import load_backbone
+    from mimco.models.export import timm_kwargs
+
+    if spec == "pixels":
+        return "raw pixels", None, None
+    if spec.startswith("random:"):
+        shaped, state = load_backbone(spec[len("random:"):], encoder, 0, num_heads)
+        torch.manual_seed(0)
+        return "random-init ViT", VisionTransformer(**timm_kwargs(shaped)), state  # timm's fresh initialisation
+    model, state = load_backbone(spec, encoder, 0, num_heads)
+    return Path(spec).parent.name + "/" + Path(spec).name if Path(spec).name == "last.pt" else Path(spec).name, model, state
+
+
+def _data_config(cls: type, specs: list[str], args: argparse.Namespace, states: list[Any]) -> Any:
+    from mimco.cli.main import config_path
+
+    if args.config:
+        return load_config(cls, config_path(args.config), args.overrides)
+    for st in states:
+        if st is not None and st.config is not None:
+            cfg = cls()
+            cfg.data = from_dict(type(st.config), to_dict(st.config)).data
+            return apply_overrides(cfg, args.overrides)
+    return load_config(cls, None, args.overrides)
+
+
+def _out_dir(args: argparse.Namespace, spec: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    p = Path(spec.split(":", 1)[-1])
+    return p.parent / "eval" if (p.parent / "config.yaml").is_file() else Path("runs") / "eval"
+
+
+def _row(command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    from mimco.eval.results import file_hash
+
+    path = spec.split(":", 1)[-1]
+    return {"command": command, "name": name, "checkpoint": spec,
+            "sha256": file_hash(path) if Path(path).is_file() else "",
+            "format": state.format if state is not None else "", "data": cfg.data.name, "metrics": metrics,
+            "config": {"data": to_dict(cfg.data), **extra}}
+
+
+def _splits(cfg: Any) -> tuple[Any, Any]:
+    from mimco.data.build import load_dataset
+
+    train, test = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    if test is None:
+        raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no labelled test split; "
+                         "use a labelled dataset (imagefolder with train/ and val/)")
+    return train, test
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from mimco.eval import extract_features
+    from mimco.eval.knn import knn_accuracies
+    from mimco.eval.results import write_result
+    from mimco.pipeline import setup
+
+    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
+    cfg = _data_config(PretrainConfig, [args.checkpoint], args, [state])
+    device = setup(cfg)
+    train, test = _splits(cfg)
+    model = model.to(device) if model is not None else None
+    ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
+    fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
+    acc = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
+    metrics = {f"knn{k}_top1": round(v, 2) for k, v in acc.items()}
+    write_result(_out_dir(args, args.checkpoint), _row("knn", args.checkpoint, name, state, cfg, metrics,
+                                                        k=args.k, temperature=args.temperature, pool=args.pool))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_linprobe(args: argparse.Namespace) -> int:
+    from mimco.eval import extract_features
+    from mimco.eval.linear import linear_probe, linear_probe_full
+    from mimco.eval.results import write_result
+    from mimco.pipeline import setup
+
+    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
+    cfg = _data_config(PretrainConfig, [args.checkpoint], args, [state])
+    device = setup(cfg)
+    train, test = _splits(cfg)
+    model = model.to(device) if model is not None else None
+    fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
+    opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                seed=cfg.train.seed, optimizer=args.optimizer)
+    start = time.perf_counter()
+    if args.full:
+        if model is None:
+            raise MimcoError("--full needs a model; raw pixels have no backbone to run")
+        top1 = linear_probe_full(model, train, fte, yte, cfg.data, device, pool=args.pool, augment=args.augment, **opts)
+    else:
+        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
+        top1 = linear_probe(ftr, ytr, fte, yte, **opts)
+    metrics = {"linear_top1": round(top1, 2), "seconds": round(time.perf_counter() - start, 1)}
+    write_result(_out_dir(args, args.checkpoint), _row("linprobe", args.checkpoint, name, state, cfg, metrics,
+                                                        path="full" if args.full else "fast", augment=args.augment,
+                                                        pool=args.pool, **opts))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mimco.engine.checkpoint import load_checkpoint
+    from mimco.eval.finetune import finetune
+    from mimco.eval.results import write_result
+    from mimco.pipeline import setup
+
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(args.resume)
+        cfg = apply_overrides(from_dict(FinetuneConfig, resume["config"]), args.overrides)
+        run_dir = Path(args.resume).parent
+    else:
+        cfg = None
+    spec = args.checkpoint
+    name, model, state = _resolve(spec, "momentum", 0)
+    if cfg is None:
+        cfg = _data_config(FinetuneConfig, [spec], args, [state])
+        run_dir = Path(cfg.train.out_dir) / (cfg.train.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / "last.pt").exists():
+            raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / 'last.pt'} or choose train.name")
+        if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
+            name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
+    device = setup(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    summary = finetune(model, cfg, run_dir, device, resume)
+    write_result(run_dir, _row("finetune", spec, name, state, cfg, {"finetune_top1": summary["top1"],
+                                                                      "finetune_top5": summary["top5"],
+                                                                      "finetune_best_top1": summary["best_top1"]},
+                               epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mimco.eval import extract_features
+    from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
+    from mimco.pipeline import setup
+
+    args.overrides = [*args.overrides, *[i for i in args.inputs if "=" in i]]
+    args.inputs = [i for i in args.inputs if "=" not in i]
+    if args.kind == "curves":
+        print(curves_figure(args.inputs, args.out))
+        return 0
+    resolved = [_resolve(s) for s in args.inputs]
+    cfg = _data_config(PretrainConfig, args.inputs, args, [st for _, _, st in resolved])
+    device = setup(cfg)
+    _, test = _splits(cfg)
+    names = args.names or [n for n, _, _ in resolved]
+    if len(names) != len(resolved):
+        raise MimcoError(f"--names gives {len(names)} names for {len(resolved)} inputs")
+    if args.kind == "tsne":
+        from mimco.data.build import ImageArray
+
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(test), generator=g)[: args.n]
+        sub = ImageArray(test.images[idx], test.labels[idx], test.channels) if isinstance(test, ImageArray) else test
+        panels = []
+        for name, (_, model, _) in zip(names, resolved):
+            f, y = extract_features(model.to(device) if model is not None else None, sub, cfg.data, device)
+            panels.append((name, f, y))
+        from mimco.data.build import class_names
+
+        print(tsne_figure(panels, args.out, class_names=class_names(cfg.data, test)))
+        return 0
+    from mimco.eval.features import eval_batches
+
+    x, _ = next(iter(eval_batches(test, cfg.data, args.n, device)))
+    shown = x * torch.tensor(cfg.data.std[: cfg.data.channels]).view(1, -1, 1, 1) + \
+        torch.tensor(cfg.data.mean[: cfg.data.channels]).view(1, -1, 1, 1)
+    rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
+    print(attention_figure(rows, x, shown.cpu(), args.out))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from mimco.eval.results import collect, markdown_table
+
+    table = markdown_table(collect(args.dirs))
+    print(table, end="")
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
+        p.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
+        p.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+        p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of patch tokens")
+        p.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    k = sub.add_parser("knn", help="weighted k-NN top-1 of frozen features, several k at once")
+    k.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
+    k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100])
+    k.add_argument("--temperature", type=float, default=0.07)
+    common(k)
+    lp = sub.add_parser("linprobe", help="linear probe (BN without affine + linear) on a frozen backbone")
+    lp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
+    lp.add_argument("--full", action="store_true", help="run every batch through the backbone (else features once)")
+    lp.add_argument("--augment", action="store_true", help="with --full: random-resized-crop + flip")
+    lp.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"])
+    lp.add_argument("--epochs", type=int, default=30)
+    lp.add_argument("--batch-size", type=int, default=1024)
+    lp.add_argument("--lr", type=float, default=0.1)
+    lp.add_argument("--weight-decay", type=float, default=0.0)
+    common(lp)
+    ft = sub.add_parser("finetune", help="full fine-tuning (MAE/BEiT recipe: layer decay, RandAugment, mixup/cutmix)")
+    ft.add_argument("checkpoint", help="a pre-training checkpoint (any format) or random:CKPT")
+    ft.add_argument("--config", help="YAML with data / aug / classifier / optim / train sections")
+    ft.add_argument("--resume", help="a fine-tuning last.pt to continue")
+    ft.add_argument("overrides", nargs="*", metavar="key=value")
+    pl = sub.add_parser("plot", help="tsne | curves | attention pictures (PNG)")
+    pl.add_argument("kind", choices=["tsne", "curves", "attention"])
+    pl.add_argument("inputs", nargs="+", help="checkpoints (tsne, attention; also pixels / random:CKPT) or run folders (curves)")
+    pl.add_argument("--out", required=True, help="PNG file to write")
+    pl.add_argument("--names", nargs="+", help="panel titles, one per input")
+    pl.add_argument("--n", type=int, default=2000, help="test images in the t-SNE (attention: images shown)")
+    pl.add_argument("--config", help="data settings (else the first mimco checkpoint's own)")
+    pl.set_defaults(overrides=[])
+    r = sub.add_parser("results", help="one Markdown table from the results of many runs")
+    r.add_argument("dirs", nargs="+", help="folders searched for results.jsonl")
+    r.add_argument("--out", help="also write the table to this file")
+
+
+HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "plot": cmd_plot, "results": cmd_results}

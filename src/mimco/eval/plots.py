@@ -1,0 +1,125 @@
+"""Pictures: t-SNE of frozen features, training curves from run CSVs, CLS attention maps."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+from mimco.errors import MimcoError  # noqa: E402
+
+
+def tsne_figure(panels: list[tuple[str, torch.Tensor, torch.Tensor]], out: str | Path, seed: int = 0,
+                class_names: list[str] | None = None) -> Path:
+    """One t-SNE scatter per (title, features (N, D), labels (N,)), side by side, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
+    for ax, (title, feats, labels) in zip(axes[0], panels):
+        x = feats.float().numpy()
+        emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
+        sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels.numpy(), cmap="tab10", s=3, vmin=0, vmax=9)
+        ax.set_title(title)
+        ax.set_xticks([]), ax.set_yticks([])
+    if class_names:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=n) for i, n in enumerate(class_names)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(class_names), 10), fontsize=8, frameon=False)
+    return _save(fig, out, bottom=0.08 if class_names else 0.0)
+
+
+def read_log(path: Path) -> dict[str, np.ndarray]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise MimcoError(f"{path} has no rows yet")
+    out = {}
+    for k in rows[0]:
+        try:
+            out[k] = np.array([float(r[k]) for r in rows])
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def curves_figure(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Loss terms, lr and images/s against the step, one line per run (from each run's log.csv)."""
+    logs = []
+    for d in run_dirs:
+        p = Path(d) / "log.csv" if Path(d).is_dir() else Path(d)
+        if not p.is_file():
+            raise MimcoError(f"no log.csv in {d}; pass run folders written by mimco")
+        logs.append((Path(d).name if Path(d).is_dir() else p.parent.name, read_log(p)))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, log in logs:
+        x = log.get("step", np.arange(len(next(iter(log.values())))))
+        for key in [k for k in log if k.startswith("loss")]:
+            axes[0].plot(x, log[key], label=f"{name}: {key}")
+        if "lr" in log:
+            axes[1].plot(x, log["lr"], label=name)
+        if "images_per_s" in log:
+            axes[2].plot(x, log["images_per_s"], label=name)
+    for ax, title in zip(axes, ["loss", "learning rate", "images / s"]):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+@torch.no_grad()
+def cls_attention(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Last block's attention from CLS to every patch, averaged over heads: (B, H, W) summing to <= 1."""
+    blk = backbone.blocks[-1]
+    captured = {}
+    handle = blk.norm1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
+    backbone.eval()
+    backbone.forward_features(x)
+    handle.remove()
+    h = captured["x"]
+    b, n, d = h.shape
+    heads = blk.attn.num_heads
+    qkv = blk.attn.qkv(h).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    q, k = blk.attn.q_norm(qkv[0]), blk.attn.k_norm(qkv[1])
+    attn = (q @ k.transpose(-2, -1) * blk.attn.scale).softmax(-1)  # (B, heads, N, N)
+    p = backbone.num_prefix_tokens
+    gh, gw = backbone.patch_embed.grid_size
+    return attn[:, :, 0, p:].mean(1).reshape(b, gh, gw)
+
+
+def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Tensor, shown: torch.Tensor,
+                     out: str | Path) -> Path:
+    """For each (name, backbone): the CLS attention map of each image, over the image.
+
+    ``images``: normalised model inputs (B, C, H, W); ``shown``: the same images in [0, 1] for display.
+    """
+    b = images.shape[0]
+    fig, axes = plt.subplots(len(rows) + 1, b, figsize=(1.6 * b, 1.7 * (len(rows) + 1)), squeeze=False)
+    disp = shown.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    for j in range(b):
+        axes[0][j].imshow(disp[j].squeeze(), cmap="gray" if disp.shape[-1] == 1 else None)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    for i, (name, model) in enumerate(rows, start=1):
+        maps = torch.nn.functional.interpolate(cls_attention(model, images)[:, None], size=images.shape[-2:],
+                                               mode="nearest")[:, 0].numpy()
+        for j in range(b):
+            axes[i][j].imshow(disp[j].mean(-1), cmap="gray")
+            axes[i][j].imshow(maps[j], cmap="inferno", alpha=0.6)
+        axes[i][0].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: str | Path, bottom: float = 0.0) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,83 @@
+"""The evaluation commands on the procedural dataset: outputs written, numbers sane, paths agree."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mimco.cli.main import main
+from mimco.eval.finetune import build_classifier, layer_decay_groups
+from mimco.models.checkpoints import load_backbone
+
+DATA = ["data.name=procedural", "data.img_size=16", "data.procedural_size=256", "train.progress=false"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_knn_and_results_table(tmp_path, capsys, teacher_ckpt):
+    out = json.loads(run(capsys, "knn", teacher_ckpt, "--k", 5, 20, "--out", tmp_path / "r", *DATA))
+    assert set(out) == {"knn5_top1", "knn20_top1"} and all(0 <= v <= 100 for v in out.values())
+    run(capsys, "knn", "pixels", "--k", 5, "--out", tmp_path / "r", *DATA)
+    row = json.loads((tmp_path / "r" / "results.jsonl").read_text().splitlines()[0])
+    assert len(row["sha256"]) == 12 and row["format"].startswith("mimco teacher") and row["config"]["data"]["img_size"] == 16
+    table = run(capsys, "results", tmp_path)
+    assert "| teacher/last.pt |" in table and "| raw pixels |" in table and "knn20_top1" in table
+    assert (tmp_path / "r" / "results.csv").read_text().startswith("time,command,name")
+
+
+def test_linprobe_fast_and_full_paths_agree(tmp_path, capsys, teacher_ckpt):
+    common = ["--epochs", 10, "--batch-size", 64, "--out", tmp_path, *DATA]
+    fast = json.loads(run(capsys, "linprobe", teacher_ckpt, *common))["linear_top1"]
+    full = json.loads(run(capsys, "linprobe", teacher_ckpt, "--full", *common))["linear_top1"]
+    assert abs(fast - full) <= 1.0
+    lars = json.loads(run(capsys, "linprobe", teacher_ckpt, "--optimizer", "lars", "--lr", 1.0, *common))["linear_top1"]
+    assert 0 <= lars <= 100
+    aug = json.loads(run(capsys, "linprobe", teacher_ckpt, "--full", "--augment", *common))["linear_top1"]
+    assert 0 <= aug <= 100
+
+
+def test_layer_decay_scales(teacher_ckpt):
+    backbone, _ = load_backbone(str(teacher_ckpt))
+    model = build_classifier(backbone, num_classes=6)
+    depth = len(model.blocks)
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        assert scale_of[id(p)] == pytest.approx(0.5 ** (depth + 1 - layer)), name
+    assert model.fc_norm.weight.shape == (backbone.embed_dim,) and isinstance(model.norm, torch.nn.Identity)
+
+
+def test_finetune_writes_outputs_and_resumes(tmp_path, capsys, teacher_ckpt):
+    args = ["finetune", teacher_ckpt, *DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=2",
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", f"train.out_dir={tmp_path}", "train.name=ft"]
+    summary = json.loads(run(capsys, *args))
+    assert summary["epochs"] == 2 and 0 <= summary["top1"] <= 100 and summary["top5"] >= summary["top1"]
+    for name in ("last.pt", "best.safetensors", "log.csv", "summary.json", "results.jsonl", "config.json"):
+        assert (tmp_path / "ft" / name).is_file(), name
+    rows = (tmp_path / "ft" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,lr,loss,top1,top5") and len(rows) == 3
+    again = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "ft" / "last.pt", "optim.epochs=3"))
+    assert again["epochs"] == 3 and len((tmp_path / "ft" / "log.csv").read_text().splitlines()) == 4
+
+
+def test_plots_are_real_pngs(tmp_path, capsys, teacher_ckpt):
+    run(capsys, "plot", "tsne", "pixels", f"random:{teacher_ckpt}", teacher_ckpt, "--n", 120,
+        "--out", tmp_path / "tsne.png", *DATA)
+    run(capsys, "plot", "curves", teacher_ckpt.parent, "--out", tmp_path / "curves.png")
+    run(capsys, "plot", "attention", teacher_ckpt, "--n", 4, "--out", tmp_path / "attn.png", *DATA)
+    for name, min_w in (("tsne.png", 3 * 400), ("curves.png", 1500), ("attn.png", 4 * 150)):
+        with Image.open(tmp_path / name) as im:
+            im.load()
+            assert im.format == "PNG" and im.width >= min_w and im.height >= 300, name
