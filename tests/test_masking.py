@@ -46,10 +46,13 @@ def test_blocks_within_area_and_aspect_bounds():
             assert mask[top : top + h, left : left + w].all()
 
 
-def test_generator_depends_on_step_and_rank_only():
-    g = MaskGenerator("random", 0.6, (4, 4), seed=7)
-    assert torch.equal(g(4, step=5), g(4, step=5))
-    assert not torch.equal(g(4, step=5), g(4, step=6))
-    assert not torch.equal(g(4, step=5, rank=0), g(4, step=5, rank=1))
+def test_generator_depends_on_step_and_slice_only():
+    for kind in ("random", "block"):
+        g = MaskGenerator(kind, 0.6, (4, 4), seed=7)
+        assert torch.equal(g(4, step=5), g(4, step=5))
+        assert not torch.equal(g(4, step=5), g(4, step=6))
+        full = g(8, step=5)  # one process, global batch 8 == two processes of 4
+        assert torch.equal(g(4, step=5, rank=0, world=2), full[:4])
+        assert torch.equal(g(4, step=5, rank=1, world=2), full[4:])
     with pytest.raises(ValueError):
         MaskGenerator("random", 1.0, (4, 4))

@@ -79,6 +79,7 @@ class MimAugConfig:
 
     min_scale: float = 0.67
     max_scale: float = 1.0
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect range
     flip_prob: float = 0.5
 
 
@@ -129,6 +130,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     batch_size: int = 256  # global batch per optimiser step
     accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
+    micro_batch: int = 0  # largest per-process micro-batch; raises accum_steps to fit (0 = no limit).
+    #                       Keeps the global batch when a run resumes on fewer processes.
     clip_grad: float = 0.0  # max grad norm, 0 = off
 
 
@@ -138,7 +141,9 @@ class TrainConfig:
     name: str = ""  # run folder name; "" = <stage>-<time>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
+    grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
     threads: int = 0  # torch CPU threads, 0 = torch's default
     log_every: int = 20  # steps between CSV rows
     ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end

@@ -109,24 +109,27 @@ def block_mask(
     min_patches: int = 4,
     min_aspect: float = 0.3,
     device: torch.device | str | None = None,
+    first_index: int = 0,
 ) -> torch.Tensor:
-    """BEiT blockwise masking for a batch; seeded by ``seed``.
+    """BEiT blockwise masking for a batch. Sample i is drawn from its own generator seeded by
+    (``seed``, ``first_index + i``), so a slice of a global batch equals the slice of its mask.
 
     Returns:
         bool tensor (B, H*W) with exactly ``num_masked(H*W, ratio)`` True values per row.
     """
     h, w = grid_size
     target = num_masked(h * w, ratio)
-    rng = np.random.default_rng(seed)
-    masks = [sample_blocks(grid_size, target, rng, min_patches, min_aspect)[0].ravel() for _ in range(batch_size)]
+    masks = [sample_blocks(grid_size, target, np.random.default_rng([seed, first_index + i]), min_patches, min_aspect)[0].ravel()
+             for i in range(batch_size)]
     out = torch.from_numpy(np.stack(masks))
     return out.to(device) if device is not None else out
 
 
 class MaskGenerator:
-    """Builds the mask for step ``step`` of a run from the config, deterministically.
+    """Builds the masks of step ``step`` from the config, deterministically.
 
-    The mask depends only on (seed, step, rank), so a resumed run draws the same masks.
+    The masks of a global batch depend only on (seed, step); process ``rank`` of ``world``
+    takes its slice, so a run gives the same masks on any number of processes and on resume.
     """
 
     def __init__(self, kind: str, ratio: float, grid_size: tuple[int, int], mask_unit: int = 1,
@@ -137,9 +140,14 @@ class MaskGenerator:
         self.min_patches, self.min_aspect, self.seed = min_patches, min_aspect, seed
         num_masked(grid_size[0] * grid_size[1] // (mask_unit * mask_unit), ratio)  # validates ratio
 
-    def __call__(self, batch_size: int, step: int, rank: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-        seed = (self.seed * 1_000_003 + step) * 1009 + rank
+    def __call__(self, batch_size: int, step: int, rank: int = 0, device: torch.device | str | None = None,
+                 world: int = 1) -> torch.Tensor:
+        """Masks (batch_size, H*W) for this process's slice of the global batch of ``batch_size * world``."""
+        seed = self.seed * 1_000_003 + step
         if self.kind == "random":
             g = torch.Generator().manual_seed(seed)
-            return random_mask(batch_size, self.grid_size, self.ratio, self.mask_unit, g, device)
-        return block_mask(batch_size, self.grid_size, self.ratio, seed, self.min_patches, self.min_aspect, device)
+            full = random_mask(batch_size * world, self.grid_size, self.ratio, self.mask_unit, g)
+            out = full[rank * batch_size : (rank + 1) * batch_size]
+            return out.to(device) if device is not None else out
+        return block_mask(batch_size, self.grid_size, self.ratio, seed, self.min_patches, self.min_aspect, device,
+                          first_index=rank * batch_size)

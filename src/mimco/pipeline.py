@@ -30,8 +30,8 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    if t.precision not in ("fp32", "bf16"):
-        raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32 or bf16")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32, bf16 or fp16")
     if t.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif t.device.startswith("cuda") and not torch.cuda.is_available():
@@ -40,11 +40,13 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
         raise MimcoError(f"unknown train.device '{t.device}'; choose auto, cpu or cuda")
     else:
         device = torch.device(t.device)
+    if t.precision == "fp16" and device.type != "cuda":
+        raise MimcoError("train.precision=fp16 needs a CUDA device; on the CPU use train.precision=bf16")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
     dist.init_from_env(device)
-    torch.manual_seed(t.seed * 1000 + dist.rank())
+    torch.manual_seed(t.seed)  # the same on every process: models start identical (FSDP shards local weights)
     return device
 
 
@@ -109,11 +111,12 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
                                          cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
     else:
         method = build_mimco(cfg, device)
+    torch.manual_seed(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process stream for augmentation and drop path
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
     summary["run_dir"] = str(run_dir)
-    if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"]:
+    if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"] and "stopped_by" not in summary:
         summary.update(evaluate(method.backbone(), cfg, device, linear=False))
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -89,3 +89,23 @@ def test_loss_falls_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_grad_checkpointing_recomputes_with_same_gradients():
+    import copy
+
+    torch.manual_seed(0)
+    plain = tiny_mimco()
+    ckpt = copy.deepcopy(plain)
+    ckpt.student.backbone.set_grad_checkpointing(True)
+    calls = {"plain": 0, "ckpt": 0}
+    plain.student.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    ckpt.student.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    x = torch.randn(4, 3, 16, 16)
+    for m in (plain, ckpt):
+        loss, _ = m([x], step=1)
+        loss.backward()
+    assert calls == {"plain": 1, "ckpt": 2}  # the block ran again in backward
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name

@@ -50,6 +50,9 @@ def _train(stage: str, args: argparse.Namespace) -> int:
         cfg = load_config(cls, config_path(args.config), args.overrides)
     summary = run_stage(stage, cfg, resume, run_dir)
     print(json.dumps(summary, indent=2))
+    if "stopped_by" in summary:
+        print(f"mimco: stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; "
+              f"checkpoint written. Resume with:\n  mimco {stage} --resume {summary['checkpoint']}", file=sys.stderr)
     return 0
 
 
@@ -167,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimco: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from mimco.engine.distributed import destroy
+
+        destroy()
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ class BatchMimView(nn.Module):
     def __init__(self, cfg: MimAugConfig, data: DataConfig) -> None:
         super().__init__()
         s = data.img_size
-        self.seq = nn.Sequential(K.RandomResizedCrop((s, s), scale=(cfg.min_scale, cfg.max_scale)),
+        self.seq = nn.Sequential(K.RandomResizedCrop((s, s), scale=(cfg.min_scale, cfg.max_scale), ratio=tuple(cfg.ratio)),
                                  K.RandomHorizontalFlip(p=cfg.flip_prob))
         self.norm = Normalize(data.mean, data.std, data.channels)
 
@@ -119,7 +119,8 @@ def image_two_views(cfg: ContrastiveAugConfig, data: DataConfig) -> Callable:
 
 def image_mim_view(cfg: MimAugConfig, data: DataConfig) -> Callable:
     """Per-image MimCo view for loader workers: PIL image -> [view]."""
-    t = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(data.img_size, scale=(cfg.min_scale, cfg.max_scale), antialias=True),
+    t = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(data.img_size, scale=(cfg.min_scale, cfg.max_scale),
+                                                           ratio=tuple(cfg.ratio), antialias=True),
                     v2.RandomHorizontalFlip(p=cfg.flip_prob), *_tv_tail(data)])
     return lambda img: [t(img)]
 

@@ -24,6 +24,10 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: the previous file is untouched
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else "no earlier checkpoint exists"
+        raise MimcoError(f"could not write {path}: {e.strerror or e}; {kept}; free space and resume") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

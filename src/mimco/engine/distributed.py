@@ -46,3 +46,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= world_size()
     return x
+
+
+def destroy() -> None:
+    """Leave the process group (a clean exit avoids aborts in the gloo/NCCL teardown)."""
+    if is_dist():
+        dist.destroy_process_group()

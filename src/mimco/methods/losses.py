@@ -54,11 +54,13 @@ class PatchContrastiveLoss(nn.Module):
     are dropped (near-duplicates of the positive are false negatives).
     """
 
-    def __init__(self, temperature: float = 0.2, negatives: str = "image", neg_threshold: float = 1.0) -> None:
+    def __init__(self, temperature: float = 0.2, negatives: str = "image", neg_threshold: float = 1.0,
+                 gather: bool = True) -> None:
         super().__init__()
         if negatives not in ("image", "batch"):
             raise ValueError(f"unknown patch negatives '{negatives}'")
         self.temperature, self.negatives, self.neg_threshold = temperature, negatives, neg_threshold
+        self.gather = gather
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
@@ -78,10 +80,11 @@ class PatchContrastiveLoss(nn.Module):
             logits = p @ t.transpose(1, 2)  # (B, M, N)
             labels = pos_idx
             sim = t_pos @ t.transpose(1, 2) if self.neg_threshold < 1.0 else None
-        else:
-            flat = t.reshape(b * n, -1)
-            logits = p @ flat.T  # (B, M, B*N)
-            labels = pos_idx + torch.arange(b, device=mask.device)[:, None] * n
+        else:  # every teacher patch token of the global batch (gathered from all processes)
+            flat = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
+            offset = rank() * b * n if self.gather else 0
+            logits = p @ flat.T  # (B, M, world*B*N)
+            labels = pos_idx + torch.arange(b, device=mask.device)[:, None] * n + offset
             sim = t_pos @ flat.T if self.neg_threshold < 1.0 else None
         if sim is not None:
             drop = sim > self.neg_threshold

@@ -8,7 +8,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import MimcoLossConfig
-from mimco.engine.distributed import rank
+from mimco.engine.distributed import rank, world_size
 from mimco.masking import MaskGenerator
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.models.heads import mlp_head
@@ -25,6 +25,8 @@ class MimCo(nn.Module):
     or anything else (ignored for ``"cls"``). It stays in eval mode, takes no gradient and is
     never given to the optimiser.
     """
+
+    backbone_prefix = "student.backbone."  # where backbone() lives in the state dict
 
     def __init__(self, student: MaskedViT, teacher: VisionTransformer, loss: MimcoLossConfig,
                  mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0) -> None:
@@ -48,21 +50,25 @@ class MimCo(nn.Module):
         self.teacher.eval()
         return self
 
-    @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) -> (patch tokens (B, N, Dt), image embedding (B, Dt or proj_dim))."""
-        tokens = encode(self.teacher, x)
-        p = self.teacher.num_prefix_tokens
-        image = tokens[:, 0]
-        if self.image_target == "projector":
-            image = self.teacher.head(image)
-        return tokens[:, p:], image
+        """x (B, C, H, W) -> (patch tokens (B, N, Dt), image embedding (B, Dt or proj_dim)).
+
+        Runs in inference mode (no activations kept); the clones turn the outputs into
+        ordinary tensors that the losses may save for their backward pass.
+        """
+        with torch.inference_mode():
+            tokens = encode(self.teacher, x)
+            p = self.teacher.num_prefix_tokens
+            image = tokens[:, 0]
+            if self.image_target == "projector":
+                image = self.teacher.head(image)
+        return tokens[:, p:].clone(), image.clone()
 
     def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """views: [x] (B, C, H, W), the same crop for teacher and student -> (loss, logs)."""
         (x,) = views
         b = x.shape[0]
-        mask = self.mask_generator(b, step, rank(), x.device)
+        mask = self.mask_generator(b, step, rank(), x.device, world_size())
         t_patch, t_image = self.teacher_targets(x)
         tokens = self.student(x, mask)
         p = self.student.num_prefix_tokens

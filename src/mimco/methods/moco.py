@@ -25,6 +25,8 @@ class MoCoV3(nn.Module):
     ``head`` is the 3-layer projector), ``momentum_encoder.*``, ``predictor.*``.
     """
 
+    backbone_prefix = "momentum_encoder."  # where backbone() lives in the state dict
+
     def __init__(self, backbone: VisionTransformer, proj_dim: int = 256, mlp_dim: int = 4096,
                  temperature: float = 0.2, base_momentum: float = 0.99) -> None:
         super().__init__()
@@ -36,6 +38,7 @@ class MoCoV3(nn.Module):
         self.criterion = GlobalInfoNCE(temperature)
         self.base_momentum = base_momentum
         self.total_steps = 1
+        self._updated_at = -1
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
@@ -52,7 +55,9 @@ class MoCoV3(nn.Module):
         q2 = self.predictor(self.base_encoder(x2))
         m = momentum_at(step, self.total_steps, self.base_momentum)
         with torch.no_grad():
-            self.update_momentum_encoder(m)
+            if step != self._updated_at:  # once per optimiser step, also with gradient accumulation
+                self.update_momentum_encoder(m)
+                self._updated_at = step
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)

@@ -4,6 +4,7 @@ patch projection as options."""
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import ModelConfig
@@ -89,5 +90,8 @@ def encode(model: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None 
         t = t * (1.0 - w) + mask_token.to(t.dtype) * w
     t = model._pos_embed(t)
     t = model.norm_pre(model.patch_drop(t))
-    t = model.blocks(t)
+    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        t = checkpoint_seq(model.blocks, t)  # timm's switch: model.set_grad_checkpointing(True)
+    else:
+        t = model.blocks(t)
     return model.norm(t)

@@ -1,0 +1,81 @@
+"""Bad input: each case ends in a one-line message (exit 2) or a documented automatic handling."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mimco.cli.main import main
+from tests.conftest import TINY_MODEL, TINY_RUN
+
+COMMON = [*TINY_MODEL, *TINY_RUN, "data.img_size=16", "data.num_workers=0"]
+TEACHER = [*COMMON, "moco.mlp_dim=64", "moco.proj_dim=32"]
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    _, err = capsys.readouterr()
+    return code, err
+
+
+def _messy_folder(root):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = lambda s: (rng.random((s, s, 3)) * 255).astype(np.uint8)  # noqa: E731
+    for i in range(20):
+        Image.fromarray(rgb(24)).save(root / f"rgb{i}.jpg")
+    Image.fromarray(rgb(24)).convert("L").save(root / "grey.png")
+    Image.fromarray(rgb(24)).convert("RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb(24)).convert("P").save(root / "palette.png")
+    Image.fromarray((rng.random((24, 24)) * 65535).astype(np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rgb(6)).save(root / "tiny.png")  # smaller than the 16 px crop: upsampled
+    (root / "empty.jpg").write_bytes(b"")  # zero bytes: skipped and counted
+    (root / "text.jpg").write_text("not a jpeg")  # not an image despite its name: skipped and counted
+    (root / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_messy_folder_trains(tmp_path, capsys):
+    _messy_folder(tmp_path / "imgs")
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=folder", f"data.root={tmp_path / 'imgs'}",
+                            "optim.batch_size=8", "data.max_bad_fraction=0.2", f"train.out_dir={tmp_path}", "train.name=m")
+    assert code == 0, err
+    assert (tmp_path / "m" / "last.pt").is_file()
+
+
+def test_modes_load_as_rgb(tmp_path):
+    from mimco.data.files import FileImages
+
+    _messy_folder(tmp_path / "imgs")
+    ds = FileImages(str(tmp_path / "imgs"), labelled=False)
+    names = [p.name for p, _ in ds.items]
+    assert "notes.txt" not in names and len(ds) == 27
+    for name in ("grey.png", "rgba.png", "palette.png", "deep16.png", "tiny.png"):
+        img = ds.load(names.index(name))
+        assert img.mode == "RGB", name
+    deep = np.asarray(ds.load(names.index("deep16.png")))
+    assert deep.max() > 128  # 16-bit values scaled into 8 bits, not clipped to white
+    assert ds.load(names.index("empty.jpg")) is None and ds.load(names.index("text.jpg")) is None
+
+
+def test_batch_larger_than_dataset(tmp_path, capsys):
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", "data.procedural_size=16",
+                        f"train.out_dir={tmp_path}")
+    assert code == 2 and "optim.batch_size=32 is larger than the dataset (16 images)" in err
+
+
+def test_teacher_of_the_wrong_architecture(tmp_path, capsys, teacher_ckpt):
+    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", "model.patch_size=8",
+                        f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}")
+    assert code == 2 and "teacher patch grid (4, 4) differs from the student's (2, 2)" in err
+    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", "data.channels=1",
+                        f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}")
+    assert code == 2 and "3-channel images but data.channels=1" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_request_without_cuda(tmp_path, capsys):
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", "train.device=cuda", f"train.out_dir={tmp_path}")
+    assert code == 2 and "no CUDA device" in err
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", "train.precision=fp16", f"train.out_dir={tmp_path}")
+    assert code == 2 and "fp16 needs a CUDA device" in err

@@ -1,0 +1,109 @@
+"""Interruptions and failures: kill -9, SIGTERM, a NaN loss, a full disk."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimco.engine import checkpoint as ckpt_module
+from mimco.engine.checkpoint import load_checkpoint
+from mimco.errors import MimcoError
+from mimco.methods.moco import MoCoV3
+from mimco.pipeline import run_stage
+from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN, tiny_teacher_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+LONG = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "optim.epochs=6",
+        "train.log_every=1", "train.ckpt_every=2", "train.threads=1"]
+
+
+def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mimco", *LONG, f"train.out_dir={out}", f"train.name={name}", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+def _wait_for_step(proc: subprocess.Popen, log: Path, step: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.is_file():
+            lines = log.read_text().splitlines()
+            if len(lines) > step:
+                return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    raise AssertionError("the run did not reach the step in time")
+
+
+def test_kill_9_then_resume_auto_equals_uninterrupted(tmp_path):
+    full = _start(tmp_path, "full")
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    victim = _start(tmp_path, "victim")
+    _wait_for_step(victim, tmp_path / "victim" / "log.csv", random.Random().randint(3, 30))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    step = load_checkpoint(tmp_path / "victim" / "last.pt")["step"]
+    assert 2 <= step < 48
+    again = subprocess.run([sys.executable, "-m", "mimco", *LONG, f"train.out_dir={tmp_path}", "train.name=victim",
+                            "--resume", "auto"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "victim" / "last.pt")
+    assert a["step"] == b["step"] == 48
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "victim" / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 49))  # rows past the checkpoint were dropped on resume, none doubled
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    proc = _start(tmp_path, "term")
+    _wait_for_step(proc, tmp_path / "term" / "log.csv", 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "mimco teacher --resume" in err
+    step = load_checkpoint(tmp_path / "term" / "last.pt")["step"]
+    assert 3 <= step < 48 and f'"step": {step}' in out
+    assert not (tmp_path / "term" / "backbone.safetensors").exists()  # only finished runs export weights
+
+
+def test_injected_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    original = MoCoV3.forward
+
+    def poisoned(self, views, step):
+        loss, logs = original(self, views, step)
+        return (loss * float("nan") if step == 4 else loss), logs
+
+    monkeypatch.setattr(MoCoV3, "forward", poisoned)
+    cfg = tiny_teacher_cfg(tmp_path, "nan", ("train.log_every=1", "train.ckpt_every=2"))
+    with pytest.raises(MimcoError, match=r"NaN/Inf at step 5; stopped, the last checkpoint .*last.pt \(step 4\) is kept"):
+        run_stage("teacher", cfg)
+    kept = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def failing_save(obj, f):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", failing_save)
+    cfg = tiny_teacher_cfg(tmp_path, "disk", ("train.ckpt_every=2",))
+    with pytest.raises(MimcoError, match="No space left on device; the previous last.pt is intact"):
+        run_stage("teacher", cfg)
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    assert load_checkpoint(tmp_path / "disk" / "last.pt")["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")) == []
