@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimco.masking import MaskGenerator, block_mask, num_masked, random_mask, sample_blocks
+from mimco.masking import MaskGenerator, block_mask, masked_indices, num_masked, random_mask, sample_blocks
 
 
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
@@ -56,3 +56,11 @@ def test_generator_depends_on_step_and_slice_only():
         assert torch.equal(g(4, step=5, rank=1, world=2), full[4:])
     with pytest.raises(ValueError):
         MaskGenerator("random", 1.0, (4, 4))
+
+
+def test_masked_indices_match_nonzero_and_count():
+    for kind, unit in (("random", 1), ("random", 2), ("block", 1)):
+        g = MaskGenerator(kind, 0.6, (8, 8), mask_unit=unit, seed=1)
+        m = g(5, step=2)
+        assert (m.sum(1) == g.count).all()
+        assert torch.equal(masked_indices(m, g.count), m.nonzero()[:, 1].view(5, -1))

@@ -107,6 +107,19 @@ def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None)
     return None
 
 
+class _Rows:
+    """A batch sampler whose batches are replaced each epoch."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class BatchStream:
     """Training batches for steps ``start, start+1, ...``, identical across resumes.
 
@@ -129,6 +142,16 @@ class BatchStream:
         self.local = global_batch // world_size
         self.steps_per_epoch = len(dataset) // global_batch
         self.bad = BadImageCounter(max_bad_fraction, len(dataset))
+        self._rows, self._loader = _Rows(), None
+
+    def _file_loader(self) -> DataLoader:
+        """One loader for the whole run: its workers persist across epochs."""
+        if self._loader is None:
+            w = self.num_workers
+            self._loader = DataLoader(self.ds, batch_sampler=self._rows, num_workers=w, collate_fn=collate_skip_bad,
+                                      pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
+                                      prefetch_factor=4 if w > 0 else None)
+        return self._loader
 
     def _local_indices(self, epoch: int, first: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -146,9 +169,8 @@ class BatchStream:
                     x = self.ds.batch(row).to(self.device, non_blocking=True)
                     yield self.batch_transform(x)
             else:
-                loader = DataLoader(self.ds, batch_sampler=idx.tolist(), num_workers=self.num_workers,
-                                    collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda")
-                for batch, n_bad in loader:
+                self._rows.rows = idx.tolist()  # the persistent loader picks up this epoch's order
+                for batch, n_bad in self._file_loader():
                     self.bad.update(n_bad, self.local)
                     if batch is None or len(batch[1]) < 2:  # BatchNorm and InfoNCE need two images
                         continue

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimco.engine.distributed import gather_no_grad, rank
+from mimco.masking import masked_indices
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -62,19 +63,20 @@ class PatchContrastiveLoss(nn.Module):
         self.temperature, self.negatives, self.neg_threshold = temperature, negatives, neg_threshold
         self.gather = gather
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            pred: (B, M, D) student predictions at the masked positions (row-major order).
+            pred: (B, M, D) student predictions at the masked positions.
             target: (B, N, D) teacher patch tokens at every position.
-            mask: bool (B, N), exactly M True per row.
+            positions: (B, M) grid index of each prediction (:func:`mimco.masking.masked_indices`),
+                or a bool mask (B, N) with M True per row, in which case predictions are row-major.
         Returns:
             scalar, averaged over the B*M masked positions.
         """
         b, n, _ = target.shape
         p = F.normalize(pred.float(), dim=-1)
         t = F.normalize(target.float(), dim=-1)
-        pos_idx = mask.nonzero()[:, 1].view(b, -1)  # (B, M) grid index of each masked position
+        pos_idx = masked_indices(positions, pred.shape[1]) if positions.dtype == torch.bool else positions
         t_pos = torch.gather(t, 1, pos_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, M, D)
         if self.negatives == "image":
             logits = p @ t.transpose(1, 2)  # (B, M, N)
@@ -84,7 +86,7 @@ class PatchContrastiveLoss(nn.Module):
             flat = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
             offset = rank() * b * n if self.gather else 0
             logits = p @ flat.T  # (B, M, world*B*N)
-            labels = pos_idx + torch.arange(b, device=mask.device)[:, None] * n + offset
+            labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + offset
             sim = t_pos @ flat.T if self.neg_threshold < 1.0 else None
         if sim is not None:
             drop = sim > self.neg_threshold
