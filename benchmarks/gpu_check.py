@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import build, matmul_peak, rss_mib, sync  # noqa: E402
+from throughput import matmul_peak, measure  # noqa: E402
 
 
 def main() -> None:
@@ -33,39 +32,15 @@ def main() -> None:
     cfg = argparse.Namespace(arch="vit_mini" if a.tiny else "vit_small", img_size=32 if a.tiny else 224,
                              patch=4 if a.tiny else 16, batch=a.batch or (8 if a.tiny else 256), precision="bf16",
                              device=a.device)
-    steps, warmup = a.steps or (3 if a.tiny else 30), 1 if a.tiny else 5
-    torch.manual_seed(0)
-    step = build("mimco", cfg, device)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    base = rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    with FlopCounterMode(display=False) as fc:
-        step(0)
-    flops = fc.get_total_flops()
-    for i in range(warmup):
-        step(1 + i)
-    sync(device)
-    t = time.perf_counter()
-    for i in range(steps):
-        step(1 + warmup + i)
-    sync(device)
-    dt = (time.perf_counter() - t) / steps
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated() / 2**30
-        name = torch.cuda.get_device_name()
-    else:
-        import resource
-
-        peak_mem = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base) / 1024
-        name = "cpu"
+    cfg.warmup, cfg.reps = (1, a.steps or 3) if a.tiny else (5, a.steps or 30)
+    r = measure("mimco", cfg)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = matmul_peak(torch.bfloat16, device, n=8192 if device.type == "cuda" else 1024)
     out = {"device": name, "model": f"{cfg.arch} {cfg.img_size}/{cfg.patch}", "batch": cfg.batch, "precision": "bf16",
-           "images_per_s": round(cfg.batch / dt, 1), "ms_per_step": round(dt * 1e3, 2),
-           "gflop_per_image": round(flops / cfg.batch / 1e9, 3), "achieved_tflops": round(flops / dt / 1e12, 3),
-           "bf16_matmul_tflops": round(peak / 1e3, 3), "mfu": round(flops / dt / 1e9 / peak, 4),
-           "peak_memory_gib": round(peak_mem, 2)}
+           "images_per_s": round(r["images_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 2),
+           "gflop_per_image": round(r["gflop_per_image"], 3), "achieved_tflops": round(r["gflops"] / 1e3, 3),
+           "bf16_matmul_tflops": round(peak / 1e3, 3), "mfu": round(r["gflops"] / peak, 4),
+           "peak_memory_gib": round(r["peak_mib"] / 1024, 2)}
     print(f"MimCo step on {name}: {out['images_per_s']} images/s, {out['ms_per_step']} ms/step, "
           f"peak memory {out['peak_memory_gib']} GiB, MFU {out['mfu']:.1%} of a measured "
           f"{out['bf16_matmul_tflops']} TFLOP/s bf16 matmul")

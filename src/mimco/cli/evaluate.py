@@ -37,7 +37,7 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
     return Path(spec).parent.name + "/" + Path(spec).name if Path(spec).name == "last.pt" else Path(spec).name, model, state
 
 
-def _data_config(cls: type, specs: list[str], args: argparse.Namespace, states: list[Any]) -> Any:
+def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
     from mimco.cli.main import config_path
 
     if args.config:
@@ -77,17 +77,23 @@ def _splits(cfg: Any) -> tuple[Any, Any]:
     return train, test
 
 
+def _prepare(args: argparse.Namespace) -> tuple[str, torch.nn.Module | None, Any, Any, torch.device, Any, Any]:
+    """The common start of knn and linprobe: (name, model on device, state, config, device, train, test)."""
+    from mimco.pipeline import setup
+
+    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
+    cfg = _data_config(PretrainConfig, args, [state])
+    device = setup(cfg)
+    train, test = _splits(cfg)
+    return name, (model.to(device) if model is not None else None), state, cfg, device, train, test
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     from mimco.eval import extract_features
     from mimco.eval.knn import knn_accuracies
     from mimco.eval.results import write_result
-    from mimco.pipeline import setup
 
-    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
-    cfg = _data_config(PretrainConfig, [args.checkpoint], args, [state])
-    device = setup(cfg)
-    train, test = _splits(cfg)
-    model = model.to(device) if model is not None else None
+    name, model, state, cfg, device, train, test = _prepare(args)
     ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
     acc = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
@@ -102,13 +108,8 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     from mimco.eval import extract_features
     from mimco.eval.linear import linear_probe, linear_probe_full
     from mimco.eval.results import write_result
-    from mimco.pipeline import setup
 
-    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
-    cfg = _data_config(PretrainConfig, [args.checkpoint], args, [state])
-    device = setup(cfg)
-    train, test = _splits(cfg)
-    model = model.to(device) if model is not None else None
+    name, model, state, cfg, device, train, test = _prepare(args)
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 seed=cfg.train.seed, optimizer=args.optimizer)
@@ -144,7 +145,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = args.checkpoint
     name, model, state = _resolve(spec, "momentum", 0)
     if cfg is None:
-        cfg = _data_config(FinetuneConfig, [spec], args, [state])
+        cfg = _data_config(FinetuneConfig, args, [state])
         run_dir = Path(cfg.train.out_dir) / (cfg.train.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / "last.pt").exists():
             raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / 'last.pt'} or choose train.name")
@@ -173,7 +174,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(curves_figure(args.inputs, args.out))
         return 0
     resolved = [_resolve(s) for s in args.inputs]
-    cfg = _data_config(PretrainConfig, args.inputs, args, [st for _, _, st in resolved])
+    cfg = _data_config(PretrainConfig, args, [st for _, _, st in resolved])
     device = setup(cfg)
     _, test = _splits(cfg)
     names = args.names or [n for n, _, _ in resolved]
