@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -75,8 +76,6 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
     elif name == "procedural":
         ds = _array(*make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
     elif name in ("imagefolder", "folder"):
-        from pathlib import Path
-
         root = Path(cfg.root)
         split = root / ("train" if train else "val")
         if (root / "train").is_dir():
