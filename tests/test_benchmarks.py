@@ -29,3 +29,19 @@ def test_gpu_check_tiny_on_cpu():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
     assert "images/s" in r.stdout and "MFU" in r.stdout
+
+
+def test_reproduce_smoke_runs_and_resumes(tmp_path):
+    cmd = [sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    for row in ("raw pixels", "random-init ViT", "MoCo v3 teacher", "MoCo v3, teacher + MimCo compute", "SimMIM",
+                "MimCo (patch + image)", "patch only", "L1 regression", "block masking"):
+        assert f"| {row} |" in table, row
+    assert "| MimCo (patch + image) | 2 |" in table and " ± " in table
+    for png in ("tsne.png", "curves.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and "[reproduce] training" not in again.stderr  # everything reused
+    assert again.stdout == r.stdout.replace(r.stdout.splitlines()[0], again.stdout.splitlines()[0])

@@ -36,6 +36,7 @@ class DataConfig:
     download: bool = True  # files absent: let torchvision download them (needs network), else fail with how to install
     max_bad_fraction: float = 0.01  # stop when more than this fraction of images cannot be read
     num_workers: int = 2  # loader workers for file datasets (in-memory datasets need none)
+    on_device: bool = False  # in-memory datasets: copy the images to the GPU once, augment there
     procedural_size: int = 2048  # images per split of the procedural dataset
 
 
@@ -176,8 +177,9 @@ class TeacherConfig:
 
 @dataclass
 class PretrainConfig:
-    """Stage 2 (``mimco pretrain``): MimCo."""
+    """Stage 2 (``mimco pretrain``): MimCo (or the SimMIM baseline, with no teacher)."""
 
+    method: str = "mimco"  # mimco | simmim (mask token, linear pixel decoder, L1 on masked pixels)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: MimAugConfig = field(default_factory=MimAugConfig)

@@ -19,6 +19,7 @@ from mimco.errors import MimcoError
 from mimco.eval import extract_features, knn_accuracy, linear_probe
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
+from mimco.methods.simmim import SimMIM
 from mimco.models import MaskedViT, create_vit
 from mimco.models.checkpoints import load_backbone
 
@@ -64,6 +65,8 @@ def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views
     data = cfg.data
     if data.name in IN_MEMORY:
         ds = load_dataset(data, train=True)
+        if data.on_device:
+            ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
         tf = (BatchTwoViews(cfg.aug, data) if two_views else BatchMimView(cfg.aug, data)).to(device)
     else:
         ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
@@ -72,8 +75,26 @@ def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views
                        data.max_bad_fraction, dist.rank(), dist.world_size())
 
 
-def build_mimco(cfg: PretrainConfig, device: torch.device) -> MimCo:
-    data, m = cfg.data, cfg.mask
+def _mask_generator(cfg: PretrainConfig, grid: tuple[int, int]) -> MaskGenerator:
+    m, p = cfg.mask, cfg.model.patch_size
+    if m.mask_patch_size % p:
+        raise MimcoError(f"mask.mask_patch_size={m.mask_patch_size} is not a multiple of model.patch_size={p}")
+    try:
+        return MaskGenerator(m.type, m.ratio, grid, max((m.mask_patch_size or p) // p, 1), m.min_block_patches,
+                             m.min_aspect, cfg.train.seed)
+    except ValueError as e:
+        raise MimcoError(f"{e}; see configs/ for valid values") from None
+
+
+def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
+    """The stage-2 method of ``cfg.method``: MimCo against its teacher, or SimMIM."""
+    data = cfg.data
+    if cfg.method not in ("mimco", "simmim"):
+        raise MimcoError(f"unknown method '{cfg.method}'; choose mimco or simmim")
+    student = MaskedViT(create_vit(cfg.model, data.img_size, data.channels))
+    gen = _mask_generator(cfg, student.backbone.patch_embed.grid_size)
+    if cfg.method == "simmim":
+        return SimMIM(student, gen).to(device)
     if not cfg.teacher.checkpoint:
         raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`) "
                          "or a released MoCo v3 / DINO file")
@@ -83,16 +104,10 @@ def build_mimco(cfg: PretrainConfig, device: torch.device) -> MimCo:
         raise MimcoError(f"the teacher takes {teacher.patch_embed.proj.in_channels}-channel images but data.channels={data.channels}")
     if cfg.teacher.image_target == "projector" and not proj_dim:
         raise MimcoError("teacher.image_target=projector needs a MoCo teacher with a projector; use teacher.image_target=cls")
-    student = MaskedViT(create_vit(cfg.model, data.img_size, data.channels))
     if teacher.patch_embed.grid_size != student.backbone.patch_embed.grid_size:
         raise MimcoError(f"teacher patch grid {teacher.patch_embed.grid_size} differs from the student's "
                          f"{student.backbone.patch_embed.grid_size}; use the teacher's model.patch_size")
-    unit = (m.mask_patch_size or cfg.model.patch_size) // cfg.model.patch_size
-    if m.mask_patch_size % cfg.model.patch_size:
-        raise MimcoError(f"mask.mask_patch_size={m.mask_patch_size} is not a multiple of model.patch_size={cfg.model.patch_size}")
     try:
-        gen = MaskGenerator(m.type, m.ratio, student.backbone.patch_embed.grid_size, max(unit, 1),
-                            m.min_block_patches, m.min_aspect, cfg.train.seed)
         return MimCo(student, teacher, cfg.loss, gen, cfg.teacher.image_target, proj_dim).to(device)
     except ValueError as e:
         raise MimcoError(f"{e}; see configs/ for valid values") from None
@@ -110,7 +125,7 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
         method: torch.nn.Module = MoCoV3(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.moco.proj_dim,
                                          cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
     else:
-        method = build_mimco(cfg, device)
+        method = build_pretrain_method(cfg, device)
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process stream for augmentation and drop path
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")

@@ -58,6 +58,7 @@ def test_resume_auto_continues(tmp_path, capsys):
     (["pretrain", *TINY_DATA, "teacher.checkpoint=/no/such/last.pt"], "checkpoint not found: /no/such/last.pt"),
     (["pretrain", *TINY_DATA], "no teacher given"),
     (["teacher", "--resume", "auto"], "--resume auto needs the run's folder"),
+    (["pretrain", *TINY_DATA, "method=mae"], "unknown method 'mae'; choose mimco or simmim"),
 ])
 def test_user_errors_are_one_line(capsys, tmp_path, args, message):
     code, _, err = run_cli(capsys, *args, f"train.out_dir={tmp_path}")

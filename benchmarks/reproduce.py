@@ -1,0 +1,227 @@
+"""The paper's claims in miniature: MimCo against its teacher, SimMIM and feature regression,
+with ablations of the choices METHOD.md marks as ours.
+
+    python benchmarks/reproduce.py --preset smoke            # minutes: checks the machinery
+    python benchmarks/reproduce.py --preset cpu              # Fashion-MNIST, 16 tokens, 2 CPU cores
+    python benchmarks/reproduce.py --preset gpu              # ViT-Tiny 32 px / patch 4 on one GPU
+
+Every run is a normal mimco run folder under OUT/runs/; a finished run (or evaluation) is reused
+and an interrupted one resumed, so the study survives interruptions. OUT/results.md and
+results.csv hold mean +- std over seeds of k-NN (k = 20), linear-probe and fine-tune top-1;
+OUT/tsne.png shows SimMIM, teacher and MimCo (seed 0); OUT/curves.png the training curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config
+from mimco.data.build import class_names, load_dataset
+from mimco.engine.checkpoint import load_checkpoint
+from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.eval.finetune import finetune
+from mimco.eval.plots import curves_figure, tsne_figure
+from mimco.models.checkpoints import load_backbone
+from mimco.models.export import timm_kwargs
+from mimco.pipeline import run_stage, setup
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": ["data.name=procedural", "data.img_size=16", "data.procedural_size=512", "data.channels=3"],
+        "model": ["model.arch=vit_mini", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"],
+        "teacher": ["moco.mlp_dim=128", "moco.proj_dim=64", "optim.epochs=2", "optim.warmup_epochs=0.5",
+                    "optim.base_lr=2e-3", "optim.batch_size=64"],
+        "student": ["optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=2e-3", "optim.batch_size=64",
+                    "loss.head_hidden_dim=64"],
+        "finetune": ["optim.epochs=1", "optim.batch_size=64", "optim.warmup_epochs=0.2", "optim.base_lr=1e-3",
+                     "data.num_workers=0"],
+        "seeds": [0, 1], "ablations": ["patch only", "L1 regression", "block masking"],
+    },
+    "cpu": {  # the demo's configuration (16 tokens), see configs/fmnist_*.yaml
+        "data": ["data.name=fashion_mnist", "data.img_size=28", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
+        "model": ["model.arch=vit_mini", "model.patch_size=7", "model.embed_dim=128", "model.depth=4", "model.num_heads=4",
+                  "model.pos_embed=sincos"],
+        "teacher": ["aug.min_scale=0.2", "moco.mlp_dim=1024", "optim.epochs=3", "optim.warmup_epochs=0.5",
+                    "optim.base_lr=2e-3", "optim.weight_decay=0.1"],
+        "student": ["optim.epochs=2", "optim.warmup_epochs=0.3", "optim.base_lr=2e-3"],
+        "finetune": ["optim.epochs=1", "optim.batch_size=256", "optim.warmup_epochs=0.2", "optim.base_lr=2e-3",
+                     "classifier.layer_decay=0.75"],
+        "seeds": [0, 1, 2], "ablations": "all",
+    },
+    "gpu": {  # ViT-Tiny at 32 px / patch 4 (64 tokens); data on the device, augmented there
+        "data": ["data.name=fashion_mnist", "data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
+                 "data.on_device=true", "train.precision=bf16"],
+        "model": ["model.arch=vit_tiny", "model.patch_size=4", "model.pos_embed=sincos"],
+        "teacher": ["aug.min_scale=0.2", "moco.mlp_dim=2048", "optim.epochs=30", "optim.warmup_epochs=3",
+                    "optim.base_lr=1.5e-3", "optim.batch_size=512", "optim.weight_decay=0.1"],
+        "student": ["optim.epochs=20", "optim.warmup_epochs=2", "optim.base_lr=1.5e-3", "optim.batch_size=512"],
+        "finetune": ["optim.epochs=5", "optim.batch_size=512", "optim.warmup_epochs=1", "optim.base_lr=2e-3",
+                     "data.num_workers=8", "data.on_device=false"],
+        "seeds": [0, 1, 2], "ablations": "all",
+    },
+}
+
+#: name -> (stage-2 overrides, whether it is a main row evaluated over every seed)
+STUDENT_ROWS: dict[str, tuple[list[str], bool]] = {
+    "MimCo (patch + image)": ([], True),
+    "SimMIM": (["method=simmim"], True),
+    "patch only": (["loss.image_weight=0"], False),
+    "image only": (["loss.patch_weight=0"], False),
+    "L1 regression": (["loss.patch_loss=l1", "loss.image_weight=0"], False),
+    "cosine regression": (["loss.patch_loss=cosine", "loss.image_weight=0"], False),
+    "mask 0.4": (["mask.ratio=0.4"], False),
+    "mask 0.75": (["mask.ratio=0.75"], False),
+    "block masking": (["mask.type=block"], False),
+    "batch negatives": (["loss.patch_negatives=batch"], False),
+    "patch tau 0.1": (["loss.patch_temperature=0.1"], False),
+    "patch tau 0.5": (["loss.patch_temperature=0.5"], False),
+    "drop near-duplicate negatives (cos > 0.95)": (["loss.patch_neg_threshold=0.95"], False),
+    "image target: projector": (["teacher.image_target=projector"], False),
+}
+
+
+def _done(run: Path) -> bool:
+    f = run / "summary.json"
+    return f.is_file() and json.loads(f.read_text()).get("step", 0) >= json.loads(f.read_text()).get("total_steps", 1)
+
+
+def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
+    """Run, resume or reuse one stage in ``run``."""
+    if _done(run):
+        return json.loads((run / "summary.json").read_text())
+    cls = TeacherConfig if stage == "teacher" else PretrainConfig
+    cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
+                                  "train.progress=false", "eval.at_end=false"])
+    resume = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
+    print(f"[reproduce] {'resuming' if resume else 'training'} {run.name}", file=sys.stderr, flush=True)
+    return run_stage(stage, cfg, resume, run)
+
+
+def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool) -> dict:
+    """k-NN, linear probe (and fine-tune) of one model; cached in run/eval.json."""
+    cache = run / "eval.json"
+    out = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "knn" in out and ("finetune" in out or not do_finetune):
+        return out
+    cfg = load_config(PretrainConfig, None, [*p["data"], *p["model"]])
+    device = setup(cfg)
+    train_ds, test_ds = splits
+    m = model.to(device) if model is not None else None
+    ftr, ytr = extract_features(m, train_ds, cfg.data, device)
+    fte, yte = extract_features(m, test_ds, cfg.data, device)
+    out["knn"] = knn_accuracy(ftr, ytr, fte, yte, 20, 0.07)
+    out["linear"] = linear_probe(ftr, ytr, fte, yte, seed=0)
+    if do_finetune and m is not None:
+        fcfg = load_config(FinetuneConfig, None, [*[o for o in p["data"] if not o.startswith("train.")], *p["finetune"],
+                                                  f"train.out_dir={run}", "train.name=finetune", "train.progress=false"])
+        ft = run / "finetune"
+        ft.mkdir(parents=True, exist_ok=True)
+        resume = load_checkpoint(ft / "last.pt") if (ft / "last.pt").is_file() else None
+        out["finetune"] = finetune(m, fcfg, ft, device, resume)["top1"]
+    run.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    print(f"[reproduce] {name}: {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="smoke")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/reproduce-<preset>)")
+    args = ap.parse_args()
+    p = PRESETS[args.preset]
+    out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
+    runs = out / "runs"
+    start = time.perf_counter()
+    base = [*p["data"], *p["model"]]
+    cfg = load_config(PretrainConfig, None, base)
+    splits = (load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False))
+    ablations = [r for r, (_, main_row) in STUDENT_ROWS.items() if not main_row]
+    if p["ablations"] != "all":
+        ablations = [r for r in ablations if r in p["ablations"]]
+    results: dict[str, list[dict]] = {}
+
+    def record(row: str, ckpt: Path, run: Path, do_ft: bool) -> None:
+        model, _ = load_backbone(str(ckpt))
+        results.setdefault(row, []).append(evaluate(row, model, run, p, splits, do_ft))
+
+    for seed in p["seeds"]:
+        s = [f"train.seed={seed}"]
+        t_run = runs / f"teacher-s{seed}"
+        t_sum = train("teacher", [*base, *p["teacher"], *s], t_run)
+        record("MoCo v3 teacher", t_run / "last.pt", t_run, True)
+        student = [*base, *p["student"], *s, f"teacher.checkpoint={t_run / 'last.pt'}"]
+        rows = [r for r, (_, main_row) in STUDENT_ROWS.items() if main_row] + (ablations if seed == p["seeds"][0] else [])
+        mimco_seconds = 0.0
+        for row in rows:
+            run = runs / f"{row.split(' (')[0].replace(' ', '-').replace(':', '').lower()}-s{seed}"
+            summary = train("pretrain", [*student, *STUDENT_ROWS[row][0]], run)
+            if row.startswith("MimCo"):
+                mimco_seconds = summary["train_seconds"]
+            record(row, run / "last.pt", run, STUDENT_ROWS[row][1])
+        # the teacher alone, trained for the compute of teacher + MimCo (measured seconds)
+        epochs = float(load_config(TeacherConfig, None, p["teacher"]).optim.epochs)
+        more = epochs * (1 + mimco_seconds / max(t_sum["train_seconds"], 1e-9))
+        long_run = runs / f"teacher-long-s{seed}"
+        train("teacher", [*base, *p["teacher"], *s, f"optim.epochs={more:.3f}"], long_run)
+        record("MoCo v3, teacher + MimCo compute", long_run / "last.pt", long_run, True)
+    shaped, _ = load_backbone(str(runs / f"teacher-s{p['seeds'][0]}" / "last.pt"))
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)), runs / "random-init",
+                                           p, splits, True)]
+    results["raw pixels"] = [evaluate("raw pixels", None, runs / "raw-pixels", p, splits, False)]
+
+    order = ["raw pixels", "random-init ViT", "MoCo v3 teacher", "MoCo v3, teacher + MimCo compute", "SimMIM",
+             "MimCo (patch + image)", *ablations]
+    table = []
+    for row in order:
+        vals = results.get(row, [])
+        table.append({"row": row, "seeds": len(vals), "k-NN": _stat([v["knn"] for v in vals]),
+                      "linear probe": _stat([v["linear"] for v in vals]),
+                      "fine-tune": _stat([v["finetune"] for v in vals if "finetune" in v])})
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    head = (f"preset {args.preset}: {cfg.data.name} {cfg.data.img_size}px/patch {cfg.model.patch_size}, "
+            f"{torch.get_num_threads()} threads, {(time.perf_counter() - start) / 60:.1f} min in this call; "
+            "top-1 %, mean ± std over seeds")
+    md = "\n".join([head, "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
+                    *["| " + " | ".join(str(v) for v in r.values()) + " |" for r in table]]) + "\n"
+    (out / "results.md").write_text(md)
+    s0 = p["seeds"][0]
+    panels = []
+    for row, run in (("SimMIM", f"simmim-s{s0}"), ("MoCo v3 teacher", f"teacher-s{s0}"), ("MimCo", f"mimco-s{s0}")):
+        model, _ = load_backbone(str(runs / run / "last.pt"))
+        test = splits[1]
+        from mimco.data.build import ImageArray
+
+        sub = ImageArray(test.images[:2000], test.labels[:2000], test.channels)
+        f, y = extract_features(model, sub, cfg.data, torch.device("cpu"))
+        panels.append((row, f, y))
+    tsne_figure(panels, out / "tsne.png", class_names=class_names(cfg.data))
+    curves_figure([runs / f"teacher-s{s0}", runs / f"mimco-s{s0}", runs / f"simmim-s{s0}"], out / "curves.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
