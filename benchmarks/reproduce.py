@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config, to_dict
 from mimco.data.build import class_names, load_dataset
 from mimco.engine.checkpoint import load_checkpoint
 from mimco.eval import extract_features, knn_accuracy, linear_probe
@@ -95,12 +96,14 @@ def _done(run: Path) -> bool:
 
 
 def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
-    """Run, resume or reuse one stage in ``run``."""
-    if _done(run):
-        return json.loads((run / "summary.json").read_text())
+    """Run, resume or reuse one stage in ``run`` (reuse only when its saved config is the same)."""
     cls = TeacherConfig if stage == "teacher" else PretrainConfig
     cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
                                   "train.progress=false", "eval.at_end=false"])
+    if (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text()) != to_dict(cfg):
+        raise SystemExit(f"{run} was trained with another configuration; use a fresh --out for a changed preset")
+    if _done(run):
+        return json.loads((run / "summary.json").read_text())
     resume = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
     print(f"[reproduce] {'resuming' if resume else 'training'} {run.name}", file=sys.stderr, flush=True)
     return run_stage(stage, cfg, resume, run)
