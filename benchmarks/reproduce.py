@@ -99,14 +99,17 @@ def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
     """Run, resume or reuse one stage in ``run`` (reuse only when its saved config is the same)."""
     cls = TeacherConfig if stage == "teacher" else PretrainConfig
     cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
-                                  "train.progress=false", "eval.at_end=false"])
+                                  "train.progress=false", "eval.at_end=false", "train.ckpt_every=100"])
     if (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text()) != to_dict(cfg):
         raise SystemExit(f"{run} was trained with another configuration; use a fresh --out for a changed preset")
     if _done(run):
         return json.loads((run / "summary.json").read_text())
     resume = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
     print(f"[reproduce] {'resuming' if resume else 'training'} {run.name}", file=sys.stderr, flush=True)
-    return run_stage(stage, cfg, resume, run)
+    summary = run_stage(stage, cfg, resume, run)
+    if "stopped_by" in summary:  # SIGTERM / Ctrl-C: the run is checkpointed; the next call resumes it
+        raise SystemExit(f"stopped by {summary['stopped_by']}; run the same command again to resume")
+    return summary
 
 
 def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool) -> dict:

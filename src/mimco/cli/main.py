@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     d = sub.add_parser("demo", help="stage 1, stage 2 and evaluation on Fashion-MNIST (about 15 min on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); finished stages are reused")
-    d.add_argument("--quick", action="store_true", help="a 1-minute version on 6k images (checks the machinery only)")
+    d.add_argument("--quick", action="store_true", help="a short version on 6k images (checks the machinery only)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     return p
 
