@@ -132,6 +132,11 @@ def masked_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     return ids.sort(dim=1).values
 
 
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Tokens at grid indices: x (B, N, D), idx long (B, M) -> (B, M, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class MaskGenerator:
     """Builds the masks of step ``step`` from the config, deterministically.
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimco.engine.distributed import gather_no_grad, rank
-from mimco.masking import masked_indices
+from mimco.masking import gather_tokens, masked_indices
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,17 +77,18 @@ class PatchContrastiveLoss(nn.Module):
         p = F.normalize(pred.float(), dim=-1)
         t = F.normalize(target.float(), dim=-1)
         pos_idx = masked_indices(positions, pred.shape[1]) if positions.dtype == torch.bool else positions
-        t_pos = torch.gather(t, 1, pos_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, M, D)
+        threshold = self.neg_threshold < 1.0
+        t_pos = gather_tokens(t, pos_idx) if threshold else None  # (B, M, D), only to find near-duplicates
         if self.negatives == "image":
             logits = p @ t.transpose(1, 2)  # (B, M, N)
             labels = pos_idx
-            sim = t_pos @ t.transpose(1, 2) if self.neg_threshold < 1.0 else None
+            sim = t_pos @ t.transpose(1, 2) if threshold else None
         else:  # every teacher patch token of the global batch (gathered from all processes)
             flat = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
             offset = rank() * b * n if self.gather else 0
             logits = p @ flat.T  # (B, M, world*B*N)
             labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + offset
-            sim = t_pos @ flat.T if self.neg_threshold < 1.0 else None
+            sim = t_pos @ flat.T if threshold else None
         if sim is not None:
             drop = sim > self.neg_threshold
             drop.scatter_(2, labels.unsqueeze(-1), False)

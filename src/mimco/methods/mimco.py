@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import MimcoLossConfig
 from mimco.engine.distributed import rank, world_size
-from mimco.masking import MaskGenerator, masked_indices
+from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.models.heads import mlp_head
 from mimco.models.student import MaskedViT
@@ -76,13 +76,12 @@ class MimCo(nn.Module):
         loss = tokens.new_zeros((), dtype=torch.float32)
         if cfg.patch_weight > 0:
             idx = masked_indices(mask, self.mask_generator.count)  # (B, M), ascending
-            masked = torch.gather(tokens[:, p:], 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, M, Ds)
+            masked = gather_tokens(tokens[:, p:], idx)  # (B, M, Ds)
             pred = self.patch_head(masked)
             if cfg.patch_loss == "infonce":
                 lp = self.patch_criterion(pred, t_patch, idx)
             else:
-                target = torch.gather(t_patch, 1, idx.unsqueeze(-1).expand(-1, -1, t_patch.shape[-1]))
-                lp = regression_loss(cfg.patch_loss, pred, target)
+                lp = regression_loss(cfg.patch_loss, pred, gather_tokens(t_patch, idx))
             loss = loss + cfg.patch_weight * lp
             logs["loss_patch"] = lp.detach()
         if cfg.image_weight > 0:
