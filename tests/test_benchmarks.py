@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHON": sys.executable}
 
@@ -45,3 +47,70 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and "[reproduce] training" not in again.stderr  # everything reused
     assert again.stdout == r.stdout.replace(r.stdout.splitlines()[0], again.stdout.splitlines()[0])
+    assert "measured time of the runs:" in again.stdout
+    # a changed fine-tune recipe fine-tunes again (in a new folder) without retraining anything
+    third = subprocess.run([*cmd, "finetune:optim.base_lr=3e-4"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                           timeout=600)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "[reproduce] training" not in third.stderr and "[finetune] epoch 1/1" in third.stderr
+    assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 2
+    bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_reproduce_overrides_go_to_their_stage():
+    from benchmarks.reproduce import PRESETS, with_overrides
+
+    p = with_overrides(PRESETS["smoke"], ["data.root=/x", "model.depth=3", "train.precision=bf16",
+                                          "student:mask.ratio=0.4", "teacher:optim.epochs=5", "finetune:aug.mixup=0"])
+    assert p["data"][-2:] == ["data.root=/x", "train.precision=bf16"] and p["model"][-1] == "model.depth=3"
+    assert p["student"][-1] == "mask.ratio=0.4" and p["teacher"][-1] == "optim.epochs=5"
+    assert p["finetune"][-1] == "aug.mixup=0"
+    assert "data.root=/x" not in PRESETS["smoke"]["data"]  # the preset itself is untouched
+
+
+def test_every_preset_builds_valid_configs():
+    """A typo in a preset (e.g. the gpu one, which cannot run here) fails here, not on the GPU machine."""
+    from benchmarks.reproduce import PRESETS, STUDENT_ROWS, _finetune_config
+    from mimco.config import PretrainConfig, TeacherConfig, load_config
+
+    for name, p in PRESETS.items():
+        base = [*p["data"], *p["model"]]
+        teacher = load_config(TeacherConfig, None, [*base, *p["teacher"]])
+        for row, (over, _) in STUDENT_ROWS.items():
+            student = load_config(PretrainConfig, None, [*base, *p["student"], *over])
+            assert student.model == teacher.model, (name, row)
+        fcfg, key = _finetune_config(p, Path("/tmp/x"))
+        assert fcfg.data == teacher.data.__class__(**{**vars(teacher.data), "on_device": fcfg.data.on_device,
+                                                     "num_workers": fcfg.data.num_workers}), name
+        assert fcfg.train.name == f"finetune-{key}"
+    gpu = load_config(TeacherConfig, None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
+    assert gpu.data.on_device and gpu.train.precision == "bf16" and gpu.model.arch == "vit_tiny"
+
+
+def test_reproduce_on_an_imagefolder_by_overrides_alone(tmp_path):
+    """The study's 224 px ViT-S/16 ImageFolder recipe is the gpu preset plus overrides; the same
+    overrides, at toy size, run end to end here."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("val", 16)):
+        for c, colour in enumerate(((220, 40, 40), (40, 220, 40), (40, 40, 220))):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(rng.normal(colour, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "study"
+    cmd = [sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(out), "--seeds", "0",
+           "data.name=imagefolder", f"data.root={tmp_path / 'data'}", "data.img_size=16", "data.num_workers=0",
+           "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "teacher:optim.batch_size=32",
+           "student:optim.batch_size=32", "finetune:optim.batch_size=32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    assert "imagefolder 16px" in table and "| MimCo (patch + image) | 1 |" in table and "| raw pixels | 1 |" in table
+    assert (out / "tsne.png").is_file()
+    assert yaml.safe_load((out / "runs" / "mimco-s0" / "config.yaml").read_text())["data"]["name"] == "imagefolder"
