@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import math
 import json
 import statistics
 import sys
@@ -23,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 
 from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config, to_dict
@@ -31,10 +34,12 @@ from mimco.data.build import class_names, load_dataset
 from mimco.engine.checkpoint import load_checkpoint
 from mimco.errors import MimcoError
 from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.eval.features import eval_batches
 from mimco.eval.finetune import finetune
 from mimco.eval.plots import curves_figure, tsne_figure
 from mimco.models.checkpoints import load_backbone
 from mimco.models.export import timm_kwargs
+from mimco.models.vit import encode
 from mimco.pipeline import run_stage, setup
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,6 +167,54 @@ def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, split
     return out
 
 
+@torch.inference_mode()
+def patch_similarity(teacher: torch.nn.Module, dataset: Any, cfg: PretrainConfig, device: torch.device,
+                     limit: int = 1000) -> np.ndarray:
+    """Cosine similarities between a teacher's patch tokens of the same image (all off-diagonal
+    pairs, first ``limit`` images): how alike the same-image negatives of the patch loss are."""
+    teacher.eval()
+    sims, seen = [], 0
+    for x, _ in eval_batches(dataset, cfg.data, 250, device):
+        t = F.normalize(encode(teacher, x)[:, teacher.num_prefix_tokens :].float(), dim=-1)
+        s = t @ t.transpose(1, 2)
+        sims.append(s[:, ~torch.eye(s.shape[1], dtype=torch.bool, device=s.device)].cpu().numpy().ravel())
+        seen += len(x)
+        if seen >= limit:
+            break
+    return np.concatenate(sims)
+
+
+def hazard(runs: Path, s0: int, test: Any, cfg: PretrainConfig, device: torch.device, ablations: list[str]) -> str:
+    """The false-negative hazard of same-image patch negatives, in numbers: how alike the
+    teacher's patch tokens of one image are, and where each variant's patch loss ends against chance."""
+    teacher, _ = load_backbone(str(runs / f"teacher-s{s0}" / "last.pt"))
+    sim = patch_similarity(teacher.to(device), test, cfg, device)
+    n = (cfg.data.img_size // cfg.model.patch_size) ** 2
+    lines = [f"Same-image teacher patch tokens (seed-{s0} teacher, {n} tokens, 1000 test images): cosine similarity "
+             f"median {np.median(sim):.3f}, 95th percentile {np.quantile(sim, 0.95):.3f}, "
+             f"{100 * (sim > 0.95).mean():.1f} % of pairs above 0.95.", "",
+             "| patch loss variant | final patch loss | chance (log #candidates) |", "|---|---|---|"]
+    for row in ["MimCo (patch + image)", *ablations]:
+        over = dict(o.split("=", 1) for o in STUDENT_ROWS[row][0])
+        if over.get("loss.patch_loss", "infonce") != "infonce" or over.get("loss.patch_weight") == "0":
+            continue
+        log = runs / f"{_run_name(row)}-s{s0}" / "log.csv"
+        if not log.is_file():
+            continue
+        with log.open() as f:
+            last = list(csv.DictReader(f))[-1]
+        batch = yaml.safe_load((log.parent / "config.yaml").read_text())["optim"]["batch_size"]
+        chance = f"{math.log(n):.2f}" if over.get("loss.patch_negatives", "image") == "image" else f"{math.log(n * batch):.2f}"
+        if "loss.patch_neg_threshold" in over:
+            chance = f"< {math.log(n):.2f} (negatives dropped)"
+        lines.append(f"| {row} | {float(last['loss_patch']):.2f} | {chance} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_name(row: str) -> str:
+    return row.split(" (")[0].replace(" ", "-").replace(":", "").lower()
+
+
 def _spent(runs: Path) -> str:
     """The measured seconds behind the folder's results, summed from its summaries."""
     train = sum(json.loads(f.read_text())["train_seconds"] for f in runs.glob("*/summary.json"))
@@ -245,7 +298,7 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
         rows = [r for r, (_, main_row) in STUDENT_ROWS.items() if main_row] + (ablations if seed == p["seeds"][0] else [])
         mimco_seconds = 0.0
         for row in rows:
-            run = runs / f"{row.split(' (')[0].replace(' ', '-').replace(':', '').lower()}-s{seed}"
+            run = runs / f"{_run_name(row)}-s{seed}"
             summary = train("pretrain", [*student, *STUDENT_ROWS[row][0]], run)
             if row.startswith("MimCo"):
                 mimco_seconds = summary["train_seconds"]
@@ -285,10 +338,11 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
             "top-1 %, mean ± std over seeds")
     md = "\n".join([head, "", _spent(runs), "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
                     *["| " + " | ".join(str(v) for v in r.values()) + " |" for r in table]]) + "\n"
-    (out / "results.md").write_text(md)
     s0 = p["seeds"][0]
-    panels = []
     device = setup(cfg)
+    md += "\n" + hazard(runs, s0, splits[1], cfg, device, ablations)
+    (out / "results.md").write_text(md)
+    panels = []
     pick = torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0))[:2000]
     for row, run in (("SimMIM", f"simmim-s{s0}"), ("MoCo v3 teacher", f"teacher-s{s0}"), ("MimCo", f"mimco-s{s0}")):
         model, _ = load_backbone(str(runs / run / "last.pt"))

@@ -42,6 +42,8 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
                 "MimCo (patch + image)", "patch only", "L1 regression", "block masking"):
         assert f"| {row} |" in table, row
     assert "| MimCo (patch + image) | 2 |" in table and " ± " in table
+    assert "Same-image teacher patch tokens" in table and "| patch only |" in table.split("final patch loss")[1]
+    assert "| L1 regression |" not in table.split("final patch loss")[1]  # no patch InfoNCE, no chance level
     for png in ("tsne.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
