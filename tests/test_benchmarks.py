@@ -42,6 +42,7 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
                 "MimCo (patch + image)", "patch only", "L1 regression", "block masking"):
         assert f"| {row} |" in table, row
     assert "| MimCo (patch + image) | 2 |" in table and " ± " in table
+    assert "| patch only | 2 |" in table and "| L1 regression | 1 |" in table  # the preset's "seeded" ablations
     assert "Same-image teacher patch tokens" in table and "| patch only |" in table.split("final patch loss")[1]
     assert "| L1 regression |" not in table.split("final patch loss")[1]  # no patch InfoNCE, no chance level
     for png in ("tsne.png", "curves.png"):
