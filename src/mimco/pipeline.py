@@ -69,6 +69,9 @@ def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views
             ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
         tf = (BatchTwoViews(cfg.aug, data) if two_views else BatchMimView(cfg.aug, data)).to(device)
     else:
+        if data.on_device:
+            raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}), not "
+                             f"'{data.name}'; set data.on_device=false (files are decoded by loader workers)")
         ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
         tf = None
     return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,

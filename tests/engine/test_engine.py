@@ -69,6 +69,30 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
+def test_data_on_device_trains_the_same(tmp_path):
+    """``data.on_device=true`` (the gpu preset: images copied to the device once, views made there)
+    follows exactly the path of the default loader; on the CPU the weights must be equal."""
+    run_stage("teacher", tiny_teacher_cfg(tmp_path, "host"))
+    moved = run_stage("teacher", tiny_teacher_cfg(tmp_path, "device", ("data.on_device=true",)))
+    assert moved["step"] == 8
+    a, b = _weights(tmp_path / "host" / "last.pt"), _weights(tmp_path / "device" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_data_on_device_refuses_file_datasets(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    cfg = tiny_teacher_cfg(tmp_path, "files", ("data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                                               "data.on_device=true"))
+    with pytest.raises(MimcoError, match="data.on_device=true needs an in-memory dataset"):
+        run_stage("teacher", cfg)
+
+
 @pytest.mark.parametrize("stage", ["teacher", "pretrain"])
 def test_resume_equals_uninterrupted(tmp_path, stage, teacher_ckpt):
     make = (lambda n, extra=(): tiny_teacher_cfg(tmp_path, n, extra)) if stage == "teacher" else \
