@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import math
 import json
+import math
 import statistics
 import sys
 import time
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config, to_dict
 from mimco.data.build import class_names, load_dataset
@@ -36,7 +37,7 @@ from mimco.errors import MimcoError
 from mimco.eval import extract_features, knn_accuracy, linear_probe
 from mimco.eval.features import eval_batches
 from mimco.eval.finetune import finetune
-from mimco.eval.plots import curves_figure, tsne_figure
+from mimco.eval.plots import curves_figure, read_log, tsne_figure
 from mimco.models.checkpoints import load_backbone
 from mimco.models.export import timm_kwargs
 from mimco.models.vit import encode
@@ -113,7 +114,8 @@ STUDENT_ROWS: dict[str, tuple[list[str], bool]] = {
 
 def _done(run: Path) -> bool:
     f = run / "summary.json"
-    return f.is_file() and json.loads(f.read_text()).get("step", 0) >= json.loads(f.read_text()).get("total_steps", 1)
+    summary = json.loads(f.read_text()) if f.is_file() else {}
+    return summary.get("step", 0) >= summary.get("total_steps", 1)
 
 
 def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
@@ -208,16 +210,16 @@ def hazard(runs: Path, s0: int, test: Any, cfg: PretrainConfig, device: torch.de
         over = dict(o.split("=", 1) for o in STUDENT_ROWS[row][0])
         if over.get("loss.patch_loss", "infonce") != "infonce" or over.get("loss.patch_weight") == "0":
             continue
-        log = runs / f"{_run_name(row)}-s{s0}" / "log.csv"
-        if not log.is_file():
+        run = runs / f"{_run_name(row)}-s{s0}"
+        if not (run / "log.csv").is_file():
             continue
-        with log.open() as f:
-            last = list(csv.DictReader(f))[-1]
-        batch = yaml.safe_load((log.parent / "config.yaml").read_text())["optim"]["batch_size"]
-        chance = f"{math.log(n):.2f}" if over.get("loss.patch_negatives", "image") == "image" else f"{math.log(n * batch):.2f}"
         if "loss.patch_neg_threshold" in over:
             chance = f"< {math.log(n):.2f} (negatives dropped)"
-        lines.append(f"| {row} | {float(last['loss_patch']):.2f} | {chance} |")
+        elif over.get("loss.patch_negatives") == "batch":
+            chance = f"{math.log(n * yaml.safe_load((run / 'config.yaml').read_text())['optim']['batch_size']):.2f}"
+        else:
+            chance = f"{math.log(n):.2f}"
+        lines.append(f"| {row} | {read_log(run / 'log.csv')['loss_patch'][-1]:.2f} | {chance} |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +309,7 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
         model, _ = load_backbone(str(ckpt))
         results.setdefault(row, []).append(evaluate(row, model, run, p, splits, do_ft))
 
+    teacher_epochs = load_config(TeacherConfig, None, p["teacher"]).optim.epochs
     for seed in p["seeds"]:
         s = [f"train.seed={seed}"]
         t_run = runs / f"teacher-s{seed}"
@@ -323,14 +326,11 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
                 mimco_seconds = summary["train_seconds"]
             record(row, run / "last.pt", run, STUDENT_ROWS[row][1])
         # the teacher alone, trained for the compute of teacher + MimCo (measured seconds)
-        epochs = float(load_config(TeacherConfig, None, p["teacher"]).optim.epochs)
-        more = epochs * (1 + mimco_seconds / max(t_sum["train_seconds"], 1e-9))
+        more = teacher_epochs * (1 + mimco_seconds / max(t_sum["train_seconds"], 1e-9))
         long_run = runs / f"teacher-long-s{seed}"
         train("teacher", [*base, *p["teacher"], *s, f"optim.epochs={more:.3f}"], long_run)
         record("MoCo v3, teacher + MimCo compute", long_run / "last.pt", long_run, True)
     shaped, _ = load_backbone(str(runs / f"teacher-s{p['seeds'][0]}" / "last.pt"))
-    from timm.models.vision_transformer import VisionTransformer
-
     torch.manual_seed(0)
     results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)), runs / "random-init",
                                            p, splits, True)]
