@@ -51,11 +51,24 @@ def test_generator_depends_on_step_and_slice_only():
         g = MaskGenerator(kind, 0.6, (4, 4), seed=7)
         assert torch.equal(g(4, step=5), g(4, step=5))
         assert not torch.equal(g(4, step=5), g(4, step=6))
-        full = g(8, step=5)  # one process, global batch 8 == two processes of 4
-        assert torch.equal(g(4, step=5, rank=0, world=2), full[:4])
-        assert torch.equal(g(4, step=5, rank=1, world=2), full[4:])
+        full = g(8, step=5)  # one process, global batch 8 == two processes of 4 == 4 micro-batches of 2
+        assert torch.equal(g(4, step=5, first_index=0), full[:4])
+        assert torch.equal(g(4, step=5, first_index=4), full[4:])
+        for i in range(4):
+            assert torch.equal(g(2, step=5, first_index=2 * i), full[2 * i : 2 * i + 2])
+        assert not torch.equal(full[:2], full[2:4])  # micro-batches do not share one mask
     with pytest.raises(ValueError):
         MaskGenerator("random", 1.0, (4, 4))
+
+
+def test_prefetched_masks_equal_built_ones():
+    """The background thread builds step s+1 while step s trains; what it hands over is what
+    building on demand gives, also when the steps asked for jump (a resume)."""
+    for kind in ("random", "block"):
+        ahead, plain = MaskGenerator(kind, 0.6, (8, 8), seed=3), MaskGenerator(kind, 0.6, (8, 8), seed=3, prefetch=False)
+        for step in (0, 1, 2, 7, 8):
+            assert torch.equal(ahead(6, step, first_index=6), plain(6, step, first_index=6))
+        assert (6, 9, 6) in ahead._ahead  # the next step is under way
 
 
 def test_masked_indices_match_nonzero_and_count():

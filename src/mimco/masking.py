@@ -8,6 +8,7 @@ values, so masked tokens can be gathered into a dense (B, M, D) tensor.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -137,20 +138,55 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def seeded_random_mask(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    ratio: float,
+    seed: int,
+    mask_unit: int = 1,
+    first_index: int = 0,
+) -> torch.Tensor:
+    """:func:`random_mask` with sample i drawn from its own generator seeded by (``seed``,
+    ``first_index + i``), like :func:`block_mask`: a slice of a batch equals the batch's slice.
+
+    Returns:
+        bool tensor (B, H*W).
+    """
+    h, w = grid_size
+    if h % mask_unit or w % mask_unit:
+        raise ValueError(f"patch grid {h}x{w} is not divisible by the mask unit {mask_unit}")
+    hc, wc = h // mask_unit, w // mask_unit
+    count = num_masked(hc * wc, ratio)
+    noise = np.stack([np.random.default_rng([seed, first_index + i]).random(hc * wc) for i in range(batch_size)])
+    cells = torch.zeros(batch_size, hc * wc, dtype=torch.bool)
+    cells.scatter_(1, torch.from_numpy(noise.argsort(axis=1)[:, :count]), True)
+    cells = cells.view(batch_size, hc, 1, wc, 1).expand(batch_size, hc, mask_unit, wc, mask_unit)
+    return cells.reshape(batch_size, h * w)
+
+
 class MaskGenerator:
     """Builds the masks of step ``step`` from the config, deterministically.
 
-    The masks of a global batch depend only on (seed, step); process ``rank`` of ``world``
-    takes its slice, so a run gives the same masks on any number of processes and on resume.
+    The mask of sample ``j`` of a step's global batch depends only on (seed, step, j): a process
+    (or a micro-batch of gradient accumulation) whose slice starts at global index
+    ``first_index`` gets that slice's masks, so a run draws the same masks on any number of
+    processes, with any accumulation, and after a resume.
+
+    Masks are built on the host, one step ahead, in a background thread (``prefetch``): blockwise
+    masks are a per-sample Python loop, which would otherwise sit on the training step's
+    critical path.
     """
 
     def __init__(self, kind: str, ratio: float, grid_size: tuple[int, int], mask_unit: int = 1,
-                 min_patches: int = 4, min_aspect: float = 0.3, seed: int = 0) -> None:
+                 min_patches: int = 4, min_aspect: float = 0.3, seed: int = 0, prefetch: bool = True) -> None:
         if kind not in ("random", "block"):
             raise ValueError(f"unknown mask type '{kind}'")
         self.kind, self.ratio, self.grid_size, self.mask_unit = kind, ratio, grid_size, mask_unit
         self.min_patches, self.min_aspect, self.seed = min_patches, min_aspect, seed
         num_masked(grid_size[0] * grid_size[1] // (mask_unit * mask_unit), ratio)  # validates ratio
+        self.prefetch = prefetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[int, int, int], Future] = {}
 
     @property
     def count(self) -> int:
@@ -161,14 +197,28 @@ class MaskGenerator:
         u = self.mask_unit
         return num_masked((h // u) * (w // u), self.ratio) * u * u
 
-    def __call__(self, batch_size: int, step: int, rank: int = 0, device: torch.device | str | None = None,
-                 world: int = 1) -> torch.Tensor:
-        """Masks (batch_size, H*W) for this process's slice of the global batch of ``batch_size * world``."""
+    def build(self, batch_size: int, step: int, first_index: int = 0) -> torch.Tensor:
+        """The masks (batch_size, H*W) of global samples ``first_index ...`` at ``step``, on the host."""
         seed = self.seed * 1_000_003 + step
         if self.kind == "random":
-            g = torch.Generator().manual_seed(seed)
-            full = random_mask(batch_size * world, self.grid_size, self.ratio, self.mask_unit, g)
-            out = full[rank * batch_size : (rank + 1) * batch_size]
-            return out.to(device) if device is not None else out
-        return block_mask(batch_size, self.grid_size, self.ratio, seed, self.min_patches, self.min_aspect, device,
-                          first_index=rank * batch_size)
+            return seeded_random_mask(batch_size, self.grid_size, self.ratio, seed, self.mask_unit, first_index)
+        return block_mask(batch_size, self.grid_size, self.ratio, seed, self.min_patches, self.min_aspect,
+                          first_index=first_index)
+
+    def __call__(self, batch_size: int, step: int, first_index: int = 0,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """Masks (batch_size, H*W) for the slice of the global batch starting at ``first_index``."""
+        key = (batch_size, step, first_index)
+        ahead = self._ahead.pop(key, None)
+        out = ahead.result() if ahead is not None else self.build(*key)
+        if self.prefetch:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="masks")
+            nxt = (batch_size, step + 1, first_index)
+            if len(self._ahead) > 64:  # keys that were never asked for (a changed schedule): forget them
+                self._ahead.clear()
+            self._ahead[nxt] = self._pool.submit(self.build, *nxt)
+        return out.to(device, non_blocking=True) if device is not None else out
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None, "_ahead": {}}

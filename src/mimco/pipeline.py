@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from mimco.config import PretrainConfig, TeacherConfig, save_config
+from mimco.config import PretrainConfig, TeacherConfig, save_config, validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine import distributed as dist
+from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
 from mimco.eval import extract_features, knn_accuracy, linear_probe
@@ -27,7 +28,8 @@ STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
 
 
 def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
-    """Threads, device, process group and seeds."""
+    """Threads, device, process group and seeds; refuses out-of-range values first."""
+    validate(cfg)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -129,16 +131,27 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
                                          cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
     else:
         method = build_pretrain_method(cfg, device)
-    torch.manual_seed(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process stream for augmentation and drop path
+    seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
     summary["run_dir"] = str(run_dir)
     if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"] and "stopped_by" not in summary:
-        summary.update(evaluate(method.backbone(), cfg, device, linear=False))
+        summary.update(evaluate(final_backbone(method, cfg, run_dir, device), cfg, device, linear=False))
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def final_backbone(method: torch.nn.Module, cfg: TeacherConfig | PretrainConfig, run_dir: Path,
+                   device: torch.device) -> torch.nn.Module:
+    """The trained backbone for rank 0 to evaluate alone. Under FSDP the live one is sharded
+    (its forward needs every process), so an unsharded copy is read back from the run's
+    ``last.pt``; otherwise the live module."""
+    if cfg.train.strategy == "fsdp" and dist.world_size() > 1:
+        model, _ = load_backbone(run_dir / "last.pt", "momentum")
+        return model.to(device)
+    return method.backbone()
 
 
 def evaluate(backbone: torch.nn.Module | None, cfg: TeacherConfig | PretrainConfig, device: torch.device,

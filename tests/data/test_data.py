@@ -10,7 +10,7 @@ from PIL import Image
 from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
 from mimco.data import BatchStream, load_dataset, make_shapes
 from mimco.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from mimco.data.files import BadImageCounter, FileImages
+from mimco.data.files import BadImageCounter, FileImages, Substituting
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_two_views
 from mimco.errors import MimcoError
 
@@ -125,9 +125,16 @@ def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
     ds = FileImages(str(tmp_path), labelled=False)
     loaded = [ds[i] for i in range(len(ds))]
     assert sum(x is None for x in loaded) == 2
+    names = [p.name for p, _ in ds.items]  # sorted: 0..5.png, bad.png, trunc.png
+    sub = Substituting(ds)
+    for i, name in enumerate(names):  # an unreadable file gives the next readable one (wrapping), and says so
+        img, n_bad = sub[i]
+        want = {"bad.png": 0, "trunc.png": 0}.get(name, i)
+        assert n_bad == (2 if name == "bad.png" else 1 if name == "trunc.png" else 0), name
+        assert np.array_equal(np.asarray(img[0]), np.asarray(ds[want][0])), name
     counter = BadImageCounter(0.5, len(ds))
-    with pytest.warns(UserWarning, match="unreadable"):
-        counter.update(2, 8)
+    counter.update(2, 8)
+    assert (counter.bad, counter.seen) == (2, 8)
     with pytest.raises(MimcoError, match="could not be read"):
         BadImageCounter(0.1, len(ds)).update(2, 8)
 

@@ -120,9 +120,9 @@ def test_bf16_accumulation_and_clipping(tmp_path, monkeypatch):
     calls = []
     original = MoCoV3.forward
 
-    def counting(self, views, step):
+    def counting(self, views, step, *rest):
         calls.append(views[0].shape[0])
-        loss, logs = original(self, views, step)
+        loss, logs = original(self, views, step, *rest)
         assert loss.dtype == torch.float32  # the loss is computed in fp32 under autocast
         return loss, logs
 

@@ -77,8 +77,8 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 def test_injected_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     original = MoCoV3.forward
 
-    def poisoned(self, views, step):
-        loss, logs = original(self, views, step)
+    def poisoned(self, views, step, *rest):
+        loss, logs = original(self, views, step, *rest)
         return (loss * float("nan") if step == 4 else loss), logs
 
     monkeypatch.setattr(MoCoV3, "forward", poisoned)

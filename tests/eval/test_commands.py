@@ -1,10 +1,13 @@
 """The evaluation commands on the procedural dataset: outputs written, numbers sane, paths agree."""
 
+import csv
 import json
 
 import pytest
 import torch
 from PIL import Image
+
+from mimco.engine.checkpoint import load_checkpoint
 
 from mimco.cli.main import main
 from mimco.eval.finetune import build_classifier, layer_decay_groups
@@ -67,9 +70,26 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys, teacher_ckpt):
     for name in ("last.pt", "best.safetensors", "log.csv", "summary.json", "results.jsonl", "config.json"):
         assert (tmp_path / "ft" / name).is_file(), name
     rows = (tmp_path / "ft" / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,step,lr,loss,top1,top5") and len(rows) == 3
+    assert rows[0].startswith("step,epoch,lr,loss,top1,top5") and len(rows) == 3
     again = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "ft" / "last.pt", "optim.epochs=3"))
-    assert again["epochs"] == 3 and len((tmp_path / "ft" / "log.csv").read_text().splitlines()) == 4
+    assert again["epochs"] == 3
+    rows = list(csv.DictReader((tmp_path / "ft" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [8, 16, 20, 24]  # every epoch's end, and every train.log_every=20 steps
+    assert rows[-1]["top1"] and float(rows[-1]["lr"]) > 0  # the 3rd epoch follows the new 3-epoch schedule
+
+
+def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
+    """Stopped after one epoch and resumed: the same weights and metrics as one uninterrupted run
+    (RandAugment, mixup, random erasing and drop path on: the random state must resume too)."""
+    args = ["finetune", teacher_ckpt, *DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=2",
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", f"train.out_dir={tmp_path}", "classifier.drop_path_rate=0.1"]
+    full = json.loads(run(capsys, *args, "train.name=full"))
+    json.loads(run(capsys, *args, "train.name=cut", "train.max_steps=8"))
+    again = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "cut" / "last.pt"))
+    assert again["step"] == full["step"] == 16 and again["top1"] == full["top1"] and again["loss"] == full["loss"]
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["model"] for n in ("full", "cut"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_plots_are_real_pngs(tmp_path, capsys, teacher_ckpt):

@@ -130,6 +130,8 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from mimco.config import check_resume
+    from mimco.engine import distributed as dist
     from mimco.engine.checkpoint import load_checkpoint
     from mimco.eval.finetune import finetune
     from mimco.eval.results import write_result
@@ -138,7 +140,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     resume = None
     if args.resume:
         resume = load_checkpoint(args.resume)
-        cfg = apply_overrides(from_dict(FinetuneConfig, resume["config"]), args.overrides)
+        if resume["stage"] != "finetune":
+            raise MimcoError(f"{args.resume} is a '{resume['stage']}' checkpoint; resume it with `mimco {resume['stage']}`")
+        cfg = from_dict(FinetuneConfig, resume["config"])
+        cfg.train.max_steps = 0
+        cfg = apply_overrides(cfg, args.overrides)
+        check_resume(resume["config"], cfg)
         run_dir = Path(args.resume).parent
     else:
         cfg = None
@@ -149,17 +156,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run_dir = Path(cfg.train.out_dir) / (cfg.train.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / "last.pt").exists():
             raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / 'last.pt'} or choose train.name")
-        if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
-            name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
+    if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
+        name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
     device = setup(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    dist.barrier()
     summary = finetune(model, cfg, run_dir, device, resume)
-    write_result(run_dir, _row("finetune", spec, name, state, cfg, {"finetune_top1": summary["top1"],
-                                                                      "finetune_top5": summary["top5"],
-                                                                      "finetune_best_top1": summary["best_top1"]},
-                               epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
-    print(json.dumps(summary, indent=2))
+    if dist.is_main():
+        write_result(run_dir, _row("finetune", spec, name, state, cfg, {"finetune_top1": summary["top1"],
+                                                                          "finetune_top5": summary["top5"],
+                                                                          "finetune_best_top1": summary["best_top1"]},
+                                   epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
+        print(json.dumps(summary, indent=2))
     return 0
 
 

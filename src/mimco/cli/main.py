@@ -25,7 +25,7 @@ def config_path(name: str | None) -> str | None:
 
 
 def _train(stage: str, args: argparse.Namespace) -> int:
-    from mimco.config import apply_overrides, from_dict, load_config
+    from mimco.config import apply_overrides, check_resume, from_dict, load_config
     from mimco.engine.checkpoint import find_last, load_checkpoint
     from mimco.pipeline import STAGES, run_stage
 
@@ -45,6 +45,7 @@ def _train(stage: str, args: argparse.Namespace) -> int:
         cfg = from_dict(cls, resume["config"])
         cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
         cfg = apply_overrides(cfg, args.overrides)
+        check_resume(resume["config"], cfg)
         run_dir = path.parent
     else:
         cfg = load_config(cls, config_path(args.config), args.overrides)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mimco.config import DataConfig
 from mimco.data.fashion_mnist import load_fashion_mnist
-from mimco.data.files import BadImageCounter, FileImages, collate_skip_bad
+from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 
@@ -124,30 +124,37 @@ class BatchStream:
 
     Epoch ``e`` visits the images in ``randperm(N, seed + e)``; step ``s`` takes global batch
     ``s % steps_per_epoch`` of that order and this process takes its contiguous slice.
-    In-memory batches are augmented by ``batch_transform`` on ``device``; file datasets are
-    augmented per image in loader workers. Yields a list of views, each (B_local, C, S, S).
+    In-memory batches are augmented by ``batch_transform`` on ``device``; other datasets (image
+    files, or any map-style dataset of ``(sample, label)``) are augmented per image in loader
+    workers. Yields a list of views, each (B_local, C, S, S), then the labels (B_local,) when
+    ``labels``.
     """
 
     def __init__(self, dataset: ImageArray | FileImages, global_batch: int, seed: int, device: torch.device,
                  batch_transform: Callable | None = None, num_workers: int = 2, max_bad_fraction: float = 0.01,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, labels: bool = False) -> None:
         if global_batch % world_size:
             raise MimcoError(f"optim.batch_size={global_batch} is not divisible by the {world_size} processes")
         if len(dataset) < global_batch:
             raise MimcoError(f"optim.batch_size={global_batch} is larger than the dataset ({len(dataset)} images); lower it")
         self.ds, self.gb, self.seed, self.device = dataset, global_batch, seed, device
         self.batch_transform, self.num_workers = batch_transform, num_workers
-        self.rank, self.world = rank, world_size
+        self.rank, self.world, self.labels = rank, world_size, labels
         self.local = global_batch // world_size
         self.steps_per_epoch = len(dataset) // global_batch
         self.bad = BadImageCounter(max_bad_fraction, len(dataset))
         self._rows, self._loader = _Rows(), None
 
+    @property
+    def reads_files(self) -> bool:
+        return isinstance(self.ds, FileImages)
+
     def _file_loader(self) -> DataLoader:
         """One loader for the whole run: its workers persist across epochs."""
         if self._loader is None:
             w = self.num_workers
-            self._loader = DataLoader(self.ds, batch_sampler=self._rows, num_workers=w, collate_fn=collate_skip_bad,
+            self._loader = DataLoader(Substituting(self.ds), batch_sampler=self._rows, num_workers=w,
+                                      collate_fn=collate_substituted,
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
                                       prefetch_factor=4 if w > 0 else None)
         return self._loader
@@ -166,12 +173,14 @@ class BatchStream:
             if isinstance(self.ds, ImageArray):
                 for row in idx:
                     x = self.ds.batch(row).to(self.device, non_blocking=True)
-                    yield self.batch_transform(x)
+                    views = self.batch_transform(x)
+                    yield [*views, self.ds.labels[row].to(self.device)] if self.labels else views
             else:
                 self._rows.rows = idx.tolist()  # the persistent loader picks up this epoch's order
-                for batch, n_bad in self._file_loader():
-                    self.bad.update(n_bad, self.local)
-                    if batch is None or len(batch[1]) < 2:  # BatchNorm and InfoNCE need two images
-                        continue
-                    yield [v.to(self.device, non_blocking=True) for v in batch[0]]
+                for (views, labels), n_bad in self._file_loader():
+                    self.bad.update(n_bad, self.local + n_bad)  # unreadable files were replaced: full batches
+                    views = list(views) if isinstance(views, (list, tuple)) else [views]
+                    if self.labels:
+                        views.append(labels)
+                    yield [v.to(self.device, non_blocking=True) for v in views]
             step = (epoch + 1) * self.steps_per_epoch

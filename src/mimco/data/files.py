@@ -1,13 +1,15 @@
 """Image files on disk: class sub-folders (ImageFolder) or a flat folder of unlabelled images.
 
-Unreadable or truncated images are skipped, counted and warned about once; a run stops with
-a clear error when more than ``max_bad_fraction`` of the images seen were bad.
+In training, an unreadable or truncated image is replaced by the next readable one in the file
+list (:class:`Substituting`: deterministic, so every process keeps its full batch and the
+gathers stay equal in size) and counted; a run stops with a clear error when more than
+``max_bad_fraction`` of the images read were bad, and prints ``skipped N unreadable images of M``
+at its end. Evaluation skips them.
 """
 
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,8 +79,36 @@ def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:
     return (default_collate(good) if good else None), len(batch) - len(good)
 
 
+class Substituting(Dataset):
+    """Training view of a :class:`FileImages`: item ``i`` is ``(sample, unreadable files tried)``,
+    where an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``, ...; the
+    same choice on every process and every epoch), so a batch never shrinks."""
+
+    MAX_TRIES = 64
+
+    def __init__(self, images: FileImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        n = len(self.images)
+        for k in range(min(self.MAX_TRIES, n)):
+            item = self.images[(i + k) % n]
+            if item is not None:
+                return item, k
+        raise MimcoError(f"{self.MAX_TRIES} consecutive images from {self.images.items[i][0]} on cannot be read; "
+                         "remove the corrupt files")
+
+
+def collate_substituted(batch: list[tuple[Any, int]]) -> tuple[Any, int]:
+    """Collate :class:`Substituting` items: (collated samples, unreadable files met)."""
+    return default_collate([b[0] for b in batch]), sum(b[1] for b in batch)
+
+
 class BadImageCounter:
-    """Counts unreadable images; warns on the first, raises past ``max_fraction``."""
+    """Counts unreadable images among those read; raises past ``max_fraction``."""
 
     def __init__(self, max_fraction: float, dataset_size: int) -> None:
         self.max_fraction, self.min_seen = max_fraction, min(dataset_size, 200)
@@ -87,8 +117,6 @@ class BadImageCounter:
     def update(self, bad: int, total: int) -> None:
         self.bad += bad
         self.seen += total
-        if bad and self.bad == bad:
-            warnings.warn(f"skipping unreadable image(s) ({bad} so far); more are counted silently", stacklevel=2)
         if self.seen >= self.min_seen and self.bad > self.max_fraction * self.seen:
             raise MimcoError(f"{self.bad} of {self.seen} images could not be read (more than data.max_bad_fraction="
                              f"{self.max_fraction}); remove the corrupt files or raise data.max_bad_fraction")

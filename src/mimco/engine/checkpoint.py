@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mimco.errors import MimcoError
+from mimco.errors import MimcoError, unreadable_checkpoint
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -49,8 +49,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MimcoError(f"cannot read checkpoint {p}: {first[:200]}") from None
+        raise MimcoError(unreadable_checkpoint(p, e)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
         raise MimcoError(f"{p} is not a mimco checkpoint (no 'model'/'stage' keys); pass a last.pt written by mimco")
     return ckpt

@@ -30,22 +30,63 @@ def init_from_env(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def backend() -> str:
+    return str(dist.get_backend()) if is_dist() else ""
+
+
+def check_collective(x: torch.Tensor) -> torch.Tensor:
+    """Refuse a tensor the process group's backend cannot take, before the backend does.
+
+    NCCL only takes CUDA tensors (a CPU tensor fails there, often only at the first log row);
+    gloo takes CPU tensors. Every collective here passes through this check, so the CPU tests
+    (with a mocked backend) catch what a GPU run would hit."""
+    b = backend()
+    if b == "nccl" and x.device.type != "cuda":
+        raise RuntimeError(f"a {x.device.type} tensor {tuple(x.shape)} was handed to an NCCL collective; "
+                           "NCCL takes CUDA tensors only: create logged values on the loss's device")
+    return x
+
+
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) from every process along dim 0, without gradient."""
+    """Concatenate ``x`` (B, ...) from every process along dim 0, without gradient.
+    Every process must pass the same B (the batch stream keeps batches equal)."""
     if not is_dist():
         return x
+    check_collective(x)
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum`` or ``max``) of a tensor on the group's device; a no-op alone."""
     if is_dist():
-        x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(check_collective(x), op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over processes (a new tensor; ``x`` itself is left alone)."""
+    if is_dist():
+        x = all_reduce_(x.detach().clone())
         x /= world_size()
     return x
+
+
+def mean_over_processes(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Scalars averaged over processes with one all-reduce. Each value is moved to ``device``
+    (the loss's device, where the backend can take it) before the collective."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in values.values()])
+    return dict(zip(values, all_reduce_mean(stacked).tolist()))
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op alone)."""
+    if is_dist():
+        dist.barrier()
 
 
 def destroy() -> None:

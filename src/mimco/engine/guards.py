@@ -43,8 +43,7 @@ class StopSignal:
         if not dist.is_dist():
             return self.requested is not None
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(dist.all_reduce_(flag, "max").item())
 
 
 class FiniteGuard:
@@ -59,7 +58,5 @@ class FiniteGuard:
 
     def bad_step(self) -> int | None:
         """The first bad step on any process, or None (one host sync)."""
-        s = self.first_bad.clone()
-        if dist.is_dist():
-            torch.distributed.all_reduce(s, op=torch.distributed.ReduceOp.MAX)
+        s = dist.all_reduce_(self.first_bad.clone(), "max")
         return int(s) if int(s) >= 0 else None

@@ -16,10 +16,16 @@ def scaled_lr(cfg: OptimConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; ndim <= 1 and ``model.no_weight_decay()`` get no decay."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=scaled_lr(cfg), betas=tuple(cfg.betas))
+    """AdamW over the trainable parameters; ndim <= 1 and ``model.no_weight_decay()`` get no decay.
+    A model with ``param_groups(weight_decay)`` (fine-tuning's layer decay) gives its own groups.
+    Fused AdamW when the parameters live on a GPU."""
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg.weight_decay)
+    else:
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=scaled_lr(cfg), betas=tuple(cfg.betas), fused=cuda or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,

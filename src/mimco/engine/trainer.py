@@ -1,11 +1,15 @@
 """The one training loop both stages share.
 
-A *method* is an ``nn.Module`` whose ``forward(views, step)`` returns ``(loss, logs)``, with
-``backbone()`` for evaluation and optionally ``no_weight_decay()`` and ``total_steps``. The
-loop adds everything else: per-iteration warm-up + cosine, bf16/fp16 autocast, gradient
-accumulation and clipping, gradient checkpointing, DDP, a CSV row every ``log_every`` steps,
-a progress bar, atomic checkpoints (model, optimiser, scheduler, step, RNG state, resolved
-config), resume, a clean stop on SIGTERM/SIGINT and a stop on a non-finite loss.
+A *method* is an ``nn.Module`` whose ``forward(views, step, first_index)`` returns
+``(loss, logs)`` (``first_index``: the global index of the micro-batch's first sample, for
+masks), with ``backbone()`` for evaluation and optionally ``no_weight_decay()``,
+``param_groups(weight_decay)``, ``total_steps`` and ``on_epoch_end(epoch) -> metrics`` (called on
+every process; its ``metric_keys`` become log columns, and a checkpoint follows it). The loop adds
+everything else: per-iteration warm-up + cosine, bf16/fp16 autocast, gradient accumulation and
+clipping, gradient checkpointing, DDP/FSDP, a CSV row every ``log_every`` steps, a progress bar,
+atomic checkpoints (model, optimiser, step, every process's RNG state, resolved config), resume
+(the schedule is rebuilt from the resumed config), a clean stop on SIGTERM/SIGINT and a stop on
+a non-finite loss.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from mimco.engine import distributed as dist
 from mimco.engine.checkpoint import atomic_save, save_weights
 from mimco.engine.guards import FiniteGuard, StopSignal
 from mimco.engine.optim import build_optimizer, build_scheduler
+from mimco.engine.rng import all_rng_states, restore_rank_state
 from mimco.engine.sharding import full_state, load_state, shard
 from mimco.errors import MimcoError
 
@@ -58,19 +63,6 @@ class CsvLog:
             if new:
                 w.writeheader()
             w.writerow(row)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def accumulation(local_batch: int, accum_steps: int, micro_batch: int) -> int:
@@ -103,16 +95,29 @@ class Trainer:
         if fsdp:
             shard(method)  # before the optimiser, which must see the sharded parameters
         self.optimizer = build_optimizer(method, o)
+        # the schedule comes from this config, also on resume: a timm scheduler's saved state would
+        # bring back the old run's length (t_initial) over a changed optim.epochs
         self.scheduler = build_scheduler(self.optimizer, o, self.total_steps, int(round(o.warmup_epochs * spe)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
         self.step = 0
         if resume is not None:
+            self.step = int(resume["step"])
+            if self.step > self.total_steps:
+                raise MimcoError(f"the checkpoint is at step {self.step} but optim.epochs={o.epochs} ends at step "
+                                 f"{self.total_steps}; resume with optim.epochs of at least {self.step / spe:g}")
+            fresh = [{k: g[k] for k in ("weight_decay", "betas", "lr_scale") if k in g} for g in self.optimizer.param_groups]
             load_state(method, self.optimizer, resume["model"], resume["optimizer"])
-            self.scheduler.load_state_dict(resume["scheduler"])
+            for g, values in zip(self.optimizer.param_groups, fresh):  # hyper-parameters from this config
+                g.update(values)
             if "scaler" in resume:
                 self.scaler.load_state_dict(resume["scaler"])
-            self.step = int(resume["step"])
-            set_rng_state(resume["rng"])
+            restore_rank_state(resume["rng"], t.seed + self.step)
+        if self.accum > 1 and dist.is_main():
+            micro = stream.local // self.accum
+            print(f"mimco: gradient accumulation over {self.accum} micro-batches of {micro} per process: contrastive "
+                  f"negatives and BatchNorm statistics come from {micro * dist.world_size()} images at a time, not the "
+                  f"global batch of {stream.gb} (lr schedule, data order and masks are those of the global batch)",
+                  file=sys.stderr, flush=True)
         self.model: nn.Module = method
         if dist.world_size() > 1 and not fsdp:
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
@@ -125,11 +130,11 @@ class Trainer:
         self.check_finite()
         path = self.run_dir / "last.pt"
         model_state, optim_state = full_state(self.method, self.optimizer)  # collective under FSDP
+        rng = all_rng_states()  # collective: every process's generators, in rank order
         if dist.is_main():
             atomic_save({"stage": self.stage, "step": self.step, "total_steps": self.total_steps,
-                         "model": model_state, "optimizer": optim_state,
-                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                         "rng": rng_state(), "config": to_dict(self.cfg)}, path)
+                         "model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
+                         "rng": rng, "config": to_dict(self.cfg)}, path)
             if self.step >= self.total_steps:  # finished: the backbone alone, as a timm state dict
                 prefix = self.method.backbone_prefix
                 backbone = {k[len(prefix):]: v for k, v in model_state.items()
@@ -137,6 +142,16 @@ class Trainer:
                 save_weights(backbone, self.run_dir / "backbone.safetensors", {"stage": self.stage})
         self.last_saved = (path, self.step)
         return path
+
+    def _report_bad_images(self) -> None:
+        """``skipped N unreadable images of M``, summed over processes, for runs that read files."""
+        if not self.stream.reads_files:
+            return
+        counts = dist.all_reduce_(torch.tensor([self.stream.bad.bad, self.stream.bad.seen], device=self.device))
+        if dist.is_main():
+            n, m = (int(v) for v in counts.tolist())
+            print(f"mimco: skipped {n} unreadable images of {m} (each replaced by the next readable file)",
+                  file=sys.stderr, flush=True)
 
     def check_finite(self) -> None:
         bad = self.guard.bad_step()
@@ -146,14 +161,14 @@ class Trainer:
             raise MimcoError(f"loss became NaN/Inf at step {bad + 1}; stopped, {kept}; lower optim.base_lr or set "
                              "optim.clip_grad, then resume")
 
-    def _micro_step(self, views: list[torch.Tensor], sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_step(self, views: list[torch.Tensor], sync: bool, first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prec = self.cfg.train.precision
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext()
         dtype = torch.float16 if prec == "fp16" else torch.bfloat16
         with ctx:
             with torch.autocast(self.device.type, dtype=dtype, enabled=prec != "fp32"):
-                loss, logs = self.model(views, self.step)
+                loss, logs = self.model(views, self.step, first_index)
             self.scaler.scale(loss / self.accum).backward()
         return loss.detach(), logs
 
@@ -173,6 +188,10 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, desc=self.stage, disable=not (t.progress and dist.is_main()),
                    dynamic_ncols=True, leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         batches = self.stream(self.step)
+        spe = self.stream.steps_per_epoch
+        on_epoch_end = getattr(self.method, "on_epoch_end", None)
+        metrics: dict[str, Any] = {k: "" for k in getattr(self.method, "metric_keys", ())}
+        micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
         sums: dict[str, torch.Tensor] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
         last: dict[str, float] = {}
@@ -183,21 +202,24 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 chunks = list(zip(*[v.chunk(self.accum) for v in views]))
                 for i, chunk in enumerate(chunks):
-                    loss, logs = self._micro_step(list(chunk), sync=i == len(chunks) - 1)
+                    loss, logs = self._micro_step(list(chunk), i == len(chunks) - 1, first + i * micro)
                     self.guard.update(loss, self.step)
                     for k, v in {"loss": loss, **logs}.items():
-                        sums[k] = sums.get(k, 0.0) + v.float() / len(chunks)
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / len(chunks)
                 self._optimizer_step(params)
                 self.step += 1
                 n_logged += 1
                 seen += views[0].shape[0] * dist.world_size()
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == end:
+                epoch_end = on_epoch_end is not None and (self.step % spe == 0 or self.step == self.total_steps)
+                if epoch_end:  # every process evaluates its share
+                    metrics = {**metrics, **on_epoch_end(round(self.step / spe, 4))}
+                if self.step % t.log_every == 0 or self.step == end or epoch_end:
                     self.check_finite()
                     elapsed = time.perf_counter() - t0
-                    last = {k: float(dist.all_reduce_mean(v / n_logged)) for k, v in sums.items()}
-                    row = {"step": self.step, "epoch": round(self.step / self.stream.steps_per_epoch, 4),
-                           "lr": self.optimizer.param_groups[0]["lr"], **last,
+                    last = dist.mean_over_processes({k: v / n_logged for k, v in sums.items()}, self.device)
+                    row = {"step": self.step, "epoch": round(self.step / spe, 4),
+                           "lr": max(g["lr"] for g in self.optimizer.param_groups), **last, **metrics,
                            "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - start, 2)}
                     if self.log:
                         self.log.write(row)
@@ -207,11 +229,13 @@ class Trainer:
                 if (not dist.is_dist() or self.step % 10 == 0) and stop.agreed(self.device) and self.step < end:
                     stopped_by = stop.requested or "a signal on another process"
                     break
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < end:
+                if (epoch_end or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint()
             bar.close()
             path = self.checkpoint()
+        self._report_bad_images()
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
+               **{k: v for k, v in metrics.items() if v != ""},
                "train_seconds": round(time.perf_counter() - start, 1)}
         if stopped_by:
             out["stopped_by"] = stopped_by

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from mimco.config import DataConfig
 from mimco.data.build import ImageArray
@@ -12,16 +12,20 @@ from mimco.data.transforms import Normalize, image_eval
 from mimco.models.vit import encode
 
 
-def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device):
-    """Normalised, un-augmented (images (B, C, S, S) on ``device``, labels (B,)) over a whole split."""
+def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device,
+                 indices: torch.Tensor | None = None):
+    """Normalised, un-augmented (images (B, C, S, S) on ``device``, labels (B,)) over a whole split
+    (or the images at ``indices``, in that order). Unreadable files are left out."""
+    order = torch.arange(len(dataset)) if indices is None else indices
     if isinstance(dataset, ImageArray):
         norm = Normalize(data.mean, data.std, data.channels)
-        for i in range(0, len(dataset), batch_size):
-            idx = torch.arange(i, min(i + batch_size, len(dataset)))
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
             yield norm(dataset.batch(idx).to(device)), dataset.labels[idx]
     else:
         dataset.transform = image_eval(data)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_skip_bad)
+        part = dataset if indices is None else Subset(dataset, order.tolist())
+        loader = DataLoader(part, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_skip_bad)
         for batch, _ in loader:
             if batch is not None:
                 yield batch[0].to(device), batch[1]

@@ -1,14 +1,13 @@
 """Full fine-tuning with the MAE/BEiT recipe, built from timm's pieces: layer-wise lr decay,
 AdamW, per-iteration warm-up + cosine, RandAugment, mixup/cutmix with label smoothing, random
-erasing, drop path, mean-pooled patch tokens + fc_norm (or CLS). Evaluates every epoch; keeps
-``last.pt`` (resumable) and ``best.safetensors``."""
+erasing, drop path, mean-pooled patch tokens + fc_norm (or CLS). Runs as one more method of the
+shared training engine; evaluates every epoch; keeps ``last.pt`` (resumable) and ``best.safetensors``."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,15 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.utils.data import Dataset
 
-from mimco.config import FinetuneConfig, to_dict
-from mimco.data.build import ImageArray, load_dataset
-from mimco.data.files import collate_skip_bad
-from mimco.engine.checkpoint import atomic_save, save_weights
-from mimco.engine.optim import build_scheduler, scaled_lr
-from mimco.engine.trainer import CsvLog, rng_state, set_rng_state
+from mimco.config import FinetuneConfig
+from mimco.data.build import BatchStream, ImageArray, load_dataset
+from mimco.engine import distributed as dist
+from mimco.engine.checkpoint import save_weights
+from mimco.engine.rng import seed_process
+from mimco.engine.trainer import Trainer, accumulation
 from mimco.errors import MimcoError
 from mimco.eval.features import eval_batches
 from mimco.models.export import timm_kwargs
@@ -73,16 +72,29 @@ def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_deca
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, device: torch.device) -> dict[str, float]:
-    """Top-1 / top-5 (percent) on a labelled split."""
+def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, device: torch.device,
+                        batch_size: int = 256) -> dict[str, float]:
+    """Top-1 / top-5 (percent) on a labelled split. Distributed: each process scores every
+    world-th image and the counts are summed; every process runs the same number of forward
+    passes (FSDP's forward is a collective)."""
+    was = model.training
     model.eval()
-    correct1 = correct5 = total = 0
-    for x, y in eval_batches(dataset, cfg.data, 256, device):
-        top = model(x).topk(min(5, model.num_classes), dim=1).indices.cpu()
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(1).sum())
-        total += len(y)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+    r, w = dist.rank(), dist.world_size()
+    idx = torch.arange(r, len(dataset), w)
+    batches = dist.all_reduce_(torch.tensor(math.ceil(len(idx) / batch_size), device=device), "max")
+    counts = torch.zeros(3, device=device)  # correct top-1, correct top-5, images
+    done = 0
+    for x, y in eval_batches(dataset, cfg.data, batch_size, device, indices=idx):
+        top = model(x).topk(min(5, model.num_classes), dim=1).indices
+        y = y.to(device)
+        counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)]).float()
+        done += 1
+    x0 = torch.zeros(1, cfg.data.channels, cfg.data.img_size, cfg.data.img_size, device=device)
+    for _ in range(int(batches) - done):  # unreadable test files left this process short: keep in step
+        model(x0)
+    c1, c5, n = dist.all_reduce_(counts).tolist()
+    model.train(was)
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
 
 
 def _num_classes(train: Any) -> int:
@@ -91,89 +103,106 @@ def _num_classes(train: Any) -> int:
     return len(train.classes)
 
 
-def finetune(backbone: VisionTransformer, cfg: FinetuneConfig, run_dir: Path, device: torch.device,
-             resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune and evaluate every epoch; writes log.csv, last.pt, best.safetensors, summary.json."""
-    d, a, o = cfg.data, cfg.aug, cfg.optim
-    tf = create_transform(d.img_size, is_training=True, scale=(a.min_scale, 1.0), auto_augment=a.auto_augment or None,
-                          interpolation="bicubic", re_prob=a.reprob, re_mode="pixel", mean=tuple(d.mean[: d.channels]),
-                          std=tuple(d.std[: d.channels]), color_jitter=0.0 if a.auto_augment else 0.4)
-    if d.name in ("imagefolder",):
-        train = load_dataset(d, train=True, transform=tf)
-        train_ds: Dataset = train
-    elif d.name == "folder":
+class Finetune(nn.Module):
+    """Fine-tuning as a method of the shared training engine (:class:`~mimco.engine.trainer.Trainer`):
+    a timm classifier, mixup/cutmix, the (soft-target or label-smoothing) cross-entropy, layer-wise
+    lr decay groups, and an evaluation on the test split at the end of every epoch that keeps
+    ``best.safetensors``. The best top-1/top-5/epoch live in a buffer, so they resume with the model.
+    """
+
+    backbone_prefix = "model."
+    metric_keys = ("top1", "top5", "best_top1")
+
+    def __init__(self, model: VisionTransformer, cfg: FinetuneConfig, num_classes: int, test: Any, run_dir: Path) -> None:
+        super().__init__()
+        a = cfg.aug
+        self.model, self.cfg, self.test, self.run_dir = model, cfg, test, run_dir
+        mix = a.mixup > 0 or a.cutmix > 0
+        self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                           num_classes=num_classes) if mix else None
+        self.criterion = SoftTargetCrossEntropy() if mix else LabelSmoothingCrossEntropy(a.label_smoothing)
+        self.register_buffer("best", torch.tensor([-1.0, -1.0, 0.0]))  # top-1, top-5, epoch
+        self.total_steps = 1
+
+    def forward(self, views: list[torch.Tensor], step: int,
+                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """views: [images (B, C, S, S), labels (B,)] -> (loss, {})."""
+        x, y = views
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        return self.criterion(self.model(x), y), {}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        return layer_decay_groups(self.model, weight_decay, self.cfg.classifier.layer_decay)
+
+    def backbone(self) -> VisionTransformer:
+        return self.model
+
+    def on_epoch_end(self, epoch: float) -> dict[str, float]:
+        """Evaluate (every process), keep the best weights (rank 0 writes), print one line."""
+        device = self.best.device
+        m = evaluate_classifier(self.model, self.test, self.cfg, device)
+        if m["top1"] > float(self.best[0]):
+            self.best.copy_(torch.tensor([m["top1"], m["top5"], epoch], device=device))
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if dist.is_main():
+                save_weights(state, self.run_dir / "best.safetensors", {"epoch": f"{epoch:g}"})
+        if dist.is_main():
+            print(f"[finetune] epoch {epoch:g}: top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  "
+                  f"(best {float(self.best[0]):.2f})", file=sys.stderr, flush=True)
+        return {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "best_top1": round(float(self.best[0]), 2)}
+
+
+def train_transform(cfg: FinetuneConfig) -> Any:
+    """timm's training transform for fine-tuning (RandAugment, random erasing; per image)."""
+    d, a = cfg.data, cfg.aug
+    return create_transform(d.img_size, is_training=True, scale=(a.min_scale, 1.0), ratio=tuple(a.ratio),
+                            hflip=a.flip_prob, auto_augment=a.auto_augment or None, interpolation="bicubic",
+                            re_prob=a.reprob, re_mode="pixel", mean=tuple(d.mean[: d.channels]),
+                            std=tuple(d.std[: d.channels]), color_jitter=0.0 if a.auto_augment else a.color_jitter)
+
+
+def finetune_stream(cfg: FinetuneConfig, device: torch.device) -> tuple[BatchStream, Any, int]:
+    """(the training batches of this process, the test split, the number of classes)."""
+    d = cfg.data
+    if d.name == "folder":
         raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
+    if d.name == "imagefolder":
+        train = load_dataset(d, train=True, transform=train_transform(cfg))
+        train_ds: Dataset = train
     else:
         train = load_dataset(d, train=True)
-        train_ds = ArrayImages(train, tf)
+        train_ds = ArrayImages(train, train_transform(cfg))
     test = load_dataset(d, train=False)
     if test is None:
         raise MimcoError(f"{d.root} has no val/ split to evaluate on; lay the data out as train/ and val/ class folders")
-    num_classes = _num_classes(train)
-    model = build_classifier(backbone, num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate).to(device)
-    if len(train_ds) < o.batch_size:
-        raise MimcoError(f"optim.batch_size={o.batch_size} is larger than the dataset ({len(train_ds)} images); lower it")
-    steps_per_epoch = len(train_ds) // o.batch_size
-    epochs = max(1, int(math.ceil(o.epochs)))
-    total = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(layer_decay_groups(model, o.weight_decay, cfg.classifier.layer_decay), lr=scaled_lr(o),
-                            betas=tuple(o.betas))
-    sched = build_scheduler(opt, o, total, int(round(o.warmup_epochs * steps_per_epoch)))
-    mix = a.mixup > 0 or a.cutmix > 0
-    mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
-                  num_classes=num_classes) if mix else None
-    criterion = SoftTargetCrossEntropy() if mix else LabelSmoothingCrossEntropy(a.label_smoothing)
-    start_epoch, best = 0, {"top1": -1.0}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        start_epoch, best = int(resume["epoch"]), resume["best"]
-        set_rng_state(resume["rng"])
-    log = CsvLog(run_dir / "log.csv")
-    begin = time.perf_counter()
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_ds), generator=g)[: steps_per_epoch * o.batch_size].view(steps_per_epoch, -1)
-        loader = DataLoader(train_ds, batch_sampler=order.tolist(), num_workers=d.num_workers, collate_fn=collate_skip_bad)
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
-        bar = tqdm(loader, desc=f"finetune {epoch + 1}/{epochs}", disable=not cfg.train.progress, leave=False)
-        for i, (batch, _) in enumerate(bar):
-            if batch is None or len(batch[1]) % 2:
-                continue  # mixup pairs images: skip the rare odd batch left by unreadable files
-            x, y = batch[0].to(device), batch[1].to(device)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            sched.step_update(epoch * steps_per_epoch + i)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-                loss = criterion(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            opt.step()
-            loss_sum += loss.detach().float()
-            seen += len(x)
-        elapsed = time.perf_counter() - t0
-        metrics = evaluate_classifier(model, test, cfg, device)
-        if not math.isfinite(float(loss_sum)):
-            raise MimcoError(f"fine-tuning loss is not finite in epoch {epoch + 1}; lower optim.base_lr")
-        if metrics["top1"] > best["top1"]:
-            best = {**metrics, "epoch": epoch + 1}
-            save_weights(model.state_dict(), run_dir / "best.safetensors", {"epoch": str(epoch + 1)})
-        log.write({"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": opt.param_groups[-1]["lr"],
-                   "loss": float(loss_sum) / max(steps_per_epoch, 1), "top1": round(metrics["top1"], 2),
-                   "top5": round(metrics["top5"], 2), "best_top1": round(best["top1"], 2),
-                   "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - begin, 1)})
-        atomic_save({"stage": "finetune", "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "rng": rng_state(), "best": best, "config": to_dict(cfg)},
-                    run_dir / "last.pt")
-        print(f"[finetune] epoch {epoch + 1}/{epochs}: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
-              f"(best {best['top1']:.2f})", file=sys.stderr, flush=True)
-    summary = {"epochs": epochs, "top1": round(metrics.get("top1", best["top1"]), 2),
-               "top5": round(metrics.get("top5", best.get("top5", 0.0)), 2), "best_top1": round(best["top1"], 2),
-               "best_epoch": best.get("epoch"), "train_seconds": round(time.perf_counter() - begin, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    stream = BatchStream(train_ds, cfg.optim.batch_size, cfg.train.seed, device, None, d.num_workers,
+                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
+    return stream, test, _num_classes(train)
+
+
+def finetune(backbone: VisionTransformer, cfg: FinetuneConfig, run_dir: Path, device: torch.device,
+             resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune on the shared engine (DDP/FSDP under torchrun, bf16/fp16, accumulation, clean
+    SIGTERM stop, NaN stop, resume) and evaluate every epoch; writes log.csv, last.pt,
+    best.safetensors and (rank 0) summary.json."""
+    stream, test, num_classes = finetune_stream(cfg, device)
+    a = cfg.aug
+    micro = stream.local // accumulation(stream.local, cfg.optim.accum_steps, cfg.optim.micro_batch)
+    if (a.mixup > 0 or a.cutmix > 0) and micro % 2:
+        raise MimcoError(f"mixup/cutmix pair the images of a batch, but each process's micro-batch holds {micro}; "
+                         "use an even optim.batch_size per process, or aug.mixup=0 aug.cutmix=0")
+    model = build_classifier(backbone, num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate)
+    method = Finetune(model, cfg, num_classes, test, run_dir).to(device)
+    seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process augmentation, mixup and drop path
+    out = Trainer(method, cfg, stream, run_dir, "finetune", device, resume).fit()
+    best = method.best.tolist()
+    summary = {"epochs": round(out["step"] / stream.steps_per_epoch, 4), "top1": out.get("top1", round(best[0], 2)),
+               "top5": out.get("top5", round(best[1], 2)), "best_top1": round(best[0], 2),
+               "best_epoch": best[2], "step": out["step"], "total_steps": out["total_steps"],
+               "loss": out.get("loss"), "train_seconds": out["train_seconds"]}
+    if "stopped_by" in out:
+        summary["stopped_by"] = out["stopped_by"]
+    if dist.is_main():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

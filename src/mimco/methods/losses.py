@@ -1,27 +1,61 @@
 """Contrastive and regression losses, standalone and distributed-aware.
 
 Every InfoNCE here L2-normalises both sides, divides cosine similarities by a temperature and
-takes the cross-entropy with the positive's index.
+takes the cross-entropy with the positive's index. Every loss body runs in fp32 with autocast
+off (:func:`fp32`): under bf16 autocast a cosine moves in steps of ~0.004, coarser than the gap
+between a positive and a same-image hard negative.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimco.engine.distributed import gather_no_grad, rank
+from mimco.engine.distributed import gather_no_grad, rank, world_size
 from mimco.masking import gather_tokens, masked_indices
 
 
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def autocast_off(*tensors: Any) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled on the device of the first tensor given."""
+    dev = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    return torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda", "xpu") else contextlib.nullcontext()
+
+
+def fp32(fn: F_) -> F_:
+    """Run ``fn`` with autocast off and its floating-point tensor arguments in fp32 (the original
+    stays reachable as ``fn.__wrapped__``, for the precision benchmark)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        with autocast_off(*args):
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@fp32
+def contrastive_logits(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``normalize(q) @ normalize(k).T / T`` in fp32: query (M, D), keys (K, D) -> (M, K)."""
+    return F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+
+
+@fp32
 def info_nce(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Plain InfoNCE: ``CE(normalize(q) @ normalize(k).T / T, labels)``.
+    """Plain InfoNCE: ``CE(normalize(q) @ normalize(k).T / T, labels)``, in fp32.
 
     Args:
         query: (M, D); keys: (K, D); labels: (M,) index of each query's positive in ``keys``.
     """
-    logits = F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(contrastive_logits(query, keys, temperature), labels)
 
 
 class GlobalInfoNCE(nn.Module):
@@ -52,19 +86,24 @@ class PatchContrastiveLoss(nn.Module):
     same position and pushed from the negatives: the other patch tokens of the same image
     (``negatives="image"``) or every teacher patch token of the batch (``"batch"``).
     Negatives whose teacher cosine similarity to the positive exceeds ``neg_threshold``
-    are dropped (near-duplicates of the positive are false negatives).
+    are dropped (near-duplicates of the positive are false negatives). With ``"batch"``, at most
+    ``max_negatives`` tokens of the global batch (drawn at random each call, the same for every
+    query of this process; 0 = all) serve as negatives, which bounds the logits to
+    (B*M) x (max_negatives + 1).
     """
 
     def __init__(self, temperature: float = 0.2, negatives: str = "image", neg_threshold: float = 1.0,
-                 gather: bool = True) -> None:
+                 gather: bool = True, max_negatives: int = 0) -> None:
         super().__init__()
         if negatives not in ("image", "batch"):
             raise ValueError(f"unknown patch negatives '{negatives}'")
         self.temperature, self.negatives, self.neg_threshold = temperature, negatives, neg_threshold
-        self.gather = gather
+        self.gather, self.max_negatives = gather, max_negatives
 
+    @fp32
     def forward(self, pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """
+        """In fp32 with autocast off.
+
         Args:
             pred: (B, M, D) student predictions at the masked positions.
             target: (B, N, D) teacher patch tokens at every position.
@@ -74,10 +113,13 @@ class PatchContrastiveLoss(nn.Module):
             scalar, averaged over the B*M masked positions.
         """
         b, n, _ = target.shape
-        p = F.normalize(pred.float(), dim=-1)
-        t = F.normalize(target.float(), dim=-1)
+        p = F.normalize(pred, dim=-1)
+        t = F.normalize(target, dim=-1)
         pos_idx = masked_indices(positions, pred.shape[1]) if positions.dtype == torch.bool else positions
         threshold = self.neg_threshold < 1.0
+        pool = b * n * (world_size() if self.gather else 1)
+        if self.negatives == "batch" and 0 < self.max_negatives < pool:
+            return self._sampled(p, t, pos_idx, threshold)
         t_pos = gather_tokens(t, pos_idx) if threshold else None  # (B, M, D), only to find near-duplicates
         if self.negatives == "image":
             logits = p @ t.transpose(1, 2)  # (B, M, N)
@@ -95,10 +137,27 @@ class PatchContrastiveLoss(nn.Module):
             logits = logits.masked_fill(drop, float("-inf"))
         return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
 
+    def _sampled(self, p: torch.Tensor, t: torch.Tensor, pos_idx: torch.Tensor, threshold: bool) -> torch.Tensor:
+        """Batch negatives capped at ``max_negatives``: the positive's logit first, then the sampled
+        tokens (the positive itself masked out where it was drawn). p (B, M, D), t (B, N, D) normalised."""
+        b, n, d = t.shape
+        flat = gather_no_grad(t.reshape(b * n, d)) if self.gather else t.reshape(b * n, d)
+        offset = rank() * b * n if self.gather else 0
+        own = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + offset  # (B, M) index in flat
+        pick = torch.randperm(flat.shape[0], device=flat.device)[: self.max_negatives]  # (K,)
+        t_pos = gather_tokens(t, pos_idx)  # (B, M, D)
+        neg = flat[pick]  # (K, D)
+        drop = own.unsqueeze(-1) == pick  # (B, M, K): the positive drawn as a negative
+        if threshold:
+            drop |= (t_pos @ neg.T) > self.neg_threshold
+        logits = torch.cat([(p * t_pos).sum(-1, keepdim=True), (p @ neg.T).masked_fill(drop, float("-inf"))], dim=-1)
+        labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
 
+
+@fp32
 def regression_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Feature regression for the ablation: ``l1`` | ``smooth_l1`` | ``cosine`` (1 - cos), mean over tokens."""
-    pred, target = pred.float(), target.float()
+    """Feature regression for the ablation: ``l1`` | ``smooth_l1`` | ``cosine`` (1 - cos), mean over tokens (fp32)."""
     if kind == "l1":
         return F.l1_loss(pred, target)
     if kind == "smooth_l1":

@@ -8,7 +8,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import MimcoLossConfig
-from mimco.engine.distributed import rank, world_size
+from mimco.engine.distributed import rank
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.models.heads import mlp_head
@@ -40,9 +40,12 @@ class MimCo(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
-        self.patch_head = mlp_head(s_dim, loss.head_hidden_dim, t_dim)
-        self.image_head = mlp_head(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
-        self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold)
+        # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
+        self.patch_head = mlp_head(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
+        self.image_head = (mlp_head(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
+                           if loss.image_weight > 0 else None)
+        self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold,
+                                                    max_negatives=loss.patch_max_negatives)
         self.image_criterion = GlobalInfoNCE(loss.image_temperature)
 
     def train(self, mode: bool = True) -> "MimCo":
@@ -64,11 +67,12 @@ class MimCo(nn.Module):
                 image = self.teacher.head(image)
         return tokens[:, p:].clone(), image.clone()
 
-    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], step: int,
+                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """views: [x] (B, C, H, W), the same crop for teacher and student -> (loss, logs)."""
         (x,) = views
         b = x.shape[0]
-        mask = self.mask_generator(b, step, rank(), x.device, world_size())
+        mask = self.mask_generator(b, step, rank() * b if first_index is None else first_index, x.device)
         t_patch, t_image = self.teacher_targets(x)
         tokens = self.student(x, mask)
         p = self.student.num_prefix_tokens

@@ -48,8 +48,10 @@ class MoCoV3(nn.Module):
         torch._foreach_mul_(mom, m)
         torch._foreach_add_(mom, base, alpha=1.0 - m)
 
-    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """views: [x1, x2], each (B, C, H, W) -> (loss, logs)."""
+    def forward(self, views: list[torch.Tensor], step: int,
+                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """views: [x1, x2], each (B, C, H, W) -> (loss, logs). ``first_index`` (the micro-batch's
+        place in the global batch) is unused: MoCo draws no masks."""
         x1, x2 = views
         q1 = self.predictor(self.base_encoder(x1))
         q2 = self.predictor(self.base_encoder(x2))
@@ -61,7 +63,7 @@ class MoCoV3(nn.Module):
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
-        return loss, {"momentum": torch.tensor(m)}
+        return loss, {"momentum": loss.new_tensor(m)}
 
     def backbone(self) -> VisionTransformer:
         """The encoder used as the stage-1 model for evaluation (the momentum encoder)."""

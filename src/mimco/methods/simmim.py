@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.engine.distributed import rank, world_size
+from mimco.engine.distributed import rank
 from mimco.masking import MaskGenerator
 from mimco.models.student import MaskedViT
 
@@ -29,10 +29,11 @@ class SimMIM(nn.Module):
         self.patch_size = pe.patch_size[0]
         self.decoder = nn.Linear(student.backbone.embed_dim, self.patch_size**2 * pe.proj.in_channels)
 
-    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, views: list[torch.Tensor], step: int,
+                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """views: [x] (B, C, H, W) -> (mean L1 over masked pixels, logs)."""
         (x,) = views
-        mask = self.mask_generator(x.shape[0], step, rank(), x.device, world_size())
+        mask = self.mask_generator(x.shape[0], step, rank() * x.shape[0] if first_index is None else first_index, x.device)
         tokens = self.student(x, mask)[:, self.student.num_prefix_tokens :]
         err = (self.decoder(tokens) - patchify(x, self.patch_size)).abs().mean(-1)  # (B, N)
         w = mask.to(err.dtype)
