@@ -53,6 +53,8 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     pos_embed: str = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
     freeze_patch_embed: bool = False  # MoCo v3's frozen random patch projection
+    init: str = "timm"  # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch
+    #                     projection with zero bias; the stage-1 default)
 
 
 @dataclass
@@ -169,7 +171,7 @@ class TeacherConfig:
     """Stage 1 (``mimco teacher``): MoCo v3."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(init="mocov3"))
     aug: ContrastiveAugConfig = field(default_factory=ContrastiveAugConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(
@@ -406,17 +408,27 @@ FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "dat
 
 
 def check_resume(saved: dict, cfg: Any) -> None:
-    """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict)."""
+    """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict; keys
+    it does not have, from an older mimco, are not compared)."""
     new = to_dict(cfg)
+
+    def leaves(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for name, sub in d.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
+
     for key in FIXED_ON_RESUME:
         a, b = saved, new
         for part in key.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
-        if a is not None and b is not None and a != b:
-            raise MimcoError(f"{key} cannot change on resume (the checkpoint has {a!r}, now {b!r}): the data order, "
-                             "the step count or the saved state depend on it; drop the override, or start a new run "
-                             "with another train.name")
+        old_leaves, new_leaves = leaves(a, key), leaves(b, key)
+        for k in old_leaves.keys() & new_leaves.keys():
+            x, y = old_leaves[k], new_leaves[k]
+            if x is not None and y is not None and x != y:
+                raise MimcoError(f"{k} cannot change on resume (the checkpoint has {x!r}, now {y!r}): the data order, "
+                                 "the step count or the saved state depend on it; drop the override, or start a new "
+                                 "run with another train.name")
     for key in ("patch_weight", "image_weight"):
         a, b = saved.get("loss", {}).get(key), new.get("loss", {}).get(key)
         if a is not None and b is not None and (a > 0) != (b > 0):

@@ -83,3 +83,42 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
     assert code == 2 and "no CUDA device" in err
     code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", "train.precision=fp16", f"train.out_dir={tmp_path}")
     assert code == 2 and "fp16 needs a CUDA device" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.batch_size=0", "optim.batch_size=0 is out of range"),
+    ("optim.batch_size=-4", "optim.batch_size=-4 is out of range"),
+    ("optim.epochs=-1", "optim.epochs=-1.0 is out of range"),
+    ("optim.epochs=0", "optim.epochs=0.0 is out of range"),
+    ("train.log_every=0", "train.log_every=0 is out of range"),
+    ("moco.temperature=0", "moco.temperature=0.0 is out of range"),
+])
+def test_out_of_range_values(tmp_path, capsys, override, message):
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", override, f"train.out_dir={tmp_path}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_out_of_range_in_stage_two_and_finetune(tmp_path, capsys, teacher_ckpt):
+    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", f"teacher.checkpoint={teacher_ckpt}",
+                        "loss.patch_weight=0", "loss.image_weight=0", f"train.out_dir={tmp_path}")
+    assert code == 2 and "nothing to learn" in err
+    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", f"teacher.checkpoint={teacher_ckpt}",
+                        "mask.ratio=1.5", f"train.out_dir={tmp_path}")
+    assert code == 2 and "mask.ratio=1.5" in err
+    code, err = run_cli(capsys, "finetune", teacher_ckpt, "data.name=procedural", "data.img_size=16",
+                        "optim.batch_size=0", f"train.out_dir={tmp_path}")
+    assert code == 2 and "optim.batch_size=0 is out of range" in err
+
+
+@pytest.mark.parametrize("command", ["teacher-resume", "pretrain-teacher", "eval", "inspect", "finetune"])
+def test_a_text_file_as_checkpoint(tmp_path, capsys, command):
+    text = tmp_path / "text.pt"
+    text.write_text("epoch 1: loss 0.5\n")
+    args = {"teacher-resume": ["teacher", "--resume", text],
+            "pretrain-teacher": ["pretrain", *COMMON, "data.name=procedural", f"teacher.checkpoint={text}"],
+            "eval": ["eval", text], "inspect": ["inspect", text], "finetune": ["finetune", text, "data.name=procedural"]}
+    code, err = run_cli(capsys, *args[command])
+    assert code == 2 and f"cannot read checkpoint {text}: it is not a PyTorch checkpoint" in err, err
+    assert len(err.strip().splitlines()) == 1 and "101" not in err

@@ -67,3 +67,78 @@ def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy):
     r = _run([sys.executable, "-m", "mimco", "teacher", "--resume", str(tmp_path / "m" / "last.pt"), "optim.micro_batch=16"])
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["step"] == out["total_steps"] == 8
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_fsdp_run_evaluates_at_the_end(tmp_path, teacher_ckpt):
+    """After an FSDP run rank 0 evaluates an unsharded copy (the live model is sharded)."""
+    args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64", "train.max_steps=0",
+            "optim.epochs=0.5", "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}",
+            "eval.at_end=true", "eval.knn_k=5"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=fsdp", "train.strategy=fsdp"])
+    _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "single"))
+    assert a["step"] == b["step"] == 4 and abs(a["knn_top1"] - b["knn_top1"]) <= 1.0
+
+
+@pytest.mark.parametrize("weights", [["loss.image_weight=0"], ["loss.patch_weight=0"]])
+def test_a_zero_weight_loss_runs_under_ddp(tmp_path, teacher_ckpt, weights):
+    """DDP refuses parameters that never get a gradient: a head whose loss weighs 0 is not built."""
+    args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64", "train.max_steps=3",
+            "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}", "train.name=z", *weights]
+    _run([*TORCHRUN, "-m", "mimco", *args])
+    assert load_checkpoint(tmp_path / "z" / "last.pt")["step"] == 3
+
+
+def test_resume_gives_each_rank_its_own_random_state(tmp_path):
+    """MoCo's views are drawn on each process from its own generator. Stopped and resumed on 2
+    processes, the run must equal the uninterrupted one: each rank gets its own state back."""
+    args = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1",
+            "model.drop_path_rate=0.1", f"train.out_dir={tmp_path}"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=full"])
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=cut", "train.max_steps=4"])
+    _run([*TORCHRUN, "-m", "mimco", "teacher", "--resume", str(tmp_path / "cut" / "last.pt")])
+    rng = load_checkpoint(tmp_path / "cut" / "last.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
+    """A zero-byte file in an image folder: on 2 processes the gathers need equal batches; the file
+    is replaced by the next readable one and the run reports the count once at its end."""
+    from tests.cli.test_bad_inputs import _messy_folder
+
+    _messy_folder(tmp_path / "imgs")
+    r = _run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32",
+              "data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.img_size=16", "data.num_workers=0",
+              "optim.batch_size=8", "optim.epochs=2", "data.max_bad_fraction=0.2", "train.threads=1",
+              f"train.out_dir={tmp_path}", "train.name=m"])
+    assert load_checkpoint(tmp_path / "m" / "last.pt")["step"] == 6
+    lines = [ln for ln in r.stderr.splitlines() if "unreadable" in ln]
+    assert len(lines) == 1 and lines[0].startswith("mimco: skipped ") and " unreadable images of 50 " in lines[0]  # 48 served + the 2 it met, r.stderr
+    assert "Warning" not in r.stderr
+
+
+def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
+    """Fine-tuning on the shared engine: 2 processes, each on its half of every batch, give the
+    single process's weights (deterministic augmentation; DDP averages the gradients)."""
+    det = ["aug.auto_augment=", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "aug.label_smoothing=0",
+           "aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0", "aug.color_jitter=0",
+           "classifier.drop_path_rate=0"]
+    args = ["finetune", str(teacher_ckpt), *TINY_DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=1",
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", "train.progress=false", "train.threads=1", "train.log_every=1",
+            f"train.out_dir={tmp_path}", *det]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp"])
+    _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
+    for (_, a), (_, b) in zip(_losses(tmp_path / "ddp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")):
+        assert abs(a - b) < 1e-5
+    wa, wb = _weights(tmp_path / "ddp" / "last.pt"), _weights(tmp_path / "single" / "last.pt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ddp", "single"))
+    assert a["top1"] == b["top1"] and a["step"] == 8

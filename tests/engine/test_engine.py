@@ -131,3 +131,57 @@ def test_bf16_accumulation_and_clipping(tmp_path, monkeypatch):
                                                                     "optim.clip_grad=1.0", "train.max_steps=3")))
     assert out["step"] == 3 and torch.isfinite(torch.tensor(out["loss"]))
     assert calls == [16] * 6  # 3 steps x 2 micro-batches of 32 / 2
+
+
+def _lrs(path):
+    import csv
+
+    with open(path) as f:
+        return {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path, capsys):
+    """``--resume last.pt optim.epochs=4`` after a 2-epoch run: the new steps follow a 4-epoch
+    schedule (a restored timm scheduler state would keep the old length and train them at lr 0)."""
+    from mimco.cli.main import main
+
+    short = tiny_teacher_cfg(tmp_path, "short", ("train.log_every=1", "optim.epochs=2"))
+    run_stage("teacher", short)
+    code = main(["teacher", "--resume", str(tmp_path / "short" / "last.pt"), "optim.epochs=4"])
+    assert code == 0, capsys.readouterr().err
+    run_stage("teacher", tiny_teacher_cfg(tmp_path, "long", ("train.log_every=1", "optim.epochs=4")))
+    resumed, fresh = _lrs(tmp_path / "short" / "log.csv"), _lrs(tmp_path / "long" / "log.csv")
+    assert sorted(resumed) == list(range(1, 33))
+    for step in range(17, 33):
+        assert resumed[step] == pytest.approx(fresh[step], rel=1e-6), step
+    assert resumed[17] > 0.4 * 1.25e-4  # the 3rd epoch trains (peak lr 1e-3 * 32 / 256; a stale schedule gives 0)
+
+
+def test_resume_refuses_what_it_cannot_honour(tmp_path, capsys):
+    from mimco.cli.main import main
+
+    run_stage("teacher", tiny_teacher_cfg(tmp_path, "r", ("optim.epochs=2",)))
+    last = str(tmp_path / "r" / "last.pt")
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    for override, message in (("optim.batch_size=64", "optim.batch_size cannot change on resume (the checkpoint has 32, now 64)"),
+                              ("model.depth=3", "model.depth cannot change on resume (the checkpoint has 2, now 3)"),
+                              ("optim.epochs=1", "the checkpoint is at step 16 but optim.epochs=1.0 ends at step 8")):
+        assert main(["teacher", "--resume", last, override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before  # nothing written over
+
+
+def test_accumulation_gives_the_whole_batch_gradient(tmp_path, capsys):
+    """SimMIM has no BatchNorm and no negatives: 2 micro-batches must give the gradient of the whole
+    batch, so the weights match a run without accumulation (each micro-batch has its own masks:
+    one mask reused for both would differ). The run says at start-up what accumulation changes."""
+    cfgs = {n: tiny_pretrain_cfg(tmp_path, "unused", n, ("method=simmim", "train.max_steps=3", *extra))
+            for n, extra in (("whole", ()), ("accum", ("optim.accum_steps=2",)))}
+    for cfg in cfgs.values():
+        run_stage("pretrain", cfg)
+    err = capsys.readouterr().err
+    assert "gradient accumulation over 2 micro-batches of 16 per process: contrastive negatives and BatchNorm" in err
+    a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(tmp_path / "accum" / "last.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-6), k

@@ -101,3 +101,22 @@ def test_plots_are_real_pngs(tmp_path, capsys, teacher_ckpt):
         with Image.open(tmp_path / name) as im:
             im.load()
             assert im.format == "PNG" and im.width >= min_w and im.height >= 300, name
+
+
+def test_finetune_ranks_take_disjoint_shares(monkeypatch):
+    """Each process trains on its own share: in an epoch, the ranks' samples are disjoint and
+    together cover the epoch (N full copies would also equal one process, so check the indices)."""
+    from mimco.config import FinetuneConfig, load_config
+    from mimco.engine import distributed as dist
+    from mimco.eval.finetune import finetune_stream
+
+    cfg = load_config(FinetuneConfig, None, [*DATA, "optim.batch_size=32", "data.num_workers=0"])
+    shares = []
+    for r in range(2):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        monkeypatch.setattr(dist, "world_size", lambda: 2)
+        stream, _, _ = finetune_stream(cfg, torch.device("cpu"))
+        assert stream.local == 16 and stream.labels
+        shares.append(stream._local_indices(epoch=0, first=0).flatten().tolist())
+    assert not set(shares[0]) & set(shares[1])
+    assert len(set(shares[0]) | set(shares[1])) == stream.steps_per_epoch * 32 == 256

@@ -69,3 +69,59 @@ def test_regression_losses():
     assert regression_loss("cosine", a, a * 3).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError):
         regression_loss("l3", a, b)
+
+
+def _f64_patch_loss(pred, target, idx, t):
+    """Same-image patch InfoNCE in fp64, vectorised (the reference for the precision test)."""
+    p, k = F.normalize(pred.double(), dim=-1), F.normalize(target.double(), dim=-1)
+    logits = p @ k.transpose(1, 2) / t
+    return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+
+
+def test_loss_bodies_run_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast a cosine moves in steps of ~0.004; hard negatives sit 0.002-0.05 from
+    the positive. The loss bodies must ignore autocast: their value under it equals fp64 to fp32
+    accuracy (bf16 logits are off by ~1e-2)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 1, 64, generator=g)
+    target = base + 0.02 * torch.randn(4, 16, 64, generator=g)  # near-duplicate tokens: the hard case
+    pred = (target[:, :8] + 0.01 * torch.randn(4, 8, 64, generator=g)).requires_grad_()
+    idx = torch.arange(8).expand(4, 8)
+    q, k = torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        patch = PatchContrastiveLoss(0.2)(pred, target, idx)
+        image = info_nce(q, k, torch.arange(32), 0.2)
+        reg = regression_loss("cosine", pred, target[:, :8])
+    assert patch.dtype == image.dtype == reg.dtype == torch.float32
+    assert abs(patch.item() - _f64_patch_loss(pred, target, idx, 0.2).item()) < 1e-4
+    want = F.cross_entropy(F.normalize(q.double(), dim=-1) @ F.normalize(k.double(), dim=-1).T / 0.2, torch.arange(32))
+    assert abs(image.item() - want.item()) < 1e-5
+    cos = F.cosine_similarity(pred.double(), target[:, :8].double(), dim=-1)
+    assert abs(reg.item() - (1 - cos).mean().item()) < 1e-6
+
+
+def test_batch_negatives_capped_and_sampled():
+    """``max_negatives`` below the pool: the logits are (B*M, K + 1) with the positive first, the
+    negatives are K distinct tokens of the batch drawn with the torch RNG, and a drawn positive is
+    masked out; at or above the pool nothing changes."""
+    g = torch.Generator().manual_seed(1)
+    b, n, m, d, k = 3, 8, 4, 16, 10
+    target, pred = torch.randn(b, n, d, generator=g), torch.randn(b, m, d, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(b)])
+    full = PatchContrastiveLoss(0.3, "batch", gather=False)(pred, target, idx)
+    assert PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=b * n)(pred, target, idx) == full
+    torch.manual_seed(5)
+    got = PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=k)(pred, target, idx)
+    torch.manual_seed(5)
+    pick = torch.randperm(b * n)[:k]
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    losses = []
+    for i in range(b):
+        for j in range(m):
+            own = i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            negs = [flat[c] for c in pick.tolist() if c != own]
+            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
+            losses.append(-torch.log_softmax(logits, 0)[0])
+    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert got.item() < full.item()  # fewer negatives: an easier task

@@ -55,3 +55,32 @@ def test_student_backbone_is_plain_timm():
     x = torch.randn(2, 3, 16, 16)
     student.eval(), ref.eval()
     assert torch.allclose(student(x)[:, 0], ref(x), atol=1e-6)
+
+
+def test_mocov3_init_matches_the_official_bounds():
+    """MoCo v3's vits.py: xavier-uniform Linear layers with zero bias, q/k/v initialised as three
+    D x D matrices, the patch projection xavier-uniform over (C x p x p) -> D with zero bias, CLS
+    normal(1e-6). Checked against those bounds (uniform samples fill their range)."""
+    import math
+
+    from mimco.config import ModelConfig
+    from mimco.models.vit import create_vit
+
+    torch.manual_seed(0)
+    d, c, p = 64, 3, 4
+    vit = create_vit(ModelConfig(patch_size=p, embed_dim=d, depth=2, num_heads=2, init="mocov3"), 16, c)
+    qkv, fc1 = vit.blocks[0].attn.qkv.weight, vit.blocks[0].mlp.fc1.weight
+    for w, bound in ((qkv, math.sqrt(6 / (d + d))), (fc1, math.sqrt(6 / (d + 4 * d))),
+                     (vit.patch_embed.proj.weight, math.sqrt(6 / (c * p * p + d)))):
+        assert w.abs().max() <= bound and w.abs().max() > 0.97 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # uniform(-a, a) has std a / sqrt(3)
+    assert vit.blocks[0].attn.qkv.bias.abs().max() == 0 and vit.patch_embed.proj.bias.abs().max() == 0
+    assert vit.cls_token.abs().max() < 1e-5
+    timm_init = create_vit(ModelConfig(patch_size=p, embed_dim=d, depth=2, num_heads=2), 16, c)
+    assert timm_init.blocks[0].attn.qkv.weight.std() < 0.025  # timm: trunc-normal 0.02
+
+
+def test_stage_one_defaults_to_mocov3_init():
+    from mimco.config import PretrainConfig, TeacherConfig
+
+    assert TeacherConfig().model.init == "mocov3" and PretrainConfig().model.init == "timm"

@@ -3,7 +3,10 @@ patch projection as options."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
@@ -40,6 +43,17 @@ def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 
     return torch.cat([torch.zeros(1, dim), table], dim=0)[None]
 
 
+def mocov3_patch_init(model: VisionTransformer) -> None:
+    """MoCo v3's patch projection: xavier-uniform over the unrolled (channels x p x p) -> D map, zero
+    bias (timm's ``weight_init="moco"`` does the Linear layers, q/k/v apart, and the CLS token)."""
+    proj = model.patch_embed.proj
+    fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    val = math.sqrt(6.0 / float(fan_in + proj.out_channels))
+    with torch.no_grad():
+        nn.init.uniform_(proj.weight, -val, val)
+        nn.init.zeros_(proj.bias)
+
+
 def resolve_arch(cfg: ModelConfig) -> tuple[int, int, int]:
     """(embed_dim, depth, num_heads) from the preset, with explicit non-zero fields winning."""
     if cfg.arch not in PRESETS:
@@ -58,11 +72,15 @@ def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTran
         raise MimcoError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     if cfg.pos_embed not in ("learned", "sincos"):
         raise MimcoError(f"unknown model.pos_embed '{cfg.pos_embed}'; choose learned or sincos")
+    if cfg.init not in ("timm", "mocov3"):
+        raise MimcoError(f"unknown model.init '{cfg.init}'; choose timm or mocov3")
     model = VisionTransformer(
         img_size=img_size, patch_size=cfg.patch_size, in_chans=in_chans, num_classes=0, global_pool="token",
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-        drop_path_rate=cfg.drop_path_rate,
+        drop_path_rate=cfg.drop_path_rate, weight_init="moco" if cfg.init == "mocov3" else "",
     )
+    if cfg.init == "mocov3":
+        mocov3_patch_init(model)
     if cfg.pos_embed == "sincos":
         with torch.no_grad():
             model.pos_embed.copy_(sincos_pos_embed(model.patch_embed.grid_size, dim))

@@ -1,0 +1,66 @@
+"""The class of failure NCCL shows and gloo forgives: a collective handed a tensor that is not on
+the process group's device. A mocked NCCL backend makes the CPU suite see it."""
+
+import pytest
+import torch
+
+from mimco.config import MimcoLossConfig, ModelConfig
+from mimco.engine import distributed as dist
+from mimco.masking import MaskGenerator
+from mimco.methods import MimCo, MoCoV3
+from mimco.methods.simmim import SimMIM
+from mimco.models import MaskedViT, create_vit
+
+TINY = ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture
+def nccl(monkeypatch):
+    """A 2-process NCCL group as far as mimco can tell; the collectives record what they get."""
+    seen = []
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "backend", lambda: "nccl")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: seen.append(("all_reduce", t.device.type)))
+    monkeypatch.setattr(torch.distributed, "all_gather", lambda out, t: seen.append(("all_gather", t.device.type)))
+    return seen
+
+
+def test_collectives_refuse_cpu_tensors_under_nccl(nccl):
+    for call in (lambda: dist.all_reduce_mean(torch.ones(2)), lambda: dist.gather_no_grad(torch.ones(2, 3)),
+                 lambda: dist.all_reduce_(torch.ones(1), "max"),
+                 lambda: dist.mean_over_processes({"momentum": torch.tensor(0.99)}, torch.device("cpu"))):
+        with pytest.raises(RuntimeError, match="NCCL takes CUDA tensors only"):
+            call()
+    assert nccl == []  # refused before the backend saw anything
+
+
+def test_gloo_takes_cpu_tensors(monkeypatch):
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.mul_(2))  # the other process: same values
+    assert dist.mean_over_processes({"a": torch.tensor(1.5), "b": torch.tensor([2.0])}, torch.device("cpu")) == {"a": 1.5, "b": 2.0}
+
+
+def _methods():
+    moco = MoCoV3(create_vit(TINY, 16), 32, 64)
+    moco.total_steps = 10
+    mimco = MimCo(MaskedViT(create_vit(TINY, 16)), create_vit(TINY, 16), MimcoLossConfig(head_hidden_dim=32),
+                  MaskGenerator("random", 0.5, (4, 4), seed=0))
+    simmim = SimMIM(MaskedViT(create_vit(TINY, 16)), MaskGenerator("random", 0.5, (4, 4), seed=0))
+    return {"moco": (moco, 2), "mimco": (mimco, 1), "simmim": (simmim, 1)}
+
+
+@pytest.mark.parametrize("name", ["moco", "mimco", "simmim"])
+def test_logged_values_live_on_the_loss_device(name):
+    """Run each method on the meta device (a stand-in for CUDA): every logged value must be on
+    the loss's device, where the trainer's one all-reduce of the log row takes it."""
+    method, n_views = _methods()[name]
+    method = method.to("meta")
+    views = [torch.empty(4, 3, 16, 16, device="meta") for _ in range(n_views)]
+    loss, logs = method(views, 3, 0)
+    assert loss.device.type == "meta"
+    for k, v in logs.items():
+        assert v.device == loss.device, f"{name} logs '{k}' on {v.device}, its loss is on {loss.device}"
