@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# MimCo step throughput, peak memory and MFU on one NVIDIA GPU (ViT-S/16, 224 px, bf16, batch 256).
-#   bash benchmarks/gpu_check.sh           # under 5 minutes on an H100
-#   bash benchmarks/gpu_check.sh --tiny    # a seconds-long version that runs on a CPU
+# Every GPU-only path of mimco (NCCL, bf16, fp16 + scaler, FSDP, resume, fine-tuning) with PASS/FAIL,
+# then the MimCo ViT-S/16 step rate and MFU. One call, 8 minutes at most on one GPU.
+#   bash benchmarks/gpu_check.sh          # on the GPU machine (every visible GPU)
+#   bash benchmarks/gpu_check.sh --cpu    # the same paths on the CPU with 2 gloo processes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -151,6 +151,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
+    init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
+    #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it
     threads: int = 0  # torch CPU threads, 0 = torch's default
     log_every: int = 20  # steps between CSV rows
     ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end

@@ -48,7 +48,7 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
-    dist.init_from_env(device)
+    dist.init_from_env(device, t.init_distributed)
     torch.manual_seed(t.seed)  # the same on every process: models start identical (FSDP shards local weights)
     return device
 
@@ -148,7 +148,7 @@ def final_backbone(method: torch.nn.Module, cfg: TeacherConfig | PretrainConfig,
     """The trained backbone for rank 0 to evaluate alone. Under FSDP the live one is sharded
     (its forward needs every process), so an unsharded copy is read back from the run's
     ``last.pt``; otherwise the live module."""
-    if cfg.train.strategy == "fsdp" and dist.world_size() > 1:
+    if cfg.train.strategy == "fsdp" and dist.is_dist():
         model, _ = load_backbone(run_dir / "last.pt", "momentum")
         return model.to(device)
     return method.backbone()

@@ -24,9 +24,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+def init_from_env(device: torch.device, always: bool = False) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1, or ``always`` with the
+    variables torchrun sets): NCCL on CUDA, gloo on the CPU."""
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or (always and launched)) and not is_dist():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 

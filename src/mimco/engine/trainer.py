@@ -89,7 +89,7 @@ class Trainer:
                     m.set_grad_checkpointing(True)
         if t.strategy not in ("ddp", "fsdp"):
             raise MimcoError(f"unknown train.strategy '{t.strategy}'; choose ddp or fsdp")
-        fsdp = t.strategy == "fsdp" and dist.world_size() > 1
+        fsdp = t.strategy == "fsdp" and dist.is_dist()
         if dist.world_size() > 1 and device.type == "cuda":  # SyncBatchNorm only runs on GPUs
             method = self.method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         if fsdp:
