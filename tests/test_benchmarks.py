@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a toy size (their figures are not judged here)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,7 +87,8 @@ def test_every_preset_builds_valid_configs():
         teacher = load_config(TeacherConfig, None, [*base, *p["teacher"]])
         for row, (over, _) in STUDENT_ROWS.items():
             student = load_config(PretrainConfig, None, [*base, *p["student"], *over])
-            assert student.model == teacher.model, (name, row)
+            # the same backbone; only the initialisation differs (MoCo v3's in stage 1, timm's in stage 2)
+            assert dataclasses.replace(student.model, init=teacher.model.init) == teacher.model, (name, row)
         fcfg, key = _finetune_config(p, Path("/tmp/x"))
         assert fcfg.data == teacher.data.__class__(**{**vars(teacher.data), "on_device": fcfg.data.on_device,
                                                      "num_workers": fcfg.data.num_workers}), name
@@ -120,3 +122,12 @@ def test_reproduce_on_an_imagefolder_by_overrides_alone(tmp_path):
     assert "imagefolder 16px" in table and "| MimCo (patch + image) | 1 |" in table and "| raw pixels | 1 |" in table
     assert (out / "tsne.png").is_file()
     assert yaml.safe_load((out / "runs" / "mimco-s0" / "config.yaml").read_text())["data"]["name"] == "imagefolder"
+
+
+def test_loss_precision_table():
+    r = subprocess.run([sys.executable, "benchmarks/loss_precision.py"], capture_output=True, text=True, env=ENV,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {ln.split("|")[1].strip(): ln.split("|") for ln in r.stdout.splitlines() if ln.startswith("| ") and "e-" in ln}
+    assert set(rows) == {"autocast (before)", "fp32 (now)"}
+    assert rows["fp32 (now)"][2].strip() == "float32" and float(rows["fp32 (now)"][3]) < float(rows["autocast (before)"][3])

@@ -30,12 +30,13 @@ def autocast_off(*tensors: Any) -> contextlib.AbstractContextManager:
 
 
 def fp32(fn: F_) -> F_:
-    """Run ``fn`` with autocast off and its floating-point tensor arguments in fp32 (the original
-    stays reachable as ``fn.__wrapped__``, for the precision benchmark)."""
+    """Run ``fn`` with autocast off and its half-precision tensor arguments cast to fp32 (fp64 stays
+    fp64; the original stays reachable as ``fn.__wrapped__``, for the precision benchmark)."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
+                     for a in args)
         with autocast_off(*args):
             return fn(*args, **kwargs)
 
