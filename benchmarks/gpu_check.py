@@ -8,7 +8,7 @@ collectives (gathers of keys and tokens, the log row's all-reduce, the stop flag
 RNG state) really run. Paths: stage 1 (MoCo v3) in bf16 with evaluation; stage 2 (MimCo) in bf16
 with capped batch negatives and the projector target; fp16 with the gradient scaler (GPU only);
 FSDP with the end-of-run evaluation; block masks with gradient accumulation; a resume with a longer
-schedule; fine-tuning on the shared engine; then a ViT-S/16 MimCo step at 224 px in bf16 (batch
+schedule; fine-tuning on the shared engine, with DDP and with FSDP; then a ViT-S/16 MimCo step at 224 px in bf16 (batch
 256; ``--cpu``: a tiny one) with images/s, peak memory and MFU against a measured bf16 matmul rate.
 Exits 1 when any path fails.
 """
@@ -71,6 +71,8 @@ def main() -> int:
     base = [*common, *model, device, "train.progress=false", "train.log_every=5", "train.init_distributed=true",
             "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=5e-4", f"train.out_dir={out}"]
     head = ["moco.mlp_dim=64", "moco.proj_dim=32"] if a.cpu else ["moco.mlp_dim=1024", "moco.proj_dim=256"]
+    tune = [*common, device, "train.progress=false", "train.init_distributed=true", "optim.epochs=2",
+            f"train.out_dir={out}", "aug.auto_augment="]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "mimco"]
     bf16 = "train.precision=bf16"
     teacher = out / "teacher" / "last.pt"
@@ -90,9 +92,10 @@ def main() -> int:
         ("resume: stopped, resumed with a longer schedule",
          [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
           ["pretrain", "--resume", str(out / "mimco-resume" / "last.pt"), "optim.epochs=3"]], "mimco-resume", 3 * spe),
-        ("finetune: shared engine, bf16, mixup", [["finetune", str(teacher), *common, device, bf16, "train.progress=false",
-                                                   "train.init_distributed=true", "optim.epochs=2", f"train.out_dir={out}",
-                                                   "aug.auto_augment=", "train.name=finetune"]], "finetune", 2 * spe),
+        ("finetune: shared engine, bf16, mixup", [["finetune", str(teacher), *tune, bf16, "train.name=finetune"]],
+         "finetune", 2 * spe),
+        ("finetune: FSDP", [["finetune", str(teacher), *tune, bf16, "train.strategy=fsdp", "train.name=finetune-fsdp"]],
+         "finetune-fsdp", 2 * spe),
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if a.cpu else "4")}
@@ -117,7 +120,7 @@ def main() -> int:
         if not why:
             got = last_step(run) if (run / "last.pt").is_file() else -1
             why = "" if got == steps else f"ended at step {got}, expected {steps}"
-        if not why and folder != "finetune" and not finite_log(run):
+        if not why and not folder.startswith("finetune") and not finite_log(run):
             why = "a non-finite loss in log.csv"
         if not why and "eval at end" in name and "knn_top1" not in json.loads((run / "summary.json").read_text()):
             why = "no k-NN result in summary.json"

@@ -31,10 +31,11 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["paths"]) == 7 and list(out["paths"].values()).count("PASS") == 6
+    assert len(out["paths"]) == 8 and list(out["paths"].values()).count("PASS") == 7
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
-    assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "MFU" in r.stdout
+    assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "| finetune: FSDP | PASS |" in r.stdout
+    assert "MFU" in r.stdout
 
 
 def test_reproduce_smoke_runs_and_resumes(tmp_path):

@@ -8,7 +8,8 @@ values, so masked tokens can be gathered into a dense (B, M, D) tensor.
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,17 +41,27 @@ def random_mask(
     Returns:
         bool tensor (B, H*W).
     """
+    hc, wc = _unit_grid(grid_size, mask_unit)
+    out = _lowest_units(torch.rand(batch_size, hc * wc, generator=generator), grid_size, ratio, mask_unit)
+    return out.to(device) if device is not None else out
+
+
+def _unit_grid(grid_size: tuple[int, int], mask_unit: int) -> tuple[int, int]:
     h, w = grid_size
     if h % mask_unit or w % mask_unit:
         raise ValueError(f"patch grid {h}x{w} is not divisible by the mask unit {mask_unit}")
-    hc, wc = h // mask_unit, w // mask_unit
-    count = num_masked(hc * wc, ratio)
-    noise = torch.rand(batch_size, hc * wc, generator=generator)
-    ids = noise.argsort(dim=1)[:, :count]
-    cells = torch.zeros(batch_size, hc * wc, dtype=torch.bool)
-    cells.scatter_(1, ids, True)
-    cells = cells.view(batch_size, hc, 1, wc, 1).expand(batch_size, hc, mask_unit, wc, mask_unit)
-    return cells.reshape(batch_size, h * w).to(device) if device is not None else cells.reshape(batch_size, h * w)
+    return h // mask_unit, w // mask_unit
+
+
+def _lowest_units(noise: torch.Tensor, grid_size: tuple[int, int], ratio: float, mask_unit: int) -> torch.Tensor:
+    """Hide the ``num_masked`` units of lowest noise: noise (B, units) -> bool (B, H*W), each unit
+    expanded to ``mask_unit`` x ``mask_unit`` patches."""
+    b = noise.shape[0]
+    hc, wc = _unit_grid(grid_size, mask_unit)
+    cells = torch.zeros(b, hc * wc, dtype=torch.bool)
+    cells.scatter_(1, noise.argsort(dim=1)[:, : num_masked(hc * wc, ratio)], True)
+    cells = cells.view(b, hc, 1, wc, 1).expand(b, hc, mask_unit, wc, mask_unit)
+    return cells.reshape(b, grid_size[0] * grid_size[1])
 
 
 def sample_blocks(
@@ -152,16 +163,9 @@ def seeded_random_mask(
     Returns:
         bool tensor (B, H*W).
     """
-    h, w = grid_size
-    if h % mask_unit or w % mask_unit:
-        raise ValueError(f"patch grid {h}x{w} is not divisible by the mask unit {mask_unit}")
-    hc, wc = h // mask_unit, w // mask_unit
-    count = num_masked(hc * wc, ratio)
+    hc, wc = _unit_grid(grid_size, mask_unit)
     noise = np.stack([np.random.default_rng([seed, first_index + i]).random(hc * wc) for i in range(batch_size)])
-    cells = torch.zeros(batch_size, hc * wc, dtype=torch.bool)
-    cells.scatter_(1, torch.from_numpy(noise.argsort(axis=1)[:, :count]), True)
-    cells = cells.view(batch_size, hc, 1, wc, 1).expand(batch_size, hc, mask_unit, wc, mask_unit)
-    return cells.reshape(batch_size, h * w)
+    return _lowest_units(torch.from_numpy(noise), grid_size, ratio, mask_unit)
 
 
 class MaskGenerator:
@@ -185,8 +189,7 @@ class MaskGenerator:
         self.min_patches, self.min_aspect, self.seed = min_patches, min_aspect, seed
         num_masked(grid_size[0] * grid_size[1] // (mask_unit * mask_unit), ratio)  # validates ratio
         self.prefetch = prefetch
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: dict[tuple[int, int, int], Future] = {}
+        self._ahead: dict[tuple[int, int, int], _Ahead] = {}
 
     @property
     def count(self) -> int:
@@ -212,13 +215,36 @@ class MaskGenerator:
         ahead = self._ahead.pop(key, None)
         out = ahead.result() if ahead is not None else self.build(*key)
         if self.prefetch:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="masks")
-            nxt = (batch_size, step + 1, first_index)
             if len(self._ahead) > 64:  # keys that were never asked for (a changed schedule): forget them
                 self._ahead.clear()
-            self._ahead[nxt] = self._pool.submit(self.build, *nxt)
+            nxt = (batch_size, step + 1, first_index)
+            self._ahead[nxt] = _Ahead(self.build, nxt)
         return out.to(device, non_blocking=True) if device is not None else out
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None, "_ahead": {}}
+        return {**self.__dict__, "_ahead": {}}
+
+
+class _Ahead:
+    """``fn(*args)`` in a short-lived daemon thread (none outlives its step, so a later fork of
+    loader workers finds no thread holding a lock); ``result()`` waits for it."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple) -> None:
+        self._out: list[Any] = []
+        self._thread = threading.Thread(target=lambda: self._out.append(self._call(fn, args)), daemon=True,
+                                        name="mimco-masks")
+        self._thread.start()
+
+    @staticmethod
+    def _call(fn: Callable[..., torch.Tensor], args: tuple) -> Any:
+        try:
+            return fn(*args)
+        except BaseException as e:  # handed to the caller by result()
+            return e
+
+    def result(self) -> torch.Tensor:
+        self._thread.join()
+        out = self._out[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
