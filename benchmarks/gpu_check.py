@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=0, help="processes (default: every GPU; --cpu: 2)")
     p.add_argument("--out", default="", help="run folder (default: a temporary one)")
     p.add_argument("--timeout", type=int, default=120, help="seconds per path")
+    p.add_argument("--budget", type=int, default=420, help="seconds for all paths; later ones are skipped past it")
     a = p.parse_args()
     if not a.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU", file=sys.stderr)
@@ -104,12 +105,17 @@ def main() -> int:
         if a.cpu and "fp16" in name:
             results.append((name, "SKIP", 0.0, "fp16 needs CUDA"))
             continue
+        left = a.budget - (time.perf_counter() - start)
+        if left < 10:
+            results.append((name, "SKIP", 0.0, f"past the {a.budget} s budget"))
+            continue
         t0, why = time.perf_counter(), ""
         for cmd in commands:
+            limit = int(min(a.timeout, a.budget - (time.perf_counter() - start)))
             try:
-                r = subprocess.run([*launch, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=a.timeout)
+                r = subprocess.run([*launch, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(limit, 1))
             except subprocess.TimeoutExpired:
-                why = f"timed out after {a.timeout} s"
+                why = f"timed out after {limit} s"
                 break
             if r.returncode != 0:
                 lines = r.stderr.strip().splitlines()

@@ -138,7 +138,8 @@ class OptimConfig:
     batch_size: int = 256  # global batch per optimiser step
     accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
     micro_batch: int = 0  # largest per-process micro-batch; raises accum_steps to fit (0 = no limit).
-    #                       Keeps the global batch when a run resumes on fewer processes.
+    #                       Keeps the global batch's schedule, data order and masks on fewer processes; InfoNCE
+    #                       negatives and BatchNorm statistics then come from each micro-batch.
     clip_grad: float = 0.0  # max grad norm, 0 = off
 
 
