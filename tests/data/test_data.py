@@ -135,8 +135,11 @@ def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
     counter = BadImageCounter(0.5, len(ds))
     counter.update(2, 8)
     assert (counter.bad, counter.seen) == (2, 8)
-    with pytest.raises(MimcoError, match="could not be read"):
-        BadImageCounter(0.1, len(ds)).update(2, 8)
+    counter.check()  # 25 % <= 50 %
+    with pytest.raises(MimcoError, match="2 of 8 images could not be read"):
+        BadImageCounter(0.1, len(ds)).check(2, 8)
+    with pytest.raises(MimcoError, match="3 of 9 images"):  # given the counts of every process, summed
+        BadImageCounter(0.3, len(ds)).check(3, 9)
 
 
 def test_batch_views_shapes_and_normalisation():

@@ -142,3 +142,19 @@ def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ddp", "single"))
     assert a["top1"] == b["top1"] and a["step"] == 8
+
+
+def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
+    """Past data.max_bad_fraction every process stops with the same one-line error (the counts are
+    summed over processes), so no process dies in a collective its peer left."""
+    from tests.cli.test_bad_inputs import _messy_folder
+
+    _messy_folder(tmp_path / "imgs")
+    r = subprocess.run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32",
+                        "data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.img_size=16", "data.num_workers=0",
+                        "optim.batch_size=8", "optim.epochs=2", "train.threads=1", f"train.out_dir={tmp_path}",
+                        "train.name=m"], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert r.returncode != 0
+    # each process raises the same error at the same step (torchrun may stop the second before it prints)
+    assert "mimco: error: 2 of 34 images could not be read (more than data.max_bad_fraction=0.01)" in r.stderr
+    assert "Connection closed" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]

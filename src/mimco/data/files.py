@@ -108,7 +108,8 @@ def collate_substituted(batch: list[tuple[Any, int]]) -> tuple[Any, int]:
 
 
 class BadImageCounter:
-    """Counts unreadable images among those read; raises past ``max_fraction``."""
+    """Counts unreadable images among those read. ``check`` (given the counts of every process,
+    so that all processes stop together) raises past ``max_fraction``."""
 
     def __init__(self, max_fraction: float, dataset_size: int) -> None:
         self.max_fraction, self.min_seen = max_fraction, min(dataset_size, 200)
@@ -117,7 +118,10 @@ class BadImageCounter:
     def update(self, bad: int, total: int) -> None:
         self.bad += bad
         self.seen += total
-        if self.seen >= self.min_seen and self.bad > self.max_fraction * self.seen:
-            raise MimcoError(f"{self.bad} of {self.seen} images could not be read (more than data.max_bad_fraction="
-                             f"{self.max_fraction}); remove the corrupt files or raise data.max_bad_fraction")
 
+    def check(self, bad: int | None = None, seen: int | None = None) -> None:
+        bad = self.bad if bad is None else bad
+        seen = self.seen if seen is None else seen
+        if seen >= self.min_seen and bad > self.max_fraction * seen:
+            raise MimcoError(f"{bad} of {seen} images could not be read (more than data.max_bad_fraction="
+                             f"{self.max_fraction}); remove the corrupt files or raise data.max_bad_fraction")

@@ -143,15 +143,22 @@ class Trainer:
         self.last_saved = (path, self.step)
         return path
 
-    def _report_bad_images(self) -> None:
-        """``skipped N unreadable images of M``, summed over processes, for runs that read files."""
+    def _bad_images(self) -> tuple[int, int] | None:
+        """(unreadable, read) images summed over processes, for runs that read files; stops every
+        process together, with one message, past ``data.max_bad_fraction``."""
         if not self.stream.reads_files:
-            return
+            return None
         counts = dist.all_reduce_(torch.tensor([self.stream.bad.bad, self.stream.bad.seen], device=self.device))
-        if dist.is_main():
-            n, m = (int(v) for v in counts.tolist())
-            print(f"mimco: skipped {n} unreadable images of {m} (each replaced by the next readable file)",
-                  file=sys.stderr, flush=True)
+        n, m = (int(v) for v in counts.tolist())
+        self.stream.bad.check(n, m)
+        return n, m
+
+    def _report_bad_images(self) -> None:
+        """``skipped N unreadable images of M`` at the end of a run that read files."""
+        counts = self._bad_images()
+        if counts is not None and dist.is_main():
+            print(f"mimco: skipped {counts[0]} unreadable images of {counts[1]} (each replaced by the next readable "
+                  "file)", file=sys.stderr, flush=True)
 
     def check_finite(self) -> None:
         bad = self.guard.bad_step()
@@ -216,6 +223,7 @@ class Trainer:
                     metrics = {**metrics, **on_epoch_end(round(self.step / spe, 4))}
                 if self.step % t.log_every == 0 or self.step == end or epoch_end:
                     self.check_finite()
+                    self._bad_images()
                     elapsed = time.perf_counter() - t0
                     last = dist.mean_over_processes({k: v / n_logged for k, v in sums.items()}, self.device)
                     row = {"step": self.step, "epoch": round(self.step / spe, 4),
