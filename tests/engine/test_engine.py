@@ -185,3 +185,14 @@ def test_accumulation_gives_the_whole_batch_gradient(tmp_path, capsys):
     a, b = _weights(tmp_path / "whole" / "last.pt"), _weights(tmp_path / "accum" / "last.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-6), k
+
+
+def test_effective_lr_follows_linear_scaling_and_warmup():
+    """lr = base_lr * batch / 256, reached linearly over the warm-up, for every parameter group."""
+    m: MimCo = tiny_mimco()
+    cfg = OptimConfig(base_lr=1e-3, batch_size=512, min_lr=0.0)
+    opt = build_optimizer(m, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=100, warmup_steps=10)
+    for step, want in ((5, 2e-3 * 0.5), (10, 2e-3)):
+        sched.step_update(step)
+        assert all(g["lr"] == pytest.approx(want) for g in opt.param_groups), step

@@ -120,3 +120,24 @@ def test_finetune_ranks_take_disjoint_shares(monkeypatch):
         shares.append(stream._local_indices(epoch=0, first=0).flatten().tolist())
     assert not set(shares[0]) & set(shares[1])
     assert len(set(shares[0]) | set(shares[1])) == stream.steps_per_epoch * 32 == 256
+
+
+def test_finetune_optimiser_applies_layer_decay(teacher_ckpt):
+    """The fine-tuning method hands the engine timm's layer-decay groups from classifier.layer_decay:
+    after warm-up, block i trains at peak * decay ** (depth - i) and the head at the peak."""
+    from mimco.config import FinetuneConfig, load_config
+    from mimco.engine.optim import build_optimizer, build_scheduler
+    from mimco.eval.finetune import Finetune
+
+    cfg = load_config(FinetuneConfig, None, [*DATA, "classifier.layer_decay=0.5", "optim.base_lr=1e-3",
+                                             "optim.batch_size=256"])
+    backbone, _ = load_backbone(str(teacher_ckpt))
+    method = Finetune(build_classifier(backbone, 6), cfg, 6, None, None)
+    opt = build_optimizer(method, cfg.optim)
+    build_scheduler(opt, cfg.optim, total_steps=100, warmup_steps=10).step_update(10)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    depth = len(method.model.blocks)
+    assert lr_of[id(method.model.head.weight)] == pytest.approx(1e-3)
+    for i, blk in enumerate(method.model.blocks):
+        assert lr_of[id(blk.attn.qkv.weight)] == pytest.approx(1e-3 * 0.5 ** (depth - i)), i
+    assert lr_of[id(method.model.patch_embed.proj.weight)] == pytest.approx(1e-3 * 0.5 ** (depth + 1))

@@ -109,3 +109,14 @@ def test_grad_checkpointing_recomputes_with_same_gradients():
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_loss_weights_apply_as_configured():
+    """L = patch_weight * L_patch + image_weight * L_img, for weights other than 0 and 1."""
+    torch.manual_seed(0)
+    m = tiny_mimco(patch_weight=0.7, image_weight=0.3)
+    loss, logs = m([torch.randn(4, 3, 16, 16)], step=1)
+    assert loss.item() == pytest.approx(0.7 * logs["loss_patch"].item() + 0.3 * logs["loss_img"].item(), rel=1e-6)
+    only_patch = tiny_mimco(image_weight=0)
+    loss, logs = only_patch([torch.randn(4, 3, 16, 16)], step=1)
+    assert set(logs) == {"loss_patch"} and only_patch.image_head is None and loss.item() == logs["loss_patch"].item()

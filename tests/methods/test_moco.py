@@ -54,3 +54,25 @@ def test_symmetric_loss_and_no_grad_to_momentum_encoder():
     loss.backward()
     assert all(p.grad is None for p in m.momentum_encoder.parameters())
     assert m.base_encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_forward_uses_the_scheduled_momentum_once_per_step():
+    """forward(step) moves the momentum encoder by the EMA with m = momentum_at(step), once per step
+    (a second micro-batch of the same step does not move it again)."""
+    m = tiny_moco()
+    m.total_steps = 10
+    with torch.no_grad():
+        for p in m.base_encoder.parameters():
+            p.add_(0.5)
+    x = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    for step in (0, 3):
+        mom = momentum_at(step, 10, 0.9)
+        before = [p.clone() for p in m.momentum_encoder.parameters()]
+        base = [p.detach().clone() for p in m.base_encoder.parameters()]
+        _, logs = m(x, step)
+        assert logs["momentum"].item() == pytest.approx(mom)
+        for old, b, new in zip(before, base, m.momentum_encoder.parameters()):
+            assert torch.allclose(new, mom * old + (1 - mom) * b, atol=1e-6)
+        after = [p.clone() for p in m.momentum_encoder.parameters()]
+        m(x, step)  # the same step again: no second update
+        assert all(torch.equal(a, p) for a, p in zip(after, m.momentum_encoder.parameters()))
