@@ -15,7 +15,7 @@ class MimcoError(Exception):
     """An error caused by user input; its message names the problem and the fix."""
 
 
-def file_head(path: Path, n: int = 4) -> bytes:
+def _file_head(path: Path, n: int = 4) -> bytes:
     """The first ``n`` bytes of a file (b"" when it cannot be opened)."""
     try:
         with open(path, "rb") as f:
@@ -26,12 +26,12 @@ def file_head(path: Path, n: int = 4) -> bytes:
 
 def unreadable_checkpoint(path: Path, error: BaseException) -> str:
     """The message for a file ``torch.load`` cannot read: which file, what it is not, and what to pass."""
-    head = file_head(path)
+    head = _file_head(path)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
     if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch >= 1.6) or a legacy pickle that failed inside
         if isinstance(error, pickle.UnpicklingError):
-            return (f"cannot read checkpoint {path}: it holds Python objects beyond tensors, which could run code "
-                    f"when loaded ({first}); convert it to a plain state dict or safetensors you trust")
+            return (f"cannot read checkpoint {path}: refusing it, it holds Python objects beyond tensors and could run "
+                    f"code when loaded ({first}); convert it to a plain state dict or safetensors you trust")
         return f"cannot read checkpoint {path}: the file is damaged or truncated ({first}); use an intact copy"
     return (f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (neither a torch.save zip nor a pickle); "
             "pass a last.pt written by mimco or a released .pth/.safetensors file")

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from mimco.config import PretrainConfig, TeacherConfig, save_config, validate
+from mimco.config import PretrainConfig, TeacherConfig, save_config
+from mimco.config_rules import validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine import distributed as dist

@@ -135,7 +135,7 @@ def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
     counter = BadImageCounter(0.5, len(ds))
     counter.update(2, 8)
     assert (counter.bad, counter.seen) == (2, 8)
-    counter.check()  # 25 % <= 50 %
+    counter.check(counter.bad, counter.seen)  # 25 % <= 50 %
     with pytest.raises(MimcoError, match="2 of 8 images could not be read"):
         BadImageCounter(0.1, len(ds)).check(2, 8)
     with pytest.raises(MimcoError, match="3 of 9 images"):  # given the counts of every process, summed

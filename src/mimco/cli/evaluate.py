@@ -130,7 +130,7 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from mimco.config import check_resume
+    from mimco.config_rules import check_resume
     from mimco.engine import distributed as dist
     from mimco.engine.checkpoint import load_checkpoint
     from mimco.eval.finetune import finetune

@@ -25,7 +25,8 @@ def config_path(name: str | None) -> str | None:
 
 
 def _train(stage: str, args: argparse.Namespace) -> int:
-    from mimco.config import apply_overrides, check_resume, from_dict, load_config
+    from mimco.config import apply_overrides, from_dict, load_config
+    from mimco.config_rules import check_resume
     from mimco.engine.checkpoint import find_last, load_checkpoint
     from mimco.pipeline import STAGES, run_stage
 

@@ -119,9 +119,8 @@ class BadImageCounter:
         self.bad += bad
         self.seen += total
 
-    def check(self, bad: int | None = None, seen: int | None = None) -> None:
-        bad = self.bad if bad is None else bad
-        seen = self.seen if seen is None else seen
+    def check(self, bad: int, seen: int) -> None:
+        """Raise when ``bad`` of ``seen`` images (summed over processes) is past the limit."""
         if seen >= self.min_seen and bad > self.max_fraction * seen:
             raise MimcoError(f"{bad} of {seen} images could not be read (more than data.max_bad_fraction="
                              f"{self.max_fraction}); remove the corrupt files or raise data.max_bad_fraction")

@@ -87,7 +87,9 @@ def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, dev
     for x, y in eval_batches(dataset, cfg.data, batch_size, device, indices=idx):
         top = model(x).topk(min(5, model.num_classes), dim=1).indices
         y = y.to(device)
-        counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)]).float()
+        counts[0] += (top[:, 0] == y).sum()
+        counts[1] += (top == y[:, None]).any(1).sum()
+        counts[2] += len(y)
         done += 1
     x0 = torch.zeros(1, cfg.data.channels, cfg.data.img_size, cfg.data.img_size, device=device)
     for _ in range(int(batches) - done):  # unreadable test files left this process short: keep in step
@@ -122,7 +124,6 @@ class Finetune(nn.Module):
                            num_classes=num_classes) if mix else None
         self.criterion = SoftTargetCrossEntropy() if mix else LabelSmoothingCrossEntropy(a.label_smoothing)
         self.register_buffer("best", torch.tensor([-1.0, -1.0, 0.0]))  # top-1, top-5, epoch
-        self.total_steps = 1
 
     def forward(self, views: list[torch.Tensor], step: int,
                 first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

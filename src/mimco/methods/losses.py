@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimco.engine.distributed import gather_no_grad, rank, world_size
+from mimco.engine.distributed import gather_no_grad, rank
 from mimco.masking import gather_tokens, masked_indices
 
 
@@ -118,42 +118,35 @@ class PatchContrastiveLoss(nn.Module):
         t = F.normalize(target, dim=-1)
         pos_idx = masked_indices(positions, pred.shape[1]) if positions.dtype == torch.bool else positions
         threshold = self.neg_threshold < 1.0
-        pool = b * n * (world_size() if self.gather else 1)
-        if self.negatives == "batch" and 0 < self.max_negatives < pool:
-            return self._sampled(p, t, pos_idx, threshold)
         t_pos = gather_tokens(t, pos_idx) if threshold else None  # (B, M, D), only to find near-duplicates
         if self.negatives == "image":
-            logits = p @ t.transpose(1, 2)  # (B, M, N)
-            labels = pos_idx
-            sim = t_pos @ t.transpose(1, 2) if threshold else None
+            keys, labels = t.transpose(1, 2), pos_idx  # (B, D, N); each query against its own image's tokens
         else:  # every teacher patch token of the global batch (gathered from all processes)
-            flat = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
-            offset = rank() * b * n if self.gather else 0
-            logits = p @ flat.T  # (B, M, world*B*N)
-            labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + offset
-            sim = t_pos @ flat.T if threshold else None
-        if sim is not None:
-            drop = sim > self.neg_threshold
+            keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
+            labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + (rank() * b * n if self.gather else 0)
+            if 0 < self.max_negatives < keys.shape[0]:
+                return self._sampled(p, gather_tokens(t, pos_idx), keys, labels, threshold)
+            keys = keys.T  # (D, world*B*N)
+        logits = p @ keys
+        if threshold:
+            drop = (t_pos @ keys) > self.neg_threshold
             drop.scatter_(2, labels.unsqueeze(-1), False)
             logits = logits.masked_fill(drop, float("-inf"))
         return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
 
-    def _sampled(self, p: torch.Tensor, t: torch.Tensor, pos_idx: torch.Tensor, threshold: bool) -> torch.Tensor:
+    def _sampled(self, p: torch.Tensor, t_pos: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
+                 threshold: bool) -> torch.Tensor:
         """Batch negatives capped at ``max_negatives``: the positive's logit first, then the sampled
-        tokens (the positive itself masked out where it was drawn). p (B, M, D), t (B, N, D) normalised."""
-        b, n, d = t.shape
-        flat = gather_no_grad(t.reshape(b * n, d)) if self.gather else t.reshape(b * n, d)
-        offset = rank() * b * n if self.gather else 0
-        own = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + offset  # (B, M) index in flat
-        pick = torch.randperm(flat.shape[0], device=flat.device)[: self.max_negatives]  # (K,)
-        t_pos = gather_tokens(t, pos_idx)  # (B, M, D)
-        neg = flat[pick]  # (K, D)
-        drop = own.unsqueeze(-1) == pick  # (B, M, K): the positive drawn as a negative
+        tokens (the positive itself masked out where it was drawn). p, t_pos (B, M, D) normalised;
+        keys (K_all, D) every token of the batch; labels (B, M) each positive's index in ``keys``."""
+        pick = torch.randperm(keys.shape[0], device=keys.device)[: self.max_negatives]  # (K,)
+        neg = keys[pick]  # (K, D)
+        drop = labels.unsqueeze(-1) == pick  # (B, M, K): the positive drawn as a negative
         if threshold:
             drop |= (t_pos @ neg.T) > self.neg_threshold
         logits = torch.cat([(p * t_pos).sum(-1, keepdim=True), (p @ neg.T).masked_fill(drop, float("-inf"))], dim=-1)
-        labels = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-        return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
+        zeros = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        return F.cross_entropy((logits / self.temperature).flatten(0, 1), zeros.flatten())
 
 
 @fp32

@@ -1,0 +1,96 @@
+"""Rules on config values beyond their types: ranges no run can use, and overrides a resumed run
+cannot honour. Both end in a one-line :class:`~mimco.errors.MimcoError` naming the key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mimco.config import to_dict
+from mimco.errors import MimcoError
+
+#: (dotted key suffix, lowest allowed value, whether the lowest is allowed, what the value means)
+_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
+    ("optim.batch_size", 1, True, "the global batch per optimiser step"),
+    ("optim.epochs", 0, False, "the length of the schedule"),
+    ("optim.warmup_epochs", 0, True, "the warm-up length"),
+    ("optim.base_lr", 0, False, "the learning rate before scaling"),
+    ("optim.min_lr", 0, True, "the final learning rate"),
+    ("optim.weight_decay", 0, True, "the weight decay"),
+    ("optim.accum_steps", 1, True, "micro-batches per step"),
+    ("optim.micro_batch", 0, True, "the largest micro-batch (0 = no limit)"),
+    ("optim.clip_grad", 0, True, "the gradient-norm limit (0 = off)"),
+    ("train.log_every", 1, True, "steps between log rows"),
+    ("train.ckpt_every", 0, True, "steps between checkpoints (0 = at the end)"),
+    ("train.max_steps", 0, True, "a step limit (0 = none)"),
+    ("train.threads", 0, True, "CPU threads (0 = default)"),
+    ("data.img_size", 1, True, "the image side in pixels"),
+    ("data.subset", 0, True, "a training-set cap (0 = all)"),
+    ("data.num_workers", 0, True, "loader workers"),
+    ("data.max_bad_fraction", 0, True, "the tolerated share of unreadable images"),
+    ("model.patch_size", 1, True, "the patch side in pixels"),
+    ("moco.temperature", 0, False, "the InfoNCE temperature"),
+    ("loss.patch_temperature", 0, False, "the InfoNCE temperature"),
+    ("loss.image_temperature", 0, False, "the InfoNCE temperature"),
+    ("loss.patch_weight", 0, True, "a loss weight"),
+    ("loss.image_weight", 0, True, "a loss weight"),
+    ("loss.patch_max_negatives", 0, True, "a negatives cap (0 = no cap)"),
+    ("eval.knn_k", 1, True, "the neighbour count"),
+)
+
+
+def validate(cfg: Any) -> None:
+    """Refuse values no run can use (a zero batch, a negative schedule): a :class:`MimcoError`
+    naming the key and the valid range. Keys a config class does not have are skipped."""
+    for key, low, inclusive, what in _BOUNDS:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is None or isinstance(obj, bool):
+            continue
+        if obj < low or (obj == low and not inclusive):
+            need = f">= {low}" if inclusive else f"> {low}"
+            raise MimcoError(f"{key}={obj} is out of range: it is {what} and must be {need}; fix the value in the "
+                             "config or the override")
+    if getattr(cfg, "loss", None) is not None and cfg.loss.patch_weight == 0 and cfg.loss.image_weight == 0:
+        raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
+    mask = getattr(cfg, "mask", None)
+    if mask is not None and not 0.0 < mask.ratio < 1.0:
+        raise MimcoError(f"mask.ratio={mask.ratio} is out of range: it must lie between 0 and 1 (exclusive)")
+
+
+#: keys a resumed run cannot change: the data order, the step count, the model's shape or the
+#: optimiser state depend on them
+FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size", "data.channels",
+                   "data.subset", "data.procedural_size", "model", "moco.proj_dim", "moco.mlp_dim", "loss.head_hidden_dim",
+                   "teacher.checkpoint", "teacher.image_target", "classifier.pool", "classifier.encoder")
+
+
+def check_resume(saved: dict, cfg: Any) -> None:
+    """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict; keys
+    it does not have, from an older mimco, are not compared)."""
+    new = to_dict(cfg)
+
+    def leaves(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for name, sub in d.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
+
+    for key in FIXED_ON_RESUME:
+        a, b = saved, new
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        old_leaves, new_leaves = leaves(a, key), leaves(b, key)
+        for k in old_leaves.keys() & new_leaves.keys():
+            x, y = old_leaves[k], new_leaves[k]
+            if x is not None and y is not None and x != y:
+                raise MimcoError(f"{k} cannot change on resume (the checkpoint has {x!r}, now {y!r}): the data order, "
+                                 "the step count or the saved state depend on it; drop the override, or start a new "
+                                 "run with another train.name")
+    for key in ("patch_weight", "image_weight"):
+        a, b = saved.get("loss", {}).get(key), new.get("loss", {}).get(key)
+        if a is not None and b is not None and (a > 0) != (b > 0):
+            raise MimcoError(f"loss.{key} cannot switch between 0 and non-zero on resume (its head exists only when it "
+                             "is above 0); start a new run")
