@@ -54,14 +54,18 @@ def finite_log(run: Path) -> bool:
     return bool(rows) and all(math.isfinite(float(r["loss"])) for r in rows)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="2 gloo processes on the CPU, tiny sizes (checks the script)")
     p.add_argument("--nproc", type=int, default=0, help="processes (default: every GPU; --cpu: 2)")
     p.add_argument("--out", default="", help="run folder (default: a temporary one)")
     p.add_argument("--timeout", type=int, default=120, help="seconds per path")
     p.add_argument("--budget", type=int, default=420, help="seconds for all paths; later ones are skipped past it")
-    a = p.parse_args()
+    return p
+
+
+def main() -> int:
+    a = build_parser().parse_args()
     if not a.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU", file=sys.stderr)
         return 2

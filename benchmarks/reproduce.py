@@ -1,5 +1,5 @@
 """The paper's claims in miniature: MimCo against its teacher, SimMIM and feature regression,
-with ablations of the choices METHOD.md marks as ours.
+with ablations of the choices docs/method.md marks as ours.
 
     python benchmarks/reproduce.py --preset smoke            # minutes: checks the machinery
     python benchmarks/reproduce.py --preset cpu              # Fashion-MNIST, 16 tokens, 2 CPU cores
@@ -32,16 +32,17 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config, to_dict
 from mimco.data.build import class_names, load_dataset
-from mimco.engine.checkpoint import load_checkpoint
 from mimco.errors import MimcoError
-from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.eval import extract_features
 from mimco.eval.features import eval_batches
 from mimco.eval.finetune import finetune
 from mimco.eval.plots import curves_figure, read_log, tsne_figure
-from mimco.models.checkpoints import load_backbone
+from mimco.models.formats import load_backbone
 from mimco.models.export import timm_kwargs
 from mimco.models.vit import encode
+from mimco.eval.probe import probe_backbone
 from mimco.pipeline import run_stage, setup
+from mimco.runs import CHECKPOINT, CONFIG, LOG, SUMMARY, is_finished, last_checkpoint, read_summary
 
 #: the ablations behind claim 3 (both losses matter; contrastive beats regression): run over every seed
 CLAIM_3 = ["patch only", "image only", "L1 regression", "cosine regression"]
@@ -112,10 +113,15 @@ STUDENT_ROWS: dict[str, tuple[list[str], bool]] = {
 }
 
 
-def _done(run: Path) -> bool:
-    f = run / "summary.json"
-    summary = json.loads(f.read_text()) if f.is_file() else {}
-    return summary.get("step", 0) >= summary.get("total_steps", 1)
+#: the rows that are not stage-2 variants, and their run folders
+OTHER_FOLDERS = {"MoCo v3 teacher": "teacher", "MoCo v3, teacher + MimCo compute": "teacher-long",
+                 "random-init ViT": "random-init", "raw pixels": "raw-pixels"}
+
+
+def folder(runs: Path, row: str, seed: int | None = None) -> Path:
+    """The run folder of a study row (and seed): the one place names are made."""
+    name = OTHER_FOLDERS.get(row) or row.split(" (")[0].replace(" ", "-").replace(":", "").lower()
+    return runs / (name if seed is None else f"{name}-s{seed}")
 
 
 def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
@@ -123,11 +129,11 @@ def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
     cls = TeacherConfig if stage == "teacher" else PretrainConfig
     cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
                                   "train.progress=false", "eval.at_end=false", "train.ckpt_every=100"])
-    if (run / "config.yaml").is_file() and yaml.safe_load((run / "config.yaml").read_text()) != to_dict(cfg):
+    if (run / CONFIG).is_file() and yaml.safe_load((run / CONFIG).read_text()) != to_dict(cfg):
         raise SystemExit(f"{run} was trained with another configuration; use a fresh --out for a changed preset")
-    if _done(run):
-        return json.loads((run / "summary.json").read_text())
-    resume = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
+    if is_finished(run):
+        return read_summary(run)
+    resume = last_checkpoint(run)
     print(f"[reproduce] {'resuming' if resume else 'training'} {run.name}", file=sys.stderr, flush=True)
     summary = run_stage(stage, cfg, resume, run)
     if "stopped_by" in summary:  # SIGTERM / Ctrl-C: the run is checkpointed; the next call resumes it
@@ -155,23 +161,14 @@ def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, split
         return out
     cfg = load_config(PretrainConfig, None, [*p["data"], *p["model"]])
     device = setup(cfg)
-    train_ds, test_ds = splits
     m = model.to(device) if model is not None else None
     if "knn" not in out:
-        t0 = time.perf_counter()
-        ftr, ytr = extract_features(m, train_ds, cfg.data, device)
-        fte, yte = extract_features(m, test_ds, cfg.data, device)
-        out["knn"] = knn_accuracy(ftr, ytr, fte, yte, 20, 0.07)
-        out["linear"] = linear_probe(ftr, ytr, fte, yte, seed=0)
-        out["probe_seconds"] = round(time.perf_counter() - t0, 1)
+        r = probe_backbone(m, splits, cfg.data, cfg.eval, device, seed=0)
+        out.update(knn=r.knn_top1, linear=r.linear_top1, probe_seconds=round(r.seconds, 1))
     if do_finetune and m is not None:
         ft = run / fcfg.train.name
         ft.mkdir(parents=True, exist_ok=True)
-        if (ft / "summary.json").is_file():
-            res = json.loads((ft / "summary.json").read_text())
-        else:
-            resume = load_checkpoint(ft / "last.pt") if (ft / "last.pt").is_file() else None
-            res = finetune(m, fcfg, ft, device, resume)
+        res = read_summary(ft) if is_finished(ft) else finetune(m, fcfg, ft, device, last_checkpoint(ft))
         out.update(finetune=res["top1"], finetune_config=key, finetune_seconds=res["train_seconds"])
     run.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
@@ -199,7 +196,7 @@ def patch_similarity(teacher: torch.nn.Module, dataset: Any, cfg: PretrainConfig
 def hazard(runs: Path, s0: int, test: Any, cfg: PretrainConfig, device: torch.device, ablations: list[str]) -> str:
     """The false-negative hazard of same-image patch negatives, in numbers: how alike the
     teacher's patch tokens of one image are, and where each variant's patch loss ends against chance."""
-    teacher, _ = load_backbone(str(runs / f"teacher-s{s0}" / "last.pt"))
+    teacher, _ = load_backbone(str(folder(runs, "MoCo v3 teacher", s0) / CHECKPOINT))
     sim = patch_similarity(teacher.to(device), test, cfg, device)
     n = (cfg.data.img_size // cfg.model.patch_size) ** 2
     lines = [f"Same-image teacher patch tokens (seed-{s0} teacher, {n} tokens, 1000 test images): cosine similarity "
@@ -210,26 +207,22 @@ def hazard(runs: Path, s0: int, test: Any, cfg: PretrainConfig, device: torch.de
         over = dict(o.split("=", 1) for o in STUDENT_ROWS[row][0])
         if over.get("loss.patch_loss", "infonce") != "infonce" or over.get("loss.patch_weight") == "0":
             continue
-        run = runs / f"{_run_name(row)}-s{s0}"
-        if not (run / "log.csv").is_file():
+        run = folder(runs, row, s0)
+        if not (run / LOG).is_file():
             continue
         if "loss.patch_neg_threshold" in over:
             chance = f"< {math.log(n):.2f} (negatives dropped)"
         elif over.get("loss.patch_negatives") == "batch":
-            chance = f"{math.log(n * yaml.safe_load((run / 'config.yaml').read_text())['optim']['batch_size']):.2f}"
+            chance = f"{math.log(n * yaml.safe_load((run / CONFIG).read_text())['optim']['batch_size']):.2f}"
         else:
             chance = f"{math.log(n):.2f}"
-        lines.append(f"| {row} | {read_log(run / 'log.csv')['loss_patch'][-1]:.2f} | {chance} |")
+        lines.append(f"| {row} | {read_log(run / LOG)['loss_patch'][-1]:.2f} | {chance} |")
     return "\n".join(lines) + "\n"
-
-
-def _run_name(row: str) -> str:
-    return row.split(" (")[0].replace(" ", "-").replace(":", "").lower()
 
 
 def _spent(runs: Path) -> str:
     """The measured seconds behind the folder's results, summed from its summaries."""
-    train = sum(json.loads(f.read_text())["train_seconds"] for f in runs.glob("*/summary.json"))
+    train = sum(json.loads(f.read_text())["train_seconds"] for f in runs.glob("*/" + SUMMARY))
     evals = [json.loads(f.read_text()) for f in runs.glob("*/eval.json")]
     probe = sum(e.get("probe_seconds", 0.0) for e in evals)
     tune = sum(e.get("finetune_seconds", 0.0) for e in evals)
@@ -246,7 +239,7 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="smoke")
     ap.add_argument("--out", help="results folder (default benchmarks/results/reproduce-<preset>)")
@@ -258,7 +251,11 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", metavar="[STAGE:]KEY=VALUE",
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     try:
         p = with_overrides(PRESETS[args.preset], args.overrides)
         p["seeds"] = args.seeds or p["seeds"]
@@ -312,30 +309,30 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
     teacher_epochs = load_config(TeacherConfig, None, p["teacher"]).optim.epochs
     for seed in p["seeds"]:
         s = [f"train.seed={seed}"]
-        t_run = runs / f"teacher-s{seed}"
+        t_run = folder(runs, "MoCo v3 teacher", seed)
         t_sum = train("teacher", [*base, *p["teacher"], *s], t_run)
-        record("MoCo v3 teacher", t_run / "last.pt", t_run, True)
-        student = [*base, *p["student"], *s, f"teacher.checkpoint={t_run / 'last.pt'}"]
+        record("MoCo v3 teacher", t_run / CHECKPOINT, t_run, True)
+        student = [*base, *p["student"], *s, f"teacher.checkpoint={t_run / CHECKPOINT}"]
         extra = ablations if seed == p["seeds"][0] else [r for r in ablations if r in p.get("seeded", [])]
         rows = [r for r, (_, main_row) in STUDENT_ROWS.items() if main_row] + extra
         mimco_seconds = 0.0
         for row in rows:
-            run = runs / f"{_run_name(row)}-s{seed}"
+            run = folder(runs, row, seed)
             summary = train("pretrain", [*student, *STUDENT_ROWS[row][0]], run)
             if row.startswith("MimCo"):
                 mimco_seconds = summary["train_seconds"]
-            record(row, run / "last.pt", run, STUDENT_ROWS[row][1])
+            record(row, run / CHECKPOINT, run, STUDENT_ROWS[row][1])
         # the teacher alone, trained for the compute of teacher + MimCo (measured seconds)
         more = teacher_epochs * (1 + mimco_seconds / max(t_sum["train_seconds"], 1e-9))
-        long_run = runs / f"teacher-long-s{seed}"
+        long_run = folder(runs, "MoCo v3, teacher + MimCo compute", seed)
         train("teacher", [*base, *p["teacher"], *s, f"optim.epochs={more:.3f}"], long_run)
-        record("MoCo v3, teacher + MimCo compute", long_run / "last.pt", long_run, True)
-    shaped, _ = load_backbone(str(runs / f"teacher-s{p['seeds'][0]}" / "last.pt"))
+        record("MoCo v3, teacher + MimCo compute", long_run / CHECKPOINT, long_run, True)
+    shaped, _ = load_backbone(str(folder(runs, "MoCo v3 teacher", p["seeds"][0]) / CHECKPOINT))
     torch.manual_seed(0)
-    results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)), runs / "random-init",
+    results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)), folder(runs, "random-init ViT"),
                                            p, splits, True)]
     if cfg.data.channels * cfg.data.img_size**2 <= MAX_PIXEL_FEATURES:
-        results["raw pixels"] = [evaluate("raw pixels", None, runs / "raw-pixels", p, splits, False)]
+        results["raw pixels"] = [evaluate("raw pixels", None, folder(runs, "raw pixels"), p, splits, False)]
     else:  # a 224 px image is 150k numbers: a k-NN bank of those does not fit in memory
         print(f"[reproduce] raw pixels skipped: {cfg.data.img_size} px images are too large to use as features",
               file=sys.stderr, flush=True)
@@ -363,12 +360,13 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text(md)
     panels = []
     pick = torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0))[:2000]
-    for row, run in (("SimMIM", f"simmim-s{s0}"), ("MoCo v3 teacher", f"teacher-s{s0}"), ("MimCo", f"mimco-s{s0}")):
-        model, _ = load_backbone(str(runs / run / "last.pt"))
+    shown = ("SimMIM", "MoCo v3 teacher", "MimCo (patch + image)")
+    for row in shown:
+        model, _ = load_backbone(str(folder(runs, row, s0) / CHECKPOINT))
         f, y = extract_features(model.to(device), splits[1], cfg.data, device)
-        panels.append((row, f[pick], y[pick]))
+        panels.append((row.split(" (")[0], f[pick], y[pick]))
     tsne_figure(panels, out / "tsne.png", class_names=class_names(cfg.data))
-    curves_figure([runs / f"teacher-s{s0}", runs / f"mimco-s{s0}", runs / f"simmim-s{s0}"], out / "curves.png")
+    curves_figure([folder(runs, row, s0) for row in shown], out / "curves.png")
     print(md)
 
 

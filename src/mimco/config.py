@@ -322,9 +322,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+#: the config files shipped inside the package (``configs/`` in the repository)
+BUNDLED = Path(__file__).resolve().parent / "configs"
+
+
+def config_path(name: str | Path | None) -> str | Path | None:
+    """A config file path as given, or the bundled config of that name (``fmnist_teacher``)."""
+    if not name or Path(name).is_file():
+        return name
+    bundled = BUNDLED / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    return bundled if bundled.is_file() else name
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Build ``cls`` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    """Build ``cls`` from defaults, then the YAML file at ``path`` (a file, or the name of a bundled
+    config), then ``key=value`` overrides."""
     cfg = cls()
+    path = config_path(path)
     if path:
         p = Path(path)
         if not p.is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -10,20 +9,21 @@ from typing import Any
 
 import torch
 
+from mimco import distributed as dist
 from mimco.config import PretrainConfig, TeacherConfig, save_config
 from mimco.config_rules import validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
-from mimco.engine import distributed as dist
 from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
-from mimco.eval import extract_features, knn_accuracy, linear_probe
+from mimco.eval.probe import has_labels, probe_backbone
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM
-from mimco.models import MaskedViT, create_vit
-from mimco.models.checkpoints import load_backbone
+from mimco.models import MaskedViT, MoCoMLP, create_vit
+from mimco.models.formats import load_backbone
+from mimco.runs import CHECKPOINT, CONFIG, write_summary
 
 STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
 
@@ -57,7 +57,7 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
 def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool) -> Path:
     name = cfg.train.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     d = Path(cfg.train.out_dir) / name
-    if not resuming and (d / "last.pt").exists():
+    if not resuming and (d / CHECKPOINT).exists():
         raise MimcoError(f"{d} already holds a run; pass --resume auto to continue it or choose another train.name")
     if dist.is_main():
         d.mkdir(parents=True, exist_ok=True)
@@ -104,8 +104,8 @@ def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn
     if not cfg.teacher.checkpoint:
         raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`) "
                          "or a released MoCo v3 / DINO file")
-    teacher, state = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, cfg.teacher.num_heads)
-    proj_dim = state.projector["6.weight"].shape[0] if state.projector else 0
+    teacher, _ = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, cfg.teacher.num_heads)
+    proj_dim = teacher.head.out_dim if isinstance(teacher.head, MoCoMLP) else 0
     if teacher.patch_embed.proj.in_channels != data.channels:
         raise MimcoError(f"the teacher takes {teacher.patch_embed.proj.in_channels}-channel images but data.channels={data.channels}")
     if cfg.teacher.image_target == "projector" and not proj_dim:
@@ -134,13 +134,13 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
         method = build_pretrain_method(cfg, device)
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     if dist.is_main():
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG)
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
     summary["run_dir"] = str(run_dir)
     if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"] and "stopped_by" not in summary:
         summary.update(evaluate(final_backbone(method, cfg, run_dir, device), cfg, device, linear=False))
     if dist.is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(run_dir, summary)
     return summary
 
 
@@ -150,24 +150,15 @@ def final_backbone(method: torch.nn.Module, cfg: TeacherConfig | PretrainConfig,
     (its forward needs every process), so an unsharded copy is read back from the run's
     ``last.pt``; otherwise the live module."""
     if cfg.train.strategy == "fsdp" and dist.is_dist():
-        model, _ = load_backbone(run_dir / "last.pt", "momentum")
+        model, _ = load_backbone(str(run_dir / CHECKPOINT), "momentum")
         return model.to(device)
     return method.backbone()
 
 
 def evaluate(backbone: torch.nn.Module | None, cfg: TeacherConfig | PretrainConfig, device: torch.device,
-             linear: bool = True, splits: tuple[Any, Any] | None = None) -> dict[str, float]:
+             linear: bool = True) -> dict[str, float]:
     """k-NN (and linear-probe) top-1 on the test split; {} when the dataset has no labelled test split."""
-    if splits is None:
-        splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-    train, test = splits
-    if test is None or (isinstance(train, ImageArray) and int(train.labels.min()) < 0):
+    splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    if not has_labels(*splits):
         return {}
-    if cfg.eval.max_train and len(train) > cfg.eval.max_train and isinstance(train, ImageArray):
-        train = ImageArray(train.images[: cfg.eval.max_train], train.labels[: cfg.eval.max_train], train.channels)
-    ftr, ytr = extract_features(backbone, train, cfg.data, device)
-    fte, yte = extract_features(backbone, test, cfg.data, device)
-    out = {"knn_top1": round(knn_accuracy(ftr, ytr, fte, yte, cfg.eval.knn_k, cfg.eval.knn_temperature), 2)}
-    if linear:
-        out["linear_top1"] = round(linear_probe(ftr, ytr, fte, yte, seed=cfg.train.seed), 2)
-    return out
+    return probe_backbone(backbone, splits, cfg.data, cfg.eval, device, linear, seed=cfg.train.seed).metrics()

@@ -94,13 +94,13 @@ def test_pretrain_on_a_released_moco_layout_with_projector_target(tmp_path, caps
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from mimco.models import moco_mlp
+    from mimco.models import MoCoMLP
 
     sd = {}
     for name in ("base_encoder", "momentum_encoder"):
         enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=12, num_classes=0)
         sd.update({f"module.{name}.{k}": v for k, v in enc.state_dict().items()})
-        sd.update({f"module.{name}.head.{k}": v for k, v in moco_mlp(3, 48, 64, 24).state_dict().items()})
+        sd.update({f"module.{name}.head.{k}": v for k, v in MoCoMLP(3, 48, 64, 24).state_dict().items()})
     torch.save({"epoch": 1, "arch": "vit_small", "state_dict": sd, "optimizer": {}, "scaler": {}}, tmp_path / "moco.pth.tar")
     code, out, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "train.max_steps=2",
                              f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}", "teacher.image_target=projector",
@@ -121,3 +121,13 @@ def test_eval_an_external_timm_file(tmp_path, capsys):
     code, out, err = run_cli(capsys, "eval", tmp_path / "w.pth", "--no-linear", *TINY_DATA)
     assert code == 0, err
     assert 0 <= json.loads(out)["knn_top1"] <= 100
+
+
+def test_every_subcommand_has_a_handler_and_unknown_ones_stop(capsys):
+    from mimco.cli.main import build_parser, handlers
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(handlers())
+    with pytest.raises(SystemExit) as e:
+        main(["demoo"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err

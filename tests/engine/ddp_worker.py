@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mimco.engine.distributed import gather_no_grad
+from mimco.distributed import gather_no_grad
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss
 
 dist.init_process_group("gloo")

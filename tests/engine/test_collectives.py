@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mimco.config import MimcoLossConfig, ModelConfig
-from mimco.engine import distributed as dist
+from mimco import distributed as dist
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimco.engine.checkpoint import load_checkpoint
+from mimco.runs import load_checkpoint
 from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,7 +3,9 @@ import torch
 from safetensors.torch import load_file
 
 from mimco.config import OptimConfig
-from mimco.engine import atomic_save, build_optimizer, build_scheduler, load_checkpoint
+from mimco.engine import build_optimizer, build_scheduler
+from mimco.io import atomic_save
+from mimco.runs import load_checkpoint
 from mimco.errors import MimcoError
 from mimco.methods.mimco import MimCo
 from mimco.pipeline import run_stage
@@ -39,7 +41,7 @@ def test_warmup_then_cosine_per_iteration():
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "last.pt"
-    atomic_save({"stage": "teacher", "model": {}, "step": 1}, path)
+    atomic_save({"stage": "teacher", "model": {}, "step": 1, "config": {}}, path)
 
     class Boom:
         def __reduce__(self):
@@ -196,3 +198,15 @@ def test_effective_lr_follows_linear_scaling_and_warmup():
     for step, want in ((5, 2e-3 * 0.5), (10, 2e-3)):
         sched.step_update(step)
         assert all(g["lr"] == pytest.approx(want) for g in opt.param_groups), step
+
+
+def test_one_step_cosine_does_not_warn(caplog):
+    import logging
+
+    from mimco.config import OptimConfig
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level(logging.WARNING):
+        build_scheduler(opt, OptimConfig(), total_steps=2, warmup_steps=1)  # t_initial = 1: timm warns
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+    assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET  # left as it was

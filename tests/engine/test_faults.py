@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimco.engine import checkpoint as ckpt_module
-from mimco.engine.checkpoint import load_checkpoint
+from mimco import io as ckpt_module
+from mimco.runs import load_checkpoint
 from mimco.errors import MimcoError
 from mimco.methods.moco import MoCoV3
 from mimco.pipeline import run_stage

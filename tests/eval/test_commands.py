@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mimco.engine.checkpoint import load_checkpoint
+from mimco.runs import load_checkpoint
 
 from mimco.cli.main import main
 from mimco.eval.finetune import build_classifier, layer_decay_groups
-from mimco.models.checkpoints import load_backbone
+from mimco.models.formats import load_backbone
 
 DATA = ["data.name=procedural", "data.img_size=16", "data.procedural_size=256", "train.progress=false"]
 
@@ -67,7 +67,7 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys, teacher_ckpt):
             "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", f"train.out_dir={tmp_path}", "train.name=ft"]
     summary = json.loads(run(capsys, *args))
     assert summary["epochs"] == 2 and 0 <= summary["top1"] <= 100 and summary["top5"] >= summary["top1"]
-    for name in ("last.pt", "best.safetensors", "log.csv", "summary.json", "results.jsonl", "config.json"):
+    for name in ("last.pt", "best.safetensors", "log.csv", "summary.json", "results.jsonl", "config.yaml"):
         assert (tmp_path / "ft" / name).is_file(), name
     rows = (tmp_path / "ft" / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,lr,loss,top1,top5") and len(rows) == 3
@@ -107,7 +107,7 @@ def test_finetune_ranks_take_disjoint_shares(monkeypatch):
     """Each process trains on its own share: in an epoch, the ranks' samples are disjoint and
     together cover the epoch (N full copies would also equal one process, so check the indices)."""
     from mimco.config import FinetuneConfig, load_config
-    from mimco.engine import distributed as dist
+    from mimco import distributed as dist
     from mimco.eval.finetune import finetune_stream
 
     cfg = load_config(FinetuneConfig, None, [*DATA, "optim.batch_size=32", "data.num_workers=0"])

@@ -84,3 +84,26 @@ def test_stage_one_defaults_to_mocov3_init():
     from mimco.config import PretrainConfig, TeacherConfig
 
     assert TeacherConfig().model.init == "mocov3" and PretrainConfig().model.init == "timm"
+
+
+@pytest.mark.parametrize("kw", [{}, {"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"},
+                                {"reg_tokens": 1, "no_embed_class": True}])
+def test_encode_matches_timm_forward_features(kw):
+    """``encode`` reaches into timm's ``_pos_embed``; compare it with timm's public forward, masked
+    patches replaced through a forward hook on the patch embedding (an independent route)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from mimco.models import encode
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0, **kw).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(encode(vit, x), vit.forward_features(x), atol=1e-6)
+    mask = torch.rand(2, 16) < 0.5
+    token = torch.randn(1, 1, 32)
+    hook = vit.patch_embed.register_forward_hook(lambda _m, _i, out: torch.where(mask[..., None], token, out))
+    try:
+        want = vit.forward_features(x)
+    finally:
+        hook.remove()
+    assert torch.allclose(encode(vit, x, mask, token), want, atol=1e-6)

@@ -7,23 +7,21 @@ already finished in the output folder is reused; an interrupted one is resumed.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mimco.cli.main import BUNDLED
 from mimco.config import PretrainConfig, TeacherConfig, load_config
 from mimco.data.build import class_names, load_dataset
-from mimco.engine.checkpoint import load_checkpoint
-from mimco.eval import extract_features, knn_accuracy, linear_probe
 from mimco.eval.features import eval_batches
+from mimco.eval.probe import probe_backbone
 from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
 from mimco.models import create_vit
-from mimco.models.checkpoints import load_backbone
+from mimco.models.formats import load_backbone
 from mimco.pipeline import run_stage, setup
+from mimco.runs import CHECKPOINT, is_finished, last_checkpoint, read_summary
 
 TSNE_POINTS = 2000
 QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
@@ -31,13 +29,10 @@ QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
 
 def _stage(stage: str, cfg: TeacherConfig | PretrainConfig, run_dir: Path) -> float:
     """Run (or resume, or reuse) one stage; returns its training minutes."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
-        if done.get("step", 0) >= done.get("total_steps", 1):
-            print(f"[demo] {stage}: reusing the finished run in {run_dir}")
-            return done.get("train_seconds", 0.0) / 60
-    resume = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
+    if is_finished(run_dir):
+        print(f"[demo] {stage}: reusing the finished run in {run_dir}")
+        return read_summary(run_dir).get("train_seconds", 0.0) / 60
+    resume = last_checkpoint(run_dir)
     print(f"[demo] {stage}: {'resuming' if resume else 'training'} in {run_dir}")
     return run_stage(stage, cfg, resume, run_dir)["train_seconds"] / 60
 
@@ -60,13 +55,14 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     extra = (QUICK if quick else []) + ([f"train.threads={threads}"] if threads else [])
-    tcfg = load_config(TeacherConfig, BUNDLED / "fmnist_teacher.yaml", [f"train.out_dir={out}", "train.name=teacher", *extra])
+    tcfg = load_config(TeacherConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra])
     t_min = _stage("teacher", tcfg, out / "teacher")
-    pcfg = load_config(PretrainConfig, BUNDLED / "fmnist_pretrain.yaml",
-                       [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / 'last.pt'}", *extra])
+    pcfg = load_config(PretrainConfig, "fmnist_pretrain",
+                       [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / CHECKPOINT}", *extra])
     s_min = _stage("pretrain", pcfg, out / "mimco")
 
-    print("[demo] evaluating (k-NN k=20 on the 60k training bank, linear probe on frozen CLS features, 10k test images)")
+    print(f"[demo] evaluating (k-NN k={pcfg.eval.knn_k} on the training bank, linear probe on frozen CLS features, "
+          "the test split)")
     eval_start = time.perf_counter()
     device = setup(pcfg)
     data = pcfg.data
@@ -75,17 +71,15 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
     models: list[tuple[str, torch.nn.Module | None, str]] = [
         ("raw pixels", None, "-"),
         ("random-init ViT", create_vit(pcfg.model, data.img_size, data.channels), "0"),
-        ("MoCo v3 teacher", load_backbone(str(out / "teacher" / "last.pt"))[0], f"{t_min:.1f}"),
-        ("MimCo student", load_backbone(str(out / "mimco" / "last.pt"))[0], f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
+        ("MoCo v3 teacher", load_backbone(str(out / "teacher" / CHECKPOINT))[0], f"{t_min:.1f}"),
+        ("MimCo student", load_backbone(str(out / "mimco" / CHECKPOINT))[0], f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
     ]
     rows, panels = [], []
     for name, model, minutes in models:
         model = model.to(device) if model is not None else None
-        ftr, ytr = extract_features(model, train, data, device)
-        fte, yte = extract_features(model, test, data, device)
-        panels.append((name, fte[:TSNE_POINTS], yte[:TSNE_POINTS]))
-        knn = knn_accuracy(ftr, ytr, fte, yte, pcfg.eval.knn_k, pcfg.eval.knn_temperature)
-        lin = linear_probe(ftr, ytr, fte, yte, seed=0)
+        r = probe_backbone(model, (train, test), data, pcfg.eval, device, seed=0)
+        panels.append((name, r.test_features[:TSNE_POINTS], r.test_labels[:TSNE_POINTS]))
+        knn, lin = r.knn_top1, r.linear_top1
         rows.append({"model": name, "train minutes": minutes, "k-NN top-1": f"{knn:.1f}", "linear probe top-1": f"{lin:.1f}"})
         print(f"[demo] {name}: k-NN {knn:.1f}  linear {lin:.1f}")
     header = (f"Fashion-MNIST test top-1 (%), ViT {data.img_size}px/patch {pcfg.model.patch_size}, width "

@@ -1,6 +1,6 @@
 """``mimco finetune | linprobe | knn | plot | results``.
 
-A model is named by a checkpoint path (any format :mod:`mimco.models.checkpoints` reads),
+A model is named by a checkpoint path (any format :mod:`mimco.models.formats` reads),
 ``random:PATH`` (a randomly initialised ViT shaped like PATH's backbone) or ``pixels`` (raw
 pixels; k-NN, linear probe and t-SNE only). Data settings come from ``--config``, else from
 the first mimco checkpoint's own config, then ``key=value`` overrides.
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, to_dict
+from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, save_config, to_dict
 from mimco.errors import MimcoError
 
 
@@ -24,7 +24,7 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
     """(display name, model or None for pixels, parsed checkpoint state or None)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from mimco.models.checkpoints import load_backbone
+    from mimco.models.formats import load_backbone
     from mimco.models.export import timm_kwargs
 
     if spec == "pixels":
@@ -38,10 +38,8 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
 
 
 def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
-    from mimco.cli.main import config_path
-
     if args.config:
-        return load_config(cls, config_path(args.config), args.overrides)
+        return load_config(cls, args.config, args.overrides)
     for st in states:
         if st is not None and st.config is not None:
             cfg = cls()
@@ -131,8 +129,8 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mimco.config_rules import check_resume
-    from mimco.engine import distributed as dist
-    from mimco.engine.checkpoint import load_checkpoint
+    from mimco import distributed as dist
+    from mimco.runs import CHECKPOINT, CONFIG, load_checkpoint
     from mimco.eval.finetune import finetune
     from mimco.eval.results import write_result
     from mimco.pipeline import setup
@@ -154,14 +152,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if cfg is None:
         cfg = _data_config(FinetuneConfig, args, [state])
         run_dir = Path(cfg.train.out_dir) / (cfg.train.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "last.pt").exists():
-            raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / 'last.pt'} or choose train.name")
+        if (run_dir / CHECKPOINT).exists():
+            raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / CHECKPOINT} or choose train.name")
     if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
         name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
     device = setup(cfg)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        save_config(cfg, run_dir / CONFIG)
     dist.barrier()
     summary = finetune(model, cfg, run_dir, device, resume)
     if dist.is_main():

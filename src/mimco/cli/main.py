@@ -9,32 +9,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from mimco.errors import MimcoError
 
-BUNDLED = Path(__file__).resolve().parent.parent / "configs"
-
-
-def config_path(name: str | None) -> str | None:
-    """A config file path, or the name of a bundled config (``fmnist_teacher``)."""
-    if not name or Path(name).is_file():
-        return name
-    bundled = BUNDLED / (name if name.endswith(".yaml") else name + ".yaml")
-    return str(bundled) if bundled.is_file() else name
-
-
 def _train(stage: str, args: argparse.Namespace) -> int:
     from mimco.config import apply_overrides, from_dict, load_config
     from mimco.config_rules import check_resume
-    from mimco.engine.checkpoint import find_last, load_checkpoint
     from mimco.pipeline import STAGES, run_stage
+    from mimco.runs import find_last, load_checkpoint
 
     cls = STAGES[stage]
     resume, run_dir = None, None
     if args.resume:
         if args.resume == "auto":
-            cfg = load_config(cls, config_path(args.config), args.overrides)
+            cfg = load_config(cls, args.config, args.overrides)
             if not cfg.train.name:
                 raise MimcoError("--resume auto needs the run's folder: set train.name=<run name> (and train.out_dir)")
             path = find_last(Path(cfg.train.out_dir) / cfg.train.name)
@@ -49,7 +40,7 @@ def _train(stage: str, args: argparse.Namespace) -> int:
         check_resume(resume["config"], cfg)
         run_dir = path.parent
     else:
-        cfg = load_config(cls, config_path(args.config), args.overrides)
+        cfg = load_config(cls, args.config, args.overrides)
     summary = run_stage(stage, cfg, resume, run_dir)
     print(json.dumps(summary, indent=2))
     if "stopped_by" in summary:
@@ -60,21 +51,21 @@ def _train(stage: str, args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mimco.config import PretrainConfig, apply_overrides, load_config
-    from mimco.models.checkpoints import load_backbone
+    from mimco.models.formats import load_backbone
     from mimco.pipeline import evaluate, setup
 
     model, state = load_backbone(args.checkpoint, args.encoder)
     if state.config is not None and not args.config:
         cfg = apply_overrides(state.config, args.overrides)
     else:  # an external checkpoint: the data comes from --config / overrides
-        cfg = load_config(PretrainConfig, config_path(args.config), args.overrides)
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
     device = setup(cfg)
     print(json.dumps(evaluate(model.to(device), cfg, device, linear=not args.no_linear), indent=2))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mimco.models.checkpoints import load_backbone
+    from mimco.models.formats import load_backbone
     from mimco.models.export import export_timm
 
     model, state = load_backbone(args.checkpoint, args.encoder)
@@ -87,7 +78,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from mimco.models.checkpoints import build_backbone, infer_arch, parse_checkpoint, read_file
+    from mimco.io import read_file
+    from mimco.models.formats import build_backbone, infer_arch, parse_checkpoint
     from mimco.models.export import timm_kwargs
 
     state = parse_checkpoint(read_file(args.checkpoint), args.encoder)
@@ -112,6 +104,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.out), quick=args.quick, threads=args.threads)
     return 0
+
+
+def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Every subcommand of :func:`build_parser` and the function that runs it."""
+    from mimco.cli.evaluate import HANDLERS
+
+    return {"teacher": partial(_train, "teacher"), "pretrain": partial(_train, "pretrain"), "eval": _eval,
+            "export": _export, "inspect": _inspect, "demo": _demo, **HANDLERS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as :func:`main` reads it (argparse exits with code 2 on a bad one)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (argparse stops collecting positionals at the first option)
@@ -156,16 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    try:
-        if args.command in ("teacher", "pretrain"):
-            return _train(args.command, args)
-        if args.command in ("eval", "export", "inspect"):
-            return {"eval": _eval, "export": _export, "inspect": _inspect}[args.command](args)
-        from mimco.cli.evaluate import HANDLERS
+    return args
 
-        if args.command in HANDLERS:
-            return HANDLERS[args.command](args)
-        return _demo(args)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return handlers()[args.command](args)
     except MimcoError as e:
         print(f"mimco: error: {e}", file=sys.stderr)
         return 2
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mimco: interrupted", file=sys.stderr)
         return 130
     finally:
-        from mimco.engine.distributed import destroy
+        from mimco.distributed import destroy
 
         destroy()
 

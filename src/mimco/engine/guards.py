@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mimco.engine import distributed as dist
+from mimco import distributed as dist
 
 
 class StopSignal:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimco.engine import distributed as dist
+from mimco import distributed as dist
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,11 +1,8 @@
-"""The one training loop both stages share.
+"""The one training loop every stage shares (teacher, pretrain, finetune).
 
-A *method* is an ``nn.Module`` whose ``forward(views, step, first_index)`` returns
-``(loss, logs)`` (``first_index``: the global index of the micro-batch's first sample, for
-masks), with ``backbone()`` for evaluation and optionally ``no_weight_decay()``,
-``param_groups(weight_decay)``, ``total_steps`` and ``on_epoch_end(epoch) -> metrics`` (called on
-every process; its ``metric_keys`` become log columns, and a checkpoint follows it). The loop adds
-everything else: per-iteration warm-up + cosine, bf16/fp16 autocast, gradient accumulation and
+It runs any :class:`~mimco.methods.base.TrainingMethod` (the contract: ``forward(views, step,
+first_index) -> (loss, logs)``, ``backbone()``, ``no_weight_decay()``, ``param_groups()``,
+``total_steps``, ``on_epoch_end()`` and ``metric_keys``) and adds everything else: per-iteration warm-up + cosine, bf16/fp16 autocast, gradient accumulation and
 clipping, gradient checkpointing, DDP/FSDP, a CSV row every ``log_every`` steps, a progress bar,
 atomic checkpoints (model, optimiser, step, every process's RNG state, resolved config), resume
 (the schedule is rebuilt from the resumed config), a clean stop on SIGTERM/SIGINT and a stop on
@@ -29,13 +26,14 @@ from tqdm import tqdm
 
 from mimco.config import to_dict
 from mimco.data.build import BatchStream
-from mimco.engine import distributed as dist
-from mimco.engine.checkpoint import atomic_save, save_weights
+from mimco import distributed as dist
 from mimco.engine.guards import FiniteGuard, StopSignal
 from mimco.engine.optim import build_optimizer, build_scheduler
 from mimco.engine.rng import all_rng_states, restore_rank_state
 from mimco.engine.sharding import full_state, load_state, shard
 from mimco.errors import MimcoError
+from mimco.methods.base import TrainingMethod, check_method
+from mimco.runs import CHECKPOINT, LOG, save_checkpoint
 
 
 class CsvLog:
@@ -75,8 +73,9 @@ def accumulation(local_batch: int, accum_steps: int, micro_batch: int) -> int:
 
 
 class Trainer:
-    def __init__(self, method: nn.Module, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
+    def __init__(self, method: TrainingMethod, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
                  device: torch.device, resume: dict[str, Any] | None = None) -> None:
+        check_method(method)
         self.method, self.cfg, self.stream, self.run_dir, self.stage, self.device = method, cfg, stream, run_dir, stage, device
         o, t = cfg.optim, cfg.train
         self.accum = accumulation(stream.local, o.accum_steps, o.micro_batch)
@@ -121,25 +120,19 @@ class Trainer:
         self.model: nn.Module = method
         if dist.world_size() > 1 and not fsdp:
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
-        self.log = CsvLog(run_dir / "log.csv", self.step if resume is not None else None) if dist.is_main() else None
+        self.log = CsvLog(run_dir / LOG, self.step if resume is not None else None) if dist.is_main() else None
         self.guard = FiniteGuard(device)
-        self.last_saved: tuple[Path, int] | None = (run_dir / "last.pt", self.step) if resume is not None else None
+        self.last_saved: tuple[Path, int] | None = (run_dir / CHECKPOINT, self.step) if resume is not None else None
 
     def checkpoint(self) -> Path:
         """Write last.pt atomically, unless the loss went non-finite since the last check."""
         self.check_finite()
-        path = self.run_dir / "last.pt"
+        path = self.run_dir / CHECKPOINT
         model_state, optim_state = full_state(self.method, self.optimizer)  # collective under FSDP
         rng = all_rng_states()  # collective: every process's generators, in rank order
         if dist.is_main():
-            atomic_save({"stage": self.stage, "step": self.step, "total_steps": self.total_steps,
-                         "model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
-                         "rng": rng, "config": to_dict(self.cfg)}, path)
-            if self.step >= self.total_steps:  # finished: the backbone alone, as a timm state dict
-                prefix = self.method.backbone_prefix
-                backbone = {k[len(prefix):]: v for k, v in model_state.items()
-                            if k.startswith(prefix) and not k[len(prefix):].startswith("head.")}
-                save_weights(backbone, self.run_dir / "backbone.safetensors", {"stage": self.stage})
+            save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state, optim_state,
+                            self.scaler.state_dict(), rng, to_dict(self.cfg))
         self.last_saved = (path, self.step)
         return path
 
@@ -196,8 +189,7 @@ class Trainer:
                    dynamic_ncols=True, leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         batches = self.stream(self.step)
         spe = self.stream.steps_per_epoch
-        on_epoch_end = getattr(self.method, "on_epoch_end", None)
-        metrics: dict[str, Any] = {k: "" for k in getattr(self.method, "metric_keys", ())}
+        metrics: dict[str, Any] = {k: "" for k in self.method.metric_keys}
         micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
         sums: dict[str, torch.Tensor] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
@@ -218,9 +210,10 @@ class Trainer:
                 n_logged += 1
                 seen += views[0].shape[0] * dist.world_size()
                 bar.update(1)
-                epoch_end = on_epoch_end is not None and (self.step % spe == 0 or self.step == self.total_steps)
-                if epoch_end:  # every process evaluates its share
-                    metrics = {**metrics, **on_epoch_end(round(self.step / spe, 4))}
+                epoch_done = self.step % spe == 0 or self.step == self.total_steps
+                if epoch_done:  # every process runs the hook (fine-tuning evaluates its share)
+                    metrics = {**metrics, **self.method.on_epoch_end(round(self.step / spe, 4))}
+                epoch_end = epoch_done and bool(self.method.metric_keys)  # new metrics: a log row and a checkpoint
                 if self.step % t.log_every == 0 or self.step == end or epoch_end:
                     self.check_finite()
                     self._bad_images()

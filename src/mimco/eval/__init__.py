@@ -1,7 +1,8 @@
-"""Evaluation of frozen features: k-NN and linear probe."""
+"""Evaluation of frozen features (k-NN, linear probe) and fine-tuning."""
 
 from mimco.eval.features import extract_features
 from mimco.eval.knn import knn_accuracy, knn_predict
 from mimco.eval.linear import linear_probe
+from mimco.eval.probe import Probe, probe_backbone
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict", "linear_probe"]
+__all__ = ["Probe", "extract_features", "knn_accuracy", "knn_predict", "linear_probe", "probe_backbone"]

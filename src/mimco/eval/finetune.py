@@ -23,11 +23,11 @@ from torch.utils.data import Dataset
 
 from mimco.config import FinetuneConfig
 from mimco.data.build import BatchStream, ImageArray, load_dataset
-from mimco.engine import distributed as dist
-from mimco.engine.checkpoint import save_weights
+from mimco import distributed as dist
 from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer, accumulation
 from mimco.errors import MimcoError
+from mimco.io import save_weights
 from mimco.eval.features import eval_batches
 from mimco.models.export import timm_kwargs
 
@@ -112,7 +112,7 @@ class Finetune(nn.Module):
     ``best.safetensors``. The best top-1/top-5/epoch live in a buffer, so they resume with the model.
     """
 
-    backbone_prefix = "model."
+    total_steps = 1
     metric_keys = ("top1", "top5", "best_top1")
 
     def __init__(self, model: VisionTransformer, cfg: FinetuneConfig, num_classes: int, test: Any, run_dir: Path) -> None:
@@ -138,6 +138,9 @@ class Finetune(nn.Module):
 
     def backbone(self) -> VisionTransformer:
         return self.model
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def on_epoch_end(self, epoch: float) -> dict[str, float]:
         """Evaluate (every process), keep the best weights (rank 0 writes), print one line."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimco.engine.distributed import gather_no_grad, rank
+from mimco.distributed import gather_no_grad, rank
 from mimco.masking import gather_tokens, masked_indices
 
 

@@ -8,25 +8,24 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import MimcoLossConfig
-from mimco.engine.distributed import rank
+from mimco.distributed import rank
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
-from mimco.models.heads import mlp_head
+from mimco.methods.base import MethodDefaults
+from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
 from mimco.models.vit import encode
 
 PATCH_LOSSES = ("infonce", "l1", "smooth_l1", "cosine")
 
 
-class MimCo(nn.Module):
+class MimCo(MethodDefaults, nn.Module):
     """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher.
 
     The teacher is a timm ViT whose ``head`` is its projector (``image_target="projector"``)
     or anything else (ignored for ``"cls"``). It stays in eval mode, takes no gradient and is
     never given to the optimiser.
     """
-
-    backbone_prefix = "student.backbone."  # where backbone() lives in the state dict
 
     def __init__(self, student: MaskedViT, teacher: VisionTransformer, loss: MimcoLossConfig,
                  mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0) -> None:
@@ -41,8 +40,8 @@ class MimCo(nn.Module):
         self.teacher.eval()
         s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
         # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
-        self.patch_head = mlp_head(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
-        self.image_head = (mlp_head(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
+        self.patch_head = ReconstructionHead(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
+        self.image_head = (ReconstructionHead(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
                            if loss.image_weight > 0 else None)
         self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold,
                                                     max_negatives=loss.patch_max_negatives)

@@ -10,7 +10,8 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.methods.losses import GlobalInfoNCE
-from mimco.models.heads import moco_mlp
+from mimco.methods.base import MethodDefaults
+from mimco.models.heads import MoCoMLP
 
 
 def momentum_at(step: int, total_steps: int, base: float) -> float:
@@ -18,26 +19,23 @@ def momentum_at(step: int, total_steps: int, base: float) -> float:
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1))) * (1.0 - base)
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(MethodDefaults, nn.Module):
     """Base encoder + projector + predictor, and an EMA momentum encoder + projector.
 
     Keys follow the released checkpoints without the DDP prefix: ``base_encoder.*`` (its
     ``head`` is the 3-layer projector), ``momentum_encoder.*``, ``predictor.*``.
     """
 
-    backbone_prefix = "momentum_encoder."  # where backbone() lives in the state dict
-
     def __init__(self, backbone: VisionTransformer, proj_dim: int = 256, mlp_dim: int = 4096,
                  temperature: float = 0.2, base_momentum: float = 0.99) -> None:
         super().__init__()
-        backbone.head = moco_mlp(3, backbone.embed_dim, mlp_dim, proj_dim)
+        backbone.head = MoCoMLP(3, backbone.embed_dim, mlp_dim, proj_dim)
         self.base_encoder = backbone
         self.momentum_encoder = copy.deepcopy(backbone)
         self.momentum_encoder.requires_grad_(False)
-        self.predictor = moco_mlp(2, proj_dim, mlp_dim, proj_dim)
+        self.predictor = MoCoMLP(2, proj_dim, mlp_dim, proj_dim)
         self.criterion = GlobalInfoNCE(temperature)
         self.base_momentum = base_momentum
-        self.total_steps = 1
         self._updated_at = -1
 
     @torch.no_grad()

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.engine.distributed import rank
+from mimco.distributed import rank
 from mimco.masking import MaskGenerator
+from mimco.methods.base import MethodDefaults
 from mimco.models.student import MaskedViT
 
 
@@ -19,8 +20,8 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-class SimMIM(nn.Module):
-    backbone_prefix = "student.backbone."
+class SimMIM(MethodDefaults, nn.Module):
+    """Masked student, linear pixel decoder; the loss is L1 on the masked patches' pixels."""
 
     def __init__(self, student: MaskedViT, mask_generator: MaskGenerator) -> None:
         super().__init__()

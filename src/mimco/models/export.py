@@ -8,7 +8,7 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.engine.checkpoint import save_weights
+from mimco.io import save_weights
 
 _NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224", 1024: "vit_large_patch16_224"}
 

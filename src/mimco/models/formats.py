@@ -6,19 +6,21 @@ from the format's known value or the config). Pickles load with ``weights_only=T
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.errors import MimcoError, unreadable_checkpoint
-from mimco.models.heads import moco_mlp
+from mimco.config import PretrainConfig, TeacherConfig, from_dict
+from mimco.errors import MimcoError
+from mimco.io import read_file
+from mimco.models.heads import MoCoMLP
+from mimco.models.vit import resolve_arch
+from mimco.runs import BACKBONE_PREFIX, is_checkpoint
 
 FORMATS = {
     "mocov3": "MoCo v3 pre-training checkpoint",
@@ -46,23 +48,6 @@ class BackboneState:
     @property
     def format(self) -> str:
         return FORMATS[self.kind]
-
-
-def read_file(path: str | Path) -> Any:
-    """The raw contents of a checkpoint: safetensors, or a pickle read with ``weights_only=True``."""
-    p = Path(path)
-    if not p.is_file():
-        raise MimcoError(f"checkpoint not found: {p}")
-    if p.suffix == ".safetensors":
-        try:
-            return load_file(str(p))
-        except Exception as e:
-            raise MimcoError(f"cannot read {p} as safetensors: {str(e).splitlines()[0][:200]}") from None
-    try:  # DINO and MAE full checkpoints store their argparse Namespace: allow that one plain class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MimcoError(unreadable_checkpoint(p, e)) from None
 
 
 def _strip(sd: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
@@ -99,24 +84,17 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
     """Detect the layout of ``obj`` (a loaded checkpoint) and pull out its backbone."""
     if not isinstance(obj, dict):
         raise MimcoError(f"a checkpoint should hold a dict, this one holds {type(obj).__name__}")
-    if "stage" in obj and "model" in obj and "config" in obj:  # mimco
-        from mimco.config import PretrainConfig, TeacherConfig, from_dict
-        from mimco.models.vit import resolve_arch
-
-        sd = obj["model"]
-        if obj["stage"] not in ("teacher", "pretrain"):
-            raise MimcoError(f"this is a mimco '{obj['stage']}' checkpoint (a classifier); its accuracy is in its run "
+    if is_checkpoint(obj):  # mimco's own run checkpoint (layout: mimco.runs)
+        stage, sd = obj["stage"], obj["model"]
+        if stage not in ("teacher", "pretrain"):
+            raise MimcoError(f"this is a mimco '{stage}' checkpoint (a classifier); its accuracy is in its run "
                              "folder's summary.json; pass a teacher or pretrain checkpoint")
-        if obj["stage"] == "teacher":
-            cfg = from_dict(TeacherConfig, obj["config"])
-            prefix = _choose(encoder, {"momentum": "momentum_encoder.", "base": "base_encoder."}, FORMATS["mimco_teacher"])
-            body, proj, _ = _split_head(_strip(sd, prefix))
-            rest = [k for k in sd if not k.startswith(prefix)]
-            return BackboneState("mimco_teacher", prefix, body, proj, _groups(rest), resolve_arch(cfg.model)[2], cfg)
-        cfg = from_dict(PretrainConfig, obj["config"])
-        prefix = "student.backbone."
+        kind = f"mimco_{stage}"
+        cfg = from_dict(TeacherConfig if stage == "teacher" else PretrainConfig, obj["config"])
+        prefix = _choose(encoder, BACKBONE_PREFIX[stage], FORMATS[kind])
+        body, proj, _ = _split_head(_strip(sd, prefix))
         rest = [k for k in sd if not k.startswith(prefix)]
-        return BackboneState("mimco_pretrain", prefix, _strip(sd, prefix), {}, _groups(rest), resolve_arch(cfg.model)[2], cfg)
+        return BackboneState(kind, prefix, body, proj, _groups(rest), resolve_arch(cfg.model)[2], cfg)
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd = obj["state_dict"]
         if any(k.startswith("module.base_encoder.") for k in sd):
@@ -209,10 +187,7 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
                          f"missing {sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
                          f"unexpected {sorted(unexpected)[:4]}{' ...' if len(unexpected) > 4 else ''}")
     if state.projector:
-        p = state.projector
-        head = moco_mlp(3, dim, p["0.weight"].shape[0], p["6.weight"].shape[0])
-        head.load_state_dict(p)
-        vit.head = head
+        vit.head = MoCoMLP.from_state_dict(state.projector)
     return vit
 
 

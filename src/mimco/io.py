@@ -1,14 +1,16 @@
-"""Checkpoints: atomic writes, ``weights_only`` reads, safetensors for final weights."""
+"""Reading and writing tensors: atomic pickles for run state, safetensors for weights, and the
+one ``torch.load`` of the package (``weights_only=True``). User errors are :class:`MimcoError`."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mimco.errors import MimcoError, unreadable_checkpoint
 
@@ -41,23 +43,25 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a mimco checkpoint with ``weights_only=True``; user errors are :class:`MimcoError`."""
+def torch_load(path: str | Path, missing: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU. DINO and MAE full checkpoints store their
+    argparse ``Namespace``: that one plain class is allowed. ``missing`` ends the not-found message."""
     p = Path(path)
     if not p.is_file():
-        raise MimcoError(f"checkpoint not found: {p}; pass the last.pt of a finished or interrupted run")
+        raise MimcoError(f"checkpoint not found: {p}" + (f"; {missing}" if missing else ""))
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise MimcoError(unreadable_checkpoint(p, e)) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
-        raise MimcoError(f"{p} is not a mimco checkpoint (no 'model'/'stage' keys); pass a last.pt written by mimco")
-    return ckpt
 
 
-def find_last(run_dir: str | Path) -> Path:
-    """``--resume auto``: the run folder's last.pt."""
-    p = Path(run_dir) / "last.pt"
-    if not p.is_file():
-        raise MimcoError(f"nothing to resume: {p} does not exist; drop --resume or name a checkpoint")
-    return p
+def read_file(path: str | Path) -> Any:
+    """The raw contents of a weights file: safetensors, or a pickle read by :func:`torch_load`."""
+    p = Path(path)
+    if p.suffix == ".safetensors" and p.is_file():
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise MimcoError(f"cannot read {p} as safetensors: {str(e).splitlines()[0][:200]}") from None
+    return torch_load(p)

@@ -11,8 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimco.cli.main import main
 from mimco.errors import MimcoError
-from mimco.models import moco_mlp, sincos_pos_embed
-from mimco.models.checkpoints import load_backbone
+from mimco.models import MoCoMLP, sincos_pos_embed
+from mimco.models.formats import load_backbone
 
 DIM, DEPTH, IMG, PATCH = 384, 2, 32, 16  # ViT-S width, shallow to stay fast
 
@@ -38,9 +38,9 @@ def moco_file(path, img: int = IMG):
     for name, enc in (("base_encoder", base), ("momentum_encoder", mom)):
         for k, v in enc.state_dict().items():
             sd[f"module.{name}.{k}"] = v
-        for k, v in moco_mlp(3, DIM, 64, 32).state_dict().items():
+        for k, v in MoCoMLP(3, DIM, 64, 32).state_dict().items():
             sd[f"module.{name}.head.{k}"] = v
-    for k, v in moco_mlp(2, 32, 64, 32).state_dict().items():
+    for k, v in MoCoMLP(2, 32, 64, 32).state_dict().items():
         sd[f"module.predictor.{k}"] = v
     torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
@@ -55,7 +55,7 @@ def test_mocov3_momentum_and_base(tmp_path):
     assert state.kind == "mocov3" and model.blocks[0].attn.num_heads == 12
     assert same_features(model, mom)
     assert torch.equal(model.pos_embed, sd["module.momentum_encoder.pos_embed"])  # the stored table, bit for bit
-    head = moco_mlp(3, DIM, 64, 32)
+    head = MoCoMLP(3, DIM, 64, 32)
     head.load_state_dict({k[len("module.momentum_encoder.head."):]: v for k, v in sd.items()
                           if k.startswith("module.momentum_encoder.head.")})
     f = torch.randn(4, DIM)

@@ -1,0 +1,56 @@
+"""Evaluate a frozen backbone: features of both splits, weighted k-NN and the fast linear probe.
+
+The one function behind ``mimco eval``, the k-NN at the end of a training run, the demo's
+table and the study's rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mimco.config import DataConfig, EvalConfig
+from mimco.data.build import ImageArray
+from mimco.eval.features import extract_features
+from mimco.eval.knn import knn_accuracy
+from mimco.eval.linear import linear_probe
+
+
+@dataclass
+class Probe:
+    """Top-1 (%) of one backbone, and the test features behind it (for t-SNE)."""
+
+    knn_top1: float
+    linear_top1: float | None
+    seconds: float
+    test_features: torch.Tensor = field(repr=False)
+    test_labels: torch.Tensor = field(repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"knn_top1": round(self.knn_top1, 2)}
+        if self.linear_top1 is not None:
+            out["linear_top1"] = round(self.linear_top1, 2)
+        return out
+
+
+def has_labels(train: Any, test: Any) -> bool:
+    """Whether a (train, test) pair can be scored: a test split exists and the bank is labelled."""
+    return test is not None and not (isinstance(train, ImageArray) and int(train.labels.min()) < 0)
+
+
+def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
+                   device: torch.device, linear: bool = True, seed: int = 0) -> Probe:
+    """k-NN (``ev.knn_k``, ``ev.knn_temperature``, a bank of at most ``ev.max_train`` images) and,
+    with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels)."""
+    start = time.perf_counter()
+    train, test = splits
+    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
+        train = ImageArray(train.images[: ev.max_train], train.labels[: ev.max_train], train.channels)
+    ftr, ytr = extract_features(backbone, train, data, device)
+    fte, yte = extract_features(backbone, test, data, device)
+    knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
+    lin = linear_probe(ftr, ytr, fte, yte, seed=seed) if linear else None
+    return Probe(knn, lin, time.perf_counter() - start, fte, yte)

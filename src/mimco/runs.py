@@ -1,0 +1,108 @@
+"""The run folder and its checkpoint: the one place that writes and reads their layout.
+
+A run folder (one per ``mimco teacher | pretrain | finetune``) holds ``config.yaml`` (the
+resolved config), ``log.csv``, ``last.pt`` (the resumable run checkpoint), ``summary.json``
+(written when the process ends) and, once finished, ``backbone.safetensors`` (a timm state dict).
+
+``last.pt`` is a dict with the keys of :data:`CHECKPOINT_KEYS`. Its ``model`` entry is the
+method's full state dict; the backbone lives under :data:`BACKBONE_PREFIX` of the stage (the
+engine writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it back).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimco.errors import MimcoError
+from mimco.io import atomic_save, save_weights, torch_load
+
+CHECKPOINT = "last.pt"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+LOG = "log.csv"
+BACKBONE = "backbone.safetensors"
+
+STAGES = ("teacher", "pretrain", "finetune")
+CHECKPOINT_KEYS = ("stage", "step", "total_steps", "model", "optimizer", "scaler", "rng", "config")
+
+#: stage -> encoder -> where that backbone's weights live in the checkpoint's ``model`` dict
+BACKBONE_PREFIX: dict[str, dict[str, str]] = {
+    "teacher": {"momentum": "momentum_encoder.", "base": "base_encoder."},
+    "pretrain": {"momentum": "student.backbone.", "base": "student.backbone."},
+    "finetune": {"momentum": "model.", "base": "model."},
+}
+
+
+def backbone_prefix(stage: str, encoder: str = "momentum") -> str:
+    """The key prefix of ``stage``'s evaluated backbone (``encoder``: MoCo's momentum or base encoder)."""
+    if encoder not in BACKBONE_PREFIX[stage]:
+        raise MimcoError(f"unknown encoder '{encoder}' for a mimco {stage} checkpoint; choose momentum or base")
+    return BACKBONE_PREFIX[stage][encoder]
+
+
+def backbone_state(model_state: dict[str, torch.Tensor], stage: str, encoder: str = "momentum") -> dict[str, torch.Tensor]:
+    """The backbone's tensors out of a run's ``model`` state dict, in timm names, without ``head.*``."""
+    prefix = backbone_prefix(stage, encoder)
+    return {k[len(prefix):]: v for k, v in model_state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith("head.")}
+
+
+def save_checkpoint(run_dir: Path, stage: str, step: int, total_steps: int, model: dict[str, Any],
+                    optimizer: dict[str, Any], scaler: dict[str, Any], rng: list[Any], config: dict[str, Any]) -> Path:
+    """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    path = run_dir / CHECKPOINT
+    atomic_save({"stage": stage, "step": step, "total_steps": total_steps, "model": model, "optimizer": optimizer,
+                 "scaler": scaler, "rng": rng, "config": config}, path)
+    if step >= total_steps:  # finished: the backbone alone, as a timm state dict
+        save_weights(backbone_state(model, stage), run_dir / BACKBONE, {"stage": stage})
+    return path
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is a mimco run checkpoint (as opposed to a foreign format)."""
+    return isinstance(obj, dict) and {"stage", "model", "config"} <= obj.keys() and obj["stage"] in STAGES
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a run's ``last.pt`` (``weights_only=True``); user errors are :class:`MimcoError`."""
+    p = Path(path)
+    ckpt = torch_load(p, "pass the last.pt of a finished or interrupted run")
+    if not is_checkpoint(ckpt):
+        raise MimcoError(f"{p} is not a mimco checkpoint (no 'model'/'stage' keys); pass a last.pt written by mimco")
+    return ckpt
+
+
+def find_last(run_dir: str | Path) -> Path:
+    """``--resume auto``: the run folder's last.pt."""
+    p = Path(run_dir) / CHECKPOINT
+    if not p.is_file():
+        raise MimcoError(f"nothing to resume: {p} does not exist; drop --resume or name a checkpoint")
+    return p
+
+
+def last_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run folder's checkpoint to resume from, or None for a fresh run."""
+    p = Path(run_dir) / CHECKPOINT
+    return load_checkpoint(p) if p.is_file() else None
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json`` ({} when there is none yet)."""
+    f = Path(run_dir) / SUMMARY
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
+    (Path(run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether the run in ``run_dir`` reached the end of its schedule (its summary says so)."""
+    s = read_summary(run_dir)
+    return "step" in s and s["step"] >= s.get("total_steps", float("inf")) and "stopped_by" not in s

@@ -1,0 +1,41 @@
+"""The method contract: every training method satisfies TrainingMethod, and its backbone sits in
+its state dict where the run-checkpoint layout (mimco.runs) says it does."""
+
+import pytest
+import torch
+from torch import nn
+
+from mimco.config import FinetuneConfig, ModelConfig
+from mimco.masking import MaskGenerator
+from mimco.methods import MoCoV3
+from mimco.methods.base import TrainingMethod, check_method
+from mimco.methods.simmim import SimMIM
+from mimco.models import MaskedViT, create_vit
+from mimco.runs import backbone_state
+from tests.methods.test_mimco import tiny_mimco
+
+
+def _vit():
+    return create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3)
+
+
+def methods():
+    from mimco.eval.finetune import Finetune, build_classifier
+
+    gen = MaskGenerator("random", 0.5, (4, 4), seed=0)
+    return [("teacher", MoCoV3(_vit(), 16, 32)), ("pretrain", tiny_mimco()), ("pretrain", SimMIM(MaskedViT(_vit()), gen)),
+            ("finetune", Finetune(build_classifier(_vit(), 10), FinetuneConfig(), 10, None, None))]
+
+
+@pytest.mark.parametrize("stage,method", methods(), ids=["moco", "mimco", "simmim", "finetune"])
+def test_methods_keep_the_contract_and_the_layout(stage, method):
+    assert isinstance(method, TrainingMethod)
+    check_method(method)
+    want = {k: v for k, v in method.backbone().state_dict().items() if not k.startswith("head.")}
+    got = backbone_state(method.state_dict(), stage)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_module_without_the_hooks_is_refused_by_name():
+    with pytest.raises(TypeError, match="lacks .*backbone.*no_weight_decay"):
+        check_method(nn.Linear(2, 2))

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from mimco.errors import MimcoError
+from mimco.runs import (BACKBONE, CHECKPOINT, backbone_state, find_last, is_finished, last_checkpoint, load_checkpoint,
+                        save_checkpoint, write_summary)
+from safetensors.torch import load_file
+
+
+def _save(run, step, total):
+    model = {"student.backbone.cls_token": torch.ones(1, 1, 4), "student.backbone.head.weight": torch.ones(2, 4),
+             "student.mask_token": torch.zeros(1, 1, 4)}
+    return save_checkpoint(run, "pretrain", step, total, model, {}, {}, [], {"method": "mimco"})
+
+
+def test_checkpoint_round_trip_and_backbone_on_the_last_step(tmp_path):
+    _save(tmp_path, 3, 10)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
+    assert (ckpt["stage"], ckpt["step"], ckpt["total_steps"]) == ("pretrain", 3, 10)
+    assert not (tmp_path / BACKBONE).exists()
+    _save(tmp_path, 10, 10)
+    assert set(load_file(str(tmp_path / BACKBONE))) == {"cls_token"}  # no head, no mask token
+    assert last_checkpoint(tmp_path)["step"] == 10 and find_last(tmp_path) == tmp_path / CHECKPOINT
+
+
+def test_backbone_prefixes_by_stage_and_encoder():
+    sd = {"momentum_encoder.a": torch.ones(1), "base_encoder.a": torch.zeros(1), "predictor.0.weight": torch.ones(1)}
+    assert torch.equal(backbone_state(sd, "teacher")["a"], torch.ones(1))
+    assert torch.equal(backbone_state(sd, "teacher", "base")["a"], torch.zeros(1))
+    with pytest.raises(MimcoError, match="unknown encoder"):
+        backbone_state(sd, "teacher", "ema")
+
+
+def test_finished_means_the_whole_schedule(tmp_path):
+    assert not is_finished(tmp_path) and last_checkpoint(tmp_path) is None
+    write_summary(tmp_path, {"step": 5, "total_steps": 10})
+    assert not is_finished(tmp_path)
+    write_summary(tmp_path, {"step": 5, "total_steps": 10, "stopped_by": "SIGTERM"})
+    assert not is_finished(tmp_path)
+    write_summary(tmp_path, {"step": 10, "total_steps": 10})
+    assert is_finished(tmp_path) and json.loads((tmp_path / "summary.json").read_text())["step"] == 10
+
+
+def test_foreign_files_are_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.pt")
+    with pytest.raises(MimcoError, match="not a mimco checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    with pytest.raises(MimcoError, match="nothing to resume"):
+        find_last(tmp_path / "none")
