@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import matmul_peak, measure  # noqa: E402
 
+from mimco.runs import CHECKPOINT, load_checkpoint, read_summary  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +47,7 @@ def sizes(cpu: bool) -> tuple[list[str], list[str], int]:
 
 
 def last_step(run: Path) -> int:
-    return int(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["step"])
+    return int(load_checkpoint(run / CHECKPOINT)["step"])
 
 
 def finite_log(run: Path) -> bool:
@@ -80,7 +82,7 @@ def main() -> int:
             f"train.out_dir={out}", "aug.auto_augment="]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "mimco"]
     bf16 = "train.precision=bf16"
-    teacher = out / "teacher" / "last.pt"
+    teacher = out / "teacher" / CHECKPOINT
     student = [*base, f"teacher.checkpoint={teacher}", "loss.head_hidden_dim=64" if a.cpu else "loss.head_hidden_dim=1024"]
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
@@ -96,7 +98,7 @@ def main() -> int:
                                                      "train.name=mimco-block"]], "mimco-block", 2 * spe),
         ("resume: stopped, resumed with a longer schedule",
          [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
-          ["pretrain", "--resume", str(out / "mimco-resume" / "last.pt"), "optim.epochs=3"]], "mimco-resume", 3 * spe),
+          ["pretrain", "--resume", str(out / "mimco-resume" / CHECKPOINT), "optim.epochs=3"]], "mimco-resume", 3 * spe),
         ("finetune: shared engine, bf16, mixup", [["finetune", str(teacher), *tune, bf16, "train.name=finetune"]],
          "finetune", 2 * spe),
         ("finetune: FSDP", [["finetune", str(teacher), *tune, bf16, "train.strategy=fsdp", "train.name=finetune-fsdp"]],
@@ -128,11 +130,11 @@ def main() -> int:
                 break
         run = out / folder
         if not why:
-            got = last_step(run) if (run / "last.pt").is_file() else -1
+            got = last_step(run) if (run / CHECKPOINT).is_file() else -1
             why = "" if got == steps else f"ended at step {got}, expected {steps}"
         if not why and not folder.startswith("finetune") and not finite_log(run):
             why = "a non-finite loss in log.csv"
-        if not why and "eval at end" in name and "knn_top1" not in json.loads((run / "summary.json").read_text()):
+        if not why and "eval at end" in name and "knn_top1" not in read_summary(run):
             why = "no k-NN result in summary.json"
         results.append((name, "FAIL" if why else "PASS", time.perf_counter() - t0, why))
         print(f"{results[-1][1]}  {name}  ({results[-1][2]:.0f} s){'  ' + why if why else ''}", flush=True)

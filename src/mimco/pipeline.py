@@ -23,7 +23,7 @@ from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM
 from mimco.models import MaskedViT, MoCoMLP, create_vit
 from mimco.models.formats import load_backbone
-from mimco.runs import CHECKPOINT, CONFIG, write_summary
+from mimco.runs import CHECKPOINT, CONFIG, finished, write_summary
 
 STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
 
@@ -55,12 +55,12 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
 
 
 def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool) -> Path:
+    """``train.out_dir/train.name`` (or ``<stage>-<time>``); refuses to start over a run's checkpoint.
+    The folder is made once the stage has been built, so a refused command leaves none behind."""
     name = cfg.train.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     d = Path(cfg.train.out_dir) / name
     if not resuming and (d / CHECKPOINT).exists():
         raise MimcoError(f"{d} already holds a run; pass --resume auto to continue it or choose another train.name")
-    if dist.is_main():
-        d.mkdir(parents=True, exist_ok=True)
     return d
 
 
@@ -124,8 +124,6 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
     """Train one stage end to end; returns a summary (also written to the run folder)."""
     device = setup(cfg)
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
     stream = _stream(cfg, device, two_views=stage == "teacher")
     if stage == "teacher":
         method: torch.nn.Module = MoCoV3(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.moco.proj_dim,
@@ -134,10 +132,11 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
         method = build_pretrain_method(cfg, device)
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
     summary["run_dir"] = str(run_dir)
-    if dist.is_main() and cfg.eval.at_end and summary["step"] >= summary["total_steps"] and "stopped_by" not in summary:
+    if dist.is_main() and cfg.eval.at_end and finished(summary):
         summary.update(evaluate(final_backbone(method, cfg, run_dir, device), cfg, device, linear=False))
     if dist.is_main():
         write_summary(run_dir, summary)

@@ -102,7 +102,11 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     (Path(run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
+def finished(summary: dict[str, Any]) -> bool:
+    """Whether a run's summary says it reached the end of its schedule (not stopped early)."""
+    return "step" in summary and summary["step"] >= summary.get("total_steps", float("inf")) and "stopped_by" not in summary
+
+
 def is_finished(run_dir: str | Path) -> bool:
-    """Whether the run in ``run_dir`` reached the end of its schedule (its summary says so)."""
-    s = read_summary(run_dir)
-    return "step" in s and s["step"] >= s.get("total_steps", float("inf")) and "stopped_by" not in s
+    """Whether the run in ``run_dir`` reached the end of its schedule."""
+    return finished(read_summary(run_dir))

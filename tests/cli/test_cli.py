@@ -64,6 +64,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, args, message):
     code, _, err = run_cli(capsys, *args, f"train.out_dir={tmp_path}")
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # a refused command leaves no run folder behind
 
 
 def test_empty_and_corrupt_folders(tmp_path, capsys):

@@ -18,14 +18,15 @@ import torch
 
 from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, save_config, to_dict
 from mimco.errors import MimcoError
+from mimco.runs import CHECKPOINT, CONFIG, load_checkpoint
 
 
 def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
     """(display name, model or None for pixels, parsed checkpoint state or None)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from mimco.models.formats import load_backbone
     from mimco.models.export import timm_kwargs
+    from mimco.models.formats import load_backbone
 
     if spec == "pixels":
         return "raw pixels", None, None
@@ -34,7 +35,7 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
         torch.manual_seed(0)
         return "random-init ViT", VisionTransformer(**timm_kwargs(shaped)), state  # timm's fresh initialisation
     model, state = load_backbone(spec, encoder, 0, num_heads)
-    return Path(spec).parent.name + "/" + Path(spec).name if Path(spec).name == "last.pt" else Path(spec).name, model, state
+    return Path(spec).parent.name + "/" + Path(spec).name if Path(spec).name == CHECKPOINT else Path(spec).name, model, state
 
 
 def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
@@ -52,7 +53,7 @@ def _out_dir(args: argparse.Namespace, spec: str) -> Path:
     if args.out:
         return Path(args.out)
     p = Path(spec.split(":", 1)[-1])
-    return p.parent / "eval" if (p.parent / "config.yaml").is_file() else Path("runs") / "eval"
+    return p.parent / "eval" if (p.parent / CONFIG).is_file() else Path("runs") / "eval"
 
 
 def _row(command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -130,7 +131,6 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mimco.config_rules import check_resume
     from mimco import distributed as dist
-    from mimco.runs import CHECKPOINT, CONFIG, load_checkpoint
     from mimco.eval.finetune import finetune
     from mimco.eval.results import write_result
     from mimco.pipeline import setup

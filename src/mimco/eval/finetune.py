@@ -28,6 +28,7 @@ from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer, accumulation
 from mimco.errors import MimcoError
 from mimco.io import save_weights
+from mimco.runs import write_summary
 from mimco.eval.features import eval_batches
 from mimco.models.export import timm_kwargs
 
@@ -208,5 +209,5 @@ def finetune(backbone: VisionTransformer, cfg: FinetuneConfig, run_dir: Path, de
     if "stopped_by" in out:
         summary["stopped_by"] = out["stopped_by"]
     if dist.is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(run_dir, summary)
     return summary
