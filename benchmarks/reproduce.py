@@ -40,7 +40,7 @@ from mimco.eval.plots import curves_figure, read_log, tsne_figure
 from mimco.models.formats import load_backbone
 from mimco.models.export import timm_kwargs
 from mimco.models.vit import encode
-from mimco.eval.probe import probe_backbone
+from mimco.eval.probe import probe_backbone, probe_few_labels
 from mimco.pipeline import run_stage, setup
 from mimco.runs import CHECKPOINT, CONFIG, LOG, SUMMARY, is_finished, last_checkpoint, read_summary
 
@@ -60,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune": ["optim.epochs=1", "optim.batch_size=64", "optim.warmup_epochs=0.2", "optim.base_lr=1e-3",
                      "data.num_workers=0"],
         "seeds": [0, 1], "ablations": ["patch only", "L1 regression", "block masking"], "seeded": ["patch only"],
+        "few": [4, 20], "few_finetune": ["data.labels_per_class=4", "optim.batch_size=8", "optim.epochs=2"],
     },
     "cpu": {  # the demo's configuration (16 tokens), see configs/fmnist_*.yaml
         "data": ["data.name=fashion_mnist", "data.img_size=28", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
@@ -74,6 +75,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "classifier.layer_decay=0.75", "classifier.drop_path_rate=0", "aug.auto_augment=", "aug.mixup=0",
                      "aug.cutmix=0", "aug.reprob=0", "aug.min_scale=0.8"],
         "seeds": [0, 1, 2], "ablations": "all", "seeded": [],  # --seeded-ablations claim3: +14 min
+        # few labels: probes on 10 and 100 labelled images per class (3 subsets each), and a fine-tune from 10 per
+        # class (100 images: batch 32, 20 epochs of 3 steps)
+        "few": [10, 100], "few_finetune": ["data.labels_per_class=10", "optim.batch_size=32", "optim.epochs=20",
+                                           "optim.warmup_epochs=2"],
     },
     "gpu": {  # ViT-Tiny at 32 px / patch 4 (64 tokens); data on the device, augmented there
         "data": ["data.name=fashion_mnist", "data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
@@ -88,6 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "aug.cutmix=0", "aug.reprob=0", "aug.min_scale=0.8", "data.num_workers=8", "data.on_device=false",
                      "train.precision=bf16"],
         "seeds": [0, 1, 2], "ablations": "all", "seeded": CLAIM_3,
+        "few": [10, 100], "few_finetune": ["data.labels_per_class=10", "optim.batch_size=32", "optim.epochs=20",
+                                           "optim.warmup_epochs=2"],
     },
 }
 
@@ -124,12 +131,20 @@ def folder(runs: Path, row: str, seed: int | None = None) -> Path:
     return runs / (name if seed is None else f"{name}-s{seed}")
 
 
+def _changed(saved: Any, now: Any) -> bool:
+    """Whether a key of the saved config has another value now (keys a newer mimco added are not
+    in ``saved`` and do not count)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return any(k not in now or _changed(v, now[k]) for k, v in saved.items())
+    return saved != now
+
+
 def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
     """Run, resume or reuse one stage in ``run`` (reuse only when its saved config is the same)."""
     cls = TeacherConfig if stage == "teacher" else PretrainConfig
     cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
                                   "train.progress=false", "eval.at_end=false", "train.ckpt_every=100"])
-    if (run / CONFIG).is_file() and yaml.safe_load((run / CONFIG).read_text()) != to_dict(cfg):
+    if (run / CONFIG).is_file() and _changed(yaml.safe_load((run / CONFIG).read_text()), to_dict(cfg)):
         raise SystemExit(f"{run} was trained with another configuration; use a fresh --out for a changed preset")
     if is_finished(run):
         return read_summary(run)
@@ -141,35 +156,62 @@ def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
     return summary
 
 
-def _finetune_config(p: dict, run: Path) -> tuple[FinetuneConfig, str]:
-    """The preset's fine-tune config and a short hash of it (names its folder, keys its cached result)."""
-    over = [*[o for o in p["data"] if not o.startswith("train.")], *p["finetune"], "train.progress=false"]
+def _finetune_config(p: dict, run: Path, few: bool = False) -> tuple[FinetuneConfig, str]:
+    """The preset's fine-tune config (``few``: from its few labels) and a short hash of it (names its
+    folder, keys its cached result)."""
+    over = [*[o for o in p["data"] if not o.startswith("train.")], *p["finetune"], *(p["few_finetune"] if few else []),
+            "train.progress=false"]
     key = hashlib.sha256(yaml.safe_dump(to_dict(load_config(FinetuneConfig, None, over))).encode()).hexdigest()[:8]
     return load_config(FinetuneConfig, None, [*over, f"train.out_dir={run}", f"train.name=finetune-{key}"]), key
 
 
-def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool) -> dict:
-    """k-NN, linear probe (and fine-tune) of one model; cached in run/eval.json. Each fine-tune
-    config has its own folder (finetune-<hash>), so a changed recipe fine-tunes again and a
-    finished one (its summary.json) is reused when the recipe comes back."""
+def _finetuned(model: torch.nn.Module, fcfg: FinetuneConfig, run: Path, device: torch.device) -> dict:
+    """Fine-tune ``model`` in ``run/<fcfg.train.name>``, or reuse the finished result there."""
+    ft = run / fcfg.train.name
+    ft.mkdir(parents=True, exist_ok=True)
+    return read_summary(ft) if is_finished(ft) else finetune(model, fcfg, ft, device, last_checkpoint(ft))
+
+
+def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool,
+             few: bool = False) -> dict:
+    """k-NN, linear probe (and fine-tune) of one model; with ``few`` also the few-label block: k-NN
+    and linear probe on each of ``p["few"]`` labelled images per class (subsets 0..eval.few_label_seeds-1) and a
+    fine-tune from the smallest. Cached in run/eval.json. Each fine-tune config has its own folder
+    (finetune-<hash>), so a changed recipe fine-tunes again and a finished one (its summary.json)
+    is reused when the recipe comes back."""
     cache = run / "eval.json"
     out = json.loads(cache.read_text()) if cache.is_file() else {}
     fcfg, key = _finetune_config(p, run)
+    few_cfg, few_key = _finetune_config(p, run, few=True)
     if out.get("finetune_config") != key:
         out.pop("finetune", None)
-    if "knn" in out and ("finetune" in out or not do_finetune):
+    if out.get("few_finetune_config") != few_key:
+        out.pop("few_finetune", None)
+    want_few = {str(n) for n in p["few"]} if few else set()
+    ft_few = few and model is not None
+    if ("knn" in out and ("finetune" in out or not do_finetune) and want_few <= set(out.get("few", {}))
+            and ("few_finetune" in out or not ft_few)):
         return out
     cfg = load_config(PretrainConfig, None, [*p["data"], *p["model"]])
     device = setup(cfg)
     m = model.to(device) if model is not None else None
+    test_feats = None
     if "knn" not in out:
         r = probe_backbone(m, splits, cfg.data, cfg.eval, device, seed=0)
         out.update(knn=r.knn_top1, linear=r.linear_top1, probe_seconds=round(r.seconds, 1))
-    if do_finetune and m is not None:
-        ft = run / fcfg.train.name
-        ft.mkdir(parents=True, exist_ok=True)
-        res = read_summary(ft) if is_finished(ft) else finetune(m, fcfg, ft, device, last_checkpoint(ft))
+        test_feats = r.test_features, r.test_labels
+    for n in sorted(want_few - set(out.get("few", {})), key=int):
+        if test_feats is None:
+            test_feats = extract_features(m, splits[1], cfg.data, device)
+        res = probe_few_labels(m, splits[0], *test_feats, cfg.data, device, int(n),
+                               seeds=tuple(range(cfg.eval.few_label_seeds)), ks=(cfg.eval.few_knn_k,), linear={"seed": 0})
+        out.setdefault("few", {})[n] = {"knn": res[f"knn{cfg.eval.few_knn_k}_top1"], "linear": res["linear_top1"]}
+    if do_finetune and m is not None and "finetune" not in out:
+        res = _finetuned(m, fcfg, run, device)
         out.update(finetune=res["top1"], finetune_config=key, finetune_seconds=res["train_seconds"])
+    if ft_few and "few_finetune" not in out:
+        res = _finetuned(m, few_cfg, run, device)
+        out.update(few_finetune=res["top1"], few_finetune_config=few_key, few_finetune_seconds=res["train_seconds"])
     run.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
     print(f"[reproduce] {name}: {out}", file=sys.stderr, flush=True)
@@ -225,7 +267,7 @@ def _spent(runs: Path) -> str:
     train = sum(json.loads(f.read_text())["train_seconds"] for f in runs.glob("*/" + SUMMARY))
     evals = [json.loads(f.read_text()) for f in runs.glob("*/eval.json")]
     probe = sum(e.get("probe_seconds", 0.0) for e in evals)
-    tune = sum(e.get("finetune_seconds", 0.0) for e in evals)
+    tune = sum(e.get("finetune_seconds", 0.0) + e.get("few_finetune_seconds", 0.0) for e in evals)
     untimed = sum("probe_seconds" not in e for e in evals)
     return (f"measured time of the runs: {(train + probe + tune) / 60:.1f} min (pre-training {train / 60:.1f}, "
             f"k-NN + linear probe {probe / 60:.1f}{f' ({untimed} untimed)' if untimed else ''}, fine-tune {tune / 60:.1f})")
@@ -252,6 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
     return ap
+
+
+def few_label_table(results: dict[str, list[dict]], order: list[str], p: dict, subsets: int) -> str:
+    """The few-label block: per row, mean ± std over every (model seed, label subset) pair."""
+    sizes = [str(n) for n in p["few"]]
+    rows = [r for r in order if any("few" in v for v in results.get(r, []))]
+    if not rows:
+        return ""
+    cols = [f"{kind} {n}/class" for n in sizes for kind in ("k-NN", "linear")] + [f"fine-tune {sizes[0]}/class"]
+    lines = [f"Few labels: k-NN (k = eval.few_knn_k) and linear probe trained on {' and '.join(sizes)} labelled images "
+             f"per class ({subsets} label subsets: `mimco knn/linprobe --per-class N --label-seeds {subsets}`), scored on "
+             "the whole test split; fine-tune from the first size's subset 0 (`data.labels_per_class`); mean ± std over "
+             "model seeds x label subsets.", "",
+             "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [v for v in results[r] if "few" in v]
+        cells = [_stat([x for v in vals for x in v["few"][n][kind]]) for n in sizes for kind in ("knn", "linear")]
+        cells.append(_stat([v["few_finetune"] for v in vals if "few_finetune" in v]))
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -304,7 +366,7 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
 
     def record(row: str, ckpt: Path, run: Path, do_ft: bool) -> None:
         model, _ = load_backbone(str(ckpt))
-        results.setdefault(row, []).append(evaluate(row, model, run, p, splits, do_ft))
+        results.setdefault(row, []).append(evaluate(row, model, run, p, splits, do_ft, few=do_ft))
 
     teacher_epochs = load_config(TeacherConfig, None, p["teacher"]).optim.epochs
     for seed in p["seeds"]:
@@ -329,10 +391,10 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
         record("MoCo v3, teacher + MimCo compute", long_run / CHECKPOINT, long_run, True)
     shaped, _ = load_backbone(str(folder(runs, "MoCo v3 teacher", p["seeds"][0]) / CHECKPOINT))
     torch.manual_seed(0)
-    results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)), folder(runs, "random-init ViT"),
-                                           p, splits, True)]
+    results["random-init ViT"] = [evaluate("random-init ViT", VisionTransformer(**timm_kwargs(shaped)),
+                                           folder(runs, "random-init ViT"), p, splits, True, few=True)]
     if cfg.data.channels * cfg.data.img_size**2 <= MAX_PIXEL_FEATURES:
-        results["raw pixels"] = [evaluate("raw pixels", None, folder(runs, "raw pixels"), p, splits, False)]
+        results["raw pixels"] = [evaluate("raw pixels", None, folder(runs, "raw pixels"), p, splits, False, few=True)]
     else:  # a 224 px image is 150k numbers: a k-NN bank of those does not fit in memory
         print(f"[reproduce] raw pixels skipped: {cfg.data.img_size} px images are too large to use as features",
               file=sys.stderr, flush=True)
@@ -354,6 +416,7 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
             "top-1 %, mean ± std over seeds")
     md = "\n".join([head, "", _spent(runs), "", "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
                     *["| " + " | ".join(str(v) for v in r.values()) + " |" for r in table]]) + "\n"
+    md += "\n" + few_label_table(results, order, p, cfg.eval.few_label_seeds)
     s0 = p["seeds"][0]
     device = setup(cfg)
     md += "\n" + hazard(runs, s0, splits[1], cfg, device, ablations)

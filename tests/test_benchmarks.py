@@ -50,6 +50,12 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
     assert "| patch only | 2 |" in table and "| L1 regression | 1 |" in table  # the preset's "seeded" ablations
     assert "Same-image teacher patch tokens" in table and "| patch only |" in table.split("final patch loss")[1]
     assert "| L1 regression |" not in table.split("final patch loss")[1]  # no patch InfoNCE, no chance level
+    few = table.split("Few labels:")[1].split("Same-image")[0]
+    assert "| k-NN 4/class | linear 4/class | k-NN 20/class | linear 20/class | fine-tune 4/class |" in few
+    assert "| raw pixels |" in few and few.split("| raw pixels |")[1].split("\n")[0].strip().endswith("| - |")
+    assert "| MimCo (patch + image) |" in few and "| patch only |" not in few  # main rows only
+    cached = json.loads((tmp_path / "runs" / "mimco-s0" / "eval.json").read_text())
+    assert len(cached["few"]["4"]["knn"]) == 3 and "few_finetune" in cached  # one value per label subset
     for png in ("tsne.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
@@ -61,7 +67,7 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
                            timeout=600)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "[reproduce] training" not in third.stderr and "[finetune] epoch 1:" in third.stderr
-    assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 2
+    assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 4  # each recipe, from all and few labels
     bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -132,3 +138,12 @@ def test_loss_precision_table():
     rows = {ln.split("|")[1].strip(): ln.split("|") for ln in r.stdout.splitlines() if ln.startswith("| ") and "e-" in ln}
     assert set(rows) == {"autocast (before)", "fp32 (now)"}
     assert rows["fp32 (now)"][2].strip() == "float32" and float(rows["fp32 (now)"][3]) < float(rows["autocast (before)"][3])
+
+
+def test_a_saved_run_is_reused_unless_one_of_its_keys_changed():
+    from benchmarks.reproduce import _changed
+
+    saved = {"optim": {"epochs": 2, "base_lr": 1e-3}, "method": "mimco"}
+    assert not _changed(saved, {"optim": {"epochs": 2, "base_lr": 1e-3, "new_key": 0}, "method": "mimco", "eval": {}})
+    assert _changed(saved, {"optim": {"epochs": 3, "base_lr": 1e-3}, "method": "mimco"})
+    assert _changed(saved, {"optim": {"epochs": 2}, "method": "mimco"})  # a key it had is gone

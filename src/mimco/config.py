@@ -38,6 +38,10 @@ class DataConfig:
     num_workers: int = 2  # loader workers for file datasets (in-memory datasets need none)
     on_device: bool = False  # in-memory datasets: copy the images to the GPU once, augment there
     procedural_size: int = 2048  # images per split of the procedural dataset
+    # fine-tuning on few labels: a balanced subset of the training split (the probes' --per-class draws the same)
+    labels_per_class: int = 0  # N labelled images per class (0 = every label)
+    labels_fraction: float = 0.0  # or this fraction of each class, e.g. 0.01 for 1 % (0 = off)
+    label_seed: int = 0  # which subset
 
 
 @dataclass
@@ -167,6 +171,11 @@ class EvalConfig:
     knn_temperature: float = 0.07
     at_end: bool = True  # k-NN on the test split when training ends (labelled datasets)
     max_train: int = 0  # bank size cap, 0 = all
+    # few labels (the demo's and the study's few-label columns): this many labelled images per class, over this many
+    # balanced subsets (the same as `mimco knn/linprobe --per-class N --label-seeds S`), k-NN with few_knn_k
+    few_per_class: int = 10
+    few_label_seeds: int = 3
+    few_knn_k: int = 10
 
 
 @dataclass

@@ -26,6 +26,8 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("data.img_size", 1, True, "the image side in pixels"),
     ("data.subset", 0, True, "a training-set cap (0 = all)"),
     ("data.num_workers", 0, True, "loader workers"),
+    ("data.labels_per_class", 0, True, "labelled images per class (0 = all)"),
+    ("data.labels_fraction", 0, True, "the labelled fraction of each class (0 = all)"),
     ("data.max_bad_fraction", 0, True, "the tolerated share of unreadable images"),
     ("model.patch_size", 1, True, "the patch side in pixels"),
     ("moco.temperature", 0, False, "the InfoNCE temperature"),
@@ -35,6 +37,9 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("loss.image_weight", 0, True, "a loss weight"),
     ("loss.patch_max_negatives", 0, True, "a negatives cap (0 = no cap)"),
     ("eval.knn_k", 1, True, "the neighbour count"),
+    ("eval.few_per_class", 1, True, "labelled images per class in the few-label columns"),
+    ("eval.few_label_seeds", 1, True, "the number of labelled subsets"),
+    ("eval.few_knn_k", 1, True, "the neighbour count"),
 )
 
 
@@ -55,6 +60,15 @@ def validate(cfg: Any) -> None:
                              "config or the override")
     if getattr(cfg, "loss", None) is not None and cfg.loss.patch_weight == 0 and cfg.loss.image_weight == 0:
         raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
+    d = getattr(cfg, "data", None)
+    if d is not None and d.labels_fraction > 1:
+        raise MimcoError(f"data.labels_fraction={d.labels_fraction:g} is out of range: it is a fraction of each class's "
+                         "images and must lie in (0, 1], e.g. 0.01 for 1 %")
+    if d is not None and d.labels_per_class and d.labels_fraction:
+        raise MimcoError("data.labels_per_class and data.labels_fraction are both set; choose one")
+    if d is not None and (d.labels_per_class or d.labels_fraction) and not hasattr(cfg, "classifier"):
+        raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training uses "
+                         "no labels: drop them here (the probes take --per-class)")
     mask = getattr(cfg, "mask", None)
     if mask is not None and not 0.0 < mask.ratio < 1.0:
         raise MimcoError(f"mask.ratio={mask.ratio} is out of range: it must lie between 0 and 1 (exclusive)")
@@ -63,7 +77,7 @@ def validate(cfg: Any) -> None:
 #: keys a resumed run cannot change: the data order, the step count, the model's shape or the
 #: optimiser state depend on them
 FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size", "data.channels",
-                   "data.subset", "data.procedural_size", "model", "moco.proj_dim", "moco.mlp_dim", "loss.head_hidden_dim",
+                   "data.subset", "data.procedural_size", "data.labels_per_class", "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim", "loss.head_hidden_dim",
                    "teacher.checkpoint", "teacher.image_target", "classifier.pool", "classifier.encoder")
 
 

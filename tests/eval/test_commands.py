@@ -141,3 +141,64 @@ def test_finetune_optimiser_applies_layer_decay(teacher_ckpt):
     for i, blk in enumerate(method.model.blocks):
         assert lr_of[id(blk.attn.qkv.weight)] == pytest.approx(1e-3 * 0.5 ** (depth - i)), i
     assert lr_of[id(method.model.patch_embed.proj.weight)] == pytest.approx(1e-3 * 0.5 ** (depth + 1))
+
+
+def test_few_label_probes_use_the_seeded_balanced_subsets(tmp_path, capsys, teacher_ckpt):
+    """``--per-class`` against an independent computation on the subsets of ``balanced_subset``."""
+    from mimco.config import PretrainConfig, load_config
+    from mimco.data.build import load_dataset
+    from mimco.data.subsets import balanced_subset, take
+    from mimco.eval import extract_features
+    from mimco.eval.knn import knn_accuracy
+    from mimco.eval.linear import linear_probe
+
+    few = ["--per-class", 4, "--label-seeds", 2, "--out", tmp_path, *DATA]
+    knn = json.loads(run(capsys, "knn", teacher_ckpt, "--k", 3, *few))
+    lin = json.loads(run(capsys, "linprobe", teacher_ckpt, "--epochs", 5, *few))
+    cfg = load_config(PretrainConfig, None, DATA)
+    train, test = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    model = load_backbone(str(teacher_ckpt))[0]
+    dev = torch.device("cpu")
+    fte, yte = extract_features(model, test, cfg.data, dev)
+    knns, lins = [], []
+    for seed in (0, 1):
+        idx = balanced_subset(train.labels, per_class=4, seed=seed)
+        assert len(idx) == 4 * len(train.labels.unique())
+        ftr, ytr = extract_features(model, take(train, idx), cfg.data, dev)
+        knns.append(knn_accuracy(ftr, ytr, fte, yte, 3, 0.07))
+        lins.append(linear_probe(ftr, ytr, fte, yte, epochs=5, seed=seed))
+    mean = torch.tensor(knns).mean().item()
+    assert knn["knn3_top1"] == pytest.approx(mean, abs=0.006) and knn["knn3_top1_std"] == pytest.approx(
+        torch.tensor(knns).std().item(), abs=0.006)
+    assert lin["linear_top1"] == pytest.approx(torch.tensor(lins).mean().item(), abs=0.006)
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert row["config"]["per_class"] == 4 and row["config"]["label_seeds"] == [0, 1]
+
+
+def test_few_label_finetune_trains_on_the_same_subset(tmp_path, teacher_ckpt):
+    from mimco.config import FinetuneConfig, load_config
+    from mimco.data.build import load_dataset
+    from mimco.data.subsets import balanced_subset
+    from mimco.eval.finetune import finetune_stream
+
+    cfg = load_config(FinetuneConfig, None, [*DATA, "data.num_workers=0", "optim.batch_size=16",
+                                             "data.labels_per_class=4", "data.label_seed=1"])
+    stream, _, _ = finetune_stream(cfg, torch.device("cpu"))
+    full = load_dataset(cfg.data, train=True)
+    idx = balanced_subset(full.labels, per_class=4, seed=1)
+    assert torch.equal(stream.ds.array.images, full.images[idx]) and torch.equal(stream.ds.array.labels, full.labels[idx])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["knn", "pixels", "--per-class", 10000], "--per-class=10000 exceeds the smallest class"),
+    (["linprobe", "pixels", "--per-class", -2], "--per-class=-2 must be at least 1"),
+    (["finetune", "random:TEACHER", "data.labels_per_class=4", "optim.batch_size=64"],
+     "optim.batch_size=64 exceeds the 24 labelled training images"),
+    (["pretrain", "data.labels_per_class=4"], "pre-training uses no labels"),
+])
+def test_few_label_bad_input_is_one_line(args, message, capsys, tmp_path, teacher_ckpt):
+    argv = [str(teacher_ckpt) if a == "TEACHER" else a.replace("TEACHER", str(teacher_ckpt)) if isinstance(a, str)
+            else a for a in args]
+    code = main([str(a) for a in [*argv, *DATA, f"train.out_dir={tmp_path}"]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1

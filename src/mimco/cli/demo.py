@@ -16,7 +16,7 @@ import torch
 from mimco.config import PretrainConfig, TeacherConfig, load_config
 from mimco.data.build import class_names, load_dataset
 from mimco.eval.features import eval_batches
-from mimco.eval.probe import probe_backbone
+from mimco.eval.probe import mean_std, probe_backbone, probe_few_labels
 from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
 from mimco.models import create_vit
 from mimco.models.formats import load_backbone
@@ -51,18 +51,21 @@ def write_table(rows: list[dict[str, Any]], out: Path, header: str) -> str:
     return md
 
 
-def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
+def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[str, ...] = (),
+             teacher: tuple[str, ...] = (), student: tuple[str, ...] = ()) -> str:
+    """Both stages from the bundled Fashion-MNIST configs (``overrides`` go to both after them,
+    ``teacher`` / ``student`` to one), then the evaluation table and pictures; returns the table."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    extra = (QUICK if quick else []) + ([f"train.threads={threads}"] if threads else [])
-    tcfg = load_config(TeacherConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra])
+    extra = (QUICK if quick else []) + ([f"train.threads={threads}"] if threads else []) + list(overrides)
+    tcfg = load_config(TeacherConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra, *teacher])
     t_min = _stage("teacher", tcfg, out / "teacher")
-    pcfg = load_config(PretrainConfig, "fmnist_pretrain",
-                       [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / CHECKPOINT}", *extra])
+    student_run = [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / CHECKPOINT}"]
+    pcfg = load_config(PretrainConfig, "fmnist_pretrain", [*student_run, *extra, *student])
     s_min = _stage("pretrain", pcfg, out / "mimco")
 
     print(f"[demo] evaluating (k-NN k={pcfg.eval.knn_k} on the training bank, linear probe on frozen CLS features, "
-          "the test split)")
+          f"the test split; few labels: {pcfg.eval.few_per_class} per class, {pcfg.eval.few_label_seeds} subsets)")
     eval_start = time.perf_counter()
     device = setup(pcfg)
     data = pcfg.data
@@ -74,15 +77,22 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0) -> str:
         ("MoCo v3 teacher", load_backbone(str(out / "teacher" / CHECKPOINT))[0], f"{t_min:.1f}"),
         ("MimCo student", load_backbone(str(out / "mimco" / CHECKPOINT))[0], f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
     ]
+    ev = pcfg.eval
+    few_knn, few_lin = f"k-NN {ev.few_per_class}/class", f"linear {ev.few_per_class}/class"
     rows, panels = [], []
     for name, model, minutes in models:
         model = model.to(device) if model is not None else None
-        r = probe_backbone(model, (train, test), data, pcfg.eval, device, seed=0)
+        r = probe_backbone(model, (train, test), data, ev, device, seed=0)
         panels.append((name, r.test_features[:TSNE_POINTS], r.test_labels[:TSNE_POINTS]))
-        knn, lin = r.knn_top1, r.linear_top1
-        rows.append({"model": name, "train minutes": minutes, "k-NN top-1": f"{knn:.1f}", "linear probe top-1": f"{lin:.1f}"})
-        print(f"[demo] {name}: k-NN {knn:.1f}  linear {lin:.1f}")
-    header = (f"Fashion-MNIST test top-1 (%), ViT {data.img_size}px/patch {pcfg.model.patch_size}, width "
+        few = probe_few_labels(model, train, r.test_features, r.test_labels, data, device, ev.few_per_class,
+                               seeds=tuple(range(ev.few_label_seeds)), ks=(ev.few_knn_k,), linear={"seed": 0})
+        fk, fl = mean_std(few[f"knn{ev.few_knn_k}_top1"]), mean_std(few["linear_top1"])
+        rows.append({"model": name, "train minutes": minutes, "k-NN top-1": f"{r.knn_top1:.1f}",
+                     "linear probe top-1": f"{r.linear_top1:.1f}", few_knn: f"{fk[0]:.1f} ± {fk[1]:.1f}",
+                     few_lin: f"{fl[0]:.1f} ± {fl[1]:.1f}"})
+        print(f"[demo] {name}: k-NN {r.knn_top1:.1f}  linear {r.linear_top1:.1f}  {ev.few_per_class}/class: "
+              f"k-NN {fk[0]:.1f} ± {fk[1]:.1f}  linear {fl[0]:.1f} ± {fl[1]:.1f}")
+    header = (f"{data.name} test top-1 (%), ViT {data.img_size}px/patch {pcfg.model.patch_size}, width "
               f"{pcfg.model.embed_dim}, depth {pcfg.model.depth}; {torch.get_num_threads()} threads; training "
               f"{t_min + s_min:.1f} min + evaluation {(time.perf_counter() - eval_start) / 60:.1f} min"
               f"{' (quick)' if quick else ''}")

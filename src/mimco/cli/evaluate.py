@@ -87,43 +87,78 @@ def _prepare(args: argparse.Namespace) -> tuple[str, torch.nn.Module | None, Any
     return name, (model.to(device) if model is not None else None), state, cfg, device, train, test
 
 
+def _few(args: argparse.Namespace) -> dict[str, Any]:
+    """The few-label settings of a probe command ({} for every label): subset size and seeds."""
+    if not (args.per_class or args.labels_fraction):
+        return {}
+    if args.label_seeds < 1:
+        raise MimcoError(f"--label-seeds {args.label_seeds} must be at least 1")
+    return {"per_class": args.per_class, "labels_fraction": args.labels_fraction,
+            "label_seeds": list(range(args.label_seeds))}
+
+
+def _few_metrics(values: dict[str, list[float]]) -> dict[str, float]:
+    """{name: mean, name_std: standard deviation over the label subsets}."""
+    from mimco.eval.probe import mean_std
+
+    out: dict[str, float] = {}
+    for key, vals in values.items():
+        m, sd = mean_std(vals)
+        out[key], out[f"{key}_std"] = round(m, 2), round(sd, 2)
+    return out
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     from mimco.eval import extract_features
     from mimco.eval.knn import knn_accuracies
+    from mimco.eval.probe import probe_few_labels
     from mimco.eval.results import write_result
 
+    few = _few(args)
     name, model, state, cfg, device, train, test = _prepare(args)
-    ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
-    acc = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
-    metrics = {f"knn{k}_top1": round(v, 2) for k, v in acc.items()}
+    if few:
+        metrics = _few_metrics(probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class,
+                                                args.labels_fraction, tuple(few["label_seeds"]), tuple(args.k),
+                                                args.temperature, None, args.pool))
+    else:
+        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
+        metrics = {f"knn{k}_top1": round(v, 2) for k, v in knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature).items()}
     write_result(_out_dir(args, args.checkpoint), _row("knn", args.checkpoint, name, state, cfg, metrics,
-                                                        k=args.k, temperature=args.temperature, pool=args.pool))
+                                                        k=args.k, temperature=args.temperature, pool=args.pool, **few))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_linprobe(args: argparse.Namespace) -> int:
+    from mimco.data.subsets import labelled_subset
     from mimco.eval import extract_features
     from mimco.eval.linear import linear_probe, linear_probe_full
     from mimco.eval.results import write_result
 
+    few = _few(args)
     name, model, state, cfg, device, train, test = _prepare(args)
+    if args.full and model is None:
+        raise MimcoError("--full needs a model; raw pixels have no backbone to run")
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 seed=cfg.train.seed, optimizer=args.optimizer)
     start = time.perf_counter()
-    if args.full:
-        if model is None:
-            raise MimcoError("--full needs a model; raw pixels have no backbone to run")
-        top1 = linear_probe_full(model, train, fte, yte, cfg.data, device, pool=args.pool, augment=args.augment, **opts)
-    else:
-        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
-        top1 = linear_probe(ftr, ytr, fte, yte, **opts)
-    metrics = {"linear_top1": round(top1, 2), "seconds": round(time.perf_counter() - start, 1)}
+    values = []
+    for seed in few.get("label_seeds", [None]):  # one run on every label, or one per labelled subset
+        part = train if seed is None else labelled_subset(train, args.per_class, args.labels_fraction, seed)
+        run_opts = opts if seed is None else {**opts, "seed": opts["seed"] + seed}
+        if args.full:
+            values.append(linear_probe_full(model, part, fte, yte, cfg.data, device, pool=args.pool,
+                                            augment=args.augment, **run_opts))
+        else:
+            ftr, ytr = extract_features(model, part, cfg.data, device, pool=args.pool)
+            values.append(linear_probe(ftr, ytr, fte, yte, **run_opts))
+    metrics = _few_metrics({"linear_top1": values}) if few else {"linear_top1": round(values[0], 2)}
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_result(_out_dir(args, args.checkpoint), _row("linprobe", args.checkpoint, name, state, cfg, metrics,
                                                         path="full" if args.full else "fast", augment=args.augment,
-                                                        pool=args.pool, **opts))
+                                                        pool=args.pool, **opts, **few))
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -229,6 +264,13 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
         p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of patch tokens")
         p.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
+        p.add_argument("--per-class", type=int, default=0, metavar="N",
+                       help="few labels: train on N labelled images per class (balanced subsets of the training split)")
+        p.add_argument("--labels-fraction", type=float, default=0.0, metavar="F",
+                       help="few labels: this fraction of each class instead, e.g. 0.01 for 1 %%")
+        p.add_argument("--label-seeds", type=int, default=3, metavar="S",
+                       help="with --per-class / --labels-fraction: mean and std over subsets 0..S-1 (default 3); "
+                            "subset s is the one `mimco finetune data.label_seed=s` uses")
         p.add_argument("overrides", nargs="*", metavar="key=value")
 
     k = sub.add_parser("knn", help="weighted k-NN top-1 of frozen features, several k at once")

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from mimco.config import FinetuneConfig
 from mimco.data.build import BatchStream, ImageArray, load_dataset
+from mimco.data.subsets import labelled_subset
 from mimco import distributed as dist
 from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer, accumulation
@@ -172,12 +173,14 @@ def finetune_stream(cfg: FinetuneConfig, device: torch.device) -> tuple[BatchStr
     d = cfg.data
     if d.name == "folder":
         raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
-    if d.name == "imagefolder":
-        train = load_dataset(d, train=True, transform=train_transform(cfg))
-        train_ds: Dataset = train
-    else:
-        train = load_dataset(d, train=True)
-        train_ds = ArrayImages(train, train_transform(cfg))
+    train = load_dataset(d, train=True, transform=train_transform(cfg) if d.name == "imagefolder" else None)
+    if d.labels_per_class or d.labels_fraction:  # few labels: the same balanced subset the probes' --per-class draws
+        train = labelled_subset(train, d.labels_per_class, d.labels_fraction, d.label_seed,
+                                "data.labels_per_class" if d.labels_per_class else "data.labels_fraction")
+        if len(train) < cfg.optim.batch_size:
+            raise MimcoError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(train)} labelled training images; "
+                             f"set optim.batch_size to at most {len(train)}")
+    train_ds: Dataset = train if d.name == "imagefolder" else ArrayImages(train, train_transform(cfg))
     test = load_dataset(d, train=False)
     if test is None:
         raise MimcoError(f"{d.root} has no val/ split to evaluate on; lay the data out as train/ and val/ class folders")

@@ -54,3 +54,33 @@ def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], da
     knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
     lin = linear_probe(ftr, ytr, fte, yte, seed=seed) if linear else None
     return Probe(knn, lin, time.perf_counter() - start, fte, yte)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def probe_few_labels(backbone: torch.nn.Module | None, train: Any, test_features: torch.Tensor,
+                     test_labels: torch.Tensor, data: DataConfig, device: torch.device, per_class: int = 0,
+                     fraction: float = 0.0, seeds: tuple[int, ...] = (0, 1, 2), ks: tuple[int, ...] = (10,),
+                     temperature: float = 0.07, linear: dict[str, Any] | None = None, pool: str = "cls",
+                     what: str = "--per-class") -> dict[str, list[float]]:
+    """k-NN (each k) and, with ``linear`` (the probe's options), the linear probe trained on one
+    balanced labelled subset per seed (:func:`mimco.data.subsets.balanced_subset`) and scored on
+    the whole test split. Returns {"knn<k>_top1": [one value per seed], "linear_top1": [...]}."""
+    from mimco.data.subsets import labelled_subset
+    from mimco.eval.knn import knn_accuracies
+
+    out: dict[str, list[float]] = {}
+    for seed in seeds:
+        part = labelled_subset(train, per_class, fraction, seed, what)
+        ftr, ytr = extract_features(backbone, part, data, device, pool=pool)
+        if ks:
+            for k, acc in knn_accuracies(ftr, ytr, test_features, test_labels, list(ks), temperature).items():
+                out.setdefault(f"knn{k}_top1", []).append(acc)
+        if linear is not None:
+            opts = {**linear, "seed": linear.get("seed", 0) + seed}
+            out.setdefault("linear_top1", []).append(linear_probe(ftr, ytr, test_features, test_labels, **opts))
+    return out

@@ -1,0 +1,28 @@
+"""``mimco demo`` end to end at toy size (procedural images, a tiny ViT): both stages, the table
+with its few-label columns, the pictures, and the reuse of finished stages."""
+
+import csv
+
+from mimco.cli.demo import run_demo
+from tests.conftest import TINY_DATA, TINY_MODEL
+
+TEACHER, STUDENT = ("moco.mlp_dim=64", "moco.proj_dim=32"), ("loss.head_hidden_dim=64",)
+TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "optim.epochs=1", "optim.warmup_epochs=0.25", "optim.batch_size=32",
+       "train.progress=false", "train.log_every=2", "train.ckpt_every=0", "eval.few_per_class=3", "eval.few_label_seeds=2",
+       "eval.few_knn_k=3"]
+
+
+def test_demo_table_has_every_row_and_the_few_label_columns(tmp_path, capsys):
+    md = run_demo(tmp_path, overrides=tuple(TOY), teacher=TEACHER, student=STUDENT)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["model"] for r in rows] == ["raw pixels", "random-init ViT", "MoCo v3 teacher", "MimCo student"]
+    assert {"k-NN top-1", "linear probe top-1", "k-NN 3/class", "linear 3/class"} <= set(rows[0])
+    for r in rows:
+        mean, std = (float(v) for v in r["k-NN 3/class"].split(" ± "))
+        assert 0 <= mean <= 100 and std >= 0
+    assert "procedural test top-1" in md
+    for png in ("tsne.png", "curves.png", "attention.png"):
+        assert (tmp_path / png).stat().st_size > 5_000
+    capsys.readouterr()
+    run_demo(tmp_path, overrides=tuple(TOY), teacher=TEACHER, student=STUDENT)
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
