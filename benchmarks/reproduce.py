@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeded-ablations", metavar="ROWS",
                     help="comma-separated ablation rows to run over every seed, or 'claim3' for "
                          f"{', '.join(CLAIM_3)} (default: the preset's)")
+    ap.add_argument("--ablations", metavar="ROWS",
+                    help="comma-separated ablation rows to run (seed 0), 'all', or 'none' for the main rows alone "
+                         "(default: the preset's)")
     ap.add_argument("overrides", nargs="*", metavar="[STAGE:]KEY=VALUE",
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
@@ -321,6 +324,12 @@ def main() -> None:
     try:
         p = with_overrides(PRESETS[args.preset], args.overrides)
         p["seeds"] = args.seeds or p["seeds"]
+        if args.ablations:
+            p["ablations"] = "all" if args.ablations == "all" else [] if args.ablations == "none" else \
+                args.ablations.split(",")
+            unknown = sorted(set(p["ablations"]) - set(STUDENT_ROWS)) if p["ablations"] != "all" else []
+            if unknown:
+                raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
         if args.seeded_ablations:
             p["seeded"] = CLAIM_3 if args.seeded_ablations == "claim3" else args.seeded_ablations.split(",")
             unknown = sorted(set(p["seeded"]) - set(STUDENT_ROWS))

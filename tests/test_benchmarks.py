@@ -147,3 +147,10 @@ def test_a_saved_run_is_reused_unless_one_of_its_keys_changed():
     assert not _changed(saved, {"optim": {"epochs": 2, "base_lr": 1e-3, "new_key": 0}, "method": "mimco", "eval": {}})
     assert _changed(saved, {"optim": {"epochs": 3, "base_lr": 1e-3}, "method": "mimco"})
     assert _changed(saved, {"optim": {"epochs": 2}, "method": "mimco"})  # a key it had is gone
+
+
+def test_unknown_ablation_rows_are_named(tmp_path):
+    for flag in ("--ablations", "--seeded-ablations"):
+        r = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path), flag,
+                            "mask 0.4,no such row"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+        assert r.returncode != 0 and "unknown ablation row(s) ['no such row']" in r.stderr and "Traceback" not in r.stderr
