@@ -120,3 +120,62 @@ def test_loss_weights_apply_as_configured():
     only_patch = tiny_mimco(image_weight=0)
     loss, logs = only_patch([torch.randn(4, 3, 16, 16)], step=1)
     assert set(logs) == {"loss_patch"} and only_patch.image_head is None and loss.item() == logs["loss_patch"].item()
+
+
+@pytest.mark.parametrize("image_target", ["cls", "projector"])
+def test_forward_matches_a_plain_loop_reference(image_target):
+    """The whole objective, recomputed by hand from timm's public forward: every masked prediction
+    scored against the teacher token at its own position (same-image negatives), the image loss
+    pairing each student embedding with its own image's teacher CLS (or projector output) against
+    the batch, and the weights as configured."""
+    import torch.nn.functional as F
+
+    from mimco.models import MoCoMLP
+
+    torch.manual_seed(0)
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
+    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=48, depth=1, num_heads=2), 16, 3)
+    proj = 0
+    if image_target == "projector":
+        teacher.head = MoCoMLP(3, 48, 64, 24).eval()
+        proj = 24
+    cfg = MimcoLossConfig(head_hidden_dim=32, patch_weight=0.7, image_weight=0.4, patch_temperature=0.3,
+                          image_temperature=0.15)
+    m = MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0), image_target, proj).eval()
+    x = torch.randn(3, 3, 16, 16)
+    loss, logs = m([x], step=2, first_index=0)
+
+    mask = m.mask_generator(3, 2, 0)
+    with torch.no_grad():
+        t = teacher.forward_features(x)  # timm's own path, not mimco's encode
+        t_img = teacher.head(t[:, 0]) if image_target == "projector" else t[:, 0]
+        s = student(x, mask)
+        terms = []
+        for b in range(3):
+            for i in mask[b].nonzero().flatten().tolist():
+                pred = F.normalize(m.patch_head(s[b, 1 + i]), dim=-1)
+                logits = F.normalize(t[b, 1:], dim=-1) @ pred / 0.3
+                terms.append(F.cross_entropy(logits[None], torch.tensor([i])))
+        lp = torch.stack(terms).mean()
+        q = F.normalize(m.image_head(s[:, 0]), dim=-1)
+        li = F.cross_entropy(q @ F.normalize(t_img, dim=-1).T / 0.15, torch.arange(3)) * 2 * 0.15
+    assert logs["loss_patch"].item() == pytest.approx(lp.item(), rel=1e-5)
+    assert logs["loss_img"].item() == pytest.approx(li.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * lp.item() + 0.4 * li.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "smooth_l1", "cosine"])
+def test_regression_switch_regresses_the_masked_teacher_tokens(kind):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = tiny_mimco(patch_loss=kind, image_weight=0.0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    loss, logs = m([x], step=0, first_index=0)
+    mask = m.mask_generator(2, 0, 0)
+    with torch.no_grad():
+        target = m.teacher.forward_features(x)[:, 1:][mask]
+        pred = m.patch_head(m.student(x, mask)[:, 1:][mask])
+        want = {"l1": F.l1_loss(pred, target), "smooth_l1": F.smooth_l1_loss(pred, target),
+                "cosine": (1 - F.cosine_similarity(pred, target, dim=-1)).mean()}[kind]
+    assert logs["loss_patch"].item() == pytest.approx(want.item(), rel=1e-5) and loss.item() == logs["loss_patch"].item()

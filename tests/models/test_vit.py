@@ -107,3 +107,20 @@ def test_encode_matches_timm_forward_features(kw):
     finally:
         hook.remove()
     assert torch.allclose(encode(vit, x, mask, token), want, atol=1e-6)
+
+
+def test_sincos_table_against_the_formula_at_every_position():
+    """Every entry against MoCo v3's formula: quarter 1 sin(row * w_d), 2 cos(row * w_d), 3 sin(col * w_d),
+    4 cos(col * w_d), w_d = 1 / 10000^(d / (dim/4)); rows run slowest in the flattened grid."""
+    import math
+
+    h, w, dim = 3, 5, 24
+    t = sincos_pos_embed((h, w), dim)[0, 1:]
+    q = dim // 4
+    for pos in range(h * w):
+        r, c = divmod(pos, w)
+        for d in range(q):
+            wd = 1.0 / 10000 ** (d / q)
+            want = [math.sin(r * wd), math.cos(r * wd), math.sin(c * wd), math.cos(c * wd)]
+            got = [t[pos, k * q + d].item() for k in range(4)]
+            assert got == pytest.approx(want, abs=1e-5), (pos, d)
