@@ -24,8 +24,9 @@ def test_global_info_nce_scales_by_2t():
     assert GlobalInfoNCE(0.2)(q, k).item() == pytest.approx(plain.item() * 0.4, rel=1e-6)
 
 
-def _loop_patch_loss(pred, target, mask, t, negatives):
-    """Reference: one cross-entropy per masked position, written as a loop."""
+def _loop_patch_loss(pred, target, mask, t, negatives, threshold=1.0):
+    """Reference: one cross-entropy per masked position, written as a loop; a negative whose
+    teacher cosine to the positive's teacher token exceeds ``threshold`` is left out."""
     b, n, _ = target.shape
     losses = []
     for i in range(b):
@@ -33,8 +34,10 @@ def _loop_patch_loss(pred, target, mask, t, negatives):
             p = F.normalize(pred[i, j], dim=0)
             keys = target[i] if negatives == "image" else target.reshape(b * n, -1)
             label = pos if negatives == "image" else i * n + pos
-            logits = F.normalize(keys, dim=1) @ p / t
-            losses.append(-torch.log_softmax(logits, 0)[label])
+            keys = F.normalize(keys, dim=1)
+            keep = [k for k in range(len(keys)) if k == label or float(keys[k] @ keys[label]) <= threshold]
+            logits = keys[keep] @ p / t
+            losses.append(-torch.log_softmax(logits, 0)[keep.index(label)])
     return torch.stack(losses).mean()
 
 
@@ -60,6 +63,25 @@ def test_patch_loss_threshold_drops_near_duplicate_negatives():
     dropped = PatchContrastiveLoss(0.2, "image", neg_threshold=0.99)(pred, target, mask)
     assert plain.item() > 1.0  # the duplicates make the right answer ambiguous
     assert dropped.item() < 0.1 * plain.item()
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_patch_loss_threshold_drops_exactly_the_near_duplicates(negatives):
+    """At a threshold that drops some negatives and keeps others, equal to a loop that leaves out
+    exactly those above it (and never the positive)."""
+    torch.manual_seed(0)
+    b, n, m, d = 3, 8, 4, 3  # 3 dimensions: many pairs above 0.5, many below
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(n)[:m]] = True
+    pred, target = torch.randn(b, m, d), torch.randn(b, n, d)
+    t = F.normalize(target, dim=-1)
+    cos = t @ t.transpose(1, 2)
+    assert 0.1 < (cos > 0.5).float().mean() < 0.6  # the threshold really splits the negatives
+    got = PatchContrastiveLoss(0.3, negatives, neg_threshold=0.5)(pred, target, mask)
+    want = _loop_patch_loss(pred, target, mask, 0.3, negatives, threshold=0.5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert got.item() != pytest.approx(_loop_patch_loss(pred, target, mask, 0.3, negatives).item(), rel=1e-3)
 
 
 def test_regression_losses():
