@@ -210,3 +210,36 @@ def test_one_step_cosine_does_not_warn(caplog):
         build_scheduler(opt, OptimConfig(), total_steps=2, warmup_steps=1)  # t_initial = 1: timm warns
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
     assert logging.getLogger("timm.scheduler.cosine_lr").level == logging.NOTSET  # left as it was
+
+
+def _first_step_grads(tmp_path, monkeypatch, name, extra):
+    """The gradients AdamW sees at the first optimiser step of a SimMIM run (no BatchNorm, no drop path)."""
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        if not seen:
+            seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    run_stage("pretrain", tiny_pretrain_cfg(tmp_path, tmp_path / "none.pt", name,
+                                            ("method=simmim", "train.max_steps=1", *extra)))
+    return seen[0]
+
+
+def test_micro_batch_gradient_and_clipping_against_the_whole_batch(tmp_path, monkeypatch):
+    """The gradient AdamW sees: ``optim.micro_batch=8`` (4 micro-batches of the batch of 32) gives the
+    whole batch's (SimMIM: no BatchNorm, per-sample masks), and ``optim.clip_grad`` scales that
+    gradient down to its limit without turning it."""
+    whole = _first_step_grads(tmp_path, monkeypatch, "whole", ())
+    micro = _first_step_grads(tmp_path, monkeypatch, "micro", ("optim.micro_batch=8",))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in whole]))
+    for a, c in zip(whole, micro):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-7)
+    limit = float(norm) / 10
+    clipped = _first_step_grads(tmp_path, monkeypatch, "clip", (f"optim.clip_grad={limit}",))
+    got = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+    assert float(got) == pytest.approx(limit, rel=1e-4)
+    for a, c in zip(whole, clipped):
+        assert torch.allclose(c, a * (limit / norm), rtol=1e-3, atol=1e-8)
