@@ -173,3 +173,25 @@ def test_batch_stream_resumes_in_place():
     assert not torch.equal(full[0], full[3])  # a new permutation each epoch
     with pytest.raises(MimcoError, match="larger than the dataset"):
         BatchStream(ds, 128, 0, torch.device("cpu"), ident)
+
+
+def test_file_views_depend_on_image_and_epoch_only(tmp_path):
+    """Per-image augmentation is seeded by (seed, epoch, image): the same batches with 0 or 2 loader
+    workers and from a stream started mid-run, different in the next epoch, and the caller's
+    global generators are neither read nor moved."""
+    _save_images(tmp_path / "x", 12)
+    cfg = DataConfig(name="folder", root=str(tmp_path), img_size=16)
+
+    def batches(workers: int, start: int, n: int) -> list[torch.Tensor]:
+        ds = FileImages(str(tmp_path), labelled=False, transform=image_two_views(ContrastiveAugConfig(), cfg))
+        it = BatchStream(ds, 4, seed=5, device=torch.device("cpu"), num_workers=workers)(start)
+        return [torch.cat(next(it)) for _ in range(n)]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    plain = batches(0, 0, 6)  # two epochs of 3 steps
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(plain, batches(2, 0, 6)))
+    assert all(torch.equal(a, b) for a, b in zip(plain[4:], batches(0, 4, 2)))  # resumed at step 4
+    # epoch 1 visits the images in another order with new views: no batch repeats an epoch-0 batch
+    assert not any(torch.equal(a, b) for a in plain[:3] for b in plain[3:])

@@ -202,3 +202,22 @@ def test_few_label_bad_input_is_one_line(args, message, capsys, tmp_path, teache
     code = main([str(a) for a in [*argv, *DATA, f"train.out_dir={tmp_path}"]])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
+    """Stopped after 3 steps and resumed, fine-tuning (mixup, RandAugment, drop path: every random
+    stream) ends with the weights and best score of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    base = ["finetune", teacher_ckpt, *DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=2",
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", "aug.mixup=0.8", "aug.cutmix=1.0",
+            "classifier.drop_path_rate=0.1", f"train.out_dir={tmp_path}"]
+    full = json.loads(run(capsys, *base, "train.name=full"))
+    run(capsys, *base, "train.name=part", "train.max_steps=3")
+    resumed = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "part" / "last.pt"))
+    assert resumed["step"] == full["step"] == 16 and resumed["best_top1"] == full["best_top1"]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    best_a, best_b = load_file(str(tmp_path / "full" / "best.safetensors")), load_file(str(tmp_path / "part" / "best.safetensors"))
+    assert all(torch.allclose(best_a[k], best_b[k], atol=1e-6) for k in best_a)

@@ -153,8 +153,10 @@ class BatchStream:
         """One loader for the whole run: its workers persist across epochs."""
         if self._loader is None:
             w = self.num_workers
-            self._loader = DataLoader(Substituting(self.ds), batch_sampler=self._rows, num_workers=w,
-                                      collate_fn=collate_substituted,
+            # its own generator: starting an iteration must not draw from the global one, which the
+            # training step's randomness (drop path, mixup) shares and a resume restores
+            self._loader = DataLoader(Substituting(self.ds, self.seed), batch_sampler=self._rows, num_workers=w,
+                                      collate_fn=collate_substituted, generator=torch.Generator().manual_seed(self.seed),
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
                                       prefetch_factor=4 if w > 0 else None)
         return self._loader
@@ -176,7 +178,8 @@ class BatchStream:
                     views = self.batch_transform(x)
                     yield [*views, self.ds.labels[row].to(self.device)] if self.labels else views
             else:
-                self._rows.rows = idx.tolist()  # the persistent loader picks up this epoch's order
+                # the persistent loader picks up this epoch's order; keys epoch * N + i seed each image's views
+                self._rows.rows = (idx + epoch * len(self.ds)).tolist()
                 for (views, labels), n_bad in self._file_loader():
                     self.bad.update(n_bad, self.local + n_bad)  # unreadable files were replaced: full batches
                     views = list(views) if isinstance(views, (list, tuple)) else [views]

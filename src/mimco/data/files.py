@@ -9,10 +9,14 @@ at its end. Evaluation skips them.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
@@ -80,26 +84,46 @@ def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:
 
 
 class Substituting(Dataset):
-    """Training view of a :class:`FileImages`: item ``i`` is ``(sample, unreadable files tried)``,
-    where an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``, ...; the
-    same choice on every process and every epoch), so a batch never shrinks."""
+    """Training view of a per-image dataset. Key ``epoch * N + i`` gives ``(sample i, unreadable
+    files tried)``: an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``,
+    ...; the same choice on every process and every epoch), so a batch never shrinks; and the
+    image's random augmentation is drawn from generators seeded by (``seed``, epoch, i) alone, so
+    it does not depend on the worker that decodes it, on how many workers there are, or on where a
+    run was resumed (the caller's generators are left as they were)."""
 
     MAX_TRIES = 64
 
-    def __init__(self, images: FileImages) -> None:
-        self.images = images
+    def __init__(self, images: Any, seed: int = 0) -> None:
+        self.images, self.seed = images, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int) -> tuple[Any, int]:
         n = len(self.images)
+        epoch, i = divmod(key, n)
         for k in range(min(self.MAX_TRIES, n)):
-            item = self.images[(i + k) % n]
+            with _seeded(((self.seed * 100_003 + epoch) * n + i) % 2**63):
+                item = self.images[(i + k) % n]
             if item is not None:
                 return item, k
         raise MimcoError(f"{self.MAX_TRIES} consecutive images from {self.images.items[i][0]} on cannot be read; "
                          "remove the corrupt files")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's (CPU) generators seeded with ``seed`` inside, restored after."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 def collate_substituted(batch: list[tuple[Any, int]]) -> tuple[Any, int]:
