@@ -173,6 +173,8 @@ def test_few_label_probes_use_the_seeded_balanced_subsets(tmp_path, capsys, teac
     assert lin["linear_top1"] == pytest.approx(torch.tensor(lins).mean().item(), abs=0.006)
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert row["config"]["per_class"] == 4 and row["config"]["label_seeds"] == [0, 1]
+    full = json.loads(run(capsys, "linprobe", teacher_ckpt, "--epochs", 5, "--full", *few))  # same subsets, same order
+    assert abs(full["linear_top1"] - lin["linear_top1"]) <= 1.0
 
 
 def test_few_label_finetune_trains_on_the_same_subset(tmp_path, teacher_ckpt):

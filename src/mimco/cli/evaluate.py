@@ -134,6 +134,7 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     from mimco.data.subsets import labelled_subset
     from mimco.eval import extract_features
     from mimco.eval.linear import linear_probe, linear_probe_full
+    from mimco.eval.probe import probe_few_labels
     from mimco.eval.results import write_result
 
     few = _few(args)
@@ -144,16 +145,19 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 seed=cfg.train.seed, optimizer=args.optimizer)
     start = time.perf_counter()
-    values = []
-    for seed in few.get("label_seeds", [None]):  # one run on every label, or one per labelled subset
-        part = train if seed is None else labelled_subset(train, args.per_class, args.labels_fraction, seed)
-        run_opts = opts if seed is None else {**opts, "seed": opts["seed"] + seed}
-        if args.full:
-            values.append(linear_probe_full(model, part, fte, yte, cfg.data, device, pool=args.pool,
-                                            augment=args.augment, **run_opts))
-        else:
-            ftr, ytr = extract_features(model, part, cfg.data, device, pool=args.pool)
-            values.append(linear_probe(ftr, ytr, fte, yte, **run_opts))
+    if few and not args.full:
+        values = probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class, args.labels_fraction,
+                                  tuple(few["label_seeds"]), ks=(), linear=opts, pool=args.pool)["linear_top1"]
+    elif few:  # the full path, once per labelled subset
+        values = [linear_probe_full(model, labelled_subset(train, args.per_class, args.labels_fraction, seed), fte, yte,
+                                    cfg.data, device, pool=args.pool, augment=args.augment,
+                                    **{**opts, "seed": opts["seed"] + seed}) for seed in few["label_seeds"]]
+    elif args.full:
+        values = [linear_probe_full(model, train, fte, yte, cfg.data, device, pool=args.pool, augment=args.augment,
+                                    **opts)]
+    else:
+        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
+        values = [linear_probe(ftr, ytr, fte, yte, **opts)]
     metrics = _few_metrics({"linear_top1": values}) if few else {"linear_top1": round(values[0], 2)}
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_result(_out_dir(args, args.checkpoint), _row("linprobe", args.checkpoint, name, state, cfg, metrics,
@@ -224,11 +228,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if len(names) != len(resolved):
         raise MimcoError(f"--names gives {len(names)} names for {len(resolved)} inputs")
     if args.kind == "tsne":
-        from mimco.data.build import ImageArray
+        from mimco.data.subsets import take
 
         g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(len(test), generator=g)[: args.n]
-        sub = ImageArray(test.images[idx], test.labels[idx], test.channels) if isinstance(test, ImageArray) else test
+        sub = take(test, torch.randperm(len(test), generator=g)[: args.n])
         panels = []
         for name, (_, model, _) in zip(names, resolved):
             f, y = extract_features(model.to(device) if model is not None else None, sub, cfg.data, device)

@@ -14,8 +14,9 @@ import torch
 
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import ImageArray
+from mimco.data.subsets import labelled_subset, take
 from mimco.eval.features import extract_features
-from mimco.eval.knn import knn_accuracy
+from mimco.eval.knn import knn_accuracies, knn_accuracy
 from mimco.eval.linear import linear_probe
 
 
@@ -48,7 +49,7 @@ def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], da
     start = time.perf_counter()
     train, test = splits
     if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
-        train = ImageArray(train.images[: ev.max_train], train.labels[: ev.max_train], train.channels)
+        train = take(train, torch.arange(ev.max_train))
     ftr, ytr = extract_features(backbone, train, data, device)
     fte, yte = extract_features(backbone, test, data, device)
     knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
@@ -70,9 +71,6 @@ def probe_few_labels(backbone: torch.nn.Module | None, train: Any, test_features
     """k-NN (each k) and, with ``linear`` (the probe's options), the linear probe trained on one
     balanced labelled subset per seed (:func:`mimco.data.subsets.balanced_subset`) and scored on
     the whole test split. Returns {"knn<k>_top1": [one value per seed], "linear_top1": [...]}."""
-    from mimco.data.subsets import labelled_subset
-    from mimco.eval.knn import knn_accuracies
-
     out: dict[str, list[float]] = {}
     for seed in seeds:
         part = labelled_subset(train, per_class, fraction, seed, what)
