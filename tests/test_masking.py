@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +74,34 @@ def test_prefetched_masks_equal_built_ones():
         for step in (0, 1, 2, 7, 8):
             assert torch.equal(ahead(6, step, first_index=6), plain(6, step, first_index=6))
         assert (6, 9, 6) in ahead._ahead  # the next step is under way
+
+
+_EXIT_SCRIPT = """
+import sys, time
+from pathlib import Path
+from mimco.masking import MaskGenerator
+
+class Slow(MaskGenerator):
+    def build(self, batch_size, step, first_index=0):
+        if step > 0:  # the prefetch of the step after the last: still running when the script ends
+            time.sleep(0.5)
+            Path(sys.argv[1]).write_text("built")
+        return super().build(batch_size, step, first_index)
+
+Slow("random", 0.6, (4, 4))(8, 0)
+"""
+
+
+def test_no_mask_thread_is_left_running_at_exit(tmp_path):
+    """A process that ends while the next step's masks are being built waits for them: a daemon
+    thread inside torch at interpreter exit aborts the process ("terminate called without an
+    active exception", exit -6), which under torchrun fails the whole job after a good run."""
+    marker = tmp_path / "built"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(marker)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert marker.read_text() == "built"  # the build ran to its end before the process left
 
 
 def test_masked_indices_match_nonzero_and_count():

@@ -7,8 +7,10 @@ values, so masked tokens can be gathered into a dense (B, M, D) tensor.
 
 from __future__ import annotations
 
+import atexit
 import math
 import threading
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -225,15 +227,37 @@ class MaskGenerator:
         return {**self.__dict__, "_ahead": {}}
 
 
+_PENDING: weakref.WeakSet[_Ahead] = weakref.WeakSet()
+
+
+def join_pending() -> None:
+    """Wait for every mask still being built in the background.
+
+    The generator builds one step ahead, so the step after the last one is in flight when
+    training ends. A process that exits (or forks loader workers) while that thread is inside
+    torch can abort with "terminate called without an active exception"; the trainer calls
+    this at the end of a run, and it also runs at interpreter exit."""
+    for ahead in list(_PENDING):
+        ahead.join()
+
+
+atexit.register(join_pending)
+
+
 class _Ahead:
-    """``fn(*args)`` in a short-lived daemon thread (none outlives its step, so a later fork of
-    loader workers finds no thread holding a lock); ``result()`` waits for it."""
+    """``fn(*args)`` in a short-lived daemon thread (:func:`join_pending` waits for all of
+    them at the end of a run, so a later fork of loader workers finds no thread holding a lock,
+    and none is inside torch when the process exits); ``result()`` waits for it."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], args: tuple) -> None:
         self._out: list[Any] = []
         self._thread = threading.Thread(target=lambda: self._out.append(self._call(fn, args)), daemon=True,
                                         name="mimco-masks")
+        _PENDING.add(self)
         self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
 
     @staticmethod
     def _call(fn: Callable[..., torch.Tensor], args: tuple) -> Any:
@@ -243,7 +267,7 @@ class _Ahead:
             return e
 
     def result(self) -> torch.Tensor:
-        self._thread.join()
+        self.join()
         out = self._out[0]
         if isinstance(out, BaseException):
             raise out

@@ -243,3 +243,24 @@ def test_micro_batch_gradient_and_clipping_against_the_whole_batch(tmp_path, mon
     assert float(got) == pytest.approx(limit, rel=1e-4)
     for a, c in zip(whole, clipped):
         assert torch.allclose(c, a * (limit / norm), rtol=1e-3, atol=1e-8)
+
+
+def test_a_run_returns_with_no_mask_build_in_flight(tmp_path, monkeypatch):
+    """Masks are built one step ahead; the build for the step after the last must be finished
+    when training returns (the end-of-run evaluation forks loader workers, and the process may exit)."""
+    import time
+
+    from mimco.masking import MaskGenerator
+
+    finished = []
+    real = MaskGenerator.build
+
+    def slow(self, batch_size, step, first_index=0):
+        if step == 2:  # the prefetch after the last step
+            time.sleep(0.5)
+            finished.append(step)
+        return real(self, batch_size, step, first_index)
+
+    monkeypatch.setattr(MaskGenerator, "build", slow)
+    run_stage("pretrain", tiny_pretrain_cfg(tmp_path, tmp_path / "none.pt", "r", ("method=simmim", "train.max_steps=2")))
+    assert finished == [2]

@@ -32,6 +32,7 @@ from mimco.engine.optim import build_optimizer, build_scheduler
 from mimco.engine.rng import all_rng_states, restore_rank_state
 from mimco.engine.sharding import full_state, load_state, shard
 from mimco.errors import MimcoError
+from mimco.masking import join_pending
 from mimco.methods.base import TrainingMethod, check_method
 from mimco.runs import CHECKPOINT, LOG, save_checkpoint
 
@@ -233,6 +234,7 @@ class Trainer:
                 if (epoch_end or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint()
             bar.close()
+            join_pending()  # the next step's masks are being built: let no thread run on past the run
             path = self.checkpoint()
         self._report_bad_images()
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
