@@ -155,6 +155,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    compile: bool = False  # torch.compile every ViT block, patch embedding and head (the first step compiles)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
     init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
     #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from mimco.config import to_dict
 from mimco.data.build import BatchStream
 from mimco import distributed as dist
+from mimco.engine.compiling import compile_method
 from mimco.engine.guards import FiniteGuard, StopSignal
 from mimco.engine.optim import build_optimizer, build_scheduler
 from mimco.engine.rng import all_rng_states, restore_rank_state
@@ -92,6 +93,8 @@ class Trainer:
         fsdp = t.strategy == "fsdp" and dist.is_dist()
         if dist.world_size() > 1 and device.type == "cuda":  # SyncBatchNorm only runs on GPUs
             method = self.method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.compiled = compile_method(method, t.compile_mode) if t.compile else 0  # after BatchNorm conversion,
+        #                                                                  before sharding (torchtitan's order)
         if fsdp:
             shard(method)  # before the optimiser, which must see the sharded parameters
         self.optimizer = build_optimizer(method, o)
@@ -195,7 +198,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
         last: dict[str, float] = {}
-        stopped_by = None
+        stopped_by, first_step_s, start_step = None, None, self.step
         with StopSignal() as stop:
             while self.step < end:
                 views = next(batches)
@@ -208,6 +211,11 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + v.detach().float() / len(chunks)
                 self._optimizer_step(params)
                 self.step += 1
+                if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
+                    first_step_s = round(time.perf_counter() - start, 2)
+                    if self.compiled and dist.is_main():
+                        tqdm.write(f"mimco: first step {first_step_s} s (torch.compile of {self.compiled} blocks, patch "
+                                   "embeddings and heads; later steps reuse the compiled code)", file=sys.stderr)
                 n_logged += 1
                 seen += views[0].shape[0] * dist.world_size()
                 bar.update(1)
@@ -239,7 +247,7 @@ class Trainer:
         self._report_bad_images()
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
                **{k: v for k, v in metrics.items() if v != ""},
-               "train_seconds": round(time.perf_counter() - start, 1)}
+               "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}
         if stopped_by:
             out["stopped_by"] = stopped_by
         return out

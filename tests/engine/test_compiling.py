@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from mimco.engine.compiling import compile_method, is_compiled
+from mimco.errors import MimcoError
+from tests.methods.test_mimco import tiny_mimco
+
+
+def test_every_block_patch_embedding_and_head_is_compiled_in_place():
+    m = tiny_mimco()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    n = compile_method(m)
+    want = [m.student.backbone.patch_embed, *m.student.backbone.blocks, m.teacher.patch_embed, *m.teacher.blocks,
+            *(h for h in (m.patch_head, m.image_head) if h is not None)]
+    assert n == len(want) and all(is_compiled(x) for x in want)
+    assert not is_compiled(m) and not is_compiled(m.student.backbone)  # the method's forward stays eager
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(MimcoError, match="train.compile_mode"):
+        compile_method(tiny_mimco(), "fastest")
