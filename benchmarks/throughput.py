@@ -2,13 +2,16 @@
 
     python benchmarks/throughput.py --arch vit_tiny --img-size 32 --patch 4 --batch 128
     python benchmarks/throughput.py --arch vit_small --img-size 224 --patch 16 --batch 16 --reps 5
+    python benchmarks/throughput.py --arch vit_small --img-size 224 --patch 16 --batch 256 --compile   # a GPU
 
 For fp32 and bf16: images/s (median over repetitions after warm-up) of a supervised timm ViT
 step (the reference), a SimMIM step, a MoCo v3 step (two views), a MimCo step (teacher of the
 same size) and the teacher forward alone; FLOPs per image (torch.utils.flop_counter, attention
 included); achieved GFLOP/s and its share of a matmul peak measured in the same run; peak step
 memory (CUDA: max allocated; CPU: rise of the process's peak RSS, each workload in a fresh
-process). Also the data loader alone, against the MimCo step. Prints and writes a Markdown table
+process). With ``--compile``, each workload again with ``train.compile``'s torch.compile of every
+block, patch embedding and head (its own fresh process): images/s and the first step's compile
+time. Also the data loader alone, against the MimCo step. Prints and writes a Markdown table
 and checks the project's performance targets.
 """
 
@@ -62,6 +65,7 @@ def sync(device: torch.device) -> None:
 def build(workload: str, args: argparse.Namespace, device: torch.device):
     """(step function taking a batch, the batch) for one workload."""
     from mimco.config import MimcoLossConfig, ModelConfig, OptimConfig
+    from mimco.engine.compiling import compile_method
     from mimco.engine.optim import build_optimizer
     from mimco.masking import MaskGenerator
     from mimco.methods import MimCo, MoCoV3
@@ -74,8 +78,11 @@ def build(workload: str, args: argparse.Namespace, device: torch.device):
     kind = "block" if workload.startswith("mimco_block") else "random"
     masks = MaskGenerator(kind, 0.6, grid, seed=0, prefetch=workload != "mimco_block_inline")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    compiled = getattr(args, "compiled", False)
     if workload == "teacher_fwd":
         teacher = create_vit(mcfg, args.img_size).to(device).eval()
+        if compiled:
+            compile_method(teacher)
 
         def step(i: int) -> None:
             with torch.inference_mode(), amp:
@@ -104,6 +111,8 @@ def build(workload: str, args: argparse.Namespace, device: torch.device):
         def loss_fn(i: int) -> torch.Tensor:
             return model(views, i, 0)[0]
     model.train()
+    if compiled:
+        compile_method(model)
     if workload == "supervised":  # a bare classifier, not a training method: the same AdamW, timm's groups
         from timm.optim import param_groups_weight_decay
 
@@ -131,9 +140,16 @@ def measure(workload: str, args: argparse.Namespace) -> dict:
     base_rss = rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with FlopCounterMode(display=False) as fc:
+    t0 = time.perf_counter()
+    if getattr(args, "compiled", False):  # the first step compiles; FLOPs come from the eager row
         step(0)
-    flops = fc.get_total_flops()
+        flops = 0
+    else:
+        with FlopCounterMode(display=False) as fc:
+            step(0)
+        flops = fc.get_total_flops()
+    sync(device)
+    first_s = time.perf_counter() - t0
     for i in range(args.warmup):
         step(i + 1)
     times = []
@@ -150,7 +166,7 @@ def measure(workload: str, args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     return {"workload": workload, "precision": args.precision, "images_per_s": args.batch / med,
             "ms_per_step": med * 1e3, "gflop_per_image": flops / args.batch / 1e9, "gflops": flops / med / 1e9,
-            "peak_mib": peak}
+            "peak_mib": peak, "first_step_s": first_s}
 
 
 def loader_rate(args: argparse.Namespace) -> tuple[str, float]:
@@ -209,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
                    help=f"any of {', '.join(WORKLOADS + BLOCK_WORKLOADS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time each workload under torch.compile (train.compile)")
     p.add_argument("--out", help="Markdown file to write (default benchmarks/results/throughput-<arch>-<size>.md)")
     p.add_argument("--single", help=argparse.SUPPRESS)  # internal: one workload in a fresh process
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)  # internal: --single, compiled
     return p
 
 
@@ -231,8 +249,13 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             r["peak_share"] = r["gflops"] / peaks[pr]
+            if args.compile:
+                out = subprocess.run([*cmd, "--compiled"], capture_output=True, text=True, check=True).stdout
+                c = json.loads(out.strip().splitlines()[-1])
+                r["compiled_images_per_s"], r["compile_s"] = c["images_per_s"], c["first_step_s"]
             rows.append(r)
-            print(f"{pr:5s} {w:12s} {r['images_per_s']:9.1f} img/s  {r['gflops']:7.1f} GFLOP/s", file=sys.stderr)
+            print(f"{pr:5s} {w:12s} {r['images_per_s']:9.1f} img/s  {r['gflops']:7.1f} GFLOP/s"
+                  + (f"  compiled {r['compiled_images_per_s']:9.1f} img/s" if args.compile else ""), file=sys.stderr)
     what, loader = loader_rate(args) if "mimco" in args.workloads else ("", 0.0)
     md = report(rows, peaks, args, what, loader)
     print(md)
@@ -246,11 +269,14 @@ def report(rows: list[dict], peaks: dict, args: argparse.Namespace, loader_what:
     lines = [f"## {args.arch}, {args.img_size} px / patch {args.patch}, batch {args.batch}, {args.device} "
              f"({platform.processor() or platform.machine()}, {threads} threads), torch {torch.__version__}", "",
              "matmul peak (2048^2): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()), "",
-             "| precision | workload | images/s | ms/step | GFLOP/image | GFLOP/s | share of matmul peak | peak step memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| precision | workload | images/s | ms/step | GFLOP/image | GFLOP/s | share of matmul peak | peak step memory (MiB) |"
+             + (" compiled images/s | compiled / eager | compile s |" if args.compile else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else "")]
     for r in rows:
+        extra = (f" {r['compiled_images_per_s']:.1f} | {r['compiled_images_per_s'] / r['images_per_s']:.2f} | "
+                 f"{r['compile_s']:.1f} |" if args.compile else "")
         lines.append(f"| {r['precision']} | {r['workload']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} | "
-                     f"{r['gflop_per_image']:.3f} | {r['gflops']:.1f} | {r['peak_share']:.0%} | {r['peak_mib']:.0f} |")
+                     f"{r['gflop_per_image']:.3f} | {r['gflops']:.1f} | {r['peak_share']:.0%} | {r['peak_mib']:.0f} |{extra}")
     by = {(r["precision"], r["workload"]): r for r in rows}
     checks = []
     for pr in args.precisions:

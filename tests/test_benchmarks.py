@@ -31,11 +31,48 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["paths"]) == 8 and list(out["paths"].values()).count("PASS") == 7
+    assert len(out["paths"]) == 9 and list(out["paths"].values()).count("PASS") == 8
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
+    assert out["paths"]["pretrain: compiled (train.compile), bf16"] == "PASS"
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
     assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "| finetune: FSDP | PASS |" in r.stdout
-    assert "MFU" in r.stdout
+    assert [(row["model"], row["mode"]) for row in out["rows"]] == [("vit_mini 32/4", "eager"), ("vit_mini 32/4", "compiled")]
+    eager, compiled = out["rows"]
+    assert compiled["compile_s"] > 0 and eager["compile_s"] is None and compiled["images_per_s"] > 0
+    assert compiled["gflop_per_image"] == eager["gflop_per_image"] > 0 and eager["mfu_card"] is None  # no card on a CPU
+    assert out["best_batch"] == {"vit_mini": 16}  # 8, then 16: the CPU cap
+    assert "| model | mode | batch | images/s |" in r.stdout and "MFU (card peak)" in r.stdout
+
+
+def test_gpu_check_card_peaks_and_batch_search():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import best_batch, card_peak
+
+    assert card_peak("NVIDIA H100 80GB HBM3") == 989.0 and card_peak("NVIDIA H100 PCIe") == 756.0
+    assert card_peak("NVIDIA A100-SXM4-80GB") == 312.0 and card_peak("NVIDIA A10") == 125.0
+    assert card_peak("NVIDIA L40S") == 362.0 and card_peak("NVIDIA L4") == 121.0 and card_peak("NVIDIA H200") == 989.0
+    assert card_peak("NVIDIA A10G") is None and card_peak("Tesla V100-SXM2-16GB") is None  # not listed: no guess
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 700  # an out-of-memory error above 700 images
+
+    assert best_batch(fits, 128, 4096) == 512 and tried == [128, 256, 512, 1024]
+    assert best_batch(lambda b: True, 128, 1000) == 512  # the cap
+    assert best_batch(lambda b: False, 128, 4096) == 0  # not even the first
+
+
+def test_throughput_compile_column(tmp_path):
+    out = tmp_path / "t.md"
+    r = subprocess.run([sys.executable, "benchmarks/throughput.py", "--arch", "vit_mini", "--img-size", "16", "--patch", "4",
+                        "--batch", "8", "--warmup", "0", "--reps", "1", "--precisions", "fp32", "--workloads", "simmim",
+                        "--compile", "--out", str(out)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = out.read_text()
+    assert "| compiled images/s | compiled / eager | compile s |" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("| fp32 | simmim |")).strip("|").split("|")
+    assert len(row) == 11 and float(row[8]) > 0 and float(row[10]) > 0
 
 
 def test_reproduce_smoke_runs_and_resumes(tmp_path):

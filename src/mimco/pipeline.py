@@ -14,6 +14,7 @@ from mimco.config import PretrainConfig, TeacherConfig, save_config
 from mimco.config_rules import validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
+from mimco.engine.compiling import MODES as COMPILE_MODES
 from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
@@ -34,6 +35,8 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    if t.compile_mode not in COMPILE_MODES:
+        raise MimcoError(f"unknown train.compile_mode '{t.compile_mode}'; choose one of {', '.join(COMPILE_MODES)}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32, bf16 or fp16")
     if t.device == "auto":

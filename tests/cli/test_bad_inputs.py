@@ -92,12 +92,13 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
     ("optim.epochs=0", "optim.epochs=0.0 is out of range"),
     ("train.log_every=0", "train.log_every=0 is out of range"),
     ("moco.temperature=0", "moco.temperature=0.0 is out of range"),
+    ("train.compile_mode=fastest", "unknown train.compile_mode 'fastest'; choose one of default"),
 ])
 def test_out_of_range_values(tmp_path, capsys, override, message):
     code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", override, f"train.out_dir={tmp_path}")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
-    assert not (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "last.pt").exists() and not list(tmp_path.iterdir())  # no run folder either
 
 
 def test_out_of_range_in_stage_two_and_finetune(tmp_path, capsys, teacher_ckpt):
