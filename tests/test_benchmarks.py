@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,16 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     assert compiled["gflop_per_image"] == eager["gflop_per_image"] > 0 and eager["mfu_card"] is None  # no card on a CPU
     assert out["best_batch"] == {"vit_mini": 16}  # 8, then 16: the CPU cap
     assert "| model | mode | batch | images/s |" in r.stdout and "MFU (card peak)" in r.stdout
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
+def test_folder_cache_table(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/folder_cache.py", "--images", "512", "--steps", "4", "--workers", "0",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("| in memory (fashion_mnist) | ", "| PNG folder, per-image loader | ", "| PNG folder, data.cache=true | "):
+        assert row in r.stdout
+    assert len(list((tmp_path / "fmnist-png").rglob("*.png"))) == 512 and "cached folder >= 90 % of in memory" in r.stdout
 
 
 def test_gpu_check_card_peaks_and_batch_search():

@@ -26,6 +26,7 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("data.img_size", 1, True, "the image side in pixels"),
     ("data.subset", 0, True, "a training-set cap (0 = all)"),
     ("data.num_workers", 0, True, "loader workers"),
+    ("data.cache_size", 0, True, "the cached images' side (0 = data.img_size)"),
     ("data.labels_per_class", 0, True, "labelled images per class (0 = all)"),
     ("data.labels_fraction", 0, True, "the labelled fraction of each class (0 = all)"),
     ("data.max_bad_fraction", 0, True, "the tolerated share of unreadable images"),

@@ -12,7 +12,7 @@ import torch
 from mimco import distributed as dist
 from mimco.config import PretrainConfig, TeacherConfig, save_config
 from mimco.config_rules import validate
-from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, load_dataset
+from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, cached, load_dataset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine.compiling import MODES as COMPILE_MODES
 from mimco.engine.rng import seed_process
@@ -69,15 +69,17 @@ def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool)
 
 def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views: bool) -> BatchStream:
     data = cfg.data
-    if data.name in IN_MEMORY:
+    if data.name in IN_MEMORY or data.cache:
         ds = load_dataset(data, train=True)
+        if not isinstance(ds, ImageArray):  # data.cache: an image folder decoded once
+            ds = cached(ds, data, verbose=dist.is_main())
         if data.on_device:
             ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
         tf = (BatchTwoViews(cfg.aug, data) if two_views else BatchMimView(cfg.aug, data)).to(device)
     else:
         if data.on_device:
-            raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}), not "
-                             f"'{data.name}'; set data.on_device=false (files are decoded by loader workers)")
+            raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}) or an image "
+                             f"folder with data.cache=true, not '{data.name}'; set one of them")
         ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
         tf = None
     return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,

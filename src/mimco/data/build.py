@@ -93,6 +93,15 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
     return ds
 
 
+def cached(files: FileImages, cfg: DataConfig, verbose: bool = True) -> ImageArray:
+    """``data.cache``: the folder decoded once into an in-memory dataset (:mod:`mimco.data.cache`)."""
+    from mimco.data.cache import decode_all
+
+    size = cfg.cache_size or cfg.img_size
+    images, labels = decode_all(files, size, cfg.num_workers, cfg.max_bad_fraction, verbose)
+    return ImageArray(images, labels, cfg.channels)
+
+
 def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None) -> list[str] | None:
     """Human-readable class names where the dataset defines them."""
     from mimco.data import fashion_mnist, procedural
