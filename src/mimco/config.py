@@ -39,6 +39,8 @@ class DataConfig:
     on_device: bool = False  # in-memory datasets: copy the images to the GPU once, augment there
     cache: bool = False  # image folders: decode every image once into memory (uint8), then train like an in-memory set
     cache_size: int = 0  # the cached square's side (short side resized, centre crop); 0 = img_size
+    decode: str = "cpu"  # image folders: cpu (workers decode and augment each image) | gpu (workers read bytes and
+    #                      draw crops; JPEGs are decoded, cropped and augmented in batches on the training device)
     procedural_size: int = 2048  # images per split of the procedural dataset
     # fine-tuning on few labels: a balanced subset of the training split (the probes' --per-class draws the same)
     labels_per_class: int = 0  # N labelled images per class (0 = every label)

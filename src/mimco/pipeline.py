@@ -13,6 +13,7 @@ from mimco import distributed as dist
 from mimco.config import PretrainConfig, TeacherConfig, save_config
 from mimco.config_rules import validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, cached, load_dataset
+from mimco.data.device_decode import DeviceViews, EncodedFiles
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine.compiling import MODES as COMPILE_MODES
 from mimco.engine.rng import seed_process
@@ -69,6 +70,18 @@ def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool)
 
 def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views: bool) -> BatchStream:
     data = cfg.data
+    if data.decode not in ("cpu", "gpu"):
+        raise MimcoError(f"unknown data.decode '{data.decode}'; choose cpu or gpu")
+    if data.decode == "gpu" and (data.name in IN_MEMORY or data.cache or data.on_device):
+        raise MimcoError(f"data.decode=gpu decodes image files on the device; it does not apply to "
+                         f"{'data.cache=true' if data.cache else 'data.on_device=true' if data.on_device else data.name}: "
+                         "set data.decode=cpu")
+    if data.decode == "gpu":
+        views = (BatchTwoViews(cfg.aug, data, crop=False) if two_views else BatchMimView(cfg.aug, data, crop=False)).to(device)
+        files = load_dataset(data, train=True)
+        return BatchStream(EncodedFiles(files, views.crops), cfg.optim.batch_size, cfg.train.seed, device,
+                           DeviceViews(views, data.img_size, data.channels, device), data.num_workers,
+                           data.max_bad_fraction, dist.rank(), dist.world_size())
     if data.name in IN_MEMORY or data.cache:
         ds = load_dataset(data, train=True)
         if not isinstance(ds, ImageArray):  # data.cache: an image folder decoded once

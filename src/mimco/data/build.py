@@ -135,7 +135,8 @@ class BatchStream:
     ``s % steps_per_epoch`` of that order and this process takes its contiguous slice.
     In-memory batches are augmented by ``batch_transform`` on ``device``; other datasets (image
     files, or any map-style dataset of ``(sample, label)``) are augmented per image in loader
-    workers. Yields a list of views, each (B_local, C, S, S), then the labels (B_local,) when
+    workers, or, when a ``batch_transform`` is given for them (``data.decode=gpu``), handed to it
+    as the dataset's ``collate`` assembled them. Yields a list of views, each (B_local, C, S, S), then the labels (B_local,) when
     ``labels``.
     """
 
@@ -156,7 +157,8 @@ class BatchStream:
 
     @property
     def reads_files(self) -> bool:
-        return isinstance(self.ds, FileImages)
+        """Whether batches come from loader workers (files, which may be unreadable), not memory."""
+        return not isinstance(self.ds, ImageArray)
 
     def _file_loader(self) -> DataLoader:
         """One loader for the whole run: its workers persist across epochs."""
@@ -165,7 +167,7 @@ class BatchStream:
             # its own generator: starting an iteration must not draw from the global one, which the
             # training step's randomness (drop path, mixup) shares and a resume restores
             self._loader = DataLoader(Substituting(self.ds, self.seed), batch_sampler=self._rows, num_workers=w,
-                                      collate_fn=collate_substituted, generator=torch.Generator().manual_seed(self.seed),
+                                      collate_fn=getattr(self.ds, "collate", collate_substituted), generator=torch.Generator().manual_seed(self.seed),
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
                                       prefetch_factor=4 if w > 0 else None)
         return self._loader
@@ -190,6 +192,9 @@ class BatchStream:
                 # the persistent loader picks up this epoch's order; keys epoch * N + i seed each image's views
                 self._rows.rows = (idx + epoch * len(self.ds)).tolist()
                 for (views, labels), n_bad in self._file_loader():
+                    if self.batch_transform is not None:  # data.decode=gpu: encoded images, decoded on the device
+                        views, undecodable = self.batch_transform(views)
+                        n_bad += undecodable
                     self.bad.update(n_bad, self.local + n_bad)  # unreadable files were replaced: full batches
                     views = list(views) if isinstance(views, (list, tuple)) else [views]
                     if self.labels:

@@ -46,16 +46,20 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchTwoViews(nn.Module):
-    """MoCo v3's asymmetric views of a uint8 batch (B, C, S, S) -> [view1, view2], normalised."""
+    """MoCo v3's asymmetric views of a uint8 batch (B, C, S, S) -> [view1, view2], normalised.
+    With ``crop=False`` the random resized crop is left out: :meth:`from_crops` then takes each
+    view's crops, already at S x S (``data.decode=gpu`` crops each image as it decodes it)."""
 
-    def __init__(self, cfg: ContrastiveAugConfig, data: DataConfig) -> None:
+    def __init__(self, cfg: ContrastiveAugConfig, data: DataConfig, crop: bool = True) -> None:
         super().__init__()
         s = data.img_size
         k, sigma = _blur(cfg, s)
+        #: (scale, ratio) of each view's random resized crop
+        self.crops = [((cfg.min_scale, 1.0), (3 / 4, 4 / 3))] * 2
 
         def view(blur_p: float, sol_p: float) -> nn.Sequential:
-            ops: list[nn.Module] = [
-                K.RandomResizedCrop((s, s), scale=(cfg.min_scale, 1.0)),
+            ops: list[nn.Module] = [K.RandomResizedCrop((s, s), scale=(cfg.min_scale, 1.0))] if crop else []
+            ops += [
                 K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
                 K.RandomGrayscale(p=cfg.grayscale_prob),
                 K.RandomGaussianBlur((k, k), sigma, p=blur_p),
@@ -80,20 +84,32 @@ class BatchTwoViews(nn.Module):
         x = _to_float(x)
         return [self._run(self.v1, x), self._run(self.v2, x)]
 
+    @torch.no_grad()
+    def from_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views from each view's own crops (B, C, S, S) (float in [0, 1] or uint8)."""
+        return [self._run(self.v1, _to_float(crops[0])), self._run(self.v2, _to_float(crops[1]))]
+
 
 class BatchMimView(nn.Module):
-    """MimCo's single light view (crop + flip) of a uint8 batch -> [view], normalised."""
+    """MimCo's single light view (crop + flip) of a uint8 batch -> [view], normalised
+    (``crop=False``: flip only, for :meth:`from_crops`)."""
 
-    def __init__(self, cfg: MimAugConfig, data: DataConfig) -> None:
+    def __init__(self, cfg: MimAugConfig, data: DataConfig, crop: bool = True) -> None:
         super().__init__()
         s = data.img_size
-        self.seq = nn.Sequential(K.RandomResizedCrop((s, s), scale=(cfg.min_scale, cfg.max_scale), ratio=tuple(cfg.ratio)),
-                                 K.RandomHorizontalFlip(p=cfg.flip_prob))
+        self.crops = [((cfg.min_scale, cfg.max_scale), tuple(cfg.ratio))]
+        ops: list[nn.Module] = [K.RandomResizedCrop((s, s), scale=(cfg.min_scale, cfg.max_scale),
+                                                    ratio=tuple(cfg.ratio))] if crop else []
+        self.seq = nn.Sequential(*ops, K.RandomHorizontalFlip(p=cfg.flip_prob))
         self.norm = Normalize(data.mean, data.std, data.channels)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.norm(self.seq(_to_float(x)))]
+
+    @torch.no_grad()
+    def from_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.norm(self.seq(_to_float(crops[0])))]
 
 
 def _tv_tail(data: DataConfig) -> list[Callable]:

@@ -1,0 +1,159 @@
+"""``data.decode=gpu``: JPEG folders decoded and augmented on the training device.
+
+On a GPU the CPU path (each loader worker decodes, crops and augments one image at a time) feeds
+a few hundred images/s per worker, far below what a compiled ViT-S step takes. Here the work is
+split instead:
+
+* loader workers read each file's bytes and its size from the header, and draw each view's
+  random resized crop box (seeded per image by (seed, epoch, index), like the CPU path);
+* the main process decodes the batch on the device (``torchvision.io.decode_jpeg`` with
+  ``device="cuda"``: nvJPEG, one batched call), cuts each crop and resizes it to the training
+  size there, then runs the photometric part of the recipe on whole batches (the batched views
+  of the in-memory datasets, without their crop).
+
+Files that are not JPEGs (PNG, WebP, ...) are decoded by the worker and only moved to the device.
+A file that cannot be read is replaced by the next readable one, as on the CPU path; a JPEG whose
+header reads but whose data does not decode is replaced by the batch's previous image and
+counted with the unreadable files. On a CPU device the same code runs with libjpeg (the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.functional import pil_to_tensor
+
+from mimco.data.files import FileImages
+
+Crop = tuple[tuple[float, float], tuple[float, float]]  # (scale, ratio) of a random resized crop
+
+
+class EncodedFiles(Dataset):
+    """Item ``i``: ``(data, boxes, label)`` or None for an unreadable file. ``data`` is the file's
+    bytes (uint8, 1-D) for a JPEG, else the decoded image (uint8 (C, H, W)); ``boxes`` (V, 4) holds
+    each view's crop ``(top, left, height, width)``, drawn from the global generators (which
+    :class:`~mimco.data.files.Substituting` seeds per image)."""
+
+    def __init__(self, files: FileImages, crops: list[Crop]) -> None:
+        self.files, self.crops = files, crops
+        self.items, self.classes, self.channels = files.items, files.classes, files.channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Any:
+        path, label = self.files.items[i]
+        try:
+            with Image.open(path) as im:  # the header only: size and format
+                jpeg = im.format == "JPEG" and im.mode in ("RGB", "L")
+                boxes = torch.tensor([RandomResizedCrop.get_params(im, list(scale), list(ratio))  # type: ignore[arg-type]
+                                      for scale, ratio in self.crops])
+            data = read_file(str(path)) if jpeg else None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+        if data is None:  # not a JPEG nvJPEG takes: decoded here
+            img = self.files.load(i)
+            if img is None:
+                return None
+            data = pil_to_tensor(img)
+        return data, boxes, label
+
+    @staticmethod
+    def collate(batch: list[tuple[Any, int]]) -> tuple[tuple[Packed, torch.Tensor], int]:
+        """:class:`~mimco.data.files.Substituting` items -> ((packed data and boxes, labels (B,)), unreadable).
+        The items' bytes travel from the worker as one buffer (one shared-memory block per batch,
+        not one per image)."""
+        items = [b[0] for b in batch]
+        flat = [x[0].reshape(-1) for x in items]
+        shapes = [tuple(x[0].shape) for x in items]
+        packed = Packed(torch.cat(flat), [len(f) for f in flat], shapes, torch.stack([x[1] for x in items]))
+        return (packed, torch.tensor([x[2] for x in items])), sum(b[1] for b in batch)
+
+
+class Packed(NamedTuple):
+    """A batch of :class:`EncodedFiles` items: every item's bytes back to back in ``buffer``, with
+    their ``lengths`` and ``shapes`` ((n,) for a JPEG's bytes, (C, H, W) for a decoded image), and
+    the crop ``boxes`` (B, V, 4)."""
+
+    buffer: torch.Tensor
+    lengths: list[int]
+    shapes: list[tuple[int, ...]]
+    boxes: torch.Tensor
+
+    def items(self) -> list[torch.Tensor]:
+        return [part.view(shape) for part, shape in zip(self.buffer.split(self.lengths), self.shapes)]
+
+
+class DeviceViews(nn.Module):
+    """Decode a batch of :class:`EncodedFiles` items on ``device``, crop and resize each view,
+    then apply ``views.from_crops`` (a batched view transform built with ``crop=False``).
+    Returns (the views, JPEGs that failed to decode)."""
+
+    def __init__(self, views: nn.Module, img_size: int, channels: int, device: torch.device) -> None:
+        super().__init__()
+        self.views, self.size, self.channels, self.device = views, img_size, channels, device
+
+    def decode(self, data: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """Each item as uint8 (C, H, W) on the device; a JPEG that fails to decode becomes the
+        previous good image (the first good one for the first)."""
+        mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
+        jpegs = [i for i, x in enumerate(data) if x.ndim == 1]
+        out: list[torch.Tensor | None] = [x.to(self.device, non_blocking=True) if x.ndim == 3 else None for x in data]
+        if jpegs:
+            try:
+                decoded = decode_jpeg([data[i] for i in jpegs], mode=mode, device=self.device)
+            except RuntimeError:  # one bad file fails the batched call: decode one by one
+                decoded = [_decode_one(data[i], mode, self.device) for i in jpegs]
+            for i, x in zip(jpegs, decoded):
+                out[i] = x
+        bad = sum(x is None for x in out)
+        good = [x for x in out if x is not None]
+        if not good:
+            raise RuntimeError("no image of the batch could be decoded")
+        last = good[0]
+        for i, x in enumerate(out):
+            if x is None:
+                out[i] = last
+            else:
+                last = x
+        return [_channels(x, self.channels) for x in out if x is not None], bad
+
+    def crop(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) float in [0, 1]: image b cut at ``boxes[b]`` and resized to S (bilinear, antialiased)."""
+        s = self.size
+        rows = []
+        for img, (t, left, h, w) in zip(images, boxes.tolist()):
+            patch = img[None, :, t : t + h, left : left + w].float().div_(255.0)
+            rows.append(F.interpolate(patch, size=(s, s), mode="bilinear", antialias=True, align_corners=False))
+        return torch.cat(rows).clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def forward(self, batch: Packed) -> tuple[list[torch.Tensor], int]:
+        images, bad = self.decode(batch.items())
+        boxes = batch.boxes
+        crops = [self.crop(images, boxes[:, v]) for v in range(boxes.shape[1])]
+        return self.views.from_crops(crops), bad
+
+
+def _decode_one(data: torch.Tensor, mode: ImageReadMode, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        return None
+
+
+def _channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (C, H, W) with ``channels`` channels (grey repeated, colour to grey with BT.601 weights)."""
+    if x.shape[0] == channels:
+        return x
+    if channels == 3:
+        return x[:1].expand(3, -1, -1)
+    w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(3, 1, 1)
+    return (x[:3].float() * w).sum(0, keepdim=True).round().to(torch.uint8)
