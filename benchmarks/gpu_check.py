@@ -8,7 +8,8 @@ The process group is joined even on one GPU (``train.init_distributed=true``), s
 collectives (gathers of keys and tokens, the log row's all-reduce, the stop flag, every process's
 RNG state) really run. Paths: stage 1 (MoCo v3) in bf16 with evaluation; stage 2 (MimCo) in bf16
 with capped batch negatives and the projector target; fp16 with the gradient scaler (GPU only);
-FSDP with the end-of-run evaluation; ``train.compile``; block masks with gradient accumulation; a
+a JPEG folder decoded on the GPU (``data.decode=gpu``); FSDP with the end-of-run evaluation;
+``train.compile``; block masks with gradient accumulation; a
 resume with a longer schedule; fine-tuning on the shared engine, with DDP and with FSDP. Then MimCo
 steps of ViT-S/16 and ViT-B/16 at 224 px in bf16 (``--cpu``: tiny ones), eager and compiled, each
 in a fresh process: images/s, MFU against a measured bf16 matmul rate and against the card's dense
@@ -47,6 +48,20 @@ def sizes(cpu: bool) -> tuple[list[str], list[str], int]:
         return data, ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"], 8
     data = ["data.name=procedural", "data.img_size=64", "data.procedural_size=4096", "optim.batch_size=256"]
     return data, ["model.patch_size=8", "model.arch=vit_small", "model.depth=4"], 16
+
+
+def jpeg_folder(root: Path, n: int, sides: tuple[int, int]) -> None:
+    """``n`` smooth RGB JPEGs of random sizes in 2 class folders (an ImageFolder)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(*sides, size=2))
+        small = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(d / f"{i:05d}.jpg", quality=90)
 
 
 def last_step(run: Path) -> int:
@@ -90,9 +105,15 @@ def main() -> int:
     bf16 = "train.precision=bf16"
     teacher = out / "teacher" / CHECKPOINT
     student = [*base, f"teacher.checkpoint={teacher}", "loss.head_hidden_dim=64" if a.cpu else "loss.head_hidden_dim=1024"]
+    jpegs, n_jpeg = out / "jpegs", 64 if a.cpu else 1024
+    jpeg_folder(jpegs, n_jpeg, (24, 48) if a.cpu else (96, 160))
+    batch = 32 if a.cpu else 256
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
          "teacher", 2 * spe),
+        ("teacher: JPEG folder decoded on the device (data.decode=gpu)",
+         [["teacher", *base, *head, bf16, "data.name=imagefolder", f"data.root={jpegs}", "data.decode=gpu",
+           "data.num_workers=2", "train.name=teacher-jpeg"]], "teacher-jpeg", 2 * (n_jpeg // batch)),
         ("pretrain: MimCo, bf16, batch negatives capped, projector target",
          [["pretrain", *student, bf16, "loss.patch_negatives=batch", "loss.patch_max_negatives=64",
            "teacher.image_target=projector", "train.name=mimco-bf16"]], "mimco-bf16", 2 * spe),

@@ -32,9 +32,10 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["paths"]) == 9 and list(out["paths"].values()).count("PASS") == 8
+    assert len(out["paths"]) == 10 and list(out["paths"].values()).count("PASS") == 9
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
     assert out["paths"]["pretrain: compiled (train.compile), bf16"] == "PASS"
+    assert out["paths"]["teacher: JPEG folder decoded on the device (data.decode=gpu)"] == "PASS"
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
     assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "| finetune: FSDP | PASS |" in r.stdout
     assert [(row["model"], row["mode"]) for row in out["rows"]] == [("vit_mini 32/4", "eager"), ("vit_mini 32/4", "compiled")]
@@ -53,6 +54,14 @@ def test_folder_cache_table(tmp_path):
     for row in ("| in memory (fashion_mnist) | ", "| PNG folder, per-image loader | ", "| PNG folder, data.cache=true | "):
         assert row in r.stdout
     assert len(list((tmp_path / "fmnist-png").rglob("*.png"))) == 512 and "cached folder >= 90 % of in memory" in r.stdout
+
+
+def test_data_paths_table():
+    r = subprocess.run([sys.executable, "benchmarks/data_paths.py", "--images", "8", "--img-size", "32", "--batch", "4"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| decode=")]
+    assert len(rows) == 4 and all(float(ln.split("|")[2].replace(",", "")) > 0 for ln in rows)
 
 
 def test_gpu_check_card_peaks_and_batch_search():
