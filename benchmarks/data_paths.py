@@ -52,14 +52,18 @@ def per_item(fn, n: int, reps: int = 2) -> float:
     return best
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=int, default=256, help="JPEGs written and read")
+    p.add_argument("--img-size", type=int, default=224, help="the views' side")
+    p.add_argument("--batch", type=int, default=64, help="batch of the device stage")
+    p.add_argument("--device", default="cpu", help="device of the data.decode=gpu stage (cuda on a GPU)")
     p.add_argument("--mfu", type=float, default=0.35, help="the MFU goal the needed rate is computed at")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
     from mimco.data.device_decode import DeviceViews, EncodedFiles
     from mimco.data.files import FileImages
