@@ -58,13 +58,14 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
-def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt):
-    """train.compile=true (every block, patch embedding and head) under DDP gives the eager
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, strategy):
+    """train.compile=true (every block, patch embedding and head) under DDP or FSDP2 gives the eager
     single-process run's losses and weights (inductor fuses differently: a tolerance, not equality)."""
     det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
             "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}"]
-    r = _run([*TORCHRUN, "-m", "mimco", *args, "train.name=compiled", "train.compile=true"])
+    r = _run([*TORCHRUN, "-m", "mimco", *args, "train.name=compiled", "train.compile=true", f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=eager"])
     # student: patch embedding + 2 blocks; teacher: the same and its projector; the patch and image heads
     assert "mimco: first step " in r.stderr and "torch.compile of 9 blocks" in r.stderr, r.stderr[-2000:]
