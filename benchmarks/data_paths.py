@@ -19,26 +19,20 @@ each path needs for it.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import jpeg_folder  # noqa: E402
 
 #: MimCo ViT-S/16 at 224 px: GFLOP per image of a training step (student forward and backward,
 #: teacher forward), measured by benchmarks/throughput.py (docs/performance.md)
 MIMCO_VIT_S_GFLOP = 34.97
 H100_BF16_TFLOPS = 989.0
-
-
-def jpegs(folder: Path, n: int) -> None:
-    rng = np.random.default_rng(0)
-    for i in range(n):  # ImageNet-like sizes; smooth content so JPEG sizes are realistic
-        h, w = int(rng.integers(300, 500)), int(rng.integers(300, 500))
-        small = (rng.random((h // 16, w // 16, 3)) * 255).astype(np.uint8)
-        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(folder / f"{i}.jpg", quality=90)
 
 
 def per_item(fn, n: int, reps: int = 2) -> float:
@@ -71,7 +65,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # a loader worker's share
     folder = Path(tempfile.mkdtemp(prefix="mimco-jpeg-"))
-    jpegs(folder, a.images)
+    jpeg_folder(folder, a.images)
     data = DataConfig(name="folder", root=str(folder), img_size=a.img_size)
     rows = []
     for what, tf in (("decode=cpu, MimCo view", image_mim_view(MimAugConfig(), data)),

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import matmul_peak  # noqa: E402
+from throughput import jpeg_folder, matmul_peak  # noqa: E402
 
 from mimco.runs import CHECKPOINT, load_checkpoint, read_summary  # noqa: E402
 
@@ -48,20 +48,6 @@ def sizes(cpu: bool) -> tuple[list[str], list[str], int]:
         return data, ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"], 8
     data = ["data.name=procedural", "data.img_size=64", "data.procedural_size=4096", "optim.batch_size=256"]
     return data, ["model.patch_size=8", "model.arch=vit_small", "model.depth=4"], 16
-
-
-def jpeg_folder(root: Path, n: int, sides: tuple[int, int]) -> None:
-    """``n`` smooth RGB JPEGs of random sizes in 2 class folders (an ImageFolder)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / "ab"[i % 2]
-        d.mkdir(parents=True, exist_ok=True)
-        h, w = (int(v) for v in rng.integers(*sides, size=2))
-        small = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
-        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(d / f"{i:05d}.jpg", quality=90)
 
 
 def last_step(run: Path) -> int:
@@ -106,7 +92,7 @@ def main() -> int:
     teacher = out / "teacher" / CHECKPOINT
     student = [*base, f"teacher.checkpoint={teacher}", "loss.head_hidden_dim=64" if a.cpu else "loss.head_hidden_dim=1024"]
     jpegs, n_jpeg = out / "jpegs", 64 if a.cpu else 1024
-    jpeg_folder(jpegs, n_jpeg, (24, 48) if a.cpu else (96, 160))
+    jpeg_folder(jpegs, n_jpeg, (24, 48) if a.cpu else (96, 160), classes="ab")
     batch = 32 if a.cpu else 256
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],

@@ -169,12 +169,25 @@ def measure(workload: str, args: argparse.Namespace) -> dict:
             "peak_mib": peak, "first_step_s": first_s}
 
 
-def loader_rate(args: argparse.Namespace) -> tuple[str, float]:
-    """Images/s of the data pipeline alone: Fashion-MNIST (in memory, batched views) for small
-    images, else a JPEG ImageFolder it writes (2 workers, per-image MimCo views)."""
+def jpeg_folder(root: Path, n: int, sides: tuple[int, int] = (300, 500), classes: str = "") -> None:
+    """``n`` RGB JPEGs of random sizes in ``sides`` (ImageNet-like by default) with smooth content,
+    so their file sizes are realistic; spread over one sub-folder per character of ``classes``
+    (an ImageFolder), or flat when it is empty."""
     import numpy as np
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / classes[i % len(classes)] if classes else root
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = (int(v) for v in rng.integers(*sides, size=2))
+        small = (rng.random((max(h // 16, 2), max(w // 16, 2), 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def loader_rate(args: argparse.Namespace) -> tuple[str, float]:
+    """Images/s of the data pipeline alone: Fashion-MNIST (in memory, batched views) for small
+    images, else a JPEG ImageFolder it writes (2 workers, per-image MimCo views)."""
     from mimco.config import DataConfig, MimAugConfig
     from mimco.data.build import BatchStream, load_dataset
     from mimco.data.files import FileImages
@@ -192,11 +205,7 @@ def loader_rate(args: argparse.Namespace) -> tuple[str, float]:
         n_batches = 50
     else:
         folder = Path(tempfile.mkdtemp(prefix="mimco-jpeg-"))
-        rng = np.random.default_rng(0)
-        for i in range(256):  # ImageNet-like sizes; smooth content so JPEG sizes are realistic
-            h, w = int(rng.integers(300, 500)), int(rng.integers(300, 500))
-            small = (rng.random((h // 16, w // 16, 3)) * 255).astype(np.uint8)
-            Image.fromarray(small).resize((w, h), Image.BICUBIC).save(folder / f"{i}.jpg", quality=90)
+        jpeg_folder(folder, 256)
         data = DataConfig(name="folder", root=str(folder), img_size=args.img_size, num_workers=2)
         ds = FileImages(str(folder), labelled=False, transform=image_mim_view(MimAugConfig(), data))
         stream = BatchStream(ds, min(args.batch, 64), 0, device, None, num_workers=2)
