@@ -122,4 +122,5 @@ def test_a_text_file_as_checkpoint(tmp_path, capsys, command):
             "eval": ["eval", text], "inspect": ["inspect", text], "finetune": ["finetune", text, "data.name=procedural"]}
     code, err = run_cli(capsys, *args[command])
     assert code == 2 and f"cannot read checkpoint {text}: it is not a PyTorch checkpoint" in err, err
-    assert len(err.strip().splitlines()) == 1 and "101" not in err
+    # no pickle detail ("invalid load key, 'e'" / byte 101) in the message; the path may hold any digits
+    assert len(err.strip().splitlines()) == 1 and "101" not in err.replace(str(text), "") and "load key" not in err
