@@ -4,7 +4,7 @@ VENV ?= $(HOME)/.cache/mimco/venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test demo clean-venv
+.PHONY: setup data test demo mutate clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ test: setup data
 
 demo: setup data
 	$(VENV)/bin/mimco demo
+
+# Mutation testing of masking.py and methods/ (slow, outside CI; docs/architecture.md#mutation-testing)
+mutate: setup
+	$(PY) -m pip install -q --disable-pip-version-check "mutmut>=3.3"
+	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results > mutmut-results.txt; tail -n 3 mutmut-results.txt
 
 clean-venv:
 	rm -rf $(VENV)
