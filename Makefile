@@ -26,7 +26,7 @@ demo: setup data
 # Mutation testing of masking.py and methods/ (slow, outside CI; docs/architecture.md#mutation-testing)
 mutate: setup
 	$(PY) -m pip install -q --disable-pip-version-check "mutmut>=3.3"
-	$(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results > mutmut-results.txt; tail -n 3 mutmut-results.txt
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2; $(VENV)/bin/mutmut results > mutmut-results.txt; tail -n 3 mutmut-results.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimco.masking import MaskGenerator, block_mask, masked_indices, num_masked, random_mask, sample_blocks
+from mimco.masking import MaskGenerator, block_mask, join_pending, masked_indices, num_masked, random_mask, sample_blocks
 
 
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
@@ -110,3 +111,77 @@ def test_masked_indices_match_nonzero_and_count():
         m = g(5, step=2)
         assert (m.sum(1) == g.count).all()
         assert torch.equal(masked_indices(m, g.count), m.nonzero()[:, 1].view(5, -1))
+
+
+def test_the_prefetched_build_is_used_not_redone(monkeypatch):
+    """Step s + 1 is built once, in the background, while step s is handed out; asking for it
+    takes that build (a mask for the wrong step, or a second build, fails)."""
+    calls = []
+    real = MaskGenerator.build
+
+    def counting(self, batch_size, step, first_index=0):
+        calls.append(step)
+        return real(self, batch_size, step, first_index)
+
+    monkeypatch.setattr(MaskGenerator, "build", counting)
+    gen = MaskGenerator("random", 0.5, (4, 4), seed=1)
+    first = gen(3, 0)
+    second = gen(3, 1)
+    join_pending()
+    assert sorted(calls) == [0, 1, 2]  # 0 on demand; 1 and 2 ahead
+    plain = MaskGenerator("random", 0.5, (4, 4), seed=1, prefetch=False)
+    assert torch.equal(first, plain(3, 0)) and torch.equal(second, plain(3, 1))
+
+
+def test_masks_come_on_the_device_asked_for():
+    gen = MaskGenerator("random", 0.5, (4, 4), seed=1)
+    assert gen(2, 0).device.type == "cpu" and gen(2, 1, device="meta").device.type == "meta"
+
+
+def _reference_blocks(h, w, target, rng, min_patches, min_aspect, attempts=10):
+    """BEiT's blockwise masking as the docstring states it, written apart (same draws in the same order)."""
+    mask = [[False] * w for _ in range(h)]
+    count = lambda: sum(map(sum, mask))  # noqa: E731
+    lo, hi = math.log(min_aspect), -math.log(min_aspect)
+    while count() < target:
+        left_to_mask, placed = target - count(), False
+        for _ in range(attempts):
+            area = rng.uniform(min_patches, max(min_patches, left_to_mask))
+            ar = math.exp(rng.uniform(lo, hi))
+            bh, bw = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+            if bh < 1 or bw < 1 or bh > h or bw > w or bh * bw < min_patches or not min_aspect <= bh / bw <= 1 / min_aspect:
+                continue
+            t, l = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+            fresh = sum(not mask[i][j] for i in range(t, t + bh) for j in range(l, l + bw))
+            if 1 <= fresh <= left_to_mask:
+                for i in range(t, t + bh):
+                    for j in range(l, l + bw):
+                        mask[i][j] = True
+                placed = True
+                break
+        if not placed:
+            free = [i * w + j for i in range(h) for j in range(w) if not mask[i][j]]
+            for k in rng.choice(free, size=left_to_mask, replace=False):
+                mask[k // w][k % w] = True
+    return np.array(mask)
+
+
+@pytest.mark.parametrize("grid, target, min_patches, min_aspect", [
+    ((14, 14), 78, 4, 0.3), ((8, 8), 38, 4, 0.3), ((14, 7), 40, 16, 0.3), ((3, 3), 7, 4, 0.3), ((6, 6), 20, 4, 0.5)])
+def test_blocks_equal_an_independent_reference(grid, target, min_patches, min_aspect):
+    for seed in range(20):
+        got, _ = sample_blocks(grid, target, np.random.default_rng(seed), min_patches, min_aspect)
+        want = _reference_blocks(*grid, target, np.random.default_rng(seed), min_patches, min_aspect)
+        assert got.dtype == bool and got.sum() == target and np.array_equal(got, want), (grid, seed)
+
+
+def test_block_defaults_are_beits():
+    a, _ = sample_blocks((14, 14), 78, np.random.default_rng(5))
+    b, _ = sample_blocks((14, 14), 78, np.random.default_rng(5), min_patches=4, min_aspect=0.3, max_attempts=10)
+    assert np.array_equal(a, b)
+
+
+def test_blocks_are_both_tall_and_wide():
+    rng = np.random.default_rng(0)
+    shapes = [h / w for _ in range(30) for _, _, h, w in sample_blocks((14, 14), 78, rng)[1]]
+    assert min(shapes) < 0.7 and max(shapes) > 1.4  # aspect drawn on [0.3, 1/0.3], log-uniform

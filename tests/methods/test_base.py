@@ -39,3 +39,24 @@ def test_methods_keep_the_contract_and_the_layout(stage, method):
 def test_a_module_without_the_hooks_is_refused_by_name():
     with pytest.raises(TypeError, match="lacks .*backbone.*no_weight_decay"):
         check_method(nn.Linear(2, 2))
+
+
+MEMBERS = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end")
+
+
+@pytest.mark.parametrize("missing", [m for m in MEMBERS if m != "forward"])  # every nn.Module has a forward
+def test_each_member_of_the_contract_is_required(missing):
+    """A module with every member but one is refused, and the message names the class and that member."""
+    members = {n: (lambda self, *a, **k: None) for n in MEMBERS if n not in ("total_steps", "metric_keys")}
+    members.update(total_steps=1, metric_keys=())
+    del members[missing]
+    partial = type("Partial", (nn.Module,), members)()
+    with pytest.raises(TypeError, match=rf"^Partial is not a TrainingMethod: it lacks {missing}$"):
+        check_method(partial)
+    complete = type("Complete", (nn.Module,), {**members, missing: 1 if missing == "total_steps" else (lambda self: None)})()
+    check_method(complete)
+
+
+def test_two_missing_members_are_listed_with_commas():
+    with pytest.raises(TypeError, match=r"^Linear is not a TrainingMethod: it lacks total_steps, metric_keys, "):
+        check_method(nn.Linear(2, 2))

@@ -147,3 +147,15 @@ def test_batch_negatives_capped_and_sampled():
             losses.append(-torch.log_softmax(logits, 0)[0])
     assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
     assert got.item() < full.item()  # fewer negatives: an easier task
+
+
+def test_autocast_off_follows_the_first_tensor():
+    from mimco.methods.losses import autocast_off
+
+    for ctx in (autocast_off(), autocast_off(None, torch.zeros(1))):  # no tensor: the CPU
+        assert isinstance(ctx, torch.autocast) and ctx.device == "cpu" and not ctx._enabled
+    assert not isinstance(autocast_off(torch.zeros(1, device="meta")), torch.autocast)  # no autocast there
+    with autocast_off(torch.zeros(1)), torch.autocast("cpu", dtype=torch.bfloat16):
+        pass
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_off(torch.zeros(2, 2)):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
