@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimco.masking import MaskGenerator, block_mask, join_pending, masked_indices, num_masked, random_mask, sample_blocks
+from mimco.masking import MaskGenerator, block_mask, join_pending, seeded_random_mask, masked_indices, num_masked, random_mask, sample_blocks
 
 
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
@@ -167,7 +167,8 @@ def _reference_blocks(h, w, target, rng, min_patches, min_aspect, attempts=10):
 
 
 @pytest.mark.parametrize("grid, target, min_patches, min_aspect", [
-    ((14, 14), 78, 4, 0.3), ((8, 8), 38, 4, 0.3), ((14, 7), 40, 16, 0.3), ((3, 3), 7, 4, 0.3), ((6, 6), 20, 4, 0.5)])
+    ((14, 14), 78, 4, 0.3), ((8, 8), 38, 4, 0.3), ((14, 7), 40, 16, 0.3), ((3, 3), 7, 4, 0.3), ((6, 6), 20, 4, 0.5),
+    ((6, 6), 20, 1, 0.3)])  # min_patches=1: blocks one patch wide
 def test_blocks_equal_an_independent_reference(grid, target, min_patches, min_aspect):
     for seed in range(20):
         got, _ = sample_blocks(grid, target, np.random.default_rng(seed), min_patches, min_aspect)
@@ -185,3 +186,50 @@ def test_blocks_are_both_tall_and_wide():
     rng = np.random.default_rng(0)
     shapes = [h / w for _ in range(30) for _, _, h, w in sample_blocks((14, 14), 78, rng)[1]]
     assert min(shapes) < 0.7 and max(shapes) > 1.4  # aspect drawn on [0.3, 1/0.3], log-uniform
+
+
+def test_num_masked_bounds_and_message():
+    assert num_masked(10, 0.01) == 1 and num_masked(10, 0.99) == 9 and num_masked(196, 0.6) == 118
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=rf"mask ratio must be in \(0, 1\), got {bad}"):
+            num_masked(10, bad)
+
+
+def test_masks_on_a_rectangular_grid_and_the_unit_check():
+    m = random_mask(2, (4, 6), 0.5, mask_unit=2)
+    assert m.shape == (2, 24) and (m.sum(1) == 12).all()
+    with pytest.raises(ValueError, match="patch grid 4x6 is not divisible by the mask unit 4"):
+        random_mask(2, (4, 6), 0.5, mask_unit=4)
+    with pytest.raises(ValueError, match="unknown mask type 'grid'"):
+        MaskGenerator("grid", 0.5, (4, 4))
+
+
+def test_mask_functions_honour_the_device():
+    for fn in (lambda d: random_mask(2, (4, 4), 0.5, device=d), lambda d: block_mask(2, (4, 4), 0.5, 0, device=d)):
+        assert fn(None).device.type == "cpu" and fn("meta").device.type == "meta"
+
+
+def test_block_settings_and_seeds_reach_the_sampler():
+    """block_mask and the generator pass min_patches / min_aspect through, seed sample i with
+    (seed, first_index + i), and the generator's seed for step s is seed * 1_000_003 + s."""
+    got = block_mask(3, (8, 8), 0.5, 11, 9, 0.5, first_index=4)
+    for i in range(3):
+        want, _ = sample_blocks((8, 8), 32, np.random.default_rng([11, 4 + i]), 9, 0.5)
+        assert np.array_equal(got[i].numpy(), want.ravel())
+    gen = MaskGenerator("block", 0.5, (8, 8), min_patches=9, min_aspect=0.5, seed=2, prefetch=False)
+    assert torch.equal(gen.build(3, 5, 4), block_mask(3, (8, 8), 0.5, 2 * 1_000_003 + 5, 9, 0.5, first_index=4))
+    # defaults: BEiT's (4 patches, aspect 0.3), seed 0, first index 0, unit 1
+    assert torch.equal(MaskGenerator("block", 0.5, (8, 8), prefetch=False).build(2, 3), block_mask(2, (8, 8), 0.5, 3, 4, 0.3, first_index=0))
+    assert torch.equal(block_mask(2, (8, 8), 0.5, 3), block_mask(2, (8, 8), 0.5, 3, 4, 0.3, first_index=0))
+    assert torch.equal(seeded_random_mask(2, (8, 8), 0.5, 3), seeded_random_mask(2, (8, 8), 0.5, 3, 1, 0))
+    assert torch.equal(MaskGenerator("random", 0.5, (8, 8), prefetch=False).build(2, 3), seeded_random_mask(2, (8, 8), 0.5, 3, 1, 0))
+
+
+def test_a_generator_with_masks_under_way_pickles():
+    """Loader workers may pickle the generator; a build under way is not carried along."""
+    import pickle
+
+    gen = MaskGenerator("random", 0.5, (4, 4), seed=1)
+    gen(2, 0)
+    copy = pickle.loads(pickle.dumps(gen))
+    assert copy._ahead == {} and torch.equal(copy(2, 1), gen(2, 1))

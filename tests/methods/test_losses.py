@@ -159,3 +159,55 @@ def test_autocast_off_follows_the_first_tensor():
         pass
     with torch.autocast("cpu", dtype=torch.bfloat16), autocast_off(torch.zeros(2, 2)):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_global_infonce_on_rank_one_of_two(monkeypatch):
+    """With a (simulated) second process, the keys of the whole batch are scored and the positive
+    of local query i is global key B + i; with gather off, only the local keys."""
+    import mimco.methods.losses as losses
+
+    torch.manual_seed(0)
+    q, k, other = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1), torch.randn(3, 8)
+    monkeypatch.setattr(losses, "gather_no_grad", lambda x: torch.cat([F.normalize(other, dim=-1), x]))
+    monkeypatch.setattr(losses, "rank", lambda: 1)
+    t = 0.3
+    all_keys = torch.cat([F.normalize(other, dim=-1), k])
+    want = F.cross_entropy(q @ all_keys.T / t, torch.arange(3) + 3) * 2 * t
+    assert torch.allclose(GlobalInfoNCE(t)(q, k), want)
+    local = F.cross_entropy(q @ k.T / t, torch.arange(3))
+    assert torch.allclose(GlobalInfoNCE(t, gather=False)(q, k), local * 2 * t)
+    assert torch.allclose(GlobalInfoNCE(t, gather=False, scale_by_2t=False)(q, k), local)
+
+
+def test_patch_loss_defaults_and_bad_negatives():
+    crit = PatchContrastiveLoss()
+    assert crit.temperature == GlobalInfoNCE().temperature == 0.2 and GlobalInfoNCE().gather and GlobalInfoNCE().scale_by_2t
+    assert crit.gather and crit.negatives == "image" and crit.neg_threshold == 1.0 and crit.max_negatives == 0
+    with pytest.raises(ValueError, match="unknown patch negatives 'pixels'"):
+        PatchContrastiveLoss(negatives="pixels")
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.0])
+def test_sampled_negatives_drop_near_duplicates_and_the_positive(threshold):
+    """The capped path with a threshold, against a loop: a drawn token is dropped when it is the
+    query's own positive or when its teacher cosine to the positive is above the threshold."""
+    g = torch.Generator().manual_seed(2)
+    b, n, m, d, k = 3, 8, 4, 16, 12
+    target, pred = torch.randn(b, n, d, generator=g), torch.randn(b, m, d, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(b)])
+    torch.manual_seed(7)
+    got = PatchContrastiveLoss(0.3, "batch", neg_threshold=threshold, gather=False, max_negatives=k)(pred, target, idx)
+    torch.manual_seed(7)
+    pick = torch.randperm(b * n)[:k]
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    losses, dropped = [], 0
+    for i in range(b):
+        for j in range(m):
+            own = i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            negs = [flat[c] for c in pick.tolist() if c != own and float(flat[own] @ flat[c]) <= threshold]
+            dropped += k - len(negs)
+            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
+            losses.append(-torch.log_softmax(logits, 0)[0])
+    assert dropped > b * m  # the threshold dropped more than the drawn positives
+    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)

@@ -179,3 +179,45 @@ def test_regression_switch_regresses_the_masked_teacher_tokens(kind):
         want = {"l1": F.l1_loss(pred, target), "smooth_l1": F.smooth_l1_loss(pred, target),
                 "cosine": (1 - F.cosine_similarity(pred, target, dim=-1)).mean()}[kind]
     assert logs["loss_patch"].item() == pytest.approx(want.item(), rel=1e-5) and loss.item() == logs["loss_patch"].item()
+
+
+def test_loss_settings_reach_the_criteria_and_bad_switches_are_named():
+    m = tiny_mimco(patch_neg_threshold=0.7, patch_max_negatives=5)
+    assert m.patch_criterion.neg_threshold == 0.7 and m.patch_criterion.max_negatives == 5
+    assert tiny_mimco(patch_weight=0.0).patch_head is None and tiny_mimco(patch_weight=0.1).patch_head is not None
+    with pytest.raises(ValueError, match="unknown loss.patch_loss 'l3'"):
+        tiny_mimco(patch_loss="l3")
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
+    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)
+    with pytest.raises(ValueError, match="unknown teacher.image_target 'mean'"):
+        MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)), "mean")
+    cls = MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)))
+    assert cls.image_head[-1].out_features == 32  # the CLS target: the teacher's width, no projector
+
+
+def test_loss_is_fp32_under_bf16_autocast():
+    m = tiny_mimco()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m([torch.randn(4, 3, 16, 16)], step=0)
+    assert loss.dtype == torch.float32
+
+
+def test_masks_follow_the_slice_of_the_global_batch(monkeypatch):
+    """The forward asks for the masks of its own slice of the global batch (first_index), and of
+    slice 0 when none is given (a single process)."""
+    from mimco.masking import join_pending
+    from mimco.methods.simmim import SimMIM
+
+    seen = []
+    real = MaskGenerator.build
+    monkeypatch.setattr(MaskGenerator, "build", lambda self, b, step, first=0: seen.append((step, first)) or real(self, b, step, first))
+    x = torch.randn(4, 3, 16, 16)
+    simmim = SimMIM(MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)),
+                    MaskGenerator("random", 0.5, (4, 4), seed=0, prefetch=False))
+    for m in (tiny_mimco(), simmim):
+        m.mask_generator.prefetch = False
+        seen.clear()
+        m([x], step=3, first_index=6)
+        m([x], step=3)
+        join_pending()
+        assert seen == [(3, 6), (3, 0)]

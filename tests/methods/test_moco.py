@@ -76,3 +76,34 @@ def test_forward_uses_the_scheduled_momentum_once_per_step():
         after = [p.clone() for p in m.momentum_encoder.parameters()]
         m(x, step)  # the same step again: no second update
         assert all(torch.equal(a, p) for a, p in zip(after, m.momentum_encoder.parameters()))
+
+
+def test_moco_v3_defaults_and_frozen_momentum_encoder():
+    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
+    assert m.criterion.temperature == 0.2 and m.base_momentum == 0.99  # MoCo v3's ViT recipe
+    assert m.predictor.num_layers == 2 and m.base_encoder.head.num_layers == 3
+    assert not any(p.requires_grad for p in m.momentum_encoder.parameters())
+    assert momentum_at(1, 1, 0.99) == pytest.approx(1.0) and momentum_at(0, 0, 0.99) == pytest.approx(0.99)
+
+
+def test_momentum_update_once_per_step_from_step_zero():
+    """The EMA runs at the first forward of every step (steps 0, 1, 2 ...), never twice in a step."""
+    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
+    m.total_steps = 10
+    seen = []
+    m.update_momentum_encoder = lambda mom: seen.append(mom)
+    x = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    for step in (0, 0, 1, 1, 2):
+        m(x, step)
+    assert seen == [pytest.approx(momentum_at(s, 10, 0.99)) for s in (0, 1, 2)]
+    fresh = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
+    fresh.total_steps, calls = 10, []
+    fresh.update_momentum_encoder = lambda mom: calls.append(mom)
+    fresh(x, 1)  # a run resumed at step 1 updates at its first step too
+    assert calls == [pytest.approx(momentum_at(1, 10, 0.99))]
+
+
+def test_moco_v3_head_sizes_default_to_the_papers():
+    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
+    assert (m.base_encoder.head.hidden_dim, m.base_encoder.head.out_dim) == (4096, 256)
+    assert (m.predictor.hidden_dim, m.predictor.out_dim) == (4096, 256)
