@@ -264,3 +264,18 @@ def test_a_run_returns_with_no_mask_build_in_flight(tmp_path, monkeypatch):
     monkeypatch.setattr(MaskGenerator, "build", slow)
     run_stage("pretrain", tiny_pretrain_cfg(tmp_path, tmp_path / "none.pt", "r", ("method=simmim", "train.max_steps=2")))
     assert finished == [2]
+
+
+def test_the_trainer_hands_the_method_its_schedule_length(tmp_path):
+    """MoCo's momentum follows the run's schedule: optim.epochs x steps per epoch (here 2 x 8 = 16),
+    not a default; the log's momentum at each step is momentum_at(step - 1, 16, base)."""
+    import csv
+
+    from mimco.methods.moco import momentum_at
+
+    cfg = tiny_teacher_cfg(tmp_path, "m", ("optim.epochs=2", "train.max_steps=4", "train.log_every=1"))
+    run_stage("teacher", cfg)
+    with open(tmp_path / "m" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["momentum"]) for r in rows] == pytest.approx(
+        [momentum_at(s, 16, cfg.moco.momentum) for s in range(4)], abs=1e-6)
