@@ -15,7 +15,7 @@ from mimco.config_rules import validate
 from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, cached, load_dataset
 from mimco.data.device_decode import DeviceViews, EncodedFiles
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
-from mimco.engine.compiling import MODES as COMPILE_MODES
+from mimco.engine.compiling import check_mode as check_compile_mode
 from mimco.engine.rng import seed_process
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
@@ -36,8 +36,7 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    if t.compile_mode not in COMPILE_MODES:
-        raise MimcoError(f"unknown train.compile_mode '{t.compile_mode}'; choose one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode(t.compile_mode)
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32, bf16 or fp16")
     if t.device == "auto":
@@ -69,30 +68,32 @@ def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool)
 
 
 def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views: bool) -> BatchStream:
+    """The training batches of a stage: in memory (built-in sets, or a folder with ``data.cache``)
+    with batched views; a folder decoded on the device (``data.decode=gpu``); or a folder whose
+    loader workers decode and augment each image."""
     data = cfg.data
     if data.decode not in ("cpu", "gpu"):
         raise MimcoError(f"unknown data.decode '{data.decode}'; choose cpu or gpu")
-    if data.decode == "gpu" and (data.name in IN_MEMORY or data.cache or data.on_device):
-        raise MimcoError(f"data.decode=gpu decodes image files on the device; it does not apply to "
-                         f"{'data.cache=true' if data.cache else 'data.on_device=true' if data.on_device else data.name}: "
-                         "set data.decode=cpu")
+    batched = BatchTwoViews if two_views else BatchMimView
     if data.decode == "gpu":
-        views = (BatchTwoViews(cfg.aug, data, crop=False) if two_views else BatchMimView(cfg.aug, data, crop=False)).to(device)
-        files = load_dataset(data, train=True)
-        return BatchStream(EncodedFiles(files, views.crops), cfg.optim.batch_size, cfg.train.seed, device,
-                           DeviceViews(views, data.img_size, data.channels, device), data.num_workers,
-                           data.max_bad_fraction, dist.rank(), dist.world_size())
-    if data.name in IN_MEMORY or data.cache:
+        if data.name in IN_MEMORY or data.cache or data.on_device:
+            other = "data.cache=true" if data.cache else "data.on_device=true" if data.on_device else data.name
+            raise MimcoError(f"data.decode=gpu decodes image files on the device; it does not apply to {other}: "
+                             "set data.decode=cpu")
+        views = batched(cfg.aug, data, crop=False).to(device)
+        ds: Any = EncodedFiles(load_dataset(data, train=True), views.crops)
+        tf: Any = DeviceViews(views, data.img_size, data.channels, device)
+    elif data.name in IN_MEMORY or data.cache:
         ds = load_dataset(data, train=True)
         if not isinstance(ds, ImageArray):  # data.cache: an image folder decoded once
             ds = cached(ds, data, verbose=dist.is_main())
         if data.on_device:
             ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
-        tf = (BatchTwoViews(cfg.aug, data) if two_views else BatchMimView(cfg.aug, data)).to(device)
+        tf = batched(cfg.aug, data).to(device)
+    elif data.on_device:
+        raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}) or an image "
+                         f"folder with data.cache=true, not '{data.name}'; set one of them")
     else:
-        if data.on_device:
-            raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}) or an image "
-                             f"folder with data.cache=true, not '{data.name}'; set one of them")
         ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
         tf = None
     return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,

@@ -136,8 +136,8 @@ class BatchStream:
     In-memory batches are augmented by ``batch_transform`` on ``device``; other datasets (image
     files, or any map-style dataset of ``(sample, label)``) are augmented per image in loader
     workers, or, when a ``batch_transform`` is given for them (``data.decode=gpu``), handed to it
-    as the dataset's ``collate`` assembled them. Yields a list of views, each (B_local, C, S, S), then the labels (B_local,) when
-    ``labels``.
+    as the dataset's ``collate`` assembled them. Yields a list of views, each (B_local, C, S, S),
+    then the labels (B_local,) when ``labels``.
     """
 
     def __init__(self, dataset: ImageArray | FileImages, global_batch: int, seed: int, device: torch.device,
@@ -167,7 +167,8 @@ class BatchStream:
             # its own generator: starting an iteration must not draw from the global one, which the
             # training step's randomness (drop path, mixup) shares and a resume restores
             self._loader = DataLoader(Substituting(self.ds, self.seed), batch_sampler=self._rows, num_workers=w,
-                                      collate_fn=getattr(self.ds, "collate", collate_substituted), generator=torch.Generator().manual_seed(self.seed),
+                                      collate_fn=getattr(self.ds, "collate", collate_substituted),
+                                      generator=torch.Generator().manual_seed(self.seed),
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
                                       prefetch_factor=4 if w > 0 else None)
         return self._loader

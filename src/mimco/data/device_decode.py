@@ -43,7 +43,7 @@ class EncodedFiles(Dataset):
 
     def __init__(self, files: FileImages, crops: list[Crop]) -> None:
         self.files, self.crops = files, crops
-        self.items, self.classes, self.channels = files.items, files.classes, files.channels
+        self.items = files.items  # Substituting names a file by it
 
     def __len__(self) -> int:
         return len(self.files)
@@ -101,7 +101,8 @@ class DeviceViews(nn.Module):
         self.views, self.size, self.channels, self.device = views, img_size, channels, device
 
     def decode(self, data: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-        """Each item as uint8 (C, H, W) on the device; a JPEG that fails to decode becomes the
+        """Each item as uint8 (C, H, W) on the device, C = ``channels`` (JPEGs decoded in that mode,
+        other files already converted by the worker); a JPEG that fails to decode becomes the
         previous good image (the first good one for the first)."""
         mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
         jpegs = [i for i, x in enumerate(data) if x.ndim == 1]
@@ -123,7 +124,7 @@ class DeviceViews(nn.Module):
                 out[i] = last
             else:
                 last = x
-        return [_channels(x, self.channels) for x in out if x is not None], bad
+        return [x for x in out if x is not None], bad
 
     def crop(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) float in [0, 1]: image b cut at ``boxes[b]`` and resized to S (bilinear, antialiased)."""
@@ -148,12 +149,3 @@ def _decode_one(data: torch.Tensor, mode: ImageReadMode, device: torch.device) -
     except RuntimeError:
         return None
 
-
-def _channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 (C, H, W) with ``channels`` channels (grey repeated, colour to grey with BT.601 weights)."""
-    if x.shape[0] == channels:
-        return x
-    if channels == 3:
-        return x[:1].expand(3, -1, -1)
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(3, 1, 1)
-    return (x[:3].float() * w).sum(0, keepdim=True).round().to(torch.uint8)

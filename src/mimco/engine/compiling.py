@@ -19,11 +19,16 @@ from mimco.models.heads import MoCoMLP, ReconstructionHead
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_mode(mode: str) -> None:
+    """Refuse a ``train.compile_mode`` torch.compile does not have, naming the valid ones."""
+    if mode not in MODES:
+        raise MimcoError(f"unknown train.compile_mode '{mode}'; choose one of {', '.join(MODES)}")
+
+
 def compile_method(method: nn.Module, mode: str = "default") -> int:
     """Compile, in place, each ViT block, patch embedding and head of ``method``; returns how many
     modules were compiled. Call after BatchNorm conversion and before FSDP sharding."""
-    if mode not in MODES:
-        raise MimcoError(f"unknown train.compile_mode '{mode}'; choose one of {', '.join(MODES)}")
+    check_mode(mode)
     targets: list[nn.Module] = []
     for m in method.modules():
         if isinstance(m, VisionTransformer):
