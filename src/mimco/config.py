@@ -113,10 +113,20 @@ class MaskConfig:
 
 @dataclass
 class TeacherSourceConfig:
-    checkpoint: str = ""  # mimco teacher/pretrain last.pt, MoCo v3, DINO, MAE, SimMIM or timm weights
+    """The frozen teacher of stage 2: which weights, how it sees the image, which features are targets."""
+
+    # mimco last.pt, MoCo v3, DINO, MAE, SimMIM, DINOv2, OpenCLIP / CLIP, EVA-02, timm weights or a hub folder
+    checkpoint: str = ""
+    model: str = ""  # a timm model name to build and load the checkpoint into; "" = from the file's layout
     encoder: str = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
-    image_target: str = "cls"  # cls | projector (MoCo checkpoints only)
+    image_target: str = "cls"  # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
     num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
+    img_size: int = 0  # the teacher's input side in pixels; 0 = data.img_size
+    mean: list[float] = field(default_factory=list)  # [] = the teacher's own (CLIP, timm, hub folder) or data.mean
+    std: list[float] = field(default_factory=list)
+    resample: str = "area"  # area | bilinear: the teacher's patch map onto the student's grid, when they differ
+    layers: list[int] = field(default_factory=list)  # [] = final output; else the mean of these blocks' outputs
+    target_norm: str = "none"  # none | layernorm (per token, no affine: MaskDistill, data2vec)
 
 
 @dataclass

@@ -37,6 +37,8 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("loss.patch_weight", 0, True, "a loss weight"),
     ("loss.image_weight", 0, True, "a loss weight"),
     ("loss.patch_max_negatives", 0, True, "a negatives cap (0 = no cap)"),
+    ("loss.head_hidden_dim", 1, True, "the reconstruction heads' hidden width"),
+    ("teacher.img_size", 0, True, "the teacher's image side (0 = data.img_size)"),
     ("eval.knn_k", 1, True, "the neighbour count"),
     ("eval.few_per_class", 1, True, "labelled images per class in the few-label columns"),
     ("eval.few_label_seeds", 1, True, "the number of labelled subsets"),
@@ -79,7 +81,7 @@ def validate(cfg: Any) -> None:
 #: optimiser state depend on them
 FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size", "data.channels",
                    "data.subset", "data.procedural_size", "data.labels_per_class", "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim", "loss.head_hidden_dim",
-                   "teacher.checkpoint", "teacher.image_target", "classifier.pool", "classifier.encoder")
+                   "teacher.checkpoint", "teacher.model", "teacher.img_size", "teacher.image_target", "classifier.pool", "classifier.encoder")
 
 
 def check_resume(saved: dict, cfg: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from mimco.eval.probe import has_labels, probe_backbone
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM
-from mimco.models import MaskedViT, MoCoMLP, create_vit
+from mimco.models import MaskedViT, create_vit
 from mimco.models.formats import load_backbone
+from mimco.models.teachers import TeacherView
 from mimco.runs import CHECKPOINT, CONFIG, finished, write_summary
 
 STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
@@ -111,6 +113,31 @@ def _mask_generator(cfg: PretrainConfig, grid: tuple[int, int]) -> MaskGenerator
         raise MimcoError(f"{e}; see configs/ for valid values") from None
 
 
+def build_teacher(cfg: PretrainConfig, student_grid: tuple[int, int]) -> tuple[torch.nn.Module, TeacherView]:
+    """The frozen teacher of ``cfg.teacher`` and how it sees the student's batch (its image size,
+    normalisation, target features and the resampling of its grid onto ``student_grid``)."""
+    t, data = cfg.teacher, cfg.data
+    size = t.img_size or data.img_size
+    teacher, state = load_backbone(t.checkpoint, t.encoder, size, t.num_heads, t.model)
+    chans = teacher.patch_embed.proj.in_channels
+    if chans != data.channels and data.channels != 1:
+        raise MimcoError(f"the teacher takes {chans}-channel images but data.channels={data.channels}; set data.channels={chans}")
+    if bool(t.mean) != bool(t.std):
+        raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
+    mean, std = (t.mean, t.std) if t.mean else state.stats or (data.mean, data.std)
+    if len(mean) != chans and len(mean) >= chans:  # the data's 3 values for a grey teacher
+        mean, std = mean[:chans], std[:chans]
+    view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], list(mean), list(std),
+                       tuple(student_grid), t.layers, t.target_norm, t.image_target, t.resample)
+    if dist.is_main():
+        grid, sg = view.grid, view.student_grid
+        print(f"mimco: teacher {state.format}{f' as {t.model}' if t.model else ''} at {size} px, patch grid "
+              f"{grid[0]}x{grid[1]}" + (f" -> student's {sg[0]}x{sg[1]} ({t.resample})" if grid != sg else "") +
+              f", targets: {'final output' if not t.layers else f'mean of blocks {view.layers}'}"
+              f"{', layer-normalised' if t.target_norm == 'layernorm' else ''}, image {t.image_target}", file=sys.stderr, flush=True)
+    return teacher, view
+
+
 def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
     """The stage-2 method of ``cfg.method``: MimCo against its teacher, or SimMIM."""
     data = cfg.data
@@ -123,17 +150,9 @@ def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn
     if not cfg.teacher.checkpoint:
         raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`) "
                          "or a released MoCo v3 / DINO file")
-    teacher, _ = load_backbone(cfg.teacher.checkpoint, cfg.teacher.encoder, data.img_size, cfg.teacher.num_heads)
-    proj_dim = teacher.head.out_dim if isinstance(teacher.head, MoCoMLP) else 0
-    if teacher.patch_embed.proj.in_channels != data.channels:
-        raise MimcoError(f"the teacher takes {teacher.patch_embed.proj.in_channels}-channel images but data.channels={data.channels}")
-    if cfg.teacher.image_target == "projector" and not proj_dim:
-        raise MimcoError("teacher.image_target=projector needs a MoCo teacher with a projector; use teacher.image_target=cls")
-    if teacher.patch_embed.grid_size != student.backbone.patch_embed.grid_size:
-        raise MimcoError(f"teacher patch grid {teacher.patch_embed.grid_size} differs from the student's "
-                         f"{student.backbone.patch_embed.grid_size}; use the teacher's model.patch_size")
+    teacher, view = build_teacher(cfg, student.backbone.patch_embed.grid_size)
     try:
-        return MimCo(student, teacher, cfg.loss, gen, cfg.teacher.image_target, proj_dim).to(device)
+        return MimCo(student, teacher, cfg.loss, gen, cfg.teacher.image_target, view=view).to(device)
     except ValueError as e:
         raise MimcoError(f"{e}; see configs/ for valid values") from None
 

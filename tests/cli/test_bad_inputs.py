@@ -68,13 +68,22 @@ def test_batch_larger_than_dataset(tmp_path, capsys):
     assert code == 2 and "optim.batch_size=32 is larger than the dataset (16 images)" in err
 
 
-def test_teacher_of_the_wrong_architecture(tmp_path, capsys, teacher_ckpt):
-    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", "model.patch_size=8",
+def test_teacher_geometry_that_cannot_be_used(tmp_path, capsys, teacher_ckpt):
+    # the teacher's 4x4 grid is coarser than a patch-2 student's 8x8: area averaging cannot fill it
+    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", "model.patch_size=2",
                         f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}")
-    assert code == 2 and "teacher patch grid (4, 4) differs from the student's (2, 2)" in err
-    code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", "data.channels=1",
-                        f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}")
-    assert code == 2 and "3-channel images but data.channels=1" in err
+    assert code == 2 and "patch grid 4x4 is coarser than the student's 8x8" in err and "teacher.resample=bilinear" in err
+    assert not any(tmp_path.iterdir())  # refused before the run folder is made
+    for over, words in ((["teacher.layers=[7]"], "teacher.layers [7] out of range: the teacher has 2 blocks"),
+                        (["teacher.target_norm=batchnorm"], "unknown teacher.target_norm 'batchnorm'"),
+                        (["teacher.resample=nearest"], "unknown teacher.resample 'nearest'"),
+                        (["teacher.mean=[0.5,0.5,0.5]"], "set teacher.mean and teacher.std together"),
+                        (["teacher.mean=[0.5]", "teacher.std=[0.5]"], "teacher.mean / teacher.std need 3 values"),
+                        (["teacher.model=vit_tiny_patch4_16"], "teacher.model=vit_tiny_patch4_16 is not a timm model name"),
+                        (["teacher.model=vit_tiny_patch16_224"], "the file has patch size 4 but teacher.model=vit_tiny_patch16_224 has 16")):
+        code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", f"teacher.checkpoint={teacher_ckpt}",
+                            f"train.out_dir={tmp_path}", *over)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (over, err)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

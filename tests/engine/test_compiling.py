@@ -21,3 +21,12 @@ def test_every_block_patch_embedding_and_head_is_compiled_in_place():
 def test_unknown_mode_is_refused():
     with pytest.raises(MimcoError, match="train.compile_mode"):
         compile_method(tiny_mimco(), "fastest")
+
+
+def test_an_eva_teacher_is_compiled_too():
+    import timm
+    from torch import nn
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=2)
+    holder = nn.ModuleDict({"teacher": eva})
+    assert compile_method(holder) == 3 and all(is_compiled(x) for x in (eva.patch_embed, *eva.blocks))

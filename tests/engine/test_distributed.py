@@ -180,3 +180,22 @@ def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     # each process raises the same error at the same step (torchrun may stop the second before it prints)
     assert "mimco: error: 2 of 34 images could not be read (more than data.max_bad_fraction=0.01)" in r.stderr
     assert "Connection closed" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path):
+    """A DINOv2 file (registers, /14) seen at its own resolution, its grid resampled, mean of two
+    blocks layer-normalised, mean-token image target: the teacher view on every rank."""
+    from tests.models.test_families import dinov2_hub_file
+
+    dinov2_hub_file(tmp_path / "dinov2.pth", regs=4)
+    det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
+    args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
+            "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={tmp_path / 'dinov2.pth'}", "teacher.img_size=42",
+            "teacher.layers=[-2,-1]", "teacher.target_norm=layernorm", "teacher.image_target=mean",
+            "teacher.resample=bilinear", f"train.out_dir={tmp_path}"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp"])
+    _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
+    ddp, single = _losses(tmp_path / "ddp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")
+    assert [s for s, _ in ddp] == [1, 2, 3]
+    for (_, a), (_, b) in zip(ddp, single):
+        assert abs(a - b) < 1e-5

@@ -189,8 +189,8 @@ def test_loss_settings_reach_the_criteria_and_bad_switches_are_named():
         tiny_mimco(patch_loss="l3")
     student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
     teacher = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)
-    with pytest.raises(ValueError, match="unknown teacher.image_target 'mean'"):
-        MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)), "mean")
+    with pytest.raises(ValueError, match="unknown teacher.image_target 'median'"):
+        MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)), "median")
     cls = MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)))
     assert cls.image_head[-1].out_features == 32  # the CLS target: the teacher's width, no projector
 

@@ -78,22 +78,26 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from mimco.io import read_file
-    from mimco.models.formats import build_backbone, infer_arch, parse_checkpoint
-    from mimco.models.export import timm_kwargs
+    from mimco.models.families import describe
+    from mimco.models.formats import load_backbone
+    from mimco.models.teachers import projector_width
 
-    state = parse_checkpoint(read_file(args.checkpoint), args.encoder)
-    arch = infer_arch(state.backbone)
-    vit = build_backbone(state, 0, args.num_heads, str(args.checkpoint))
-    kw = timm_kwargs(vit)
-    n_backbone = sum(v.numel() for v in state.backbone.values())
-    n_proj = sum(v.numel() for v in state.projector.values())
+    model, state = load_backbone(args.checkpoint, args.encoder, 0, args.num_heads, args.model)
+    a = describe(model)
+    n = sum(p.numel() for p in model.parameters())
+    proj = projector_width(model)
+    kind = "MoCo 3-layer MLP" if state.projector else "image projection"
+    prefix = f"{a['prefix_tokens']} prefix token(s)" + (f", {a['reg_tokens']} registers" if a["reg_tokens"] else "")
+    stats = (f"mean {[round(v, 4) for v in state.stats[0]]}, std {[round(v, 4) for v in state.stats[1]]} (used as the "
+             "teacher's unless teacher.mean/std are set)") if state.stats else "not known: the data's (data.mean/std)"
     lines = [f"file:        {args.checkpoint}",
-             f"format:      {state.format}",
-             f"backbone:    {state.source or '(top level)'}  ({len(state.backbone)} tensors, {n_backbone / 1e6:.2f} M values)",
-             f"arch:        ViT width {arch['embed_dim']}, depth {arch['depth']}, heads {kw['num_heads']}, patch {arch['patch_size']}, "
-             f"image {arch['img_size']} px, {arch['in_chans']} channels, mlp ratio {arch['mlp_ratio']:g}",
-             f"projector:   {'MoCo 3-layer MLP (' + str(n_proj) + ' values), usable as teacher.image_target=projector' if state.projector else 'none'}",
+             f"format:      {state.format}" + (f" -> timm {args.model}" if args.model else ""),
+             f"backbone:    {state.source or '(top level)'}  ({n / 1e6:.2f} M parameters, {type(model).__name__})",
+             f"arch:        width {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}, patch {a['patch_size']}, "
+             f"image {a['img_size']} px ({a['img_size'] // a['patch_size']}x{a['img_size'] // a['patch_size']} grid), "
+             f"{a['in_chans']} channels, {prefix}",
+             f"projector:   {f'{kind} to {proj}, usable as teacher.image_target=projector' if proj else 'none'}",
+             f"statistics:  {stats}",
              "not loaded:  " + (", ".join(f"{g} ({n})" for g, n in state.ignored.items()) or "nothing")]
     print("\n".join(lines))
     return 0
@@ -137,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint")
     i.add_argument("--encoder", default="momentum", help="momentum | base")
     i.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    i.add_argument("--model", default="", help="a timm model name to load the file into (as teacher.model)")
     from mimco.cli.evaluate import add_parsers
 
     add_parsers(sub)

@@ -31,8 +31,9 @@ def compile_method(method: nn.Module, mode: str = "default") -> int:
     check_mode(mode)
     targets: list[nn.Module] = []
     for m in method.modules():
-        if isinstance(m, VisionTransformer):
-            targets += [m.patch_embed, *m.blocks]
+        if isinstance(m, VisionTransformer) or (hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None),
+                                                                                         (nn.Sequential, nn.ModuleList))):
+            targets += [m.patch_embed, *m.blocks]  # timm ViTs, DeiT, EVA: any teacher family
         elif isinstance(m, (MoCoMLP, ReconstructionHead)):
             targets.append(m)
     for m in targets:

@@ -14,7 +14,7 @@ from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression
 from mimco.methods.base import MethodDefaults
 from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
-from mimco.models.vit import encode
+from mimco.models.teachers import IMAGE_TARGETS, TeacherView, projector_width
 
 PATCH_LOSSES = ("infonce", "l1", "smooth_l1", "cosine")
 
@@ -22,27 +22,37 @@ PATCH_LOSSES = ("infonce", "l1", "smooth_l1", "cosine")
 class MimCo(MethodDefaults, nn.Module):
     """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher.
 
-    The teacher is a timm ViT whose ``head`` is its projector (``image_target="projector"``)
-    or anything else (ignored for ``"cls"``). It stays in eval mode, takes no gradient and is
-    never given to the optimiser.
+    The teacher is any timm ViT-family model; ``view`` (:class:`TeacherView`) says how it sees the
+    student's crop and which of its features are targets. Without one, the teacher sees the
+    student's input as is, its final tokens are the targets and its grid must be the student's;
+    its ``head`` is its projector (``image_target="projector"``). It stays in eval mode, takes no
+    gradient and is never given to the optimiser.
     """
 
-    def __init__(self, student: MaskedViT, teacher: VisionTransformer, loss: MimcoLossConfig,
-                 mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0) -> None:
+    def __init__(self, student: MaskedViT, teacher: nn.Module, loss: MimcoLossConfig,
+                 mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0,
+                 view: TeacherView | None = None) -> None:
         super().__init__()
         if loss.patch_loss not in PATCH_LOSSES:
             raise ValueError(f"unknown loss.patch_loss '{loss.patch_loss}'")
-        if image_target not in ("cls", "projector"):
+        if image_target not in IMAGE_TARGETS:
             raise ValueError(f"unknown teacher.image_target '{image_target}'")
+        grid = tuple(student.backbone.patch_embed.grid_size)
+        if view is None:
+            size = student.backbone.patch_embed.img_size[0]
+            view = TeacherView(teacher, size, [0.0], [1.0], [0.0] * teacher.patch_embed.proj.in_channels,
+                               [1.0] * teacher.patch_embed.proj.in_channels, grid, image_target=image_target)
+        if tuple(view.student_grid) != grid:
+            raise ValueError(f"the teacher view resamples onto {view.student_grid}, the student's grid is {grid}")
         self.student, self.teacher, self.cfg, self.mask_generator = student, teacher, loss, mask_generator
-        self.image_target = image_target
+        self.view, self.image_target = view, view.image_target
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
+        image_dim = (proj_dim or projector_width(teacher)) if self.image_target == "projector" else t_dim
         # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
         self.patch_head = ReconstructionHead(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
-        self.image_head = (ReconstructionHead(s_dim, loss.head_hidden_dim, proj_dim if image_target == "projector" else t_dim)
-                           if loss.image_weight > 0 else None)
+        self.image_head = ReconstructionHead(s_dim, loss.head_hidden_dim, image_dim) if loss.image_weight > 0 else None
         self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold,
                                                     max_negatives=loss.patch_max_negatives)
         self.image_criterion = GlobalInfoNCE(loss.image_temperature)
@@ -53,18 +63,15 @@ class MimCo(MethodDefaults, nn.Module):
         return self
 
     def teacher_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) -> (patch tokens (B, N, Dt), image embedding (B, Dt or proj_dim)).
+        """x (B, C, H, W), the student's batch -> (patch tokens (B, N, Dt) on the student's grid,
+        image target (B, Dt or projector width)).
 
         Runs in inference mode (no activations kept); the clones turn the outputs into
         ordinary tensors that the losses may save for their backward pass.
         """
         with torch.inference_mode():
-            tokens = encode(self.teacher, x)
-            p = self.teacher.num_prefix_tokens
-            image = tokens[:, 0]
-            if self.image_target == "projector":
-                image = self.teacher.head(image)
-        return tokens[:, p:].clone(), image.clone()
+            patch, image = self.view(self.teacher, x)
+        return patch.clone(), image.clone()
 
     def forward(self, views: list[torch.Tensor], step: int,
                 first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

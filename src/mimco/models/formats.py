@@ -1,6 +1,7 @@
 """One loader for every backbone checkpoint a user brings: MoCo v3, DINO, MAE, SimMIM, timm,
-and mimco's own. The format is detected from the file's contents, never its name; the
-architecture is read from the tensor shapes (the heads count, which shapes cannot tell, comes
+mimco's own, and the families of :mod:`mimco.models.families` (DINOv2, CLIP, EVA-02, timm models
+by name or from a hub folder). The format is detected from the file's contents, never its name;
+the architecture is read from the tensor shapes (the heads count, which shapes cannot tell, comes
 from the format's known value or the config). Pickles load with ``weights_only=True``.
 """
 
@@ -18,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mimco.config import PretrainConfig, TeacherConfig, from_dict
 from mimco.errors import MimcoError
 from mimco.io import read_file
+from mimco.models import families
 from mimco.models.heads import MoCoMLP
 from mimco.models.vit import resolve_arch
 from mimco.runs import BACKBONE_PREFIX, is_checkpoint
@@ -30,7 +32,11 @@ FORMATS = {
     "timm": "timm / DINO backbone state dict",
     "mimco_teacher": "mimco teacher (stage 1) checkpoint",
     "mimco_pretrain": "mimco pretrain (stage 2) checkpoint",
+    **families.FAMILIES,
 }
+
+#: formats whose backbone is already in timm ViT names (the others go through timm's converters)
+TIMM_NAMED = ("mocov3", "dino", "mae", "simmim", "timm", "mimco_teacher", "mimco_pretrain")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class BackboneState:
     ignored: dict[str, int] = field(default_factory=dict)  # key group -> number of keys not loaded
     num_heads: int = 0  # known from the format or the run config, 0 = unknown
     config: Any = None  # a mimco run config, for mimco's own checkpoints
+    stats: tuple[list[float], list[float]] | None = None  # (mean, std) the teacher was trained with, when known
 
     @property
     def format(self) -> str:
@@ -110,6 +117,11 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
             raise MimcoError("this is a MoCo v3 linear-probe checkpoint (linear-vit-*.pth.tar: a frozen backbone plus "
                              "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / vit-b-300ep.pth.tar")
         obj = sd  # a plain state dict saved under 'state_dict'
+    found = families.detect(obj)
+    if found is not None:
+        kind, sd = found
+        rest = [k for k in sd if kind == "clip" and "visual." not in k]  # CLIP's text tower
+        return BackboneState(kind, "visual." if kind == "clip" else "", sd, {}, _groups(rest), 0)
     if "student" in obj and "teacher" in obj:  # DINO full checkpoint
         part = _choose(encoder, {"momentum": "teacher", "base": "student"}, FORMATS["dino"])
         sd = obj[part]
@@ -140,7 +152,8 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         w = sd["patch_embed.proj.weight"]  # (D, C, P, P)
         pos = sd["pos_embed"]
     except KeyError as e:
-        raise MimcoError(f"no ViT backbone found: key {e} is missing (is this a ViT checkpoint?)") from None
+        raise MimcoError(f"no ViT backbone found: key {e} is missing; the keys fit no known layout, "
+                         f"{families.closest_layout(set(sd))}") from None
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     prefix = 1 if "cls_token" in sd else 0
@@ -161,6 +174,8 @@ def expected_heads(state: BackboneState, dim: int) -> int:
 def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, path: str = "") -> VisionTransformer:
     """A timm ViT holding ``state``'s weights (and MoCo projector as ``head``), at ``img_size``
     (0 = the checkpoint's; the position table is resampled bicubically, CLS slot kept)."""
+    if state.kind not in TIMM_NAMED:
+        return _build_family(state, img_size, num_heads, path)
     arch = infer_arch(state.backbone)
     dim = arch["embed_dim"]
     known = expected_heads(state, dim)
@@ -191,11 +206,51 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
     return vit
 
 
-def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_heads: int = 0
-                  ) -> tuple[VisionTransformer, BackboneState]:
-    """Read, detect and build: the one entry point for any backbone checkpoint.
+def _build_family(state: BackboneState, img_size: int, num_heads: int, path: str) -> torch.nn.Module:
+    """A DINOv2, CLIP or EVA-02 file as the timm model of its shapes, loaded through timm's converter."""
+    sd = state.backbone
+    try:
+        if state.kind == "dinov2":
+            model = families.build_dinov2(sd, num_heads, img_size)
+        elif state.kind == "clip":
+            model = families.build_clip(sd, num_heads, img_size)
+        else:
+            model = families.build_eva02(sd, img_size)
+    except KeyError as e:
+        raise MimcoError(f"{path} looks like a {state.format} but key {e} is missing; "
+                         f"{families.closest_layout(set(sd))}") from None
+    families.load_weights(model, sd, f"a {state.format} ({path})", keep_head=state.kind == "clip")
+    return model
 
-    Returns (timm ViT with ``head`` = MoCo projector when the file has one, else Identity, the parsed state).
+
+def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_heads: int = 0,
+                  model_name: str = "") -> tuple[torch.nn.Module, BackboneState]:
+    """Read, detect and build: the one entry point for any backbone checkpoint, or for a hub folder
+    of a timm model; ``model_name`` builds that timm model and loads the file into it.
+
+    Returns (timm ViT-family model with ``head`` = the file's projector when it has one, else
+    Identity; the parsed state).
     """
-    state = parse_checkpoint(read_file(path), encoder)
-    return build_backbone(state, img_size, num_heads, str(path)), state
+    hf = None
+    if Path(path).is_dir():
+        name, hf, sd = families.read_hf_folder(Path(path))
+        model_name = model_name or name
+        state = BackboneState("hf_timm", "", sd)
+    else:
+        state = parse_checkpoint(read_file(path), encoder)
+    if not model_name:
+        model = build_backbone(state, img_size, num_heads, str(path))
+        state.stats = families.default_stats(state.kind, model)
+        return model, state
+    kwargs = dict(hf["model_args"]) if hf else {}
+    if num_heads:
+        kwargs["num_heads"] = num_heads
+    model = families.create_named(model_name, img_size or kwargs.pop("img_size", 0),
+                                  **{k: v for k, v in kwargs.items() if k != "img_size"})
+    state.ignored.update(families.load_weights(model, state.backbone, f"teacher.model={model_name}",
+                                               keep_head=state.kind == "clip" or "clip" in model_name))
+    if state.projector:
+        model.head = MoCoMLP.from_state_dict(state.projector)
+    own = state.kind in TIMM_NAMED and state.kind != "timm"  # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
+    state.stats = None if own else families.default_stats("hf_timm" if hf else "timm_named", model, hf)
+    return model, state

@@ -1,0 +1,64 @@
+"""Stage 2 with teachers of other families, geometries and target choices, end to end."""
+
+import json
+
+import timm
+import torch
+
+from mimco.cli.main import main
+from mimco.runs import load_checkpoint
+from tests.conftest import TINY_RUN
+from tests.models.test_families import dinov2_hub_file
+
+STUDENT = ["data.name=procedural", "data.procedural_size=64", "data.num_workers=0", "model.embed_dim=32",
+           "model.depth=1", "model.num_heads=2", "loss.head_hidden_dim=32", "train.max_steps=2", *TINY_RUN]
+
+
+def test_a_patch14_teacher_at_its_resolution_teaches_a_patch16_student_at_another(tmp_path, capsys):
+    dinov2_hub_file(tmp_path / "dinov2_vits14_reg4_pretrain.pth", regs=4)
+    args = ["pretrain", *STUDENT, "data.img_size=32", "model.patch_size=16", "teacher.img_size=42",
+            f"teacher.checkpoint={tmp_path / 'dinov2_vits14_reg4_pretrain.pth'}", f"train.out_dir={tmp_path}"]
+    for name, extra in (("area", []), ("bilinear", ["teacher.resample=bilinear", "teacher.layers=[0,1]",
+                                                   "teacher.target_norm=layernorm", "teacher.image_target=mean"])):
+        assert main([*args, f"train.name={name}", *extra]) == 0
+        err = capsys.readouterr().err
+        assert "at 42 px, patch grid 3x3 -> student's 2x2" in err, err
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
+    ckpt = load_checkpoint(tmp_path / "area" / "last.pt")
+    assert ckpt["model"]["teacher.pos_embed"].shape == (1, 9, 64)  # the teacher at 42 px: 3x3 positions (registers apart)
+    assert ckpt["model"]["patch_head.2.weight"].shape[0] == 64  # student width 32 -> the teacher's 64
+
+
+def test_a_timm_named_teacher_and_the_maskdistill_baseline(tmp_path, capsys):
+    torch.manual_seed(0)
+    t = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32)
+    torch.save(t.state_dict(), tmp_path / "deit.pth")
+    args = ["pretrain", *STUDENT, "data.img_size=16", "model.patch_size=4", "data.channels=1",
+            "teacher.model=deit_tiny_distilled_patch16_224", "teacher.img_size=64", f"teacher.checkpoint={tmp_path / 'deit.pth'}",
+            "loss.patch_loss=smooth_l1", "teacher.target_norm=layernorm", "loss.image_weight=0",
+            f"train.out_dir={tmp_path}", "train.name=md"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "as deit_tiny_distilled_patch16_224 at 64 px, patch grid 4x4, targets" in err, err  # grey data, RGB teacher
+    assert json.loads((tmp_path / "md" / "summary.json").read_text())["step"] == 2
+
+
+def test_the_teacher_normalisation_comes_from_the_file_the_override_or_the_data(tmp_path, teacher_ckpt):
+    from mimco.config import PretrainConfig, load_config
+    from mimco.pipeline import build_teacher
+    from tests.models.test_families import clip_file
+
+    clip_file(tmp_path / "clip.bin")
+    base = ["data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
+    clip_mean, clip_std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    for over, mean, std in (([], clip_mean, clip_std),
+                            (["teacher.mean=[0.1,0.2,0.3]", "teacher.std=[0.5,0.6,0.7]"], torch.tensor([0.1, 0.2, 0.3]),
+                             torch.tensor([0.5, 0.6, 0.7]))):
+        cfg = load_config(PretrainConfig, None, [*base, f"teacher.checkpoint={tmp_path / 'clip.bin'}", *over])
+        _, view = build_teacher(cfg, (2, 2))
+        # x_teacher = (x * 0.25 + 0.5 - mean) / std
+        assert torch.allclose(view.scale.flatten(), 0.25 / std) and torch.allclose(view.shift.flatten(), (0.5 - mean) / std)
+    cfg = load_config(PretrainConfig, None, ["data.img_size=16", f"teacher.checkpoint={teacher_ckpt}"])
+    _, view = build_teacher(cfg, (4, 4))
+    assert not view.renormalise  # a mimco teacher was trained on the data's own statistics

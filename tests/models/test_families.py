@@ -1,0 +1,191 @@
+"""Teachers of other families, each rebuilt with random weights in exactly its released key layout:
+mimco's model must give the features of the timm model that timm's own loader builds from the
+same file (``pretrained_cfg_overlay=dict(file=...)``), the independent reference."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mimco.cli.main import main
+from mimco.errors import MimcoError
+from mimco.models.formats import load_backbone
+
+W = 64  # width of the shrunken test models (1 head of 64)
+
+
+def timm_loaded(name: str, path, **kw) -> torch.nn.Module:
+    """timm's own reading of a released file (its loader and converter, not mimco's)."""
+    overlay = dict(file=str(path), num_classes=kw.get("num_classes", 0))  # keeps a projection head of that width
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kw).eval()
+
+
+def features(model: torch.nn.Module, img: int, chans: int = 3) -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.randn(2, chans, img, img)
+    with torch.no_grad():
+        return model.eval().forward_features(x)
+
+
+def dinov2_hub_file(path, regs: int = 0) -> None:
+    """``dinov2_vits14[_reg4]_pretrain.pth``: a bare state dict in the DINOv2 repository's names
+    (``register_tokens``, ``mask_token`` (1, D), the position table with its CLS slot)."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_reg4_dinov2" if regs else "vit_small_patch14_dinov2", pretrained=False,
+                          num_classes=0, img_size=42, embed_dim=W, depth=2, num_heads=1)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for k in [k for k in sd if k.endswith("ls1.gamma") or k.endswith("ls2.gamma")]:
+        sd[k] = torch.randn_like(sd[k])  # LayerScale starts at 1e-5: random values make it count
+    if regs:  # timm keeps no CLS slot in the table; the hub file does
+        cls_pos = torch.randn(1, 1, W)
+        sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+        sd["cls_token"] = sd["cls_token"] - cls_pos
+        sd["register_tokens"] = sd.pop("reg_token")
+    sd["mask_token"] = torch.randn(1, W)
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("regs", [0, 4])
+def test_dinov2_hub_file(tmp_path, regs):
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    dinov2_hub_file(path, regs)
+    model, state = load_backbone(str(path))
+    assert state.kind == "dinov2" and model.num_prefix_tokens == 1 + regs
+    name = "vit_small_patch14_reg4_dinov2" if regs else "vit_small_patch14_dinov2"
+    ref = timm_loaded(name, path, num_classes=0, img_size=42, embed_dim=W, depth=2, num_heads=1)
+    assert torch.allclose(features(model, 42), features(ref, 42), atol=1e-5)
+    # at another resolution: the position table is resampled the way timm does it
+    model70, _ = load_backbone(str(path), img_size=70)
+    ref70 = timm_loaded(name, path, num_classes=0, img_size=70, embed_dim=W, depth=2, num_heads=1)
+    assert torch.allclose(features(model70, 70), features(ref70, 70), atol=1e-5)
+
+
+def clip_file(path, prefix: str = "visual.") -> torch.nn.Module:
+    """An OpenCLIP / OpenAI CLIP state dict: ``visual.*`` tower (conv1, class_embedding,
+    positional_embedding, ln_pre, transformer.resblocks, ln_post, proj) and the text tower."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=32, img_size=32, embed_dim=W,
+                          depth=2, num_heads=1)
+    t = m.state_dict()
+    sd = {"conv1.weight": t["patch_embed.proj.weight"], "class_embedding": t["cls_token"][0, 0],
+          "positional_embedding": t["pos_embed"][0], "proj": t["head.weight"].T.contiguous()}
+    for a, b in (("ln_pre", "norm_pre"), ("ln_post", "norm")):
+        sd.update({f"{a}.weight": t[f"{b}.weight"], f"{a}.bias": t[f"{b}.bias"]})
+    for i in range(2):
+        for a, b in (("ln_1", "norm1"), ("ln_2", "norm2"), ("attn.out_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc1"),
+                     ("mlp.c_proj", "mlp.fc2")):
+            sd.update({f"transformer.resblocks.{i}.{a}.{p}": t[f"blocks.{i}.{b}.{p}"] for p in ("weight", "bias")})
+        sd[f"transformer.resblocks.{i}.attn.in_proj_weight"] = t[f"blocks.{i}.attn.qkv.weight"]
+        sd[f"transformer.resblocks.{i}.attn.in_proj_bias"] = t[f"blocks.{i}.attn.qkv.bias"]
+    full = {prefix + k: v for k, v in sd.items()}
+    full.update({"token_embedding.weight": torch.randn(100, W), "positional_embedding": torch.randn(77, W),
+                 "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * W, W), "ln_final.weight": torch.ones(W),
+                 "text_projection": torch.randn(W, 32), "logit_scale": torch.tensor(4.6)})
+    torch.save(full, path)
+    return m
+
+
+@pytest.mark.parametrize("prefix", ["visual.", "module.visual."])
+def test_openclip_visual_tower(tmp_path, prefix):
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    clip_file(path, prefix)
+    model, state = load_backbone(str(path))
+    assert state.kind == "clip" and state.stats[0][0] == pytest.approx(0.48145466)  # CLIP's own statistics
+    assert "token_embedding.*" in state.ignored  # the text tower is left out, and said so
+    ref = timm_loaded("vit_base_patch16_clip_224", path, num_classes=32, img_size=32, embed_dim=W, depth=2, num_heads=1)
+    assert torch.allclose(features(model, 32), features(ref, 32), atol=1e-5)
+    with torch.no_grad():  # the image projection is kept: CLIP's image embedding
+        assert torch.allclose(model.forward_head(features(model, 32)), ref.forward_head(features(ref, 32)), atol=1e-5)
+
+
+def eva02_file(path) -> None:
+    """An EVA-02 MIM checkpoint in the EVA repository's names: q_proj / q_bias / v_bias, SwiGLU
+    ``mlp.w1/w2/w3`` with ``ffn_ln``, the final ``norm``, plus ``mask_token``, ``lm_head`` and rope buffers."""
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=1)
+    sd = {}
+    for k, v in m.state_dict().items():
+        for a, b in (("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"), ("mlp.fc1_g", "mlp.w1"),
+                     ("mlp.fc1_x", "mlp.w2"), ("mlp.norm", "mlp.ffn_ln"), ("mlp.fc2", "mlp.w3"), ("fc_norm", "norm")):
+            k = k.replace(a, b)
+        sd[k] = v.clone() + 0.01 * torch.randn_like(v)
+    sd.update({"mask_token": torch.zeros(1, 1, 768), "lm_head.weight": torch.randn(16, 768),
+               "lm_head.bias": torch.zeros(16), "rope.freqs_cos": torch.randn(4, 64), "rope.freqs_sin": torch.randn(4, 64)})
+    torch.save({"model": sd}, path)
+
+
+def test_eva02_checkpoint(tmp_path):
+    path = tmp_path / "eva02_B_pt_in21k_p14.pt"
+    eva02_file(path)
+    model, state = load_backbone(str(path))
+    assert state.kind == "eva02" and type(model).__name__ == "Eva"
+    ref = timm_loaded("eva02_base_patch14_224", path, num_classes=0, img_size=28, depth=1)
+    assert torch.allclose(features(model, 28), features(ref, 28), atol=1e-5)
+
+
+def test_hub_folder_and_timm_names(tmp_path):
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2)
+    folder = tmp_path / "deit_tiny"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "deit_tiny_distilled_patch16_224", "num_classes": 1000,
+        "model_args": {"img_size": 32, "depth": 2},
+        "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3], "input_size": [3, 32, 32]}}))
+    model, state = load_backbone(str(folder))
+    assert state.kind == "hf_timm" and model.num_prefix_tokens == 2  # CLS and distillation tokens
+    assert state.stats == ([0.4, 0.4, 0.4], [0.3, 0.3, 0.3])
+    assert isinstance(model.head, torch.nn.Identity)  # a classifier is not a projector
+    assert torch.allclose(features(model, 32), features(m, 32), atol=1e-6)
+    # a timm name with a plain state dict: the file must hold that architecture
+    torch.save(m.state_dict(), tmp_path / "deit2.pth")
+    with pytest.raises(MimcoError, match=r"missing \['blocks.10.attn.proj.bias'"):
+        load_backbone(str(tmp_path / "deit2.pth"), model_name="deit_tiny_distilled_patch16_224", img_size=32)
+    full = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=48)
+    torch.save(full.state_dict(), tmp_path / "deit.pth")
+    named, state = load_backbone(str(tmp_path / "deit.pth"), model_name="deit_tiny_distilled_patch16_224", img_size=48)
+    assert state.stats == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # timm's pretrained statistics for that name
+    assert torch.allclose(features(named, 48), features(full, 48), atol=1e-6)
+
+
+def test_bad_teacher_names_and_files(tmp_path):
+    torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "x.pth")
+    with pytest.raises(MimcoError, match="did you mean vit_small_patch14_dinov2"):
+        load_backbone(str(tmp_path / "x.pth"), model_name="vit_smal_patch14_dinov2")
+    with pytest.raises(MimcoError, match="not a ViT-family model"):
+        load_backbone(str(tmp_path / "x.pth"), model_name="resnet18")
+    path = tmp_path / "dinov2.pth"
+    dinov2_hub_file(path)
+    with pytest.raises(MimcoError, match="patch size 14 but teacher.model=vit_tiny_patch16_224 has 16"):
+        load_backbone(str(path), model_name="vit_tiny_patch16_224")
+    with pytest.raises(MimcoError, match=r"shapes differ \(file vs model\) for \['cls_token \(1, 1, 64\) vs \(1, 1, 384\)'"):
+        load_backbone(str(path), model_name="vit_small_patch14_dinov2")
+    torch.save({"visual.class_embedding": torch.zeros(W), "visual.conv1.weight": torch.zeros(W, 3, 16, 16),
+                "visual.positional_embedding": torch.zeros(5, W), "visual.transformer.resblocks.0.mlp.c_fc.weight":
+                torch.zeros(4 * W, W)}, tmp_path / "clip_broken.pt")
+    with pytest.raises(MimcoError, match="do not fit a OpenCLIP / OpenAI CLIP visual tower.*missing"):
+        load_backbone(str(tmp_path / "clip_broken.pt"))
+    torch.save({"visual.class_embedding": torch.zeros(W)}, tmp_path / "clip_stub.pt")
+    with pytest.raises(MimcoError, match=r"key 'visual.conv1.weight' is missing; closest known layout: OpenCLIP .* \(1 of 7"):
+        load_backbone(str(tmp_path / "clip_stub.pt"))
+    # the keys of no layout: the closest one is named with what it lacks
+    sd = {k.replace("attn.qkv", "attn.qkv_fused"): v for k, v in
+          timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1).state_dict().items()}
+    del sd["patch_embed.proj.weight"]
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(MimcoError, match=r"closest known layout: timm ViT / DINO backbone \(5 of 7 identifying keys\); "
+                                         r"missing \['patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'\]; "
+                                         r"unexpected \['blocks.N.attn.qkv_fused.bias', 'blocks.N.attn.qkv_fused.weight'\]$"):
+        load_backbone(str(tmp_path / "odd.pth"))
+
+
+def test_inspect_names_each_family(tmp_path, capsys):
+    dinov2_hub_file(tmp_path / "d.pth", regs=4)
+    clip_file(tmp_path / "c.bin")
+    for f, words in (("d.pth", ["DINOv2 hub backbone", "4 registers"]), ("c.bin", ["OpenCLIP", "projector"])):
+        assert main(["inspect", str(tmp_path / f)]) == 0
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), out
