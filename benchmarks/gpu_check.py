@@ -9,7 +9,8 @@ collectives (gathers of keys and tokens, the log row's all-reduce, the stop flag
 RNG state) really run. Paths: stage 1 (MoCo v3) in bf16 with evaluation; stage 2 (MimCo) in bf16
 with capped batch negatives and the projector target; fp16 with the gradient scaler (GPU only);
 a JPEG folder decoded on the GPU (``data.decode=gpu``); FSDP with the end-of-run evaluation;
-``train.compile``; block masks with gradient accumulation; a
+``train.compile``; a timm-named DINOv2 teacher (/14, registers) at its own resolution with its
+grid resampled onto the student's, two averaged layer-normalised blocks; block masks with gradient accumulation; a
 resume with a longer schedule; fine-tuning on the shared engine, with DDP and with FSDP. Then MimCo
 steps of ViT-S/16 and ViT-B/16 at 224 px in bf16 (``--cpu``: tiny ones), eager and compiled, each
 in a fresh process: images/s, MFU against a measured bf16 matmul rate and against the card's dense
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,6 +96,9 @@ def main() -> int:
     jpegs, n_jpeg = out / "jpegs", 64 if a.cpu else 1024
     jpeg_folder(jpegs, n_jpeg, (24, 48) if a.cpu else (96, 160), classes="ab")
     batch = 32 if a.cpu else 256
+    # random weights in timm's layout for a named teacher; 42 px (3x3) under the CPU student's 4x4, 98 px (7x7) under 8x8
+    dinov2, dinov2_size = out / "dinov2_vits14_reg4.pth", 42 if a.cpu else 98
+    torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict(), dinov2)
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
          "teacher", 2 * spe),
@@ -109,6 +114,10 @@ def main() -> int:
                                           "train.name=mimco-fsdp"]], "mimco-fsdp", 2 * spe),
         ("pretrain: compiled (train.compile), bf16", [["pretrain", *student, bf16, "train.compile=true",
                                                        "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe),
+        ("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
+         [["pretrain", *student, bf16, "teacher.model=vit_small_patch14_reg4_dinov2", f"teacher.checkpoint={dinov2}",
+           f"teacher.img_size={dinov2_size}", "teacher.resample=bilinear", "teacher.layers=[-2,-1]",
+           "teacher.target_norm=layernorm", "teacher.image_target=mean", "train.name=mimco-dinov2"]], "mimco-dinov2", 2 * spe),
         ("pretrain: block masks, 2 micro-batches", [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2",
                                                      "train.name=mimco-block"]], "mimco-block", 2 * spe),
         ("resume: stopped, resumed with a longer schedule",

@@ -4,6 +4,7 @@ with ablations of the choices docs/method.md marks as ours.
     python benchmarks/reproduce.py --preset smoke            # minutes: checks the machinery
     python benchmarks/reproduce.py --preset cpu              # Fashion-MNIST, 16 tokens, 2 CPU cores
     python benchmarks/reproduce.py --preset gpu              # ViT-Tiny 32 px / patch 4 on one GPU
+    python benchmarks/reproduce.py --preset cpu --teachers   # stronger / finer-grid teachers, MimCo vs MaskDistill
 
 Every run is a normal mimco run folder under OUT/runs/; a finished run (or evaluation) is reused
 and an interrupted one resumed, so the study survives interruptions. OUT/results.md and
@@ -120,6 +121,19 @@ STUDENT_ROWS: dict[str, tuple[list[str], bool]] = {
 }
 
 
+#: the teacher study: teacher -> stage-1 overrides on top of the preset's (the student keeps the preset's model)
+TEACHERS: dict[str, list[str]] = {
+    "MoCo v3 teacher": [],
+    "deeper and longer (6 blocks, 4 epochs)": ["model.depth=6", "optim.epochs=4"],
+    "patch 4 (a finer grid, resampled onto the student's; 1.5 epochs)": ["model.patch_size=4", "optim.epochs=1.5"],
+}
+#: the students of each teacher: MimCo's two contrastive losses, and MaskDistill's regression
+#: (smooth-L1 on layer-normalised teacher tokens, no image-level loss)
+TEACHER_STUDENTS: dict[str, list[str]] = {
+    "MimCo": [],
+    "MaskDistill": ["loss.patch_loss=smooth_l1", "teacher.target_norm=layernorm", "loss.image_weight=0"],
+}
+
 #: the rows that are not stage-2 variants, and their run folders
 OTHER_FOLDERS = {"MoCo v3 teacher": "teacher", "MoCo v3, teacher + MimCo compute": "teacher-long",
                  "random-init ViT": "random-init", "raw pixels": "raw-pixels"}
@@ -127,7 +141,7 @@ OTHER_FOLDERS = {"MoCo v3 teacher": "teacher", "MoCo v3, teacher + MimCo compute
 
 def folder(runs: Path, row: str, seed: int | None = None) -> Path:
     """The run folder of a study row (and seed): the one place names are made."""
-    name = OTHER_FOLDERS.get(row) or row.split(" (")[0].replace(" ", "-").replace(":", "").lower()
+    name = OTHER_FOLDERS.get(row) or row.split(" (")[0].replace(" ", "-").replace(":", "").replace(",", "").lower()
     return runs / (name if seed is None else f"{name}-s{seed}")
 
 
@@ -293,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ablations", metavar="ROWS",
                     help="comma-separated ablation rows to run (seed 0), 'all', or 'none' for the main rows alone "
                          "(default: the preset's)")
+    ap.add_argument("--teachers", action="store_true",
+                    help="run the teacher study instead (OUT/results-teachers.md): each teacher of TEACHERS, over the "
+                         "seeds, and a MimCo and a MaskDistill student of each")
     ap.add_argument("overrides", nargs="*", metavar="[STAGE:]KEY=VALUE",
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
@@ -335,7 +352,8 @@ def main() -> None:
             unknown = sorted(set(p["seeded"]) - set(STUDENT_ROWS))
             if unknown:
                 raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
-        run_study(args.preset, p, Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}"))
+        out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
+        (teacher_study if args.teachers else run_study)(args.preset, p, out)
     except MimcoError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -439,6 +457,43 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
         panels.append((row.split(" (")[0], f[pick], y[pick]))
     tsne_figure(panels, out / "tsne.png", class_names=class_names(cfg.data))
     curves_figure([folder(runs, row, s0) for row in shown], out / "curves.png")
+    print(md)
+
+
+def teacher_study(preset: str, p: dict[str, Any], out: Path) -> None:
+    """Does a stronger teacher make a stronger student? Each teacher of :data:`TEACHERS` over the
+    seeds, with its own k-NN / linear probe next to those of its MimCo and MaskDistill students.
+    The default teacher and its MimCo student share their folders with the main study."""
+    runs = out / "runs"
+    start = time.perf_counter()
+    base = [*p["data"], *p["model"]]
+    cfg = load_config(PretrainConfig, None, base)
+    splits = (load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False))
+    scores: dict[tuple[str, str], list[dict]] = {}
+    for seed in p["seeds"]:
+        s = [f"train.seed={seed}"]
+        for teacher, over in TEACHERS.items():
+            t_run = folder(runs, teacher, seed)
+            train("teacher", [*base, *p["teacher"], *over, *s], t_run)
+            model, _ = load_backbone(str(t_run / CHECKPOINT))
+            scores.setdefault((teacher, "teacher"), []).append(evaluate(teacher, model, t_run, p, splits, False))
+            for student, extra in TEACHER_STUDENTS.items():
+                row = "MimCo (patch + image)" if (student == "MimCo" and not over) else f"{student} of {folder(runs, teacher).name}"
+                run = folder(runs, row, seed)
+                train("pretrain", [*base, *p["student"], *s, f"teacher.checkpoint={t_run / CHECKPOINT}", *extra], run)
+                model, _ = load_backbone(str(run / CHECKPOINT))
+                scores.setdefault((teacher, student), []).append(evaluate(row, model, run, p, splits, False))
+    cols = ["teacher", *TEACHER_STUDENTS]
+    lines = [f"preset {preset}, teacher study: {cfg.data.name} {cfg.data.img_size}px, student patch {cfg.model.patch_size}, "
+             f"{torch.get_num_threads()} threads, {(time.perf_counter() - start) / 60:.1f} min in this call; top-1 %, "
+             "mean ± std over seeds (k-NN k = 20 / linear probe)", "",
+             "| teacher | seeds | " + " | ".join(f"{c} k-NN | {c} linear" for c in cols) + " |",
+             "|---|---|" + "---|---|" * len(cols)]
+    for teacher in TEACHERS:
+        cells = [f"{_stat([v[k] for v in scores[(teacher, c)]])}" for c in cols for k in ("knn", "linear")]
+        lines.append(f"| {teacher} | {len(scores[(teacher, 'teacher')])} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    (out / "results-teachers.md").write_text(md)
     print(md)
 
 
