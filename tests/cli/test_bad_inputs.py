@@ -80,7 +80,8 @@ def test_teacher_geometry_that_cannot_be_used(tmp_path, capsys, teacher_ckpt):
                         (["teacher.mean=[0.5,0.5,0.5]"], "set teacher.mean and teacher.std together"),
                         (["teacher.mean=[0.5]", "teacher.std=[0.5]"], "teacher.mean / teacher.std need 3 values"),
                         (["teacher.model=vit_tiny_patch4_16"], "teacher.model=vit_tiny_patch4_16 is not a timm model name"),
-                        (["teacher.model=vit_tiny_patch16_224"], "the file has patch size 4 but teacher.model=vit_tiny_patch16_224 has 16")):
+                        (["teacher.model=vit_tiny_patch16_224"], "the file has patch size 4 but teacher.model=vit_tiny_patch16_224 has 16"),
+                        (["loss.head_hidden_dim=0"], "loss.head_hidden_dim=0 is out of range: it is the reconstruction heads' hidden width")):
         code, err = run_cli(capsys, "pretrain", *COMMON, "data.name=procedural", f"teacher.checkpoint={teacher_ckpt}",
                             f"train.out_dir={tmp_path}", *over)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (over, err)

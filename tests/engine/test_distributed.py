@@ -182,7 +182,8 @@ def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     assert "Connection closed" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]
 
 
-def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path, strategy):
     """A DINOv2 file (registers, /14) seen at its own resolution, its grid resampled, mean of two
     blocks layer-normalised, mean-token image target: the teacher view on every rank."""
     from tests.models.test_families import dinov2_hub_file
@@ -193,7 +194,7 @@ def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path):
             "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={tmp_path / 'dinov2.pth'}", "teacher.img_size=42",
             "teacher.layers=[-2,-1]", "teacher.target_norm=layernorm", "teacher.image_target=mean",
             "teacher.resample=bilinear", f"train.out_dir={tmp_path}"]
-    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp"])
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp", f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
     ddp, single = _losses(tmp_path / "ddp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")
     assert [s for s, _ in ddp] == [1, 2, 3]

@@ -185,7 +185,24 @@ def test_bad_teacher_names_and_files(tmp_path):
 def test_inspect_names_each_family(tmp_path, capsys):
     dinov2_hub_file(tmp_path / "d.pth", regs=4)
     clip_file(tmp_path / "c.bin")
-    for f, words in (("d.pth", ["DINOv2 hub backbone", "4 registers"]), ("c.bin", ["OpenCLIP", "projector"])):
+    eva02_file(tmp_path / "e.pt")
+    for f, words in (("d.pth", ["DINOv2 hub backbone", "4 registers", "mean [0.485"]),
+                     ("c.bin", ["OpenCLIP", "image projection to 32", "token_embedding.* (1)"]),
+                     ("e.pt", ["EVA-02 checkpoint", "Eva", "width 768, depth 1", "mean [0.4815"])):
         assert main(["inspect", str(tmp_path / f)]) == 0
         out = capsys.readouterr().out
         assert all(w in out for w in words), out
+
+
+def test_an_eva_teacher_is_evaluated_and_a_family_file_is_not_exported(tmp_path, capsys):
+    from mimco.eval.features import features_of
+
+    eva02_file(tmp_path / "eva.pt")
+    model, _ = load_backbone(str(tmp_path / "eva.pt"))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = model.eval().forward_features(x)
+        assert torch.allclose(features_of(model, x), tokens[:, 0]) and torch.allclose(features_of(model, x, "mean"),
+                                                                                      tokens[:, 1:].mean(1))
+    assert main(["export", str(tmp_path / "eva.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "timm reads it as it is" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -66,9 +66,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from mimco.models.formats import load_backbone
+    from mimco.errors import MimcoError
     from mimco.models.export import export_timm
+    from mimco.models.families import FAMILIES
 
     model, state = load_backbone(args.checkpoint, args.encoder)
+    if state.kind in FAMILIES:
+        raise MimcoError(f"{args.checkpoint} is a {state.format}: timm reads it as it is, e.g. timm.create_model(NAME, "
+                         f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.checkpoint}')); mimco export "
+                         "converts mimco runs and plain ViT files")
     out = export_timm(model, args.out, {"source": str(args.checkpoint), "source_format": state.format,
                                         "source_part": state.source})
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}; load with:\n"

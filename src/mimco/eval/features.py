@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Subset
 
 from mimco.config import DataConfig
@@ -37,7 +38,8 @@ def features_of(backbone: torch.nn.Module | None, x: torch.Tensor, pool: str = "
         return x.flatten(1)
     if pool not in ("cls", "mean"):
         raise ValueError(f"unknown pool '{pool}'")
-    tokens = encode(backbone, x)
+    # a timm ViT through mimco's own encoder; another family (an EVA teacher) through timm's forward_features
+    tokens = encode(backbone, x) if isinstance(backbone, VisionTransformer) else backbone.forward_features(x)
     return tokens[:, 0] if pool == "cls" else tokens[:, backbone.num_prefix_tokens :].mean(1)
 
 
