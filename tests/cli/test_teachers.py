@@ -62,3 +62,16 @@ def test_the_teacher_normalisation_comes_from_the_file_the_override_or_the_data(
     cfg = load_config(PretrainConfig, None, ["data.img_size=16", f"teacher.checkpoint={teacher_ckpt}"])
     _, view = build_teacher(cfg, (4, 4))
     assert not view.renormalise  # a mimco teacher was trained on the data's own statistics
+
+
+def test_a_run_with_a_foreign_teacher_resumes(tmp_path, capsys):
+    dinov2_hub_file(tmp_path / "dinov2.pth", regs=4)
+    args = ["pretrain", *STUDENT, "data.img_size=32", "model.patch_size=16", "teacher.img_size=42",
+            f"teacher.checkpoint={tmp_path / 'dinov2.pth'}", "teacher.layers=[-1]", f"train.out_dir={tmp_path}",
+            "train.name=r", "train.max_steps=1"]
+    assert main(args) == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "r" / "last.pt"), "train.max_steps=2"]) == 0
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 2
+    # the teacher is part of the run: another teacher size cannot be swapped in on resume
+    assert main(["pretrain", "--resume", str(tmp_path / "r" / "last.pt"), "teacher.img_size=56"]) == 2
+    assert "teacher.img_size cannot change on resume" in capsys.readouterr().err

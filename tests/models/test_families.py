@@ -206,3 +206,36 @@ def test_an_eva_teacher_is_evaluated_and_a_family_file_is_not_exported(tmp_path,
                                                                                       tokens[:, 1:].mean(1))
     assert main(["export", str(tmp_path / "eva.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "timm reads it as it is" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_timm_files_with_layerscale_and_registers(tmp_path):
+    """timm's own DINOv2 weights (``reg_token``, ``ls1.gamma``, a table without prefix slots) read from shapes."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=42, embed_dim=W,
+                          depth=2, num_heads=1)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.ls1.gamma.normal_()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    model, state = load_backbone(str(tmp_path / "model.safetensors"))
+    assert state.kind == "timm" and model.num_prefix_tokens == 5
+    assert torch.allclose(features(model, 42), features(m, 42), atol=1e-5)
+    bigger, _ = load_backbone(str(tmp_path / "model.safetensors"), img_size=70)  # the table resampled, no prefix slots
+    ref = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=True, num_classes=0, img_size=70, embed_dim=W,
+                            depth=2, num_heads=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"),
+                                                                              num_classes=0))
+    assert torch.allclose(features(bigger, 70), features(ref, 70), atol=1e-4)
+
+
+def test_a_timm_file_with_registers_exports_to_timm(tmp_path):
+    import json as js
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=42, embed_dim=W,
+                          depth=2, num_heads=1)
+    torch.save(m.state_dict(), tmp_path / "reg.pth")
+    assert main(["export", str(tmp_path / "reg.pth"), "--out", str(tmp_path / "out")]) == 0
+    cfg = js.loads((tmp_path / "out" / "config.json").read_text())
+    back = timm.create_model(cfg["model_name"], checkpoint_path=str(tmp_path / "out" / "model.safetensors"),
+                             **cfg["model_kwargs"])
+    assert torch.allclose(features(back, 42), features(m, 42), atol=1e-5)

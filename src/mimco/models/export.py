@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco.io import save_weights
 
@@ -20,7 +21,10 @@ def timm_kwargs(vit: VisionTransformer) -> dict[str, Any]:
             "in_chans": vit.patch_embed.proj.in_channels, "embed_dim": vit.embed_dim, "depth": len(vit.blocks),
             "num_heads": blk.attn.num_heads, "mlp_ratio": blk.mlp.fc1.out_features / vit.embed_dim,
             "qkv_bias": blk.attn.qkv.bias is not None, "class_token": vit.cls_token is not None,
-            "num_classes": 0, "global_pool": vit.global_pool}
+            "num_classes": 0, "global_pool": vit.global_pool,
+            **({"reg_tokens": vit.num_reg_tokens, "no_embed_class": vit.no_embed_class} if vit.num_reg_tokens else {}),
+            **({"init_values": 1.0} if not isinstance(blk.ls1, nn.Identity) else {}),  # LayerScale (its values load)
+            **({"pre_norm": True} if not isinstance(vit.norm_pre, nn.Identity) else {})}
 
 
 def export_timm(vit: VisionTransformer, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:

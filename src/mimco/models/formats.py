@@ -156,14 +156,16 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
                          f"{families.closest_layout(set(sd))}") from None
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-    prefix = 1 if "cls_token" in sd else 0
+    regs = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    prefix = 1 if "cls_token" in sd and not regs else 0  # timm's register models keep no prefix slots in the table
     grid = int(round((pos.shape[1] - prefix) ** 0.5))
     if grid * grid != pos.shape[1] - prefix:
         raise MimcoError(f"pos_embed of {pos.shape[1]} tokens is not a square grid plus {prefix} CLS token")
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
     return {"embed_dim": dim, "depth": depth, "patch_size": patch, "in_chans": in_chans, "img_size": grid * patch,
             "mlp_ratio": fc1.shape[0] / dim if fc1 is not None else 4.0, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
-            "class_token": prefix == 1}
+            "class_token": "cls_token" in sd, "reg_tokens": regs, "no_embed_class": regs > 0,
+            "init_values": 1.0 if "blocks.0.ls1.gamma" in sd else None, "pre_norm": "norm_pre.weight" in sd}
 
 
 def expected_heads(state: BackboneState, dim: int) -> int:
@@ -190,12 +192,14 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
         raise MimcoError(f"image size {size} is not divisible by the checkpoint's patch size {arch['patch_size']}")
     vit = VisionTransformer(img_size=size, patch_size=arch["patch_size"], in_chans=arch["in_chans"], num_classes=0,
                             global_pool="token", embed_dim=dim, depth=arch["depth"], num_heads=heads,
-                            mlp_ratio=arch["mlp_ratio"], qkv_bias=arch["qkv_bias"], class_token=arch["class_token"])
+                            mlp_ratio=arch["mlp_ratio"], qkv_bias=arch["qkv_bias"], class_token=arch["class_token"],
+                            reg_tokens=arch["reg_tokens"], no_embed_class=arch["no_embed_class"],
+                            init_values=arch["init_values"], pre_norm=arch["pre_norm"])
     sd = dict(state.backbone)
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
         old = arch["img_size"] // arch["patch_size"]
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], list(vit.patch_embed.grid_size), [old, old],
-                                                 num_prefix_tokens=vit.num_prefix_tokens)
+                                                 num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens)
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise MimcoError(f"{path} looks like a {state.format} but its keys do not fit a timm ViT: "
