@@ -32,10 +32,11 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["paths"]) == 10 and list(out["paths"].values()).count("PASS") == 9
+    assert len(out["paths"]) == 11 and list(out["paths"].values()).count("PASS") == 10
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
     assert out["paths"]["pretrain: compiled (train.compile), bf16"] == "PASS"
     assert out["paths"]["teacher: JPEG folder decoded on the device (data.decode=gpu)"] == "PASS"
+    assert out["paths"]["pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16"] == "PASS"
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
     assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "| finetune: FSDP | PASS |" in r.stdout
     assert [(row["model"], row["mode"]) for row in out["rows"]] == [("vit_mini 32/4", "eager"), ("vit_mini 32/4", "compiled")]
