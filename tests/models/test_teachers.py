@@ -85,9 +85,11 @@ def test_projector_target_and_prefix_tokens():
     teacher.head = MoCoMLP(3, 32, 64, 16).eval()
     x = torch.randn(2, 3, 32, 32)
     view = TeacherView(teacher, 32, [0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, (4, 4), image_target="projector")
+    early = TeacherView(teacher, 32, [0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, (4, 4), [0], image_target="projector")
     with torch.no_grad():
-        _, image = view(teacher, x)
-        assert torch.allclose(image, teacher.head(teacher.forward_features(x)[:, 0]), atol=1e-5)
+        want = teacher.head(teacher.forward_features(x)[:, 0])
+        assert torch.allclose(view(teacher, x)[1], want, atol=1e-5)
+        assert torch.allclose(early(teacher, x)[1], want, atol=1e-5)  # patch targets from block 0, projector from the end
     # DeiT's distillation token and DINOv2's registers are prefix tokens: never patch targets
     for name, prefix in (("deit_tiny_distilled_patch16_224", 2), ("vit_small_patch14_reg4_dinov2", 5)):
         m = timm.create_model(name, pretrained=False, num_classes=0, img_size=28 if "14" in name else 32, depth=1).eval()

@@ -116,7 +116,8 @@ class TeacherView(nn.Module):
             out = model.forward_features(x)
             return (self._norm(out), out)
         final, inter = model.forward_intermediates(x, indices=self.layers, return_prefix_tokens=self.prefix > 0,
-                                                   norm=False, output_fmt="NLC")
+                                                   norm=False, output_fmt="NLC",
+                                                   stop_early=self.image_target != "projector")  # later blocks unused
         blocks = [self._norm(torch.cat(t[::-1], dim=1) if self.prefix else t) for t in inter]  # (spatial, prefix) pairs
         return torch.stack(blocks).mean(0), final
 
