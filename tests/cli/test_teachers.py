@@ -75,3 +75,17 @@ def test_a_run_with_a_foreign_teacher_resumes(tmp_path, capsys):
     # the teacher is part of the run: another teacher size cannot be swapped in on resume
     assert main(["pretrain", "--resume", str(tmp_path / "r" / "last.pt"), "teacher.img_size=56"]) == 2
     assert "teacher.img_size cannot change on resume" in capsys.readouterr().err
+
+
+def test_clip_teacher_with_its_image_projection_as_target(tmp_path, capsys):
+    from tests.models.test_families import clip_file
+
+    clip_file(tmp_path / "open_clip_pytorch_model.bin")
+    args = ["pretrain", *STUDENT, "data.img_size=16", "model.patch_size=4", "teacher.img_size=64",
+            f"teacher.checkpoint={tmp_path / 'open_clip_pytorch_model.bin'}", "teacher.image_target=projector",
+            f"train.out_dir={tmp_path}", "train.name=clip"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "OpenCLIP / OpenAI CLIP visual tower at 64 px, patch grid 4x4, targets: final output, image projector" in err
+    model = load_checkpoint(tmp_path / "clip" / "last.pt")["model"]
+    assert model["image_head.2.weight"].shape[0] == 32 and model["patch_head.2.weight"].shape[0] == 64  # projection, width
