@@ -125,7 +125,7 @@ def build_teacher(cfg: PretrainConfig, student_grid: tuple[int, int]) -> tuple[t
     if bool(t.mean) != bool(t.std):
         raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
     mean, std = (t.mean, t.std) if t.mean else state.stats or (data.mean, data.std)
-    if len(mean) != chans and len(mean) >= chans:  # the data's 3 values for a grey teacher
+    if len(mean) > chans:  # the data's 3 values for a grey teacher
         mean, std = mean[:chans], std[:chans]
     view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], list(mean), list(std),
                        tuple(student_grid), t.layers, t.target_norm, t.image_target, t.resample)
@@ -152,7 +152,7 @@ def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn
                          "or a released MoCo v3 / DINO file")
     teacher, view = build_teacher(cfg, student.backbone.patch_embed.grid_size)
     try:
-        return MimCo(student, teacher, cfg.loss, gen, cfg.teacher.image_target, view=view).to(device)
+        return MimCo(student, teacher, cfg.loss, gen, view=view).to(device)
     except ValueError as e:
         raise MimcoError(f"{e}; see configs/ for valid values") from None
 

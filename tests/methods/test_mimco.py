@@ -135,13 +135,11 @@ def test_forward_matches_a_plain_loop_reference(image_target):
     torch.manual_seed(0)
     student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
     teacher = create_vit(ModelConfig(patch_size=4, embed_dim=48, depth=1, num_heads=2), 16, 3)
-    proj = 0
     if image_target == "projector":
         teacher.head = MoCoMLP(3, 48, 64, 24).eval()
-        proj = 24
     cfg = MimcoLossConfig(head_hidden_dim=32, patch_weight=0.7, image_weight=0.4, patch_temperature=0.3,
                           image_temperature=0.15)
-    m = MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0), image_target, proj).eval()
+    m = MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0), image_target).eval()
     x = torch.randn(3, 3, 16, 16)
     loss, logs = m([x], step=2, first_index=0)
 

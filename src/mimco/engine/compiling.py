@@ -10,7 +10,6 @@ checkpoints of compiled and eager runs are interchangeable.
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimco.errors import MimcoError
@@ -31,8 +30,7 @@ def compile_method(method: nn.Module, mode: str = "default") -> int:
     check_mode(mode)
     targets: list[nn.Module] = []
     for m in method.modules():
-        if isinstance(m, VisionTransformer) or (hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None),
-                                                                                         (nn.Sequential, nn.ModuleList))):
+        if hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList)):
             targets += [m.patch_embed, *m.blocks]  # timm ViTs, DeiT, EVA: any teacher family
         elif isinstance(m, (MoCoMLP, ReconstructionHead)):
             targets.append(m)

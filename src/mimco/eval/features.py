@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Subset
 
 from mimco.config import DataConfig
 from mimco.data.build import ImageArray
 from mimco.data.files import FileImages, collate_skip_bad
 from mimco.data.transforms import Normalize, image_eval
-from mimco.models.vit import encode
 
 
 def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device,
@@ -38,8 +36,7 @@ def features_of(backbone: torch.nn.Module | None, x: torch.Tensor, pool: str = "
         return x.flatten(1)
     if pool not in ("cls", "mean"):
         raise ValueError(f"unknown pool '{pool}'")
-    # a timm ViT through mimco's own encoder; another family (an EVA teacher) through timm's forward_features
-    tokens = encode(backbone, x) if isinstance(backbone, VisionTransformer) else backbone.forward_features(x)
+    tokens = backbone.forward_features(x)  # every timm family (ViT, DeiT, EVA); for a ViT the same as encode(x)
     return tokens[:, 0] if pool == "cls" else tokens[:, backbone.num_prefix_tokens :].mean(1)
 
 

@@ -30,8 +30,7 @@ class MimCo(MethodDefaults, nn.Module):
     """
 
     def __init__(self, student: MaskedViT, teacher: nn.Module, loss: MimcoLossConfig,
-                 mask_generator: MaskGenerator, image_target: str = "cls", proj_dim: int = 0,
-                 view: TeacherView | None = None) -> None:
+                 mask_generator: MaskGenerator, image_target: str = "cls", view: TeacherView | None = None) -> None:
         super().__init__()
         if loss.patch_loss not in PATCH_LOSSES:
             raise ValueError(f"unknown loss.patch_loss '{loss.patch_loss}'")
@@ -49,7 +48,7 @@ class MimCo(MethodDefaults, nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
-        image_dim = (proj_dim or projector_width(teacher)) if self.image_target == "projector" else t_dim
+        image_dim = projector_width(teacher) if self.image_target == "projector" else t_dim
         # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
         self.patch_head = ReconstructionHead(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
         self.image_head = ReconstructionHead(s_dim, loss.head_hidden_dim, image_dim) if loss.image_weight > 0 else None

@@ -242,7 +242,12 @@ def default_stats(kind: str, model: nn.Module, hf_cfg: dict[str, Any] | None = N
         return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
     if kind == "dinov2":
         return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    cfg = hf_cfg if hf_cfg is not None else (getattr(model, "pretrained_cfg", None) or {}) if kind in ("timm_named", "eva02") else {}
+    if hf_cfg is not None:
+        cfg = hf_cfg
+    elif kind in ("timm_named", "eva02"):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+    else:
+        return None
     if cfg.get("mean") and cfg.get("std"):
         return list(cfg["mean"]), list(cfg["std"])
     return None

@@ -249,8 +249,8 @@ def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_h
     kwargs = dict(hf["model_args"]) if hf else {}
     if num_heads:
         kwargs["num_heads"] = num_heads
-    model = families.create_named(model_name, img_size or kwargs.pop("img_size", 0),
-                                  **{k: v for k, v in kwargs.items() if k != "img_size"})
+    saved_size = kwargs.pop("img_size", 0)
+    model = families.create_named(model_name, img_size or saved_size, **kwargs)
     state.ignored.update(families.load_weights(model, state.backbone, f"teacher.model={model_name}",
                                                keep_head=state.kind == "clip" or "clip" in model_name))
     if state.projector:
