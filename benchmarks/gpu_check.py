@@ -1,21 +1,29 @@
 """Every GPU-only path of mimco in one call, each with PASS/FAIL, then the MimCo step rate and MFU.
 
-    bash benchmarks/gpu_check.sh          # on a GPU machine: torchrun with NCCL on every visible GPU (about 10 min)
-    bash benchmarks/gpu_check.sh --models vit_small --no-batch-search   # the paths and one model (about 6 min)
+    bash benchmarks/gpu_check.sh          # on a GPU machine: torchrun with NCCL on every visible GPU, <= 8 min
     bash benchmarks/gpu_check.sh --cpu    # the same paths with 2 gloo processes on the CPU (part of the tests)
+
+The whole check keeps to ``--budget`` seconds (default 440 on a GPU, none with ``--cpu``): the paths
+get all of it but ``--perf-reserve`` seconds, and a path that cannot start in time is skipped; the
+performance half then measures ViT-S/16 eager and compiled, and ViT-B/16 and the batch search only
+with the time left. Every subprocess runs in its own session and is killed, with its workers, at its
+deadline. Results are written as they come to ``--report`` (default ``$OUT`` when set, else the run
+folder): ``gpu_check.md`` (versions, one row per path, the MFU table) and ``gpu_check.json``; a failed
+path's last lines of output are printed, so a call cut short still brings back what it measured.
 
 The process group is joined even on one GPU (``train.init_distributed=true``), so the NCCL
 collectives (gathers of keys and tokens, the log row's all-reduce, the stop flag, every process's
-RNG state) really run. Paths: stage 1 (MoCo v3) in bf16 with evaluation; stage 2 (MimCo) in bf16
-with capped batch negatives and the projector target; fp16 with the gradient scaler (GPU only);
-a JPEG folder decoded on the GPU (``data.decode=gpu``); FSDP with the end-of-run evaluation;
-``train.compile``; a timm-named DINOv2 teacher (/14, registers) at its own resolution with its
-grid resampled onto the student's, two averaged layer-normalised blocks; block masks with gradient accumulation; a
-resume with a longer schedule; fine-tuning on the shared engine, with DDP and with FSDP. Then MimCo
-steps of ViT-S/16 and ViT-B/16 at 224 px in bf16 (``--cpu``: tiny ones), eager and compiled, each
-in a fresh process: images/s, MFU against a measured bf16 matmul rate and against the card's dense
-bf16 peak, peak memory, compile time, and the largest batch (doubling) whose step fits in memory.
-Exits 1 when any path fails.
+RNG state) really run. Paths: stage 1 (MoCo v3) in bf16 with the distributed end-of-run k-NN; stage
+1 from a JPEG folder decoded on the GPU (``data.decode=gpu``) and from one cached once per node
+(``data.cache``); stage 2 (MimCo) in bf16 with capped batch negatives and the projector target; fp16
+with the gradient scaler; FSDP2 (bf16 mixed-precision policy) with the end-of-run evaluation; FSDP2
+with fp16, the scaler and fused AdamW; ``train.compile``; a timm-named DINOv2 teacher (/14,
+registers) at its own resolution with its grid resampled onto the student's, two averaged
+layer-normalised blocks; block masks with gradient accumulation; a resume with a longer schedule;
+fine-tuning on the shared engine, with DDP and with FSDP. Then MimCo steps at 224 px in bf16
+(``--cpu``: a tiny one), eager and compiled, each in a fresh process: images/s, MFU against a
+measured bf16 matmul rate and against the card's dense bf16 peak, peak memory, compile time, and
+the largest batch (doubling) whose step fits. Exits 1 when any path fails.
 """
 
 from __future__ import annotations
@@ -25,11 +33,15 @@ import csv
 import json
 import math
 import os
+import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import timm
 import torch
@@ -40,6 +52,78 @@ from throughput import jpeg_folder, matmul_peak  # noqa: E402
 from mimco.runs import CHECKPOINT, load_checkpoint, read_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Budget:
+    """Seconds left of a budget started at construction (``seconds <= 0``: unlimited)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.end = clock() + seconds if seconds > 0 else math.inf
+
+    def left(self, reserve: float = 0.0) -> float:
+        return self.end - reserve - self.clock()
+
+
+class Report:
+    """``gpu_check.md`` and ``gpu_check.json`` in ``folder``, rewritten after every result."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.md, self.json = folder / "gpu_check.md", folder / "gpu_check.json"
+        self.lines: list[str] = []
+        self.data: dict[str, Any] = {"paths": {}, "rows": []}
+
+    def add(self, line: str = "", **data: Any) -> None:
+        if line or not data:
+            self.lines.append(line)
+        for k, v in data.items():
+            if isinstance(self.data.get(k), dict) and isinstance(v, dict):
+                self.data[k].update(v)
+            else:
+                self.data[k] = v
+        self.md.write_text("\n".join(self.lines) + "\n")
+        self.json.write_text(json.dumps(self.data, indent=1))
+
+
+def versions(cpu: bool) -> dict[str, str]:
+    """What the check runs on: Python, torch, CUDA, cuDNN, NCCL, torchvision, timm, kornia, the GPU and its driver."""
+    import kornia
+    import torchvision
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+         "timm": timm.__version__, "kornia": kornia.__version__}
+    if not cpu and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        v.update({"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version()),
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+                  "gpu": f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"})
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=15)
+            v["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            v["driver"] = "?"
+    else:
+        v["device"] = f"CPU ({os.cpu_count()} cores)"
+    return v
+
+
+def run_cmd(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int | None, str, str]:
+    """(exit code or None on timeout, stdout, stderr) of ``cmd`` in a session of its own, killed
+    with every process it started (torchrun's workers) at ``timeout`` seconds."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=max(timeout, 1.0))
+        return p.returncode, out, err
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = p.communicate()
+        return None, out, err
 
 
 def sizes(cpu: bool) -> tuple[list[str], list[str], int]:
@@ -67,21 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="2 gloo processes on the CPU, tiny sizes (checks the script)")
     p.add_argument("--nproc", type=int, default=0, help="processes (default: every GPU; --cpu: 2)")
     p.add_argument("--out", default="", help="run folder (default: a temporary one)")
-    p.add_argument("--timeout", type=int, default=120, help="seconds per path")
-    p.add_argument("--budget", type=int, default=420, help="seconds for all paths; later ones are skipped past it")
-    p.add_argument("--models", nargs="+", default=[], help="models timed at the end (default: vit_small vit_base at "
-                   "224/16 on a GPU; --cpu: vit_mini at 32/4)")
+    p.add_argument("--report", default="", help="folder for gpu_check.md/.json (default: $OUT when set, else --out)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 440 on a GPU, "
+                   "0 = unlimited, the --cpu default)")
+    p.add_argument("--perf-reserve", type=float, default=170.0, help="seconds of the budget kept for the performance half")
+    p.add_argument("--timeout", type=int, default=150, help="seconds per path at most")
+    p.add_argument("--jobs", type=int, default=0, help="paths run at once after the first (default: 4 on a GPU, 1 with --cpu)")
+    p.add_argument("--models", nargs="+", default=[], help="models timed at the end (default: vit_small, then vit_base "
+                   "if time is left, at 224/16 on a GPU; --cpu: vit_mini at 32/4)")
     p.add_argument("--no-batch-search", action="store_true", help="skip the search for the largest batch that fits")
     return p
 
 
 def main() -> int:
     a = build_parser().parse_args()
+    budget = Budget(a.budget if a.budget is not None else (0 if a.cpu else 440))
     if not a.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU", file=sys.stderr)
         return 2
     nproc = a.nproc or (2 if a.cpu else torch.cuda.device_count())
     out = Path(a.out or tempfile.mkdtemp(prefix="gpu_check-"))
+    report = Report(Path(a.report or os.environ.get("OUT") or out))
+    ver = versions(a.cpu)
+    print("gpu_check on " + ", ".join(f"{k} {v}" for k, v in ver.items()), flush=True)
+    report.add(f"# gpu_check ({time.strftime('%Y-%m-%d %H:%M:%S')})\n\n" + "\n".join(f"- {k}: {v}" for k, v in ver.items())
+               + f"\n- processes: {nproc}\n\n| path | result | seconds | note |\n|---|---|---|---|", versions=ver,
+               processes=nproc)
     common, model, spe = sizes(a.cpu)
     device = "train.device=cpu" if a.cpu else "train.device=cuda"
     base = [*common, *model, device, "train.progress=false", "train.log_every=5", "train.init_distributed=true",
@@ -99,19 +194,24 @@ def main() -> int:
     # random weights in timm's layout for a named teacher; 42 px (3x3) under the CPU student's 4x4, 98 px (7x7) under 8x8
     dinov2, dinov2_size = out / "dinov2_vits14_reg4.pth", 42 if a.cpu else 98
     torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict(), dinov2)
+    folder = [*base, *head, bf16, "data.name=imagefolder", f"data.root={jpegs}", "data.num_workers=2"]
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
          "teacher", 2 * spe),
         ("teacher: JPEG folder decoded on the device (data.decode=gpu)",
-         [["teacher", *base, *head, bf16, "data.name=imagefolder", f"data.root={jpegs}", "data.decode=gpu",
-           "data.num_workers=2", "train.name=teacher-jpeg"]], "teacher-jpeg", 2 * (n_jpeg // batch)),
+         [["teacher", *folder, "data.decode=gpu", "train.name=teacher-jpeg"]], "teacher-jpeg", 2 * (n_jpeg // batch)),
+        ("teacher: JPEG folder cached once per node (data.cache)",
+         [["teacher", *folder, "data.cache=true", "train.name=teacher-cache"]], "teacher-cache", 2 * (n_jpeg // batch)),
         ("pretrain: MimCo, bf16, batch negatives capped, projector target",
          [["pretrain", *student, bf16, "loss.patch_negatives=batch", "loss.patch_max_negatives=64",
            "teacher.image_target=projector", "train.name=mimco-bf16"]], "mimco-bf16", 2 * spe),
         ("pretrain: fp16 with the gradient scaler", [["pretrain", *student, "train.precision=fp16", "train.name=mimco-fp16"]],
          "mimco-fp16", 2 * spe),
-        ("pretrain: FSDP, eval at end", [["pretrain", *student, bf16, "train.strategy=fsdp", "eval.at_end=true",
-                                          "train.name=mimco-fsdp"]], "mimco-fsdp", 2 * spe),
+        ("pretrain: FSDP (bf16 policy), eval at end", [["pretrain", *student, bf16, "train.strategy=fsdp",
+                                                        "eval.at_end=true", "train.name=mimco-fsdp"]], "mimco-fsdp", 2 * spe),
+        ("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
+         [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
+         "mimco-fsdp-fp16", 2 * spe),
         ("pretrain: compiled (train.compile), bf16", [["pretrain", *student, bf16, "train.compile=true",
                                                        "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe),
         ("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
@@ -130,27 +230,28 @@ def main() -> int:
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if a.cpu else "4")}
-    results, start = [], time.perf_counter()
-    for name, commands, folder, steps in checks:
+    results: dict[str, tuple[str, float, str]] = {}
+    start = time.perf_counter()
+
+    def run_path(check: tuple[str, list[list[str]], str, int]) -> None:
+        name, commands, folder, steps = check
         if a.cpu and "fp16" in name:
-            results.append((name, "SKIP", 0.0, "fp16 needs CUDA"))
-            continue
-        left = a.budget - (time.perf_counter() - start)
-        if left < 10:
-            results.append((name, "SKIP", 0.0, f"past the {a.budget} s budget"))
-            continue
+            return finish(name, "SKIP", 0.0, "fp16 needs CUDA")
+        if budget.left(a.perf_reserve) < 20:
+            return finish(name, "SKIP", 0.0, "past the paths' share of the budget")
         t0, why = time.perf_counter(), ""
         for cmd in commands:
-            limit = int(min(a.timeout, a.budget - (time.perf_counter() - start)))
-            try:
-                r = subprocess.run([*launch, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=max(limit, 1))
-            except subprocess.TimeoutExpired:
-                why = f"timed out after {limit} s"
-                break
-            if r.returncode != 0:
-                lines = r.stderr.strip().splitlines()
+            limit = min(a.timeout, budget.left(a.perf_reserve))
+            code, _, err = run_cmd([*launch, *cmd], limit, env)
+            if code is None:
+                why = f"timed out after {limit:.0f} s"
+            elif code != 0:
+                lines = err.strip().splitlines()
                 errors = [ln for ln in lines if "mimco: error" in ln or "Error" in ln]
-                why = ((errors or lines or [f"exit code {r.returncode}"])[0])[:200]
+                why = ((errors or lines or [f"exit code {code}"])[0])[:200]
+            if why:
+                tail = "\n".join(f"    {ln}" for ln in err.strip().splitlines()[-30:])
+                print(f"--- {name}: the last lines of its output\n{tail}", flush=True)
                 break
         run = out / folder
         if not why:
@@ -160,23 +261,35 @@ def main() -> int:
             why = "a non-finite loss in log.csv"
         if not why and "eval at end" in name and "knn_top1" not in read_summary(run):
             why = "no k-NN result in summary.json"
-        results.append((name, "FAIL" if why else "PASS", time.perf_counter() - t0, why))
-        print(f"{results[-1][1]}  {name}  ({results[-1][2]:.0f} s){'  ' + why if why else ''}", flush=True)
-    failed = [x for x in results if x[1] == "FAIL"]
-    print(f"\n| path | result | seconds | note |\n|---|---|---|---|")
-    for n, res, sec, why in results:
+        finish(name, "FAIL" if why else "PASS", time.perf_counter() - t0, why)
+
+    def finish(name: str, res: str, sec: float, why: str) -> None:
+        results[name] = (res, sec, why)
+        print(f"{res}  {name}  ({sec:.0f} s){'  ' + why if why else ''}", flush=True)
+        report.add(f"| {name} | {res} | {sec:.0f} | {why} |", paths={name: res})
+
+    run_path(checks[0])  # every later path reads the teacher it trains
+    with ThreadPoolExecutor(max_workers=a.jobs or (1 if a.cpu else 4)) as pool:
+        list(pool.map(run_path, checks[1:]))
+    ordered = [(n, *results[n]) for n, *_ in checks]
+    failed = [x for x in ordered if x[1] == "FAIL"]
+    print("\n| path | result | seconds | note |\n|---|---|---|---|")
+    for n, res, sec, why in ordered:
         print(f"| {n} | {res} | {sec:.0f} | {why} |")
-    print(f"{len(results) - len(failed)} of {len(results)} paths passed or skipped, {len(failed)} failed, "
-          f"in {time.perf_counter() - start:.0f} s; runs in {out}", flush=True)
-    perf = performance(a, env)
-    print(json.dumps({"paths": {n: res for n, res, _, _ in results}, "processes": nproc, **perf}))
+    summary = (f"{len(ordered) - len(failed)} of {len(ordered)} paths passed or skipped, {len(failed)} failed, "
+               f"in {time.perf_counter() - start:.0f} s; runs in {out}")
+    print(summary, flush=True)
+    report.add(f"\n{summary}\n", paths={n: res for n, res, _, _ in ordered})
+    perf = performance(a, env, budget, report)
+    print(json.dumps({"paths": {n: res for n, res, _, _ in ordered}, "processes": nproc, **perf}))
+    print(f"gpu_check: {time.perf_counter() - start:.0f} s in all; report in {report.md}", flush=True)
     return 1 if failed or not perf["rows"] else 0
 
 
 #: dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part of the device name; first match wins
-DENSE_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-                     ("L4", 121.0), ("A10G", None), ("A10", 125.0))
+DENSE_BF16_TFLOPS: tuple[tuple[str, float | None], ...] = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", None), ("A10", 125.0))
 
 
 def card_peak(name: str) -> float | None:
@@ -184,62 +297,94 @@ def card_peak(name: str) -> float | None:
     return next((v for k, v in DENSE_BF16_TFLOPS if k.lower() in name.lower()), None)
 
 
-def best_batch(fits, start: int, cap: int) -> int:
-    """The largest batch of ``start * 2^k`` up to ``cap`` for which ``fits(batch)`` holds (0 if none)."""
+def best_batch(fits: Callable[[int], bool | None], start: int, cap: int) -> int:
+    """The largest batch of ``start * 2^k`` up to ``cap`` for which ``fits(batch)`` holds (0 if none);
+    ``fits`` returning None (out of time) ends the search with what was found."""
     best, b = 0, start
     while b <= cap and fits(b):
         best, b = b, b * 2
     return best
 
 
-def _single(spec: argparse.Namespace, batch: int, compiled: bool, env: dict, timeout: int) -> dict | None:
+def _single(spec: argparse.Namespace, batch: int, compiled: bool, env: dict, timeout: float) -> dict | None:
     """One MimCo step measurement in a fresh process (benchmarks/throughput.py --single); None on failure."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--single", "mimco", "--precision", "bf16",
            "--arch", spec.arch, "--img-size", str(spec.img_size), "--patch", str(spec.patch), "--batch", str(batch),
            "--warmup", str(spec.warmup), "--reps", str(spec.reps), "--device", spec.device]
-    try:
-        r = subprocess.run([*cmd, *(["--compiled"] if compiled else [])], capture_output=True, text=True, env=env,
-                           cwd=ROOT, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    code, out, err = run_cmd([*cmd, *(["--compiled"] if compiled else [])], timeout, env)
+    if code != 0:
+        why = "timed out" if code is None else (err.strip().splitlines() or [f"exit code {code}"])[-1][:200]
+        print(f"perf: {spec.arch} batch {batch} {'compiled' if compiled else 'eager'}: {why}", file=sys.stderr, flush=True)
         return None
-    return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def performance(a: argparse.Namespace, env: dict) -> dict:
-    """MimCo steps in bf16, eager and compiled, for each model: images/s, MFU against the measured
-    bf16 matmul rate and the card's dense bf16 peak, peak memory, compile time; then the largest
-    batch (doubling) whose eager step fits."""
+def performance(a: argparse.Namespace, env: dict, budget: Budget, report: Report) -> dict:
+    """MimCo steps in bf16, eager and compiled, for each model while the budget lasts: images/s, MFU
+    against the measured bf16 matmul rate and the card's dense bf16 peak, peak memory, compile time;
+    then, with time left, the largest batch (doubling) whose eager step fits."""
     dev = torch.device("cpu" if a.cpu else "cuda")
     name = "cpu" if a.cpu else torch.cuda.get_device_name()
     matmul = matmul_peak(torch.bfloat16, dev, n=1024 if a.cpu else 8192) / 1e3
     peak = None if a.cpu else card_peak(name)
     models = a.models or (["vit_mini"] if a.cpu else ["vit_small", "vit_base"])
-    rows, fits = [], {}
-    for arch in models:
+    title = (f"MimCo step, bf16, on {name} (1 process; bf16 matmul measured at {matmul:.1f} TFLOP/s"
+             + (f", card peak {peak:.0f} TFLOP/s dense bf16)" if peak else ", card peak not listed)"))
+    header = ("| model | mode | batch | images/s | ms/step | TFLOP/s | MFU (measured matmul) | MFU (card peak) | "
+              "peak memory GiB | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+    report.add(f"\n{title}\n\n{header}", bf16_matmul_tflops=round(matmul, 3), card_peak_tflops=peak, device=name)
+    rows: list[dict[str, Any]] = []
+    fits: dict[str, int] = {}
+    spent: dict[str, float] = {}  # seconds each measured mode took for the first model
+    for i, arch in enumerate(models):
         spec = argparse.Namespace(arch=arch, img_size=32 if a.cpu else 224, patch=4 if a.cpu else 16,
                                   batch=8 if a.cpu else (256 if arch != "vit_base" else 128), device=dev.type,
                                   warmup=1 if a.cpu else 5, reps=3 if a.cpu else 20)
-        eager = _single(spec, spec.batch, False, env, a.timeout * 3)
-        for mode, r in (("eager", eager), ("compiled", _single(spec, spec.batch, True, env, a.timeout * 3))):
+        eager: dict | None = None
+        for mode in ("eager", "compiled"):
+            # the first model is measured whatever is left; a later one only when it can finish (ViT-B ~2.5 x ViT-S)
+            need = 20.0 if i == 0 else 2.5 * spent.get(mode, 60.0)
+            if budget.left() < need:
+                print(f"perf: {arch} {mode} skipped, {max(budget.left(), 0):.0f} s of the budget left", flush=True)
+                report.add(f"| {arch} | {mode} | skipped: {max(budget.left(), 0):.0f} s of the budget left |")
+                continue
+            t0 = time.perf_counter()
+            r = _single(spec, spec.batch, mode == "compiled", env, budget.left())
+            if i == 0:
+                spent[mode] = time.perf_counter() - t0
+            if mode == "eager":
+                eager = r
             if r is None:
-                print(f"perf: {arch} {mode} failed", file=sys.stderr)
                 continue
             gflop = eager["gflop_per_image"] if eager else 0.0
             tflops = gflop * r["images_per_s"] / 1e3
-            rows.append({"model": f"{arch} {spec.img_size}/{spec.patch}", "mode": mode, "batch": spec.batch,
-                         "images_per_s": round(r["images_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 2),
-                         "gflop_per_image": round(gflop, 3), "achieved_tflops": round(tflops, 3),
-                         "mfu": round(tflops / matmul, 4), "mfu_card": round(tflops / peak, 4) if peak else None,
-                         "peak_memory_gib": round(r["peak_mib"] / 1024, 2),
-                         "compile_s": round(r["first_step_s"], 1) if mode == "compiled" else None})
-        if not a.no_batch_search:
-            once = argparse.Namespace(**{**vars(spec), "warmup": 0, "reps": 1})
-            cap = 16 if a.cpu else 4096
-            fits[arch] = best_batch(lambda b: _single(once, b, False, env, a.timeout * 2) is not None, spec.batch, cap)
-    print(f"\nMimCo step, bf16, on {name} ({a.nproc or 1} process; bf16 matmul measured at {matmul:.1f} TFLOP/s"
-          + (f", card peak {peak:.0f} TFLOP/s dense bf16)" if peak else ", card peak not listed)"))
-    print("| model | mode | batch | images/s | ms/step | TFLOP/s | MFU (measured matmul) | MFU (card peak) | "
-          "peak memory GiB | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+            row = {"model": f"{arch} {spec.img_size}/{spec.patch}", "mode": mode, "batch": spec.batch,
+                   "images_per_s": round(r["images_per_s"], 1), "ms_per_step": round(r["ms_per_step"], 2),
+                   "gflop_per_image": round(gflop, 3), "achieved_tflops": round(tflops, 3),
+                   "mfu": round(tflops / matmul, 4), "mfu_card": round(tflops / peak, 4) if peak else None,
+                   "peak_memory_gib": round(r["peak_mib"] / 1024, 2),
+                   "compile_s": round(r["first_step_s"], 1) if mode == "compiled" else None}
+            rows.append(row)
+            card = f"{row['mfu_card']:.1%}" if row["mfu_card"] is not None else "n/a"
+            report.add(f"| {row['model']} | {mode} | {row['batch']} | {row['images_per_s']} | {row['ms_per_step']} | "
+                       f"{row['achieved_tflops']} | {row['mfu']:.1%} | {card} | {row['peak_memory_gib']} | "
+                       f"{row['compile_s'] if row['compile_s'] is not None else ''} |", rows=list(rows))
+    for arch in models:
+        if a.no_batch_search:
+            break
+        spec = argparse.Namespace(arch=arch, img_size=32 if a.cpu else 224, patch=4 if a.cpu else 16, device=dev.type,
+                                  batch=8 if a.cpu else (256 if arch != "vit_base" else 128), warmup=0, reps=1)
+        per_try = spent.get("eager", 30.0) * (1.0 if arch == models[0] else 2.5)
+
+        def fit(b: int) -> bool:
+            if budget.left() < per_try * max(b / spec.batch, 1.0) ** 0.5:
+                return False  # out of time: the search ends with what it found
+            return _single(spec, b, False, env, budget.left()) is not None
+
+        fits[arch] = best_batch(fit, spec.batch, 16 if a.cpu else 4096)
+        report.add(f"\nlargest batch that fits, {arch} eager bf16 (doubling from {spec.batch}, while time lasts): "
+                   f"{fits[arch]}", best_batch=dict(fits))
+    print(f"\n{title}\n{header}")
     for r in rows:
         card = f"{r['mfu_card']:.1%}" if r["mfu_card"] is not None else "n/a"
         comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
@@ -251,8 +396,6 @@ def performance(a: argparse.Namespace, env: dict) -> dict:
     return {"device": name, "bf16_matmul_tflops": round(matmul, 3), "card_peak_tflops": peak, "rows": rows,
             "best_batch": fits, "images_per_s": first.get("images_per_s", 0.0), "mfu": first.get("mfu", 0.0),
             "gflop_per_image": first.get("gflop_per_image", 0.0)}
-
-
 
 
 if __name__ == "__main__":

@@ -133,6 +133,26 @@ def test_the_prefetched_build_is_used_not_redone(monkeypatch):
     assert torch.equal(first, plain(3, 0)) and torch.equal(second, plain(3, 1))
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_masks_for_a_gpu_are_built_pinned_and_copied_without_waiting(monkeypatch, prefetch):
+    """A GPU's masks (built and prefetched here, on the host) are page-locked before their
+    non-blocking copy: from pageable memory the copy would wait for the device every step.
+    pin_memory and the copy are recorded by stand-ins (there is no GPU here)."""
+    pinned, copies = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(tuple(self.shape)) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or self)
+    gen = MaskGenerator("block", 0.5, (4, 4), seed=1, prefetch=prefetch)
+    gen(3, 0, device="cuda")
+    gen(3, 1, device="cuda")
+    join_pending()
+    assert pinned == [(3, 16)] * (3 if prefetch else 2)  # steps 0, 1 (and 2 ahead)
+    assert copies == [(("cuda",), {"non_blocking": True})] * 2
+    pinned.clear()
+    gen(3, 2, device="cpu")
+    join_pending()
+    assert pinned == []  # nothing to pin for the CPU
+
+
 def test_masks_come_on_the_device_asked_for():
     gen = MaskGenerator("random", 0.5, (4, 4), seed=1)
     assert gen(2, 0).device.type == "cpu" and gen(2, 1, device="meta").device.type == "meta"

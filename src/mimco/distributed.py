@@ -76,12 +76,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def mean_over_processes(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Scalars averaged over processes with one all-reduce. Each value is moved to ``device``
-    (the loss's device, where the backend can take it) before the collective."""
+def mean_over_processes(values: dict[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+    """Scalars (tensors or Python numbers) averaged over processes with one all-reduce. Each value is
+    moved to ``device`` (the loss's device, where the backend can take it) before the collective."""
     if not values:
         return {}
-    stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in values.values()])
+    stacked = torch.stack([v.detach().float().reshape(()).to(device) if isinstance(v, torch.Tensor)
+                           else torch.tensor(float(v), device=device) for v in values.values()])
     return dict(zip(values, all_reduce_mean(stacked).tolist()))
 
 

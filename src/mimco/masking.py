@@ -213,15 +213,22 @@ class MaskGenerator:
     def __call__(self, batch_size: int, step: int, first_index: int = 0,
                  device: torch.device | str | None = None) -> torch.Tensor:
         """Masks (batch_size, H*W) for the slice of the global batch starting at ``first_index``."""
+        # for a GPU the host masks are built in page-locked memory, so the copy below is truly
+        # asynchronous (from pageable memory it would wait for the device: a sync every step)
+        pin = device is not None and torch.device(device).type == "cuda"
         key = (batch_size, step, first_index)
         ahead = self._ahead.pop(key, None)
-        out = ahead.result() if ahead is not None else self.build(*key)
+        out = ahead.result() if ahead is not None else self._host(*key, pin)
         if self.prefetch:
             if len(self._ahead) > 64:  # keys that were never asked for (a changed schedule): forget them
                 self._ahead.clear()
             nxt = (batch_size, step + 1, first_index)
-            self._ahead[nxt] = _Ahead(self.build, nxt)
+            self._ahead[nxt] = _Ahead(self._host, (*nxt, pin))
         return out.to(device, non_blocking=True) if device is not None else out
+
+    def _host(self, batch_size: int, step: int, first_index: int, pin: bool) -> torch.Tensor:
+        out = self.build(batch_size, step, first_index)
+        return out.pin_memory() if pin else out
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_ahead": {}}

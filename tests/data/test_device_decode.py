@@ -118,3 +118,51 @@ def test_training_from_a_jpeg_folder_decoded_on_the_device(tmp_path, capsys):
 def test_bad_decode_settings(tmp_path, extra, message):
     with pytest.raises(MimcoError, match=message):
         run_stage("teacher", tiny_teacher_cfg(tmp_path, "x", extra))
+
+
+def test_cuda_decode_runs_on_a_side_stream_handed_over_to_the_training_stream(monkeypatch):
+    """The ordering rule of a CUDA decode, with torch.cuda's streams recorded by stand-ins: the batched
+    decode runs while a side stream is current (so its outputs never reuse a block the training
+    stream's queued kernels still read), each output is record_stream'ed on the training stream, and
+    the training stream waits for the side stream before it reads them. Breaking any of the three
+    fails here; a CPU device calls none of it."""
+    import mimco.data.device_decode as dd
+
+    events, state = [], {"current": "train"}
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    train = Stream("train")
+
+    class Ctx:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            state["current"] = self.s.name
+
+        def __exit__(self, *exc):
+            state["current"] = "train"
+
+    class Out:
+        def record_stream(self, s):
+            events.append(f"record on {s.name}")
+
+    def decode(data, mode, device):
+        events.append(f"decode on {state['current']}")
+        return [Out() for _ in data] if isinstance(data, list) else Out()
+
+    monkeypatch.setattr(dd, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: train)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", Ctx)
+    monkeypatch.setattr(dd, "decode_jpeg", decode)
+    views = DeviceViews(torch.nn.Identity(), 8, 3, torch.device("cuda", 0))
+    got, bad = views.decode([torch.zeros(10, dtype=torch.uint8), torch.zeros(12, dtype=torch.uint8)])
+    assert bad == 0 and len(got) == 2
+    assert events == ["side waits train", "decode on side", "record on train", "record on train", "train waits side"]

@@ -195,7 +195,7 @@ class Trainer:
         spe = self.stream.steps_per_epoch
         metrics: dict[str, Any] = {k: "" for k in self.method.metric_keys}
         micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor | float] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
         last: dict[str, float] = {}
         stopped_by, first_step_s, start_step = None, None, self.step
@@ -207,8 +207,9 @@ class Trainer:
                 for i, chunk in enumerate(chunks):
                     loss, logs = self._micro_step(list(chunk), i == len(chunks) - 1, first + i * micro)
                     self.guard.update(loss, self.step)
-                    for k, v in {"loss": loss, **logs}.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float() / len(chunks)
+                    for k, v in {"loss": loss, **logs}.items():  # tensors stay on the device; numbers on the host
+                        v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                        sums[k] = sums.get(k, 0.0) + v / len(chunks)
                 self._optimizer_step(params)
                 self.step += 1
                 if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-Logs = dict[str, torch.Tensor]
+Logs = dict[str, "torch.Tensor | float"]  # a tensor on the loss's device, or a Python number (no device copy)
 
 
 @runtime_checkable
@@ -23,7 +23,9 @@ class TrainingMethod(Protocol):
       (two augmented views for MoCo, one for MimCo/SimMIM, images and labels for fine-tuning),
       ``step`` the optimiser step (for schedules such as MoCo's momentum), ``first_index`` the
       global index of the micro-batch's first sample (per-sample masks). Returns the scalar loss
-      and detached per-term logs, each on the loss's device (they are all-reduced).
+      and detached per-term logs, each a tensor on the loss's device or a Python number (they are
+      all-reduced at each log row). The step must not wait for the device: no ``.item()``, no
+      tensor made from host data (tests/engine/test_host_sync.py).
     - ``backbone()``: the ViT that is evaluated and exported.
     - ``no_weight_decay()``: parameter names excluded from weight decay.
     - ``param_groups(weight_decay)``: the optimiser's groups, or None for the engine's default

@@ -47,7 +47,7 @@ class MoCoV3(MethodDefaults, nn.Module):
         torch._foreach_add_(mom, base, alpha=1.0 - m)
 
     def forward(self, views: list[torch.Tensor], step: int,
-                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """views: [x1, x2], each (B, C, H, W) -> (loss, logs). ``first_index`` (the micro-batch's
         place in the global batch) is unused: MoCo draws no masks."""
         x1, x2 = views
@@ -61,7 +61,7 @@ class MoCoV3(MethodDefaults, nn.Module):
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
-        return loss, {"momentum": loss.new_tensor(m)}
+        return loss, {"momentum": m}  # a Python float: made into a tensor only for the log row, not every step
 
     def backbone(self) -> VisionTransformer:
         """The encoder used as the stage-1 model for evaluation (the momentum encoder)."""
