@@ -1,6 +1,7 @@
 """Interruptions and failures: kill -9, SIGTERM, a NaN loss, a full disk."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -111,3 +112,21 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_module.torch, "save", real_save)
     assert load_checkpoint(tmp_path / "disk" / "last.pt")["step"] == 2
     assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path):
+    """torchrun forwards SIGTERM to its 2 gloo workers; the stop vote (every step) brings both to
+    the same step, where they write one checkpoint together and exit 0 within torchrun's 30 s."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mimco", *LONG,
+           f"train.out_dir={tmp_path}", "train.name=term2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    _wait_for_step(proc, tmp_path / "term2" / "log.csv", 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in err, err[-3000:]
+    summary = json.loads((tmp_path / "term2" / "summary.json").read_text())
+    step = load_checkpoint(tmp_path / "term2" / "last.pt")["step"]
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == step and 3 <= step < 48
+    assert 0 <= step - summary["stop_asked_at_step"] <= 1  # voted every step: stopped one step after seeing it
+    assert "exitcode  : -9" not in err  # no worker was killed at the end of torchrun's grace period

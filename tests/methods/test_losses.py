@@ -211,3 +211,50 @@ def test_sampled_negatives_drop_near_duplicates_and_the_positive(threshold):
             losses.append(-torch.log_softmax(logits, 0)[0])
     assert dropped > b * m  # the threshold dropped more than the drawn positives
     assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+def test_capped_batch_negatives_gather_only_the_draw(monkeypatch):
+    """On (simulated) rank 3 of 8, each process draws max_negatives // 8 of its own tokens and only
+    the draw is gathered, with its global indices: the gather moves at most max_negatives tokens,
+    not world x B x N, and the loss is the loop reference over the gathered set."""
+    import mimco.methods.losses as losses
+
+    world, me, b, n, m, d, cap = 8, 3, 3, 8, 4, 16, 20
+    k = cap // world
+    g = torch.Generator().manual_seed(4)
+    target, pred = torch.randn(b, n, d, generator=g), torch.randn(b, m, d, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(b)])
+    others = {r: F.normalize(torch.randn(k, d, generator=g), dim=-1) for r in range(world)}
+    gathered = []
+
+    def gather(x):
+        gathered.append(tuple(x.shape))
+        parts = [x if r == me else (others[r] if x.is_floating_point() else torch.arange(k) + r * b * n)
+                 for r in range(world)]
+        return torch.cat(parts)
+
+    monkeypatch.setattr(losses, "gather_no_grad", gather)
+    monkeypatch.setattr(losses, "rank", lambda: me)
+    monkeypatch.setattr(losses, "world_size", lambda: world)
+    torch.manual_seed(9)
+    got = PatchContrastiveLoss(0.3, "batch", max_negatives=cap)(pred, target, idx)
+    assert gathered == [(k, d), (k,)]  # this process's draw and its indices, nothing else
+    assert world * k <= cap
+    torch.manual_seed(9)
+    pick = torch.randperm(b * n)[:k]
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    bank = torch.cat([flat[pick] if r == me else others[r] for r in range(world)])
+    ids = torch.cat([pick + me * b * n if r == me else torch.arange(k) + r * b * n for r in range(world)])
+    losses_ = []
+    for i in range(b):
+        for j in range(m):
+            own = me * b * n + i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            negs = [bank[c] for c in range(len(bank)) if int(ids[c]) != own]
+            logits = torch.stack([q @ flat[i * n + int(idx[i, j])], *[q @ v for v in negs]]) / 0.3
+            losses_.append(-torch.log_softmax(logits, 0)[0])
+    assert got.item() == pytest.approx(torch.stack(losses_).mean().item(), rel=1e-5)
+    gathered.clear()
+    monkeypatch.setattr(losses, "gather_no_grad", lambda x: gathered.append(tuple(x.shape)) or x.repeat(world, 1))
+    PatchContrastiveLoss(0.3, "batch", max_negatives=world * b * n)(pred, target, idx)  # no cap reached: every token
+    assert gathered == [(b * n, d)]

@@ -22,6 +22,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._vote: _Vote | None = None
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -39,11 +40,45 @@ class StopSignal:
             signal.signal(s, h)
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every process when any process was asked to stop (one small all-reduce)."""
+        """Called after every step: True on every process, at the same step, once any process was
+        asked to stop. Alone, the flag itself. Distributed, this step's flag goes into one tiny
+        all-reduce and the call returns the result of the previous step's all-reduce: every
+        process learns of a stop one step after it was asked for, at the same step, and the host
+        never waits for the device (on a GPU the reduced flag is copied behind the all-reduce into
+        page-locked memory and read once that copy is done, by which time the next step's kernels
+        are queued). Each step is voted on, so a stop costs at most two steps plus the checkpoint
+        (torchrun kills its workers 30 s after forwarding SIGTERM)."""
         if not dist.is_dist():
             return self.requested is not None
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(dist.all_reduce_(flag, "max").item())
+        if self._vote is None or self._vote.device != device:
+            self._vote = _Vote(device)
+        return self._vote(self.requested is not None)
+
+
+class _Vote:
+    """One all-reduce (max) of a flag per call, read one call later without a host-device sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.flag = torch.zeros(1, device=device)
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(1, pin_memory=cuda)
+        self.done = torch.cuda.Event() if cuda else None
+        self.posted = False
+
+    def __call__(self, requested: bool) -> bool:
+        previous = False
+        if self.posted:
+            if self.done is not None:
+                self.done.synchronize()  # the copy queued one step ago, behind that step's kernels
+            previous = bool(self.host[0] > 0)
+        self.flag.fill_(1.0 if requested else 0.0)  # a fill kernel: no copy from the host
+        dist.all_reduce_(self.flag, "max")
+        self.host.copy_(self.flag, non_blocking=self.done is not None)
+        if self.done is not None:
+            self.done.record()
+        self.posted = True
+        return previous
 
 
 class FiniteGuard:

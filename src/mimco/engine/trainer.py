@@ -198,7 +198,7 @@ class Trainer:
         sums: dict[str, torch.Tensor | float] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
         last: dict[str, float] = {}
-        stopped_by, first_step_s, start_step = None, None, self.step
+        stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
         with StopSignal() as stop:
             while self.step < end:
                 views = next(batches)
@@ -236,8 +236,10 @@ class Trainer:
                         self.log.write(row)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
                     sums, n_logged, seen, t0 = {}, 0, 0, time.perf_counter()
-                # one flag all-reduce every 10 steps when distributed; a Python flag otherwise
-                if (not dist.is_dist() or self.step % 10 == 0) and stop.agreed(self.device) and self.step < end:
+                if stop.requested and asked_at is None:
+                    asked_at = self.step  # this process's own signal, seen after this step
+                # a Python flag alone; distributed, a tiny all-reduce every step, read one step later
+                if stop.agreed(self.device) and self.step < end:
                     stopped_by = stop.requested or "a signal on another process"
                     break
                 if (epoch_end or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
@@ -251,4 +253,6 @@ class Trainer:
                "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}
         if stopped_by:
             out["stopped_by"] = stopped_by
+            if asked_at is not None:
+                out["stop_asked_at_step"] = asked_at
         return out

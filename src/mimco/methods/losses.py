@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimco.distributed import gather_no_grad, rank
+from mimco.distributed import gather_no_grad, rank, world_size
 from mimco.masking import gather_tokens, masked_indices
 
 
@@ -88,8 +88,9 @@ class PatchContrastiveLoss(nn.Module):
     (``negatives="image"``) or every teacher patch token of the batch (``"batch"``).
     Negatives whose teacher cosine similarity to the positive exceeds ``neg_threshold``
     are dropped (near-duplicates of the positive are false negatives). With ``"batch"``, at most
-    ``max_negatives`` tokens of the global batch (drawn at random each call, the same for every
-    query of this process; 0 = all) serve as negatives, which bounds the logits to
+    ``max_negatives`` tokens of the global batch (each process draws its share of its own tokens
+    at random each call and the draws are gathered: the same set for every query of every
+    process; 0 = all) serve as negatives, which bounds both the gather and the logits,
     (B*M) x (max_negatives + 1).
     """
 
@@ -122,10 +123,11 @@ class PatchContrastiveLoss(nn.Module):
         if self.negatives == "image":
             keys, labels = t.transpose(1, 2), pos_idx  # (B, D, N); each query against its own image's tokens
         else:  # every teacher patch token of the global batch (gathered from all processes)
-            keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
+            world = world_size() if self.gather else 1
             labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + (rank() * b * n if self.gather else 0)
-            if 0 < self.max_negatives < keys.shape[0]:
-                return self._sampled(p, gather_tokens(t, pos_idx), keys, labels, threshold)
+            if 0 < self.max_negatives < world * b * n:
+                return self._sampled(p, gather_tokens(t, pos_idx), t.reshape(b * n, -1), labels, threshold, world)
+            keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
             keys = keys.T  # (D, world*B*N)
         logits = p @ keys
         if threshold:
@@ -134,14 +136,24 @@ class PatchContrastiveLoss(nn.Module):
             logits = logits.masked_fill(drop, float("-inf"))
         return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.flatten())
 
-    def _sampled(self, p: torch.Tensor, t_pos: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
-                 threshold: bool) -> torch.Tensor:
+    def _sampled(self, p: torch.Tensor, t_pos: torch.Tensor, local: torch.Tensor, labels: torch.Tensor,
+                 threshold: bool, world: int) -> torch.Tensor:
         """Batch negatives capped at ``max_negatives``: the positive's logit first, then the sampled
         tokens (the positive itself masked out where it was drawn). p, t_pos (B, M, D) normalised;
-        keys (K_all, D) every token of the batch; labels (B, M) each positive's index in ``keys``."""
-        pick = torch.randperm(keys.shape[0], device=keys.device)[: self.max_negatives]  # (K,)
-        neg = keys[pick]  # (K, D)
-        drop = labels.unsqueeze(-1) == pick  # (B, M, K): the positive drawn as a negative
+        local (B*N, D) this process's teacher tokens; labels (B, M) each positive's index among the
+        global batch's tokens.
+
+        Each process draws ``max_negatives // world`` of its own tokens and only the draw is gathered
+        (with its global indices), so every process scores against the same set and the gather moves
+        at most ``max_negatives`` tokens, not every token of the global batch."""
+        k = max(self.max_negatives // world, 1)
+        pick = torch.randperm(local.shape[0], device=local.device)[:k]  # (k,) local indices
+        offset = rank() * local.shape[0] if self.gather else 0
+        neg = local[pick]  # (k, D)
+        ids = pick + offset
+        if self.gather:
+            neg, ids = gather_no_grad(neg), gather_no_grad(ids)  # (world*k, D), (world*k,)
+        drop = labels.unsqueeze(-1) == ids  # (B, M, K): the positive drawn as a negative
         if threshold:
             drop |= (t_pos @ neg.T) > self.neg_threshold
         logits = torch.cat([(p * t_pos).sum(-1, keepdim=True), (p @ neg.T).masked_fill(drop, float("-inf"))], dim=-1)
