@@ -33,3 +33,27 @@ def test_alone_the_stop_flag_is_immediate():
     assert stop.agreed(torch.device("cpu")) is False
     stop.requested = "SIGINT"
     assert stop.agreed(torch.device("cpu")) is True
+
+
+def test_an_fp16_resume_of_a_bf16_checkpoint_starts_the_scaler_fresh(capsys):
+    """A bf16/fp32 checkpoint holds a disabled scaler's empty state, which an enabled GradScaler
+    refuses to load (a raw RuntimeError); the fp16 resume starts the scaler fresh instead."""
+    import pytest
+
+    from mimco.engine.trainer import restore_scaler
+
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    with pytest.raises(RuntimeError):  # what the resume used to hit
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(saved)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    restore_scaler(scaler, saved)
+    assert scaler.get_scale() == 1024.0 and "gradient scaler starts fresh" in capsys.readouterr().err
+    fp16 = torch.amp.GradScaler("cpu", init_scale=8.0, enabled=True)
+    fp16._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    resumed = torch.amp.GradScaler("cpu", enabled=True)
+    restore_scaler(resumed, fp16.state_dict())
+    assert resumed.get_scale() == 8.0  # an fp16 checkpoint's scale is kept
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    restore_scaler(off, fp16.state_dict())  # fp16 -> bf16: ignored
+    assert not off.is_enabled()

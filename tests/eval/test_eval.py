@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mimco.eval import knn_accuracy, linear_probe
@@ -46,3 +47,23 @@ def test_probe_backbone_takes_its_settings_from_the_eval_config():
     both = probe_backbone(None, (train, test), data, EvalConfig(), device, seed=3)
     ftr, ytr = extract_features(None, train, data, device)
     assert both.linear_top1 == linear_probe(ftr, ytr, fte, yte, seed=3)
+
+
+def test_attention_picture_takes_a_batch_on_the_gpu(tmp_path):
+    """``mimco plot attention`` on CUDA: the batch and the maps live on the device (a stand-in here);
+    display images come back to the host before any NumPy, and no host tensor meets a device one."""
+    from mimco.config import ModelConfig
+    from mimco.eval.plots import attention_figure, denormalize
+    from mimco.models import create_vit
+    from tests.fake_device import module_on_device, on_device
+
+    model = module_on_device(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16))
+    x = on_device(torch.randn(3, 3, 16, 16))
+    with pytest.raises(RuntimeError, match="same device"):  # what the command did before
+        x * torch.tensor([0.5, 0.5, 0.5]).view(1, -1, 1, 1)
+    with pytest.raises(TypeError, match="numpy"):
+        x.numpy()
+    shown = denormalize(x, [0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+    assert type(shown) is torch.Tensor and torch.allclose(shown, x.cpu() * 0.2 + torch.tensor([0.5, 0.4, 0.3]).view(1, -1, 1, 1))
+    out = attention_figure([("vit", model)], x, shown, tmp_path / "a.png")
+    assert out.is_file() and out.stat().st_size > 0

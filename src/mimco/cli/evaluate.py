@@ -212,7 +212,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from mimco.eval import extract_features
-    from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
+    from mimco.eval.plots import attention_figure, curves_figure, denormalize, tsne_figure
     from mimco.pipeline import setup
 
     args.overrides = [*args.overrides, *[i for i in args.inputs if "=" in i]]
@@ -243,10 +243,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from mimco.eval.features import eval_batches
 
     x, _ = next(iter(eval_batches(test, cfg.data, args.n, device)))
-    shown = x * torch.tensor(cfg.data.std[: cfg.data.channels]).view(1, -1, 1, 1) + \
-        torch.tensor(cfg.data.mean[: cfg.data.channels]).view(1, -1, 1, 1)
     rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
-    print(attention_figure(rows, x, shown.cpu(), args.out))
+    print(attention_figure(rows, x, denormalize(x, cfg.data.mean, cfg.data.std), args.out))
     return 0
 
 

@@ -74,6 +74,19 @@ def accumulation(local_batch: int, accum_steps: int, micro_batch: int) -> int:
     return steps
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """The gradient scaler's saved state, when it has one. A checkpoint saved in bf16 or fp32 holds an
+    empty state (a disabled scaler), which GradScaler refuses to load: an fp16 resume of it starts
+    the scaler fresh (its first steps find the scale again) and says so; an fp16 state loaded into
+    a bf16/fp32 run is ignored, as a disabled scaler does."""
+    if state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        if dist.is_main():
+            print("mimco: the checkpoint was not trained in fp16; the gradient scaler starts fresh "
+                  f"(scale {scaler.get_scale():g})", file=sys.stderr, flush=True)
+
+
 class Trainer:
     def __init__(self, method: TrainingMethod, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
                  device: torch.device, resume: dict[str, Any] | None = None) -> None:
@@ -112,8 +125,7 @@ class Trainer:
             load_state(method, self.optimizer, resume["model"], resume["optimizer"])
             for g, values in zip(self.optimizer.param_groups, fresh):  # hyper-parameters from this config
                 g.update(values)
-            if "scaler" in resume:
-                self.scaler.load_state_dict(resume["scaler"])
+            restore_scaler(self.scaler, resume.get("scaler", {}))
             restore_rank_state(resume["rng"], t.seed + self.step)
         if self.accum > 1 and dist.is_main():
             micro = stream.local // self.accum

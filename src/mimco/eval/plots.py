@@ -92,6 +92,12 @@ def cls_attention(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return attn[:, :, 0, p:].mean(1).reshape(b, gh, gw)
 
 
+def denormalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Model inputs (B, C, H, W) on any device back to [0, 1] images for display, on the CPU."""
+    c = x.shape[1]
+    return x.float().cpu() * torch.tensor(std[:c]).view(1, -1, 1, 1) + torch.tensor(mean[:c]).view(1, -1, 1, 1)
+
+
 def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Tensor, shown: torch.Tensor,
                      out: str | Path) -> Path:
     """For each (name, backbone): the CLS attention map of each image, over the image.
@@ -99,6 +105,7 @@ def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Te
     ``images``: normalised model inputs (B, C, H, W); ``shown``: the same images in [0, 1] for display.
     """
     b = images.shape[0]
+    shown = shown.float().cpu()
     fig, axes = plt.subplots(len(rows) + 1, b, figsize=(1.6 * b, 1.7 * (len(rows) + 1)), squeeze=False)
     disp = shown.permute(0, 2, 3, 1).clamp(0, 1).numpy()
     for j in range(b):
@@ -106,7 +113,7 @@ def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Te
     axes[0][0].set_ylabel("image", fontsize=8)
     for i, (name, model) in enumerate(rows, start=1):
         maps = torch.nn.functional.interpolate(cls_attention(model, images)[:, None], size=images.shape[-2:],
-                                               mode="nearest")[:, 0].numpy()
+                                               mode="nearest")[:, 0].float().cpu().numpy()  # from the model's device
         for j in range(b):
             axes[i][j].imshow(disp[j].mean(-1), cmap="gray")
             axes[i][j].imshow(maps[j], cmap="inferno", alpha=0.6)
