@@ -198,6 +198,8 @@ def main() -> int:
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
          "teacher", 2 * spe),
+        ("teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)",
+         [["teacher", *base, *head, bf16, "train.strategy=fsdp", "train.name=teacher-fsdp"]], "teacher-fsdp", 2 * spe),
         ("teacher: JPEG folder decoded on the device (data.decode=gpu)",
          [["teacher", *folder, "data.decode=gpu", "train.name=teacher-jpeg"]], "teacher-jpeg", 2 * (n_jpeg // batch)),
         ("teacher: JPEG folder cached once per node (data.cache)",

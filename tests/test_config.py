@@ -51,3 +51,24 @@ def test_bundled_configs_load(path):
 def test_all_keys_lists_leaves():
     keys = all_keys(PretrainConfig)
     assert "loss.patch_temperature" in keys and "mask.type" in keys and "data" not in keys
+
+
+def test_tf32_on_cuda_only(monkeypatch):
+    """train.tf32 (default on) sets the CUDA matmul and cuDNN TF32 flags; a CPU run leaves them alone."""
+    import torch
+
+    from mimco.config import TrainConfig
+    from mimco.pipeline import set_tf32
+
+    assert TrainConfig().tf32 is True
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32(torch.device("cuda", 0), True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # the newer API reads the same
+        set_tf32(torch.device("cpu"), False)
+        assert torch.backends.cuda.matmul.allow_tf32  # untouched on a CPU
+        set_tf32(torch.device("cuda", 0), False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

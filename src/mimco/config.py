@@ -168,6 +168,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (false: full fp32 everywhere)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile every ViT block, patch embedding and head (the first step compiles)
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs

@@ -72,6 +72,11 @@ def validate(cfg: Any) -> None:
     if d is not None and (d.labels_per_class or d.labels_fraction) and not hasattr(cfg, "classifier"):
         raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training uses "
                          "no labels: drop them here (the probes take --per-class)")
+    t = getattr(cfg, "train", None)
+    if t is not None and t.compile and t.strategy == "fsdp" and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise MimcoError(f"train.compile_mode={t.compile_mode} records CUDA graphs, which FSDP2's parameter gathers and "
+                         "hooks do not run in; with train.strategy=fsdp use train.compile_mode=default or "
+                         "max-autotune-no-cudagraphs")
     mask = getattr(cfg, "mask", None)
     if mask is not None and not 0.0 < mask.ratio < 1.0:
         raise MimcoError(f"mask.ratio={mask.ratio} is out of range: it must lie between 0 and 1 (exclusive)")

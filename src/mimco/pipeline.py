@@ -54,9 +54,20 @@ def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
+    set_tf32(device, t.tf32)
     dist.init_from_env(device, t.init_distributed)
     torch.manual_seed(t.seed)  # the same on every process: models start identical (FSDP shards local weights)
     return device
+
+
+def set_tf32(device: torch.device, on: bool) -> None:
+    """On CUDA, fp32 matmuls and convolutions on TF32 tensor cores (``train.tf32``; bf16/fp16 autocast
+    regions are unaffected). Set through the ``allow_tf32`` flags, which every reader of the setting
+    in torch (``get_float32_matmul_precision``, inductor, the newer ``fp32_precision``) agrees with;
+    the CPU's matmuls are left alone."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
 
 def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool) -> Path:

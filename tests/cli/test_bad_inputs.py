@@ -103,9 +103,12 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
     ("train.log_every=0", "train.log_every=0 is out of range"),
     ("moco.temperature=0", "moco.temperature=0.0 is out of range"),
     ("train.compile_mode=fastest", "unknown train.compile_mode 'fastest'; choose one of default"),
+    ("train.compile=true train.strategy=fsdp train.compile_mode=reduce-overhead",
+     "train.compile_mode=reduce-overhead records CUDA graphs"),
+    ("train.compile=true train.strategy=fsdp train.compile_mode=max-autotune", "use train.compile_mode=default or"),
 ])
 def test_out_of_range_values(tmp_path, capsys, override, message):
-    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", override, f"train.out_dir={tmp_path}")
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", *override.split(), f"train.out_dir={tmp_path}")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "last.pt").exists() and not list(tmp_path.iterdir())  # no run folder either

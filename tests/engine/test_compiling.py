@@ -18,6 +18,22 @@ def test_every_block_patch_embedding_and_head_is_compiled_in_place():
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_head_with_syncbatchnorm_stays_eager():
+    """MoCo's heads under DDP on GPUs hold SyncBatchNorm (its collectives sit inside an autograd
+    Function): they are left eager, the blocks and patch embeddings compiled."""
+    from mimco.config import ModelConfig
+    from mimco.methods import MoCoV3
+    from mimco.models import create_vit
+
+    moco = torch.nn.SyncBatchNorm.convert_sync_batchnorm(MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32,
+                                                                                        depth=2, num_heads=2), 16), 32, 64))
+    n = compile_method(moco)
+    assert n == 2 * (1 + 2)  # base and momentum encoders: patch embedding + 2 blocks each; no head
+    assert not is_compiled(moco.predictor) and not is_compiled(moco.base_encoder.head)
+    plain = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16), 32, 64)
+    assert compile_method(plain) == 2 * (1 + 2) + 3 and is_compiled(plain.predictor)  # plain BatchNorm: compiled
+
+
 def test_unknown_mode_is_refused():
     with pytest.raises(MimcoError, match="train.compile_mode"):
         compile_method(tiny_mimco(), "fastest")

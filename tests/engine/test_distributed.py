@@ -58,6 +58,36 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
+def test_fsdp_bf16_policy_on_two_processes_matches_one_process(tmp_path, teacher_ckpt):
+    """FSDP2 with train.precision=bf16 gathers parameters in bf16 and reduces gradients in fp32
+    (its MixedPrecisionPolicy): the losses match a single bf16 process within bf16 rounding, and the
+    checkpoint keeps fp32 weights."""
+    det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
+    args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
+            "train.max_steps=4", "train.threads=1", "train.precision=bf16", f"teacher.checkpoint={teacher_ckpt}",
+            f"train.out_dir={tmp_path}"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=fsdp", "train.strategy=fsdp"])
+    _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
+    fsdp, single = _losses(tmp_path / "fsdp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")
+    assert [s for s, _ in fsdp] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(fsdp, single):
+        assert a == pytest.approx(b, rel=2e-2)  # bf16 parameters: ~3 significant digits
+    weights = _weights(tmp_path / "fsdp" / "last.pt")
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
+def test_fsdp_mixed_precision_policy_follows_the_precision():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from mimco.engine.sharding import mixed_precision
+
+    unit, root = mixed_precision("bf16")
+    assert (unit.param_dtype, unit.reduce_dtype, unit.cast_forward_inputs) == (torch.bfloat16, torch.float32, True)
+    assert (root.param_dtype, root.reduce_dtype, root.cast_forward_inputs) == (torch.bfloat16, torch.float32, False)
+    assert mixed_precision("fp16")[0].param_dtype == torch.float16
+    assert mixed_precision("fp32")[0] == MixedPrecisionPolicy() and mixed_precision("fp32")[1].param_dtype is None
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, strategy):
     """train.compile=true (every block, patch embedding and head) under DDP or FSDP2 gives the eager
@@ -80,10 +110,10 @@ def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, 
     assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["first_step_seconds"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, precision", [("ddp", "fp32"), ("fsdp", "fp32"), ("fsdp", "bf16")])
+def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy, precision):
     args = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1",
-            f"train.out_dir={tmp_path}", "train.name=m", f"train.strategy={strategy}"]
+            f"train.out_dir={tmp_path}", "train.name=m", f"train.strategy={strategy}", f"train.precision={precision}"]
     _run([*TORCHRUN, "-m", "mimco", *args, "train.max_steps=3"])
     # resume the 2-process run on 1 process with micro-batches of 16: same global batch, same schedule
     r = _run([sys.executable, "-m", "mimco", "teacher", "--resume", str(tmp_path / "m" / "last.pt"), "optim.micro_batch=16"])
@@ -200,3 +230,35 @@ def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path, strateg
     assert [s for s, _ in ddp] == [1, 2, 3]
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-5
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_sharded_blocks_compute_in_the_run_precision(precision, dtype):
+    """shard() hands each unit the policy of train.precision: inside a block's forward its weights are
+    the all-gathered bf16 copies (fp32 with fp32), while the optimiser's shards stay fp32."""
+    import torch.distributed as tdist
+
+    from mimco.config import ModelConfig
+    from mimco.engine.sharding import shard
+    from mimco.methods import MoCoV3
+    from mimco.models import create_vit
+
+    store = tdist.HashStore()
+    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        method = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16), 32, 64)
+        method.total_steps = 4
+        shard(method, precision)
+        seen, bn = [], []
+        method.base_encoder.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+        norm = next(m for m in method.predictor.modules() if isinstance(m, torch.nn.BatchNorm1d))
+        norm.register_forward_pre_hook(lambda m, a: bn.append((m.weight.dtype, a[0].dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as the trainer runs it
+            loss, _ = method([torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)], 0, 0)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert seen == [dtype, dtype]  # two views
+        assert bn == [(torch.float32, torch.float32)] * 2  # BatchNorm: fp32 weights and inputs, fp32 statistics
+        assert all(p.dtype == torch.float32 for p in method.parameters())
+    finally:
+        tdist.destroy_process_group()

@@ -25,15 +25,19 @@ def check_mode(mode: str) -> None:
 
 
 def compile_method(method: nn.Module, mode: str = "default") -> int:
-    """Compile, in place, each ViT block, patch embedding and head of ``method``; returns how many
-    modules were compiled. Call after BatchNorm conversion and before FSDP sharding."""
+    """Compile, in place, each ViT block, patch embedding and head of ``method`` (a head holding
+    SyncBatchNorm stays eager); returns how many modules were compiled. Call after BatchNorm
+    conversion and before FSDP sharding."""
     check_mode(mode)
     targets: list[nn.Module] = []
     for m in method.modules():
         if hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList)):
             targets += [m.patch_embed, *m.blocks]  # timm ViTs, DeiT, EVA: any teacher family
         elif isinstance(m, (MoCoMLP, ReconstructionHead)):
-            targets.append(m)
+            # SyncBatchNorm (MoCo's heads under DDP on GPUs) all-gathers statistics inside an autograd
+            # Function, which dynamo breaks its graph on: such a head stays eager (a few small matmuls)
+            if not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules()):
+                targets.append(m)
     for m in targets:
         m.compile(mode=mode)
     return len(targets)

@@ -22,23 +22,50 @@ from torch.distributed.checkpoint.state_dict import (
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard(method: nn.Module) -> None:
+def mixed_precision(precision: str) -> tuple[Any, Any]:
+    """FSDP2's mixed-precision policies for ``train.precision``: (for the sharded units, for the
+    method itself). bf16/fp16: parameters all-gathered and used in that dtype (half the gather
+    traffic), gradients reduce-scattered in fp32, the fp32 shards kept for the optimiser. The
+    method's own inputs are not cast: the frozen teacher (not sharded) and the losses see the batch
+    as it comes. fp32: FSDP's defaults."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return MixedPrecisionPolicy(), MixedPrecisionPolicy(cast_forward_inputs=False)
+    return (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
+
+
+def _fp32_unit() -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
+
+
+def shard(method: nn.Module, precision: str = "fp32") -> None:
     """FSDP2: every block of every ViT that is not a frozen teacher, then each such ViT, then the
-    rest of the method. MoCo's momentum encoder is sharded like its base encoder, so the EMA pairs
-    matching shards; MimCo's frozen teacher stays whole on every process."""
+    rest of the method, each with the mixed-precision policy of ``precision`` (BatchNorm layers,
+    sharded on their own, compute in fp32 on fp32 inputs whatever it is). MoCo's momentum
+    encoder is sharded like its base encoder, so the EMA pairs matching shards; MimCo's frozen
+    teacher stays whole on every process."""
     from torch.distributed.fsdp import fully_shard
 
     from mimco.models.student import MaskedViT
 
+    unit, root = mixed_precision(precision)
     teacher = getattr(method, "teacher", None)
+    if unit.param_dtype is not None:  # BatchNorm (MoCo's heads) in fp32: its running statistics are fp32 buffers
+        for bn in [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            fully_shard(bn, mp_policy=_fp32_unit())
     wrappers = {id(m.backbone): m for m in method.modules() if isinstance(m, MaskedViT)}
     for m in list(method.modules()):
         if isinstance(m, VisionTransformer) and m is not teacher:
             for blk in m.blocks:
-                fully_shard(blk)
+                fully_shard(blk, mp_policy=unit)
             # the unit must be a module whose forward() runs: the masked student calls its backbone's parts
-            fully_shard(wrappers.get(id(m), m))
-    fully_shard(method, ignored_params=set(teacher.parameters()) if teacher is not None else None)
+            fully_shard(wrappers.get(id(m), m), mp_policy=unit)
+    fully_shard(method, ignored_params=set(teacher.parameters()) if teacher is not None else None, mp_policy=root)
 
 
 def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:

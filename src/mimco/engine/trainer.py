@@ -109,7 +109,7 @@ class Trainer:
         self.compiled = compile_method(method, t.compile_mode) if t.compile else 0  # after BatchNorm conversion,
         #                                                                  before sharding (torchtitan's order)
         if fsdp:
-            shard(method)  # before the optimiser, which must see the sharded parameters
+            shard(method, t.precision)  # before the optimiser, which must see the sharded parameters
         self.optimizer = build_optimizer(method, o)
         # the schedule comes from this config, also on resume: a timm scheduler's saved state would
         # bring back the old run's length (t_initial) over a changed optim.epochs
