@@ -99,7 +99,7 @@ def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views
     elif data.name in IN_MEMORY or data.cache:
         ds = load_dataset(data, train=True)
         if not isinstance(ds, ImageArray):  # data.cache: an image folder decoded once
-            ds = cached(ds, data, verbose=dist.is_main())
+            ds = cached(ds, data, verbose=dist.is_main(), device=device)
         if data.on_device:
             ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
         tf = batched(cfg.aug, data).to(device)

@@ -90,3 +90,54 @@ def test_cached_folder_trains_exactly_like_the_in_memory_dataset(tmp_path):
                                                                "data.cache=true", "data.num_workers=0")))
     a, b = _losses(tmp_path / "memory" / "log.csv"), _losses(tmp_path / "cached" / "log.csv")
     assert len(a) == 3 and a == b
+
+
+def test_two_processes_on_a_node_share_one_cache(tmp_path):
+    """Under torchrun with 2 gloo processes the folder is decoded once (local rank 0, into a
+    shared-memory file the other maps, removed once both hold it) and the run equals the
+    in-memory dataset on 2 processes."""
+    import glob
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    images, _ = make_shapes(256, 16, seed=0)
+    _export(tmp_path / "imgs", images)
+    before = set(glob.glob("/dev/shm/mimco-cache-*"))
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mimco", "teacher",
+            "data.name=procedural", "data.img_size=16", "data.procedural_size=256", "model.patch_size=4",
+            "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "optim.batch_size=32", "optim.epochs=1",
+            "optim.warmup_epochs=0.25", "train.progress=false", "train.log_every=1", "train.max_steps=3",
+            "eval.at_end=false", "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1", f"train.out_dir={tmp_path}"]
+    cached = subprocess.run([*base, "train.name=cached", "data.name=folder", f"data.root={tmp_path / 'imgs'}",
+                             "data.cache=true", "data.num_workers=0"], capture_output=True, text=True, env=env, timeout=300)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    lines = [ln for ln in cached.stderr.splitlines() if ln.startswith("mimco: cached")]
+    assert len(lines) == 1 and "cached 256 images" in lines[0] and "shared by the 2 processes of this node" in lines[0]
+    memory = subprocess.run([*base, "train.name=memory"], capture_output=True, text=True, env=env, timeout=300)
+    assert memory.returncode == 0, memory.stderr[-3000:]
+    assert _losses(tmp_path / "cached" / "log.csv") == _losses(tmp_path / "memory" / "log.csv")
+    assert set(glob.glob("/dev/shm/mimco-cache-*")) <= before  # nothing left behind
+
+
+def test_the_memory_check_counts_one_copy_per_node_and_is_agreed(monkeypatch):
+    """8 processes on a node (LOCAL_WORLD_SIZE) share one cache, so the check counts one copy: a
+    folder of a third of the free memory passes though 8 copies would not fit. A node that cannot
+    hold it refuses for every process (the verdict is all-reduced)."""
+    from mimco import distributed as dist
+
+    need = 1000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(cache, "available_bytes", lambda: 3 * need)
+    cache.check_memory(need, 10, 16, torch.device("cpu"))  # 1 copy fits in half the free memory; 8 would not
+    monkeypatch.setattr(cache, "available_bytes", lambda: need)
+    with pytest.raises(MimcoError, match="needs .*one copy per node.* only 0.0 GiB is free"):
+        cache.check_memory(need, 10, 16, torch.device("cpu"))
+    monkeypatch.setattr(cache, "available_bytes", lambda: 3 * need)
+    monkeypatch.setattr(dist, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce_", lambda x, op="sum": x.fill_(1.0))  # another node refuses
+    with pytest.raises(MimcoError, match="another node has too little free"):
+        cache.check_memory(need, 10, 16, torch.device("cpu"))

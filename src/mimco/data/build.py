@@ -93,12 +93,13 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
     return ds
 
 
-def cached(files: FileImages, cfg: DataConfig, verbose: bool = True) -> ImageArray:
-    """``data.cache``: the folder decoded once into an in-memory dataset (:mod:`mimco.data.cache`)."""
+def cached(files: FileImages, cfg: DataConfig, verbose: bool = True, device: torch.device | None = None) -> ImageArray:
+    """``data.cache``: the folder decoded once (once per node under torchrun) into an in-memory
+    dataset (:mod:`mimco.data.cache`); ``device``: the process group's, for its one collective."""
     from mimco.data.cache import decode_all
 
     size = cfg.cache_size or cfg.img_size
-    images, labels = decode_all(files, size, cfg.num_workers, cfg.max_bad_fraction, verbose)
+    images, labels = decode_all(files, size, cfg.num_workers, cfg.max_bad_fraction, verbose, device)
     return ImageArray(images, labels, cfg.channels)
 
 

@@ -9,18 +9,27 @@ Each image is resized so its short side is S (``data.cache_size``, default ``dat
 centre-cropped to S x S, once: random crops then come from that square, as they do for the
 in-memory datasets. Unreadable files are left out and counted (the run stops past
 ``data.max_bad_fraction``), like the per-image path.
+
+Under torchrun the cache is built once per node: local rank 0 decodes into a shared-memory file
+(``/dev/shm``) that the node's other processes map, so a node with 8 processes holds one copy, not 8,
+and the memory check counts that one copy (agreed by every process).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from mimco import distributed as dist
 from mimco.data.files import FileImages, collate_skip_bad
 from mimco.errors import MimcoError
 
@@ -52,21 +61,69 @@ def available_bytes() -> int:
     return 0
 
 
+def local_processes() -> tuple[int, int]:
+    """(this process's rank on its node, processes on the node): torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE, (0, 1) outside it."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def check_memory(need: int, n: int, size: int, device: torch.device | None = None) -> None:
+    """Refuse a cache that would take more than half the node's free memory, on every process
+    together. The cache is built once per node and shared by its processes, so one copy is
+    counted, whatever LOCAL_WORLD_SIZE is; the verdict is all-reduced (max), so a node that cannot
+    hold it stops the whole run in one line instead of leaving the others waiting."""
+    free = available_bytes()
+    refuse = bool(free and need > free // 2)
+    if dist.is_dist() and device is not None:
+        refuse = bool(dist.all_reduce_(torch.tensor([float(refuse)], device=device), "max").item())
+    if refuse:
+        where = f"only {free / 2**30:.1f} GiB is free" if free and need > free // 2 else "another node has too little free"
+        raise MimcoError(f"data.cache=true needs {need / 2**30:.1f} GiB for {n} images at {size} px (one copy per node) "
+                         f"but {where}; set data.cache=false (or a smaller data.cache_size)")
+
+
 def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction: float,
-               verbose: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               verbose: bool = True, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every readable image of ``files`` as uint8 (N, C, size, size), with its labels (N,); C = 1
     when every image is grey (:class:`~mimco.data.build.ImageArray` repeats it on access).
 
     Decoded by ``num_workers`` loader processes in file order (the result does not depend on the
-    worker count). Refuses a folder that would take more than half the free memory."""
+    worker count). Refuses a folder that would take more than half the free memory. Under torchrun
+    with several processes on a node (``device``: the group's, for the one collective), the node's
+    local rank 0 decodes into a shared-memory file that the others map: one copy and one decode per
+    node, not one per process."""
     n, c = len(files), files.channels
-    need, free = n * c * size * size, available_bytes()
-    if free and need > free // 2:
-        raise MimcoError(f"data.cache=true needs {need / 2**30:.1f} GiB for {n} images at {size} px but only "
-                         f"{free / 2**30:.1f} GiB is free; set data.cache=false (or a smaller data.cache_size)")
-    images = torch.empty(n, c, size, size, dtype=torch.uint8)
-    labels = torch.empty(n, dtype=torch.long)
-    kept, bad, t0 = 0, 0, time.perf_counter()
+    need = n * c * size * size
+    local_rank, local_world = local_processes()
+    shared = dist.is_dist() and local_world > 1
+    path = _shared_path(files, size) if shared else None
+    if path is not None and local_rank == 0:
+        _remove(path)  # a crashed run's leftovers, before anyone can look for them (the check below is collective)
+    check_memory(need, n, size, device)
+    t0 = time.perf_counter()
+    if path is None:
+        images = torch.empty(n, c, size, size, dtype=torch.uint8)
+        labels, kept, bad = _decode_into(images, files, size, num_workers)
+        _check_bad(bad, n, max_bad_fraction)
+        images, labels = images[:kept], labels[:kept]
+        if _grey(images):
+            images = images[:, :1].clone()  # a grey folder: one channel kept (expanded on access), a third of the memory
+    elif local_rank == 0:
+        images, labels, kept, bad = _build_shared(path, files, size, num_workers, max_bad_fraction, need, local_world)
+    else:
+        images, labels, kept, bad = _map_shared(path, n, c, size, need, local_rank)
+    if verbose:
+        skipped = f"; skipped {bad} unreadable images" if bad else ""
+        how = f", shared by the {local_world} processes of this node" if path is not None else ""
+        print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s "
+              f"with {num_workers} workers{skipped}{how}", file=sys.stderr, flush=True)
+    return images, labels
+
+
+def _decode_into(images: torch.Tensor, files: FileImages, size: int, num_workers: int) -> tuple[torch.Tensor, int, int]:
+    """Decode every readable image into ``images`` (N, C, S, S) in file order: (labels (N,), kept, unreadable)."""
+    labels = torch.empty(len(files), dtype=torch.long)
+    kept, bad = 0, 0
     # its own generator: iterating must not draw from the global one, which the models' initialisation uses next
     loader = DataLoader(_Square(files, size), batch_size=256, num_workers=num_workers, collate_fn=collate_skip_bad,
                         generator=torch.Generator())
@@ -76,15 +133,77 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
             x, y = batch
             images[kept : kept + len(x)], labels[kept : kept + len(x)] = x, y
             kept += len(x)
+    return labels[:kept].clone(), kept, bad
+
+
+def _check_bad(bad: int, n: int, max_bad_fraction: float) -> None:
     if bad > max_bad_fraction * n:
         raise MimcoError(f"{bad} of {n} images could not be read (more than data.max_bad_fraction={max_bad_fraction}); "
                          "remove the corrupt files or raise data.max_bad_fraction")
-    images = images[:kept]
-    if c == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
-        images = images[:, :1].clone()  # a grey folder: one channel kept (expanded on access), a third of the memory
-    if verbose:
-        skipped = f"; skipped {bad} unreadable images" if bad else ""
-        print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s "
-              f"with {num_workers} workers{skipped}", file=sys.stderr, flush=True)
-    return images, labels[:kept]
 
+
+def _grey(images: torch.Tensor) -> bool:
+    return images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+
+
+def _shared_path(files: FileImages, size: int) -> Path:
+    """The node's cache file: in /dev/shm (memory) where it exists, named by the folder, the size and
+    this torchrun job (its rendezvous address, port and restart count), so two runs never meet."""
+    job = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")]
+    first, last = files.items[0][0], files.items[-1][0]
+    key = hashlib.sha1(repr((str(first), str(last), len(files), files.channels, size, job)).encode()).hexdigest()[:16]
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    return base / f"mimco-cache-{key}"
+
+
+def _part(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _remove(path: Path) -> None:
+    for p in [path, *path.parent.glob(path.name + ".*")]:
+        p.unlink(missing_ok=True)
+
+
+def _map(path: Path, need: int, n: int, c: int, size: int) -> torch.Tensor:
+    return torch.from_file(str(path), shared=True, size=need, dtype=torch.uint8).view(n, c, size, size)
+
+
+def _build_shared(path: Path, files: FileImages, size: int, num_workers: int, max_bad_fraction: float, need: int,
+                  local_world: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Local rank 0: decode straight into the mapped file, publish the labels and a ready mark (or the
+    error), wait until every local process has mapped it, then unlink it (the mappings keep the memory)."""
+    n, c = len(files), files.channels
+    try:
+        with open(path, "wb") as f:
+            f.truncate(need)
+        images = _map(path, need, n, c, size)
+        labels, kept, bad = _decode_into(images, files, size, num_workers)
+        _check_bad(bad, n, max_bad_fraction)
+        grey = _grey(images[:kept])
+        torch.save({"labels": labels, "kept": kept, "bad": bad, "grey": grey}, _part(path, ".tmp"))
+        os.replace(_part(path, ".tmp"), _part(path, ".meta"))
+    except BaseException as e:
+        _part(path, ".error").write_text(str(e) if isinstance(e, MimcoError) else f"{type(e).__name__}: {e}")
+        raise
+    deadline = time.monotonic() + 600
+    while sum(_part(path, f".mapped{r}").exists() for r in range(1, local_world)) < local_world - 1:
+        if time.monotonic() > deadline:
+            break  # a process died before mapping it: leave the files, the next run removes them
+        time.sleep(0.05)
+    else:
+        _remove(path)
+    images = images[:kept]
+    return (images[:, :1] if grey else images), labels, kept, bad
+
+
+def _map_shared(path: Path, n: int, c: int, size: int, need: int, local_rank: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Another local process: wait for local rank 0's cache (or its error), map it, say so."""
+    while not _part(path, ".meta").exists():
+        if _part(path, ".error").exists():
+            raise MimcoError(_part(path, ".error").read_text())
+        time.sleep(0.2)
+    meta = torch.load(_part(path, ".meta"), weights_only=True)
+    images = _map(path, need, n, c, size)[: meta["kept"]]
+    _part(path, f".mapped{local_rank}").touch()
+    return (images[:, :1] if meta["grey"] else images), meta["labels"], meta["kept"], meta["bad"]
