@@ -18,9 +18,10 @@ from mimco.data.device_decode import DeviceViews, EncodedFiles
 from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
 from mimco.engine.compiling import check_mode as check_compile_mode
 from mimco.engine.rng import seed_process
+from mimco.engine.sharding import gathered
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
-from mimco.eval.probe import has_labels, probe_backbone
+from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM
@@ -185,22 +186,14 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
         save_config(cfg, run_dir / CONFIG)
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
     summary["run_dir"] = str(run_dir)
-    if dist.is_main() and cfg.eval.at_end and finished(summary):
-        summary.update(evaluate(final_backbone(method, cfg, run_dir, device), cfg, device, linear=False))
+    if cfg.eval.at_end and finished(summary):  # every process extracts its share; rank 0 scores
+        splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        if has_labels(*splits):
+            with gathered(method):  # FSDP: the backbone's parameters, whole on every process, for its forward_features
+                summary.update(knn_at_end(method.backbone(), splits, cfg.data, cfg.eval, device, cfg.train.precision))
     if dist.is_main():
         write_summary(run_dir, summary)
     return summary
-
-
-def final_backbone(method: torch.nn.Module, cfg: TeacherConfig | PretrainConfig, run_dir: Path,
-                   device: torch.device) -> torch.nn.Module:
-    """The trained backbone for rank 0 to evaluate alone. Under FSDP the live one is sharded
-    (its forward needs every process), so an unsharded copy is read back from the run's
-    ``last.pt``; otherwise the live module."""
-    if cfg.train.strategy == "fsdp" and dist.is_dist():
-        model, _ = load_backbone(str(run_dir / CHECKPOINT), "momentum")
-        return model.to(device)
-    return method.backbone()
 
 
 def evaluate(backbone: torch.nn.Module | None, cfg: TeacherConfig | PretrainConfig, device: torch.device,

@@ -125,15 +125,18 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_fsdp_run_evaluates_at_the_end(tmp_path, teacher_ckpt):
-    """After an FSDP run rank 0 evaluates an unsharded copy (the live model is sharded)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_process_run_evaluates_at_the_end(tmp_path, teacher_ckpt, strategy):
+    """At the end of a 2-process run each process extracts its share of the features (under FSDP
+    from the live sharded model, its parameters gathered) and rank 0 scores the k-NN: the score of
+    a single process."""
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64", "train.max_steps=0",
             "optim.epochs=0.5", "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}",
             "eval.at_end=true", "eval.knn_k=5"]
-    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=fsdp", "train.strategy=fsdp"])
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=two", f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
-    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "single"))
-    assert a["step"] == b["step"] == 4 and abs(a["knn_top1"] - b["knn_top1"]) <= 1.0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("two", "single"))
+    assert a["step"] == b["step"] == 4 and abs(a["knn_top1"] - b["knn_top1"]) <= 1.0 and a["knn_seconds"] > 0
 
 
 @pytest.mark.parametrize("weights", [["loss.image_weight=0"], ["loss.patch_weight=0"]])

@@ -78,7 +78,7 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys, teacher_ckpt):
     assert rows[-1]["top1"] and float(rows[-1]["lr"]) > 0  # the 3rd epoch follows the new 3-epoch schedule
 
 
-def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
+def test_finetune_resume_after_one_epoch_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
     """Stopped after one epoch and resumed: the same weights and metrics as one uninterrupted run
     (RandAugment, mixup, random erasing and drop path on: the random state must resume too)."""
     args = ["finetune", teacher_ckpt, *DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=2",

@@ -67,3 +67,58 @@ def test_attention_picture_takes_a_batch_on_the_gpu(tmp_path):
     assert type(shown) is torch.Tensor and torch.allclose(shown, x.cpu() * 0.2 + torch.tensor([0.5, 0.4, 0.3]).view(1, -1, 1, 1))
     out = attention_figure([("vit", model)], x, shown, tmp_path / "a.png")
     assert out.is_file() and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", ["array", "files"])
+def test_distributed_extraction_covers_the_split_once(tmp_path, monkeypatch, kind):
+    """The end-of-run features on (simulated) 2 processes: each extracts every 2nd image of a split
+    of 7 (one padded slot), with the same number of forward passes; after the gather rank 0 holds
+    each readable image's features once (an unreadable file dropped), the same as one process."""
+    import numpy as np
+    from PIL import Image
+
+    from mimco import distributed as dist
+    from mimco.config import DataConfig, ModelConfig
+    from mimco.data.build import ImageArray
+    from mimco.data.files import FileImages
+    from mimco.eval import extract_features
+    from mimco.eval.features import extract_features_distributed
+    from mimco.models import create_vit
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = (torch.rand(7, 3, 16, 16, generator=g) * 255).to(torch.uint8), torch.arange(7) % 3
+    data = DataConfig(name="procedural", img_size=16, num_workers=0)
+    if kind == "array":
+        split = ImageArray(images, labels, 3)
+    else:
+        for i in range(7):
+            (tmp_path / f"c{int(labels[i])}").mkdir(exist_ok=True)
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"c{int(labels[i])}" / f"{i}.png")
+        (tmp_path / "c1" / "4.png").write_bytes(b"")  # unreadable
+        split = FileImages(str(tmp_path), labelled=True)
+    model = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16).eval()
+    device = torch.device("cpu")
+    want_f, want_y = extract_features(model, split, data, device)
+    forwards, parts = {0: 0, 1: 0}, {}
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    for r in (1, 0):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        monkeypatch.setattr(dist, "is_main", lambda r=r: r == 0)
+        calls = iter(range(3))
+
+        def gather(x, r=r, calls=calls):
+            i = next(calls)
+            parts[(r, i)] = x
+            return x if r == 1 else torch.cat([x, parts[(1, i)]])
+
+        monkeypatch.setattr(dist, "gather_no_grad", gather)
+        hook = model.blocks[0].register_forward_hook(lambda *a, r=r: forwards.__setitem__(r, forwards[r] + 1))
+        out = extract_features_distributed(model, split, data, device, batch_size=2)
+        hook.remove()
+        assert (out is None) == (r == 1)
+    assert forwards[0] == forwards[1] == 2  # 4 slots each (one padded), batches of 2
+    got_f, got_y = out
+    assert len(got_f) == len(want_f) == (7 if kind == "array" else 6)
+    order_got, order_want = got_f[:, 0].argsort(), want_f[:, 0].argsort()
+    assert torch.allclose(got_f[order_got], want_f[order_want], atol=1e-5)
+    assert torch.equal(got_y[order_got], want_y[order_want])

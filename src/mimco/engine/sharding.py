@@ -6,7 +6,8 @@ state-dict API), so a run saved under one strategy or process count resumes unde
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -78,3 +79,20 @@ def load_state(method: nn.Module, optimizer: torch.optim.Optimizer, model_state:
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(method, model_state, options=opts)
     set_optimizer_state_dict(method, optimizer, optim_state, options=opts)
+
+
+@contextlib.contextmanager
+def gathered(method: nn.Module) -> Iterator[None]:
+    """Within the block, every FSDP2 unit of ``method`` holds its full parameters, so any part of
+    it (a backbone's ``forward_features``, which no unit's ``forward`` hook sees) runs as it is.
+    A collective: every process enters it. Without FSDP, nothing happens."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in method.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()

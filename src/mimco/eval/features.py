@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Subset
+import contextlib
+import math
+from typing import Any
 
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mimco import distributed as dist
 from mimco.config import DataConfig
 from mimco.data.build import ImageArray
 from mimco.data.files import FileImages, collate_skip_bad
@@ -58,3 +63,59 @@ def extract_features(backbone: torch.nn.Module | None, dataset: ImageArray | Fil
     if backbone is not None:
         backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+class _Marked(Dataset):
+    """(image, label, readable) of a file dataset's items at ``indices``: an unreadable file gives a
+    zero image marked unreadable, so every process keeps the same number of items."""
+
+    def __init__(self, files: FileImages, indices: list[int], shape: tuple[int, int, int]) -> None:
+        self.files, self.indices, self.shape = files, indices, shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        item = self.files[self.indices[i]]
+        if item is None:
+            return torch.zeros(self.shape), -1, False
+        return item[0], int(item[1]), True
+
+
+@torch.no_grad()  # not inference mode: FSDP may gather parameters in here, which must stay ordinary tensors
+def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
+                                 device: torch.device, precision: str = "fp32", batch_size: int = 256,
+                                 pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Features of a whole split, each process extracting every world-th image under the run's
+    autocast (``precision``), gathered to rank 0: (features (N, D) float32 on ``device``, labels
+    (N,)) there, None on the other processes. Every process runs the same number of forward
+    passes (padding the last share; an FSDP backbone's forward is a collective), and unreadable
+    files are dropped after the gather. Alone, the same thing in one process."""
+    n, w, r = len(dataset), dist.world_size(), dist.rank()
+    per = math.ceil(n / w)
+    idx = torch.arange(r, r + w * per, w)
+    inside = idx < n
+    idx = idx.clamp(max=n - 1)
+    was = backbone.training
+    backbone.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    feats, labels, ok = [], [], []
+    if isinstance(dataset, ImageArray):
+        batches: Any = ((x, y, torch.ones(len(y), dtype=torch.bool)) for x, y in
+                        eval_batches(dataset, data, batch_size, device, indices=idx))
+    else:
+        dataset.transform = image_eval(data)
+        shape = (data.channels, data.img_size, data.img_size)
+        batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers)
+    for x, y, good in batches:
+        with amp:
+            feats.append(features_of(backbone, x.to(device, non_blocking=True), pool).float())
+        labels.append(torch.as_tensor(y).to(device))
+        ok.append(torch.as_tensor(good).to(device))
+    backbone.train(was)
+    f = dist.gather_no_grad(torch.cat(feats))  # (w * per, D) in rank order
+    y, keep = dist.gather_no_grad(torch.cat(labels)), dist.gather_no_grad(torch.cat(ok) & inside.to(device))
+    if not dist.is_main():
+        return None
+    return f[keep], y[keep]

@@ -5,7 +5,6 @@ shared training engine; evaluates every epoch; keeps ``last.pt`` (resumable) and
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path

@@ -19,17 +19,18 @@ def knn_predict_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
     """
     c = num_classes or int(train_labels.max()) + 1
     kmax = min(max(ks), len(train_feats))
-    bank = F.normalize(train_feats.float(), dim=1)
+    bank = F.normalize(train_feats.float(), dim=1)  # on the bank's device (a GPU at the end of a run)
+    bank_labels = train_labels.to(bank.device)
     preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for i in range(0, len(test_feats), chunk):
-        q = F.normalize(test_feats[i : i + chunk].float(), dim=1)
+        q = F.normalize(test_feats[i : i + chunk].to(bank.device).float(), dim=1)
         sim, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, nearest first
-        weights, labels = (sim / temperature).exp(), train_labels[idx]
+        weights, labels = (sim / temperature).exp(), bank_labels[idx]
         for k in ks:
             kk = min(k, kmax)
-            votes = torch.zeros(len(q), c).scatter_add_(1, labels[:, :kk], weights[:, :kk])
+            votes = torch.zeros(len(q), c, device=bank.device).scatter_add_(1, labels[:, :kk], weights[:, :kk])
             preds[k].append(votes.argmax(1))
-    return {k: torch.cat(v) for k, v in preds.items()}
+    return {k: torch.cat(v).cpu() for k, v in preds.items()}
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -43,7 +44,7 @@ def knn_accuracies(train_feats: torch.Tensor, train_labels: torch.Tensor, test_f
     """{k: top-1 accuracy in percent}."""
     c = int(max(train_labels.max(), test_labels.max())) + 1
     preds = knn_predict_multi(train_feats, train_labels, test_feats, ks, temperature, c)
-    return {k: float((p == test_labels).float().mean() * 100) for k, p in preds.items()}
+    return {k: float((p == test_labels.cpu()).float().mean() * 100) for k, p in preds.items()}
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import ImageArray
 from mimco.data.subsets import labelled_subset, take
-from mimco.eval.features import extract_features
+from mimco.eval.features import extract_features, extract_features_distributed
 from mimco.eval.knn import knn_accuracies, knn_accuracy
 from mimco.eval.linear import linear_probe
 
@@ -55,6 +55,23 @@ def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], da
     knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
     lin = linear_probe(ftr, ytr, fte, yte, seed=seed) if linear else None
     return Probe(knn, lin, time.perf_counter() - start, fte, yte)
+
+
+def knn_at_end(backbone: torch.nn.Module, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
+               device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """The k-NN at the end of a training run, on every process: each extracts its share of both
+    splits under the run's autocast (an FSDP backbone as it is, sharded), rank 0 gathers the
+    features and scores them on ``device``. Returns ``{"knn_top1": ...}`` on rank 0, {} elsewhere."""
+    start = time.perf_counter()
+    train, test = splits
+    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
+        train = take(train, torch.arange(ev.max_train))
+    bank = extract_features_distributed(backbone, train, data, device, precision)
+    queries = extract_features_distributed(backbone, test, data, device, precision)
+    if bank is None or queries is None:
+        return {}
+    knn = knn_accuracy(bank[0], bank[1], queries[0], queries[1], ev.knn_k, ev.knn_temperature)
+    return {"knn_top1": round(knn, 2), "knn_seconds": round(time.perf_counter() - start, 1)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
