@@ -4,7 +4,10 @@ VENV ?= $(HOME)/.cache/mimco/venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test demo mutate clean-venv
+FLOOR_VENV ?= $(HOME)/.cache/mimco/venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+
+.PHONY: setup data test test-fast demo device-wheels test-floor mutate clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +22,31 @@ data:
 
 test: setup data
 	$(PY) -m pytest -q
+
+# the fast loop: every test but the end-to-end ones marked slow
+test-fast: setup data
+	$(PY) -m pytest -q -m "not slow"
+
+# Wheels of what a lent GPU machine's image lacks (kornia, kornia_rs) or may hold too old (timm), at the
+# versions installed here, for its CPython 3.12 and for this Python; carried there as .device-wheels
+# (docs/performance.md#gpu-check). About 15 MiB.
+device-wheels: setup
+	$(PY) benchmarks/device_env.py wheels
+
+# Every dependency at the floor pyproject.toml declares (torch 2.11 / torchvision 0.26: the GPU image's),
+# in a venv of its own: gpu_check.sh --cpu with kornia only from .device-wheels, then the fast tests.
+# Outside CI (it downloads torch 2.11, several GB, once).
+test-floor: device-wheels data
+	test -x $(FLOOR_PY) || python3 -m venv $(FLOOR_VENV)
+	$(PY) benchmarks/device_env.py floors > $(FLOOR_VENV)/floors.txt
+	$(FLOOR_PY) -m pip install -q --disable-pip-version-check -c $(FLOOR_VENV)/floors.txt \
+	  $$(grep -v '^kornia' $(FLOOR_VENV)/floors.txt | sed 's/==.*//') "pytest>=7.0"
+	$(FLOOR_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(FLOOR_PY) -m pip uninstall -q -y kornia kornia_rs 2>/dev/null || true
+	PYTHON=$(FLOOR_PY) bash benchmarks/gpu_check.sh --cpu
+	$(FLOOR_PY) -m pip install -q --disable-pip-version-check -c $(FLOOR_VENV)/floors.txt kornia
+	$(FLOOR_PY) -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(torch|torchvision|timm|kornia|numpy|pillow|matplotlib|scikit-learn|safetensors|pyyaml|tqdm) '
+	$(FLOOR_PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 demo: setup data
 	$(VENV)/bin/mimco demo

@@ -115,7 +115,7 @@ def run_cmd(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int | 
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                          start_new_session=True)
     try:
-        out, err = p.communicate(timeout=max(timeout, 1.0))
+        out, err = p.communicate(timeout=max(timeout, 1.0) if math.isfinite(timeout) else None)
         return p.returncode, out, err
     except subprocess.TimeoutExpired:
         try:
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 440 on a GPU, "
                    "0 = unlimited, the --cpu default)")
     p.add_argument("--perf-reserve", type=float, default=170.0, help="seconds of the budget kept for the performance half")
-    p.add_argument("--timeout", type=int, default=150, help="seconds per path at most")
+    p.add_argument("--timeout", type=int, default=None, help="seconds per path at most (default 150 on a GPU; --cpu: "
+                   "3600, so a loaded machine's verdict does not depend on its speed)")
     p.add_argument("--jobs", type=int, default=0, help="paths run at once after the first (default: 4 on a GPU, 1 with --cpu)")
     p.add_argument("--models", nargs="+", default=[], help="models timed at the end (default: vit_small, then vit_base "
                    "if time is left, at 224/16 on a GPU; --cpu: vit_mini at 32/4)")
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     a = build_parser().parse_args()
     budget = Budget(a.budget if a.budget is not None else (0 if a.cpu else 440))
+    a.timeout = a.timeout or (3600 if a.cpu else 150)
     if not a.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU", file=sys.stderr)
         return 2

@@ -28,12 +28,22 @@ def test_throughput_table(tmp_path):
 
 def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     """The GPU smoke script's paths (2 gloo processes here): each must pass, fp16 is skipped on a CPU."""
+    report = tmp_path / "report"
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(tmp_path)], capture_output=True,
-                       text=True, env=ENV, cwd=ROOT, timeout=600)
+                       text=True, env={**ENV, "OUT": str(report)}, cwd=ROOT, timeout=7200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["paths"]) == 11 and list(out["paths"].values()).count("PASS") == 10
+    out = json.loads(r.stdout.strip().splitlines()[-2])
+    assert len(out["paths"]) == 14 and list(out["paths"].values()).count("PASS") == 12
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
+    assert out["paths"]["pretrain: FSDP, fp16 with the gradient scaler, fused AdamW"] == "SKIP"
+    assert out["paths"]["teacher: JPEG folder cached once per node (data.cache)"] == "PASS"
+    assert out["paths"]["teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)"] == "PASS"
+    # $OUT: the whole output as it was printed, and the report rewritten after each result
+    assert (report / "gpu_check.log").read_text().startswith("gpu_check on python ")
+    saved = json.loads((report / "gpu_check.json").read_text())
+    assert saved["paths"] == out["paths"] and saved["rows"] == out["rows"] and saved["versions"]["torch"]
+    md = (report / "gpu_check.md").read_text()
+    assert "| teacher: MoCo v3, bf16, eval at end | PASS |" in md and "| vit_mini 32/4 | compiled | 8 |" in md
     assert out["paths"]["pretrain: compiled (train.compile), bf16"] == "PASS"
     assert out["paths"]["teacher: JPEG folder decoded on the device (data.decode=gpu)"] == "PASS"
     assert out["paths"]["pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16"] == "PASS"
@@ -63,6 +73,72 @@ def test_data_paths_table():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| decode=")]
     assert len(rows) == 4 and all(float(ln.split("|")[2].replace(",", "")) > 0 for ln in rows)
+
+
+def _python_without(tmp_path: Path, *hidden: str) -> Path:
+    """A Python that has every package of this one but ``hidden`` (a lent GPU image lacks kornia):
+    a venv of the base interpreter whose .pth names a folder of links to this site-packages, less those."""
+    import sysconfig
+
+    here = Path(sysconfig.get_paths()["purelib"])
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for entry in here.iterdir():
+        base = entry.name.split("-")[0].split(".")[0].lower()  # kornia, kornia_rs-0.2.0.dist-info, ...
+        if base not in hidden:
+            (farm / entry.name).symlink_to(entry)
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "mimco-test.pth").write_text(f"{farm}\n")
+    return py
+
+
+def test_gpu_check_without_kornia_or_wheels_says_how_to_prepare_them(tmp_path):
+    """The lent machine's image: kornia missing. With no wheel folder gpu_check stops at once with one
+    line naming what is missing and the command that prepares the folder; nothing is installed."""
+    py = _python_without(tmp_path, "kornia", "kornia_rs")
+    check = subprocess.run([str(py), "-c", "import torch, timm; import kornia"], capture_output=True, text=True)
+    assert check.returncode != 0 and "No module named 'kornia'" in check.stderr  # torch and timm are there
+    env = {**ENV, "PYTHON": str(py), "MIMCO_WHEELS": str(tmp_path / "no-wheels"), "MIMCO_SITE": str(tmp_path / "site-x")}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "lacks kornia>=" in lines[0] and "make device-wheels" in lines[0] and ".device-wheels" in lines[0]
+    assert "Traceback" not in r.stderr and not (tmp_path / "site-x").exists()
+
+
+def test_device_env_reads_the_floors():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device_env import CARRIED, missing, requirements, version_key
+
+    floors = dict(requirements())
+    assert version_key(floors["torch"]) >= (2, 11) and version_key(floors["torchvision"]) >= (0, 26)
+    assert {"kornia", "timm"} <= set(floors) and set(CARRIED) >= {"kornia", "kornia_rs", "timm"}
+    assert version_key("2.11.0+cu130") == (2, 11, 0) and version_key("1.0.20.dev0") == (1, 0, 20)
+    assert missing() == []  # this environment meets every floor
+
+
+def test_gpu_check_budget_and_report(tmp_path):
+    """The global budget counts down from its start (0 = none); the report files are rewritten after
+    each result, so a call cut short still holds what was measured."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import Budget, Report
+
+    now = [100.0]
+    b = Budget(440, clock=lambda: now[0])
+    now[0] = 400.0
+    assert b.left() == 140.0 and b.left(reserve=170) == -30.0
+    assert Budget(0, clock=lambda: now[0]).left() == float("inf")
+    rep = Report(tmp_path)
+    rep.add("| a | PASS | 1 |  |", paths={"a": "PASS"})
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["paths"] == {"a": "PASS"}
+    rep.add("| b | FAIL | 2 | x |", paths={"b": "FAIL"})
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["paths"] == {"a": "PASS", "b": "FAIL"}
+    assert (tmp_path / "gpu_check.md").read_text().splitlines() == ["| a | PASS | 1 |  |", "| b | FAIL | 2 | x |"]
 
 
 def test_gpu_check_card_peaks_and_batch_search():
