@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,8 +74,13 @@ class Report:
         self.md, self.json = folder / "gpu_check.md", folder / "gpu_check.json"
         self.lines: list[str] = []
         self.data: dict[str, Any] = {"paths": {}, "rows": []}
+        self.lock = threading.Lock()  # paths finish on several threads
 
     def add(self, line: str = "", **data: Any) -> None:
+        with self.lock:
+            self._add(line, **data)
+
+    def _add(self, line: str = "", **data: Any) -> None:
         if line or not data:
             self.lines.append(line)
         for k, v in data.items():

@@ -265,3 +265,43 @@ def test_sharded_blocks_compute_in_the_run_precision(precision, dtype):
         assert all(p.dtype == torch.float32 for p in method.parameters())
     finally:
         tdist.destroy_process_group()
+
+
+def test_fsdp_fp16_scaler_and_fused_adamw_step_together():
+    """The GPU combination FSDP2 + fp16 (its policy) + GradScaler + fused AdamW + gradient clipping,
+    on the CPU (which has all four): the scaler unscales DTensor gradients, backs off on overflow,
+    and the sharded fp32 weights stay finite and move. gpu_check runs it on CUDA."""
+    import torch.distributed as tdist
+    from timm.optim import param_groups_weight_decay
+
+    from mimco.config import ModelConfig
+    from mimco.engine.sharding import shard
+    from mimco.methods import MoCoV3
+    from mimco.models import create_vit
+
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16), 32, 64)
+        m.total_steps = 4
+        shard(m, "fp16")
+        opt = torch.optim.AdamW(param_groups_weight_decay(m, 0.05), lr=1e-3, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=True)
+        before = {n: p.full_tensor().clone() for n, p in m.named_parameters() if p.requires_grad}
+        scales = []
+        for step in range(4):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss, _ = m([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], step, 0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            scales.append(scaler.get_scale())
+        after = {n: p.full_tensor() for n, p in m.named_parameters() if p.requires_grad}
+        assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in after.values())
+        assert any(not torch.equal(before[n], after[n]) for n in before)  # some steps were taken
+        assert scales == sorted(scales, reverse=True) and scales[-1] <= 2.0**8  # backs off on overflow, else holds
+    finally:
+        tdist.destroy_process_group()
