@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHON": sys.executable}
 
 
+@pytest.mark.slow
 def test_throughput_table(tmp_path):
     out = tmp_path / "t.md"
     r = subprocess.run([sys.executable, "benchmarks/throughput.py", "--arch", "vit_mini", "--img-size", "16", "--patch", "4",
@@ -26,6 +27,7 @@ def test_throughput_table(tmp_path):
     assert "MimCo step time / SimMIM step time" in table and "loader (" in table
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     """The GPU smoke script's paths (2 gloo processes here): each must pass, fp16 is skipped on a CPU."""
     report = tmp_path / "report"
@@ -57,6 +59,7 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     assert "| model | mode | batch | images/s |" in r.stdout and "MFU (card peak)" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
 def test_folder_cache_table(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/folder_cache.py", "--images", "512", "--steps", "4", "--workers", "0",
@@ -160,6 +163,7 @@ def test_gpu_check_card_peaks_and_batch_search():
     assert best_batch(lambda b: False, 128, 4096) == 0  # not even the first
 
 
+@pytest.mark.slow
 def test_throughput_compile_column(tmp_path):
     out = tmp_path / "t.md"
     r = subprocess.run([sys.executable, "benchmarks/throughput.py", "--arch", "vit_mini", "--img-size", "16", "--patch", "4",
@@ -172,6 +176,7 @@ def test_throughput_compile_column(tmp_path):
     assert len(row) == 11 and float(row[8]) > 0 and float(row[10]) > 0
 
 
+@pytest.mark.slow
 def test_reproduce_smoke_runs_and_resumes(tmp_path):
     cmd = [sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
@@ -238,6 +243,7 @@ def test_every_preset_builds_valid_configs():
     assert gpu.data.on_device and gpu.train.precision == "bf16" and gpu.model.arch == "vit_tiny"
 
 
+@pytest.mark.slow
 def test_reproduce_on_an_imagefolder_by_overrides_alone(tmp_path):
     """The study's 224 px ViT-S/16 ImageFolder recipe is the gpu preset plus overrides; the same
     overrides, at toy size, run end to end here."""
@@ -283,6 +289,7 @@ def test_a_saved_run_is_reused_unless_one_of_its_keys_changed():
     assert _changed(saved, {"optim": {"epochs": 2}, "method": "mimco"})  # a key it had is gone
 
 
+@pytest.mark.slow
 def test_unknown_ablation_rows_are_named(tmp_path):
     for flag in ("--ablations", "--seeded-ablations"):
         r = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path), flag,
