@@ -3,6 +3,7 @@ to a machine that has no package index (a lent GPU machine). Standard library on
 
     python benchmarks/device_env.py wheels            # here, with the index: fill .device-wheels/
     python benchmarks/device_env.py missing           # there: requirements this Python lacks or has too old
+    python benchmarks/device_env.py plan --dir D      # there: those, and what their wheels in D need that it lacks
     python benchmarks/device_env.py floors            # pip constraints pinning every dependency to its floor
 
 ``wheels`` downloads, for CPython 3.12 on x86-64 (the lent machine's Python) and for the Python that
@@ -19,6 +20,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -65,6 +67,40 @@ def missing() -> list[str]:
     return out
 
 
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _wheel_requires(folder: Path) -> dict[str, list[str]]:
+    """{package: the names it requires unconditionally} for every wheel in ``folder`` (from METADATA)."""
+    out: dict[str, list[str]] = {}
+    for whl in folder.glob("*.whl"):
+        with zipfile.ZipFile(whl) as z:
+            meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+            text = z.read(meta).decode() if meta else ""
+        reqs = [m.group(1) for line in text.splitlines() if line.startswith("Requires-Dist:") and ";" not in line
+                for m in [re.match(r"Requires-Dist:\s*([A-Za-z0-9_.\-]+)", line)] if m]
+        out[_norm(whl.name.split("-")[0])] = reqs
+    return out
+
+
+def plan(folder: Path) -> list[str]:
+    """What to install from ``folder``: each missing requirement (``name>=floor``) and, for each, what its
+    wheel requires that this Python lacks (kornia needs kornia_rs), transitively."""
+    todo, requires = missing(), _wheel_requires(folder) if folder.is_dir() else {}
+    queue, seen = [re.split(r"[<>=]", r)[0] for r in todo], set()
+    while queue:
+        name = queue.pop()
+        if _norm(name) in seen:
+            continue
+        seen.add(_norm(name))
+        for dep in requires.get(_norm(name), []):
+            if installed(dep) is None and _norm(dep) not in seen and dep not in todo:
+                todo.append(dep)
+                queue.append(dep)
+    return todo
+
+
 def wheels(folder: Path) -> int:
     """Download the carried packages, at the versions installed here, for the device's Python and this one."""
     pins = []
@@ -91,12 +127,15 @@ def wheels(folder: Path) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["wheels", "missing", "floors"])
+    p.add_argument("what", choices=["wheels", "missing", "plan", "floors"])
     p.add_argument("--dir", default=str(WHEELS), help="the wheel folder (default .device-wheels)")
     a = p.parse_args()
     if a.what == "wheels":
         return wheels(Path(a.dir))
-    lines = missing() if a.what == "missing" else [f"{n}=={v}" for n, v in requirements()]
+    if a.what == "plan":
+        lines = plan(Path(a.dir))
+    else:
+        lines = missing() if a.what == "missing" else [f"{n}=={v}" for n, v in requirements()]
     print("\n".join(lines))
     return 0
 

@@ -101,8 +101,12 @@ def versions(cpu: bool) -> dict[str, str]:
          "timm": timm.__version__, "kornia": kornia.__version__}
     if not cpu and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        v.update({"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version()),
-                  "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        try:
+            nccl = torch.cuda.nccl.version()
+            nccl_v = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as e:  # a report, not a check: say what could not be read
+            nccl_v = f"? ({type(e).__name__})"
+        v.update({"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version()), "nccl": nccl_v,
                   "gpu": f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"})
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -27,13 +27,13 @@ if [ -n "$need" ]; then
     echo "gpu_check: $PY lacks $(echo $need | tr '\n' ' ')and there is no wheel folder $WHEELS; run \`make device-wheels\` on a machine with the package index and carry .device-wheels (docs/performance.md#gpu-check)" >&2
     exit 2
   fi
-  names="$(echo "$need" | sed 's/>=.*//' | tr '\n' ' ')"
-  echo "gpu_check: installing $names from $WHEELS into $SITE (no index)"
+  todo="$("$PY" benchmarks/device_env.py plan --dir "$WHEELS")"  # and what their wheels need (kornia: kornia_rs)
+  echo "gpu_check: installing $(echo $todo | tr '\n' ' ')from $WHEELS into $SITE (no index)"
   rm -rf "$SITE"
   # shellcheck disable=SC2086
   if ! "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --find-links "$WHEELS" \
-        --target "$SITE" $need; then
-    echo "gpu_check: $WHEELS does not hold $(echo $need | tr '\n' ' ')for this Python; run \`make device-wheels\` again and carry .device-wheels" >&2
+        --target "$SITE" $todo; then
+    echo "gpu_check: $WHEELS does not hold $(echo $todo | tr '\n' ' ')for this Python; run \`make device-wheels\` again and carry .device-wheels" >&2
     exit 2
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

@@ -295,3 +295,23 @@ def test_unknown_ablation_rows_are_named(tmp_path):
         r = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path), flag,
                             "mask 0.4,no such row"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
         assert r.returncode != 0 and "unknown ablation row(s) ['no such row']" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_env_plans_what_the_wheels_need(tmp_path, monkeypatch):
+    """A missing requirement brings what its wheel requires and this Python lacks (kornia: kornia_rs),
+    transitively; what is installed, and conditional requirements, stay out."""
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_env
+
+    def wheel(name, *requires):
+        with zipfile.ZipFile(tmp_path / f"{name}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{name}-1.0.dist-info/METADATA", "Name: x\n" + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+    wheel("kornia", "kornia_rs>=0.1.9", "numpy", "packaging", "pytest; extra == 'dev'")
+    wheel("kornia_rs", "rs_helper")
+    wheel("rs_helper")
+    monkeypatch.setattr(device_env, "missing", lambda: ["kornia>=0.7.1"])
+    monkeypatch.setattr(device_env, "installed", lambda n: None if n in ("kornia_rs", "rs_helper", "pytest") else "1")
+    assert device_env.plan(tmp_path) == ["kornia>=0.7.1", "kornia_rs", "rs_helper"]

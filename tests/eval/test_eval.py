@@ -74,7 +74,6 @@ def test_distributed_extraction_covers_the_split_once(tmp_path, monkeypatch, kin
     """The end-of-run features on (simulated) 2 processes: each extracts every 2nd image of a split
     of 7 (one padded slot), with the same number of forward passes; after the gather rank 0 holds
     each readable image's features once (an unreadable file dropped), the same as one process."""
-    import numpy as np
     from PIL import Image
 
     from mimco import distributed as dist
