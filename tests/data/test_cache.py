@@ -141,3 +141,22 @@ def test_the_memory_check_counts_one_copy_per_node_and_is_agreed(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce_", lambda x, op="sum": x.fill_(1.0))  # another node refuses
     with pytest.raises(MimcoError, match="another node has too little free"):
         cache.check_memory(need, 10, 16, torch.device("cpu"))
+
+
+def test_the_shared_file_goes_where_there_is_room(tmp_path, monkeypatch):
+    """/dev/shm when it can hold the cache; else the temporary folder (a container's 64 MiB /dev/shm);
+    else one line saying what to enlarge."""
+    import tempfile
+    from pathlib import Path
+
+    images, _ = make_shapes(4, 16, seed=0)
+    _export(tmp_path / "imgs", images)
+    files = FileImages(str(tmp_path / "imgs"), labelled=False)
+    room = {"/dev/shm": 10 << 30, tempfile.gettempdir(): 10 << 30}
+    monkeypatch.setattr(cache, "_room", lambda folder: room.get(str(folder), 0))
+    assert cache._shared_path(files, 16, 1 << 30).parent == Path("/dev/shm")
+    room["/dev/shm"] = 64 << 20
+    assert cache._shared_path(files, 16, 1 << 30).parent == Path(tempfile.gettempdir())
+    room[tempfile.gettempdir()] = 0
+    with pytest.raises(MimcoError, match="neither /dev/shm .* nor .* has room; give the container more shared memory"):
+        cache._shared_path(files, 16, 1 << 30)

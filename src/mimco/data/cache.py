@@ -96,7 +96,7 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
     need = n * c * size * size
     local_rank, local_world = local_processes()
     shared = dist.is_dist() and local_world > 1
-    path = _shared_path(files, size) if shared else None
+    path = _shared_path(files, size, need) if shared else None
     if path is not None and local_rank == 0:
         _remove(path)  # a crashed run's leftovers, before anyone can look for them (the check below is collective)
     check_memory(need, n, size, device)
@@ -146,14 +146,31 @@ def _grey(images: torch.Tensor) -> bool:
     return images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
 
 
-def _shared_path(files: FileImages, size: int) -> Path:
-    """The node's cache file: in /dev/shm (memory) where it exists, named by the folder, the size and
-    this torchrun job (its rendezvous address, port and restart count), so two runs never meet."""
+def _room(folder: Path) -> int:
+    """Bytes free for an unprivileged writer in ``folder`` (0 when it is not a writable folder)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize if os.access(folder, os.W_OK) else 0
+
+
+def _shared_path(files: FileImages, size: int, need: int) -> Path:
+    """The node's cache file, named by the folder, the size and this torchrun job (its rendezvous
+    address, port and restart count), so two runs never meet: in /dev/shm (memory) when it has the
+    room, else in the temporary folder (a file the processes map, through the page cache). A
+    container's small /dev/shm (64 MiB by default in Docker) would otherwise kill the decode with
+    SIGBUS when the mapped file outgrows it."""
     job = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")]
     first, last = files.items[0][0], files.items[-1][0]
     key = hashlib.sha1(repr((str(first), str(last), len(files), files.channels, size, job)).encode()).hexdigest()[:16]
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    return base / f"mimco-cache-{key}"
+    for base in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+        if _room(base) > need + (64 << 20):
+            return base / f"mimco-cache-{key}"
+    raise MimcoError(f"data.cache=true shares its {need / 2**30:.1f} GiB among this node's processes through a file, "
+                     f"but neither /dev/shm ({_room(Path('/dev/shm')) / 2**30:.1f} GiB free) nor {tempfile.gettempdir()} "
+                     f"({_room(Path(tempfile.gettempdir())) / 2**30:.1f} GiB free) has room; give the container more shared "
+                     "memory (docker --shm-size), point TMPDIR at a larger disk, or set data.cache=false")
 
 
 def _part(path: Path, suffix: str) -> Path:
