@@ -311,9 +311,9 @@ def card_peak(name: str) -> float | None:
     return next((v for k, v in DENSE_BF16_TFLOPS if k.lower() in name.lower()), None)
 
 
-def best_batch(fits: Callable[[int], bool | None], start: int, cap: int) -> int:
+def best_batch(fits: Callable[[int], bool], start: int, cap: int) -> int:
     """The largest batch of ``start * 2^k`` up to ``cap`` for which ``fits(batch)`` holds (0 if none);
-    ``fits`` returning None (out of time) ends the search with what was found."""
+    the first batch that does not fit (or, in gpu_check, that time does not allow) ends the search."""
     best, b = 0, start
     while b <= cap and fits(b):
         best, b = b, b * 2

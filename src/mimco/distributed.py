@@ -24,6 +24,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_processes() -> tuple[int, int]:
+    """(this process's rank on its node, processes on the node): torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE, (0, 1) outside it."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def init_from_env(device: torch.device, always: bool = False) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1, or ``always`` with the
     variables torchrun sets): NCCL on CUDA, gloo on the CPU."""

@@ -61,23 +61,18 @@ def available_bytes() -> int:
     return 0
 
 
-def local_processes() -> tuple[int, int]:
-    """(this process's rank on its node, processes on the node): torchrun's LOCAL_RANK and
-    LOCAL_WORLD_SIZE, (0, 1) outside it."""
-    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def check_memory(need: int, n: int, size: int, device: torch.device | None = None) -> None:
     """Refuse a cache that would take more than half the node's free memory, on every process
     together. The cache is built once per node and shared by its processes, so one copy is
     counted, whatever LOCAL_WORLD_SIZE is; the verdict is all-reduced (max), so a node that cannot
     hold it stops the whole run in one line instead of leaving the others waiting."""
     free = available_bytes()
-    refuse = bool(free and need > free // 2)
+    here = bool(free and need > free // 2)
+    refuse = here
     if dist.is_dist() and device is not None:
-        refuse = bool(dist.all_reduce_(torch.tensor([float(refuse)], device=device), "max").item())
+        refuse = bool(dist.all_reduce_(torch.tensor([float(here)], device=device), "max").item())
     if refuse:
-        where = f"only {free / 2**30:.1f} GiB is free" if free and need > free // 2 else "another node has too little free"
+        where = f"only {free / 2**30:.1f} GiB is free" if here else "another node has too little free"
         raise MimcoError(f"data.cache=true needs {need / 2**30:.1f} GiB for {n} images at {size} px (one copy per node) "
                          f"but {where}; set data.cache=false (or a smaller data.cache_size)")
 
@@ -94,7 +89,7 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
     node, not one per process."""
     n, c = len(files), files.channels
     need = n * c * size * size
-    local_rank, local_world = local_processes()
+    local_rank, local_world = dist.local_processes()
     shared = dist.is_dist() and local_world > 1
     path = _shared_path(files, size, need) if shared else None
     if path is not None and local_rank == 0:

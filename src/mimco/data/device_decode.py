@@ -19,7 +19,8 @@ counted with the unreadable files. On a CPU device the same code runs with libjp
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +109,12 @@ class DeviceViews(nn.Module):
         jpegs = [i for i, x in enumerate(data) if x.ndim == 1]
         out: list[torch.Tensor | None] = [x.to(self.device, non_blocking=True) if x.ndim == 3 else None for x in data]
         if jpegs:
-            with _DecodeStream(self.device) as consumer:
+            with _decode_stream(self.device) as hand_over:
                 try:
                     decoded = decode_jpeg([data[i] for i in jpegs], mode=mode, device=self.device)
                 except RuntimeError:  # one bad file fails the batched call: decode one by one
                     decoded = [_decode_one(data[i], mode, self.device) for i in jpegs]
-                consumer.hand_over(decoded)
+                hand_over(decoded)
             for i, x in zip(jpegs, decoded):
                 out[i] = x
         bad = sum(x is None for x in out)
@@ -145,9 +146,10 @@ class DeviceViews(nn.Module):
         return self.views.from_crops(crops), bad
 
 
-class _DecodeStream:
-    """``with _DecodeStream(device) as consumer``: the body decodes on a side stream of its own;
-    ``consumer.hand_over(outputs)`` makes them safe to use (and free) on the caller's stream.
+@contextlib.contextmanager
+def _decode_stream(device: torch.device) -> Iterator[Callable[[list[torch.Tensor | None]], None]]:
+    """``with _decode_stream(device) as hand_over``: the body decodes on a side stream of its own;
+    ``hand_over(outputs)`` makes them safe to use (and free) on the caller's stream.
 
     Why: ``decode_jpeg(device="cuda")`` allocates its outputs on the *current* stream but nvJPEG
     writes them on a stream of torchvision's that never waits on the current one (it only makes
@@ -158,33 +160,23 @@ class _DecodeStream:
     of them from being reused until the kernels that read it have finished; the training stream
     then waits for the side stream. No host synchronisation. On a CPU device all of it is a no-op.
     """
+    if device.type != "cuda":
+        yield lambda outputs: None
+        return
+    caller = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+    side.wait_stream(caller)  # the bytes' host-to-device copies, queued work, in order
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.side: Any = None
-        self.caller: Any = None
-        self._ctx: Any = None
-        if self.cuda:
-            self.caller = torch.cuda.current_stream(device)
-            self.side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+    def hand_over(outputs: list[torch.Tensor | None]) -> None:
+        for x in outputs:
+            if x is not None:
+                x.record_stream(caller)
 
-    def __enter__(self) -> "_DecodeStream":
-        if self.cuda:
-            self.side.wait_stream(self.caller)  # the bytes' host-to-device copies, queued work, in order
-            self._ctx = torch.cuda.stream(self.side)
-            self._ctx.__enter__()
-        return self
-
-    def hand_over(self, outputs: list[torch.Tensor | None]) -> None:
-        if self.cuda:
-            for x in outputs:
-                if x is not None:
-                    x.record_stream(self.caller)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            self._ctx.__exit__(*exc)
-            self.caller.wait_stream(self.side)
+    try:
+        with torch.cuda.stream(side):
+            yield hand_over
+    finally:
+        caller.wait_stream(side)
 
 
 _SIDE_STREAMS: dict[int | None, Any] = {}  # one side stream per device, for the whole process

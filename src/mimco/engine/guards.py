@@ -62,7 +62,7 @@ class _Vote:
         self.device = device
         self.flag = torch.zeros(1, device=device)
         cuda = device.type == "cuda"
-        self.host = torch.zeros(1, pin_memory=cuda)
+        self.host = torch.zeros(1, pin_memory=cuda)  # host-only: the reduced flag is read here, never reduced
         self.done = torch.cuda.Event() if cuda else None
         self.posted = False
 

@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mimco.engine.amp import half_dtype
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -31,17 +33,11 @@ def mixed_precision(precision: str) -> tuple[Any, Any]:
     as it comes. fp32: FSDP's defaults."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = half_dtype(precision)
     if dtype is None:
         return MixedPrecisionPolicy(), MixedPrecisionPolicy(cast_forward_inputs=False)
     return (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
-
-
-def _fp32_unit() -> Any:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
 
 
 def shard(method: nn.Module, precision: str = "fp32") -> None:
@@ -50,15 +46,16 @@ def shard(method: nn.Module, precision: str = "fp32") -> None:
     sharded on their own, compute in fp32 on fp32 inputs whatever it is). MoCo's momentum
     encoder is sharded like its base encoder, so the EMA pairs matching shards; MimCo's frozen
     teacher stays whole on every process."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from mimco.models.student import MaskedViT
 
     unit, root = mixed_precision(precision)
     teacher = getattr(method, "teacher", None)
     if unit.param_dtype is not None:  # BatchNorm (MoCo's heads) in fp32: its running statistics are fp32 buffers
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # inputs cast to fp32 too
         for bn in [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
-            fully_shard(bn, mp_policy=_fp32_unit())
+            fully_shard(bn, mp_policy=fp32)
     wrappers = {id(m.backbone): m for m in method.modules() if isinstance(m, MaskedViT)}
     for m in list(method.modules()):
         if isinstance(m, VisionTransformer) and m is not teacher:

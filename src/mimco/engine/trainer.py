@@ -27,6 +27,7 @@ from tqdm import tqdm
 from mimco.config import to_dict
 from mimco.data.build import BatchStream
 from mimco import distributed as dist
+from mimco.engine.amp import autocast
 from mimco.engine.compiling import compile_method
 from mimco.engine.guards import FiniteGuard, StopSignal
 from mimco.engine.optim import build_optimizer, build_scheduler
@@ -178,12 +179,10 @@ class Trainer:
                              "optim.clip_grad, then resume")
 
     def _micro_step(self, views: list[torch.Tensor], sync: bool, first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        prec = self.cfg.train.precision
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext()
-        dtype = torch.float16 if prec == "fp16" else torch.bfloat16
         with ctx:
-            with torch.autocast(self.device.type, dtype=dtype, enabled=prec != "fp32"):
+            with autocast(self.device, self.cfg.train.precision):
                 loss, logs = self.model(views, self.step, first_index)
             self.scaler.scale(loss / self.accum).backward()
         return loss.detach(), logs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -14,6 +13,7 @@ from mimco.config import DataConfig
 from mimco.data.build import ImageArray
 from mimco.data.files import FileImages, collate_skip_bad
 from mimco.data.transforms import Normalize, image_eval
+from mimco.engine.amp import autocast
 
 
 def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size: int, device: torch.device,
@@ -98,8 +98,6 @@ def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray 
     idx = idx.clamp(max=n - 1)
     was = backbone.training
     backbone.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     feats, labels, ok = [], [], []
     if isinstance(dataset, ImageArray):
         batches: Any = ((x, y, torch.ones(len(y), dtype=torch.bool)) for x, y in
@@ -109,7 +107,7 @@ def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray 
         shape = (data.channels, data.img_size, data.img_size)
         batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers)
     for x, y, good in batches:
-        with amp:
+        with autocast(device, precision):
             feats.append(features_of(backbone, x.to(device, non_blocking=True), pool).float())
         labels.append(torch.as_tensor(y).to(device))
         ok.append(torch.as_tensor(good).to(device))

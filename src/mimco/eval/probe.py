@@ -42,14 +42,19 @@ def has_labels(train: Any, test: Any) -> bool:
     return test is not None and not (isinstance(train, ImageArray) and int(train.labels.min()) < 0)
 
 
+def bank_split(train: Any, ev: EvalConfig) -> Any:
+    """The k-NN bank: the training split, cut to its first ``ev.max_train`` images when in memory."""
+    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
+        return take(train, torch.arange(ev.max_train))
+    return train
+
+
 def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
                    device: torch.device, linear: bool = True, seed: int = 0) -> Probe:
     """k-NN (``ev.knn_k``, ``ev.knn_temperature``, a bank of at most ``ev.max_train`` images) and,
     with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels)."""
     start = time.perf_counter()
-    train, test = splits
-    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
-        train = take(train, torch.arange(ev.max_train))
+    train, test = bank_split(splits[0], ev), splits[1]
     ftr, ytr = extract_features(backbone, train, data, device)
     fte, yte = extract_features(backbone, test, data, device)
     knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
@@ -63,9 +68,7 @@ def knn_at_end(backbone: torch.nn.Module, splits: tuple[Any, Any], data: DataCon
     splits under the run's autocast (an FSDP backbone as it is, sharded), rank 0 gathers the
     features and scores them on ``device``. Returns ``{"knn_top1": ...}`` on rank 0, {} elsewhere."""
     start = time.perf_counter()
-    train, test = splits
-    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
-        train = take(train, torch.arange(ev.max_train))
+    train, test = bank_split(splits[0], ev), splits[1]
     bank = extract_features_distributed(backbone, train, data, device, precision)
     queries = extract_features_distributed(backbone, test, data, device, precision)
     if bank is None or queries is None:
