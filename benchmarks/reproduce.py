@@ -36,14 +36,13 @@ from mimco.data.build import class_names, load_dataset
 from mimco.errors import MimcoError
 from mimco.eval import extract_features
 from mimco.eval.features import eval_batches
-from mimco.eval.finetune import finetune
 from mimco.eval.plots import curves_figure, read_log, tsne_figure
 from mimco.models.formats import load_backbone
 from mimco.models.export import timm_kwargs
 from mimco.models.vit import encode
 from mimco.eval.probe import probe_backbone, probe_few_labels
-from mimco.pipeline import run_stage, setup
-from mimco.runs import CHECKPOINT, CONFIG, LOG, SUMMARY, is_finished, last_checkpoint, read_summary
+from mimco.pipeline import StageStopped, run_or_reuse, setup
+from mimco.runs import CHECKPOINT, CONFIG, LOG, SUMMARY
 
 #: the ablations behind claim 3 (both losses matter; contrastive beats regression): run over every seed
 CLAIM_3 = ["patch only", "image only", "L1 regression", "cosine regression"]
@@ -160,14 +159,7 @@ def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
                                   "train.progress=false", "eval.at_end=false", "train.ckpt_every=100"])
     if (run / CONFIG).is_file() and _changed(yaml.safe_load((run / CONFIG).read_text()), to_dict(cfg)):
         raise SystemExit(f"{run} was trained with another configuration; use a fresh --out for a changed preset")
-    if is_finished(run):
-        return read_summary(run)
-    resume = last_checkpoint(run)
-    print(f"[reproduce] {'resuming' if resume else 'training'} {run.name}", file=sys.stderr, flush=True)
-    summary = run_stage(stage, cfg, resume, run)
-    if "stopped_by" in summary:  # SIGTERM / Ctrl-C: the run is checkpointed; the next call resumes it
-        raise SystemExit(f"stopped by {summary['stopped_by']}; run the same command again to resume")
-    return summary
+    return run_or_reuse(stage, cfg, run, say="reproduce")  # stopped (SIGTERM, Ctrl-C): StageStopped
 
 
 def _finetune_config(p: dict, run: Path, few: bool = False) -> tuple[FinetuneConfig, str]:
@@ -181,9 +173,7 @@ def _finetune_config(p: dict, run: Path, few: bool = False) -> tuple[FinetuneCon
 
 def _finetuned(model: torch.nn.Module, fcfg: FinetuneConfig, run: Path, device: torch.device) -> dict:
     """Fine-tune ``model`` in ``run/<fcfg.train.name>``, or reuse the finished result there."""
-    ft = run / fcfg.train.name
-    ft.mkdir(parents=True, exist_ok=True)
-    return read_summary(ft) if is_finished(ft) else finetune(model, fcfg, ft, device, last_checkpoint(ft))
+    return run_or_reuse("finetune", fcfg, run / fcfg.train.name, say="reproduce", backbone=model)
 
 
 def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool,
@@ -354,6 +344,9 @@ def main() -> None:
                 raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
         out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
         (teacher_study if args.teachers else run_study)(args.preset, p, out)
+    except StageStopped as e:  # the checkpoint is written; the same command resumes the study
+        print(f"error: {e}; the study stops here. Resume it with:\n  python {' '.join(sys.argv)}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     except MimcoError as e:
         raise SystemExit(f"error: {e}") from None
 

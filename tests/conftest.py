@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from mimco.config import PretrainConfig, TeacherConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+#: subprocesses run the checkout's code, one thread each (two processes share the machine's cores)
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 TINY_MODEL = ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 TINY_DATA = ["data.name=procedural", "data.img_size=16", "data.procedural_size=256"]

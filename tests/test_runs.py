@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from mimco.errors import MimcoError
-from mimco.runs import (BACKBONE, CHECKPOINT, backbone_state, find_last, is_finished, last_checkpoint, load_checkpoint,
-                        save_checkpoint, write_summary)
+from mimco.runs import (BACKBONE, CHECKPOINT, backbone_state, backbones, is_finished, load_checkpoint, pick_encoder,
+                        resume_path, resume_state, save_checkpoint, write_summary)
 from safetensors.torch import load_file
 
 
 def _save(run, step, total):
     model = {"student.backbone.cls_token": torch.ones(1, 1, 4), "student.backbone.head.weight": torch.ones(2, 4),
              "student.mask_token": torch.zeros(1, 1, 4)}
-    return save_checkpoint(run, "pretrain", step, total, model, {}, {}, [], {"method": "mimco"})
+    return save_checkpoint(run, "pretrain", step, total, model, {"backbone": "student.backbone."}, {}, {}, [],
+                           {"method": "mimco"})
 
 
 def test_checkpoint_round_trip_and_backbone_on_the_last_step(tmp_path):
@@ -22,19 +23,24 @@ def test_checkpoint_round_trip_and_backbone_on_the_last_step(tmp_path):
     assert not (tmp_path / BACKBONE).exists()
     _save(tmp_path, 10, 10)
     assert set(load_file(str(tmp_path / BACKBONE))) == {"cls_token"}  # no head, no mask token
-    assert last_checkpoint(tmp_path)["step"] == 10 and find_last(tmp_path) == tmp_path / CHECKPOINT
+    assert resume_state(tmp_path)["step"] == 10 and resume_path(tmp_path) == tmp_path / CHECKPOINT
 
 
-def test_backbone_prefixes_by_stage_and_encoder():
+def test_backbone_prefixes_recorded_or_by_stage_and_encoder(tmp_path):
     sd = {"momentum_encoder.a": torch.ones(1), "base_encoder.a": torch.zeros(1), "predictor.0.weight": torch.ones(1)}
-    assert torch.equal(backbone_state(sd, "teacher")["a"], torch.ones(1))
-    assert torch.equal(backbone_state(sd, "teacher", "base")["a"], torch.zeros(1))
-    with pytest.raises(MimcoError, match="unknown encoder"):
-        backbone_state(sd, "teacher", "ema")
+    old = {"stage": "teacher", "model": sd}  # written before checkpoints recorded their encoders
+    assert torch.equal(backbone_state(sd, pick_encoder("momentum", backbones(old), "x"))["a"], torch.ones(1))
+    assert torch.equal(backbone_state(sd, pick_encoder("base", backbones(old), "x"))["a"], torch.zeros(1))
+    with pytest.raises(MimcoError, match="unknown encoder 'ema' for a x; choose momentum or base"):
+        pick_encoder("ema", backbones(old), "x")
+    _save(tmp_path, 1, 2)
+    new = load_checkpoint(tmp_path / CHECKPOINT)
+    assert backbones(new) == {"backbone": "student.backbone."}
+    assert pick_encoder("momentum", backbones(new), "x") == "student.backbone."  # one encoder: any name means it
 
 
 def test_finished_means_the_whole_schedule(tmp_path):
-    assert not is_finished(tmp_path) and last_checkpoint(tmp_path) is None
+    assert not is_finished(tmp_path) and resume_state(tmp_path) is None
     write_summary(tmp_path, {"step": 5, "total_steps": 10})
     assert not is_finished(tmp_path)
     write_summary(tmp_path, {"step": 5, "total_steps": 10, "stopped_by": "SIGTERM"})
@@ -48,4 +54,4 @@ def test_foreign_files_are_refused(tmp_path):
     with pytest.raises(MimcoError, match="not a mimco checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(MimcoError, match="nothing to resume"):
-        find_last(tmp_path / "none")
+        resume_path(tmp_path / "none")

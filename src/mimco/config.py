@@ -15,18 +15,39 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mimco.config_rules import validate
 from mimco.errors import MimcoError
+
+# The string choices of the config, in one place: a value outside them fails when the config is
+# built (file or override), naming the key and the choices. The modules that act on a choice take
+# their tables from here (``typing.get_args``).
+DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "procedural"]
+Decode = Literal["cpu", "gpu"]
+Arch = Literal["vit_mini", "vit_tiny", "vit_small", "vit_base"]
+PosEmbed = Literal["learned", "sincos"]
+Init = Literal["timm", "mocov3"]
+MaskType = Literal["random", "block"]
+Encoder = Literal["momentum", "base"]
+ImageTarget = Literal["cls", "mean", "projector"]
+Resample = Literal["area", "bilinear"]
+TargetNorm = Literal["none", "layernorm"]
+PatchLoss = Literal["infonce", "l1", "smooth_l1", "cosine"]
+PatchNegatives = Literal["image", "batch"]
+Precision = Literal["fp32", "bf16", "fp16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+Strategy = Literal["ddp", "fsdp"]
+Pool = Literal["avg", "token"]
 
 
 @dataclass
 class DataConfig:
     """Where images come from and how they are prepared before augmentation."""
 
-    name: str = "imagefolder"  # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural
+    name: DatasetName = "imagefolder"  # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural
     root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
     img_size: int = 224
     channels: int = 3  # grey images are repeated to 3 channels unless this is 1
@@ -39,7 +60,7 @@ class DataConfig:
     on_device: bool = False  # in-memory datasets: copy the images to the GPU once, augment there
     cache: bool = False  # image folders: decode every image once into memory (uint8), then train like an in-memory set
     cache_size: int = 0  # the cached square's side (short side resized, centre crop); 0 = img_size
-    decode: str = "cpu"  # image folders: cpu (workers decode and augment each image) | gpu (workers read bytes and
+    decode: Decode = "cpu"  # image folders: cpu (workers decode and augment each image) | gpu (workers read bytes and
     #                      draw crops; JPEGs are decoded, cropped and augmented in batches on the training device)
     procedural_size: int = 2048  # images per split of the procedural dataset
     # fine-tuning on few labels: a balanced subset of the training split (the probes' --per-class draws the same)
@@ -52,16 +73,16 @@ class DataConfig:
 class ModelConfig:
     """The ViT backbone (a timm VisionTransformer)."""
 
-    arch: str = "vit_tiny"  # preset: vit_mini | vit_tiny | vit_small | vit_base
+    arch: Arch = "vit_tiny"  # preset: vit_mini | vit_tiny | vit_small | vit_base
     patch_size: int = 16
     embed_dim: int = 0  # 0 = the preset's value
     depth: int = 0
     num_heads: int = 0  # MoCo v3 ViT-S uses 12, DINO/DeiT ViT-S 6
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
-    pos_embed: str = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
+    pos_embed: PosEmbed = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
     freeze_patch_embed: bool = False  # MoCo v3's frozen random patch projection
-    init: str = "timm"  # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch
+    init: Init = "timm"  # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch
     #                     projection with zero bias; the stage-1 default)
 
 
@@ -104,7 +125,7 @@ class MocoConfig:
 
 @dataclass
 class MaskConfig:
-    type: str = "random"  # random (SimMIM) | block (BEiT)
+    type: MaskType = "random"  # random (SimMIM) | block (BEiT)
     ratio: float = 0.6
     mask_patch_size: int = 0  # pixels; 0 = the model's patch size
     min_block_patches: int = 4
@@ -118,21 +139,21 @@ class TeacherSourceConfig:
     # mimco last.pt, MoCo v3, DINO, MAE, SimMIM, DINOv2, OpenCLIP / CLIP, EVA-02, timm weights or a hub folder
     checkpoint: str = ""
     model: str = ""  # a timm model name to build and load the checkpoint into; "" = from the file's layout
-    encoder: str = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
-    image_target: str = "cls"  # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
+    encoder: Encoder = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
+    image_target: ImageTarget = "cls"  # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
     num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
     img_size: int = 0  # the teacher's input side in pixels; 0 = data.img_size
     mean: list[float] = field(default_factory=list)  # [] = the teacher's own (CLIP, timm, hub folder) or data.mean
     std: list[float] = field(default_factory=list)
-    resample: str = "area"  # area | bilinear: the teacher's patch map onto the student's grid, when they differ
+    resample: Resample = "area"  # area | bilinear: the teacher's patch map onto the student's grid, when they differ
     layers: list[int] = field(default_factory=list)  # [] = final output; else the mean of these blocks' outputs
-    target_norm: str = "none"  # none | layernorm (per token, no affine: MaskDistill, data2vec)
+    target_norm: TargetNorm = "none"  # none | layernorm (per token, no affine: MaskDistill, data2vec)
 
 
 @dataclass
 class MimcoLossConfig:
-    patch_loss: str = "infonce"  # infonce | l1 | smooth_l1 | cosine
-    patch_negatives: str = "image"  # image (same-image tokens) | batch (all tokens of the batch)
+    patch_loss: PatchLoss = "infonce"  # infonce | l1 | smooth_l1 | cosine
+    patch_negatives: PatchNegatives = "image"  # image (same-image tokens) | batch (all tokens of the batch)
     patch_temperature: float = 0.2
     patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
     # patch_negatives=batch: at most this many negatives per step, sampled from the global batch's teacher
@@ -167,12 +188,12 @@ class TrainConfig:
     name: str = ""  # run folder name; "" = <stage>-<time>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
+    precision: Precision = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (false: full fp32 everywhere)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile every ViT block, patch embedding and head (the first step compiles)
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    strategy: str = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
+    compile_mode: CompileMode = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    strategy: Strategy = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
     init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
     #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it
     threads: int = 0  # torch CPU threads, 0 = torch's default
@@ -199,6 +220,7 @@ class EvalConfig:
 class TeacherConfig:
     """Stage 1 (``mimco teacher``): MoCo v3."""
 
+    method: str = "mocov3"  # a registered method of this stage (mimco.methods.registry)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="mocov3"))
     aug: ContrastiveAugConfig = field(default_factory=ContrastiveAugConfig)
@@ -214,7 +236,7 @@ class TeacherConfig:
 class PretrainConfig:
     """Stage 2 (``mimco pretrain``): MimCo (or the SimMIM baseline, with no teacher)."""
 
-    method: str = "mimco"  # mimco | simmim (mask token, linear pixel decoder, L1 on masked pixels)
+    method: str = "mimco"  # mimco | simmim (mask token, linear pixel decoder, L1 on masked pixels) | a registered one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: MimAugConfig = field(default_factory=MimAugConfig)
@@ -247,8 +269,8 @@ class FinetuneAugConfig:
 class ClassifierConfig:
     layer_decay: float = 0.75  # 0.65 for ViT-B
     drop_path_rate: float = 0.1
-    pool: str = "avg"  # avg (mean of patch tokens + fc_norm) | token (CLS)
-    encoder: str = "momentum"  # which encoder of a teacher / DINO checkpoint
+    pool: Pool = "avg"  # avg (mean of patch tokens + fc_norm) | token (CLS)
+    encoder: Encoder = "momentum"  # which encoder of a teacher / DINO checkpoint
     num_heads: int = 0  # 0 = from the checkpoint
 
 
@@ -256,6 +278,7 @@ class ClassifierConfig:
 class FinetuneConfig:
     """``mimco finetune``: full fine-tuning of a pre-trained backbone."""
 
+    method: str = "finetune"  # a registered method of this stage
     data: DataConfig = field(default_factory=DataConfig)
     aug: FinetuneAugConfig = field(default_factory=FinetuneAugConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -283,12 +306,25 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown(key: str, root: type) -> MimcoError:
     close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(root))}"
+    sections = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(typing.get_type_hints(root)[f.name])]
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(sections)}"
     return MimcoError(f"unknown config key '{key}'{hint}")
+
+
+def choices_text(choices: tuple[str, ...] | list[str]) -> str:
+    """``a, b or c``."""
+    return " or ".join(filter(None, (", ".join(choices[:-1]), choices[-1])))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and isinstance(value, str):
+            return value
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        raise MimcoError(f"unknown {key} '{value}'; choose {choices_text(choices)}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
@@ -380,13 +416,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
 
 
 def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
-    """Apply ``key=value`` overrides to ``cfg`` in place (and return it)."""
+    """Apply ``key=value`` overrides to ``cfg`` in place (and return it), then check the whole config
+    (:func:`mimco.config_rules.validate`): every value is checked here, before anything is built."""
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, type(cfg))
+    validate(cfg)
     return cfg
 
 

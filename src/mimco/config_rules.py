@@ -1,12 +1,27 @@
-"""Rules on config values beyond their types: ranges no run can use, and overrides a resumed run
-cannot honour. Both end in a one-line :class:`~mimco.errors.MimcoError` naming the key."""
+"""Rules on config values beyond their types: ranges no run can use, values that do not fit
+together, and overrides a resumed run cannot honour. Each ends in a one-line
+:class:`~mimco.errors.MimcoError` naming the key. :func:`validate` runs whenever a config is
+built (:func:`mimco.config.load_config`, :func:`mimco.config.apply_overrides`) and again when a
+stage starts, so a bad value fails before any data or model is built. The choices of string keys
+are their ``Literal`` types in :mod:`mimco.config`."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
-from mimco.config import to_dict
 from mimco.errors import MimcoError
+
+#: model.arch -> (embed_dim, depth, num_heads); the presets of :func:`mimco.models.vit.create_vit`
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_mini": (128, 4, 4),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+#: the in-memory datasets (the rest are image folders)
+IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural")
 
 #: (dotted key suffix, lowest allowed value, whether the lowest is allowed, what the value means)
 _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
@@ -80,6 +95,61 @@ def validate(cfg: Any) -> None:
     mask = getattr(cfg, "mask", None)
     if mask is not None and not 0.0 < mask.ratio < 1.0:
         raise MimcoError(f"mask.ratio={mask.ratio} is out of range: it must lie between 0 and 1 (exclusive)")
+    if t is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise MimcoError(f"unknown train.device '{t.device}'; choose auto, cpu, cuda or cuda:N")
+    _model_rules(cfg)
+    _data_rules(cfg)
+    teacher = getattr(cfg, "teacher", None)
+    if teacher is not None and bool(teacher.mean) != bool(teacher.std):
+        raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
+
+
+def _model_rules(cfg: Any) -> None:
+    """The ViT's shape: heads divide the width, patches tile the image, mask units tile the grid."""
+    m, d = getattr(cfg, "model", None), getattr(cfg, "data", None)
+    if m is None or d is None:
+        return
+    dim, _, heads = PRESETS[m.arch]
+    dim, heads = m.embed_dim or dim, m.num_heads or heads
+    if dim % heads:
+        raise MimcoError(f"model.embed_dim={dim} is not divisible by model.num_heads={heads}; change one of them")
+    if m.pos_embed == "sincos" and dim % 4:
+        raise MimcoError(f"model.pos_embed=sincos needs model.embed_dim divisible by 4, got {dim}")
+    if d.img_size % m.patch_size:
+        raise MimcoError(f"data.img_size={d.img_size} is not divisible by model.patch_size={m.patch_size}; change one "
+                         "of them")
+    mask = getattr(cfg, "mask", None)
+    if mask is not None:
+        if mask.mask_patch_size % m.patch_size:
+            raise MimcoError(f"mask.mask_patch_size={mask.mask_patch_size} is not a multiple of model.patch_size="
+                             f"{m.patch_size}; set a multiple (or 0 for the patch size)")
+        unit, grid = max(mask.mask_patch_size // m.patch_size, 1), d.img_size // m.patch_size
+        if grid % unit:
+            raise MimcoError(f"the {grid}x{grid} patch grid does not split into mask units of {unit}x{unit} patches "
+                             "(mask.mask_patch_size / model.patch_size); choose a mask.mask_patch_size that tiles it")
+
+
+def _data_rules(cfg: Any) -> None:
+    """Which data keys apply to which datasets."""
+    d = getattr(cfg, "data", None)
+    if d is None:
+        return
+    if d.decode == "gpu" and (d.name in IN_MEMORY or d.cache or d.on_device):
+        other = "data.cache=true" if d.cache else "data.on_device=true" if d.on_device else d.name
+        raise MimcoError(f"data.decode=gpu decodes image files on the device; it does not apply to {other}: "
+                         "set data.decode=cpu")
+    if d.cache and d.name in IN_MEMORY:
+        raise MimcoError(f"data.cache=true decodes an image folder once; {d.name} is already in memory: drop it")
+    finetune = hasattr(cfg, "classifier")
+    if d.on_device and not finetune and d.name not in IN_MEMORY and not d.cache:
+        raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}) or an image "
+                         f"folder with data.cache=true, not '{d.name}'; set one of them")
+    if finetune and d.decode == "gpu":
+        raise MimcoError("data.decode=gpu decodes for pre-training's batched views; fine-tuning's per-image recipe "
+                         "decodes in the loader: set data.decode=cpu (data.on_device=true moves its normalisation "
+                         "and random erasing to the device)")
+    if finetune and d.name == "folder":
+        raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
 
 
 #: keys a resumed run cannot change: the data order, the step count, the model's shape or the
@@ -92,7 +162,7 @@ FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "dat
 def check_resume(saved: dict, cfg: Any) -> None:
     """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict; keys
     it does not have, from an older mimco, are not compared)."""
-    new = to_dict(cfg)
+    new = dataclasses.asdict(cfg)
 
     def leaves(d: Any, prefix: str) -> dict[str, Any]:
         if not isinstance(d, dict):

@@ -193,6 +193,13 @@ class MaskGenerator:
         self.prefetch = prefetch
         self._ahead: dict[tuple[int, int, int], _Ahead] = {}
 
+    @classmethod
+    def from_config(cls, mask: Any, patch_size: int, grid_size: tuple[int, int], seed: int) -> "MaskGenerator":
+        """The generator of a ``mask:`` section (:class:`~mimco.config.MaskConfig`) for a ViT of
+        ``patch_size`` on ``grid_size`` (the config's rules have checked that its units tile the grid)."""
+        unit = max((mask.mask_patch_size or patch_size) // patch_size, 1)
+        return cls(mask.type, mask.ratio, tuple(grid_size), unit, mask.min_block_patches, mask.min_aspect, seed)
+
     @property
     def count(self) -> int:
         """Masked patches per image (the same for every image)."""

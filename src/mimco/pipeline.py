@@ -1,9 +1,11 @@
-"""Build and run each stage from its config: device, run folder, data, method, trainer, eval."""
+"""The stage runner: every stage (teacher, pretrain, finetune) of every caller (the CLI, ``mimco
+demo``, the study) is built and run here: device, run folder, batches, the registered method,
+the engine, the end-of-run evaluation; and resume, reuse-if-finished and a stop that stops the
+whole pipeline (:func:`run_or_reuse`)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,43 +13,35 @@ from typing import Any
 import torch
 
 from mimco import distributed as dist
-from mimco.config import PretrainConfig, TeacherConfig, save_config
-from mimco.config_rules import validate
-from mimco.data.build import IN_MEMORY, BatchStream, ImageArray, cached, load_dataset
-from mimco.data.device_decode import DeviceViews, EncodedFiles
-from mimco.data.transforms import BatchMimView, BatchTwoViews, image_mim_view, image_two_views
-from mimco.engine.compiling import check_mode as check_compile_mode
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, apply_overrides, from_dict, load_config, save_config
+from mimco.config_rules import check_resume, validate
+from mimco.data.build import load_dataset
+from mimco.data.stream import build_stream
 from mimco.engine.rng import seed_process
 from mimco.engine.sharding import gathered
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
+from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
 from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
-from mimco.masking import MaskGenerator
-from mimco.methods import MimCo, MoCoV3
-from mimco.methods.simmim import SimMIM
-from mimco.models import MaskedViT, create_vit
-from mimco.models.formats import load_backbone
-from mimco.models.teachers import TeacherView
-from mimco.runs import CHECKPOINT, CONFIG, finished, write_summary
+from mimco.methods import get_method
+from mimco.runs import CHECKPOINT, CONFIG, finished, is_finished, load_checkpoint, read_summary, resume_path
+from mimco.runs import resume_state, write_summary
 
-STAGES = {"teacher": TeacherConfig, "pretrain": PretrainConfig}
+#: each stage's config class (``mimco teacher | pretrain | finetune``)
+STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
-def setup(cfg: TeacherConfig | PretrainConfig) -> torch.device:
-    """Threads, device, process group and seeds; refuses out-of-range values first."""
+def setup(cfg: Any) -> torch.device:
+    """Threads, device, process group and seeds, after the config's rules (already checked when the
+    config was loaded; again here for configs built in Python)."""
     validate(cfg)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    check_compile_mode(t.compile_mode)
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise MimcoError(f"unknown train.precision '{t.precision}'; choose fp32, bf16 or fp16")
     if t.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif t.device.startswith("cuda") and not torch.cuda.is_available():
         raise MimcoError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    elif t.device.split(":")[0] not in ("cpu", "cuda"):
-        raise MimcoError(f"unknown train.device '{t.device}'; choose auto, cpu or cuda")
     else:
         device = torch.device(t.device)
     if t.precision == "fp16" and device.type != "cuda":
@@ -71,7 +65,7 @@ def set_tf32(device: torch.device, on: bool) -> None:
         torch.backends.cudnn.allow_tf32 = on
 
 
-def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool) -> Path:
+def run_dir_for(cfg: Any, stage: str, resuming: bool) -> Path:
     """``train.out_dir/train.name`` (or ``<stage>-<time>``); refuses to start over a run's checkpoint.
     The folder is made once the stage has been built, so a refused command leaves none behind."""
     name = cfg.train.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -81,112 +75,26 @@ def run_dir_for(cfg: TeacherConfig | PretrainConfig, stage: str, resuming: bool)
     return d
 
 
-def _stream(cfg: TeacherConfig | PretrainConfig, device: torch.device, two_views: bool) -> BatchStream:
-    """The training batches of a stage: in memory (built-in sets, or a folder with ``data.cache``)
-    with batched views; a folder decoded on the device (``data.decode=gpu``); or a folder whose
-    loader workers decode and augment each image."""
-    data = cfg.data
-    if data.decode not in ("cpu", "gpu"):
-        raise MimcoError(f"unknown data.decode '{data.decode}'; choose cpu or gpu")
-    batched = BatchTwoViews if two_views else BatchMimView
-    if data.decode == "gpu":
-        if data.name in IN_MEMORY or data.cache or data.on_device:
-            other = "data.cache=true" if data.cache else "data.on_device=true" if data.on_device else data.name
-            raise MimcoError(f"data.decode=gpu decodes image files on the device; it does not apply to {other}: "
-                             "set data.decode=cpu")
-        views = batched(cfg.aug, data, crop=False).to(device)
-        ds: Any = EncodedFiles(load_dataset(data, train=True), views.crops)
-        tf: Any = DeviceViews(views, data.img_size, data.channels, device)
-    elif data.name in IN_MEMORY or data.cache:
-        ds = load_dataset(data, train=True)
-        if not isinstance(ds, ImageArray):  # data.cache: an image folder decoded once
-            ds = cached(ds, data, verbose=dist.is_main(), device=device)
-        if data.on_device:
-            ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
-        tf = batched(cfg.aug, data).to(device)
-    elif data.on_device:
-        raise MimcoError(f"data.on_device=true needs an in-memory dataset ({', '.join(IN_MEMORY)}) or an image "
-                         f"folder with data.cache=true, not '{data.name}'; set one of them")
-    else:
-        ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two_views else image_mim_view(cfg.aug, data))
-        tf = None
-    return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,
-                       data.max_bad_fraction, dist.rank(), dist.world_size())
-
-
-def _mask_generator(cfg: PretrainConfig, grid: tuple[int, int]) -> MaskGenerator:
-    m, p = cfg.mask, cfg.model.patch_size
-    if m.mask_patch_size % p:
-        raise MimcoError(f"mask.mask_patch_size={m.mask_patch_size} is not a multiple of model.patch_size={p}")
-    try:
-        return MaskGenerator(m.type, m.ratio, grid, max((m.mask_patch_size or p) // p, 1), m.min_block_patches,
-                             m.min_aspect, cfg.train.seed)
-    except ValueError as e:
-        raise MimcoError(f"{e}; see configs/ for valid values") from None
-
-
-def build_teacher(cfg: PretrainConfig, student_grid: tuple[int, int]) -> tuple[torch.nn.Module, TeacherView]:
-    """The frozen teacher of ``cfg.teacher`` and how it sees the student's batch (its image size,
-    normalisation, target features and the resampling of its grid onto ``student_grid``)."""
-    t, data = cfg.teacher, cfg.data
-    size = t.img_size or data.img_size
-    teacher, state = load_backbone(t.checkpoint, t.encoder, size, t.num_heads, t.model)
-    chans = teacher.patch_embed.proj.in_channels
-    if chans != data.channels and data.channels != 1:
-        raise MimcoError(f"the teacher takes {chans}-channel images but data.channels={data.channels}; set data.channels={chans}")
-    if bool(t.mean) != bool(t.std):
-        raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
-    mean, std = (t.mean, t.std) if t.mean else state.stats or (data.mean, data.std)
-    if len(mean) > chans:  # the data's 3 values for a grey teacher
-        mean, std = mean[:chans], std[:chans]
-    view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], list(mean), list(std),
-                       tuple(student_grid), t.layers, t.target_norm, t.image_target, t.resample)
-    if dist.is_main():
-        grid, sg = view.grid, view.student_grid
-        print(f"mimco: teacher {state.format}{f' as {t.model}' if t.model else ''} at {size} px, patch grid "
-              f"{grid[0]}x{grid[1]}" + (f" -> student's {sg[0]}x{sg[1]} ({t.resample})" if grid != sg else "") +
-              f", targets: {'final output' if not t.layers else f'mean of blocks {view.layers}'}"
-              f"{', layer-normalised' if t.target_norm == 'layernorm' else ''}, image {t.image_target}", file=sys.stderr, flush=True)
-    return teacher, view
-
-
-def build_pretrain_method(cfg: PretrainConfig, device: torch.device) -> torch.nn.Module:
-    """The stage-2 method of ``cfg.method``: MimCo against its teacher, or SimMIM."""
-    data = cfg.data
-    if cfg.method not in ("mimco", "simmim"):
-        raise MimcoError(f"unknown method '{cfg.method}'; choose mimco or simmim")
-    student = MaskedViT(create_vit(cfg.model, data.img_size, data.channels))
-    gen = _mask_generator(cfg, student.backbone.patch_embed.grid_size)
-    if cfg.method == "simmim":
-        return SimMIM(student, gen).to(device)
-    if not cfg.teacher.checkpoint:
-        raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco teacher`) "
-                         "or a released MoCo v3 / DINO file")
-    teacher, view = build_teacher(cfg, student.backbone.patch_embed.grid_size)
-    try:
-        return MimCo(student, teacher, cfg.loss, gen, view=view).to(device)
-    except ValueError as e:
-        raise MimcoError(f"{e}; see configs/ for valid values") from None
-
-
-def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str, Any] | None = None,
-              run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one stage end to end; returns a summary (also written to the run folder)."""
+def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_dir: Path | None = None,
+              **inputs: Any) -> dict[str, Any]:
+    """Train one stage end to end with the method its config names (``cfg.method``, looked up in
+    :mod:`mimco.methods.registry` before anything is built) and return its summary (also written to
+    the run folder). ``inputs`` go to the method's builder (fine-tuning: ``backbone``)."""
+    spec = get_method(cfg.method, stage)
     device = setup(cfg)
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
-    stream = _stream(cfg, device, two_views=stage == "teacher")
-    if stage == "teacher":
-        method: torch.nn.Module = MoCoV3(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.moco.proj_dim,
-                                         cfg.moco.mlp_dim, cfg.moco.temperature, cfg.moco.momentum).to(device)
-    else:
-        method = build_pretrain_method(cfg, device)
+    stream = build_stream(cfg, device, spec.views)
+    method = spec.build(cfg, device, stream=stream, run_dir=run_dir, **inputs)
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
+    dist.barrier()  # the folder exists before any process writes into it
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
+    summary["epochs"] = round(summary["step"] / stream.steps_per_epoch, 4)
     summary["run_dir"] = str(run_dir)
-    if cfg.eval.at_end and finished(summary):  # every process extracts its share; rank 0 scores
+    at_end = getattr(cfg, "eval", None) is not None and cfg.eval.at_end
+    if at_end and finished(summary):  # every process extracts its share; rank 0 scores
         splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         if has_labels(*splits):
             with gathered(method):  # FSDP: the backbone's parameters, whole on every process, for its forward_features
@@ -196,8 +104,61 @@ def run_stage(stage: str, cfg: TeacherConfig | PretrainConfig, resume: dict[str,
     return summary
 
 
-def evaluate(backbone: torch.nn.Module | None, cfg: TeacherConfig | PretrainConfig, device: torch.device,
-             linear: bool = True) -> dict[str, float]:
+class StageStopped(MimcoError):
+    """A stage stopped before the end of its schedule (SIGTERM, Ctrl-C): its checkpoint is written,
+    and what comes after it in a pipeline must not run. ``exit_code``: 130 for SIGINT, else 143."""
+
+    def __init__(self, stage: str, summary: dict[str, Any]) -> None:
+        self.stage, self.summary = stage, summary
+        self.exit_code = 130 if summary.get("stopped_by") == "SIGINT" else 143
+        super().__init__(f"the {stage} stage was stopped by {summary['stopped_by']} at step {summary['step']}/"
+                         f"{summary['total_steps']}; its checkpoint {summary['checkpoint']} is written")
+
+
+def run_or_reuse(stage: str, cfg: Any, run_dir: Path, say: str = "mimco", **inputs: Any) -> dict[str, Any]:
+    """A stage of a pipeline (``mimco demo``, the study): reuse its finished run in ``run_dir``, resume
+    an interrupted one (whose fixed keys must match ``cfg``), or train it; raise
+    :class:`StageStopped` when it stops before its end, so nothing runs on an unfinished model."""
+    if is_finished(run_dir):
+        print(f"[{say}] {stage}: reusing the finished run in {run_dir}", flush=True)
+        return read_summary(run_dir)
+    resume = resume_state(run_dir)
+    if resume is not None:
+        check_resume(resume["config"], cfg)
+    print(f"[{say}] {stage}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+    summary = run_stage(stage, cfg, resume, run_dir, **inputs)
+    if "stopped_by" in summary:
+        raise StageStopped(stage, summary)
+    return summary
+
+
+def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, ...],
+             resume: str | None) -> tuple[Any, dict[str, Any] | None, Path | None]:
+    """A stage command's (config, checkpoint to resume or None, run folder or None for a new one).
+    ``resume``: a ``last.pt``, or ``auto`` for ``train.out_dir/train.name/last.pt``; a resumed run
+    takes its saved config, then ``overrides`` (``train.max_steps`` back to 0 unless given), and
+    refuses changes to :data:`~mimco.config_rules.FIXED_ON_RESUME`."""
+    cls = STAGE_CONFIGS[stage]
+    if not resume:
+        return load_config(cls, config, overrides), None, None
+    if resume == "auto":
+        cfg = load_config(cls, config, overrides)
+        if not cfg.train.name:
+            raise MimcoError("--resume auto needs the run's folder: set train.name=<run name> (and train.out_dir)")
+        path = resume_path(Path(cfg.train.out_dir) / cfg.train.name)
+    else:
+        path = Path(resume)
+    state = load_checkpoint(path)
+    if state["stage"] != stage:
+        raise MimcoError(f"{path} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")
+    cfg = from_dict(cls, state["config"])
+    cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
+    cfg = apply_overrides(cfg, overrides)
+    check_resume(state["config"], cfg)
+    return cfg, state, path.parent
+
+
+def evaluate(backbone: torch.nn.Module | None, cfg: Any, device: torch.device, linear: bool = True) -> dict[str, float]:
     """k-NN (and linear-probe) top-1 on the test split; {} when the dataset has no labelled test split."""
     splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
     if not has_labels(*splits):

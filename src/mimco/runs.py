@@ -5,8 +5,9 @@ resolved config), ``log.csv``, ``last.pt`` (the resumable run checkpoint), ``sum
 (written when the process ends) and, once finished, ``backbone.safetensors`` (a timm state dict).
 
 ``last.pt`` is a dict with the keys of :data:`CHECKPOINT_KEYS`. Its ``model`` entry is the
-method's full state dict; the backbone lives under :data:`BACKBONE_PREFIX` of the stage (the
-engine writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it back).
+method's full state dict; ``backbones`` maps each encoder the method offers (the evaluated one
+first; MoCo: ``momentum``, ``base``) to the key prefix of its weights in ``model`` (the engine
+writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it back).
 """
 
 from __future__ import annotations
@@ -26,41 +27,50 @@ SUMMARY = "summary.json"
 LOG = "log.csv"
 BACKBONE = "backbone.safetensors"
 
+#: the stages, each with its command (``mimco teacher | pretrain | finetune``) and config class
 STAGES = ("teacher", "pretrain", "finetune")
-CHECKPOINT_KEYS = ("stage", "step", "total_steps", "model", "optimizer", "scaler", "rng", "config")
+CHECKPOINT_KEYS = ("stage", "step", "total_steps", "model", "backbones", "optimizer", "scaler", "rng", "config")
 
-#: stage -> encoder -> where that backbone's weights live in the checkpoint's ``model`` dict
-BACKBONE_PREFIX: dict[str, dict[str, str]] = {
+#: ``backbones`` of checkpoints written before the checkpoint recorded them, by stage
+_LEGACY_BACKBONES: dict[str, dict[str, str]] = {
     "teacher": {"momentum": "momentum_encoder.", "base": "base_encoder."},
-    "pretrain": {"momentum": "student.backbone.", "base": "student.backbone."},
-    "finetune": {"momentum": "model.", "base": "model."},
+    "pretrain": {"backbone": "student.backbone."},
+    "finetune": {"backbone": "model."},
 }
 
 
-def backbone_prefix(stage: str, encoder: str = "momentum") -> str:
-    """The key prefix of ``stage``'s evaluated backbone (``encoder``: MoCo's momentum or base encoder)."""
-    if encoder not in BACKBONE_PREFIX[stage]:
-        raise MimcoError(f"unknown encoder '{encoder}' for a mimco {stage} checkpoint; choose momentum or base")
-    return BACKBONE_PREFIX[stage][encoder]
+def backbones(ckpt: dict[str, Any]) -> dict[str, str]:
+    """A run checkpoint's encoders -> the key prefix of each one's weights, the evaluated one first."""
+    return ckpt.get("backbones") or _LEGACY_BACKBONES[ckpt["stage"]]
 
 
-def backbone_state(model_state: dict[str, torch.Tensor], stage: str, encoder: str = "momentum") -> dict[str, torch.Tensor]:
-    """The backbone's tensors out of a run's ``model`` state dict, in timm names, without ``head.*``."""
-    prefix = backbone_prefix(stage, encoder)
+def pick_encoder(encoder: str, prefixes: dict[str, str], what: str) -> str:
+    """The prefix of ``encoder`` among ``prefixes``; with one encoder, any name means it."""
+    if encoder in prefixes:
+        return prefixes[encoder]
+    if len(prefixes) == 1:
+        return next(iter(prefixes.values()))
+    raise MimcoError(f"unknown encoder '{encoder}' for a {what}; choose {' or '.join(prefixes)}")
+
+
+def backbone_state(model_state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` of a run's ``model`` state dict, in timm names, without ``head.*``."""
     return {k[len(prefix):]: v for k, v in model_state.items()
             if k.startswith(prefix) and not k[len(prefix):].startswith("head.")}
 
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, total_steps: int, model: dict[str, Any],
-                    optimizer: dict[str, Any], scaler: dict[str, Any], rng: list[Any], config: dict[str, Any]) -> Path:
-    """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors``."""
+                    backbones: dict[str, str], optimizer: dict[str, Any], scaler: dict[str, Any], rng: list[Any],
+                    config: dict[str, Any]) -> Path:
+    """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors`` (the first of
+    ``backbones``)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     path = run_dir / CHECKPOINT
-    atomic_save({"stage": stage, "step": step, "total_steps": total_steps, "model": model, "optimizer": optimizer,
-                 "scaler": scaler, "rng": rng, "config": config}, path)
+    atomic_save({"stage": stage, "step": step, "total_steps": total_steps, "model": model, "backbones": backbones,
+                 "optimizer": optimizer, "scaler": scaler, "rng": rng, "config": config}, path)
     if step >= total_steps:  # finished: the backbone alone, as a timm state dict
-        save_weights(backbone_state(model, stage), run_dir / BACKBONE, {"stage": stage})
+        save_weights(backbone_state(model, next(iter(backbones.values()))), run_dir / BACKBONE, {"stage": stage})
     return path
 
 
@@ -78,16 +88,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def find_last(run_dir: str | Path) -> Path:
-    """``--resume auto``: the run folder's last.pt."""
+def resume_path(run_dir: str | Path) -> Path:
+    """``--resume auto``: the path of the run folder's last.pt (a :class:`MimcoError` when there is none)."""
     p = Path(run_dir) / CHECKPOINT
     if not p.is_file():
         raise MimcoError(f"nothing to resume: {p} does not exist; drop --resume or name a checkpoint")
     return p
 
 
-def last_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run folder's checkpoint to resume from, or None for a fresh run."""
+def resume_state(run_dir: str | Path) -> dict[str, Any] | None:
+    """The loaded checkpoint of the run folder to resume from, or None for a fresh run."""
     p = Path(run_dir) / CHECKPOINT
     return load_checkpoint(p) if p.is_file() else None
 

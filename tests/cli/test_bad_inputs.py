@@ -102,7 +102,7 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
     ("optim.epochs=0", "optim.epochs=0.0 is out of range"),
     ("train.log_every=0", "train.log_every=0 is out of range"),
     ("moco.temperature=0", "moco.temperature=0.0 is out of range"),
-    ("train.compile_mode=fastest", "unknown train.compile_mode 'fastest'; choose one of default"),
+    ("train.compile_mode=fastest", "unknown train.compile_mode 'fastest'; choose default, reduce-overhead"),
     ("train.compile=true train.strategy=fsdp train.compile_mode=reduce-overhead",
      "train.compile_mode=reduce-overhead records CUDA graphs"),
     ("train.compile=true train.strategy=fsdp train.compile_mode=max-autotune", "use train.compile_mode=default or"),

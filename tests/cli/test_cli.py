@@ -54,7 +54,7 @@ def test_resume_auto_continues(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["teacher", "optim.bacth_size=3"], "unknown config key 'optim.bacth_size'; did you mean optim.batch_size"),
-    (["teacher", "data.name=imagenet"], "unknown dataset 'imagenet'"),
+    (["teacher", "data.name=imagenet"], "unknown data.name 'imagenet'; choose imagefolder, folder, fashion_mnist"),
     (["pretrain", *TINY_DATA, "teacher.checkpoint=/no/such/last.pt"], "checkpoint not found: /no/such/last.pt"),
     (["pretrain", *TINY_DATA], "no teacher given"),
     (["teacher", "--resume", "auto"], "--resume auto needs the run's folder"),

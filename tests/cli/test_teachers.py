@@ -46,7 +46,7 @@ def test_a_timm_named_teacher_and_the_maskdistill_baseline(tmp_path, capsys):
 
 def test_the_teacher_normalisation_comes_from_the_file_the_override_or_the_data(tmp_path, teacher_ckpt):
     from mimco.config import PretrainConfig, load_config
-    from mimco.pipeline import build_teacher
+    from mimco.methods.mimco import build_teacher
     from tests.models.test_families import clip_file
 
     clip_file(tmp_path / "clip.bin")

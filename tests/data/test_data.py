@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
+from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig, PretrainConfig, load_config
 from mimco.data import BatchStream, load_dataset, make_shapes
 from mimco.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
 from mimco.data.files import BadImageCounter, FileImages, Substituting
@@ -87,8 +87,8 @@ def test_procedural_deterministic_and_labelled():
 
 
 def test_unknown_dataset():
-    with pytest.raises(MimcoError, match="unknown dataset 'imagenet'.*fashion_mnist"):
-        load_dataset(DataConfig(name="imagenet"))
+    with pytest.raises(MimcoError, match="unknown data.name 'imagenet'; choose imagefolder, folder, fashion_mnist"):
+        load_config(PretrainConfig, None, ["data.name=imagenet"])
 
 
 def _save_images(folder: Path, n: int, mode: str = "RGB") -> None:

@@ -89,10 +89,9 @@ def test_data_on_device_refuses_file_datasets(tmp_path):
     (tmp_path / "imgs" / "a").mkdir(parents=True)
     for i in range(4):
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
-    cfg = tiny_teacher_cfg(tmp_path, "files", ("data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
-                                               "data.on_device=true"))
     with pytest.raises(MimcoError, match="data.on_device=true needs an in-memory dataset"):
-        run_stage("teacher", cfg)
+        tiny_teacher_cfg(tmp_path, "files", ("data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                                             "data.on_device=true"))
 
 
 @pytest.mark.parametrize("stage", ["teacher", "pretrain"])

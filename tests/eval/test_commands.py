@@ -108,14 +108,14 @@ def test_finetune_ranks_take_disjoint_shares(monkeypatch):
     together cover the epoch (N full copies would also equal one process, so check the indices)."""
     from mimco.config import FinetuneConfig, load_config
     from mimco import distributed as dist
-    from mimco.eval.finetune import finetune_stream
+    from mimco.data.stream import build_stream
 
     cfg = load_config(FinetuneConfig, None, [*DATA, "optim.batch_size=32", "data.num_workers=0"])
     shares = []
     for r in range(2):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         monkeypatch.setattr(dist, "world_size", lambda: 2)
-        stream, _, _ = finetune_stream(cfg, torch.device("cpu"))
+        stream = build_stream(cfg, torch.device("cpu"), "labelled")
         assert stream.local == 16 and stream.labels
         shares.append(stream._local_indices(epoch=0, first=0).flatten().tolist())
     assert not set(shares[0]) & set(shares[1])
@@ -181,11 +181,11 @@ def test_few_label_finetune_trains_on_the_same_subset(tmp_path, teacher_ckpt):
     from mimco.config import FinetuneConfig, load_config
     from mimco.data.build import load_dataset
     from mimco.data.subsets import balanced_subset
-    from mimco.eval.finetune import finetune_stream
+    from mimco.data.stream import build_stream
 
     cfg = load_config(FinetuneConfig, None, [*DATA, "data.num_workers=0", "optim.batch_size=16",
                                              "data.labels_per_class=4", "data.label_seed=1"])
-    stream, _, _ = finetune_stream(cfg, torch.device("cpu"))
+    stream = build_stream(cfg, torch.device("cpu"), "labelled")
     full = load_dataset(cfg.data, train=True)
     idx = balanced_subset(full.labels, per_class=4, seed=1)
     assert torch.equal(stream.ds.array.images, full.images[idx]) and torch.equal(stream.ds.array.labels, full.labels[idx])

@@ -8,10 +8,10 @@ from torch import nn
 from mimco.config import FinetuneConfig, ModelConfig
 from mimco.masking import MaskGenerator
 from mimco.methods import MoCoV3
-from mimco.methods.base import TrainingMethod, check_method
+from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
 from mimco.methods.simmim import SimMIM
 from mimco.models import MaskedViT, create_vit
-from mimco.runs import backbone_state
+from mimco.runs import _LEGACY_BACKBONES, backbone_state
 from tests.methods.test_mimco import tiny_mimco
 
 
@@ -32,8 +32,11 @@ def test_methods_keep_the_contract_and_the_layout(stage, method):
     assert isinstance(method, TrainingMethod)
     check_method(method)
     want = {k: v for k, v in method.backbone().state_dict().items() if not k.startswith("head.")}
-    got = backbone_state(method.state_dict(), stage)
+    prefixes = backbone_prefixes(method)  # what the checkpoint records
+    got = backbone_state(method.state_dict(), next(iter(prefixes.values())))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the same places as checkpoints written before the record (read with the stage's table)
+    assert list(prefixes.values()) == list(_LEGACY_BACKBONES[stage].values())
 
 
 def test_a_module_without_the_hooks_is_refused_by_name():
@@ -41,7 +44,8 @@ def test_a_module_without_the_hooks_is_refused_by_name():
         check_method(nn.Linear(2, 2))
 
 
-MEMBERS = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end")
+MEMBERS = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end",
+           "encoders", "frozen_modules", "compile_targets", "fsdp_units")
 
 
 @pytest.mark.parametrize("missing", [m for m in MEMBERS if m != "forward"])  # every nn.Module has a forward

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mimco.config import MimcoLossConfig, ModelConfig
+from mimco.config import MimcoLossConfig, ModelConfig, PretrainConfig, load_config
+from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator
 from mimco.methods.mimco import MimCo
 from mimco.models import MaskedViT, create_vit
@@ -183,12 +184,12 @@ def test_loss_settings_reach_the_criteria_and_bad_switches_are_named():
     m = tiny_mimco(patch_neg_threshold=0.7, patch_max_negatives=5)
     assert m.patch_criterion.neg_threshold == 0.7 and m.patch_criterion.max_negatives == 5
     assert tiny_mimco(patch_weight=0.0).patch_head is None and tiny_mimco(patch_weight=0.1).patch_head is not None
-    with pytest.raises(ValueError, match="unknown loss.patch_loss 'l3'"):
-        tiny_mimco(patch_loss="l3")
+    with pytest.raises(MimcoError, match="unknown loss.patch_loss 'l3'; choose infonce, l1, smooth_l1 or cosine"):
+        load_config(PretrainConfig, None, ["loss.patch_loss=l3"])  # the config's choices, checked when it is built
+    with pytest.raises(MimcoError, match="unknown teacher.image_target 'median'; choose cls, mean or projector"):
+        load_config(PretrainConfig, None, ["teacher.image_target=median"])
     student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
     teacher = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)
-    with pytest.raises(ValueError, match="unknown teacher.image_target 'median'"):
-        MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)), "median")
     cls = MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)))
     assert cls.image_head[-1].out_features == 32  # the CLS target: the teacher's width, no projector
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimco.config import ModelConfig
+from mimco.config import ModelConfig, PretrainConfig, load_config
 from mimco.errors import MimcoError
 from mimco.models import MaskedViT, create_vit, sincos_pos_embed
 
@@ -10,10 +10,11 @@ def test_presets_and_heads():
     vit = create_vit(ModelConfig(arch="vit_small", num_heads=12), 32, 3)
     assert vit.embed_dim == 384 and len(vit.blocks) == 12 and vit.blocks[0].attn.num_heads == 12
     assert create_vit(ModelConfig(arch="vit_small"), 32, 3).blocks[0].attn.num_heads == 6
-    with pytest.raises(MimcoError, match="divisible"):
-        create_vit(ModelConfig(embed_dim=100, num_heads=3), 32, 3)
-    with pytest.raises(MimcoError, match="unknown model.arch"):
-        create_vit(ModelConfig(arch="vit_huge_x"), 32, 3)
+    # a shape no ViT can take fails when the config is built, before any model
+    with pytest.raises(MimcoError, match="model.embed_dim=100 is not divisible by model.num_heads=3"):
+        load_config(PretrainConfig, None, ["model.embed_dim=100", "model.num_heads=3"])
+    with pytest.raises(MimcoError, match="unknown model.arch 'vit_huge_x'; choose vit_mini, vit_tiny, vit_small or vit_base"):
+        load_config(PretrainConfig, None, ["model.arch=vit_huge_x"])
 
 
 def test_sincos_table_layout():
@@ -63,7 +64,7 @@ def test_mocov3_init_matches_the_official_bounds():
     normal(1e-6). Checked against those bounds (uniform samples fill their range)."""
     import math
 
-    from mimco.config import ModelConfig
+    from mimco.config import ModelConfig, PretrainConfig, load_config
     from mimco.models.vit import create_vit
 
     torch.manual_seed(0)

@@ -20,21 +20,17 @@ from mimco.eval.probe import mean_std, probe_backbone, probe_few_labels
 from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
 from mimco.models import create_vit
 from mimco.models.formats import load_backbone
-from mimco.pipeline import run_stage, setup
-from mimco.runs import CHECKPOINT, is_finished, last_checkpoint, read_summary
+from mimco.pipeline import run_or_reuse, setup
+from mimco.runs import CHECKPOINT
 
 TSNE_POINTS = 2000
 QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
 
 
 def _stage(stage: str, cfg: TeacherConfig | PretrainConfig, run_dir: Path) -> float:
-    """Run (or resume, or reuse) one stage; returns its training minutes."""
-    if is_finished(run_dir):
-        print(f"[demo] {stage}: reusing the finished run in {run_dir}")
-        return read_summary(run_dir).get("train_seconds", 0.0) / 60
-    resume = last_checkpoint(run_dir)
-    print(f"[demo] {stage}: {'resuming' if resume else 'training'} in {run_dir}")
-    return run_stage(stage, cfg, resume, run_dir)["train_seconds"] / 60
+    """Run (or resume, or reuse) one stage; returns its training minutes. A stopped stage raises
+    :class:`~mimco.pipeline.StageStopped`: the demo goes no further."""
+    return run_or_reuse(stage, cfg, run_dir, say="demo").get("train_seconds", 0.0) / 60
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, header: str) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, save_config, to_dict
+from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, to_dict
 from mimco.errors import MimcoError
-from mimco.runs import CHECKPOINT, CONFIG, load_checkpoint
+from mimco.runs import CHECKPOINT, CONFIG
 
 
 def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
@@ -168,44 +168,25 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from mimco.config_rules import check_resume
     from mimco import distributed as dist
-    from mimco.eval.finetune import finetune
     from mimco.eval.results import write_result
-    from mimco.pipeline import setup
+    from mimco.pipeline import open_run, run_stage
 
-    resume = None
-    if args.resume:
-        resume = load_checkpoint(args.resume)
-        if resume["stage"] != "finetune":
-            raise MimcoError(f"{args.resume} is a '{resume['stage']}' checkpoint; resume it with `mimco {resume['stage']}`")
-        cfg = from_dict(FinetuneConfig, resume["config"])
-        cfg.train.max_steps = 0
-        cfg = apply_overrides(cfg, args.overrides)
-        check_resume(resume["config"], cfg)
-        run_dir = Path(args.resume).parent
-    else:
-        cfg = None
     spec = args.checkpoint
     name, model, state = _resolve(spec, "momentum", 0)
-    if cfg is None:
-        cfg = _data_config(FinetuneConfig, args, [state])
-        run_dir = Path(cfg.train.out_dir) / (cfg.train.name or f"finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / CHECKPOINT).exists():
-            raise MimcoError(f"{run_dir} already holds a fine-tuning run; pass --resume {run_dir / CHECKPOINT} or choose train.name")
+    if args.resume:
+        cfg, resume, run_dir = open_run("finetune", None, args.overrides, args.resume)
+    else:  # the data keys from --config, else from the checkpoint's own config
+        cfg, resume, run_dir = _data_config(FinetuneConfig, args, [state]), None, None
     if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
         name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
-    device = setup(cfg)
+    summary = run_stage("finetune", cfg, resume, run_dir, backbone=model)
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG)
-    dist.barrier()
-    summary = finetune(model, cfg, run_dir, device, resume)
-    if dist.is_main():
-        write_result(run_dir, _row("finetune", spec, name, state, cfg, {"finetune_top1": summary["top1"],
-                                                                          "finetune_top5": summary["top5"],
-                                                                          "finetune_best_top1": summary["best_top1"]},
-                                   epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
+        write_result(Path(summary["run_dir"]), _row("finetune", spec, name, state, cfg,
+                                                    {"finetune_top1": summary.get("top1"),
+                                                     "finetune_top5": summary.get("top5"),
+                                                     "finetune_best_top1": summary.get("best_top1")},
+                                                    epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -16,31 +16,9 @@ from pathlib import Path
 from mimco.errors import MimcoError
 
 def _train(stage: str, args: argparse.Namespace) -> int:
-    from mimco.config import apply_overrides, from_dict, load_config
-    from mimco.config_rules import check_resume
-    from mimco.pipeline import STAGES, run_stage
-    from mimco.runs import find_last, load_checkpoint
+    from mimco.pipeline import open_run, run_stage
 
-    cls = STAGES[stage]
-    resume, run_dir = None, None
-    if args.resume:
-        if args.resume == "auto":
-            cfg = load_config(cls, args.config, args.overrides)
-            if not cfg.train.name:
-                raise MimcoError("--resume auto needs the run's folder: set train.name=<run name> (and train.out_dir)")
-            path = find_last(Path(cfg.train.out_dir) / cfg.train.name)
-        else:
-            path = Path(args.resume)
-        resume = load_checkpoint(path)
-        if resume["stage"] != stage:
-            raise MimcoError(f"{path} is a '{resume['stage']}' checkpoint; resume it with `mimco {resume['stage']}`")
-        cfg = from_dict(cls, resume["config"])
-        cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
-        cfg = apply_overrides(cfg, args.overrides)
-        check_resume(resume["config"], cfg)
-        run_dir = path.parent
-    else:
-        cfg = load_config(cls, args.config, args.overrides)
+    cfg, resume, run_dir = open_run(stage, args.config, args.overrides, args.resume)
     summary = run_stage(stage, cfg, resume, run_dir)
     print(json.dumps(summary, indent=2))
     if "stopped_by" in summary:
@@ -111,8 +89,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from mimco.cli.demo import run_demo
+    from mimco.pipeline import StageStopped
 
-    run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+    try:
+        run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+    except StageStopped as e:
+        again = " ".join(["mimco demo", f"--out {args.out}", *(["--quick"] if args.quick else []),
+                          *([f"--threads {args.threads}"] if args.threads else [])])
+        print(f"mimco: {e}; the demo stops here. Resume it with:\n  {again}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mimco.config import DataConfig
+from mimco.config import DataConfig, DatasetName
 from mimco.data.fashion_mnist import load_fashion_mnist
 from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "procedural", "imagefolder", "folder")
-IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural")
+DATASETS = typing.get_args(DatasetName)
 
 
 @dataclass
@@ -75,7 +75,7 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
         ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
     elif name == "procedural":
         ds = _array(*make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
-    elif name in ("imagefolder", "folder"):
+    else:  # imagefolder, folder
         root = Path(cfg.root)
         split = root / ("train" if train else "val")
         if (root / "train").is_dir():
@@ -86,8 +86,6 @@ def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None
             return None
         return FileImages(str(root), labelled=name == "imagefolder", channels=cfg.channels, transform=transform,
                           subset=cfg.subset if train else 0)
-    else:
-        raise MimcoError(f"unknown dataset '{name}'; data.name must be one of {', '.join(DATASETS)}")
     if train and cfg.subset:
         ds = ImageArray(ds.images[: cfg.subset], ds.labels[: cfg.subset], ds.channels)
     return ds
@@ -154,6 +152,7 @@ class BatchStream:
         self.local = global_batch // world_size
         self.steps_per_epoch = len(dataset) // global_batch
         self.bad = BadImageCounter(max_bad_fraction, len(dataset))
+        self.num_classes = 0  # labelled streams: the classes of the training set (set by their builder)
         self._rows, self._loader = _Rows(), None
 
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
+from mimco.config import ContrastiveAugConfig, DataConfig, FinetuneAugConfig, MimAugConfig
 
 
 def _blur(cfg: ContrastiveAugConfig, img_size: int) -> tuple[int, tuple[float, float]]:
@@ -146,3 +146,16 @@ def image_eval(data: DataConfig) -> v2.Compose:
     s = data.img_size
     resize = s if s < 64 else int(round(s / 0.875))
     return v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(s), *_tv_tail(data)])
+
+
+def finetune_transform(aug: FinetuneAugConfig, data: DataConfig, normalize: bool = True) -> Callable:
+    """timm's training transform for fine-tuning, per image (random resized crop, flip, RandAugment
+    or colour jitter, then random erasing). ``normalize=False`` (``data.on_device``): it ends in a
+    uint8 tensor, and normalisation and random erasing run on the device (timm's prefetcher)."""
+    from timm.data import create_transform
+
+    return create_transform(data.img_size, is_training=True, scale=(aug.min_scale, 1.0), ratio=tuple(aug.ratio),
+                            hflip=aug.flip_prob, auto_augment=aug.auto_augment or None, interpolation="bicubic",
+                            re_prob=aug.reprob, re_mode="pixel", mean=tuple(data.mean[: data.channels]),
+                            std=tuple(data.std[: data.channels]),
+                            color_jitter=0.0 if aug.auto_augment else aug.color_jitter, use_prefetcher=not normalize)

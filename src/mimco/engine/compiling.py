@@ -12,35 +12,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from mimco.errors import MimcoError
-from mimco.models.heads import MoCoMLP, ReconstructionHead
-
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def check_mode(mode: str) -> None:
-    """Refuse a ``train.compile_mode`` torch.compile does not have, naming the valid ones."""
-    if mode not in MODES:
-        raise MimcoError(f"unknown train.compile_mode '{mode}'; choose one of {', '.join(MODES)}")
 
 
 def compile_method(method: nn.Module, mode: str = "default") -> int:
-    """Compile, in place, each ViT block, patch embedding and head of ``method`` (a head holding
-    SyncBatchNorm stays eager); returns how many modules were compiled. Call after BatchNorm
-    conversion and before FSDP sharding."""
-    check_mode(mode)
-    targets: list[nn.Module] = []
-    for m in method.modules():
-        if hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList)):
-            targets += [m.patch_embed, *m.blocks]  # timm ViTs, DeiT, EVA: any teacher family
-        elif isinstance(m, (MoCoMLP, ReconstructionHead)):
-            # SyncBatchNorm (MoCo's heads under DDP on GPUs) all-gathers statistics inside an autograd
-            # Function, which dynamo breaks its graph on: such a head stays eager (a few small matmuls)
-            if not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules()):
-                targets.append(m)
-    for m in targets:
-        m.compile(mode=mode)
-    return len(targets)
+    """Compile, in place, each of ``method.compile_targets()`` (by default every ViT block and patch
+    embedding; MoCo and MimCo add their heads) except those holding SyncBatchNorm; returns how many
+    modules were compiled. Call after BatchNorm conversion and before FSDP sharding."""
+    n = 0
+    for m in method.compile_targets():
+        # SyncBatchNorm (MoCo's heads under DDP on GPUs) all-gathers statistics inside an autograd
+        # Function, which dynamo breaks its graph on: such a module stays eager (a few small matmuls)
+        if not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules()):
+            m.compile(mode=mode)
+            n += 1
+    return n
 
 
 def is_compiled(module: nn.Module) -> bool:

@@ -10,7 +10,6 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -21,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mimco.engine.amp import half_dtype
+from mimco.methods.base import vits
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -41,29 +41,26 @@ def mixed_precision(precision: str) -> tuple[Any, Any]:
 
 
 def shard(method: nn.Module, precision: str = "fp32") -> None:
-    """FSDP2: every block of every ViT that is not a frozen teacher, then each such ViT, then the
-    rest of the method, each with the mixed-precision policy of ``precision`` (BatchNorm layers,
-    sharded on their own, compute in fp32 on fp32 inputs whatever it is). MoCo's momentum
-    encoder is sharded like its base encoder, so the EMA pairs matching shards; MimCo's frozen
-    teacher stays whole on every process."""
+    """FSDP2: the blocks of each of ``method.fsdp_units()``, then the unit, then the rest of the
+    method without its ``frozen_modules()``, each with the mixed-precision policy of ``precision``
+    (BatchNorm layers, sharded on their own, compute in fp32 on fp32 inputs whatever it is).
+    MoCo's momentum encoder is sharded like its base encoder, so the EMA pairs matching shards;
+    MimCo's frozen teacher stays whole on every process."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from mimco.models.student import MaskedViT
-
     unit, root = mixed_precision(precision)
-    teacher = getattr(method, "teacher", None)
+    frozen = {p for m in method.frozen_modules() for p in m.parameters()}
     if unit.param_dtype is not None:  # BatchNorm (MoCo's heads) in fp32: its running statistics are fp32 buffers
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # inputs cast to fp32 too
         for bn in [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
-            fully_shard(bn, mp_policy=fp32)
-    wrappers = {id(m.backbone): m for m in method.modules() if isinstance(m, MaskedViT)}
-    for m in list(method.modules()):
-        if isinstance(m, VisionTransformer) and m is not teacher:
-            for blk in m.blocks:
+            if not any(p in frozen for p in bn.parameters()):
+                fully_shard(bn, mp_policy=fp32)
+    for u in method.fsdp_units():
+        for vit in vits(u):
+            for blk in vit.blocks:
                 fully_shard(blk, mp_policy=unit)
-            # the unit must be a module whose forward() runs: the masked student calls its backbone's parts
-            fully_shard(wrappers.get(id(m), m), mp_policy=unit)
-    fully_shard(method, ignored_params=set(teacher.parameters()) if teacher is not None else None, mp_policy=root)
+        fully_shard(u, mp_policy=unit)
+    fully_shard(method, ignored_params=frozen or None, mp_policy=root)
 
 
 def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -35,7 +35,7 @@ from mimco.engine.rng import all_rng_states, restore_rank_state
 from mimco.engine.sharding import full_state, load_state, shard
 from mimco.errors import MimcoError
 from mimco.masking import join_pending
-from mimco.methods.base import TrainingMethod, check_method
+from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
 from mimco.runs import CHECKPOINT, LOG, save_checkpoint
 
 
@@ -102,8 +102,6 @@ class Trainer:
             for m in method.modules():
                 if isinstance(m, VisionTransformer) and any(p.requires_grad for p in m.parameters()):
                     m.set_grad_checkpointing(True)
-        if t.strategy not in ("ddp", "fsdp"):
-            raise MimcoError(f"unknown train.strategy '{t.strategy}'; choose ddp or fsdp")
         fsdp = t.strategy == "fsdp" and dist.is_dist()
         if dist.world_size() > 1 and device.type == "cuda":  # SyncBatchNorm only runs on GPUs
             method = self.method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -148,8 +146,8 @@ class Trainer:
         model_state, optim_state = full_state(self.method, self.optimizer)  # collective under FSDP
         rng = all_rng_states()  # collective: every process's generators, in rank order
         if dist.is_main():
-            save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state, optim_state,
-                            self.scaler.state_dict(), rng, to_dict(self.cfg))
+            save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
+                            backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng, to_dict(self.cfg))
         self.last_saved = (path, self.step)
         return path
 

@@ -1,7 +1,8 @@
 """Full fine-tuning with the MAE/BEiT recipe, built from timm's pieces: layer-wise lr decay,
 AdamW, per-iteration warm-up + cosine, RandAugment, mixup/cutmix with label smoothing, random
-erasing, drop path, mean-pooled patch tokens + fc_norm (or CLS). Runs as one more method of the
-shared training engine; evaluates every epoch; keeps ``last.pt`` (resumable) and ``best.safetensors``."""
+erasing, drop path, mean-pooled patch tokens + fc_norm (or CLS). Registered as the method
+``finetune`` of the fine-tuning stage, so it runs on the shared stage runner and training engine;
+evaluates every epoch; keeps ``last.pt`` (resumable) and ``best.safetensors``."""
 
 from __future__ import annotations
 
@@ -11,48 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.utils.data import Dataset
 
-from mimco.config import FinetuneConfig
-from mimco.data.build import BatchStream, ImageArray, load_dataset
-from mimco.data.subsets import labelled_subset
 from mimco import distributed as dist
-from mimco.engine.rng import seed_process
-from mimco.engine.trainer import Trainer, accumulation
+from mimco.config import FinetuneConfig
+from mimco.data.build import BatchStream, load_dataset
+from mimco.engine.trainer import accumulation
 from mimco.errors import MimcoError
-from mimco.io import save_weights
-from mimco.runs import write_summary
 from mimco.eval.features import eval_batches
+from mimco.io import save_weights
+from mimco.methods.base import MethodDefaults
+from mimco.methods.registry import register_method
 from mimco.models.export import timm_kwargs
-
-
-class ArrayImages(Dataset):
-    """An in-memory :class:`ImageArray` served as PIL images through a per-image transform."""
-
-    def __init__(self, array: ImageArray, transform: Any) -> None:
-        self.array, self.transform = array, transform
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.array.batch(torch.tensor([i]))[0]
-        img = Image.fromarray(x[0].numpy(), "L") if x.shape[0] == 1 else Image.fromarray(x.permute(1, 2, 0).numpy())
-        return self.transform(img), int(self.array.labels[i])
 
 
 def build_classifier(backbone: VisionTransformer, num_classes: int, pool: str = "avg",
                      drop_path_rate: float = 0.1) -> VisionTransformer:
     """A timm ViT classifier initialised from ``backbone``; head (and fc_norm for ``avg``) fresh (MAE)."""
-    if pool not in ("avg", "token"):
-        raise MimcoError(f"unknown classifier.pool '{pool}'; choose avg or token")
     kw = {**timm_kwargs(backbone), "num_classes": num_classes, "global_pool": pool, "drop_path_rate": drop_path_rate}
     model = VisionTransformer(**kw)
     state = {k: v for k, v in backbone.state_dict().items()
@@ -100,21 +81,14 @@ def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, dev
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
 
 
-def _num_classes(train: Any) -> int:
-    if isinstance(train, ImageArray):
-        return int(train.labels.max()) + 1
-    return len(train.classes)
-
-
-class Finetune(nn.Module):
+class Finetune(MethodDefaults, nn.Module):
     """Fine-tuning as a method of the shared training engine (:class:`~mimco.engine.trainer.Trainer`):
     a timm classifier, mixup/cutmix, the (soft-target or label-smoothing) cross-entropy, layer-wise
     lr decay groups, and an evaluation on the test split at the end of every epoch that keeps
     ``best.safetensors``. The best top-1/top-5/epoch live in a buffer, so they resume with the model.
     """
 
-    total_steps = 1
-    metric_keys = ("top1", "top5", "best_top1")
+    metric_keys = ("top1", "top5", "best_top1", "best_epoch")
 
     def __init__(self, model: VisionTransformer, cfg: FinetuneConfig, num_classes: int, test: Any, run_dir: Path) -> None:
         super().__init__()
@@ -134,7 +108,7 @@ class Finetune(nn.Module):
             x, y = self.mixup(x, y)
         return self.criterion(self.model(x), y), {}
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
         return layer_decay_groups(self.model, weight_decay, self.cfg.classifier.layer_decay)
 
     def backbone(self) -> VisionTransformer:
@@ -155,61 +129,24 @@ class Finetune(nn.Module):
         if dist.is_main():
             print(f"[finetune] epoch {epoch:g}: top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  "
                   f"(best {float(self.best[0]):.2f})", file=sys.stderr, flush=True)
-        return {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "best_top1": round(float(self.best[0]), 2)}
+        return {"top1": round(m["top1"], 2), "top5": round(m["top5"], 2), "best_top1": round(float(self.best[0]), 2),
+                "best_epoch": float(self.best[2])}
 
 
-def train_transform(cfg: FinetuneConfig) -> Any:
-    """timm's training transform for fine-tuning (RandAugment, random erasing; per image)."""
-    d, a = cfg.data, cfg.aug
-    return create_transform(d.img_size, is_training=True, scale=(a.min_scale, 1.0), ratio=tuple(a.ratio),
-                            hflip=a.flip_prob, auto_augment=a.auto_augment or None, interpolation="bicubic",
-                            re_prob=a.reprob, re_mode="pixel", mean=tuple(d.mean[: d.channels]),
-                            std=tuple(d.std[: d.channels]), color_jitter=0.0 if a.auto_augment else a.color_jitter)
-
-
-def finetune_stream(cfg: FinetuneConfig, device: torch.device) -> tuple[BatchStream, Any, int]:
-    """(the training batches of this process, the test split, the number of classes)."""
-    d = cfg.data
-    if d.name == "folder":
-        raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
-    train = load_dataset(d, train=True, transform=train_transform(cfg) if d.name == "imagefolder" else None)
-    if d.labels_per_class or d.labels_fraction:  # few labels: the same balanced subset the probes' --per-class draws
-        train = labelled_subset(train, d.labels_per_class, d.labels_fraction, d.label_seed,
-                                "data.labels_per_class" if d.labels_per_class else "data.labels_fraction")
-        if len(train) < cfg.optim.batch_size:
-            raise MimcoError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(train)} labelled training images; "
-                             f"set optim.batch_size to at most {len(train)}")
-    train_ds: Dataset = train if d.name == "imagefolder" else ArrayImages(train, train_transform(cfg))
-    test = load_dataset(d, train=False)
-    if test is None:
-        raise MimcoError(f"{d.root} has no val/ split to evaluate on; lay the data out as train/ and val/ class folders")
-    stream = BatchStream(train_ds, cfg.optim.batch_size, cfg.train.seed, device, None, d.num_workers,
-                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
-    return stream, test, _num_classes(train)
-
-
-def finetune(backbone: VisionTransformer, cfg: FinetuneConfig, run_dir: Path, device: torch.device,
-             resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune on the shared engine (DDP/FSDP under torchrun, bf16/fp16, accumulation, clean
-    SIGTERM stop, NaN stop, resume) and evaluate every epoch; writes log.csv, last.pt,
-    best.safetensors and (rank 0) summary.json."""
-    stream, test, num_classes = finetune_stream(cfg, device)
+@register_method("finetune", stage="finetune", views="labelled")
+def build_finetune(cfg: FinetuneConfig, device: torch.device, stream: BatchStream, run_dir: Path,
+                   backbone: VisionTransformer, **_: Any) -> Finetune:
+    """Fine-tuning of ``backbone`` under a :class:`~mimco.config.FinetuneConfig`, on the classes of
+    ``stream``'s training set, evaluated on the test split every epoch (``best.safetensors`` in
+    ``run_dir``)."""
     a = cfg.aug
     micro = stream.local // accumulation(stream.local, cfg.optim.accum_steps, cfg.optim.micro_batch)
     if (a.mixup > 0 or a.cutmix > 0) and micro % 2:
         raise MimcoError(f"mixup/cutmix pair the images of a batch, but each process's micro-batch holds {micro}; "
                          "use an even optim.batch_size per process, or aug.mixup=0 aug.cutmix=0")
-    model = build_classifier(backbone, num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate)
-    method = Finetune(model, cfg, num_classes, test, run_dir).to(device)
-    seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process augmentation, mixup and drop path
-    out = Trainer(method, cfg, stream, run_dir, "finetune", device, resume).fit()
-    best = method.best.tolist()
-    summary = {"epochs": round(out["step"] / stream.steps_per_epoch, 4), "top1": out.get("top1", round(best[0], 2)),
-               "top5": out.get("top5", round(best[1], 2)), "best_top1": round(best[0], 2),
-               "best_epoch": best[2], "step": out["step"], "total_steps": out["total_steps"],
-               "loss": out.get("loss"), "train_seconds": out["train_seconds"]}
-    if "stopped_by" in out:
-        summary["stopped_by"] = out["stopped_by"]
-    if dist.is_main():
-        write_summary(run_dir, summary)
-    return summary
+    test = load_dataset(cfg.data, train=False)
+    if test is None:
+        raise MimcoError(f"{cfg.data.root} has no val/ split to evaluate on; lay the data out as train/ and val/ "
+                         "class folders")
+    model = build_classifier(backbone, stream.num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate)
+    return Finetune(model, cfg, stream.num_classes, test, run_dir).to(device)

@@ -1,8 +1,9 @@
 """The contract between a training method and the engine (:class:`~mimco.engine.trainer.Trainer`).
 
 Every method (MoCo v3, MimCo, SimMIM, fine-tuning) is an ``nn.Module`` that satisfies
-:class:`TrainingMethod`; :class:`MethodDefaults` gives the optional hooks their neutral values.
-The engine checks the contract when it is handed a method (:func:`check_method`).
+:class:`TrainingMethod`; :class:`MethodDefaults` gives the optional hooks their defaults. The
+engine checks the contract when it is handed a method (:func:`check_method`) and learns from it,
+not from the method's class or attribute names, what to freeze, compile, shard and export.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 Logs = dict[str, "torch.Tensor | float"]  # a tensor on the loss's device, or a Python number (no device copy)
 
@@ -33,6 +35,14 @@ class TrainingMethod(Protocol):
     - ``total_steps``: set by the engine before the first step (the schedule's length).
     - ``on_epoch_end(epoch)``: called on every process after each epoch; returns metrics whose
       names are ``metric_keys`` (log columns); a checkpoint follows.
+    - ``encoders()``: the backbones a checkpoint of the method offers, by name, the evaluated one
+      first (MoCo: ``momentum``, ``base``). The checkpoint records where each one's weights are
+      (:func:`backbone_prefixes`), so export and evaluation find them without knowing the method.
+    - ``frozen_modules()``: modules that never train (a teacher): kept whole on every process
+      under FSDP, never given to the optimiser (their parameters take no gradient).
+    - ``compile_targets()``: the modules ``train.compile`` compiles one by one.
+    - ``fsdp_units()``: the modules FSDP shards as units (each module's ViT blocks first); each
+      must be called through its own ``forward``.
     """
 
     total_steps: int
@@ -49,9 +59,25 @@ class TrainingMethod(Protocol):
 
     def on_epoch_end(self, epoch: float) -> dict[str, float]: ...
 
+    def encoders(self) -> dict[str, nn.Module]: ...
+
+    def frozen_modules(self) -> list[nn.Module]: ...
+
+    def compile_targets(self) -> list[nn.Module]: ...
+
+    def fsdp_units(self) -> list[nn.Module]: ...
+
+
+def vits(module: nn.Module) -> list[nn.Module]:
+    """Every ViT in ``module`` (timm VisionTransformer, DeiT, EVA: a ``patch_embed`` and ``blocks``)."""
+    return [m for m in module.modules()
+            if hasattr(m, "patch_embed") and isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))]
+
 
 class MethodDefaults:
-    """Neutral optional hooks: no extra metrics, the engine's parameter groups, nothing at epoch end."""
+    """The optional hooks' defaults: no extra metrics, the engine's parameter groups, nothing at epoch
+    end, one encoder (``backbone()``), nothing frozen, every ViT's patch embedding and blocks
+    compiled, and every ViT outside the frozen modules sharded as a unit."""
 
     total_steps: int = 1
     metric_keys: tuple[str, ...] = ()
@@ -62,10 +88,36 @@ class MethodDefaults:
     def on_epoch_end(self, epoch: float) -> dict[str, float]:
         return {}
 
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone()}  # type: ignore[attr-defined]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [part for vit in vits(self) for part in (vit.patch_embed, *vit.blocks)]  # type: ignore[arg-type]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
+        return [v for v in vits(self) if not any(id(p) in frozen for p in v.parameters())]  # type: ignore[arg-type]
+
+
+def backbone_prefixes(method: nn.Module) -> dict[str, str]:
+    """Each of ``method.encoders()`` -> the key prefix of its weights in the method's state dict
+    (``"student.backbone."``), the evaluated encoder first; recorded in every checkpoint."""
+    names = {id(m): n for n, m in method.named_modules()}
+    out = {}
+    for name, enc in method.encoders().items():
+        if id(enc) not in names:
+            raise TypeError(f"{type(method).__name__}.encoders()['{name}'] is not a submodule of the method")
+        out[name] = names[id(enc)] + "." if names[id(enc)] else ""
+    return out
+
 
 def check_method(method: Any) -> None:
     """Raise ``TypeError`` naming what ``method`` lacks of :class:`TrainingMethod`."""
     if not isinstance(method, TrainingMethod):
-        names = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end")
+        names = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end",
+                 "encoders", "frozen_modules", "compile_targets", "fsdp_units")
         missing = [n for n in names if not hasattr(method, n)]
         raise TypeError(f"{type(method).__name__} is not a TrainingMethod: it lacks {', '.join(missing)}")

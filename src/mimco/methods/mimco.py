@@ -3,20 +3,26 @@ teacher's view of the unmasked image, at patch level and at image level."""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from mimco import distributed as dist
 from mimco.config import MimcoLossConfig
 from mimco.distributed import rank
+from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.methods.base import MethodDefaults
+from mimco.methods.registry import register_method
+from mimco.methods.simmim import masked_student
+from mimco.models.formats import load_backbone
 from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
-from mimco.models.teachers import IMAGE_TARGETS, TeacherView, projector_width
-
-PATCH_LOSSES = ("infonce", "l1", "smooth_l1", "cosine")
+from mimco.models.teachers import TeacherView, projector_width
 
 
 class MimCo(MethodDefaults, nn.Module):
@@ -32,10 +38,6 @@ class MimCo(MethodDefaults, nn.Module):
     def __init__(self, student: MaskedViT, teacher: nn.Module, loss: MimcoLossConfig,
                  mask_generator: MaskGenerator, image_target: str = "cls", view: TeacherView | None = None) -> None:
         super().__init__()
-        if loss.patch_loss not in PATCH_LOSSES:
-            raise ValueError(f"unknown loss.patch_loss '{loss.patch_loss}'")
-        if image_target not in IMAGE_TARGETS:
-            raise ValueError(f"unknown teacher.image_target '{image_target}'")
         grid = tuple(student.backbone.patch_embed.grid_size)
         if view is None:
             size = student.backbone.patch_embed.img_size[0]
@@ -104,3 +106,54 @@ class MimCo(MethodDefaults, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"student.{n}" for n in self.student.no_weight_decay()}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def compile_targets(self) -> list[nn.Module]:
+        heads = [self.patch_head, self.image_head, getattr(self.teacher, "head", None)]  # the teacher's: its projector
+        return [*super().compile_targets(), *(h for h in heads if h is not None and any(True for _ in h.parameters()))]
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.student]  # its forward calls the backbone's parts, not the backbone's forward
+
+
+def build_teacher(cfg: Any, student_grid: tuple[int, int]) -> tuple[nn.Module, TeacherView]:
+    """The frozen teacher of a :class:`~mimco.config.PretrainConfig`'s ``teacher:`` section and how
+    it sees the student's batch (its image size, normalisation, target features and the resampling
+    of its grid onto ``student_grid``)."""
+    t, data = cfg.teacher, cfg.data
+    if not t.checkpoint:
+        raise MimcoError("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with `mimco "
+                         "teacher`) or a released MoCo v3 / DINO file")
+    size = t.img_size or data.img_size
+    teacher, state = load_backbone(t.checkpoint, t.encoder, size, t.num_heads, t.model)
+    chans = teacher.patch_embed.proj.in_channels
+    if chans != data.channels and data.channels != 1:
+        raise MimcoError(f"the teacher takes {chans}-channel images but data.channels={data.channels}; set "
+                         f"data.channels={chans}")
+    mean, std = (t.mean, t.std) if t.mean else state.stats or (data.mean, data.std)
+    if len(mean) > chans:  # the data's 3 values for a grey teacher
+        mean, std = mean[:chans], std[:chans]
+    view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], list(mean), list(std),
+                       tuple(student_grid), t.layers, t.target_norm, t.image_target, t.resample)
+    if dist.is_main():
+        if state.progress is not None and state.progress[0] < state.progress[1]:
+            print(f"mimco: warning: the teacher {t.checkpoint} is from an unfinished run (step {state.progress[0]} of "
+                  f"{state.progress[1]}); finish it with `mimco teacher --resume {t.checkpoint}` first",
+                  file=sys.stderr, flush=True)
+        grid, sg = view.grid, view.student_grid
+        print(f"mimco: teacher {state.format}{f' as {t.model}' if t.model else ''} at {size} px, patch grid "
+              f"{grid[0]}x{grid[1]}" + (f" -> student's {sg[0]}x{sg[1]} ({t.resample})" if grid != sg else "") +
+              f", targets: {'final output' if not t.layers else f'mean of blocks {view.layers}'}"
+              f"{', layer-normalised' if t.target_norm == 'layernorm' else ''}, image {t.image_target}",
+              file=sys.stderr, flush=True)
+    return teacher, view
+
+
+@register_method("mimco", stage="pretrain", views="one")
+def build_mimco(cfg: Any, device: torch.device, **_: Any) -> MimCo:
+    """MimCo of a :class:`~mimco.config.PretrainConfig`: its masked student against its frozen teacher."""
+    student, masks = masked_student(cfg)
+    teacher, view = build_teacher(cfg, student.backbone.patch_embed.grid_size)
+    return MimCo(student, teacher, cfg.loss, masks, view=view).to(device)

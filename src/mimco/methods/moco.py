@@ -9,8 +9,12 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from typing import Any
+
 from mimco.methods.losses import GlobalInfoNCE
 from mimco.methods.base import MethodDefaults
+from mimco.methods.registry import register_method
+from mimco.models import create_vit
 from mimco.models.heads import MoCoMLP
 
 
@@ -69,3 +73,17 @@ class MoCoV3(MethodDefaults, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"base_encoder.{n}" for n in self.base_encoder.no_weight_decay()}
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {"momentum": self.momentum_encoder, "base": self.base_encoder}
+
+    def compile_targets(self) -> list[nn.Module]:
+        return [*super().compile_targets(), self.base_encoder.head, self.momentum_encoder.head, self.predictor]
+
+
+@register_method("mocov3", stage="teacher", views="two")
+def build_mocov3(cfg: Any, device: torch.device, **_: Any) -> MoCoV3:
+    """Stage 1's MoCo v3 from a :class:`~mimco.config.TeacherConfig`."""
+    m = cfg.moco
+    vit = create_vit(cfg.model, cfg.data.img_size, cfg.data.channels)
+    return MoCoV3(vit, m.proj_dim, m.mlp_dim, m.temperature, m.momentum).to(device)

@@ -3,6 +3,8 @@ the masked pixels. Shares the student and masks with MimCo, so the two compare l
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -10,6 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 from mimco.distributed import rank
 from mimco.masking import MaskGenerator
 from mimco.methods.base import MethodDefaults
+from mimco.methods.registry import register_method
+from mimco.models import create_vit
 from mimco.models.student import MaskedViT
 
 
@@ -45,3 +49,19 @@ class SimMIM(MethodDefaults, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"student.{n}" for n in self.student.no_weight_decay()}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.student]  # its forward calls the backbone's parts, not the backbone's forward
+
+
+def masked_student(cfg: Any) -> tuple[MaskedViT, MaskGenerator]:
+    """The stage-2 student of a :class:`~mimco.config.PretrainConfig` and its mask generator."""
+    student = MaskedViT(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels))
+    grid = student.backbone.patch_embed.grid_size
+    return student, MaskGenerator.from_config(cfg.mask, cfg.model.patch_size, grid, cfg.train.seed)
+
+
+@register_method("simmim", stage="pretrain", views="one")
+def build_simmim(cfg: Any, device: torch.device, **_: Any) -> SimMIM:
+    """The SimMIM baseline of a :class:`~mimco.config.PretrainConfig` (no teacher)."""
+    return SimMIM(*masked_student(cfg)).to(device)

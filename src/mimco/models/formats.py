@@ -22,7 +22,7 @@ from mimco.io import read_file
 from mimco.models import families
 from mimco.models.heads import MoCoMLP
 from mimco.models.vit import resolve_arch
-from mimco.runs import BACKBONE_PREFIX, is_checkpoint
+from mimco.runs import backbones, is_checkpoint, pick_encoder
 
 FORMATS = {
     "mocov3": "MoCo v3 pre-training checkpoint",
@@ -51,6 +51,7 @@ class BackboneState:
     num_heads: int = 0  # known from the format or the run config, 0 = unknown
     config: Any = None  # a mimco run config, for mimco's own checkpoints
     stats: tuple[list[float], list[float]] | None = None  # (mean, std) the teacher was trained with, when known
+    progress: tuple[int, int] | None = None  # a mimco run's (step, total_steps)
 
     @property
     def format(self) -> str:
@@ -81,12 +82,6 @@ def _split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     return body, {}, ["head." + k for k in head]
 
 
-def _choose(encoder: str, options: dict[str, str], what: str) -> str:
-    if encoder not in options:
-        raise MimcoError(f"unknown teacher.encoder '{encoder}' for a {what}; choose one of {', '.join(options)}")
-    return options[encoder]
-
-
 def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
     """Detect the layout of ``obj`` (a loaded checkpoint) and pull out its backbone."""
     if not isinstance(obj, dict):
@@ -98,14 +93,15 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
                              "folder's summary.json; pass a teacher or pretrain checkpoint")
         kind = f"mimco_{stage}"
         cfg = from_dict(TeacherConfig if stage == "teacher" else PretrainConfig, obj["config"])
-        prefix = _choose(encoder, BACKBONE_PREFIX[stage], FORMATS[kind])
+        prefix = pick_encoder(encoder, backbones(obj), FORMATS[kind])
         body, proj, _ = _split_head(_strip(sd, prefix))
         rest = [k for k in sd if not k.startswith(prefix)]
-        return BackboneState(kind, prefix, body, proj, _groups(rest), resolve_arch(cfg.model)[2], cfg)
+        return BackboneState(kind, prefix, body, proj, _groups(rest), resolve_arch(cfg.model)[2], cfg,
+                             progress=(int(obj.get("step", 0)), int(obj.get("total_steps", 0))))
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd = obj["state_dict"]
         if any(k.startswith("module.base_encoder.") for k in sd):
-            prefix = _choose(encoder, {"momentum": "module.momentum_encoder.", "base": "module.base_encoder."},
+            prefix = pick_encoder(encoder, {"momentum": "module.momentum_encoder.", "base": "module.base_encoder."},
                              FORMATS["mocov3"])
             body, proj, _ = _split_head(_strip(sd, prefix))
             if "patch_embed.proj.weight" not in body:
@@ -123,7 +119,7 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
         rest = [k for k in sd if kind == "clip" and "visual." not in k]  # CLIP's text tower
         return BackboneState(kind, "visual." if kind == "clip" else "", sd, {}, _groups(rest), 0)
     if "student" in obj and "teacher" in obj:  # DINO full checkpoint
-        part = _choose(encoder, {"momentum": "teacher", "base": "student"}, FORMATS["dino"])
+        part = pick_encoder(encoder, {"momentum": "teacher", "base": "student"}, FORMATS["dino"])
         sd = obj[part]
         prefix = "module.backbone." if any(k.startswith("module.backbone.") for k in sd) else "backbone."
         rest = [k for k in sd if not k.startswith(prefix)] + [k for k in obj if k != part]

@@ -10,10 +10,6 @@ from torch import nn
 
 from mimco.errors import MimcoError
 
-IMAGE_TARGETS = ("cls", "mean", "projector")
-RESAMPLE = ("area", "bilinear")
-TARGET_NORMS = ("none", "layernorm")
-
 
 def projector_width(model: nn.Module) -> int:
     """The width of the teacher's image projector (a MoCo MLP or CLIP's projection), 0 = none."""
@@ -61,11 +57,6 @@ class TeacherView(nn.Module):
                  mean: list[float], std: list[float], student_grid: tuple[int, int], layers: list[int] | None = None,
                  target_norm: str = "none", image_target: str = "cls", resample: str = "area") -> None:
         super().__init__()
-        for value, choices, key in ((target_norm, TARGET_NORMS, "teacher.target_norm"),
-                                    (image_target, IMAGE_TARGETS, "teacher.image_target"),
-                                    (resample, RESAMPLE, "teacher.resample")):
-            if value not in choices:
-                raise MimcoError(f"unknown {key} '{value}'; choose one of {', '.join(choices)}")
         in_chans = model.patch_embed.proj.in_channels
         if len(data_mean) not in (1, in_chans) or len(data_std) != len(data_mean):
             raise MimcoError(f"the teacher takes {in_chans}-channel images but the data has {len(data_mean)} channels; "

@@ -11,15 +11,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import ModelConfig
+from mimco.config_rules import PRESETS
 from mimco.errors import MimcoError
-
-#: name -> (embed_dim, depth, num_heads)
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "vit_mini": (128, 4, 4),
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-}
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -55,25 +48,15 @@ def mocov3_patch_init(model: VisionTransformer) -> None:
 
 
 def resolve_arch(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(embed_dim, depth, num_heads) from the preset, with explicit non-zero fields winning."""
-    if cfg.arch not in PRESETS:
-        raise MimcoError(f"unknown model.arch '{cfg.arch}'; choose one of {', '.join(PRESETS)}")
+    """(embed_dim, depth, num_heads) from the preset, with explicit non-zero fields winning (the
+    config's rules have checked that the heads divide the width)."""
     dim, depth, heads = PRESETS[cfg.arch]
-    dim, depth, heads = cfg.embed_dim or dim, cfg.depth or depth, cfg.num_heads or heads
-    if dim % heads:
-        raise MimcoError(f"model.embed_dim={dim} is not divisible by model.num_heads={heads}")
-    return dim, depth, heads
+    return cfg.embed_dim or dim, cfg.depth or depth, cfg.num_heads or heads
 
 
 def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTransformer:
     """A timm VisionTransformer without classifier (``num_classes=0``, CLS pooling)."""
     dim, depth, heads = resolve_arch(cfg)
-    if img_size % cfg.patch_size:
-        raise MimcoError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
-    if cfg.pos_embed not in ("learned", "sincos"):
-        raise MimcoError(f"unknown model.pos_embed '{cfg.pos_embed}'; choose learned or sincos")
-    if cfg.init not in ("timm", "mocov3"):
-        raise MimcoError(f"unknown model.init '{cfg.init}'; choose timm or mocov3")
     model = VisionTransformer(
         img_size=img_size, patch_size=cfg.patch_size, in_chans=in_chans, num_classes=0, global_pool="token",
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,

@@ -1,0 +1,128 @@
+"""The training batches of every stage, built from its config in one place (:func:`build_stream`),
+so every data key means the same in every stage:
+
+- ``data.cache=true``: an image folder is decoded once into memory, then served like an
+  in-memory dataset;
+- ``data.on_device=true``: in-memory images are copied to the device once and augmented there in
+  batches; fine-tuning's per-image recipe (RandAugment) runs in the loader on uint8 images and
+  the images are normalised and randomly erased on the device (timm's prefetcher);
+- ``data.decode=gpu``: an image folder's JPEGs are decoded, cropped and augmented in batches on
+  the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import Dataset
+
+from mimco import distributed as dist
+from mimco.config_rules import IN_MEMORY
+from mimco.data.build import BatchStream, ImageArray, cached, load_dataset
+from mimco.data.device_decode import DeviceViews, EncodedFiles
+from mimco.data.files import FileImages
+from mimco.data.subsets import labelled_subset
+from mimco.data.transforms import (BatchMimView, BatchTwoViews, finetune_transform, image_mim_view,
+                                   image_two_views)
+from mimco.errors import MimcoError
+
+
+class TransformedArray(Dataset):
+    """An in-memory :class:`ImageArray` served image by image, as PIL images through ``transform``
+    (fine-tuning's per-image recipe): ``(transform(image i), label i)``."""
+
+    def __init__(self, array: ImageArray, transform: Any) -> None:
+        self.array, self.transform = array, transform
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.array.batch(torch.tensor([i]))[0].cpu()
+        img = Image.fromarray(x[0].numpy(), "L") if x.shape[0] == 1 else Image.fromarray(x.permute(1, 2, 0).numpy())
+        return self.transform(img), int(self.array.labels[i])
+
+
+class DeviceNormalize:
+    """The batch transform of fine-tuning with ``data.on_device``: uint8 images (B, C, S, S) ->
+    normalised float images on ``device``, randomly erased with probability ``reprob`` (per image,
+    random pixels, as the per-image recipe does)."""
+
+    def __init__(self, mean: list[float], std: list[float], reprob: float, device: torch.device) -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.device = device
+        self.erase = RandomErasing(reprob, mode="pixel", device=device) if reprob > 0 else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return (self.erase(x) if self.erase is not None else x), 0
+
+
+def _in_memory(cfg: Any, device: torch.device, transform: Any = None) -> ImageArray | FileImages:
+    """The training split, in memory when the dataset is (or ``data.cache`` makes it so)."""
+    data = cfg.data
+    ds = load_dataset(data, train=True, transform=None if data.cache else transform)
+    if data.cache:  # an image folder decoded once (once per node)
+        ds = cached(ds, data, verbose=dist.is_main(), device=device)
+    return ds
+
+
+def _views_stream(cfg: Any, device: torch.device, two: bool) -> BatchStream:
+    """Pre-training batches: two contrastive views (``two``) or one MIM view."""
+    data = cfg.data
+    batched = BatchTwoViews if two else BatchMimView
+    if data.decode == "gpu":
+        views = batched(cfg.aug, data, crop=False).to(device)
+        ds: Any = EncodedFiles(load_dataset(data, train=True), views.crops)
+        tf: Any = DeviceViews(views, data.img_size, data.channels, device)
+    elif data.name in IN_MEMORY or data.cache:
+        ds = _in_memory(cfg, device)
+        if data.on_device:
+            ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
+        tf = batched(cfg.aug, data).to(device)
+    else:
+        ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two else
+                          image_mim_view(cfg.aug, data))
+        tf = None
+    return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,
+                       data.max_bad_fraction, dist.rank(), dist.world_size())
+
+
+def num_classes(ds: Any) -> int:
+    """Classes of a labelled training set (in memory: the largest label + 1)."""
+    if isinstance(ds, TransformedArray):
+        ds = ds.array
+    if isinstance(ds, ImageArray):
+        return int(ds.labels.max()) + 1
+    return len(ds.classes)
+
+
+def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
+    """Fine-tuning batches: one augmented view per image (timm's recipe, per image) and its label."""
+    d = cfg.data
+    tf = finetune_transform(cfg.aug, d, normalize=not d.on_device)
+    train = _in_memory(cfg, device, tf)
+    if d.labels_per_class or d.labels_fraction:  # few labels: the same balanced subset the probes' --per-class draws
+        train = labelled_subset(train, d.labels_per_class, d.labels_fraction, d.label_seed,
+                                "data.labels_per_class" if d.labels_per_class else "data.labels_fraction")
+        if len(train) < cfg.optim.batch_size:
+            raise MimcoError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(train)} labelled training "
+                             f"images; set optim.batch_size to at most {len(train)}")
+    ds = TransformedArray(train, tf) if isinstance(train, ImageArray) else train
+    on_device = DeviceNormalize(d.mean[: d.channels], d.std[: d.channels], cfg.aug.reprob, device) if d.on_device else None
+    stream = BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, on_device, d.num_workers,
+                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
+    stream.num_classes = num_classes(train)
+    return stream
+
+
+def build_stream(cfg: Any, device: torch.device, views: str) -> BatchStream:
+    """The training batches of this process for a method taking ``views`` (``two``, ``one`` or
+    ``labelled``; :mod:`mimco.methods.registry`) under ``cfg``'s data keys."""
+    if views == "labelled":
+        return _labelled_stream(cfg, device)
+    return _views_stream(cfg, device, two=views == "two")
