@@ -60,7 +60,7 @@ def test_unreadable_files_are_left_out_and_counted(tmp_path, capsys):
     files = FileImages(str(tmp_path / "imgs"), labelled=False)
     x, _ = cache.decode_all(files, 16, num_workers=0, max_bad_fraction=0.1)
     err = capsys.readouterr().err
-    assert "mimco: cached 19 images at 16 px" in err and "skipped 1 unreadable images" in err
+    assert "mimco: cached 19 images at 16 px" in err and "skipped 1 unreadable files" in err
     assert torch.equal(x, torch.from_numpy(np.delete(images, 3, axis=0)))
     with pytest.raises(MimcoError, match="1 of 20 images could not be read"):
         cache.decode_all(files, 16, num_workers=0, max_bad_fraction=0.01)

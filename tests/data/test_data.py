@@ -128,14 +128,15 @@ def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
     names = [p.name for p, _ in ds.items]  # sorted: 0..5.png, bad.png, trunc.png
     sub = Substituting(ds)
     for i, name in enumerate(names):  # an unreadable file gives the next readable one (wrapping), and says so
-        img, n_bad = sub[i]
+        img, bad = sub[i]
         want = {"bad.png": 0, "trunc.png": 0}.get(name, i)
-        assert n_bad == (2 if name == "bad.png" else 1 if name == "trunc.png" else 0), name
+        assert bad == ((6, 7) if name == "bad.png" else (7,) if name == "trunc.png" else ()), name  # by index
         assert np.array_equal(np.asarray(img[0]), np.asarray(ds[want][0])), name
     counter = BadImageCounter(0.5, len(ds))
-    counter.update(2, 8)
-    assert (counter.bad, counter.seen) == (2, 8)
-    counter.check(counter.bad, counter.seen)  # 25 % <= 50 %
+    counter.update(2, 8, [6, 7])
+    counter.update(1, 8, [7])  # the same file again, in another epoch: a read, not a new file
+    assert (counter.bad, counter.seen, counter.files) == (3, 16, {6, 7})
+    counter.check(counter.bad, counter.seen)  # 19 % <= 50 %
     with pytest.raises(MimcoError, match="2 of 8 images could not be read"):
         BadImageCounter(0.1, len(ds)).check(2, 8)
     with pytest.raises(MimcoError, match="3 of 9 images"):  # given the counts of every process, summed

@@ -48,8 +48,8 @@ def test_crops_match_a_pil_reference(tmp_path):
     torch.manual_seed(0)
     items = [enc[i] for i in idx]
     assert all(x[0].ndim == 1 for x in items)  # JPEG bytes, not pixels
-    (packed, labels), bad = EncodedFiles.collate([(x, 0) for x in items])
-    assert bad == 0 and labels.tolist() == [files.items[i][1] for i in idx]
+    (packed, labels), bad = EncodedFiles.collate([(x, ()) for x in items])
+    assert bad == [] and labels.tolist() == [files.items[i][1] for i in idx]
     dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3, torch.device("cpu"))
     images, n_bad = dv.decode(packed.items())
     assert n_bad == 0
@@ -73,7 +73,7 @@ def test_other_formats_grey_and_broken_files(tmp_path):
     png, grey, trunc = (enc[_item(files, n)] for n in ("p.png", "grey.jpg", "trunc.jpg"))
     assert png[0].shape == (3, 20, 20) and grey[0].ndim == 1 and trunc[0].ndim == 1  # PNG decoded by the worker
     first = enc[_item(files, "000.jpg")]
-    (packed, _), _ = EncodedFiles.collate([(x, 0) for x in (first, trunc, png, grey)])
+    (packed, _), _ = EncodedFiles.collate([(x, ()) for x in (first, trunc, png, grey)])
     dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3, torch.device("cpu"))
     images, bad = dv.decode(packed.items())
     assert bad == 1 and len(images) == 4  # the truncated JPEG is counted and replaced by the image before it
@@ -108,7 +108,7 @@ def test_training_from_a_jpeg_folder_decoded_on_the_device(tmp_path, capsys):
     a, b = _losses(tmp_path / "w0" / "log.csv"), _losses(tmp_path / "w2" / "log.csv")
     assert len(a) == 8 and a == b and all(np.isfinite(a))
     err = capsys.readouterr().err
-    assert err.count("mimco: skipped ") == 2 and " unreadable images of 1" in err
+    assert err.count("mimco: skipped ") == 2 and " unreadable files of 64 (" in err and "empty.jpg" in err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.cli.main import main
@@ -154,14 +154,27 @@ def test_export_then_timm_create_model(tmp_path, capsys):
     moco_file(path)
     assert main(["export", str(path), "--out", str(tmp_path / "exported")]) == 0
     cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
-    model = timm.create_model(cfg["model_name"], checkpoint_path=str(tmp_path / "exported" / "model.safetensors"),
-                              **cfg["model_kwargs"])
+    assert cfg["model_name"] is None  # a 2-block ViT-S is no timm model: the exact kwargs build it
+    model = timm.models.VisionTransformer(**cfg["model_kwargs"])
+    model.load_state_dict(load_file(str(tmp_path / "exported" / "model.safetensors")))
     ours, _ = load_backbone(str(path))
     assert same_features(model, ours)
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         assert torch.allclose(model(x), ours.forward_head(ours.forward_features(x), pre_logits=True), atol=1e-6)
-    assert "timm.create_model" in capsys.readouterr().out
+    assert "timm.models.VisionTransformer(**cfg['model_kwargs'])" in capsys.readouterr().out
+
+
+def test_export_names_a_timm_model_only_when_it_is_that_model():
+    from mimco.config import ModelConfig
+    from mimco.models import create_vit
+    from mimco.models.export import matching_name
+
+    assert matching_name(create_vit(ModelConfig(arch="vit_small"), 224)) == "vit_small_patch16_224"
+    assert matching_name(create_vit(ModelConfig(arch="vit_base"), 96)) == "vit_base_patch16_224"  # any image size
+    assert matching_name(create_vit(ModelConfig(arch="vit_small", num_heads=12), 224)) is None  # MoCo v3's 12 heads
+    assert matching_name(create_vit(ModelConfig(arch="vit_mini", patch_size=7), 28)) is None  # the demo's
+    assert matching_name(create_vit(ModelConfig(arch="vit_small", depth=2), 32)) is None
 
 
 def test_inspect_prints_format_and_arch(tmp_path, capsys):

@@ -55,9 +55,12 @@ def _export(args: argparse.Namespace) -> int:
                          "converts mimco runs and plain ViT files")
     out = export_timm(model, args.out, {"source": str(args.checkpoint), "source_format": state.format,
                                         "source_part": state.source})
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}; load with:\n"
-          f"  cfg = json.load(open('{out / 'config.json'}'))\n"
-          f"  model = timm.create_model(cfg['model_name'], checkpoint_path='{out / 'model.safetensors'}', **cfg['model_kwargs'])")
+    weights, cfg = out / "model.safetensors", json.loads((out / "config.json").read_text())
+    build = (f"timm.create_model(cfg['model_name'], checkpoint_path='{weights}', **cfg['model_kwargs'])"
+             if cfg["model_name"] else "timm.models.VisionTransformer(**cfg['model_kwargs'])\n"
+             f"  model.load_state_dict(safetensors.torch.load_file('{weights}'))  # no timm model has this architecture")
+    print(f"wrote {weights} and {out / 'config.json'}; load with:\n  cfg = json.load(open('{out / 'config.json'}'))\n"
+          f"  model = {build}")
     return 0
 
 

@@ -192,11 +192,12 @@ class BatchStream:
             else:
                 # the persistent loader picks up this epoch's order; keys epoch * N + i seed each image's views
                 self._rows.rows = (idx + epoch * len(self.ds)).tolist()
-                for (views, labels), n_bad in self._file_loader():
+                for (views, labels), unreadable in self._file_loader():
+                    undecodable = 0
                     if self.batch_transform is not None:  # data.decode=gpu: encoded images, decoded on the device
                         views, undecodable = self.batch_transform(views)
-                        n_bad += undecodable
-                    self.bad.update(n_bad, self.local + n_bad)  # unreadable files were replaced: full batches
+                    n_bad = len(unreadable) + undecodable  # unreadable files were replaced: full batches
+                    self.bad.update(n_bad, self.local + n_bad, unreadable, undecodable)
                     views = list(views) if isinstance(views, (list, tuple)) else [views]
                     if self.labels:
                         views.append(labels)

@@ -108,7 +108,7 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
     else:
         images, labels, kept, bad = _map_shared(path, n, c, size, need, local_rank)
     if verbose:
-        skipped = f"; skipped {bad} unreadable images" if bad else ""
+        skipped = f"; skipped {bad} unreadable files" if bad else ""
         how = f", shared by the {local_world} processes of this node" if path is not None else ""
         print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s "
               f"with {num_workers} workers{skipped}{how}", file=sys.stderr, flush=True)

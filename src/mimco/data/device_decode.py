@@ -67,15 +67,16 @@ class EncodedFiles(Dataset):
         return data, boxes, label
 
     @staticmethod
-    def collate(batch: list[tuple[Any, int]]) -> tuple[tuple[Packed, torch.Tensor], int]:
-        """:class:`~mimco.data.files.Substituting` items -> ((packed data and boxes, labels (B,)), unreadable).
+    def collate(batch: list[tuple[Any, tuple[int, ...]]]) -> tuple[tuple[Packed, torch.Tensor], list[int]]:
+        """:class:`~mimco.data.files.Substituting` items -> ((packed data and boxes, labels (B,)), the
+        unreadable files met, by index).
         The items' bytes travel from the worker as one buffer (one shared-memory block per batch,
         not one per image)."""
         items = [b[0] for b in batch]
         flat = [x[0].reshape(-1) for x in items]
         shapes = [tuple(x[0].shape) for x in items]
         packed = Packed(torch.cat(flat), [len(f) for f in flat], shapes, torch.stack([x[1] for x in items]))
-        return (packed, torch.tensor([x[2] for x in items])), sum(b[1] for b in batch)
+        return (packed, torch.tensor([x[2] for x in items])), [j for b in batch for j in b[1]]
 
 
 class Packed(NamedTuple):

@@ -84,8 +84,8 @@ def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:
 
 
 class Substituting(Dataset):
-    """Training view of a per-image dataset. Key ``epoch * N + i`` gives ``(sample i, unreadable
-    files tried)``: an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``,
+    """Training view of a per-image dataset. Key ``epoch * N + i`` gives ``(sample i, the indices of
+    the unreadable files tried)``: an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``,
     ...; the same choice on every process and every epoch), so a batch never shrinks; and the
     image's random augmentation is drawn from generators seeded by (``seed``, epoch, i) alone, so
     it does not depend on the worker that decodes it, on how many workers there are, or on where a
@@ -99,14 +99,14 @@ class Substituting(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int) -> tuple[Any, tuple[int, ...]]:
         n = len(self.images)
         epoch, i = divmod(key, n)
         for k in range(min(self.MAX_TRIES, n)):
             with _seeded(((self.seed * 100_003 + epoch) * n + i) % 2**63):
                 item = self.images[(i + k) % n]
             if item is not None:
-                return item, k
+                return item, tuple((i + j) % n for j in range(k))
         raise MimcoError(f"{self.MAX_TRIES} consecutive images from {self.images.items[i][0]} on cannot be read; "
                          "remove the corrupt files")
 
@@ -126,22 +126,27 @@ def _seeded(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def collate_substituted(batch: list[tuple[Any, int]]) -> tuple[Any, int]:
-    """Collate :class:`Substituting` items: (collated samples, unreadable files met)."""
-    return default_collate([b[0] for b in batch]), sum(b[1] for b in batch)
+def collate_substituted(batch: list[tuple[Any, tuple[int, ...]]]) -> tuple[Any, list[int]]:
+    """Collate :class:`Substituting` items: (collated samples, the unreadable files met, by index)."""
+    return default_collate([b[0] for b in batch]), [j for b in batch for j in b[1]]
 
 
 class BadImageCounter:
-    """Counts unreadable images among those read. ``check`` (given the counts of every process,
-    so that all processes stop together) raises past ``max_fraction``."""
+    """Counts unreadable images among those read (a rate: a file read in two epochs counts twice),
+    and which files were unreadable (``files``, dataset indices; each once). ``check`` (given the
+    counts of every process, so that all processes stop together) raises past ``max_fraction``."""
 
     def __init__(self, max_fraction: float, dataset_size: int) -> None:
         self.max_fraction, self.min_seen = max_fraction, min(dataset_size, 200)
         self.bad = self.seen = 0
+        self.files: set[int] = set()
+        self.undecodable = 0  # files read whose JPEG data failed to decode on the device (data.decode=gpu)
 
-    def update(self, bad: int, total: int) -> None:
+    def update(self, bad: int, total: int, files: list[int] = (), undecodable: int = 0) -> None:  # type: ignore[assignment]
         self.bad += bad
         self.seen += total
+        self.files.update(files)
+        self.undecodable += undecodable
 
     def check(self, bad: int, seen: int) -> None:
         """Raise when ``bad`` of ``seen`` images (summed over processes) is past the limit."""

@@ -162,11 +162,26 @@ class Trainer:
         return n, m
 
     def _report_bad_images(self) -> None:
-        """``skipped N unreadable images of M`` at the end of a run that read files."""
-        counts = self._bad_images()
-        if counts is not None and dist.is_main():
-            print(f"mimco: skipped {counts[0]} unreadable images of {counts[1]} (each replaced by the next readable "
-                  "file)", file=sys.stderr, flush=True)
+        """At the end of a run that read files: how many of the dataset's files were unreadable (each
+        file once, whichever process and epoch met it), the first few by name."""
+        if self._bad_images() is None:
+            return
+        bad = self.stream.bad
+        found: list[Any] = [None] * dist.world_size()
+        if dist.is_dist():
+            torch.distributed.all_gather_object(found, (sorted(bad.files), bad.undecodable))
+        else:
+            found = [(sorted(bad.files), bad.undecodable)]
+        files = sorted({i for f, _ in found for i in f})
+        undecodable = sum(u for _, u in found)
+        if dist.is_main():
+            items = getattr(self.stream.ds, "items", None)
+            names = [str(items[i][0]) for i in files[:3]] if items is not None else []
+            more = ", ..." if len(files) > 3 else ""
+            print(f"mimco: skipped {len(files)} unreadable files of {len(self.stream.ds)}"
+                  + (f" ({', '.join(names)}{more})" if names else "") + ", each replaced by the next readable file"
+                  + (f"; {undecodable} JPEG reads failed to decode on the device" if undecodable else ""),
+                  file=sys.stderr, flush=True)
 
     def check_finite(self) -> None:
         bad = self.guard.bad_step()
