@@ -89,3 +89,18 @@ def test_clip_teacher_with_its_image_projection_as_target(tmp_path, capsys):
     assert "OpenCLIP / OpenAI CLIP visual tower at 64 px, patch grid 4x4, targets: final output, image projector" in err
     model = load_checkpoint(tmp_path / "clip" / "last.pt")["model"]
     assert model["image_head.2.weight"].shape[0] == 32 and model["patch_head.2.weight"].shape[0] == 64  # projection, width
+
+
+def test_a_teacher_from_an_unfinished_run_is_named_with_its_step(tmp_path, capsys):
+    from mimco.config import PretrainConfig, load_config
+    from mimco.methods.mimco import build_teacher
+    from mimco.pipeline import run_stage
+    from tests.conftest import tiny_teacher_cfg
+
+    run_stage("teacher", tiny_teacher_cfg(tmp_path, "cut", ("train.max_steps=2",)))
+    ckpt = tmp_path / "cut" / "last.pt"
+    capsys.readouterr()
+    build_teacher(load_config(PretrainConfig, None, ["data.img_size=16", f"teacher.checkpoint={ckpt}"]), (4, 4))
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warning == [f"mimco: warning: the teacher {ckpt} is from an unfinished run (step 2 of 8); finish it with "
+                       f"`mimco teacher --resume {ckpt}` first"]
