@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, load_config, to_dict
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, load_config, to_dict
 from mimco.data.build import class_names, load_dataset
 from mimco.errors import MimcoError
 from mimco.eval import extract_features
@@ -154,7 +154,7 @@ def _changed(saved: Any, now: Any) -> bool:
 
 def train(stage: str, overrides: list[str], run: Path) -> dict[str, Any]:
     """Run, resume or reuse one stage in ``run`` (reuse only when its saved config is the same)."""
-    cls = TeacherConfig if stage == "teacher" else PretrainConfig
+    cls = TeacherStageConfig if stage == "teacher" else PretrainConfig
     cfg = load_config(cls, None, [*overrides, f"train.out_dir={run.parent}", f"train.name={run.name}",
                                   "train.progress=false", "eval.at_end=false", "train.ckpt_every=100"])
     if (run / CONFIG).is_file() and _changed(yaml.safe_load((run / CONFIG).read_text()), to_dict(cfg)):
@@ -388,7 +388,7 @@ def run_study(preset: str, p: dict[str, Any], out: Path) -> None:
         model, _ = load_backbone(str(ckpt))
         results.setdefault(row, []).append(evaluate(row, model, run, p, splits, do_ft, few=do_ft))
 
-    teacher_epochs = load_config(TeacherConfig, None, p["teacher"]).optim.epochs
+    teacher_epochs = load_config(TeacherStageConfig, None, p["teacher"]).optim.epochs
     for seed in p["seeds"]:
         s = [f"train.seed={seed}"]
         t_run = folder(runs, "MoCo v3 teacher", seed)

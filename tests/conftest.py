@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimco.config import PretrainConfig, TeacherConfig, load_config
+from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 #: subprocesses run the checkout's code, one thread each (two processes share the machine's cores)
@@ -26,8 +26,8 @@ def tiny_overrides(out: Path, name: str) -> list[str]:
     return [*TINY_DATA, *TINY_MODEL, *TINY_RUN, f"train.out_dir={out}", f"train.name={name}"]
 
 
-def tiny_teacher_cfg(out: Path, name: str = "teacher", extra: tuple[str, ...] = ()) -> TeacherConfig:
-    return load_config(TeacherConfig, None, [*tiny_overrides(out, name), "moco.mlp_dim=64", "moco.proj_dim=32", *extra])
+def tiny_teacher_cfg(out: Path, name: str = "teacher", extra: tuple[str, ...] = ()) -> TeacherStageConfig:
+    return load_config(TeacherStageConfig, None, [*tiny_overrides(out, name), "moco.mlp_dim=64", "moco.proj_dim=32", *extra])
 
 
 def tiny_pretrain_cfg(out: Path, teacher_ckpt: Path, name: str = "student", extra: tuple[str, ...] = ()) -> PretrainConfig:

@@ -226,11 +226,11 @@ def test_reproduce_overrides_go_to_their_stage():
 def test_every_preset_builds_valid_configs():
     """A typo in a preset (e.g. the gpu one, which cannot run here) fails here, not on the GPU machine."""
     from benchmarks.reproduce import PRESETS, STUDENT_ROWS, _finetune_config
-    from mimco.config import PretrainConfig, TeacherConfig, load_config
+    from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 
     for name, p in PRESETS.items():
         base = [*p["data"], *p["model"]]
-        teacher = load_config(TeacherConfig, None, [*base, *p["teacher"]])
+        teacher = load_config(TeacherStageConfig, None, [*base, *p["teacher"]])
         for row, (over, _) in STUDENT_ROWS.items():
             student = load_config(PretrainConfig, None, [*base, *p["student"], *over])
             # the same backbone; only the initialisation differs (MoCo v3's in stage 1, timm's in stage 2)
@@ -239,7 +239,7 @@ def test_every_preset_builds_valid_configs():
         assert fcfg.data == teacher.data.__class__(**{**vars(teacher.data), "on_device": fcfg.data.on_device,
                                                      "num_workers": fcfg.data.num_workers}), name
         assert fcfg.train.name == f"finetune-{key}"
-    gpu = load_config(TeacherConfig, None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
+    gpu = load_config(TeacherStageConfig, None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
     assert gpu.data.on_device and gpu.train.precision == "bf16" and gpu.model.arch == "vit_tiny"
 
 

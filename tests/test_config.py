@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mimco.config import PretrainConfig, TeacherConfig, all_keys, load_config, save_config
+from mimco.config import PretrainConfig, TeacherStageConfig, all_keys, load_config, save_config
 from mimco.errors import MimcoError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -11,29 +11,29 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 def test_defaults_then_yaml_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  base_lr: 0.01\n  epochs: 3\nmodel:\n  arch: vit_small\n")
-    cfg = load_config(TeacherConfig, p, ["optim.epochs=5", "model.num_heads=12", "data.mean=[0.1,0.2,0.3]"])
+    cfg = load_config(TeacherStageConfig, p, ["optim.epochs=5", "model.num_heads=12", "data.mean=[0.1,0.2,0.3]"])
     assert cfg.optim.base_lr == 0.01 and cfg.optim.epochs == 5.0
     assert cfg.model.arch == "vit_small" and cfg.model.num_heads == 12
     assert cfg.data.mean == [0.1, 0.2, 0.3]
-    assert load_config(TeacherConfig, None, ["optim.base_lr=1e-3"]).optim.base_lr == 1e-3
+    assert load_config(TeacherStageConfig, None, ["optim.base_lr=1e-3"]).optim.base_lr == 1e-3
     assert cfg.optim.weight_decay == 0.1  # the teacher's MoCo v3 default, not the student's 0.05
     assert load_config(PretrainConfig).optim.weight_decay == 0.05
 
 
 def test_unknown_key_names_closest():
     with pytest.raises(MimcoError, match=r"unknown config key 'optim.base_lrr'.*optim.base_lr"):
-        load_config(TeacherConfig, None, ["optim.base_lrr=1"])
+        load_config(TeacherStageConfig, None, ["optim.base_lrr=1"])
     with pytest.raises(MimcoError, match=r"unknown config key 'mask'; valid sections: data, model"):
-        load_config(TeacherConfig, None, ["mask.ratio=0.5"])  # masks belong to stage 2
+        load_config(TeacherStageConfig, None, ["mask.ratio=0.5"])  # masks belong to stage 2
 
 
 def test_wrong_type_and_bad_override():
     with pytest.raises(MimcoError, match="expects int"):
-        load_config(TeacherConfig, None, ["optim.batch_size=abc"])
+        load_config(TeacherStageConfig, None, ["optim.batch_size=abc"])
     with pytest.raises(MimcoError, match="key=value"):
-        load_config(TeacherConfig, None, ["optim.batch_size"])
+        load_config(TeacherStageConfig, None, ["optim.batch_size"])
     with pytest.raises(MimcoError, match="not found"):
-        load_config(TeacherConfig, "/nonexistent.yaml")
+        load_config(TeacherStageConfig, "/nonexistent.yaml")
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -44,7 +44,7 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_bundled_configs_load(path):
-    cls = TeacherConfig if "teacher" in path.name else PretrainConfig
+    cls = TeacherStageConfig if "teacher" in path.name else PretrainConfig
     load_config(cls, path)
 
 

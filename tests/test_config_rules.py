@@ -10,12 +10,12 @@ import typing
 import pytest
 
 from mimco.cli.main import main
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, all_keys, load_config
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys, load_config
 from mimco.config_rules import _BOUNDS
 from mimco.errors import MimcoError
 from tests.conftest import TINY_DATA, TINY_MODEL
 
-CLASSES = {"teacher": TeacherConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+CLASSES = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 class DataReached(AssertionError):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from mimco.cli.main import handlers, parse_args
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, apply_overrides, load_config
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CONFIG_OF = {"teacher": TeacherConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": PretrainConfig,
+CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": PretrainConfig,
              "knn": PretrainConfig, "linprobe": PretrainConfig, "plot": PretrainConfig}
 
 
@@ -60,7 +60,7 @@ def check_python(argv: list[str]) -> None:
     args = mod.build_parser().parse_args(argv[1:])
     if script.stem == "reproduce":  # stage-prefixed overrides: every stage's config takes its own
         p = mod.with_overrides(mod.PRESETS[args.preset], args.overrides)
-        load_config(TeacherConfig, None, [*p["data"], *p["model"], *p["teacher"]])
+        load_config(TeacherStageConfig, None, [*p["data"], *p["model"], *p["teacher"]])
         load_config(PretrainConfig, None, [*p["data"], *p["model"], *p["student"]])
         load_config(FinetuneConfig, None, [*p["data"], *p["finetune"]])
 

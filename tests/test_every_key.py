@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mimco.cli.main import main
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, all_keys
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys
 from mimco.runs import load_checkpoint
 
 import examples.simsiam  # noqa: F401  (registers a second stage-1 method: method=simsiam)
@@ -58,6 +58,7 @@ ALLOWED: dict[str, str] = {
     "finetune:method": "the only fine-tuning method",
     "pretrain:teacher.model": "a timm name to load a released file into (tests/models/test_families.py)",
     "pretrain:teacher.num_heads": "a mimco teacher records its heads: another count is refused (test_formats.py)",
+    "finetune:data.channels": "the backbone's channel count; another is refused (tests/eval/test_commands.py)",
     "finetune:classifier.num_heads": "a mimco checkpoint records its heads: another count is refused (test_formats.py)",
 }
 
@@ -162,7 +163,7 @@ CONTEXT = [
     ("finetune", "data.labels_fraction=0.5", ["optim.batch_size=8"]),
     ("finetune", "data.label_seed=1", ["data.labels_per_class=4", "optim.batch_size=8"]),
 ]
-CLASSES = {"teacher": TeacherConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+CLASSES = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 

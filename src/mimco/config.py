@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses, YAML files and ``key=value`` overrides.
 
-Each CLI stage has one top-level dataclass (:class:`TeacherConfig` for ``mimco teacher``,
-:class:`PretrainConfig` for ``mimco pretrain``) made of the sections below. A YAML file gives
+Each stage has one top-level dataclass (:class:`TeacherStageConfig` for ``mimco teacher``,
+:class:`PretrainConfig` for ``mimco pretrain``, :class:`FinetuneConfig` for ``mimco finetune``)
+made of the sections below (stage 2's frozen teacher is its ``teacher:`` section,
+:class:`FrozenTeacherConfig`). A YAML file gives
 any subset of the keys; ``section.key=value`` overrides on the command line come last.
 An unknown key or a value of the wrong type is a :class:`~mimco.errors.MimcoError` that names
 the closest valid keys.
@@ -133,7 +135,7 @@ class MaskConfig:
 
 
 @dataclass
-class TeacherSourceConfig:
+class FrozenTeacherConfig:
     """The frozen teacher of stage 2: which weights, how it sees the image, which features are targets."""
 
     # mimco last.pt, MoCo v3, DINO, MAE, SimMIM, DINOv2, OpenCLIP / CLIP, EVA-02, timm weights or a hub folder
@@ -217,8 +219,8 @@ class EvalConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """Stage 1 (``mimco teacher``): MoCo v3."""
+class TeacherStageConfig:
+    """Stage 1 (``mimco teacher``): the contrastive teacher, MoCo v3 by default (``method``)."""
 
     method: str = "mocov3"  # a registered method of this stage (mimco.methods.registry)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,7 +243,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: MimAugConfig = field(default_factory=MimAugConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
+    teacher: FrozenTeacherConfig = field(default_factory=FrozenTeacherConfig)
     loss: MimcoLossConfig = field(default_factory=MimcoLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -270,7 +272,7 @@ class ClassifierConfig:
     layer_decay: float = 0.75  # 0.65 for ViT-B
     drop_path_rate: float = 0.1
     pool: Pool = "avg"  # avg (mean of patch tokens + fc_norm) | token (CLS)
-    encoder: Encoder = "momentum"  # which encoder of a teacher / DINO checkpoint
+    encoder: Encoder = "momentum"  # which encoder of a two-encoder checkpoint (MoCo v3, DINO); others have one
     num_heads: int = 0  # 0 = from the checkpoint
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mimco import distributed as dist
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherConfig, apply_overrides, from_dict, load_config, save_config
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, apply_overrides, from_dict, load_config, save_config
 from mimco.config_rules import check_resume, validate
 from mimco.data.build import load_dataset
 from mimco.data.stream import build_stream
@@ -28,7 +28,7 @@ from mimco.runs import CHECKPOINT, CONFIG, finished, is_finished, load_checkpoin
 from mimco.runs import resume_state, write_summary
 
 #: each stage's config class (``mimco teacher | pretrain | finetune``)
-STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
 def setup(cfg: Any) -> torch.device:

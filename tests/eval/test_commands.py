@@ -223,3 +223,18 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     best_a, best_b = load_file(str(tmp_path / "full" / "best.safetensors")), load_file(str(tmp_path / "part" / "best.safetensors"))
     assert all(torch.allclose(best_a[k], best_b[k], atol=1e-6) for k in best_a)
+
+
+def test_finetune_at_another_resolution_and_the_wrong_channels(tmp_path, teacher_ckpt, capsys):
+    """A 16-px backbone fine-tunes at 24 px (its position table resampled, as timm does); a channel
+    count the backbone does not take is one line."""
+    from mimco.cli.main import main
+
+    args = ["finetune", str(teacher_ckpt), *DATA, "data.num_workers=0", "optim.batch_size=32", "train.max_steps=1",
+            f"train.out_dir={tmp_path}"]
+    assert main([*args, "data.img_size=24", "train.name=a"]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["step"] == 1
+    capsys.readouterr()
+    assert main([*args, "data.channels=1", "train.name=b"]) == 2
+    assert capsys.readouterr().err.strip() == ("mimco: error: the backbone takes 3-channel images but data.channels=1; "
+                                               "set data.channels=3")

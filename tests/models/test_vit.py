@@ -82,9 +82,9 @@ def test_mocov3_init_matches_the_official_bounds():
 
 
 def test_stage_one_defaults_to_mocov3_init():
-    from mimco.config import PretrainConfig, TeacherConfig
+    from mimco.config import PretrainConfig, TeacherStageConfig
 
-    assert TeacherConfig().model.init == "mocov3" and PretrainConfig().model.init == "timm"
+    assert TeacherStageConfig().model.init == "mocov3" and PretrainConfig().model.init == "timm"
 
 
 @pytest.mark.parametrize("kw", [{}, {"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"},

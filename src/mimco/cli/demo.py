@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mimco.config import PretrainConfig, TeacherConfig, load_config
+from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 from mimco.data.build import class_names, load_dataset
 from mimco.eval.features import eval_batches
 from mimco.eval.probe import mean_std, probe_backbone, probe_few_labels
@@ -27,7 +27,7 @@ TSNE_POINTS = 2000
 QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5"]
 
 
-def _stage(stage: str, cfg: TeacherConfig | PretrainConfig, run_dir: Path) -> float:
+def _stage(stage: str, cfg: TeacherStageConfig | PretrainConfig, run_dir: Path) -> float:
     """Run (or resume, or reuse) one stage; returns its training minutes. A stopped stage raises
     :class:`~mimco.pipeline.StageStopped`: the demo goes no further."""
     return run_or_reuse(stage, cfg, run_dir, say="demo").get("train_seconds", 0.0) / 60
@@ -54,7 +54,7 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     extra = (QUICK if quick else []) + ([f"train.threads={threads}"] if threads else []) + list(overrides)
-    tcfg = load_config(TeacherConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra, *teacher])
+    tcfg = load_config(TeacherStageConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra, *teacher])
     t_min = _stage("teacher", tcfg, out / "teacher")
     student_run = [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / CHECKPOINT}"]
     pcfg = load_config(PretrainConfig, "fmnist_pretrain", [*student_run, *extra, *student])

@@ -3,6 +3,6 @@
 from mimco.eval.features import extract_features
 from mimco.eval.knn import knn_accuracy, knn_predict
 from mimco.eval.linear import linear_probe
-from mimco.eval.probe import Probe, probe_backbone
+from mimco.eval.probe import ProbeResult, probe_backbone
 
-__all__ = ["Probe", "extract_features", "knn_accuracy", "knn_predict", "linear_probe", "probe_backbone"]
+__all__ = ["ProbeResult", "extract_features", "knn_accuracy", "knn_predict", "linear_probe", "probe_backbone"]

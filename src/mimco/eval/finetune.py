@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from timm.data import Mixup
+from timm.layers import resample_abs_pos_embed
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
@@ -32,12 +33,19 @@ from mimco.models.export import timm_kwargs
 
 
 def build_classifier(backbone: VisionTransformer, num_classes: int, pool: str = "avg",
-                     drop_path_rate: float = 0.1) -> VisionTransformer:
-    """A timm ViT classifier initialised from ``backbone``; head (and fc_norm for ``avg``) fresh (MAE)."""
+                     drop_path_rate: float = 0.1, img_size: int = 0) -> VisionTransformer:
+    """A timm ViT classifier initialised from ``backbone`` at ``img_size`` (0 = the backbone's; another
+    size resamples the position table, as timm does for a pre-trained model at a new resolution);
+    head (and fc_norm for ``avg``) fresh (MAE)."""
     kw = {**timm_kwargs(backbone), "num_classes": num_classes, "global_pool": pool, "drop_path_rate": drop_path_rate}
+    kw["img_size"] = img_size or kw["img_size"]
     model = VisionTransformer(**kw)
     state = {k: v for k, v in backbone.state_dict().items()
              if not k.startswith("head.") and not (pool == "avg" and k.startswith("norm."))}
+    if state["pos_embed"].shape != model.pos_embed.shape:
+        prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if pool == "avg" else set())
     if set(missing) - fresh or unexpected:
@@ -144,9 +152,14 @@ def build_finetune(cfg: FinetuneConfig, device: torch.device, stream: BatchStrea
     if (a.mixup > 0 or a.cutmix > 0) and micro % 2:
         raise MimcoError(f"mixup/cutmix pair the images of a batch, but each process's micro-batch holds {micro}; "
                          "use an even optim.batch_size per process, or aug.mixup=0 aug.cutmix=0")
+    chans = backbone.patch_embed.proj.in_channels
+    if cfg.data.channels != chans:
+        raise MimcoError(f"the backbone takes {chans}-channel images but data.channels={cfg.data.channels}; set "
+                         f"data.channels={chans}")
     test = load_dataset(cfg.data, train=False)
     if test is None:
         raise MimcoError(f"{cfg.data.root} has no val/ split to evaluate on; lay the data out as train/ and val/ "
                          "class folders")
-    model = build_classifier(backbone, stream.num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate)
+    model = build_classifier(backbone, stream.num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate,
+                             cfg.data.img_size)
     return Finetune(model, cfg, stream.num_classes, test, run_dir).to(device)

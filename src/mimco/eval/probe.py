@@ -21,7 +21,7 @@ from mimco.eval.linear import linear_probe
 
 
 @dataclass
-class Probe:
+class ProbeResult:
     """Top-1 (%) of one backbone, and the test features behind it (for t-SNE)."""
 
     knn_top1: float
@@ -50,7 +50,7 @@ def bank_split(train: Any, ev: EvalConfig) -> Any:
 
 
 def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
-                   device: torch.device, linear: bool = True, seed: int = 0) -> Probe:
+                   device: torch.device, linear: bool = True, seed: int = 0) -> ProbeResult:
     """k-NN (``ev.knn_k``, ``ev.knn_temperature``, a bank of at most ``ev.max_train`` images) and,
     with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels)."""
     start = time.perf_counter()
@@ -59,7 +59,7 @@ def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], da
     fte, yte = extract_features(backbone, test, data, device)
     knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
     lin = linear_probe(ftr, ytr, fte, yte, seed=seed) if linear else None
-    return Probe(knn, lin, time.perf_counter() - start, fte, yte)
+    return ProbeResult(knn, lin, time.perf_counter() - start, fte, yte)
 
 
 def knn_at_end(backbone: torch.nn.Module, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,

@@ -83,7 +83,7 @@ class MoCoV3(MethodDefaults, nn.Module):
 
 @register_method("mocov3", stage="teacher", views="two")
 def build_mocov3(cfg: Any, device: torch.device, **_: Any) -> MoCoV3:
-    """Stage 1's MoCo v3 from a :class:`~mimco.config.TeacherConfig`."""
+    """Stage 1's MoCo v3 from a :class:`~mimco.config.TeacherStageConfig`."""
     m = cfg.moco
     vit = create_vit(cfg.model, cfg.data.img_size, cfg.data.channels)
     return MoCoV3(vit, m.proj_dim, m.mlp_dim, m.temperature, m.momentum).to(device)

@@ -16,7 +16,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import PretrainConfig, TeacherConfig, from_dict
+from mimco.config import PretrainConfig, TeacherStageConfig, from_dict
 from mimco.errors import MimcoError
 from mimco.io import read_file
 from mimco.models import families
@@ -92,7 +92,7 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
             raise MimcoError(f"this is a mimco '{stage}' checkpoint (a classifier); its accuracy is in its run "
                              "folder's summary.json; pass a teacher or pretrain checkpoint")
         kind = f"mimco_{stage}"
-        cfg = from_dict(TeacherConfig if stage == "teacher" else PretrainConfig, obj["config"])
+        cfg = from_dict(TeacherStageConfig if stage == "teacher" else PretrainConfig, obj["config"])
         prefix = pick_encoder(encoder, backbones(obj), FORMATS[kind])
         body, proj, _ = _split_head(_strip(sd, prefix))
         rest = [k for k in sd if not k.startswith(prefix)]
