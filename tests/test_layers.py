@@ -112,3 +112,28 @@ def test_the_checks_catch_what_they_look_for():
          "mimco.cli.a": {"mimco.cli.b"}, "mimco.cli.b": {"mimco.cli.a"}}
     assert upward(g) == ["mimco.models.vit -> mimco.engine.trainer"]
     assert cycles(g) == [["mimco.cli.a", "mimco.cli.b"]]
+
+
+def doc_table() -> list[tuple[str, str]]:
+    """(modules column, whole row) of each row of docs/architecture.md's layer table, bottom to top."""
+    text = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    table = text.split("## Layers, bottom to top", 1)[1].split("\n\n")[2]
+    rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+    return [(r.split("|")[2], r) for r in rows]
+
+
+def test_the_documented_layers_are_the_enforced_ones():
+    """docs/architecture.md's layer table: one row per layer of LAYERS, in order, listing that layer's
+    modules and folders, and naming every module of the package in the row of its layer."""
+    rows = doc_table()
+    assert len(rows) == len(LAYERS)
+    for (modules_col, _), group in zip(rows, LAYERS):
+        named = {m.strip(" `") for m in modules_col.split(",")}
+        want = {("mimco." + n.removesuffix(".py").removesuffix("/").replace("/", ".")) for n in named}
+        assert want == {g for g in group if g != "mimco"}, modules_col
+    for name, path in modules().items():
+        rel = path.relative_to(SRC).as_posix()
+        if path.name == "__init__.py" or name in ("mimco.__main__",):
+            continue
+        row = rows[layer_of(name)][1]
+        assert f"`{rel}`" in row or f"`{path.name}`" in row, f"docs/architecture.md: {rel} is not in its layer's row"

@@ -55,3 +55,13 @@ def test_foreign_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(MimcoError, match="nothing to resume"):
         resume_path(tmp_path / "none")
+
+
+def test_every_stage_has_its_config_and_a_registered_method():
+    from mimco.methods import get_method
+    from mimco.pipeline import STAGE_CONFIGS
+    from mimco.runs import STAGES
+
+    assert tuple(STAGE_CONFIGS) == STAGES
+    for stage, cls in STAGE_CONFIGS.items():
+        assert get_method(cls().method, stage).stage == stage  # each stage's default method is registered for it
