@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FLOOR_VENV ?= $(HOME)/.cache/mimco/venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 
-.PHONY: setup data test test-fast demo device-wheels test-floor mutate clean-venv
+.PHONY: setup data lint test test-fast demo device-wheels test-floor mutate clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(PY)
 data:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+# ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup data
 	$(PY) -m pytest -q

@@ -19,10 +19,11 @@ import argparse
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".device-wheels"

@@ -43,7 +43,8 @@ def export(folder: Path, n: int) -> None:
 def rate(out: Path, name: str, overrides: list[str], steps: int, workers: int) -> tuple[float, float]:
     """(images/s after the first log row, seconds from launch to the end) of one short run."""
     cmd = [sys.executable, "-m", "mimco", "teacher", "--config", "fmnist_teacher", f"train.out_dir={out}",
-           f"train.name={name}", f"train.max_steps={steps}", f"train.log_every={max(1, min(10, steps // 4))}", "train.progress=false",
+           f"train.name={name}", f"train.max_steps={steps}", f"train.log_every={max(1, min(10, steps // 4))}",
+           "train.progress=false",
            "eval.at_end=false", "train.ckpt_every=0", f"data.num_workers={workers}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     t0 = time.perf_counter()
@@ -72,7 +73,8 @@ def main() -> None:
         export(folder, a.images)
     runs = [("in memory (fashion_mnist)", "memory", ["data.name=fashion_mnist", f"data.subset={a.images}"]),
             ("PNG folder, per-image loader", "folder", ["data.name=imagefolder", f"data.root={folder}"]),
-            ("PNG folder, data.cache=true", "cached", ["data.name=imagefolder", f"data.root={folder}", "data.cache=true"])]
+            ("PNG folder, data.cache=true", "cached",
+             ["data.name=imagefolder", f"data.root={folder}", "data.cache=true"])]
     rows = []
     for what, name, overrides in runs:
         r, wall = rate(out / "runs", f"{name}-{time.strftime('%H%M%S')}", overrides, a.steps, a.workers)

@@ -40,9 +40,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -107,7 +108,8 @@ def versions(cpu: bool) -> dict[str, str]:
         except Exception as e:  # a report, not a check: say what could not be read
             nccl_v = f"? ({type(e).__name__})"
         v.update({"cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version()), "nccl": nccl_v,
-                  "gpu": f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"})
+                  "gpu": f"{torch.cuda.device_count()} x {p.name} ({p.total_memory / 2**30:.0f} GiB, "
+                         f"{p.multi_processor_count} SMs)"})
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=15)
@@ -164,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="", help="folder for gpu_check.md/.json (default: $OUT when set, else --out)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default 440 on a GPU, "
                    "0 = unlimited, the --cpu default)")
-    p.add_argument("--perf-reserve", type=float, default=170.0, help="seconds of the budget kept for the performance half")
+    p.add_argument("--perf-reserve", type=float, default=170.0,
+                   help="seconds of the budget kept for the performance half")
     p.add_argument("--timeout", type=int, default=None, help="seconds per path at most (default 150 on a GPU; --cpu: "
                    "3600, so a loaded machine's verdict does not depend on its speed)")
-    p.add_argument("--jobs", type=int, default=0, help="paths run at once after the first (default: 4 on a GPU, 1 with --cpu)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="paths run at once after the first (default: 4 on a GPU, 1 with --cpu)")
     p.add_argument("--models", nargs="+", default=[], help="models timed at the end (default: vit_small, then vit_base "
                    "if time is left, at 224/16 on a GPU; --cpu: vit_mini at 32/4)")
     p.add_argument("--no-batch-search", action="store_true", help="skip the search for the largest batch that fits")
@@ -179,14 +183,16 @@ def main() -> int:
     budget = Budget(a.budget if a.budget is not None else (0 if a.cpu else 440))
     a.timeout = a.timeout or (3600 if a.cpu else 150)
     if not a.cpu and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU", file=sys.stderr)
+        print("gpu_check: no CUDA device is visible; run `bash benchmarks/gpu_check.sh --cpu` on a CPU",
+              file=sys.stderr)
         return 2
     nproc = a.nproc or (2 if a.cpu else torch.cuda.device_count())
     out = Path(a.out or tempfile.mkdtemp(prefix="gpu_check-"))
     report = Report(Path(a.report or os.environ.get("OUT") or out))
     ver = versions(a.cpu)
     print("gpu_check on " + ", ".join(f"{k} {v}" for k, v in ver.items()), flush=True)
-    report.add(f"# gpu_check ({time.strftime('%Y-%m-%d %H:%M:%S')})\n\n" + "\n".join(f"- {k}: {v}" for k, v in ver.items())
+    listed = "\n".join(f"- {k}: {v}" for k, v in ver.items())
+    report.add(f"# gpu_check ({time.strftime('%Y-%m-%d %H:%M:%S')})\n\n" + listed
                + f"\n- processes: {nproc}\n\n| path | result | seconds | note |\n|---|---|---|---|", versions=ver,
                processes=nproc)
     common, model, spe = sizes(a.cpu)
@@ -196,19 +202,23 @@ def main() -> int:
     head = ["moco.mlp_dim=64", "moco.proj_dim=32"] if a.cpu else ["moco.mlp_dim=1024", "moco.proj_dim=256"]
     tune = [*common, device, "train.progress=false", "train.init_distributed=true", "optim.epochs=2",
             f"train.out_dir={out}", "aug.auto_augment="]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "mimco"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+              "mimco"]
     bf16 = "train.precision=bf16"
     teacher = out / "teacher" / CHECKPOINT
-    student = [*base, f"teacher.checkpoint={teacher}", "loss.head_hidden_dim=64" if a.cpu else "loss.head_hidden_dim=1024"]
+    student = [*base, f"teacher.checkpoint={teacher}",
+               "loss.head_hidden_dim=64" if a.cpu else "loss.head_hidden_dim=1024"]
     jpegs, n_jpeg = out / "jpegs", 64 if a.cpu else 1024
     jpeg_folder(jpegs, n_jpeg, (24, 48) if a.cpu else (96, 160), classes="ab")
     batch = 32 if a.cpu else 256
-    # random weights in timm's layout for a named teacher; 42 px (3x3) under the CPU student's 4x4, 98 px (7x7) under 8x8
+    # random weights in timm's layout for a named teacher; 42 px (3x3) under the CPU student's 4x4,
+    # 98 px (7x7) under 8x8
     dinov2, dinov2_size = out / "dinov2_vits14_reg4.pth", 42 if a.cpu else 98
     torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict(), dinov2)
     folder = [*base, *head, bf16, "data.name=imagefolder", f"data.root={jpegs}", "data.num_workers=2"]
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
-        ("teacher: MoCo v3, bf16, eval at end", [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
+        ("teacher: MoCo v3, bf16, eval at end",
+         [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
          "teacher", 2 * spe),
         ("teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)",
          [["teacher", *base, *head, bf16, "train.strategy=fsdp", "train.name=teacher-fsdp"]], "teacher-fsdp", 2 * spe),
@@ -219,10 +229,12 @@ def main() -> int:
         ("pretrain: MimCo, bf16, batch negatives capped, projector target",
          [["pretrain", *student, bf16, "loss.patch_negatives=batch", "loss.patch_max_negatives=64",
            "teacher.image_target=projector", "train.name=mimco-bf16"]], "mimco-bf16", 2 * spe),
-        ("pretrain: fp16 with the gradient scaler", [["pretrain", *student, "train.precision=fp16", "train.name=mimco-fp16"]],
+        ("pretrain: fp16 with the gradient scaler",
+         [["pretrain", *student, "train.precision=fp16", "train.name=mimco-fp16"]],
          "mimco-fp16", 2 * spe),
         ("pretrain: FSDP (bf16 policy), eval at end", [["pretrain", *student, bf16, "train.strategy=fsdp",
-                                                        "eval.at_end=true", "train.name=mimco-fsdp"]], "mimco-fsdp", 2 * spe),
+                                                        "eval.at_end=true", "train.name=mimco-fsdp"]], "mimco-fsdp",
+         2 * spe),
         ("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
          [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
          "mimco-fsdp-fp16", 2 * spe),
@@ -231,8 +243,10 @@ def main() -> int:
         ("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
          [["pretrain", *student, bf16, "teacher.model=vit_small_patch14_reg4_dinov2", f"teacher.checkpoint={dinov2}",
            f"teacher.img_size={dinov2_size}", "teacher.resample=bilinear", "teacher.layers=[-2,-1]",
-           "teacher.target_norm=layernorm", "teacher.image_target=mean", "train.name=mimco-dinov2"]], "mimco-dinov2", 2 * spe),
-        ("pretrain: block masks, 2 micro-batches", [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2",
+           "teacher.target_norm=layernorm", "teacher.image_target=mean", "train.name=mimco-dinov2"]], "mimco-dinov2",
+         2 * spe),
+        ("pretrain: block masks, 2 micro-batches",
+         [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2",
                                                      "train.name=mimco-block"]], "mimco-block", 2 * spe),
         ("resume: stopped, resumed with a longer schedule",
          [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
@@ -328,7 +342,8 @@ def _single(spec: argparse.Namespace, batch: int, compiled: bool, env: dict, tim
     code, out, err = run_cmd([*cmd, *(["--compiled"] if compiled else [])], timeout, env)
     if code != 0:
         why = "timed out" if code is None else (err.strip().splitlines() or [f"exit code {code}"])[-1][:200]
-        print(f"perf: {spec.arch} batch {batch} {'compiled' if compiled else 'eager'}: {why}", file=sys.stderr, flush=True)
+        print(f"perf: {spec.arch} batch {batch} {'compiled' if compiled else 'eager'}: {why}", file=sys.stderr,
+              flush=True)
         return None
     return json.loads(out.strip().splitlines()[-1])
 

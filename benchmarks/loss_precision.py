@@ -52,7 +52,8 @@ def main() -> None:
                      abs(patch - ref_patch), abs(image - ref_image)))
     print("bf16 autocast on the CPU; logits of 944 x 944 near-duplicate tokens (width 384, T = 0.2); "
           f"patch loss over 8 images x 118 masked of 196 tokens (fp64 value {ref_patch:.4f})\n")
-    print("| loss body | logits dtype | max logit error vs fp64 | mean logit error | patch loss error | image InfoNCE error |")
+    print("| loss body | logits dtype | max logit error vs fp64 | mean logit error | patch loss error | image InfoNCE "
+          "error |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2e} | {r[3]:.2e} | {r[4]:.2e} | {r[5]:.2e} |")

@@ -37,10 +37,10 @@ from mimco.errors import MimcoError
 from mimco.eval import extract_features
 from mimco.eval.features import eval_batches
 from mimco.eval.plots import curves_figure, read_log, tsne_figure
-from mimco.models.formats import load_backbone
-from mimco.models.export import timm_kwargs
-from mimco.models.vit import encode
 from mimco.eval.probe import probe_backbone, probe_few_labels
+from mimco.models.export import timm_kwargs
+from mimco.models.formats import load_backbone
+from mimco.models.vit import encode
 from mimco.pipeline import StageStopped, run_or_reuse, setup
 from mimco.runs import CHECKPOINT, CONFIG, LOG, SUMMARY
 
@@ -52,7 +52,8 @@ CLAIM_3 = ["patch only", "image only", "L1 regression", "cosine regression"]
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": ["data.name=procedural", "data.img_size=16", "data.procedural_size=512", "data.channels=3"],
-        "model": ["model.arch=vit_mini", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"],
+        "model": ["model.arch=vit_mini", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
+                  "model.num_heads=2"],
         "teacher": ["moco.mlp_dim=128", "moco.proj_dim=64", "optim.epochs=2", "optim.warmup_epochs=0.5",
                     "optim.base_lr=2e-3", "optim.batch_size=64"],
         "student": ["optim.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=2e-3", "optim.batch_size=64",
@@ -64,7 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "cpu": {  # the demo's configuration (16 tokens), see configs/fmnist_*.yaml
         "data": ["data.name=fashion_mnist", "data.img_size=28", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
-        "model": ["model.arch=vit_mini", "model.patch_size=7", "model.embed_dim=128", "model.depth=4", "model.num_heads=4",
+        "model": ["model.arch=vit_mini", "model.patch_size=7", "model.embed_dim=128", "model.depth=4",
+                  "model.num_heads=4",
                   "model.pos_embed=sincos"],
         "teacher": ["aug.min_scale=0.2", "moco.mlp_dim=1024", "optim.epochs=3", "optim.warmup_epochs=0.5",
                     "optim.base_lr=2e-3", "optim.weight_decay=0.1"],
@@ -208,7 +210,8 @@ def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, split
         if test_feats is None:
             test_feats = extract_features(m, splits[1], cfg.data, device)
         res = probe_few_labels(m, splits[0], *test_feats, cfg.data, device, int(n),
-                               seeds=tuple(range(cfg.eval.few_label_seeds)), ks=(cfg.eval.few_knn_k,), linear={"seed": 0})
+                               seeds=tuple(range(cfg.eval.few_label_seeds)), ks=(cfg.eval.few_knn_k,),
+                               linear={"seed": 0})
         out.setdefault("few", {})[n] = {"knn": res[f"knn{cfg.eval.few_knn_k}_top1"], "linear": res["linear_top1"]}
     if do_finetune and m is not None and "finetune" not in out:
         res = _finetuned(m, fcfg, run, device)
@@ -274,7 +277,8 @@ def _spent(runs: Path) -> str:
     tune = sum(e.get("finetune_seconds", 0.0) + e.get("few_finetune_seconds", 0.0) for e in evals)
     untimed = sum("probe_seconds" not in e for e in evals)
     return (f"measured time of the runs: {(train + probe + tune) / 60:.1f} min (pre-training {train / 60:.1f}, "
-            f"k-NN + linear probe {probe / 60:.1f}{f' ({untimed} untimed)' if untimed else ''}, fine-tune {tune / 60:.1f})")
+            f"k-NN + linear probe {probe / 60:.1f}{f' ({untimed} untimed)' if untimed else ''}, fine-tune "
+            f"{tune / 60:.1f})")
 
 
 def _stat(values: list[float]) -> str:
@@ -314,9 +318,9 @@ def few_label_table(results: dict[str, list[dict]], order: list[str], p: dict, s
         return ""
     cols = [f"{kind} {n}/class" for n in sizes for kind in ("k-NN", "linear")] + [f"fine-tune {sizes[0]}/class"]
     lines = [f"Few labels: k-NN (k = eval.few_knn_k) and linear probe trained on {' and '.join(sizes)} labelled images "
-             f"per class ({subsets} label subsets: `mimco knn/linprobe --per-class N --label-seeds {subsets}`), scored on "
-             "the whole test split; fine-tune from the first size's subset 0 (`data.labels_per_class`); mean ± std over "
-             "model seeds x label subsets.", "",
+             f"per class ({subsets} label subsets: `mimco knn/linprobe --per-class N --label-seeds {subsets}`), "
+             "scored on the whole test split; fine-tune from the first size's subset 0 (`data.labels_per_class`); "
+             "mean ± std over model seeds x label subsets.", "",
              "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
         vals = [v for v in results[r] if "few" in v]
@@ -356,7 +360,8 @@ def with_overrides(preset: dict[str, Any], overrides: list[str]) -> dict[str, An
     p = {k: list(v) if isinstance(v, list) else v for k, v in preset.items()}
     for o in overrides:
         if "=" not in o:
-            raise MimcoError(f"override '{o}' is not KEY=VALUE; write e.g. data.root=/data/fmnist or student:mask.ratio=0.4")
+            raise MimcoError(f"override '{o}' is not KEY=VALUE; write e.g. data.root=/data/fmnist or "
+                             "student:mask.ratio=0.4")
         key = o.split("=", 1)[0]
         stage, _, rest = key.rpartition(":")
         if stage:
@@ -471,13 +476,15 @@ def teacher_study(preset: str, p: dict[str, Any], out: Path) -> None:
             model, _ = load_backbone(str(t_run / CHECKPOINT))
             scores.setdefault((teacher, "teacher"), []).append(evaluate(teacher, model, t_run, p, splits, False))
             for student, extra in TEACHER_STUDENTS.items():
-                row = "MimCo (patch + image)" if (student == "MimCo" and not over) else f"{student} of {folder(runs, teacher).name}"
+                own = student == "MimCo" and not over
+                row = "MimCo (patch + image)" if own else f"{student} of {folder(runs, teacher).name}"
                 run = folder(runs, row, seed)
                 train("pretrain", [*base, *p["student"], *s, f"teacher.checkpoint={t_run / CHECKPOINT}", *extra], run)
                 model, _ = load_backbone(str(run / CHECKPOINT))
                 scores.setdefault((teacher, student), []).append(evaluate(row, model, run, p, splits, False))
     cols = ["teacher", *TEACHER_STUDENTS]
-    lines = [f"preset {preset}, teacher study: {cfg.data.name} {cfg.data.img_size}px, student patch {cfg.model.patch_size}, "
+    lines = [f"preset {preset}, teacher study: {cfg.data.name} {cfg.data.img_size}px, student patch "
+             f"{cfg.model.patch_size}, "
              f"{torch.get_num_threads()} threads, {(time.perf_counter() - start) / 60:.1f} min in this call; top-1 %, "
              "mean ± std over seeds (k-NN k = 20 / linear probe)", "",
              "| teacher | seeds | " + " | ".join(f"{c} k-NN | {c} linear" for c in cols) + " |",

@@ -278,14 +278,16 @@ def report(rows: list[dict], peaks: dict, args: argparse.Namespace, loader_what:
     lines = [f"## {args.arch}, {args.img_size} px / patch {args.patch}, batch {args.batch}, {args.device} "
              f"({platform.processor() or platform.machine()}, {threads} threads), torch {torch.__version__}", "",
              "matmul peak (2048^2): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()), "",
-             "| precision | workload | images/s | ms/step | GFLOP/image | GFLOP/s | share of matmul peak | peak step memory (MiB) |"
+             "| precision | workload | images/s | ms/step | GFLOP/image | GFLOP/s | share of matmul peak | peak step "
+             "memory (MiB) |"
              + (" compiled images/s | compiled / eager | compile s |" if args.compile else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else "")]
     for r in rows:
         extra = (f" {r['compiled_images_per_s']:.1f} | {r['compiled_images_per_s'] / r['images_per_s']:.2f} | "
                  f"{r['compile_s']:.1f} |" if args.compile else "")
         lines.append(f"| {r['precision']} | {r['workload']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} | "
-                     f"{r['gflop_per_image']:.3f} | {r['gflops']:.1f} | {r['peak_share']:.0%} | {r['peak_mib']:.0f} |{extra}")
+                     f"{r['gflop_per_image']:.3f} | {r['gflops']:.1f} | {r['peak_share']:.0%} | {r['peak_mib']:.0f} "
+                     f"|{extra}")
     by = {(r["precision"], r["workload"]): r for r in rows}
     checks = []
     for pr in args.precisions:
@@ -300,7 +302,8 @@ def report(rows: list[dict], peaks: dict, args: argparse.Namespace, loader_what:
             checks.append(("fp32: MimCo GFLOP/s / plain timm step GFLOP/s >= 0.85", f"{share:.2f}", share >= 0.85))
     if loader and by.get(("fp32", "mimco")):
         ratio = loader / by[("fp32", "mimco")]["images_per_s"]
-        checks.append((f"loader ({loader_what}): {loader:.0f} img/s / fp32 MimCo step >= 3", f"{ratio:.1f}", ratio >= 3))
+        checks.append((f"loader ({loader_what}): {loader:.0f} img/s / fp32 MimCo step >= 3", f"{ratio:.1f}",
+                       ratio >= 3))
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else 'NO'} |" for name, value, ok in checks]
     return "\n".join(lines) + "\n"

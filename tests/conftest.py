@@ -14,6 +14,9 @@ from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 #: subprocesses run the checkout's code, one thread each (two processes share the machine's cores)
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
+#: seconds a test waits for a subprocess: a guard against a hang, not a speed budget (a machine loaded
+#: by other jobs may run ten times slower; no test's verdict depends on its speed)
+HANG = 3600
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 TINY_MODEL = ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
@@ -27,10 +30,12 @@ def tiny_overrides(out: Path, name: str) -> list[str]:
 
 
 def tiny_teacher_cfg(out: Path, name: str = "teacher", extra: tuple[str, ...] = ()) -> TeacherStageConfig:
-    return load_config(TeacherStageConfig, None, [*tiny_overrides(out, name), "moco.mlp_dim=64", "moco.proj_dim=32", *extra])
+    return load_config(TeacherStageConfig, None,
+                       [*tiny_overrides(out, name), "moco.mlp_dim=64", "moco.proj_dim=32", *extra])
 
 
-def tiny_pretrain_cfg(out: Path, teacher_ckpt: Path, name: str = "student", extra: tuple[str, ...] = ()) -> PretrainConfig:
+def tiny_pretrain_cfg(out: Path, teacher_ckpt: Path, name: str = "student",
+                      extra: tuple[str, ...] = ()) -> PretrainConfig:
     return load_config(PretrainConfig, None, [*tiny_overrides(out, name), f"teacher.checkpoint={teacher_ckpt}",
                                               "loss.head_hidden_dim=64", *extra])
 

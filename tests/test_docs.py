@@ -15,7 +15,8 @@ from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": PretrainConfig,
+CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
+             "eval": PretrainConfig,
              "knn": PretrainConfig, "linprobe": PretrainConfig, "plot": PretrainConfig}
 
 

@@ -16,13 +16,11 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 
+import examples.simsiam  # noqa: F401  (registers a second stage-1 method: method=simsiam)
 from mimco.cli.main import main
 from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys
 from mimco.runs import load_checkpoint
-
-import examples.simsiam  # noqa: F401  (registers a second stage-1 method: method=simsiam)
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +175,8 @@ CASES = [(stage, f"{k}={alternative(stage, cls, k)}", []) for stage, cls in CLAS
 
 
 def test_the_allow_list_names_real_keys():
-    keys = {f"{s}:{k}" for s, cls in CLASSES.items() for k in all_keys(cls)} | {k for cls in CLASSES.values() for k in all_keys(cls)}
+    keys = {f"{s}:{k}" for s,
+            cls in CLASSES.items() for k in all_keys(cls)} | {k for cls in CLASSES.values() for k in all_keys(cls)}
     assert set(ALLOWED) <= keys and all(reason for reason in ALLOWED.values())
 
 

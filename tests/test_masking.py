@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from mimco.masking import MaskGenerator, block_mask, join_pending, seeded_random_mask, masked_indices, num_masked, random_mask, sample_blocks
+from mimco.masking import (
+    MaskGenerator,
+    block_mask,
+    join_pending,
+    masked_indices,
+    num_masked,
+    random_mask,
+    sample_blocks,
+    seeded_random_mask,
+)
+from tests.conftest import HANG
 
 
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])
@@ -71,7 +81,8 @@ def test_prefetched_masks_equal_built_ones():
     """The background thread builds step s+1 while step s trains; what it hands over is what
     building on demand gives, also when the steps asked for jump (a resume)."""
     for kind in ("random", "block"):
-        ahead, plain = MaskGenerator(kind, 0.6, (8, 8), seed=3), MaskGenerator(kind, 0.6, (8, 8), seed=3, prefetch=False)
+        ahead = MaskGenerator(kind, 0.6, (8, 8), seed=3)
+        plain = MaskGenerator(kind, 0.6, (8, 8), seed=3, prefetch=False)
         for step in (0, 1, 2, 7, 8):
             assert torch.equal(ahead(6, step, first_index=6), plain(6, step, first_index=6))
         assert (6, 9, 6) in ahead._ahead  # the next step is under way
@@ -100,7 +111,7 @@ def test_no_mask_thread_is_left_running_at_exit(tmp_path):
     marker = tmp_path / "built"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(marker)], capture_output=True, text=True, env=env,
-                       timeout=120)
+                       timeout=HANG)
     assert r.returncode == 0, r.stderr
     assert marker.read_text() == "built"  # the build ran to its end before the process left
 
@@ -169,7 +180,8 @@ def _reference_blocks(h, w, target, rng, min_patches, min_aspect, attempts=10):
             area = rng.uniform(min_patches, max(min_patches, left_to_mask))
             ar = math.exp(rng.uniform(lo, hi))
             bh, bw = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
-            if bh < 1 or bw < 1 or bh > h or bw > w or bh * bw < min_patches or not min_aspect <= bh / bw <= 1 / min_aspect:
+            too_thin = not min_aspect <= bh / bw <= 1 / min_aspect
+            if bh < 1 or bw < 1 or bh > h or bw > w or bh * bw < min_patches or too_thin:
                 continue
             t, l = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
             fresh = sum(not mask[i][j] for i in range(t, t + bh) for j in range(l, l + bw))
@@ -239,10 +251,12 @@ def test_block_settings_and_seeds_reach_the_sampler():
     gen = MaskGenerator("block", 0.5, (8, 8), min_patches=9, min_aspect=0.5, seed=2, prefetch=False)
     assert torch.equal(gen.build(3, 5, 4), block_mask(3, (8, 8), 0.5, 2 * 1_000_003 + 5, 9, 0.5, first_index=4))
     # defaults: BEiT's (4 patches, aspect 0.3), seed 0, first index 0, unit 1
-    assert torch.equal(MaskGenerator("block", 0.5, (8, 8), prefetch=False).build(2, 3), block_mask(2, (8, 8), 0.5, 3, 4, 0.3, first_index=0))
+    assert torch.equal(MaskGenerator("block", 0.5, (8, 8), prefetch=False).build(2, 3),
+                       block_mask(2, (8, 8), 0.5, 3, 4, 0.3, first_index=0))
     assert torch.equal(block_mask(2, (8, 8), 0.5, 3), block_mask(2, (8, 8), 0.5, 3, 4, 0.3, first_index=0))
     assert torch.equal(seeded_random_mask(2, (8, 8), 0.5, 3), seeded_random_mask(2, (8, 8), 0.5, 3, 1, 0))
-    assert torch.equal(MaskGenerator("random", 0.5, (8, 8), prefetch=False).build(2, 3), seeded_random_mask(2, (8, 8), 0.5, 3, 1, 0))
+    assert torch.equal(MaskGenerator("random", 0.5, (8, 8), prefetch=False).build(2, 3),
+                       seeded_random_mask(2, (8, 8), 0.5, 3, 1, 0))
 
 
 def test_a_generator_with_masks_under_way_pickles():

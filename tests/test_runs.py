@@ -2,11 +2,22 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mimco.errors import MimcoError
-from mimco.runs import (BACKBONE, CHECKPOINT, backbone_state, backbones, is_finished, load_checkpoint, pick_encoder,
-                        resume_path, resume_state, save_checkpoint, write_summary)
-from safetensors.torch import load_file
+from mimco.runs import (
+    BACKBONE,
+    CHECKPOINT,
+    backbone_state,
+    backbones,
+    is_finished,
+    load_checkpoint,
+    pick_encoder,
+    resume_path,
+    resume_state,
+    save_checkpoint,
+    write_summary,
+)
 
 
 def _save(run, step, total):

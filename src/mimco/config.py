@@ -142,7 +142,8 @@ class FrozenTeacherConfig:
     checkpoint: str = ""
     model: str = ""  # a timm model name to build and load the checkpoint into; "" = from the file's layout
     encoder: Encoder = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
-    image_target: ImageTarget = "cls"  # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
+    # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
+    image_target: ImageTarget = "cls"
     num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
     img_size: int = 0  # the teacher's input side in pixels; 0 = data.img_size
     mean: list[float] = field(default_factory=list)  # [] = the teacher's own (CLIP, timm, hub folder) or data.mean
@@ -308,7 +309,8 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown(key: str, root: type) -> MimcoError:
     close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
-    sections = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(typing.get_type_hints(root)[f.name])]
+    hints = typing.get_type_hints(root)
+    sections = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(sections)}"
     return MimcoError(f"unknown config key '{key}'{hint}")
 
@@ -368,7 +370,8 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise MimcoError(f"config key '{key}' is a section; give its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
+                raise MimcoError(f"config key '{key}' is a section; give its keys, e.g. "
+                                 f"{key}.{dataclasses.fields(hint)[0].name}=...")
             _apply(getattr(obj, name), value, root, key + ".")
         else:
             setattr(obj, name, _coerce(value, hint, key))
@@ -406,7 +409,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     if path:
         p = Path(path)
         if not p.is_file():
-            raise MimcoError(f"config file not found: {p} (configs live in configs/; pass --config configs/<name>.yaml)")
+            raise MimcoError(f"config file not found: {p} (configs live in configs/; pass --config "
+                             "configs/<name>.yaml)")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

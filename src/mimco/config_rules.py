@@ -80,17 +80,17 @@ def validate(cfg: Any) -> None:
         raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
     d = getattr(cfg, "data", None)
     if d is not None and d.labels_fraction > 1:
-        raise MimcoError(f"data.labels_fraction={d.labels_fraction:g} is out of range: it is a fraction of each class's "
-                         "images and must lie in (0, 1], e.g. 0.01 for 1 %")
+        raise MimcoError(f"data.labels_fraction={d.labels_fraction:g} is out of range: it is a fraction of each "
+                         "class's images and must lie in (0, 1], e.g. 0.01 for 1 %")
     if d is not None and d.labels_per_class and d.labels_fraction:
         raise MimcoError("data.labels_per_class and data.labels_fraction are both set; choose one")
     if d is not None and (d.labels_per_class or d.labels_fraction) and not hasattr(cfg, "classifier"):
-        raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training uses "
-                         "no labels: drop them here (the probes take --per-class)")
+        raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training "
+                         "uses no labels: drop them here (the probes take --per-class)")
     t = getattr(cfg, "train", None)
     if t is not None and t.compile and t.strategy == "fsdp" and t.compile_mode in ("reduce-overhead", "max-autotune"):
-        raise MimcoError(f"train.compile_mode={t.compile_mode} records CUDA graphs, which FSDP2's parameter gathers and "
-                         "hooks do not run in; with train.strategy=fsdp use train.compile_mode=default or "
+        raise MimcoError(f"train.compile_mode={t.compile_mode} records CUDA graphs, which FSDP2's parameter gathers "
+                         "and hooks do not run in; with train.strategy=fsdp use train.compile_mode=default or "
                          "max-autotune-no-cudagraphs")
     mask = getattr(cfg, "mask", None)
     if mask is not None and not 0.0 < mask.ratio < 1.0:
@@ -154,9 +154,11 @@ def _data_rules(cfg: Any) -> None:
 
 #: keys a resumed run cannot change: the data order, the step count, the model's shape or the
 #: optimiser state depend on them
-FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size", "data.channels",
-                   "data.subset", "data.procedural_size", "data.labels_per_class", "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim", "loss.head_hidden_dim",
-                   "teacher.checkpoint", "teacher.model", "teacher.img_size", "teacher.image_target", "classifier.pool", "classifier.encoder")
+FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size",
+                   "data.channels", "data.subset", "data.procedural_size", "data.labels_per_class",
+                   "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim",
+                   "loss.head_hidden_dim", "teacher.checkpoint", "teacher.model", "teacher.img_size",
+                   "teacher.image_target", "classifier.pool", "classifier.encoder")
 
 
 def check_resume(saved: dict, cfg: Any) -> None:

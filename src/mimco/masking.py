@@ -11,7 +11,8 @@ import atexit
 import math
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,8 @@ def block_mask(
     """
     h, w = grid_size
     target = num_masked(h * w, ratio)
-    masks = [sample_blocks(grid_size, target, np.random.default_rng([seed, first_index + i]), min_patches, min_aspect)[0].ravel()
+    masks = [sample_blocks(grid_size, target, np.random.default_rng([seed, first_index + i]), min_patches,
+                           min_aspect)[0].ravel()
              for i in range(batch_size)]
     out = torch.from_numpy(np.stack(masks))
     return out.to(device) if device is not None else out
@@ -194,7 +196,7 @@ class MaskGenerator:
         self._ahead: dict[tuple[int, int, int], _Ahead] = {}
 
     @classmethod
-    def from_config(cls, mask: Any, patch_size: int, grid_size: tuple[int, int], seed: int) -> "MaskGenerator":
+    def from_config(cls, mask: Any, patch_size: int, grid_size: tuple[int, int], seed: int) -> MaskGenerator:
         """The generator of a ``mask:`` section (:class:`~mimco.config.MaskConfig`) for a ViT of
         ``patch_size`` on ``grid_size`` (the config's rules have checked that its units tile the grid)."""
         unit = max((mask.mask_patch_size or patch_size) // patch_size, 1)

@@ -6,6 +6,7 @@ whole pipeline (:func:`run_or_reuse`)."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from typing import Any
 import torch
 
 from mimco import distributed as dist
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, apply_overrides, from_dict, load_config, save_config
+from mimco.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    TeacherStageConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+)
 from mimco.config_rules import check_resume, validate
 from mimco.data.build import load_dataset
 from mimco.data.stream import build_stream
@@ -24,8 +33,17 @@ from mimco.errors import MimcoError
 from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
 from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
 from mimco.methods import get_method
-from mimco.runs import CHECKPOINT, CONFIG, finished, is_finished, load_checkpoint, read_summary, resume_path
-from mimco.runs import resume_state, write_summary
+from mimco.runs import (
+    CHECKPOINT,
+    CONFIG,
+    finished,
+    is_finished,
+    load_checkpoint,
+    read_summary,
+    resume_path,
+    resume_state,
+    write_summary,
+)
 
 #: each stage's config class (``mimco teacher | pretrain | finetune``)
 STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
@@ -120,12 +138,12 @@ def run_or_reuse(stage: str, cfg: Any, run_dir: Path, say: str = "mimco", **inpu
     an interrupted one (whose fixed keys must match ``cfg``), or train it; raise
     :class:`StageStopped` when it stops before its end, so nothing runs on an unfinished model."""
     if is_finished(run_dir):
-        print(f"[{say}] {stage}: reusing the finished run in {run_dir}", flush=True)
+        print(f"[{say}] {stage}: reusing the finished run in {run_dir}", file=sys.stderr, flush=True)
         return read_summary(run_dir)
     resume = resume_state(run_dir)
     if resume is not None:
         check_resume(resume["config"], cfg)
-    print(f"[{say}] {stage}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
+    print(f"[{say}] {stage}: {'resuming' if resume else 'training'} in {run_dir}", file=sys.stderr, flush=True)
     summary = run_stage(stage, cfg, resume, run_dir, **inputs)
     if "stopped_by" in summary:
         raise StageStopped(stage, summary)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mimco.cli.main import main
-from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
 
 TEACHER = [*TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "eval.at_end=true"]
 
@@ -31,7 +31,8 @@ def test_teacher_then_pretrain(tmp_path, capsys):
         assert (tmp_path / "t" / name).is_file(), name
 
     code, out, _ = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64",
-                           f"teacher.checkpoint={tmp_path / 't' / 'last.pt'}", f"train.out_dir={tmp_path}", "train.name=s")
+                           f"teacher.checkpoint={tmp_path / 't' / 'last.pt'}", f"train.out_dir={tmp_path}",
+                           "train.name=s")
     assert code == 0
     summary = json.loads(out)
     assert np.isfinite(summary["loss_patch"]) and np.isfinite(summary["loss_img"])
@@ -69,7 +70,8 @@ def test_user_errors_are_one_line(capsys, tmp_path, args, message):
 
 def test_empty_and_corrupt_folders(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(capsys, "teacher", "data.name=folder", f"data.root={tmp_path / 'empty'}", f"train.out_dir={tmp_path}")
+    code, _, err = run_cli(capsys, "teacher", "data.name=folder", f"data.root={tmp_path / 'empty'}",
+                           f"train.out_dir={tmp_path}")
     assert code == 2 and "no images" in err
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -84,7 +86,7 @@ def test_empty_and_corrupt_folders(tmp_path, capsys):
 
 def test_subprocess_no_traceback_and_module_entry(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "model.arch=vit_giant", "data.name=procedural",
-                        f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                        f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=HANG,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("mimco: error: unknown model.arch 'vit_giant'")
@@ -102,13 +104,15 @@ def test_pretrain_on_a_released_moco_layout_with_projector_target(tmp_path, caps
         enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=1, num_heads=12, num_classes=0)
         sd.update({f"module.{name}.{k}": v for k, v in enc.state_dict().items()})
         sd.update({f"module.{name}.head.{k}": v for k, v in MoCoMLP(3, 48, 64, 24).state_dict().items()})
-    torch.save({"epoch": 1, "arch": "vit_small", "state_dict": sd, "optimizer": {}, "scaler": {}}, tmp_path / "moco.pth.tar")
+    torch.save({"epoch": 1, "arch": "vit_small", "state_dict": sd, "optimizer": {}, "scaler": {}},
+               tmp_path / "moco.pth.tar")
     code, out, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "train.max_steps=2",
                              f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}", "teacher.image_target=projector",
                              f"train.out_dir={tmp_path}", "train.name=s")
     assert code == 0, err  # 32 px teacher resampled to the 16 px student grid
     assert np.isfinite(json.loads(out)["loss_img"])
-    code, _, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL, f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}",
+    code, _, err = run_cli(capsys, "pretrain", *TINY_DATA, *TINY_MODEL,
+                           f"teacher.checkpoint={tmp_path / 'moco.pth.tar'}",
                            "teacher.num_heads=6", f"train.out_dir={tmp_path}", "train.name=s2")
     assert code == 2 and "trained with 12 heads" in err
 

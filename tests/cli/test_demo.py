@@ -7,8 +7,10 @@ from mimco.cli.demo import run_demo
 from tests.conftest import TINY_DATA, TINY_MODEL
 
 TEACHER, STUDENT = ("moco.mlp_dim=64", "moco.proj_dim=32"), ("loss.head_hidden_dim=64",)
-TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "optim.epochs=1", "optim.warmup_epochs=0.25", "optim.batch_size=32",
-       "train.progress=false", "train.log_every=2", "train.ckpt_every=0", "eval.few_per_class=3", "eval.few_label_seeds=2",
+TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "optim.epochs=1",
+       "optim.warmup_epochs=0.25", "optim.batch_size=32",
+       "train.progress=false", "train.log_every=2", "train.ckpt_every=0", "eval.few_per_class=3",
+       "eval.few_label_seeds=2",
        "eval.few_knn_k=3"]
 
 
@@ -25,4 +27,4 @@ def test_demo_table_has_every_row_and_the_few_label_columns(tmp_path, capsys):
         assert (tmp_path / png).stat().st_size > 5_000
     capsys.readouterr()
     run_demo(tmp_path, overrides=tuple(TOY), teacher=TEACHER, student=STUDENT)
-    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert capsys.readouterr().err.count("reusing the finished run") == 2

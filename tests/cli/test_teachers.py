@@ -26,7 +26,8 @@ def test_a_patch14_teacher_at_its_resolution_teaches_a_patch16_student_at_anothe
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["step"] == 2 and summary["loss"] == summary["loss"]  # finite
     ckpt = load_checkpoint(tmp_path / "area" / "last.pt")
-    assert ckpt["model"]["teacher.pos_embed"].shape == (1, 9, 64)  # the teacher at 42 px: 3x3 positions (registers apart)
+    assert ckpt["model"]["teacher.pos_embed"].shape == (1, 9,
+                                                        64)  # the teacher at 42 px: 3x3 positions (registers apart)
     assert ckpt["model"]["patch_head.2.weight"].shape[0] == 64  # student width 32 -> the teacher's 64
 
 
@@ -35,7 +36,8 @@ def test_a_timm_named_teacher_and_the_maskdistill_baseline(tmp_path, capsys):
     t = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32)
     torch.save(t.state_dict(), tmp_path / "deit.pth")
     args = ["pretrain", *STUDENT, "data.img_size=16", "model.patch_size=4", "data.channels=1",
-            "teacher.model=deit_tiny_distilled_patch16_224", "teacher.img_size=64", f"teacher.checkpoint={tmp_path / 'deit.pth'}",
+            "teacher.model=deit_tiny_distilled_patch16_224", "teacher.img_size=64",
+            f"teacher.checkpoint={tmp_path / 'deit.pth'}",
             "loss.patch_loss=smooth_l1", "teacher.target_norm=layernorm", "loss.image_weight=0",
             f"train.out_dir={tmp_path}", "train.name=md"]
     assert main(args) == 0
@@ -51,14 +53,16 @@ def test_the_teacher_normalisation_comes_from_the_file_the_override_or_the_data(
 
     clip_file(tmp_path / "clip.bin")
     base = ["data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
-    clip_mean, clip_std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    clip_mean, clip_std = torch.tensor([0.48145466, 0.4578275,
+                                        0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     for over, mean, std in (([], clip_mean, clip_std),
                             (["teacher.mean=[0.1,0.2,0.3]", "teacher.std=[0.5,0.6,0.7]"], torch.tensor([0.1, 0.2, 0.3]),
                              torch.tensor([0.5, 0.6, 0.7]))):
         cfg = load_config(PretrainConfig, None, [*base, f"teacher.checkpoint={tmp_path / 'clip.bin'}", *over])
         _, view = build_teacher(cfg, (2, 2))
         # x_teacher = (x * 0.25 + 0.5 - mean) / std
-        assert torch.allclose(view.scale.flatten(), 0.25 / std) and torch.allclose(view.shift.flatten(), (0.5 - mean) / std)
+        assert torch.allclose(view.scale.flatten(),
+                              0.25 / std) and torch.allclose(view.shift.flatten(), (0.5 - mean) / std)
     cfg = load_config(PretrainConfig, None, ["data.img_size=16", f"teacher.checkpoint={teacher_ckpt}"])
     _, view = build_teacher(cfg, (4, 4))
     assert not view.renormalise  # a mimco teacher was trained on the data's own statistics
@@ -88,7 +92,8 @@ def test_clip_teacher_with_its_image_projection_as_target(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "OpenCLIP / OpenAI CLIP visual tower at 64 px, patch grid 4x4, targets: final output, image projector" in err
     model = load_checkpoint(tmp_path / "clip" / "last.pt")["model"]
-    assert model["image_head.2.weight"].shape[0] == 32 and model["patch_head.2.weight"].shape[0] == 64  # projection, width
+    # the image head predicts the projection, the patch head the teacher's width
+    assert model["image_head.2.weight"].shape[0] == 32 and model["patch_head.2.weight"].shape[0] == 64
 
 
 def test_a_teacher_from_an_unfinished_run_is_named_with_its_step(tmp_path, capsys):

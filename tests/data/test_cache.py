@@ -14,7 +14,7 @@ from mimco.data.files import FileImages
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 from mimco.pipeline import run_stage
-from tests.conftest import tiny_teacher_cfg
+from tests.conftest import HANG, tiny_teacher_cfg
 
 
 def _export(root, images):
@@ -86,7 +86,8 @@ def test_cached_folder_trains_exactly_like_the_in_memory_dataset(tmp_path):
     _export(tmp_path / "imgs", images)
     common = ("train.max_steps=3", "train.log_every=1")
     run_stage("teacher", tiny_teacher_cfg(tmp_path, "memory", common))
-    run_stage("teacher", tiny_teacher_cfg(tmp_path, "cached", (*common, "data.name=folder", f"data.root={tmp_path / 'imgs'}",
+    run_stage("teacher",
+              tiny_teacher_cfg(tmp_path, "cached", (*common, "data.name=folder", f"data.root={tmp_path / 'imgs'}",
                                                                "data.cache=true", "data.num_workers=0")))
     a, b = _losses(tmp_path / "memory" / "log.csv"), _losses(tmp_path / "cached" / "log.csv")
     assert len(a) == 3 and a == b
@@ -107,17 +108,19 @@ def test_two_processes_on_a_node_share_one_cache(tmp_path):
     _export(tmp_path / "imgs", images)
     before = set(glob.glob("/dev/shm/mimco-cache-*"))
     env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}", "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mimco", "teacher",
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mimco",
+            "teacher",
             "data.name=procedural", "data.img_size=16", "data.procedural_size=256", "model.patch_size=4",
             "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "optim.batch_size=32", "optim.epochs=1",
             "optim.warmup_epochs=0.25", "train.progress=false", "train.log_every=1", "train.max_steps=3",
             "eval.at_end=false", "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1", f"train.out_dir={tmp_path}"]
     cached = subprocess.run([*base, "train.name=cached", "data.name=folder", f"data.root={tmp_path / 'imgs'}",
-                             "data.cache=true", "data.num_workers=0"], capture_output=True, text=True, env=env, timeout=300)
+                             "data.cache=true", "data.num_workers=0"], capture_output=True, text=True, env=env,
+                            timeout=HANG)
     assert cached.returncode == 0, cached.stderr[-3000:]
     lines = [ln for ln in cached.stderr.splitlines() if ln.startswith("mimco: cached")]
     assert len(lines) == 1 and "cached 256 images" in lines[0] and "shared by the 2 processes of this node" in lines[0]
-    memory = subprocess.run([*base, "train.name=memory"], capture_output=True, text=True, env=env, timeout=300)
+    memory = subprocess.run([*base, "train.name=memory"], capture_output=True, text=True, env=env, timeout=HANG)
     assert memory.returncode == 0, memory.stderr[-3000:]
     assert _losses(tmp_path / "cached" / "log.csv") == _losses(tmp_path / "memory" / "log.csv")
     assert set(glob.glob("/dev/shm/mimco-cache-*")) <= before  # nothing left behind

@@ -50,7 +50,8 @@ def test_crops_match_a_pil_reference(tmp_path):
     assert all(x[0].ndim == 1 for x in items)  # JPEG bytes, not pixels
     (packed, labels), bad = EncodedFiles.collate([(x, ()) for x in items])
     assert bad == [] and labels.tolist() == [files.items[i][1] for i in idx]
-    dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3, torch.device("cpu"))
+    dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3,
+                     torch.device("cpu"))
     images, n_bad = dv.decode(packed.items())
     assert n_bad == 0
     for v in range(2):
@@ -74,13 +75,15 @@ def test_other_formats_grey_and_broken_files(tmp_path):
     assert png[0].shape == (3, 20, 20) and grey[0].ndim == 1 and trunc[0].ndim == 1  # PNG decoded by the worker
     first = enc[_item(files, "000.jpg")]
     (packed, _), _ = EncodedFiles.collate([(x, ()) for x in (first, trunc, png, grey)])
-    dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3, torch.device("cpu"))
+    dv = DeviceViews(BatchTwoViews(ContrastiveAugConfig(), DataConfig(img_size=16), crop=False), 16, 3,
+                     torch.device("cpu"))
     images, bad = dv.decode(packed.items())
     assert bad == 1 and len(images) == 4  # the truncated JPEG is counted and replaced by the image before it
     assert images[1] is images[0] and images[2].shape == (3, 20, 20) and images[3].shape == (3, 30, 30)
     assert torch.equal(images[3][0], images[3][2])  # grey repeated to 3 channels
     views, bad = dv(packed)
-    assert bad == 1 and [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 and all(v.isfinite().all() for v in views)
+    assert bad == 1 and [tuple(v.shape) for v in views] == [(4, 3, 16,
+                                                             16)] * 2 and all(v.isfinite().all() for v in views)
 
 
 def test_boxes_are_drawn_per_image_not_per_worker(tmp_path):

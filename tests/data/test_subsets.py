@@ -46,7 +46,9 @@ def test_take_keeps_the_kind_and_reads_no_file(tmp_path):
     arr = ImageArray(torch.arange(29, dtype=torch.uint8).view(29, 1, 1, 1).expand(29, 1, 2, 2).clone(), LABELS, 1)
     sub = labelled_subset(arr, per_class=2, seed=4)
     idx = balanced_subset(LABELS, per_class=2, seed=4)
-    assert isinstance(sub, ImageArray) and torch.equal(sub.images[:, 0, 0, 0].long(), idx) and torch.equal(sub.labels, LABELS[idx])
+    assert isinstance(sub,
+                      ImageArray) and torch.equal(sub.images[:, 0, 0, 0].long(),
+                                                  idx) and torch.equal(sub.labels, LABELS[idx])
     for c in "ab":
         (tmp_path / c).mkdir()
         for i in range(3):

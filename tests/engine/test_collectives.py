@@ -4,8 +4,8 @@ the process group's device. A mocked NCCL backend makes the CPU suite see it."""
 import pytest
 import torch
 
-from mimco.config import MimcoLossConfig, ModelConfig
 from mimco import distributed as dist
+from mimco.config import MimcoLossConfig, ModelConfig
 from mimco.masking import MaskGenerator
 from mimco.methods import MimCo, MoCoV3
 from mimco.methods.simmim import SimMIM

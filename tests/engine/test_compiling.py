@@ -24,7 +24,8 @@ def test_a_head_with_syncbatchnorm_stays_eager():
     from mimco.models import create_vit
 
     moco = torch.nn.SyncBatchNorm.convert_sync_batchnorm(MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32,
-                                                                                        depth=2, num_heads=2), 16), 32, 64))
+                                                                                        depth=2, num_heads=2), 16), 32,
+                                                                64))
     n = compile_method(moco)
     assert n == 2 * (1 + 2)  # base and momentum encoders: patch embedding + 2 blocks each; no head
     assert not is_compiled(moco.predictor) and not is_compiled(moco.base_encoder.head)

@@ -1,9 +1,9 @@
 """Two CPU processes (gloo) through torchrun against one process with the same global batch."""
 
 import csv
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mimco.runs import load_checkpoint
-from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=HANG, cwd=ROOT, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -44,7 +44,8 @@ def _losses(path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
-    det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]  # no randomness outside data order and masks
+    det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]",
+           "aug.flip_prob=0.0"]  # no randomness outside data order and masks
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
             "train.max_steps=4", "train.threads=1", "loss.patch_negatives=batch", f"teacher.checkpoint={teacher_ckpt}",
             f"train.out_dir={tmp_path}"]
@@ -54,7 +55,8 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
     assert [s for s, _ in ddp] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-5
-    wa, wb = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"], load_checkpoint(tmp_path / "single" / "last.pt")["model"]
+    wa = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
@@ -96,7 +98,8 @@ def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, 
     det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
             "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}"]
-    r = _run([*TORCHRUN, "-m", "mimco", *args, "train.name=compiled", "train.compile=true", f"train.strategy={strategy}"])
+    r = _run([*TORCHRUN, "-m", "mimco", *args, "train.name=compiled", "train.compile=true",
+              f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=eager"])
     # student: patch embedding + 2 blocks; teacher: the same and its projector; the patch and image heads
     assert "mimco: first step " in r.stderr and "torch.compile of 9 blocks" in r.stderr, r.stderr[-2000:]
@@ -117,7 +120,8 @@ def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy, precision):
             f"train.out_dir={tmp_path}", "train.name=m", f"train.strategy={strategy}", f"train.precision={precision}"]
     _run([*TORCHRUN, "-m", "mimco", *args, "train.max_steps=3"])
     # resume the 2-process run on 1 process with micro-batches of 16: same global batch, same schedule
-    r = _run([sys.executable, "-m", "mimco", "teacher", "--resume", str(tmp_path / "m" / "last.pt"), "optim.micro_batch=16"])
+    r = _run([sys.executable, "-m", "mimco", "teacher", "--resume", str(tmp_path / "m" / "last.pt"),
+              "optim.micro_batch=16"])
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["step"] == out["total_steps"] == 8
 
@@ -144,7 +148,8 @@ def test_a_two_process_run_evaluates_at_the_end(tmp_path, teacher_ckpt, strategy
 def test_a_zero_weight_loss_runs_under_ddp(tmp_path, teacher_ckpt, weights):
     """DDP refuses parameters that never get a gradient: a head whose loss weighs 0 is not built."""
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64", "train.max_steps=3",
-            "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}", "train.name=z", *weights]
+            "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}", "train.name=z",
+            *weights]
     _run([*TORCHRUN, "-m", "mimco", *args])
     assert load_checkpoint(tmp_path / "z" / "last.pt")["step"] == 3
 
@@ -177,7 +182,8 @@ def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
     assert load_checkpoint(tmp_path / "m" / "last.pt")["step"] == 6
     lines = [ln for ln in r.stderr.splitlines() if "unreadable" in ln]
     # 27 files, 2 of them unreadable: each counted once, whichever process and epoch met it, and named
-    assert len(lines) == 1 and re.fullmatch(r"mimco: skipped 2 unreadable files of 27 \(.*(empty|text)\.jpg, .*(empty|text)"
+    assert len(lines) == 1 and re.fullmatch(r"mimco: skipped 2 unreadable files of 27 \(.*(empty|text)\.jpg, "
+                                            r".*(empty|text)"
                                             r"\.jpg\), each replaced by the next readable file", lines[0]), r.stderr
     assert "Warning" not in r.stderr
 
@@ -189,7 +195,8 @@ def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
            "aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0", "aug.color_jitter=0",
            "classifier.drop_path_rate=0"]
     args = ["finetune", str(teacher_ckpt), *TINY_DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=1",
-            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", "train.progress=false", "train.threads=1", "train.log_every=1",
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", "train.progress=false", "train.threads=1",
+            "train.log_every=1",
             f"train.out_dir={tmp_path}", *det]
     _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
@@ -208,10 +215,11 @@ def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     from tests.cli.test_bad_inputs import _messy_folder
 
     _messy_folder(tmp_path / "imgs")
-    r = subprocess.run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32",
+    r = subprocess.run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64",
+                        "moco.proj_dim=32",
                         "data.name=folder", f"data.root={tmp_path / 'imgs'}", "data.img_size=16", "data.num_workers=0",
                         "optim.batch_size=8", "optim.epochs=2", "train.threads=1", f"train.out_dir={tmp_path}",
-                        "train.name=m"], capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+                        "train.name=m"], capture_output=True, text=True, env=ENV, timeout=HANG, cwd=ROOT)
     assert r.returncode != 0
     # each process raises the same error at the same step (torchrun may stop the second before it prints)
     assert "mimco: error: 2 of 34 images could not be read (more than data.max_bad_fraction=0.01)" in r.stderr
@@ -227,7 +235,8 @@ def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path, strateg
     dinov2_hub_file(tmp_path / "dinov2.pth", regs=4)
     det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
-            "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={tmp_path / 'dinov2.pth'}", "teacher.img_size=42",
+            "train.max_steps=3", "train.threads=1", f"teacher.checkpoint={tmp_path / 'dinov2.pth'}",
+            "teacher.img_size=42",
             "teacher.layers=[-2,-1]", "teacher.target_norm=layernorm", "teacher.image_target=mean",
             "teacher.resample=bilinear", f"train.out_dir={tmp_path}"]
     _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp", f"train.strategy={strategy}"])

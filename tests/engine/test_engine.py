@@ -4,11 +4,11 @@ from safetensors.torch import load_file
 
 from mimco.config import OptimConfig
 from mimco.engine import build_optimizer, build_scheduler
-from mimco.io import atomic_save
-from mimco.runs import load_checkpoint
 from mimco.errors import MimcoError
+from mimco.io import atomic_save
 from mimco.methods.mimco import MimCo
 from mimco.pipeline import run_stage
+from mimco.runs import load_checkpoint
 from tests.conftest import tiny_pretrain_cfg, tiny_teacher_cfg
 from tests.methods.test_mimco import tiny_mimco
 
@@ -164,7 +164,8 @@ def test_resume_refuses_what_it_cannot_honour(tmp_path, capsys):
     run_stage("teacher", tiny_teacher_cfg(tmp_path, "r", ("optim.epochs=2",)))
     last = str(tmp_path / "r" / "last.pt")
     before = (tmp_path / "r" / "last.pt").read_bytes()
-    for override, message in (("optim.batch_size=64", "optim.batch_size cannot change on resume (the checkpoint has 32, now 64)"),
+    for override, message in (("optim.batch_size=64",
+                               "optim.batch_size cannot change on resume (the checkpoint has 32, now 64)"),
                               ("model.depth=3", "model.depth cannot change on resume (the checkpoint has 2, now 3)"),
                               ("optim.epochs=1", "the checkpoint is at step 16 but optim.epochs=1.0 ends at step 8")):
         assert main(["teacher", "--resume", last, override]) == 2
@@ -261,7 +262,8 @@ def test_a_run_returns_with_no_mask_build_in_flight(tmp_path, monkeypatch):
         return real(self, batch_size, step, first_index)
 
     monkeypatch.setattr(MaskGenerator, "build", slow)
-    run_stage("pretrain", tiny_pretrain_cfg(tmp_path, tmp_path / "none.pt", "r", ("method=simmim", "train.max_steps=2")))
+    run_stage("pretrain",
+              tiny_pretrain_cfg(tmp_path, tmp_path / "none.pt", "r", ("method=simmim", "train.max_steps=2")))
     assert finished == [2]
 
 

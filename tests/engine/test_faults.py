@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from mimco import io as ckpt_module
-from mimco.runs import load_checkpoint
 from mimco.errors import MimcoError
 from mimco.methods.moco import MoCoV3
 from mimco.pipeline import run_stage
-from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN, tiny_teacher_cfg
+from mimco.runs import load_checkpoint
+from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN, tiny_teacher_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
@@ -27,7 +27,8 @@ LONG = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.
 
 
 def _start(out: Path, name: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mimco", *LONG, f"train.out_dir={out}", f"train.name={name}", *extra],
+    return subprocess.Popen([sys.executable, "-m", "mimco", *LONG, f"train.out_dir={out}", f"train.name={name}",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
 
 
@@ -49,7 +50,7 @@ def test_kill_9_then_resume_auto_equals_uninterrupted(tmp_path):
     kill_at = random.Random(seed).randint(3, 30)
     why = f"killed after log row {kill_at}; repeat with MIMCO_FAULT_SEED={seed}"
     full = _start(tmp_path, "full")
-    assert full.wait(timeout=300) == 0, full.stderr.read()
+    assert full.wait(timeout=HANG) == 0, full.stderr.read()
     victim = _start(tmp_path, "victim")
     _wait_for_step(victim, tmp_path / "victim" / "log.csv", kill_at)
     victim.send_signal(signal.SIGKILL)
@@ -57,7 +58,7 @@ def test_kill_9_then_resume_auto_equals_uninterrupted(tmp_path):
     step = load_checkpoint(tmp_path / "victim" / "last.pt")["step"]
     assert 2 <= step < 48, why
     again = subprocess.run([sys.executable, "-m", "mimco", *LONG, f"train.out_dir={tmp_path}", "train.name=victim",
-                            "--resume", "auto"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+                            "--resume", "auto"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert again.returncode == 0, f"{why}: {again.stderr}"
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "victim" / "last.pt")
     assert a["step"] == b["step"] == 48, why
@@ -71,7 +72,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     proc = _start(tmp_path, "term")
     _wait_for_step(proc, tmp_path / "term" / "log.csv", 3)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, err
     assert "stopped by SIGTERM" in err and "mimco teacher --resume" in err
     step = load_checkpoint(tmp_path / "term" / "last.pt")["step"]
@@ -88,7 +89,8 @@ def test_injected_nan_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MoCoV3, "forward", poisoned)
     cfg = tiny_teacher_cfg(tmp_path, "nan", ("train.log_every=1", "train.ckpt_every=2"))
-    with pytest.raises(MimcoError, match=r"NaN/Inf at step 5; stopped, the last checkpoint .*last.pt \(step 4\) is kept"):
+    with pytest.raises(MimcoError,
+                       match=r"NaN/Inf at step 5; stopped, the last checkpoint .*last.pt \(step 4\) is kept"):
         run_stage("teacher", cfg)
     kept = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
@@ -123,7 +125,7 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path):
                             env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     _wait_for_step(proc, tmp_path / "term2" / "log.csv", 3)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG)
     assert "stopped by SIGTERM" in err, err[-3000:]
     summary = json.loads((tmp_path / "term2" / "summary.json").read_text())
     step = load_checkpoint(tmp_path / "term2" / "last.pt")["step"]

@@ -55,7 +55,8 @@ class HostData(TorchFunctionMode):
     ``t.new_tensor(x)``, ``torch.as_tensor(list, device=...)``): each is a host-to-device copy from
     pageable memory, which waits for the device. Built before the dispatcher, so seen here."""
 
-    MAKERS = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor", torch.Tensor.new_tensor: "Tensor.new_tensor"}
+    MAKERS = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor",
+              torch.Tensor.new_tensor: "Tensor.new_tensor"}
 
     def __init__(self, found: list[str]) -> None:
         super().__init__()
@@ -143,7 +144,7 @@ def test_the_recorders_see_each_kind_of_sync():
         torch.full((), 0.5, device="meta")  # allowed: a fill kernel, no copy
         with pytest.raises(NotImplementedError):  # meta cannot say how many; the recorder notes the call first
             x.nonzero()
-        with pytest.raises(Exception):  # meta tensors cannot be read at all; likewise
+        with pytest.raises(Exception):  # noqa: B017  (meta tensors cannot be read at all, by any exception; likewise)
             x.sum().item()
     assert len(found) == 6, found
     assert found[0].startswith("Tensor.new_tensor") and found[-1].startswith("a tensor read on the host")

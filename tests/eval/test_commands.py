@@ -7,11 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mimco.runs import load_checkpoint
-
 from mimco.cli.main import main
 from mimco.eval.finetune import build_classifier, layer_decay_groups
 from mimco.models.formats import load_backbone
+from mimco.runs import load_checkpoint
 
 DATA = ["data.name=procedural", "data.img_size=16", "data.procedural_size=256", "train.progress=false"]
 
@@ -28,7 +27,8 @@ def test_knn_and_results_table(tmp_path, capsys, teacher_ckpt):
     assert set(out) == {"knn5_top1", "knn20_top1"} and all(0 <= v <= 100 for v in out.values())
     run(capsys, "knn", "pixels", "--k", 5, "--out", tmp_path / "r", *DATA)
     row = json.loads((tmp_path / "r" / "results.jsonl").read_text().splitlines()[0])
-    assert len(row["sha256"]) == 12 and row["format"].startswith("mimco teacher") and row["config"]["data"]["img_size"] == 16
+    assert len(row["sha256"]) == 12 and row["format"].startswith("mimco teacher")
+    assert row["config"]["data"]["img_size"] == 16
     table = run(capsys, "results", tmp_path)
     assert "| teacher/last.pt |" in table and "| raw pixels |" in table and "knn20_top1" in table
     assert (tmp_path / "r" / "results.csv").read_text().startswith("time,command,name")
@@ -82,7 +82,8 @@ def test_finetune_resume_after_one_epoch_equals_uninterrupted(tmp_path, capsys, 
     """Stopped after one epoch and resumed: the same weights and metrics as one uninterrupted run
     (RandAugment, mixup, random erasing and drop path on: the random state must resume too)."""
     args = ["finetune", teacher_ckpt, *DATA, "data.num_workers=0", "optim.batch_size=32", "optim.epochs=2",
-            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", f"train.out_dir={tmp_path}", "classifier.drop_path_rate=0.1"]
+            "optim.warmup_epochs=0.5", "optim.base_lr=1e-3", f"train.out_dir={tmp_path}",
+            "classifier.drop_path_rate=0.1"]
     full = json.loads(run(capsys, *args, "train.name=full"))
     json.loads(run(capsys, *args, "train.name=cut", "train.max_steps=8"))
     again = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "cut" / "last.pt"))
@@ -106,8 +107,8 @@ def test_plots_are_real_pngs(tmp_path, capsys, teacher_ckpt):
 def test_finetune_ranks_take_disjoint_shares(monkeypatch):
     """Each process trains on its own share: in an epoch, the ranks' samples are disjoint and
     together cover the epoch (N full copies would also equal one process, so check the indices)."""
-    from mimco.config import FinetuneConfig, load_config
     from mimco import distributed as dist
+    from mimco.config import FinetuneConfig, load_config
     from mimco.data.stream import build_stream
 
     cfg = load_config(FinetuneConfig, None, [*DATA, "optim.batch_size=32", "data.num_workers=0"])
@@ -180,15 +181,16 @@ def test_few_label_probes_use_the_seeded_balanced_subsets(tmp_path, capsys, teac
 def test_few_label_finetune_trains_on_the_same_subset(tmp_path, teacher_ckpt):
     from mimco.config import FinetuneConfig, load_config
     from mimco.data.build import load_dataset
-    from mimco.data.subsets import balanced_subset
     from mimco.data.stream import build_stream
+    from mimco.data.subsets import balanced_subset
 
     cfg = load_config(FinetuneConfig, None, [*DATA, "data.num_workers=0", "optim.batch_size=16",
                                              "data.labels_per_class=4", "data.label_seed=1"])
     stream = build_stream(cfg, torch.device("cpu"), "labelled")
     full = load_dataset(cfg.data, train=True)
     idx = balanced_subset(full.labels, per_class=4, seed=1)
-    assert torch.equal(stream.ds.array.images, full.images[idx]) and torch.equal(stream.ds.array.labels, full.labels[idx])
+    assert torch.equal(stream.ds.array.images,
+                       full.images[idx]) and torch.equal(stream.ds.array.labels, full.labels[idx])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -218,10 +220,12 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
     run(capsys, *base, "train.name=part", "train.max_steps=3")
     resumed = json.loads(run(capsys, "finetune", teacher_ckpt, "--resume", tmp_path / "part" / "last.pt"))
     assert resumed["step"] == full["step"] == 16 and resumed["best_top1"] == full["best_top1"]
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
-    best_a, best_b = load_file(str(tmp_path / "full" / "best.safetensors")), load_file(str(tmp_path / "part" / "best.safetensors"))
+    best_a = load_file(str(tmp_path / "full" / "best.safetensors"))
+    best_b = load_file(str(tmp_path / "part" / "best.safetensors"))
     assert all(torch.allclose(best_a[k], best_b[k], atol=1e-6) for k in best_a)
 
 

@@ -64,7 +64,9 @@ def test_attention_picture_takes_a_batch_on_the_gpu(tmp_path):
     with pytest.raises(TypeError, match="numpy"):
         x.numpy()
     shown = denormalize(x, [0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
-    assert type(shown) is torch.Tensor and torch.allclose(shown, x.cpu() * 0.2 + torch.tensor([0.5, 0.4, 0.3]).view(1, -1, 1, 1))
+    assert type(shown) is torch.Tensor and torch.allclose(shown,
+                                                          x.cpu() * 0.2 + torch.tensor([0.5, 0.4, 0.3]).view(1, -1, 1,
+                                                                                                             1))
     out = attention_figure([("vit", model)], x, shown, tmp_path / "a.png")
     assert out.is_file() and out.stat().st_size > 0
 

@@ -23,7 +23,8 @@ def methods():
     from mimco.eval.finetune import Finetune, build_classifier
 
     gen = MaskGenerator("random", 0.5, (4, 4), seed=0)
-    return [("teacher", MoCoV3(_vit(), 16, 32)), ("pretrain", tiny_mimco()), ("pretrain", SimMIM(MaskedViT(_vit()), gen)),
+    return [("teacher", MoCoV3(_vit(), 16, 32)), ("pretrain", tiny_mimco()),
+            ("pretrain", SimMIM(MaskedViT(_vit()), gen)),
             ("finetune", Finetune(build_classifier(_vit(), 10), FinetuneConfig(), 10, None, None))]
 
 
@@ -57,7 +58,8 @@ def test_each_member_of_the_contract_is_required(missing):
     partial = type("Partial", (nn.Module,), members)()
     with pytest.raises(TypeError, match=rf"^Partial is not a TrainingMethod: it lacks {missing}$"):
         check_method(partial)
-    complete = type("Complete", (nn.Module,), {**members, missing: 1 if missing == "total_steps" else (lambda self: None)})()
+    complete = type("Complete", (nn.Module,),
+                    {**members, missing: 1 if missing == "total_steps" else (lambda self: None)})()
     check_method(complete)
 
 

@@ -181,7 +181,8 @@ def test_global_infonce_on_rank_one_of_two(monkeypatch):
 
 def test_patch_loss_defaults_and_bad_negatives():
     crit = PatchContrastiveLoss()
-    assert crit.temperature == GlobalInfoNCE().temperature == 0.2 and GlobalInfoNCE().gather and GlobalInfoNCE().scale_by_2t
+    default = GlobalInfoNCE()
+    assert crit.temperature == default.temperature == 0.2 and default.gather and default.scale_by_2t
     assert crit.gather and crit.negatives == "image" and crit.neg_threshold == 1.0 and crit.max_negatives == 0
     with pytest.raises(ValueError, match="unknown patch negatives 'pixels'"):
         PatchContrastiveLoss(negatives="pixels")

@@ -100,7 +100,8 @@ def test_grad_checkpointing_recomputes_with_same_gradients():
     ckpt = copy.deepcopy(plain)
     ckpt.student.backbone.set_grad_checkpointing(True)
     calls = {"plain": 0, "ckpt": 0}
-    plain.student.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    plain.student.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("plain",
+                                                                                            calls["plain"] + 1))
     ckpt.student.backbone.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("ckpt", calls["ckpt"] + 1))
     x = torch.randn(4, 3, 16, 16)
     for m in (plain, ckpt):
@@ -177,7 +178,8 @@ def test_regression_switch_regresses_the_masked_teacher_tokens(kind):
         pred = m.patch_head(m.student(x, mask)[:, 1:][mask])
         want = {"l1": F.l1_loss(pred, target), "smooth_l1": F.smooth_l1_loss(pred, target),
                 "cosine": (1 - F.cosine_similarity(pred, target, dim=-1)).mean()}[kind]
-    assert logs["loss_patch"].item() == pytest.approx(want.item(), rel=1e-5) and loss.item() == logs["loss_patch"].item()
+    assert logs["loss_patch"].item() == pytest.approx(want.item(),
+                                                      rel=1e-5) and loss.item() == logs["loss_patch"].item()
 
 
 def test_loss_settings_reach_the_criteria_and_bad_switches_are_named():
@@ -209,7 +211,8 @@ def test_masks_follow_the_slice_of_the_global_batch(monkeypatch):
 
     seen = []
     real = MaskGenerator.build
-    monkeypatch.setattr(MaskGenerator, "build", lambda self, b, step, first=0: seen.append((step, first)) or real(self, b, step, first))
+    monkeypatch.setattr(MaskGenerator, "build", lambda self, b, step,
+                        first=0: seen.append((step, first)) or real(self, b, step, first))
     x = torch.randn(4, 3, 16, 16)
     simmim = SimMIM(MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)),
                     MaskGenerator("random", 0.5, (4, 4), seed=0, prefetch=False))

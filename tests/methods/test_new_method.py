@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from mimco.runs import load_checkpoint
-from tests.conftest import ENV, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
+from tests.conftest import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
 
 SIMSIAM = str(ROOT / "examples" / "simsiam.py")
 
 
 def _run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=HANG, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -60,5 +60,5 @@ def test_a_method_from_outside_trains_with_ddp_compile_and_fsdp_and_exports(tmp_
 
 def test_an_unregistered_method_is_refused_before_any_data():
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "method=simsiam", *TINY_DATA], capture_output=True,
-                       text=True, env=ENV, timeout=300, cwd=ROOT)
+                       text=True, env=ENV, timeout=HANG, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip() == "mimco: error: unknown method 'simsiam'; choose mocov3"

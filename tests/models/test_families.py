@@ -112,7 +112,8 @@ def eva02_file(path) -> None:
             k = k.replace(a, b)
         sd[k] = v.clone() + 0.01 * torch.randn_like(v)
     sd.update({"mask_token": torch.zeros(1, 1, 768), "lm_head.weight": torch.randn(16, 768),
-               "lm_head.bias": torch.zeros(16), "rope.freqs_cos": torch.randn(4, 64), "rope.freqs_sin": torch.randn(4, 64)})
+               "lm_head.bias": torch.zeros(16), "rope.freqs_cos": torch.randn(4, 64),
+               "rope.freqs_sin": torch.randn(4, 64)})
     torch.save({"model": sd}, path)
 
 
@@ -161,7 +162,8 @@ def test_bad_teacher_names_and_files(tmp_path):
     dinov2_hub_file(path)
     with pytest.raises(MimcoError, match="patch size 14 but teacher.model=vit_tiny_patch16_224 has 16"):
         load_backbone(str(path), model_name="vit_tiny_patch16_224")
-    with pytest.raises(MimcoError, match=r"shapes differ \(file vs model\) for \['cls_token \(1, 1, 64\) vs \(1, 1, 384\)'"):
+    with pytest.raises(MimcoError,
+                       match=r"shapes differ \(file vs model\) for \['cls_token \(1, 1, 64\) vs \(1, 1, 384\)'"):
         load_backbone(str(path), model_name="vit_small_patch14_dinov2")
     torch.save({"visual.class_embedding": torch.zeros(W), "visual.conv1.weight": torch.zeros(W, 3, 16, 16),
                 "visual.positional_embedding": torch.zeros(5, W), "visual.transformer.resblocks.0.mlp.c_fc.weight":
@@ -169,7 +171,8 @@ def test_bad_teacher_names_and_files(tmp_path):
     with pytest.raises(MimcoError, match="do not fit a OpenCLIP / OpenAI CLIP visual tower.*missing"):
         load_backbone(str(tmp_path / "clip_broken.pt"))
     torch.save({"visual.class_embedding": torch.zeros(W)}, tmp_path / "clip_stub.pt")
-    with pytest.raises(MimcoError, match=r"key 'visual.conv1.weight' is missing; closest known layout: OpenCLIP .* \(1 of 7"):
+    with pytest.raises(MimcoError,
+                       match=r"key 'visual.conv1.weight' is missing; closest known layout: OpenCLIP .* \(1 of 7"):
         load_backbone(str(tmp_path / "clip_stub.pt"))
     # the keys of no layout: the closest one is named with what it lacks
     sd = {k.replace("attn.qkv", "attn.qkv_fused"): v for k, v in
@@ -178,7 +181,8 @@ def test_bad_teacher_names_and_files(tmp_path):
     torch.save(sd, tmp_path / "odd.pth")
     with pytest.raises(MimcoError, match=r"closest known layout: timm ViT / DINO backbone \(5 of 7 identifying keys\); "
                                          r"missing \['patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'\]; "
-                                         r"unexpected \['blocks.N.attn.qkv_fused.bias', 'blocks.N.attn.qkv_fused.weight'\]$"):
+                                         r"unexpected \['blocks.N.attn.qkv_fused.bias', "
+                                         r"'blocks.N.attn.qkv_fused.weight'\]$"):
         load_backbone(str(tmp_path / "odd.pth"))
 
 

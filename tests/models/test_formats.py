@@ -79,7 +79,8 @@ def test_mocov3_resampled_to_smaller_images(tmp_path):
 def test_mocov3_linear_probe_file_is_named(tmp_path):
     sd = {f"module.{k}": v for k, v in vit(12).state_dict().items()}
     sd["module.head.weight"], sd["module.head.bias"] = torch.randn(1000, DIM), torch.zeros(1000)
-    torch.save({"epoch": 90, "arch": "vit_small", "state_dict": sd, "best_acc1": 73.2}, tmp_path / "linear-vit-s-300ep.pth.tar")
+    torch.save({"epoch": 90, "arch": "vit_small", "state_dict": sd, "best_acc1": 73.2},
+               tmp_path / "linear-vit-s-300ep.pth.tar")
     with pytest.raises(MimcoError, match="linear-probe checkpoint.*vit-s-300ep"):
         load_backbone(str(tmp_path / "linear-vit-s-300ep.pth.tar"))
 
@@ -109,7 +110,8 @@ def test_mae_and_simmim(tmp_path):
     mae = {**ref.state_dict(), "mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.randn(16, DIM),
            "decoder_blocks.0.norm1.weight": torch.ones(16), "decoder_pred.weight": torch.randn(768, 16)}
     torch.save({"model": mae, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
-                "scaler": {"scale": 1.0}, "args": argparse.Namespace(model="mae_vit_small")}, tmp_path / "mae_pretrain.pth")
+                "scaler": {"scale": 1.0}, "args": argparse.Namespace(model="mae_vit_small")},
+               tmp_path / "mae_pretrain.pth")
     model, state = load_backbone(str(tmp_path / "mae_pretrain.pth"))
     assert state.kind == "mae" and same_features(model, ref)
     assert "decoder_embed.*" in state.ignored and "mask_token" in state.ignored

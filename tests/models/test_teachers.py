@@ -67,7 +67,8 @@ def test_layers_and_target_norm_against_block_hooks():
         final = teacher.forward_features(x)
     for h in hooks:
         h.remove()
-    ln = lambda t: (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)  # noqa: E731
+    ln = lambda t: (t - t.mean(-1,
+                               keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)  # noqa: E731
     cases = [([], "none", final), ([], "layernorm", ln(final)), ([-1], "none", outs[2]),
              ([1, 2], "none", (outs[1] + outs[2]) / 2), ([-2, -1], "layernorm", (ln(outs[1]) + ln(outs[2])) / 2),
              ([0], "layernorm", ln(outs[0]))]
@@ -77,7 +78,8 @@ def test_layers_and_target_norm_against_block_hooks():
             with torch.no_grad():
                 patch, image = view(teacher, x)
             assert torch.allclose(patch, ref[:, 1:], atol=1e-5), (layers, norm)
-            assert torch.allclose(image, ref[:, 0] if target == "cls" else ref[:, 1:].mean(1), atol=1e-5), (layers, norm, target)
+            assert torch.allclose(image, ref[:, 0] if target == "cls" else ref[:, 1:].mean(1),
+                                  atol=1e-5), (layers, norm, target)
 
 
 def test_projector_target_and_prefix_tokens():
@@ -89,10 +91,12 @@ def test_projector_target_and_prefix_tokens():
     with torch.no_grad():
         want = teacher.head(teacher.forward_features(x)[:, 0])
         assert torch.allclose(view(teacher, x)[1], want, atol=1e-5)
-        assert torch.allclose(early(teacher, x)[1], want, atol=1e-5)  # patch targets from block 0, projector from the end
+        assert torch.allclose(early(teacher, x)[1], want,
+                              atol=1e-5)  # patch targets from block 0, projector from the end
     # DeiT's distillation token and DINOv2's registers are prefix tokens: never patch targets
     for name, prefix in (("deit_tiny_distilled_patch16_224", 2), ("vit_small_patch14_reg4_dinov2", 5)):
-        m = timm.create_model(name, pretrained=False, num_classes=0, img_size=28 if "14" in name else 32, depth=1).eval()
+        m = timm.create_model(name, pretrained=False, num_classes=0, img_size=28 if "14" in name else 32,
+                              depth=1).eval()
         size = m.patch_embed.img_size[0]
         v = TeacherView(m, size, [0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, m.patch_embed.grid_size)
         x = torch.randn(2, 3, size, size)

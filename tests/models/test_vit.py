@@ -13,7 +13,8 @@ def test_presets_and_heads():
     # a shape no ViT can take fails when the config is built, before any model
     with pytest.raises(MimcoError, match="model.embed_dim=100 is not divisible by model.num_heads=3"):
         load_config(PretrainConfig, None, ["model.embed_dim=100", "model.num_heads=3"])
-    with pytest.raises(MimcoError, match="unknown model.arch 'vit_huge_x'; choose vit_mini, vit_tiny, vit_small or vit_base"):
+    with pytest.raises(MimcoError,
+                       match="unknown model.arch 'vit_huge_x'; choose vit_mini, vit_tiny, vit_small or vit_base"):
         load_config(PretrainConfig, None, ["model.arch=vit_huge_x"])
 
 
@@ -64,7 +65,7 @@ def test_mocov3_init_matches_the_official_bounds():
     normal(1e-6). Checked against those bounds (uniform samples fill their range)."""
     import math
 
-    from mimco.config import ModelConfig, PretrainConfig, load_config
+    from mimco.config import ModelConfig
     from mimco.models.vit import create_vit
 
     torch.manual_seed(0)

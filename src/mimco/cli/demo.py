@@ -16,8 +16,8 @@ import torch
 from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 from mimco.data.build import class_names, load_dataset
 from mimco.eval.features import eval_batches
-from mimco.eval.probe import mean_std, probe_backbone, probe_few_labels
 from mimco.eval.plots import attention_figure, curves_figure, tsne_figure
+from mimco.eval.probe import mean_std, probe_backbone, probe_few_labels
 from mimco.models import create_vit
 from mimco.models.formats import load_backbone
 from mimco.pipeline import run_or_reuse, setup
@@ -54,7 +54,8 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     extra = (QUICK if quick else []) + ([f"train.threads={threads}"] if threads else []) + list(overrides)
-    tcfg = load_config(TeacherStageConfig, "fmnist_teacher", [f"train.out_dir={out}", "train.name=teacher", *extra, *teacher])
+    tcfg = load_config(TeacherStageConfig, "fmnist_teacher",
+                       [f"train.out_dir={out}", "train.name=teacher", *extra, *teacher])
     t_min = _stage("teacher", tcfg, out / "teacher")
     student_run = [f"train.out_dir={out}", "train.name=mimco", f"teacher.checkpoint={out / 'teacher' / CHECKPOINT}"]
     pcfg = load_config(PretrainConfig, "fmnist_pretrain", [*student_run, *extra, *student])
@@ -71,7 +72,8 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[
         ("raw pixels", None, "-"),
         ("random-init ViT", create_vit(pcfg.model, data.img_size, data.channels), "0"),
         ("MoCo v3 teacher", load_backbone(str(out / "teacher" / CHECKPOINT))[0], f"{t_min:.1f}"),
-        ("MimCo student", load_backbone(str(out / "mimco" / CHECKPOINT))[0], f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
+        ("MimCo student", load_backbone(str(out / "mimco" / CHECKPOINT))[0],
+         f"{t_min + s_min:.1f} (teacher + {s_min:.1f})"),
     ]
     ev = pcfg.eval
     few_knn, few_lin = f"k-NN {ev.few_per_class}/class", f"linear {ev.few_per_class}/class"

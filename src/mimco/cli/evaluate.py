@@ -35,7 +35,8 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
         torch.manual_seed(0)
         return "random-init ViT", VisionTransformer(**timm_kwargs(shaped)), state  # timm's fresh initialisation
     model, state = load_backbone(spec, encoder, 0, num_heads)
-    return Path(spec).parent.name + "/" + Path(spec).name if Path(spec).name == CHECKPOINT else Path(spec).name, model, state
+    p = Path(spec)
+    return (p.parent.name + "/" + p.name if p.name == CHECKPOINT else p.name), model, state
 
 
 def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
@@ -56,7 +57,8 @@ def _out_dir(args: argparse.Namespace, spec: str) -> Path:
     return p.parent / "eval" if (p.parent / CONFIG).is_file() else Path("runs") / "eval"
 
 
-def _row(command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def _row(command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any],
+         **extra: Any) -> dict[str, Any]:
     from mimco.eval.results import file_hash
 
     path = spec.split(":", 1)[-1]
@@ -71,8 +73,8 @@ def _splits(cfg: Any) -> tuple[Any, Any]:
 
     train, test = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
     if test is None:
-        raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no labelled test split; "
-                         "use a labelled dataset (imagefolder with train/ and val/)")
+        raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no labelled test "
+                         "split; use a labelled dataset (imagefolder with train/ and val/)")
     return train, test
 
 
@@ -123,7 +125,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
                                                 args.temperature, None, args.pool))
     else:
         ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
-        metrics = {f"knn{k}_top1": round(v, 2) for k, v in knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature).items()}
+        accs = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
+        metrics = {f"knn{k}_top1": round(v, 2) for k, v in accs.items()}
     write_result(_out_dir(args, args.checkpoint), _row("knn", args.checkpoint, name, state, cfg, metrics,
                                                         k=args.k, temperature=args.temperature, pool=args.pool, **few))
     print(json.dumps(metrics, indent=2))
@@ -277,7 +280,8 @@ def add_parsers(sub: Any) -> None:
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     pl = sub.add_parser("plot", help="tsne | curves | attention pictures (PNG)")
     pl.add_argument("kind", choices=["tsne", "curves", "attention"])
-    pl.add_argument("inputs", nargs="+", help="checkpoints (tsne, attention; also pixels / random:CKPT) or run folders (curves)")
+    pl.add_argument("inputs", nargs="+",
+                    help="checkpoints (tsne, attention; also pixels / random:CKPT) or run folders (curves)")
     pl.add_argument("--out", required=True, help="PNG file to write")
     pl.add_argument("--names", nargs="+", help="panel titles, one per input")
     pl.add_argument("--n", type=int, default=2000, help="test images in the t-SNE (attention: images shown)")
@@ -288,4 +292,5 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--out", help="also write the table to this file")
 
 
-HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "plot": cmd_plot, "results": cmd_results}
+HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "plot": cmd_plot,
+            "results": cmd_results}

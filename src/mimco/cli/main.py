@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mimco.errors import MimcoError
 
+
 def _train(stage: str, args: argparse.Namespace) -> int:
     from mimco.pipeline import open_run, run_stage
 
@@ -43,10 +44,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mimco.models.formats import load_backbone
     from mimco.errors import MimcoError
     from mimco.models.export import export_timm
     from mimco.models.families import FAMILIES
+    from mimco.models.formats import load_backbone
 
     model, state = load_backbone(args.checkpoint, args.encoder)
     if state.kind in FAMILIES:
@@ -58,7 +59,8 @@ def _export(args: argparse.Namespace) -> int:
     weights, cfg = out / "model.safetensors", json.loads((out / "config.json").read_text())
     build = (f"timm.create_model(cfg['model_name'], checkpoint_path='{weights}', **cfg['model_kwargs'])"
              if cfg["model_name"] else "timm.models.VisionTransformer(**cfg['model_kwargs'])\n"
-             f"  model.load_state_dict(safetensors.torch.load_file('{weights}'))  # no timm model has this architecture")
+             f"  model.load_state_dict(safetensors.torch.load_file('{weights}'))  # no timm model has this "
+             "architecture")
     print(f"wrote {weights} and {out / 'config.json'}; load with:\n  cfg = json.load(open('{out / 'config.json'}'))\n"
           f"  model = {build}")
     return 0
@@ -80,8 +82,9 @@ def _inspect(args: argparse.Namespace) -> int:
     lines = [f"file:        {args.checkpoint}",
              f"format:      {state.format}" + (f" -> timm {args.model}" if args.model else ""),
              f"backbone:    {state.source or '(top level)'}  ({n / 1e6:.2f} M parameters, {type(model).__name__})",
-             f"arch:        width {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}, patch {a['patch_size']}, "
-             f"image {a['img_size']} px ({a['img_size'] // a['patch_size']}x{a['img_size'] // a['patch_size']} grid), "
+             f"arch:        width {a['embed_dim']}, depth {a['depth']}, heads {a['num_heads']}, patch "
+             f"{a['patch_size']}, image {a['img_size']} px "
+             f"({a['img_size'] // a['patch_size']}x{a['img_size'] // a['patch_size']} grid), "
              f"{a['in_chans']} channels, {prefix}",
              f"projector:   {f'{kind} to {proj}, usable as teacher.image_target=projector' if proj else 'none'}",
              f"statistics:  {stats}",
@@ -113,12 +116,14 @@ def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimco", description="MimCo pre-training: MoCo v3 teacher, then masked image modeling against it.")
+    p = argparse.ArgumentParser(prog="mimco",
+                                description="MimCo pre-training: MoCo v3 teacher, then masked image modeling against "
+                                            "it.")
     sub = p.add_subparsers(dest="command", required=True)
     for stage, text in (("teacher", "stage 1: train a MoCo v3 contrastive teacher"),
                         ("pretrain", "stage 2: MimCo pre-training against a frozen teacher")):
         s = sub.add_parser(stage, help=text, description=text)
-        s.add_argument("--config", help="YAML config file (or the name of a bundled one, e.g. fmnist_%s)" % stage)
+        s.add_argument("--config", help=f"YAML config file (or the name of a bundled one, e.g. fmnist_{stage})")
         s.add_argument("--resume", help="a last.pt to continue, or 'auto' for train.out_dir/train.name/last.pt")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10")
     e = sub.add_parser("eval", help="k-NN and linear probe of a checkpoint's backbone on its dataset's test split")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,9 +44,11 @@ def _array(images: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> ImageArra
     if cfg.channels not in (1, 3):
         raise MimcoError(f"data.channels must be 1 or 3, got {cfg.channels}")
     if x.shape[1] == 3 and cfg.channels == 1:
-        x = (x.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().to(torch.uint8)
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = (x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
     if x.shape[-1] != cfg.img_size or x.shape[-2] != cfg.img_size:
-        x = F.interpolate(x.float(), size=(cfg.img_size, cfg.img_size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x.float(), size=(cfg.img_size, cfg.img_size), mode="bilinear", antialias=True,
+                          align_corners=False)
         x = x.round().clamp(0, 255).to(torch.uint8)
     return ImageArray(x.contiguous(), torch.from_numpy(labels).long(), cfg.channels)
 
@@ -58,11 +60,13 @@ def _torchvision(cls_name: str, cfg: DataConfig, train: bool) -> tuple[np.ndarra
     try:
         ds = getattr(torchvision.datasets, cls_name)(root, train=train, download=cfg.download)
     except RuntimeError as e:
-        raise MimcoError(f"{cls_name} not found in {root} ({str(e).splitlines()[0]}); set data.root or data.download=true") from None
+        raise MimcoError(f"{cls_name} not found in {root} ({str(e).splitlines()[0]}); set data.root or "
+                         "data.download=true") from None
     return np.asarray(ds.data).transpose(0, 3, 1, 2), np.asarray(ds.targets)
 
 
-def load_dataset(cfg: DataConfig, train: bool = True, transform: Callable | None = None) -> ImageArray | FileImages | None:
+def load_dataset(cfg: DataConfig, train: bool = True,
+                 transform: Callable | None = None) -> ImageArray | FileImages | None:
     """The train (or test) split of ``cfg.name``; ``None`` when the dataset has no test split.
 
     In-memory datasets come back as :class:`ImageArray` at ``img_size``; file datasets as
@@ -145,7 +149,8 @@ class BatchStream:
         if global_batch % world_size:
             raise MimcoError(f"optim.batch_size={global_batch} is not divisible by the {world_size} processes")
         if len(dataset) < global_batch:
-            raise MimcoError(f"optim.batch_size={global_batch} is larger than the dataset ({len(dataset)} images); lower it")
+            raise MimcoError(f"optim.batch_size={global_batch} is larger than the dataset ({len(dataset)} images); "
+                             "lower it")
         self.ds, self.gb, self.seed, self.device = dataset, global_batch, seed, device
         self.batch_transform, self.num_workers = batch_transform, num_workers
         self.rank, self.world, self.labels = rank, world_size, labels

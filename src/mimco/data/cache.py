@@ -73,8 +73,8 @@ def check_memory(need: int, n: int, size: int, device: torch.device | None = Non
         refuse = bool(dist.all_reduce_(torch.tensor([float(here)], device=device), "max").item())
     if refuse:
         where = f"only {free / 2**30:.1f} GiB is free" if here else "another node has too little free"
-        raise MimcoError(f"data.cache=true needs {need / 2**30:.1f} GiB for {n} images at {size} px (one copy per node) "
-                         f"but {where}; set data.cache=false (or a smaller data.cache_size)")
+        raise MimcoError(f"data.cache=true needs {need / 2**30:.1f} GiB for {n} images at {size} px (one copy per "
+                         f"node) but {where}; set data.cache=false (or a smaller data.cache_size)")
 
 
 def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction: float,
@@ -102,7 +102,8 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
         _check_bad(bad, n, max_bad_fraction)
         images, labels = images[:kept], labels[:kept]
         if _grey(images):
-            images = images[:, :1].clone()  # a grey folder: one channel kept (expanded on access), a third of the memory
+            images = images[:,
+                            :1].clone()  # a grey folder: one channel kept (expanded on access), a third of the memory
     elif local_rank == 0:
         images, labels, kept, bad = _build_shared(path, files, size, num_workers, max_bad_fraction, need, local_world)
     else:
@@ -110,7 +111,8 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
     if verbose:
         skipped = f"; skipped {bad} unreadable files" if bad else ""
         how = f", shared by the {local_world} processes of this node" if path is not None else ""
-        print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s "
+        print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - t0:.1f} s "
               f"with {num_workers} workers{skipped}{how}", file=sys.stderr, flush=True)
     return images, labels
 
@@ -156,16 +158,18 @@ def _shared_path(files: FileImages, size: int, need: int) -> Path:
     room, else in the temporary folder (a file the processes map, through the page cache). A
     container's small /dev/shm (64 MiB by default in Docker) would otherwise kill the decode with
     SIGBUS when the mapped file outgrows it."""
-    job = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")]
+    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+    job = [os.environ.get(k, "") for k in keys]
     first, last = files.items[0][0], files.items[-1][0]
     key = hashlib.sha1(repr((str(first), str(last), len(files), files.channels, size, job)).encode()).hexdigest()[:16]
     for base in (Path("/dev/shm"), Path(tempfile.gettempdir())):
         if _room(base) > need + (64 << 20):
             return base / f"mimco-cache-{key}"
     raise MimcoError(f"data.cache=true shares its {need / 2**30:.1f} GiB among this node's processes through a file, "
-                     f"but neither /dev/shm ({_room(Path('/dev/shm')) / 2**30:.1f} GiB free) nor {tempfile.gettempdir()} "
-                     f"({_room(Path(tempfile.gettempdir())) / 2**30:.1f} GiB free) has room; give the container more shared "
-                     "memory (docker --shm-size), point TMPDIR at a larger disk, or set data.cache=false")
+                     f"but neither /dev/shm ({_room(Path('/dev/shm')) / 2**30:.1f} GiB free) nor "
+                     f"{tempfile.gettempdir()} "
+                     f"({_room(Path(tempfile.gettempdir())) / 2**30:.1f} GiB free) has room; give the container more "
+                     "shared memory (docker --shm-size), point TMPDIR at a larger disk, or set data.cache=false")
 
 
 def _part(path: Path, suffix: str) -> Path:
@@ -209,7 +213,8 @@ def _build_shared(path: Path, files: FileImages, size: int, num_workers: int, ma
     return (images[:, :1] if grey else images), labels, kept, bad
 
 
-def _map_shared(path: Path, n: int, c: int, size: int, need: int, local_rank: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _map_shared(path: Path, n: int, c: int, size: int, need: int,
+                local_rank: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Another local process: wait for local rank 0's cache (or its error), map it, say so."""
     while not _part(path, ".meta").exists():
         if _part(path, ".error").exists():

@@ -20,7 +20,8 @@ counted with the unreadable files. On a CPU device the same code runs with libjp
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F

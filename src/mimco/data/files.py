@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ class FileImages(Dataset):
         if labelled:
             self.classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
             if not self.classes:
-                raise MimcoError(f"no class sub-folders in {base}; for a flat folder of unlabelled images use data.name=folder")
+                raise MimcoError(f"no class sub-folders in {base}; for a flat folder of unlabelled images use "
+                                 "data.name=folder")
             for c, name in enumerate(self.classes):
                 items += [(p, c) for p in _images_under(base / name)]
         else:
@@ -142,7 +143,8 @@ class BadImageCounter:
         self.files: set[int] = set()
         self.undecodable = 0  # files read whose JPEG data failed to decode on the device (data.decode=gpu)
 
-    def update(self, bad: int, total: int, files: list[int] = (), undecodable: int = 0) -> None:  # type: ignore[assignment]
+    def update(self, bad: int, total: int, files: list[int] = (),
+               undecodable: int = 0) -> None:  # type: ignore[assignment]
         self.bad += bad
         self.seen += total
         self.files.update(files)

@@ -25,8 +25,7 @@ from mimco.data.build import BatchStream, ImageArray, cached, load_dataset
 from mimco.data.device_decode import DeviceViews, EncodedFiles
 from mimco.data.files import FileImages
 from mimco.data.subsets import labelled_subset
-from mimco.data.transforms import (BatchMimView, BatchTwoViews, finetune_transform, image_mim_view,
-                                   image_two_views)
+from mimco.data.transforms import BatchMimView, BatchTwoViews, finetune_transform, image_mim_view, image_two_views
 from mimco.errors import MimcoError
 
 
@@ -113,7 +112,8 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
             raise MimcoError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(train)} labelled training "
                              f"images; set optim.batch_size to at most {len(train)}")
     ds = TransformedArray(train, tf) if isinstance(train, ImageArray) else train
-    on_device = DeviceNormalize(d.mean[: d.channels], d.std[: d.channels], cfg.aug.reprob, device) if d.on_device else None
+    on_device = DeviceNormalize(d.mean[: d.channels], d.std[: d.channels], cfg.aug.reprob,
+                                device) if d.on_device else None
     stream = BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, on_device, d.num_workers,
                          d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
     stream.num_classes = num_classes(train)

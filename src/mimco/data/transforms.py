@@ -10,7 +10,7 @@ Blur sigma is given for 224 px images (MoCo v3) and scaled to ``img_size``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import kornia.augmentation as K
 import torch

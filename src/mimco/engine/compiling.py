@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import nn
 
 
-
 def compile_method(method: nn.Module, mode: str = "default") -> int:
     """Compile, in place, each of ``method.compile_targets()`` (by default every ViT block and patch
     embedding; MoCo and MimCo add their heads) except those holding SyncBatchNorm; returns how many

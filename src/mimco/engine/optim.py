@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 
 from mimco.config import OptimConfig
 

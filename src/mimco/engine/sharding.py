@@ -7,7 +7,8 @@ state-dict API), so a run saved under one strategy or process count resumes unde
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

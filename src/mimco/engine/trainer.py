@@ -2,11 +2,12 @@
 
 It runs any :class:`~mimco.methods.base.TrainingMethod` (the contract: ``forward(views, step,
 first_index) -> (loss, logs)``, ``backbone()``, ``no_weight_decay()``, ``param_groups()``,
-``total_steps``, ``on_epoch_end()`` and ``metric_keys``) and adds everything else: per-iteration warm-up + cosine, bf16/fp16 autocast, gradient accumulation and
-clipping, gradient checkpointing, DDP/FSDP, a CSV row every ``log_every`` steps, a progress bar,
-atomic checkpoints (model, optimiser, step, every process's RNG state, resolved config), resume
-(the schedule is rebuilt from the resumed config), a clean stop on SIGTERM/SIGINT and a stop on
-a non-finite loss.
+``total_steps``, ``on_epoch_end()``, ``metric_keys``, ``encoders()``, ``frozen_modules()``,
+``compile_targets()`` and ``fsdp_units()``) and adds everything else: per-iteration warm-up +
+cosine, bf16/fp16 autocast, gradient accumulation and clipping, gradient checkpointing, DDP/FSDP,
+a CSV row every ``log_every`` steps, a progress bar, atomic checkpoints (model, optimiser, step,
+every process's RNG state, resolved config), resume (the schedule is rebuilt from the resumed
+config), a clean stop on SIGTERM/SIGINT and a stop on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from tqdm import tqdm
 
+from mimco import distributed as dist
 from mimco.config import to_dict
 from mimco.data.build import BatchStream
-from mimco import distributed as dist
 from mimco.engine.amp import autocast
 from mimco.engine.compiling import compile_method
 from mimco.engine.guards import FiniteGuard, StopSignal
@@ -92,7 +93,8 @@ class Trainer:
     def __init__(self, method: TrainingMethod, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
                  device: torch.device, resume: dict[str, Any] | None = None) -> None:
         check_method(method)
-        self.method, self.cfg, self.stream, self.run_dir, self.stage, self.device = method, cfg, stream, run_dir, stage, device
+        self.method, self.cfg, self.stream = method, cfg, stream
+        self.run_dir, self.stage, self.device = run_dir, stage, device
         o, t = cfg.optim, cfg.train
         self.accum = accumulation(stream.local, o.accum_steps, o.micro_batch)
         spe = stream.steps_per_epoch
@@ -120,7 +122,8 @@ class Trainer:
             if self.step > self.total_steps:
                 raise MimcoError(f"the checkpoint is at step {self.step} but optim.epochs={o.epochs} ends at step "
                                  f"{self.total_steps}; resume with optim.epochs of at least {self.step / spe:g}")
-            fresh = [{k: g[k] for k in ("weight_decay", "betas", "lr_scale") if k in g} for g in self.optimizer.param_groups]
+            kept = ("weight_decay", "betas", "lr_scale")
+            fresh = [{k: g[k] for k in kept if k in g} for g in self.optimizer.param_groups]
             load_state(method, self.optimizer, resume["model"], resume["optimizer"])
             for g, values in zip(self.optimizer.param_groups, fresh):  # hyper-parameters from this config
                 g.update(values)
@@ -134,7 +137,8 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self.model: nn.Module = method
         if dist.world_size() > 1 and not fsdp:
-            self.model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
         self.log = CsvLog(run_dir / LOG, self.step if resume is not None else None) if dist.is_main() else None
         self.guard = FiniteGuard(device)
         self.last_saved: tuple[Path, int] | None = (run_dir / CHECKPOINT, self.step) if resume is not None else None
@@ -147,7 +151,8 @@ class Trainer:
         rng = all_rng_states()  # collective: every process's generators, in rank order
         if dist.is_main():
             save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
-                            backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng, to_dict(self.cfg))
+                            backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng,
+                            to_dict(self.cfg))
         self.last_saved = (path, self.step)
         return path
 
@@ -191,7 +196,8 @@ class Trainer:
             raise MimcoError(f"loss became NaN/Inf at step {bad + 1}; stopped, {kept}; lower optim.base_lr or set "
                              "optim.clip_grad, then resume")
 
-    def _micro_step(self, views: list[torch.Tensor], sync: bool, first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_step(self, views: list[torch.Tensor], sync: bool,
+                    first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext()
         with ctx:
@@ -239,8 +245,8 @@ class Trainer:
                 if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
                     first_step_s = round(time.perf_counter() - start, 2)
                     if self.compiled and dist.is_main():
-                        tqdm.write(f"mimco: first step {first_step_s} s (torch.compile of {self.compiled} blocks, patch "
-                                   "embeddings and heads; later steps reuse the compiled code)", file=sys.stderr)
+                        tqdm.write(f"mimco: first step {first_step_s} s (torch.compile of {self.compiled} blocks, "
+                                   "patch embeddings and heads; later steps reuse the compiled code)", file=sys.stderr)
                 n_logged += 1
                 seen += views[0].shape[0] * dist.world_size()
                 bar.update(1)
@@ -258,7 +264,8 @@ class Trainer:
                            "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - start, 2)}
                     if self.log:
                         self.log.write(row)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    img_s=f"{row['images_per_s']:.0f}")
                     sums, n_logged, seen, t0 = {}, 0, 0, time.perf_counter()
                 if stop.requested and asked_at is None:
                     asked_at = self.step  # this process's own signal, seen after this step

@@ -47,7 +47,8 @@ def features_of(backbone: torch.nn.Module | None, x: torch.Tensor, pool: str = "
 
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages, data: DataConfig,
-                     device: torch.device, batch_size: int = 512, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, batch_size: int = 512,
+                     pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (features (N, D) float32 on CPU, labels (N,)).
 
     ``backbone=None`` gives the normalised raw pixels, flattened (the honest floor).

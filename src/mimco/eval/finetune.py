@@ -49,7 +49,8 @@ def build_classifier(backbone: VisionTransformer, num_classes: int, pool: str = 
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh = {"head.weight", "head.bias"} | ({"fc_norm.weight", "fc_norm.bias"} if pool == "avg" else set())
     if set(missing) - fresh or unexpected:
-        raise MimcoError(f"backbone does not fit the classifier: missing {sorted(set(missing) - fresh)}, unexpected {unexpected}")
+        raise MimcoError(f"backbone does not fit the classifier: missing {sorted(set(missing) - fresh)}, unexpected "
+                         f"{unexpected}")
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     return model
 
@@ -98,7 +99,8 @@ class Finetune(MethodDefaults, nn.Module):
 
     metric_keys = ("top1", "top5", "best_top1", "best_epoch")
 
-    def __init__(self, model: VisionTransformer, cfg: FinetuneConfig, num_classes: int, test: Any, run_dir: Path) -> None:
+    def __init__(self, model: VisionTransformer, cfg: FinetuneConfig, num_classes: int, test: Any,
+                 run_dir: Path) -> None:
         super().__init__()
         a = cfg.aug
         self.model, self.cfg, self.test, self.run_dir = model, cfg, test, run_dir

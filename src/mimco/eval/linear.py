@@ -9,7 +9,7 @@ Two paths train the same head on the same batch order:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from timm.optim import Lars
@@ -71,7 +71,8 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     """The fast path: train on features extracted once; returns test top-1 in percent."""
     c = int(max(train_labels.max(), test_labels.max())) + 1
     x = train_feats.float()
-    head = train_head(lambda idx: x[idx], train_labels, x.shape[1], c, epochs, batch_size, lr, weight_decay, optimizer, seed)
+    head = train_head(lambda idx: x[idx], train_labels, x.shape[1], c, epochs, batch_size, lr, weight_decay, optimizer,
+                      seed)
     return _evaluate(head, test_feats, test_labels)
 
 

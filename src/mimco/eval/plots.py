@@ -24,12 +24,14 @@ def tsne_figure(panels: list[tuple[str, torch.Tensor, torch.Tensor]], out: str |
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for ax, (title, feats, labels) in zip(axes[0], panels):
         x = feats.float().numpy()
-        emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
+        emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3),
+                   random_state=seed).fit_transform(x)
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels.numpy(), cmap="tab10", s=3, vmin=0, vmax=9)
         ax.set_title(title)
         ax.set_xticks([]), ax.set_yticks([])
     if class_names:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=n) for i, n in enumerate(class_names)]
+        handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=n) for i,
+                   n in enumerate(class_names)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(class_names), 10), fontsize=8, frameon=False)
     return _save(fig, out, bottom=0.08 if class_names else 0.0)
 

@@ -59,7 +59,8 @@ def collect(paths: list[str | Path]) -> list[dict[str, Any]]:
             for r in read_results(f):
                 rows.append({"folder": str(f.parent), **r})
     if not rows:
-        raise MimcoError(f"no results.jsonl under {', '.join(map(str, paths))}; run mimco knn / linprobe / finetune first")
+        raise MimcoError(f"no results.jsonl under {', '.join(map(str, paths))}; run mimco knn / linprobe / finetune "
+                         "first")
     return rows
 
 

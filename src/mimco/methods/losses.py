@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,6 @@ from torch import nn
 
 from mimco.distributed import gather_no_grad, rank, world_size
 from mimco.masking import gather_tokens, masked_indices
-
 
 F_ = TypeVar("F_", bound=Callable[..., Any])
 
@@ -124,7 +124,8 @@ class PatchContrastiveLoss(nn.Module):
             keys, labels = t.transpose(1, 2), pos_idx  # (B, D, N); each query against its own image's tokens
         else:  # every teacher patch token of the global batch (gathered from all processes)
             world = world_size() if self.gather else 1
-            labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + (rank() * b * n if self.gather else 0)
+            labels = pos_idx + torch.arange(b,
+                                            device=pos_idx.device)[:, None] * n + (rank() * b * n if self.gather else 0)
             if 0 < self.max_negatives < world * b * n:
                 return self._sampled(p, gather_tokens(t, pos_idx), t.reshape(b * n, -1), labels, threshold, world)
             keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)

@@ -7,16 +7,16 @@ import sys
 from typing import Any
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco import distributed as dist
 from mimco.config import MimcoLossConfig
 from mimco.distributed import rank
 from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
-from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.methods.base import MethodDefaults
+from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.methods.registry import register_method
 from mimco.methods.simmim import masked_student
 from mimco.models.formats import load_backbone
@@ -54,11 +54,12 @@ class MimCo(MethodDefaults, nn.Module):
         # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
         self.patch_head = ReconstructionHead(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
         self.image_head = ReconstructionHead(s_dim, loss.head_hidden_dim, image_dim) if loss.image_weight > 0 else None
-        self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives, loss.patch_neg_threshold,
+        self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives,
+                                                    loss.patch_neg_threshold,
                                                     max_negatives=loss.patch_max_negatives)
         self.image_criterion = GlobalInfoNCE(loss.image_temperature)
 
-    def train(self, mode: bool = True) -> "MimCo":
+    def train(self, mode: bool = True) -> MimCo:
         super().train(mode)
         self.teacher.eval()
         return self

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-
-import torch
-from torch import nn
-from timm.models.vision_transformer import VisionTransformer
-
 from typing import Any
 
-from mimco.methods.losses import GlobalInfoNCE
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
 from mimco.methods.base import MethodDefaults
+from mimco.methods.losses import GlobalInfoNCE
 from mimco.methods.registry import register_method
 from mimco.models import create_vit
 from mimco.models.heads import MoCoMLP

@@ -81,4 +81,5 @@ def get_method(name: str, stage: str) -> MethodSpec:
         raise MimcoError(f"method '{name}' trains with `mimco {spec.stage}`, not `mimco {stage}`; choose "
                          f"{choices_text(names)}")
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    raise MimcoError(f"unknown method '{name}'; choose {choices_text(names)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise MimcoError(f"unknown method '{name}'; choose {choices_text(names)}{hint}")

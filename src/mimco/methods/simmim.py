@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco.distributed import rank
 from mimco.masking import MaskGenerator
@@ -38,7 +38,8 @@ class SimMIM(MethodDefaults, nn.Module):
                 first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """views: [x] (B, C, H, W) -> (mean L1 over masked pixels, logs)."""
         (x,) = views
-        mask = self.mask_generator(x.shape[0], step, rank() * x.shape[0] if first_index is None else first_index, x.device)
+        mask = self.mask_generator(x.shape[0], step, rank() * x.shape[0] if first_index is None else first_index,
+                                   x.device)
         tokens = self.student(x, mask)[:, self.student.num_prefix_tokens :]
         err = (self.decoder(tokens) - patchify(x, self.patch_size)).abs().mean(-1)  # (B, N)
         w = mask.to(err.dtype)

@@ -21,8 +21,8 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import SwiGLUPacked
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco.errors import MimcoError
 
@@ -80,7 +80,8 @@ def _pattern(key: str) -> str:
 
 def _vit_patterns() -> set[str]:
     """Every key pattern of a timm ViT (block numbers as N), for naming the keys a file has in excess."""
-    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=1, num_classes=2, init_values=1.0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=1, num_classes=2,
+                            init_values=1.0)
     return {_pattern(k).replace(".ls1.", ".").replace(".ls2.", ".") for k in vit.state_dict()} | \
         {_pattern(k) for k in vit.state_dict()}
 
@@ -103,7 +104,8 @@ def _depth(sd: dict[str, torch.Tensor], pattern: str) -> int:
 def _heads(dim: int, num_heads: int) -> int:
     heads = num_heads or max(dim // 64, 1)
     if dim % heads:
-        raise MimcoError(f"{heads} heads do not divide the teacher's width {dim}; set teacher.num_heads to a divisor of {dim}")
+        raise MimcoError(f"{heads} heads do not divide the teacher's width {dim}; set teacher.num_heads to a divisor "
+                         f"of {dim}")
     return heads
 
 
@@ -165,7 +167,8 @@ def create_named(name: str, img_size: int, **kwargs: Any) -> nn.Module:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         raise MimcoError(f"teacher.model={name} is not a timm model name" +
-                         (f"; did you mean {', '.join(close)}?" if close else "; list them with timm.list_models('vit_*')"))
+                         (f"; did you mean {', '.join(close)}?" if close else "; list them with "
+                                                                              "timm.list_models('vit_*')"))
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}),
                                   **kwargs)
@@ -197,8 +200,9 @@ def read_hf_folder(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Ten
 
 def load_weights(model: nn.Module, raw: dict[str, torch.Tensor], what: str, keep_head: bool = False) -> dict[str, int]:
     """Convert ``raw`` with the model family's timm converter and load it; with ``keep_head`` the
-    file's ``head`` (CLIP's image projection) is kept, otherwise a classifier is left out. Returns the groups of keys left out. One-line error,
-    with the missing and unexpected keys, when the file does not fit ``model``."""
+    file's ``head`` (CLIP's image projection) is kept, otherwise a classifier is left out. Returns
+    the groups of keys left out. One-line error, with the missing and unexpected keys, when the file
+    does not fit ``model``."""
     kernel = next((v.shape[-1] for k, v in raw.items() if k.endswith(("patch_embed.proj.weight", "conv1.weight"))
                    and isinstance(v, torch.Tensor) and v.ndim == 4), None)
     if kernel is not None and kernel != model.patch_embed.proj.kernel_size[-1]:
@@ -214,16 +218,20 @@ def load_weights(model: nn.Module, raw: dict[str, torch.Tensor], what: str, keep
     own = model.state_dict()
     dropped = [k for k in sd if k.startswith(heads) and k not in own]
     sd = {k: v for k, v in sd.items() if k not in dropped}
-    clash = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    clash = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+             for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if clash:
         raise MimcoError(f"the weights do not fit {what}: shapes differ (file vs model) for {clash[:3]}"
                          f"{' ...' if len(clash) > 3 else ''}; name a model of the file's width and depth")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise MimcoError(f"the weights do not fit {what}: missing {sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
+        raise MimcoError(f"the weights do not fit {what}: missing "
+                         f"{sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
                          f"unexpected {sorted(unexpected)[:4]}{' ...' if len(unexpected) > 4 else ''}; check that "
                          "teacher.model names the file's architecture")
-    return {"classifier (" + ", ".join(sorted({k.split(".")[0] for k in dropped})) + ")": len(dropped)} if dropped else {}
+    if not dropped:
+        return {}
+    return {"classifier (" + ", ".join(sorted({k.split(".")[0] for k in dropped})) + ")": len(dropped)}
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -235,7 +243,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "reg_tokens": getattr(model, "num_reg_tokens", 0)}
 
 
-def default_stats(kind: str, model: nn.Module, hf_cfg: dict[str, Any] | None = None) -> tuple[list[float], list[float]] | None:
+def default_stats(kind: str, model: nn.Module,
+                  hf_cfg: dict[str, Any] | None = None) -> tuple[list[float], list[float]] | None:
     """The normalisation a family was trained with, when known (CLIP's, or a timm model's
     pretrained config); None = the data's."""
     if kind == "clip":

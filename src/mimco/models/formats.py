@@ -111,7 +111,8 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
             return BackboneState("mocov3", prefix, body, proj, _groups(rest), 12)
         if "module.head.weight" in sd and sd["module.head.weight"].ndim == 2:
             raise MimcoError("this is a MoCo v3 linear-probe checkpoint (linear-vit-*.pth.tar: a frozen backbone plus "
-                             "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / vit-b-300ep.pth.tar")
+                             "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / "
+                             "vit-b-300ep.pth.tar")
         obj = sd  # a plain state dict saved under 'state_dict'
     found = families.detect(obj)
     if found is not None:
@@ -129,7 +130,8 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
         if any(k.startswith("encoder.") for k in sd):
             body, _, heads = _split_head(_strip(sd, "encoder."))
             body = {k: v for k, v in body.items() if k != "mask_token"}
-            rest = [k for k in sd if not k.startswith("encoder.")] + ["encoder.mask_token"] * ("encoder.mask_token" in sd) + heads
+            token = ["encoder.mask_token"] * ("encoder.mask_token" in sd)
+            rest = [k for k in sd if not k.startswith("encoder.")] + token + heads
             return BackboneState("simmim", "model.encoder.", body, {}, _groups(rest), 0)
         keep = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
         body, _, heads = _split_head(keep)
@@ -182,7 +184,8 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
                          f"set teacher.num_heads={known} (or 0 to take it from the checkpoint)")
     heads = num_heads or known
     if dim % heads:
-        raise MimcoError(f"{heads} heads do not divide the checkpoint's width {dim}; set teacher.num_heads to a divisor of {dim}")
+        raise MimcoError(f"{heads} heads do not divide the checkpoint's width {dim}; set teacher.num_heads to a "
+                         f"divisor of {dim}")
     size = img_size or arch["img_size"]
     if size % arch["patch_size"]:
         raise MimcoError(f"image size {size} is not divisible by the checkpoint's patch size {arch['patch_size']}")
@@ -251,6 +254,7 @@ def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_h
                                                keep_head=state.kind == "clip" or "clip" in model_name))
     if state.projector:
         model.head = MoCoMLP.from_state_dict(state.projector)
-    own = state.kind in TIMM_NAMED and state.kind != "timm"  # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
+    # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
+    own = state.kind in TIMM_NAMED and state.kind != "timm"
     state.stats = None if own else families.default_stats("hf_timm" if hf else "timm_named", model, hf)
     return model, state

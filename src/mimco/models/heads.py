@@ -28,7 +28,7 @@ class MoCoMLP(nn.Sequential):
         self.num_layers, self.in_dim, self.hidden_dim, self.out_dim = num_layers, in_dim, hidden_dim, out_dim
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "MoCoMLP":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> MoCoMLP:
         """The MLP whose released weights are ``state`` (keys ``0.weight`` ... ``{3(L-1)}.weight``), loaded."""
         linears = sorted((int(k.split(".")[0]), v) for k, v in state.items()
                          if k.endswith(".weight") and v.ndim == 2)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco.models.vit import encode
 

@@ -75,7 +75,8 @@ class TeacherView(nn.Module):
             raise MimcoError(f"teacher.layers {bad} out of range: the teacher has {depth} blocks (0..{depth - 1}, or "
                              f"-1..-{depth} from the end)")
         if image_target == "cls" and getattr(model, "cls_token", None) is None:
-            raise MimcoError("teacher.image_target=cls but the teacher has no class token; use teacher.image_target=mean")
+            raise MimcoError("teacher.image_target=cls but the teacher has no class token; use "
+                             "teacher.image_target=mean")
         if image_target == "projector" and not projector_width(model):
             raise MimcoError("teacher.image_target=projector needs a teacher with a projector (a MoCo v3 file's MLP or "
                              "CLIP's image projection); use teacher.image_target=cls or mean")
@@ -86,10 +87,12 @@ class TeacherView(nn.Module):
         # x_teacher = (x * s_std + s_mean - t_mean) / t_std = x * scale + shift, per teacher channel
         s_mean, s_std = torch.tensor(data_mean), torch.tensor(data_std)
         t_mean, t_std = torch.tensor(mean), torch.tensor(std)
-        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(), persistent=False)
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(),
+                             persistent=False)
         self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(),
                              persistent=False)
-        self.renormalise = not (torch.allclose(self.scale, torch.ones(())) and torch.allclose(self.shift, torch.zeros(())))
+        identity = torch.allclose(self.scale, torch.ones(())) and torch.allclose(self.shift, torch.zeros(()))
+        self.renormalise = not identity
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The student's batch (B, C, H, W) as the teacher takes it: (B, C_t, S_t, S_t)."""
@@ -98,7 +101,8 @@ class TeacherView(nn.Module):
         if self.renormalise:
             x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
         if x.shape[-2:] != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", align_corners=False,
+                              antialias=True)
         return x
 
     def features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimco.config import ModelConfig
 from mimco.config_rules import PRESETS
@@ -27,7 +27,8 @@ def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 
     if dim % 4:
         raise MimcoError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
     h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
     q = dim // 4
     omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float32) / q)
     out_r = rows.flatten()[:, None] * omega[None]
@@ -89,7 +90,9 @@ def encode(model: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None 
     if mask is not None:
         w = mask.unsqueeze(-1).to(t.dtype)
         t = t * (1.0 - w) + mask_token.to(t.dtype) * w
-    t = model._pos_embed(t)  # timm's own prefix tokens + position table (timm 1.x, pinned in pyproject.toml; tests compare with forward_features)
+    # timm's own prefix tokens + position table (timm 1.x, pinned in pyproject.toml; tests compare it
+    # with forward_features)
+    t = model._pos_embed(t)
     t = model.norm_pre(model.patch_drop(t))
     if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
         t = checkpoint_seq(model.blocks, t)  # timm's switch: model.set_grad_checkpointing(True)
