@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 WORKLOADS = ("supervised", "simmim", "moco", "mimco", "teacher_fwd")
 #: MimCo with BEiT block masks, built one step ahead in a background thread (the default) or inline
@@ -64,25 +65,23 @@ def sync(device: torch.device) -> None:
 
 def build(workload: str, args: argparse.Namespace, device: torch.device):
     """(step function taking a batch, the batch) for one workload."""
-    from mimco.config import MimcoLossConfig, ModelConfig, OptimConfig
+    from mimco.config import ModelConfig, OptimConfig, PretrainConfig, TeacherStageConfig, load_config
     from mimco.engine.compiling import compile_method
     from mimco.engine.optim import build_optimizer
-    from mimco.masking import MaskGenerator
-    from mimco.methods import MimCo, MoCoV3
-    from mimco.methods.simmim import SimMIM
-    from mimco.models import MaskedViT, create_vit, encode
+    from mimco.methods import get_method
+    from mimco.models import create_vit, encode
+    from mimco.models.vit import resolve_arch
 
     mcfg = ModelConfig(arch=args.arch, patch_size=args.patch)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    grid = (args.img_size // args.patch,) * 2
     kind = "block" if workload.startswith("mimco_block") else "random"
-    masks = MaskGenerator(kind, 0.6, grid, seed=0, prefetch=workload != "mimco_block_inline")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     compiled = getattr(args, "compiled", False)
     if workload == "teacher_fwd":
         teacher = create_vit(mcfg, args.img_size).to(device).eval()
-        if compiled:
-            compile_method(teacher)
+        if compiled:  # as train.compile does: the patch embedding and each block
+            for part in (teacher.patch_embed, *teacher.blocks):
+                part.compile()
 
         def step(i: int) -> None:
             with torch.inference_mode(), amp:
@@ -96,16 +95,26 @@ def build(workload: str, args: argparse.Namespace, device: torch.device):
 
         def loss_fn(i: int) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(model(x), y)
-    else:
-        if workload == "simmim":
-            model = SimMIM(MaskedViT(create_vit(mcfg, args.img_size)), masks)
-        elif workload == "moco":
-            model = MoCoV3(create_vit(mcfg, args.img_size), mlp_dim=4096 if args.img_size >= 128 else 1024)
-            model.total_steps = 10**6
+    else:  # the training methods, built as their stage builds them (mimco.methods.registry)
+        common = ["data.name=procedural", f"data.img_size={args.img_size}", f"model.arch={args.arch}",
+                  f"model.patch_size={args.patch}", "model.init=timm", "model.pos_embed=learned"]
+        if workload == "moco":
+            mlp = 4096 if args.img_size >= 128 else 1024
+            cfg = load_config(TeacherStageConfig, None, [*common, f"moco.mlp_dim={mlp}"])
         else:
-            model = MimCo(MaskedViT(create_vit(mcfg, args.img_size)), create_vit(mcfg, args.img_size),
-                          MimcoLossConfig(head_hidden_dim=2048 if args.img_size >= 128 else 512), masks)
-        model = model.to(device)
+            over = [*common, f"mask.type={kind}", f"loss.head_hidden_dim={2048 if args.img_size >= 128 else 512}"]
+            if workload == "simmim":
+                over.append("method=simmim")
+            else:  # a frozen teacher of the student's shape, from a timm state dict as a released one comes
+                path = Path(tempfile.mkdtemp()) / "teacher.safetensors"
+                save_file(create_vit(mcfg, args.img_size).state_dict(), str(path))
+                over += [f"teacher.checkpoint={path}", f"teacher.num_heads={resolve_arch(mcfg)[2]}"]
+            cfg = load_config(PretrainConfig, None, over)
+        spec = get_method(cfg.method, "teacher" if workload == "moco" else "pretrain")
+        model = spec.build(cfg, device)
+        model.total_steps = 10**6
+        if workload == "mimco_block_inline":
+            model.mask_generator.prefetch = False
         views = [x, x.flip(-1)] if workload == "moco" else [x]
 
         def loss_fn(i: int) -> torch.Tensor:

@@ -40,6 +40,30 @@ def tiny_pretrain_cfg(out: Path, teacher_ckpt: Path, name: str = "student",
                                               "loss.head_hidden_dim=64", *extra])
 
 
+#: each stage's toy-size keys beyond the data and the model
+STAGE_EXTRA = {"teacher": ["moco.mlp_dim=64", "moco.proj_dim=32"], "pretrain": ["loss.head_hidden_dim=32"]}
+
+
+def registered(stage: str, name: str, teacher: Path | None = None, extra: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The registered method ``name`` of ``stage`` at toy size on the CPU, built as its stage builds it
+    (:mod:`mimco.methods.registry`); stage-2 methods take ``teacher`` (a checkpoint) as their teacher."""
+    from mimco.methods import get_method
+    from mimco.pipeline import STAGE_CONFIGS
+
+    over = [*TINY_DATA, *TINY_MODEL, f"method={name}", *STAGE_EXTRA[stage], *extra]
+    if stage == "pretrain" and teacher is not None:
+        over.append(f"teacher.checkpoint={teacher}")
+    cfg = load_config(STAGE_CONFIGS[stage], None, over)
+    return get_method(name, stage).build(cfg, torch.device("cpu"))
+
+
+def registered_names() -> list[tuple[str, str]]:
+    """(stage, name) of every registered pre-training method (fine-tuning's builder needs a backbone)."""
+    from mimco.methods import method_names
+
+    return [(stage, name) for stage in ("teacher", "pretrain") for name in method_names(stage)]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

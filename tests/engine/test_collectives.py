@@ -5,13 +5,7 @@ import pytest
 import torch
 
 from mimco import distributed as dist
-from mimco.config import MimcoLossConfig, ModelConfig
-from mimco.masking import MaskGenerator
-from mimco.methods import MimCo, MoCoV3
-from mimco.methods.simmim import SimMIM
-from mimco.models import MaskedViT, create_vit
-
-TINY = ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+from tests.conftest import registered, registered_names
 
 
 @pytest.fixture
@@ -46,20 +40,12 @@ def test_gloo_takes_cpu_tensors(monkeypatch):
     assert got == {"a": 1.5, "b": 2.0, "m": 0.25}  # a Python number (MoCo's momentum) joins the same all-reduce
 
 
-def _methods():
-    moco = MoCoV3(create_vit(TINY, 16), 32, 64)
-    moco.total_steps = 10
-    mimco = MimCo(MaskedViT(create_vit(TINY, 16)), create_vit(TINY, 16), MimcoLossConfig(head_hidden_dim=32),
-                  MaskGenerator("random", 0.5, (4, 4), seed=0))
-    simmim = SimMIM(MaskedViT(create_vit(TINY, 16)), MaskGenerator("random", 0.5, (4, 4), seed=0))
-    return {"moco": (moco, 2), "mimco": (mimco, 1), "simmim": (simmim, 1)}
-
-
-@pytest.mark.parametrize("name", ["moco", "mimco", "simmim"])
-def test_logged_values_live_on_the_loss_device(name):
+@pytest.mark.parametrize("stage,name", registered_names())
+def test_logged_values_live_on_the_loss_device(stage, name, teacher_ckpt):
     """Run each method on the meta device (a stand-in for CUDA): every logged value must be on
     the loss's device, where the trainer's one all-reduce of the log row takes it."""
-    method, n_views = _methods()[name]
+    method, n_views = registered(stage, name, teacher_ckpt), 2 if stage == "teacher" else 1
+    method.total_steps = 10
     method = method.to("meta")
     views = [torch.empty(4, 3, 16, 16, device="meta") for _ in range(n_views)]
     loss, logs = method(views, 3, 0)

@@ -10,12 +10,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mimco.config import FinetuneConfig, MimcoLossConfig, ModelConfig
+from mimco.config import FinetuneConfig, ModelConfig
 from mimco.eval.finetune import Finetune, build_classifier
-from mimco.masking import MaskGenerator
-from mimco.methods import MimCo, MoCoV3
-from mimco.methods.simmim import SimMIM
-from mimco.models import MaskedViT, create_vit
+from mimco.models import create_vit
+from tests.conftest import registered, registered_names
 
 aten = torch.ops.aten
 TINY = ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -89,37 +87,30 @@ class host_syncs:
         self.dispatch.__exit__(*exc)
 
 
-def _masks(kind: str = "random") -> MaskGenerator:
-    return MaskGenerator(kind, 0.5, (4, 4), seed=0, prefetch=False)
-
-
-def _mimco(**loss) -> MimCo:
-    return MimCo(MaskedViT(create_vit(TINY, 16)), create_vit(TINY, 16), MimcoLossConfig(head_hidden_dim=32, **loss),
-                 _masks())
-
-
 def _finetune(tmp_path) -> Finetune:
     cfg = FinetuneConfig()
     cfg.aug.mixup, cfg.aug.cutmix = 0.8, 1.0
     return Finetune(build_classifier(create_vit(TINY, 16), 10, "avg", 0.1), cfg, 10, None, tmp_path)
 
 
+#: every registered method as its stage builds it, and MimCo's loss variants; (build, views)
 METHODS = {
-    "moco": (lambda tmp: MoCoV3(create_vit(TINY, 16), 32, 64), 2),
-    "mimco": (lambda tmp: _mimco(), 1),
-    "mimco, batch negatives capped, threshold": (lambda tmp: _mimco(patch_negatives="batch", patch_max_negatives=8,
-                                                                    patch_neg_threshold=0.9), 1),
-    "mimco, batch negatives, image threshold": (lambda tmp: _mimco(patch_neg_threshold=0.9), 1),
-    "mimco, smooth_l1 patch loss": (lambda tmp: _mimco(patch_loss="smooth_l1"), 1),
-    "simmim": (lambda tmp: SimMIM(MaskedViT(create_vit(TINY, 16)), _masks("block")), 1),
-    "finetune, mixup/cutmix": (_finetune, 2),
+    **{f"{stage}: {name}": (lambda ckpt, s=stage, n=name: registered(s, n, ckpt), 2 if stage == "teacher" else 1)
+       for stage, name in registered_names()},
+    "mimco, batch negatives capped, threshold": (lambda ckpt: registered("pretrain", "mimco", ckpt, (
+        "loss.patch_negatives=batch", "loss.patch_max_negatives=8", "loss.patch_neg_threshold=0.9")), 1),
+    "mimco, image negatives, threshold": (lambda ckpt: registered("pretrain", "mimco", ckpt, (
+        "loss.patch_neg_threshold=0.9",)), 1),
+    "mimco, smooth_l1 patch loss": (lambda ckpt: registered("pretrain", "mimco", ckpt,
+                                                            ("loss.patch_loss=smooth_l1",)), 1),
+    "simmim, block masks": (lambda ckpt: registered("pretrain", "simmim", ckpt, ("mask.type=block",)), 1),
 }
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_a_training_step_never_waits_for_the_device(name, tmp_path):
-    build, n_views = METHODS[name]
-    method = build(tmp_path)
+@pytest.mark.parametrize("name", [*METHODS, "finetune, mixup/cutmix"])
+def test_a_training_step_never_waits_for_the_device(name, tmp_path, teacher_ckpt):
+    build, n_views = METHODS.get(name, (None, 2))
+    method = build(teacher_ckpt) if build is not None else _finetune(tmp_path)
     method.total_steps = 10
     method = method.to("meta").train()
     views = [torch.empty(4, 3, 16, 16, device="meta") for _ in range(n_views)]
