@@ -6,8 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import timm
 import torch
+from PIL import Image
 
 from mimco.config import PretrainConfig, TeacherStageConfig, load_config
 
@@ -78,3 +81,81 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher_run")
     run_stage("teacher", tiny_teacher_cfg(out))
     return out / "teacher" / "last.pt"
+
+
+# -- builders shared by several test modules -----------------------------------------------------
+
+W = 64  # width of the shrunken foreign-family test models (1 head of 64)
+
+
+def dinov2_hub_file(path, regs: int = 0) -> None:
+    """``dinov2_vits14[_reg4]_pretrain.pth``: a bare state dict in the DINOv2 repository's names
+    (``register_tokens``, ``mask_token`` (1, D), the position table with its CLS slot)."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_reg4_dinov2" if regs else "vit_small_patch14_dinov2", pretrained=False,
+                          num_classes=0, img_size=42, embed_dim=W, depth=2, num_heads=1)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    for k in [k for k in sd if k.endswith("ls1.gamma") or k.endswith("ls2.gamma")]:
+        sd[k] = torch.randn_like(sd[k])  # LayerScale starts at 1e-5: random values make it count
+    if regs:  # timm keeps no CLS slot in the table; the hub file does
+        cls_pos = torch.randn(1, 1, W)
+        sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+        sd["cls_token"] = sd["cls_token"] - cls_pos
+        sd["register_tokens"] = sd.pop("reg_token")
+    sd["mask_token"] = torch.randn(1, W)
+    torch.save(sd, path)
+
+
+def clip_file(path, prefix: str = "visual.") -> torch.nn.Module:
+    """An OpenCLIP / OpenAI CLIP state dict: ``visual.*`` tower (conv1, class_embedding,
+    positional_embedding, ln_pre, transformer.resblocks, ln_post, proj) and the text tower."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=32, img_size=32, embed_dim=W,
+                          depth=2, num_heads=1)
+    t = m.state_dict()
+    sd = {"conv1.weight": t["patch_embed.proj.weight"], "class_embedding": t["cls_token"][0, 0],
+          "positional_embedding": t["pos_embed"][0], "proj": t["head.weight"].T.contiguous()}
+    for a, b in (("ln_pre", "norm_pre"), ("ln_post", "norm")):
+        sd.update({f"{a}.weight": t[f"{b}.weight"], f"{a}.bias": t[f"{b}.bias"]})
+    for i in range(2):
+        for a, b in (("ln_1", "norm1"), ("ln_2", "norm2"), ("attn.out_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc1"),
+                     ("mlp.c_proj", "mlp.fc2")):
+            sd.update({f"transformer.resblocks.{i}.{a}.{p}": t[f"blocks.{i}.{b}.{p}"] for p in ("weight", "bias")})
+        sd[f"transformer.resblocks.{i}.attn.in_proj_weight"] = t[f"blocks.{i}.attn.qkv.weight"]
+        sd[f"transformer.resblocks.{i}.attn.in_proj_bias"] = t[f"blocks.{i}.attn.qkv.bias"]
+    full = {prefix + k: v for k, v in sd.items()}
+    full.update({"token_embedding.weight": torch.randn(100, W), "positional_embedding": torch.randn(77, W),
+                 "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * W, W), "ln_final.weight": torch.ones(W),
+                 "text_projection": torch.randn(W, 32), "logit_scale": torch.tensor(4.6)})
+    torch.save(full, path)
+    return m
+
+
+def messy_folder(root: Path) -> None:
+    """20 RGB JPEGs, grey, RGBA, palette, 16-bit and tiny PNGs, a zero-byte and a non-image .jpg, a .txt."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = lambda s: (rng.random((s, s, 3)) * 255).astype(np.uint8)  # noqa: E731
+    for i in range(20):
+        Image.fromarray(rgb(24)).save(root / f"rgb{i}.jpg")
+    Image.fromarray(rgb(24)).convert("L").save(root / "grey.png")
+    Image.fromarray(rgb(24)).convert("RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb(24)).convert("P").save(root / "palette.png")
+    Image.fromarray((rng.random((24, 24)) * 65535).astype(np.uint16)).save(root / "deep16.png")
+    Image.fromarray(rgb(6)).save(root / "tiny.png")  # smaller than the 16 px crop: upsampled
+    (root / "empty.jpg").write_bytes(b"")  # zero bytes: skipped and counted
+    (root / "text.jpg").write_text("not a jpeg")  # not an image despite its name: skipped and counted
+    (root / "notes.txt").write_text("ignored: not an image extension")
+
+
+def tiny_mimco(teacher_dim: int = 48, **loss) -> torch.nn.Module:
+    """A MimCo with a random 1-block teacher of width ``teacher_dim`` (no checkpoint), for unit tests."""
+    from mimco.config import MimcoLossConfig, ModelConfig
+    from mimco.masking import MaskGenerator
+    from mimco.methods.mimco import MimCo
+    from mimco.models import MaskedViT, create_vit
+
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
+    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=teacher_dim, depth=1, num_heads=2), 16, 3)
+    cfg = MimcoLossConfig(head_hidden_dim=32, **loss)
+    return MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0))

@@ -5,10 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mimco.cli.main import main
-from tests.conftest import TINY_MODEL, TINY_RUN
+from tests.conftest import TINY_MODEL, TINY_RUN, messy_folder
 
 COMMON = [*TINY_MODEL, *TINY_RUN, "data.img_size=16", "data.num_workers=0"]
 TEACHER = [*COMMON, "moco.mlp_dim=64", "moco.proj_dim=32"]
@@ -20,24 +19,8 @@ def run_cli(capsys, *args):
     return code, err
 
 
-def _messy_folder(root):
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    rgb = lambda s: (rng.random((s, s, 3)) * 255).astype(np.uint8)  # noqa: E731
-    for i in range(20):
-        Image.fromarray(rgb(24)).save(root / f"rgb{i}.jpg")
-    Image.fromarray(rgb(24)).convert("L").save(root / "grey.png")
-    Image.fromarray(rgb(24)).convert("RGBA").save(root / "rgba.png")
-    Image.fromarray(rgb(24)).convert("P").save(root / "palette.png")
-    Image.fromarray((rng.random((24, 24)) * 65535).astype(np.uint16)).save(root / "deep16.png")
-    Image.fromarray(rgb(6)).save(root / "tiny.png")  # smaller than the 16 px crop: upsampled
-    (root / "empty.jpg").write_bytes(b"")  # zero bytes: skipped and counted
-    (root / "text.jpg").write_text("not a jpeg")  # not an image despite its name: skipped and counted
-    (root / "notes.txt").write_text("ignored: not an image extension")
-
-
 def test_messy_folder_trains(tmp_path, capsys):
-    _messy_folder(tmp_path / "imgs")
+    messy_folder(tmp_path / "imgs")
     code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=folder", f"data.root={tmp_path / 'imgs'}",
                         "optim.batch_size=8", "data.max_bad_fraction=0.2", f"train.out_dir={tmp_path}", "train.name=m")
     assert code == 0, err
@@ -51,7 +34,7 @@ def test_messy_folder_trains(tmp_path, capsys):
 def test_modes_load_as_rgb(tmp_path):
     from mimco.data.files import FileImages
 
-    _messy_folder(tmp_path / "imgs")
+    messy_folder(tmp_path / "imgs")
     ds = FileImages(str(tmp_path / "imgs"), labelled=False)
     names = [p.name for p, _ in ds.items]
     assert "notes.txt" not in names and len(ds) == 27

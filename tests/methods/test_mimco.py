@@ -6,13 +6,7 @@ from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator
 from mimco.methods.mimco import MimCo
 from mimco.models import MaskedViT, create_vit
-
-
-def tiny_mimco(teacher_dim: int = 48, **loss) -> MimCo:
-    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))
-    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=teacher_dim, depth=1, num_heads=2), 16, 3)
-    cfg = MimcoLossConfig(head_hidden_dim=32, **loss)
-    return MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0))
+from tests.conftest import tiny_mimco
 
 
 def test_gradients_reach_student_never_teacher():

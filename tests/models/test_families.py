@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 from mimco.cli.main import main
 from mimco.errors import MimcoError
 from mimco.models.formats import load_backbone
-
-W = 64  # width of the shrunken test models (1 head of 64)
+from tests.conftest import W, clip_file, dinov2_hub_file
 
 
 def timm_loaded(name: str, path, **kw) -> torch.nn.Module:
@@ -29,24 +28,6 @@ def features(model: torch.nn.Module, img: int, chans: int = 3) -> torch.Tensor:
         return model.eval().forward_features(x)
 
 
-def dinov2_hub_file(path, regs: int = 0) -> None:
-    """``dinov2_vits14[_reg4]_pretrain.pth``: a bare state dict in the DINOv2 repository's names
-    (``register_tokens``, ``mask_token`` (1, D), the position table with its CLS slot)."""
-    torch.manual_seed(0)
-    m = timm.create_model("vit_small_patch14_reg4_dinov2" if regs else "vit_small_patch14_dinov2", pretrained=False,
-                          num_classes=0, img_size=42, embed_dim=W, depth=2, num_heads=1)
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    for k in [k for k in sd if k.endswith("ls1.gamma") or k.endswith("ls2.gamma")]:
-        sd[k] = torch.randn_like(sd[k])  # LayerScale starts at 1e-5: random values make it count
-    if regs:  # timm keeps no CLS slot in the table; the hub file does
-        cls_pos = torch.randn(1, 1, W)
-        sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
-        sd["cls_token"] = sd["cls_token"] - cls_pos
-        sd["register_tokens"] = sd.pop("reg_token")
-    sd["mask_token"] = torch.randn(1, W)
-    torch.save(sd, path)
-
-
 @pytest.mark.parametrize("regs", [0, 4])
 def test_dinov2_hub_file(tmp_path, regs):
     path = tmp_path / "dinov2_vits14_pretrain.pth"
@@ -60,31 +41,6 @@ def test_dinov2_hub_file(tmp_path, regs):
     model70, _ = load_backbone(str(path), img_size=70)
     ref70 = timm_loaded(name, path, num_classes=0, img_size=70, embed_dim=W, depth=2, num_heads=1)
     assert torch.allclose(features(model70, 70), features(ref70, 70), atol=1e-5)
-
-
-def clip_file(path, prefix: str = "visual.") -> torch.nn.Module:
-    """An OpenCLIP / OpenAI CLIP state dict: ``visual.*`` tower (conv1, class_embedding,
-    positional_embedding, ln_pre, transformer.resblocks, ln_post, proj) and the text tower."""
-    torch.manual_seed(0)
-    m = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=32, img_size=32, embed_dim=W,
-                          depth=2, num_heads=1)
-    t = m.state_dict()
-    sd = {"conv1.weight": t["patch_embed.proj.weight"], "class_embedding": t["cls_token"][0, 0],
-          "positional_embedding": t["pos_embed"][0], "proj": t["head.weight"].T.contiguous()}
-    for a, b in (("ln_pre", "norm_pre"), ("ln_post", "norm")):
-        sd.update({f"{a}.weight": t[f"{b}.weight"], f"{a}.bias": t[f"{b}.bias"]})
-    for i in range(2):
-        for a, b in (("ln_1", "norm1"), ("ln_2", "norm2"), ("attn.out_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc1"),
-                     ("mlp.c_proj", "mlp.fc2")):
-            sd.update({f"transformer.resblocks.{i}.{a}.{p}": t[f"blocks.{i}.{b}.{p}"] for p in ("weight", "bias")})
-        sd[f"transformer.resblocks.{i}.attn.in_proj_weight"] = t[f"blocks.{i}.attn.qkv.weight"]
-        sd[f"transformer.resblocks.{i}.attn.in_proj_bias"] = t[f"blocks.{i}.attn.qkv.bias"]
-    full = {prefix + k: v for k, v in sd.items()}
-    full.update({"token_embedding.weight": torch.randn(100, W), "positional_embedding": torch.randn(77, W),
-                 "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * W, W), "ln_final.weight": torch.ones(W),
-                 "text_projection": torch.randn(W, 32), "logit_scale": torch.tensor(4.6)})
-    torch.save(full, path)
-    return m
 
 
 @pytest.mark.parametrize("prefix", ["visual.", "module.visual."])
