@@ -131,6 +131,23 @@ def clip_file(path, prefix: str = "visual.") -> torch.nn.Module:
     return m
 
 
+def eva02_file(path) -> None:
+    """An EVA-02 MIM checkpoint in the EVA repository's names: q_proj / q_bias / v_bias, SwiGLU
+    ``mlp.w1/w2/w3`` with ``ffn_ln``, the final ``norm``, plus ``mask_token``, ``lm_head`` and rope buffers."""
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=1)
+    sd = {}
+    for k, v in m.state_dict().items():
+        for a, b in (("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"), ("mlp.fc1_g", "mlp.w1"),
+                     ("mlp.fc1_x", "mlp.w2"), ("mlp.norm", "mlp.ffn_ln"), ("mlp.fc2", "mlp.w3"), ("fc_norm", "norm")):
+            k = k.replace(a, b)
+        sd[k] = v.clone() + 0.01 * torch.randn_like(v)
+    sd.update({"mask_token": torch.zeros(1, 1, 768), "lm_head.weight": torch.randn(16, 768),
+               "lm_head.bias": torch.zeros(16), "rope.freqs_cos": torch.randn(4, 64),
+               "rope.freqs_sin": torch.randn(4, 64)})
+    torch.save({"model": sd}, path)
+
+
 def messy_folder(root: Path) -> None:
     """20 RGB JPEGs, grey, RGBA, palette, 16-bit and tiny PNGs, a zero-byte and a non-image .jpg, a .txt."""
     root.mkdir()

@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from mimco.cli.main import main
+from mimco.config import PretrainConfig, load_config
 from mimco.runs import load_checkpoint
-from tests.conftest import TINY_RUN, dinov2_hub_file
+from tests.conftest import TINY_RUN, clip_file, dinov2_hub_file, eva02_file
 
 STUDENT = ["data.name=procedural", "data.procedural_size=64", "data.num_workers=0", "model.embed_dim=32",
            "model.depth=1", "model.num_heads=2", "loss.head_hidden_dim=32", "train.max_steps=2", *TINY_RUN]
@@ -108,3 +111,55 @@ def test_a_teacher_from_an_unfinished_run_is_named_with_its_step(tmp_path, capsy
     warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert warning == [f"mimco: warning: the teacher {ckpt} is from an unfinished run (step 2 of 8); finish it with "
                        f"`mimco teacher --resume {ckpt}` first"]
+
+
+CLIP_STATS = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])  # OpenAI CLIP's
+IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _deit_folder(folder):
+    from safetensors.torch import save_file
+
+    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=1)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "deit_tiny_distilled_patch16_224", "num_classes": 1000,
+        "model_args": {"img_size": 32, "depth": 1},
+        "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3], "input_size": [3, 32, 32]}}))
+
+
+#: family -> (writes its file, the file's name, its own image side, the statistics it was trained with)
+FAMILIES = {
+    "OpenCLIP": (lambda p: clip_file(p), "open_clip_pytorch_model.bin", 32, CLIP_STATS),
+    "DINOv2 hub": (lambda p: dinov2_hub_file(p, regs=4), "dinov2_vits14_reg4_pretrain.pth", 42, IMAGENET_STATS),
+    "EVA-02": (lambda p: eva02_file(p), "eva02_B_pt_in21k_p14.pt", 28, CLIP_STATS),
+    "timm hub folder": (_deit_folder, "deit_tiny", 32, ([0.4] * 3, [0.3] * 3)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_what_a_teacher_file_brings_reaches_the_teachers_input(family, tmp_path):
+    """Each family's own statistics, at its own resolution, reach the input of its patch embedding in a
+    MimCo step (built as the stage builds it), and its patch grid is resampled onto the student's;
+    the reference is computed here from the raw image and the published statistics."""
+    from mimco.methods import get_method
+
+    write, name, size, (mean, std) = FAMILIES[family]
+    write(tmp_path / name)
+    data_mean, data_std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    cfg = load_config(PretrainConfig, None, ["data.img_size=32", "model.patch_size=16", "model.embed_dim=32",
+                                             "model.depth=1", "model.num_heads=2", "loss.head_hidden_dim=16",
+                                             f"data.mean={data_mean}", f"data.std={data_std}",
+                                             f"teacher.checkpoint={tmp_path / name}", f"teacher.img_size={size}"])
+    method = get_method("mimco", "pretrain").build(cfg, torch.device("cpu"))
+    seen = []
+    method.teacher.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(0)
+    raw = torch.rand(2, 3, 32, 32)  # an image in [0, 1]
+    x = (raw - torch.tensor(data_mean).view(1, 3, 1, 1)) / torch.tensor(data_std).view(1, 3, 1, 1)
+    patch, _ = method.teacher_targets(x)
+    resized = F.interpolate(raw, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    want = (resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert seen[0].shape == (2, 3, size, size) and torch.allclose(seen[0], want, atol=1e-4)
+    assert patch.shape[:2] == (2, 4)  # the teacher's own grid (3x3 for DINOv2) on the student's 2x2

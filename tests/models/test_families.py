@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from mimco.cli.main import main
 from mimco.errors import MimcoError
 from mimco.models.formats import load_backbone
-from tests.conftest import W, clip_file, dinov2_hub_file
+from tests.conftest import W, clip_file, dinov2_hub_file, eva02_file
 
 
 def timm_loaded(name: str, path, **kw) -> torch.nn.Module:
@@ -54,23 +54,6 @@ def test_openclip_visual_tower(tmp_path, prefix):
     assert torch.allclose(features(model, 32), features(ref, 32), atol=1e-5)
     with torch.no_grad():  # the image projection is kept: CLIP's image embedding
         assert torch.allclose(model.forward_head(features(model, 32)), ref.forward_head(features(ref, 32)), atol=1e-5)
-
-
-def eva02_file(path) -> None:
-    """An EVA-02 MIM checkpoint in the EVA repository's names: q_proj / q_bias / v_bias, SwiGLU
-    ``mlp.w1/w2/w3`` with ``ffn_ln``, the final ``norm``, plus ``mask_token``, ``lm_head`` and rope buffers."""
-    torch.manual_seed(0)
-    m = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=1)
-    sd = {}
-    for k, v in m.state_dict().items():
-        for a, b in (("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"), ("mlp.fc1_g", "mlp.w1"),
-                     ("mlp.fc1_x", "mlp.w2"), ("mlp.norm", "mlp.ffn_ln"), ("mlp.fc2", "mlp.w3"), ("fc_norm", "norm")):
-            k = k.replace(a, b)
-        sd[k] = v.clone() + 0.01 * torch.randn_like(v)
-    sd.update({"mask_token": torch.zeros(1, 1, 768), "lm_head.weight": torch.randn(16, 768),
-               "lm_head.bias": torch.zeros(16), "rope.freqs_cos": torch.randn(4, 64),
-               "rope.freqs_sin": torch.randn(4, 64)})
-    torch.save({"model": sd}, path)
 
 
 def test_eva02_checkpoint(tmp_path):
