@@ -78,7 +78,7 @@ def main() -> None:
     device = torch.device(a.device)
     torch.set_num_threads(torch.get_num_threads() if device.type == "cuda" else 1)
     dv = DeviceViews(two.to(device), a.img_size, 3, device)
-    batches = [EncodedFiles.collate([(enc[i], 0) for i in range(s, min(s + a.batch, len(enc)))])[0][0]
+    batches = [EncodedFiles.collate([(enc[i], ()) for i in range(s, min(s + a.batch, len(enc)))])[0][0]
                for s in range(0, len(enc), a.batch)]
     dv(batches[0])  # warm-up
     if device.type == "cuda":

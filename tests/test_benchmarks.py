@@ -77,6 +77,7 @@ def test_folder_cache_table(tmp_path):
     assert "cached folder >= 90 % of in memory" in r.stdout
 
 
+@pytest.mark.slow
 def test_data_paths_table():
     r = subprocess.run([sys.executable, "benchmarks/data_paths.py", "--images", "8", "--img-size", "32", "--batch",
                         "4"],
@@ -107,6 +108,7 @@ def _python_without(tmp_path: Path, *hidden: str) -> Path:
     return py
 
 
+@pytest.mark.slow
 def test_gpu_check_without_kornia_or_wheels_says_how_to_prepare_them(tmp_path):
     """The lent machine's image: kornia missing. With no wheel folder gpu_check stops at once with one
     line naming what is missing and the command that prepares the folder; nothing is installed."""
@@ -284,6 +286,7 @@ def test_reproduce_on_an_imagefolder_by_overrides_alone(tmp_path):
     assert yaml.safe_load((out / "runs" / "mimco-s0" / "config.yaml").read_text())["data"]["name"] == "imagefolder"
 
 
+@pytest.mark.slow
 def test_loss_precision_table():
     r = subprocess.run([sys.executable, "benchmarks/loss_precision.py"], capture_output=True, text=True, env=ENV,
                        cwd=ROOT, timeout=HANG)

@@ -104,6 +104,7 @@ Slow("random", 0.6, (4, 4))(8, 0)
 """
 
 
+@pytest.mark.slow
 def test_no_mask_thread_is_left_running_at_exit(tmp_path):
     """A process that ends while the next step's masks are being built waits for them: a daemon
     thread inside torch at interpreter exit aborts the process ("terminate called without an

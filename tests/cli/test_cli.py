@@ -84,6 +84,7 @@ def test_empty_and_corrupt_folders(tmp_path, capsys):
     assert code == 2 and "could not be read" in err and "data.max_bad_fraction" in err
 
 
+@pytest.mark.slow
 def test_subprocess_no_traceback_and_module_entry(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "model.arch=vit_giant", "data.name=procedural",
                         f"train.out_dir={tmp_path}"], capture_output=True, text=True, timeout=HANG,

@@ -3,6 +3,8 @@ with its few-label columns, the pictures, and the reuse of finished stages."""
 
 import csv
 
+import pytest
+
 from mimco.cli.demo import run_demo
 from tests.conftest import TINY_DATA, TINY_MODEL
 
@@ -14,6 +16,7 @@ TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "o
        "eval.few_knn_k=3"]
 
 
+@pytest.mark.slow
 def test_demo_table_has_every_row_and_the_few_label_columns(tmp_path, capsys):
     md = run_demo(tmp_path, overrides=tuple(TOY), teacher=TEACHER, student=STUDENT)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))

@@ -93,6 +93,7 @@ def test_cached_folder_trains_exactly_like_the_in_memory_dataset(tmp_path):
     assert len(a) == 3 and a == b
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_node_share_one_cache(tmp_path):
     """Under torchrun with 2 gloo processes the folder is decoded once (local rank 0, into a
     shared-memory file the other maps, removed once both hold it) and the run equals the

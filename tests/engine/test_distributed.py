@@ -26,6 +26,7 @@ def _run(cmd, **kw):
     return r
 
 
+@pytest.mark.slow
 def test_gathered_negatives_cover_the_global_batch(tmp_path):
     _run([*TORCHRUN, str(ROOT / "tests" / "engine" / "ddp_worker.py"), str(tmp_path)])
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -42,6 +43,7 @@ def _losses(path):
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
     det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]",
@@ -61,6 +63,7 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_policy_on_two_processes_matches_one_process(tmp_path, teacher_ckpt):
     """FSDP2 with train.precision=bf16 gathers parameters in bf16 and reduces gradients in fp32
     (its MixedPrecisionPolicy): the losses match a single bf16 process within bf16 rounding, and the
@@ -91,6 +94,7 @@ def test_fsdp_mixed_precision_policy_follows_the_precision():
     assert mixed_precision("fp32")[0] == MixedPrecisionPolicy() and mixed_precision("fp32")[1].param_dtype is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, strategy):
     """train.compile=true (every block, patch embedding and head) under DDP or FSDP2 gives the eager
@@ -114,6 +118,7 @@ def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, 
     assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["first_step_seconds"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, precision", [("ddp", "fp32"), ("fsdp", "fp32"), ("fsdp", "bf16")])
 def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy, precision):
     args = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1",
@@ -130,6 +135,7 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_two_process_run_evaluates_at_the_end(tmp_path, teacher_ckpt, strategy):
     """At the end of a 2-process run each process extracts its share of the features (under FSDP
@@ -144,6 +150,7 @@ def test_a_two_process_run_evaluates_at_the_end(tmp_path, teacher_ckpt, strategy
     assert a["step"] == b["step"] == 4 and abs(a["knn_top1"] - b["knn_top1"]) <= 1.0 and "knn_seconds" in a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [["loss.image_weight=0"], ["loss.patch_weight=0"]])
 def test_a_zero_weight_loss_runs_under_ddp(tmp_path, teacher_ckpt, weights):
     """DDP refuses parameters that never get a gradient: a head whose loss weighs 0 is not built."""
@@ -154,6 +161,7 @@ def test_a_zero_weight_loss_runs_under_ddp(tmp_path, teacher_ckpt, weights):
     assert load_checkpoint(tmp_path / "z" / "last.pt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_resume_gives_each_rank_its_own_random_state(tmp_path):
     """MoCo's views are drawn on each process from its own generator. Stopped and resumed on 2
     processes, the run must equal the uninterrupted one: each rank gets its own state back."""
@@ -169,6 +177,7 @@ def test_resume_gives_each_rank_its_own_random_state(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
     """A zero-byte file in an image folder: on 2 processes the gathers need equal batches; the file
     is replaced by the next readable one and the run reports the count once at its end."""
@@ -188,6 +197,7 @@ def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
     assert "Warning" not in r.stderr
 
 
+@pytest.mark.slow
 def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
     """Fine-tuning on the shared engine: 2 processes, each on its half of every batch, give the
     single process's weights (deterministic augmentation; DDP averages the gradients)."""
@@ -209,6 +219,7 @@ def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
     assert a["top1"] == b["top1"] and a["step"] == 8
 
 
+@pytest.mark.slow
 def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     """Past data.max_bad_fraction every process stops with the same one-line error (the counts are
     summed over processes), so no process dies in a collective its peer left."""
@@ -226,6 +237,7 @@ def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     assert "Connection closed" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path, strategy):
     """A DINOv2 file (registers, /14) seen at its own resolution, its grid resampled, mean of two

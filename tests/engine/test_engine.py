@@ -70,6 +70,7 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_data_on_device_trains_the_same(tmp_path):
     """``data.on_device=true`` (the gpu preset: images copied to the device once, views made there)
     follows exactly the path of the default loader; on the CPU the weights must be equal."""
@@ -93,6 +94,7 @@ def test_data_on_device_refuses_file_datasets(tmp_path):
                                              "data.on_device=true"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["teacher", "pretrain"])
 def test_resume_equals_uninterrupted(tmp_path, stage, teacher_ckpt):
     make = (lambda n, extra=(): tiny_teacher_cfg(tmp_path, n, extra)) if stage == "teacher" else \
@@ -140,6 +142,7 @@ def _lrs(path):
         return {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path, capsys):
     """``--resume last.pt optim.epochs=4`` after a 2-epoch run: the new steps follow a 4-epoch
     schedule (a restored timm scheduler state would keep the old length and train them at lr 0)."""
@@ -157,6 +160,7 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path, capsys):
     assert resumed[17] > 0.4 * 1.25e-4  # the 3rd epoch trains (peak lr 1e-3 * 32 / 256; a stale schedule gives 0)
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_honour(tmp_path, capsys):
     from mimco.cli.main import main
 

@@ -44,6 +44,7 @@ def _wait_for_step(proc: subprocess.Popen, log: Path, step: int) -> None:
     raise AssertionError("the run did not reach the step in time")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_auto_equals_uninterrupted(tmp_path):
     """``kill -9`` at a step drawn from MIMCO_FAULT_SEED (printed on failure: rerun with it to repeat)."""
     seed = int(os.environ.get("MIMCO_FAULT_SEED", time.time_ns() % 1_000_000))
@@ -68,6 +69,7 @@ def test_kill_9_then_resume_auto_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 49)), why  # rows past the checkpoint were dropped on resume, none doubled
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     proc = _start(tmp_path, "term")
     _wait_for_step(proc, tmp_path / "term" / "log.csv", 3)
@@ -116,6 +118,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")) == []
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path):
     """torchrun forwards SIGTERM to its 2 gloo workers; the stop vote (every step) brings both to
     the same step, where they write one checkpoint together and exit 0 within torchrun's 30 s."""

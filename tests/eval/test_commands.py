@@ -78,6 +78,7 @@ def test_finetune_writes_outputs_and_resumes(tmp_path, capsys, teacher_ckpt):
     assert rows[-1]["top1"] and float(rows[-1]["lr"]) > 0  # the 3rd epoch follows the new 3-epoch schedule
 
 
+@pytest.mark.slow
 def test_finetune_resume_after_one_epoch_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
     """Stopped after one epoch and resumed: the same weights and metrics as one uninterrupted run
     (RandAugment, mixup, random erasing and drop path on: the random state must resume too)."""
@@ -93,6 +94,7 @@ def test_finetune_resume_after_one_epoch_equals_uninterrupted(tmp_path, capsys, 
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_plots_are_real_pngs(tmp_path, capsys, teacher_ckpt):
     run(capsys, "plot", "tsne", "pixels", f"random:{teacher_ckpt}", teacher_ckpt, "--n", 120,
         "--out", tmp_path / "tsne.png", *DATA)
@@ -208,6 +210,7 @@ def test_few_label_bad_input_is_one_line(args, message, capsys, tmp_path, teache
     assert code == 2 and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_finetune_resume_equals_uninterrupted(tmp_path, capsys, teacher_ckpt):
     """Stopped after 3 steps and resumed, fine-tuning (mixup, RandAugment, drop path: every random
     stream) ends with the weights and best score of the run that was never stopped."""

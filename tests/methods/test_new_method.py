@@ -58,6 +58,7 @@ def test_a_method_from_outside_trains_with_ddp_compile_and_fsdp_and_exports(tmp_
     assert model.embed_dim == 32 and len(model.blocks) == 2
 
 
+@pytest.mark.slow
 def test_an_unregistered_method_is_refused_before_any_data():
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "method=simsiam", *TINY_DATA], capture_output=True,
                        text=True, env=ENV, timeout=HANG, cwd=ROOT)

@@ -167,6 +167,7 @@ def test_export_then_timm_create_model(tmp_path, capsys):
     assert "timm.models.VisionTransformer(**cfg['model_kwargs'])" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_names_a_timm_model_only_when_it_is_that_model():
     from mimco.config import ModelConfig
     from mimco.models import create_vit
