@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mimco.cli.main import main
 from mimco.config import PretrainConfig, load_config
 from mimco.runs import load_checkpoint
-from tests.conftest import TINY_RUN, clip_file, dinov2_hub_file, eva02_file
+from tests.conftest import TINY_RUN, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
 
 STUDENT = ["data.name=procedural", "data.procedural_size=64", "data.num_workers=0", "model.embed_dim=32",
            "model.depth=1", "model.num_heads=2", "loss.head_hidden_dim=32", "train.max_steps=2", *TINY_RUN]
@@ -117,24 +117,12 @@ CLIP_STATS = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
-def _deit_folder(folder):
-    from safetensors.torch import save_file
-
-    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=1)
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "architecture": "deit_tiny_distilled_patch16_224", "num_classes": 1000,
-        "model_args": {"img_size": 32, "depth": 1},
-        "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3], "input_size": [3, 32, 32]}}))
-
-
 #: family -> (writes its file, the file's name, its own image side, the statistics it was trained with)
 FAMILIES = {
     "OpenCLIP": (lambda p: clip_file(p), "open_clip_pytorch_model.bin", 32, CLIP_STATS),
     "DINOv2 hub": (lambda p: dinov2_hub_file(p, regs=4), "dinov2_vits14_reg4_pretrain.pth", 42, IMAGENET_STATS),
     "EVA-02": (lambda p: eva02_file(p), "eva02_B_pt_in21k_p14.pt", 28, CLIP_STATS),
-    "timm hub folder": (_deit_folder, "deit_tiny", 32, ([0.4] * 3, [0.3] * 3)),
+    "timm hub folder": (lambda p: deit_hub_folder(p, depth=1), "deit_tiny", 32, ([0.4] * 3, [0.3] * 3)),
 }
 
 

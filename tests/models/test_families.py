@@ -2,7 +2,6 @@
 mimco's model must give the features of the timm model that timm's own loader builds from the
 same file (``pretrained_cfg_overlay=dict(file=...)``), the independent reference."""
 
-import json
 
 import pytest
 import timm
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mimco.cli.main import main
 from mimco.errors import MimcoError
 from mimco.models.formats import load_backbone
-from tests.conftest import W, clip_file, dinov2_hub_file, eva02_file
+from tests.conftest import W, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
 
 
 def timm_loaded(name: str, path, **kw) -> torch.nn.Module:
@@ -66,15 +65,8 @@ def test_eva02_checkpoint(tmp_path):
 
 
 def test_hub_folder_and_timm_names(tmp_path):
-    torch.manual_seed(0)
-    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2)
     folder = tmp_path / "deit_tiny"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "architecture": "deit_tiny_distilled_patch16_224", "num_classes": 1000,
-        "model_args": {"img_size": 32, "depth": 2},
-        "pretrained_cfg": {"mean": [0.4, 0.4, 0.4], "std": [0.3, 0.3, 0.3], "input_size": [3, 32, 32]}}))
+    m = deit_hub_folder(folder, depth=2)
     model, state = load_backbone(str(folder))
     assert state.kind == "hf_timm" and model.num_prefix_tokens == 2  # CLS and distillation tokens
     assert state.stats == ([0.4, 0.4, 0.4], [0.3, 0.3, 0.3])
