@@ -401,7 +401,8 @@ def config_path(name: str | Path | None) -> str | Path | None:
     return bundled if bundled.is_file() else name
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                model_keys: bool = True) -> C:
     """Build ``cls`` from defaults, then the YAML file at ``path`` (a file, or the name of a bundled
     config), then ``key=value`` overrides."""
     cfg = cls()
@@ -418,10 +419,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise MimcoError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
         _apply(cfg, data, cls)
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, model_keys)
 
 
-def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
+def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...], model_keys: bool = True) -> C:
     """Apply ``key=value`` overrides to ``cfg`` in place (and return it), then check the whole config
     (:func:`mimco.config_rules.validate`): every value is checked here, before anything is built."""
     for text in overrides:
@@ -430,7 +431,7 @@ def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, type(cfg))
-    validate(cfg)
+    validate(cfg, model_keys)
     return cfg
 
 

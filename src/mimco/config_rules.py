@@ -61,9 +61,11 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
 )
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Any, model_keys: bool = True) -> None:
     """Refuse values no run can use (a zero batch, a negative schedule): a :class:`MimcoError`
-    naming the key and the valid range. Keys a config class does not have are skipped."""
+    naming the key and the valid range. Keys a config class does not have are skipped.
+    ``model_keys=False``: the commands that evaluate a backbone from a checkpoint (its own
+    geometry), for which the ``model`` and ``mask`` sections mean nothing."""
     for key, low, inclusive, what in _BOUNDS:
         obj: Any = cfg
         for part in key.split("."):
@@ -97,7 +99,8 @@ def validate(cfg: Any) -> None:
         raise MimcoError(f"mask.ratio={mask.ratio} is out of range: it must lie between 0 and 1 (exclusive)")
     if t is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise MimcoError(f"unknown train.device '{t.device}'; choose auto, cpu, cuda or cuda:N")
-    _model_rules(cfg)
+    if model_keys:
+        _model_rules(cfg)
     _data_rules(cfg)
     teacher = getattr(cfg, "teacher", None)
     if teacher is not None and bool(teacher.mean) != bool(teacher.std):

@@ -49,10 +49,11 @@ from mimco.runs import (
 STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 
 
-def setup(cfg: Any) -> torch.device:
+def setup(cfg: Any, model_keys: bool = True) -> torch.device:
     """Threads, device, process group and seeds, after the config's rules (already checked when the
-    config was loaded; again here for configs built in Python)."""
-    validate(cfg)
+    config was loaded; again here for configs built in Python). ``model_keys=False``: an evaluation
+    of a checkpoint's backbone, whose geometry is its own (:func:`~mimco.config_rules.validate`)."""
+    validate(cfg, model_keys)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)

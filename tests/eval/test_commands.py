@@ -245,3 +245,16 @@ def test_finetune_at_another_resolution_and_the_wrong_channels(tmp_path, teacher
     assert main([*args, "data.channels=1", "train.name=b"]) == 2
     assert capsys.readouterr().err.strip() == ("mimco: error: the backbone takes 3-channel images but data.channels=1; "
                                                "set data.channels=3")
+
+
+def test_probes_take_the_geometry_of_the_checkpoint_not_the_model_keys(tmp_path, teacher_ckpt, capsys):
+    """A patch-4 backbone on 20-px images: 20 px fits its patches, not the default model keys' 16; the
+    probes read the backbone's geometry from the checkpoint, at the data's side (position table
+    resampled), and leave the model keys alone."""
+    from mimco.cli.main import main
+
+    over = ["data.name=procedural", "data.procedural_size=64", "data.img_size=20", "train.progress=false"]
+    assert main(["knn", str(teacher_ckpt), *over, "--out", str(tmp_path)]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["knn20_top1"] <= 100
+    assert main(["eval", str(teacher_ckpt), *over, "--no-linear"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["knn_top1"] <= 100

@@ -21,8 +21,10 @@ from mimco.errors import MimcoError
 from mimco.runs import CHECKPOINT, CONFIG
 
 
-def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
-    """(display name, model or None for pixels, parsed checkpoint state or None)."""
+def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0,
+             img_size: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
+    """(display name, model or None for pixels, parsed checkpoint state or None); ``img_size``: the
+    backbone at that side (its position table resampled), 0 = its own."""
     from timm.models.vision_transformer import VisionTransformer
 
     from mimco.models.export import timm_kwargs
@@ -31,23 +33,35 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0) -> tuple[
     if spec == "pixels":
         return "raw pixels", None, None
     if spec.startswith("random:"):
-        shaped, state = load_backbone(spec[len("random:"):], encoder, 0, num_heads)
+        shaped, state = load_backbone(spec[len("random:"):], encoder, img_size, num_heads)
         torch.manual_seed(0)
         return "random-init ViT", VisionTransformer(**timm_kwargs(shaped)), state  # timm's fresh initialisation
-    model, state = load_backbone(spec, encoder, 0, num_heads)
+    model, state = load_backbone(spec, encoder, img_size, num_heads)
     p = Path(spec)
     return (p.parent.name + "/" + p.name if p.name == CHECKPOINT else p.name), model, state
 
 
 def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
+    """The data keys: from ``--config``, else the first mimco checkpoint's, then the overrides.
+    Probes take their backbone from a checkpoint: the ``model`` keys are not theirs to check."""
+    probe = cls is not FinetuneConfig
     if args.config:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, args.config, args.overrides, model_keys=not probe)
     for st in states:
         if st is not None and st.config is not None:
             cfg = cls()
             cfg.data = from_dict(type(st.config), to_dict(st.config)).data
-            return apply_overrides(cfg, args.overrides)
-    return load_config(cls, None, args.overrides)
+            return apply_overrides(cfg, args.overrides, model_keys=not probe)
+    return load_config(cls, None, args.overrides, model_keys=not probe)
+
+
+def _at_data_size(resolved: tuple[str, torch.nn.Module | None, Any], spec: str, cfg: Any, encoder: str = "momentum",
+                  num_heads: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
+    """``resolved`` again at ``data.img_size`` when the backbone was trained at another side."""
+    model = resolved[1]
+    if model is None or model.patch_embed.img_size[0] == cfg.data.img_size:
+        return resolved
+    return _resolve(spec, encoder, num_heads, cfg.data.img_size)
 
 
 def _out_dir(args: argparse.Namespace, spec: str) -> Path:
@@ -84,7 +98,8 @@ def _prepare(args: argparse.Namespace) -> tuple[str, torch.nn.Module | None, Any
 
     name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
     cfg = _data_config(PretrainConfig, args, [state])
-    device = setup(cfg)
+    name, model, state = _at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
+    device = setup(cfg, model_keys=False)
     train, test = _splits(cfg)
     return name, (model.to(device) if model is not None else None), state, cfg, device, train, test
 
@@ -206,7 +221,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 0
     resolved = [_resolve(s) for s in args.inputs]
     cfg = _data_config(PretrainConfig, args, [st for _, _, st in resolved])
-    device = setup(cfg)
+    resolved = [_at_data_size(r, s, cfg) for r, s in zip(resolved, args.inputs)]
+    device = setup(cfg, model_keys=False)
     _, test = _splits(cfg)
     names = args.names or [n for n, _, _ in resolved]
     if len(names) != len(resolved):

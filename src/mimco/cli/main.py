@@ -35,10 +35,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, state = load_backbone(args.checkpoint, args.encoder)
     if state.config is not None and not args.config:
-        cfg = apply_overrides(state.config, args.overrides)
+        cfg = apply_overrides(state.config, args.overrides, model_keys=False)
     else:  # an external checkpoint: the data comes from --config / overrides
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-    device = setup(cfg)
+        cfg = load_config(PretrainConfig, args.config, args.overrides, model_keys=False)
+    if model.patch_embed.img_size[0] != cfg.data.img_size:  # its position table resampled to the data's side
+        model, state = load_backbone(args.checkpoint, args.encoder, cfg.data.img_size)
+    device = setup(cfg, model_keys=False)
     print(json.dumps(evaluate(model.to(device), cfg, device, linear=not args.no_linear), indent=2))
     return 0
 
