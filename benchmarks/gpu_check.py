@@ -202,8 +202,8 @@ def main() -> int:
     head = ["moco.mlp_dim=64", "moco.proj_dim=32"] if a.cpu else ["moco.mlp_dim=1024", "moco.proj_dim=256"]
     tune = [*common, device, "train.progress=false", "train.init_distributed=true", "optim.epochs=2",
             f"train.out_dir={out}", "aug.auto_augment="]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-              "mimco"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+              "-m", "mimco"]
     bf16 = "train.precision=bf16"
     teacher = out / "teacher" / CHECKPOINT
     student = [*base, f"teacher.checkpoint={teacher}",

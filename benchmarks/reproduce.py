@@ -66,8 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {  # the demo's configuration (16 tokens), see configs/fmnist_*.yaml
         "data": ["data.name=fashion_mnist", "data.img_size=28", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
         "model": ["model.arch=vit_mini", "model.patch_size=7", "model.embed_dim=128", "model.depth=4",
-                  "model.num_heads=4",
-                  "model.pos_embed=sincos"],
+                  "model.num_heads=4", "model.pos_embed=sincos"],
         "teacher": ["aug.min_scale=0.2", "moco.mlp_dim=1024", "optim.epochs=3", "optim.warmup_epochs=0.5",
                     "optim.base_lr=2e-3", "optim.weight_decay=0.1"],
         "student": ["optim.epochs=2", "optim.warmup_epochs=0.3", "optim.base_lr=2e-3"],

@@ -114,8 +114,8 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
 
 def finished(summary: dict[str, Any]) -> bool:
     """Whether a run's summary says it reached the end of its schedule (not stopped early)."""
-    return "step" in summary and summary["step"] >= summary.get("total_steps",
-                                                                float("inf")) and "stopped_by" not in summary
+    reached = "step" in summary and summary["step"] >= summary.get("total_steps", float("inf"))
+    return reached and "stopped_by" not in summary
 
 
 def is_finished(run_dir: str | Path) -> bool:

@@ -133,8 +133,8 @@ def test_corrupt_images_are_skipped_counted_and_capped(tmp_path):
         assert bad == ((6, 7) if name == "bad.png" else (7,) if name == "trunc.png" else ()), name  # by index
         assert np.array_equal(np.asarray(img[0]), np.asarray(ds[want][0])), name
     counter = BadImageCounter(0.5, len(ds))
-    counter.update(2, 8, [6, 7])
-    counter.update(1, 8, [7])  # the same file again, in another epoch: a read, not a new file
+    counter.update(8, [6, 7])
+    counter.update(8, [7])  # the same file again, in another epoch: a read, not a new file
     assert (counter.bad, counter.seen, counter.files) == (3, 16, {6, 7})
     counter.check(counter.bad, counter.seen)  # 19 % <= 50 %
     with pytest.raises(MimcoError, match="2 of 8 images could not be read"):

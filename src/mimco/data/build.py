@@ -201,8 +201,8 @@ class BatchStream:
                     undecodable = 0
                     if self.batch_transform is not None:  # data.decode=gpu: encoded images, decoded on the device
                         views, undecodable = self.batch_transform(views)
-                    n_bad = len(unreadable) + undecodable  # unreadable files were replaced: full batches
-                    self.bad.update(n_bad, self.local + n_bad, unreadable, undecodable)
+                    # unreadable files were replaced: full batches, read on top of the ones met
+                    self.bad.update(self.local + len(unreadable) + undecodable, unreadable, undecodable)
                     views = list(views) if isinstance(views, (list, tuple)) else [views]
                     if self.labels:
                         views.append(labels)

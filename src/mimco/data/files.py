@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,10 @@ class BadImageCounter:
         self.files: set[int] = set()
         self.undecodable = 0  # files read whose JPEG data failed to decode on the device (data.decode=gpu)
 
-    def update(self, bad: int, total: int, files: list[int] = (),
-               undecodable: int = 0) -> None:  # type: ignore[assignment]
-        self.bad += bad
-        self.seen += total
+    def update(self, read: int, files: Sequence[int] = (), undecodable: int = 0) -> None:
+        """``read`` images read, among them the unreadable ``files`` (by index) and ``undecodable`` ones."""
+        self.bad += len(files) + undecodable
+        self.seen += read
         self.files.update(files)
         self.undecodable += undecodable
 

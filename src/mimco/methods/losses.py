@@ -124,8 +124,8 @@ class PatchContrastiveLoss(nn.Module):
             keys, labels = t.transpose(1, 2), pos_idx  # (B, D, N); each query against its own image's tokens
         else:  # every teacher patch token of the global batch (gathered from all processes)
             world = world_size() if self.gather else 1
-            labels = pos_idx + torch.arange(b,
-                                            device=pos_idx.device)[:, None] * n + (rank() * b * n if self.gather else 0)
+            first = rank() * b * n if self.gather else 0  # this process's block of the gathered keys
+            labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + first
             if 0 < self.max_negatives < world * b * n:
                 return self._sampled(p, gather_tokens(t, pos_idx), t.reshape(b * n, -1), labels, threshold, world)
             keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)

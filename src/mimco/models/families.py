@@ -166,9 +166,8 @@ def create_named(name: str, img_size: int, **kwargs: Any) -> nn.Module:
     refusing names timm does not know and models without a patch-token grid."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        raise MimcoError(f"teacher.model={name} is not a timm model name" +
-                         (f"; did you mean {', '.join(close)}?" if close else "; list them with "
-                                                                              "timm.list_models('vit_*')"))
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list them with timm.list_models('vit_*')"
+        raise MimcoError(f"teacher.model={name} is not a timm model name{hint}")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}),
                                   **kwargs)
