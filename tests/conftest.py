@@ -194,3 +194,25 @@ def tiny_mimco(teacher_dim: int = 48, **loss) -> torch.nn.Module:
     teacher = create_vit(ModelConfig(patch_size=4, embed_dim=teacher_dim, depth=1, num_heads=2), 16, 3)
     cfg = MimcoLossConfig(head_hidden_dim=32, **loss)
     return MimCo(student, teacher, cfg, MaskGenerator("random", 0.5, (4, 4), seed=0))
+
+
+def seg_folder(root: Path, n: int = 16, classes: int = 3, size: int = 20, ignore: int = 255) -> Path:
+    """A plain-layout segmentation folder (``{train,val}/images/*.png`` + ``masks/*.png``): each image
+    holds up to ``classes - 1`` coloured rectangles (class c drawn in colour c) on a grey
+    background (class 0), a one-pixel border of ``ignore``."""
+    g = np.random.default_rng(0)
+    colours = np.array([(90, 90, 90), (220, 40, 40), (40, 200, 60), (40, 60, 220), (220, 220, 40)], np.uint8)
+    for split, count in (("train", n), ("val", max(n // 2, 2))):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            mask = np.zeros((size, size), np.uint8)
+            for c in range(1, classes):
+                h, w = g.integers(4, size // 2, size=2)
+                top, left = g.integers(0, size - h), g.integers(0, size - w)
+                mask[top : top + h, left : left + w] = c
+            image = colours[mask % len(colours)]
+            mask[0, :] = ignore
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i:03d}.png")
+    return root

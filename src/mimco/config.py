@@ -27,7 +27,8 @@ from mimco.errors import MimcoError
 # The string choices of the config, in one place: a value outside them fails when the config is
 # built (file or override), naming the key and the choices. The modules that act on a choice take
 # their tables from here (``typing.get_args``).
-DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "procedural"]
+DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "procedural", "segfolder",
+                      "fmnist_scenes"]
 Decode = Literal["cpu", "gpu"]
 Arch = Literal["vit_mini", "vit_tiny", "vit_small", "vit_base"]
 PosEmbed = Literal["learned", "sincos"]
@@ -49,7 +50,9 @@ Pool = Literal["avg", "token"]
 class DataConfig:
     """Where images come from and how they are prepared before augmentation."""
 
-    name: DatasetName = "imagefolder"  # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural
+    # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural; segmentation (mimco segprobe /
+    # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes
+    name: DatasetName = "imagefolder"
     root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
     img_size: int = 224
     channels: int = 3  # grey images are repeated to 3 channels unless this is 1
@@ -288,6 +291,57 @@ class FinetuneConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(base_lr=5e-4, weight_decay=0.05, epochs=100.0, warmup_epochs=5.0,
                                             betas=[0.9, 0.999], min_lr=1e-6)
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SegDataConfig:
+    """What segmentation data adds: the classes of a plain-layout folder and the generated scenes."""
+
+    num_classes: int = 0  # plain layout: classes 0..N-1 (ADE20K: 150, Pascal VOC: 21, fmnist_scenes: 11, fixed)
+    ignore_index: int = 255  # plain layout: the mask value of pixels that are not scored
+    scenes: int = 2000  # fmnist_scenes: training scenes (from Fashion-MNIST's training images)
+    val_scenes: int = 500  # fmnist_scenes: validation scenes (from its test images)
+    items: list[int] = field(default_factory=lambda: [2, 4])  # fmnist_scenes: fewest and most items per scene
+    threshold: int = 40  # fmnist_scenes: an item's pixel (0-255) above this takes the item's class, else background
+    scene_seed: int = 0  # fmnist_scenes: which scenes
+
+
+@dataclass
+class SegAugConfig:
+    """Joint image/mask augmentation for segmentation fine-tuning (masks nearest-neighbour)."""
+
+    min_scale: float = 0.5  # random resized crop scale range
+    max_scale: float = 1.0
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_prob: float = 0.5
+
+
+@dataclass
+class SegHeadConfig:
+    """The linear segmentation head (BatchNorm + 1x1 convolution on the patch grid) and the backbone under it."""
+
+    layers: int = 1  # the last N blocks' patch tokens, concatenated (DINOv2's linear: 1; its "+ms" variant: 4)
+    layer_decay: float = 0.65
+    drop_path_rate: float = 0.1
+    encoder: Encoder = "momentum"  # which encoder of a two-encoder checkpoint (MoCo v3, DINO)
+    num_heads: int = 0  # 0 = from the checkpoint
+
+
+@dataclass
+class SegmentationConfig:
+    """``mimco segfinetune`` (and the data of ``mimco segprobe``): semantic segmentation on a backbone's
+    patch tokens, every layer trained (layer decay, drop path, warm-up + cosine)."""
+
+    method: str = "segfinetune"  # a registered method of this stage
+    data: DataConfig = field(default_factory=lambda: DataConfig(name="fmnist_scenes", img_size=56))
+    seg: SegDataConfig = field(default_factory=SegDataConfig)
+    aug: SegAugConfig = field(default_factory=SegAugConfig)
+    head: SegHeadConfig = field(default_factory=SegHeadConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(base_lr=1e-3, weight_decay=0.05, epochs=20.0, warmup_epochs=1.0,
+                                            betas=[0.9, 0.999], min_lr=1e-6, batch_size=16)
     )
     train: TrainConfig = field(default_factory=TrainConfig)
 

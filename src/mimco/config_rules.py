@@ -22,6 +22,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 #: the in-memory datasets (the rest are image folders)
 IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural")
+#: the datasets of (image, mask) pairs, for ``mimco segprobe | segfinetune`` only
+SEGMENTATION = ("segfolder", "fmnist_scenes")
 
 #: (dotted key suffix, lowest allowed value, whether the lowest is allowed, what the value means)
 _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
@@ -58,6 +60,15 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("eval.few_per_class", 1, True, "labelled images per class in the few-label columns"),
     ("eval.few_label_seeds", 1, True, "the number of labelled subsets"),
     ("eval.few_knn_k", 1, True, "the neighbour count"),
+    ("seg.num_classes", 0, True, "a plain folder's class count (0 = from the layout)"),
+    ("seg.ignore_index", 0, True, "the mask value of unscored pixels"),
+    ("seg.scenes", 1, True, "the number of training scenes"),
+    ("seg.val_scenes", 1, True, "the number of validation scenes"),
+    ("seg.threshold", 0, True, "an intensity (0-254)"),
+    ("aug.min_scale", 0, False, "the smallest crop's share of the image"),
+    ("head.layers", 1, True, "how many last blocks feed the head"),
+    ("head.layer_decay", 0, False, "the lr ratio between consecutive layers"),
+    ("head.drop_path_rate", 0, True, "the stochastic depth rate"),
 )
 
 
@@ -102,6 +113,7 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
     if model_keys:
         _model_rules(cfg)
     _data_rules(cfg)
+    _segmentation_rules(cfg, model_keys)
     teacher = getattr(cfg, "teacher", None)
     if teacher is not None and bool(teacher.mean) != bool(teacher.std):
         raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
@@ -155,13 +167,55 @@ def _data_rules(cfg: Any) -> None:
         raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
 
 
+def _segmentation_rules(cfg: Any, training: bool) -> None:
+    """Segmentation data only where masks are used, and the scene and head keys in range."""
+    d, seg = getattr(cfg, "data", None), getattr(cfg, "seg", None)
+    if d is None:
+        return
+    if seg is None:
+        if training and d.name in SEGMENTATION:
+            raise MimcoError(f"data.name={d.name} is segmentation data (images with masks): use it with `mimco "
+                             "segprobe` or `mimco segfinetune`")
+        return
+    if d.name not in SEGMENTATION:
+        raise MimcoError(f"data.name={d.name} has no masks; segmentation takes data.name=segfolder (with data.root) or "
+                         "fmnist_scenes")
+    for key in ("cache", "on_device"):
+        if getattr(d, key):
+            raise MimcoError(f"data.{key}=true does not apply to segmentation, whose (image, mask) pairs are read and "
+                             f"augmented together in loader workers; drop it")
+    if d.decode == "gpu":
+        raise MimcoError("data.decode=gpu does not apply to segmentation (image and mask are augmented together in "
+                         "loader workers); set data.decode=cpu")
+    if len(seg.items) != 2 or not 1 <= seg.items[0] <= seg.items[1]:
+        raise MimcoError(f"seg.items={seg.items} must be [fewest, most] items per scene with 1 <= fewest <= most, e.g. "
+                         "[2, 4]")
+    if seg.threshold > 254:
+        raise MimcoError(f"seg.threshold={seg.threshold} is out of range: it is an intensity and must lie in 0..254")
+    if seg.num_classes > 255:
+        raise MimcoError(f"seg.num_classes={seg.num_classes} is out of range: masks hold 8-bit class indices with 255 "
+                         "for ignored pixels, so at most 255 classes")
+    if d.name == "fmnist_scenes" and d.img_size < 28:
+        raise MimcoError(f"data.img_size={d.img_size} cannot hold a 28-px Fashion-MNIST item; fmnist_scenes needs "
+                         "data.img_size >= 28 (56 by default)")
+    aug = getattr(cfg, "aug", None)
+    if aug is not None and not aug.min_scale <= aug.max_scale <= 1:
+        raise MimcoError(f"aug.min_scale={aug.min_scale:g} and aug.max_scale={aug.max_scale:g} must satisfy 0 < min "
+                         "<= max <= 1")
+    head = getattr(cfg, "head", None)
+    if head is not None and (head.layer_decay > 1 or head.drop_path_rate >= 1):
+        raise MimcoError(f"head.layer_decay={head.layer_decay:g} must lie in (0, 1] and head.drop_path_rate="
+                         f"{head.drop_path_rate:g} in [0, 1)")
+
+
 #: keys a resumed run cannot change: the data order, the step count, the model's shape or the
 #: optimiser state depend on them
 FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size",
                    "data.channels", "data.subset", "data.procedural_size", "data.labels_per_class",
                    "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim",
                    "loss.head_hidden_dim", "teacher.checkpoint", "teacher.model", "teacher.img_size",
-                   "teacher.image_target", "classifier.pool", "classifier.encoder")
+                   "teacher.image_target", "classifier.pool", "classifier.encoder", "seg", "head.layers",
+                   "head.encoder")
 
 
 def check_resume(saved: dict, cfg: Any) -> None:

@@ -15,6 +15,17 @@ class MimcoError(Exception):
     """An error caused by user input; its message names the problem and the fix."""
 
 
+def message(error: MimcoError) -> str:
+    """The one-line message of ``error``, also when a DataLoader worker raised it (the loader
+    re-raises it in the main process with the worker's traceback around the message)."""
+    text = str(error)
+    if "Original Traceback" in text:
+        tail = [line for line in text.strip().splitlines() if "MimcoError: " in line]
+        if tail:
+            return tail[-1].split("MimcoError: ", 1)[1]
+    return text
+
+
 def _file_head(path: Path, n: int = 4) -> bytes:
     """The first ``n`` bytes of a file (b"" when it cannot be opened)."""
     try:

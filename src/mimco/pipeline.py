@@ -1,4 +1,4 @@
-"""The stage runner: every stage (teacher, pretrain, finetune) of every caller (the CLI, ``mimco
+"""The stage runner: every stage (teacher, pretrain, finetune, segfinetune) of every caller (the CLI, ``mimco
 demo``, the study) is built and run here: device, run folder, batches, the registered method,
 the engine, the end-of-run evaluation; and resume, reuse-if-finished and a stop that stops the
 whole pipeline (:func:`run_or_reuse`)."""
@@ -17,6 +17,7 @@ from mimco import distributed as dist
 from mimco.config import (
     FinetuneConfig,
     PretrainConfig,
+    SegmentationConfig,
     TeacherStageConfig,
     apply_overrides,
     from_dict,
@@ -31,6 +32,7 @@ from mimco.engine.sharding import gathered
 from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
 from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
+from mimco.eval import segfinetune as _segfinetune  # noqa: F401  (registers segmentation fine-tuning)
 from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
 from mimco.methods import get_method
 from mimco.runs import (
@@ -45,8 +47,9 @@ from mimco.runs import (
     write_summary,
 )
 
-#: each stage's config class (``mimco teacher | pretrain | finetune``)
-STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+#: each stage's config class (``mimco teacher | pretrain | finetune | segfinetune``)
+STAGE_CONFIGS: dict[str, type] = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
+                                  "segfinetune": SegmentationConfig}
 
 
 def setup(cfg: Any, model_keys: bool = True) -> torch.device:

@@ -28,7 +28,7 @@ LOG = "log.csv"
 BACKBONE = "backbone.safetensors"
 
 #: the stages, each with its command (``mimco teacher | pretrain | finetune``) and config class
-STAGES = ("teacher", "pretrain", "finetune")
+STAGES = ("teacher", "pretrain", "finetune", "segfinetune")
 CHECKPOINT_KEYS = ("stage", "step", "total_steps", "model", "backbones", "optimizer", "scaler", "rng", "config")
 
 #: ``backbones`` of checkpoints written before the checkpoint recorded them, by stage

@@ -329,3 +329,29 @@ def test_fsdp_fp16_scaler_and_fused_adamw_step_together():
         assert scales == sorted(scales, reverse=True) and scales[-1] <= 2.0**8  # backs off on overflow, else holds
     finally:
         tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_segfinetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
+    """Segmentation fine-tuning, with its joint crop and flip on (drawn per sample, not per process):
+    2 processes, each on its half of every batch, give the single process's losses, weights and
+    mIoU. The head's BatchNorm takes the global batch's statistics and the loss is averaged over
+    the global batch's labelled pixels, as one process does."""
+    args = ["segfinetune", str(teacher_ckpt), "data.img_size=28", "seg.scenes=64", "seg.val_scenes=16",
+            "data.num_workers=0", "optim.batch_size=16", "optim.epochs=1", "optim.warmup_epochs=0.5",
+            "head.drop_path_rate=0", "head.layers=2", "train.progress=false", "train.threads=1", "train.log_every=1",
+            f"train.out_dir={tmp_path}"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp"])
+    _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
+    ddp, single = _losses(tmp_path / "ddp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")
+    assert [s for s, _ in ddp] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(ddp, single):
+        assert abs(a - b) < 1e-5
+    wa, wb = _weights(tmp_path / "ddp" / "last.pt"), _weights(tmp_path / "single" / "last.pt")
+    assert any(k.startswith("model.head.bn.running") for k in wa)
+    # the final norm's bias shifts each channel the head's BatchNorm then centres: its gradient is rounding
+    # noise, which Adam scales to steps of +-lr (here 1e-5), so it alone is left out
+    for k in [k for k in wa if k != "model.backbone.norm.bias"]:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ddp", "single"))
+    assert abs(a["miou"] - b["miou"]) < 0.02

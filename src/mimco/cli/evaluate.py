@@ -1,22 +1,34 @@
-"""``mimco finetune | linprobe | knn | plot | results``.
+"""``mimco finetune | linprobe | knn | segprobe | segfinetune | plot | results``.
 
 A model is named by a checkpoint path (any format :mod:`mimco.models.formats` reads),
 ``random:PATH`` (a randomly initialised ViT shaped like PATH's backbone) or ``pixels`` (raw
-pixels; k-NN, linear probe and t-SNE only). Data settings come from ``--config``, else from
-the first mimco checkpoint's own config, then ``key=value`` overrides.
+pixels; k-NN, linear probe, segmentation probe and t-SNE only). Data settings come from
+``--config``, else from the first mimco checkpoint's own config, then ``key=value`` overrides;
+segmentation takes its data from ``--config`` or :class:`~mimco.config.SegmentationConfig`'s
+defaults (Fashion-MNIST scenes), and only the input statistics (channels, mean, std) from the
+checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mimco.config import FinetuneConfig, PretrainConfig, apply_overrides, from_dict, load_config, to_dict
+from mimco.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    SegmentationConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from mimco.errors import MimcoError
 from mimco.runs import CHECKPOINT, CONFIG
 
@@ -209,6 +221,102 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seg_config(args: argparse.Namespace, state: Any, overrides: list[str]) -> SegmentationConfig:
+    """Segmentation data: ``--config`` or the defaults (fmnist_scenes), with the input statistics
+    of the checkpoint (a mimco run's data.channels/mean/std, a released family's mean/std) when no
+    ``--config`` is given, then the overrides."""
+    cfg = load_config(SegmentationConfig, args.config, [], model_keys=False)
+    if not args.config and state is not None:
+        if state.config is not None:
+            d = state.config.data
+            cfg.data.channels, cfg.data.mean, cfg.data.std = d.channels, list(d.mean), list(d.std)
+        elif state.stats:
+            cfg.data.mean, cfg.data.std = list(state.stats[0]), list(state.stats[1])
+    return apply_overrides(cfg, overrides, model_keys=False)
+
+
+def cmd_segprobe(args: argparse.Namespace) -> int:
+    from mimco.data.segmentation import load_segmentation
+    from mimco.eval.plots import segmentation_figure
+    from mimco.eval.results import write_result
+    from mimco.eval.segmentation import check_backbone, segprobe
+    from mimco.pipeline import setup
+
+    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
+    check_backbone(model, args.layers, args.checkpoint)
+    cfg = _seg_config(args, state, args.overrides)
+    name, model, state = _at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
+    if args.seeds < 1:
+        raise MimcoError(f"--seeds {args.seeds} must be at least 1")
+    device = setup(cfg, model_keys=False)
+    train = load_segmentation(cfg.data, cfg.seg, train=True)
+    val = load_segmentation(cfg.data, cfg.seg, train=False, verbose=False)
+    if model is not None and model.patch_embed.proj.in_channels != cfg.data.channels:
+        raise MimcoError(f"the backbone takes {model.patch_embed.proj.in_channels}-channel images but data.channels="
+                         f"{cfg.data.channels}; set data.channels={model.patch_embed.proj.in_channels}")
+    model = model.to(device) if model is not None else None
+    start = time.perf_counter()
+    values, heads = segprobe(model, train, val, cfg.data, device, args.layers, args.patch, args.epochs,
+                             args.batch_size, args.lr, args.weight_decay, tuple(range(args.seeds)),
+                             cfg.train.precision, cfg.aug if args.augment else None,
+                             cache=False if args.augment else None)
+    metrics = _few_metrics({k: v for k, v in values.items() if k != "path"})
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    out = _out_dir(args, args.checkpoint)
+    write_result(out, _row("segprobe", args.checkpoint, name, state, cfg, metrics, layers=args.layers,
+                           epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=args.seeds,
+                           augment=args.augment, path=values["path"], seg=to_dict(cfg.seg)))
+    picture = segmentation_figure(model, heads[0], val, cfg.data, device, out / "segprobe.png", args.layers,
+                                  args.patch or (model.patch_embed.patch_size[0] if model is not None else 0),
+                                  names=getattr(val, "classes", None))
+    print(json.dumps(metrics, indent=2))
+    print(f"mimco: wrote {out / 'results.jsonl'} and {picture}", file=sys.stderr)
+    return 0
+
+
+def cmd_segfinetune(args: argparse.Namespace) -> int:
+    from mimco import distributed as dist
+    from mimco.eval.results import write_result
+    from mimco.pipeline import open_run, run_stage
+
+    spec = args.checkpoint
+    name, model, state = _resolve(spec, "momentum", 0)
+    if args.resume:
+        cfg, resume, run_dir = open_run("segfinetune", None, args.overrides, args.resume)
+    else:
+        cfg, resume, run_dir = _seg_config(args, state, args.overrides), None, None
+    if cfg.head.encoder != "momentum" or cfg.head.num_heads:
+        name, model, state = _resolve(spec, cfg.head.encoder, cfg.head.num_heads)
+    if model is None:
+        raise MimcoError("segfinetune trains a backbone; raw pixels have none (use mimco segprobe pixels)")
+    summary = run_stage("segfinetune", cfg, resume, run_dir, backbone=model)
+    if dist.is_main():
+        write_result(Path(summary["run_dir"]), _row("segfinetune", spec, name, state, cfg,
+                                                    {k: summary.get(k) for k in ("miou", "macc", "pixel_acc",
+                                                                                 "best_miou")},
+                                                    epochs=summary["epochs"], layers=cfg.head.layers,
+                                                    layer_decay=cfg.head.layer_decay, seg=to_dict(cfg.seg)))
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _plot_images(cfg: Any, n: int, device: torch.device) -> torch.Tensor:
+    """The first ``n`` normalised evaluation images of the data (a segmentation split's validation
+    images, or a test split), on ``device``."""
+    from mimco.config import SegDataConfig
+    from mimco.config_rules import SEGMENTATION
+
+    if cfg.data.name in SEGMENTATION:
+        from mimco.data.segmentation import load_segmentation
+        from mimco.eval.segmentation import val_batches
+
+        val = load_segmentation(cfg.data, getattr(cfg, "seg", SegDataConfig()), train=False, verbose=False)
+        return next(iter(val_batches(val, cfg.data, n)))[0].to(device)
+    from mimco.eval.features import eval_batches
+
+    return next(iter(eval_batches(_splits(cfg)[1], cfg.data, n, device)))[0]
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from mimco.eval import extract_features
     from mimco.eval.plots import attention_figure, curves_figure, denormalize, tsne_figure
@@ -223,10 +331,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     cfg = _data_config(PretrainConfig, args, [st for _, _, st in resolved])
     resolved = [_at_data_size(r, s, cfg) for r, s in zip(resolved, args.inputs)]
     device = setup(cfg, model_keys=False)
-    _, test = _splits(cfg)
     names = args.names or [n for n, _, _ in resolved]
     if len(names) != len(resolved):
         raise MimcoError(f"--names gives {len(names)} names for {len(resolved)} inputs")
+    if args.kind == "pca":
+        from mimco.eval.plots import pca_figure
+
+        rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
+        if not rows:
+            raise MimcoError("plot pca needs a backbone; raw pixels have no patch tokens")
+        x = _plot_images(cfg, min(args.n, 16), device)
+        print(pca_figure(rows, x, denormalize(x, cfg.data.mean, cfg.data.std), args.out))
+        return 0
+    _, test = _splits(cfg)
     if args.kind == "tsne":
         from mimco.data.subsets import take
 
@@ -294,13 +411,34 @@ def add_parsers(sub: Any) -> None:
     ft.add_argument("--config", help="YAML with data / aug / classifier / optim / train sections")
     ft.add_argument("--resume", help="a fine-tuning last.pt to continue")
     ft.add_argument("overrides", nargs="*", metavar="key=value")
-    pl = sub.add_parser("plot", help="tsne | curves | attention pictures (PNG)")
-    pl.add_argument("kind", choices=["tsne", "curves", "attention"])
+    sp = sub.add_parser("segprobe", help="semantic segmentation on frozen patch tokens (BN + 1x1 conv), mIoU")
+    sp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
+    sp.add_argument("--layers", type=int, default=1, help="the last N blocks' patch tokens, concatenated (default 1)")
+    sp.add_argument("--epochs", type=int, default=20)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine to 0)")
+    sp.add_argument("--weight-decay", type=float, default=1e-4)
+    sp.add_argument("--seeds", type=int, default=1, help="heads trained with seeds 0..S-1: mean and std (default 1)")
+    sp.add_argument("--augment", action="store_true",
+                    help="every batch through the backbone with the joint crop + flip of aug.* (else features once)")
+    sp.add_argument("--patch", type=int, default=0, help="pixels: the patch side of the raw-pixel features")
+    sp.add_argument("--config", help="segmentation data settings (default: fmnist_scenes)")
+    sp.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
+    sp.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    sp.add_argument("--out", help="folder for results.jsonl/csv and segprobe.png (default: <run>/eval or runs/eval)")
+    sp.add_argument("overrides", nargs="*", metavar="key=value")
+    sf = sub.add_parser("segfinetune", help="segmentation fine-tuning: the linear head with every layer trained")
+    sf.add_argument("checkpoint", help="a pre-training checkpoint (any format) or random:CKPT")
+    sf.add_argument("--config", help="YAML with data / seg / aug / head / optim / train sections")
+    sf.add_argument("--resume", help="a segfinetune last.pt to continue")
+    sf.add_argument("overrides", nargs="*", metavar="key=value")
+    pl = sub.add_parser("plot", help="tsne | curves | attention | pca pictures (PNG)")
+    pl.add_argument("kind", choices=["tsne", "curves", "attention", "pca"])
     pl.add_argument("inputs", nargs="+",
                     help="checkpoints (tsne, attention; also pixels / random:CKPT) or run folders (curves)")
     pl.add_argument("--out", required=True, help="PNG file to write")
     pl.add_argument("--names", nargs="+", help="panel titles, one per input")
-    pl.add_argument("--n", type=int, default=2000, help="test images in the t-SNE (attention: images shown)")
+    pl.add_argument("--n", type=int, default=2000, help="test images in the t-SNE (attention, pca: images shown)")
     pl.add_argument("--config", help="data settings (else the first mimco checkpoint's own)")
     pl.set_defaults(overrides=[])
     r = sub.add_parser("results", help="one Markdown table from the results of many runs")
@@ -308,5 +446,5 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--out", help="also write the table to this file")
 
 
-HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "plot": cmd_plot,
-            "results": cmd_results}
+HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "segprobe": cmd_segprobe,
+            "segfinetune": cmd_segfinetune, "plot": cmd_plot, "results": cmd_results}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from mimco.errors import MimcoError
+from mimco.errors import MimcoError, message
 
 
 def _train(stage: str, args: argparse.Namespace) -> int:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers()[args.command](args)
     except MimcoError as e:
-        print(f"mimco: error: {e}", file=sys.stderr)
+        print(f"mimco: error: {message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mimco: interrupted", file=sys.stderr)

@@ -73,6 +73,9 @@ def load_dataset(cfg: DataConfig, train: bool = True,
     :class:`FileImages` whose items pass through ``transform``.
     """
     name = cfg.name
+    if name in ("segfolder", "fmnist_scenes"):
+        raise MimcoError(f"data.name={name} is segmentation data (images with masks): use it with `mimco segprobe` or "
+                         "`mimco segfinetune`")
     if name == "fashion_mnist":
         ds = _array(*load_fashion_mnist(cfg.root, train, cfg.download), cfg)
     elif name in ("cifar10", "cifar100"):

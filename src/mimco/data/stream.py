@@ -120,9 +120,24 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
     return stream
 
 
+def _mask_stream(cfg: Any, device: torch.device) -> BatchStream:
+    """Segmentation batches: one jointly augmented (image, mask) pair per sample, from loader workers."""
+    from mimco.data.segmentation import load_segmentation, seg_train_transform
+
+    d = cfg.data
+    train = load_segmentation(d, cfg.seg, train=True, verbose=dist.is_main())
+    train.transform = seg_train_transform(cfg.aug, d)
+    stream = BatchStream(train, cfg.optim.batch_size, cfg.train.seed, device, None, d.num_workers,
+                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
+    stream.num_classes = train.num_classes
+    return stream
+
+
 def build_stream(cfg: Any, device: torch.device, views: str) -> BatchStream:
-    """The training batches of this process for a method taking ``views`` (``two``, ``one`` or
-    ``labelled``; :mod:`mimco.methods.registry`) under ``cfg``'s data keys."""
+    """The training batches of this process for a method taking ``views`` (``two``, ``one``,
+    ``labelled`` or ``masks``; :mod:`mimco.methods.registry`) under ``cfg``'s data keys."""
     if views == "labelled":
         return _labelled_stream(cfg, device)
+    if views == "masks":
+        return _mask_stream(cfg, device)
     return _views_stream(cfg, device, two=views == "two")

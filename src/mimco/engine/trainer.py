@@ -179,7 +179,7 @@ class Trainer:
             found = [(sorted(bad.files), bad.undecodable)]
         files = sorted({i for f, _ in found for i in f})
         undecodable = sum(u for _, u in found)
-        if dist.is_main():
+        if dist.is_main() and (files or undecodable):
             items = getattr(self.stream.ds, "items", None)
             names = [str(items[i][0]) for i in files[:3]] if items is not None else []
             more = ", ..." if len(files) > 3 else ""

@@ -36,7 +36,7 @@ def build_classifier(backbone: VisionTransformer, num_classes: int, pool: str = 
                      drop_path_rate: float = 0.1, img_size: int = 0) -> VisionTransformer:
     """A timm ViT classifier initialised from ``backbone`` at ``img_size`` (0 = the backbone's; another
     size resamples the position table, as timm does for a pre-trained model at a new resolution);
-    head (and fc_norm for ``avg``) fresh (MAE)."""
+    head (and fc_norm for ``avg``) fresh (MAE); ``num_classes=0``: no head (the patch tokens' users)."""
     kw = {**timm_kwargs(backbone), "num_classes": num_classes, "global_pool": pool, "drop_path_rate": drop_path_rate}
     kw["img_size"] = img_size or kw["img_size"]
     model = VisionTransformer(**kw)
@@ -51,7 +51,8 @@ def build_classifier(backbone: VisionTransformer, num_classes: int, pool: str = 
     if set(missing) - fresh or unexpected:
         raise MimcoError(f"backbone does not fit the classifier: missing {sorted(set(missing) - fresh)}, unexpected "
                          f"{unexpected}")
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    if num_classes:
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
     return model
 
 

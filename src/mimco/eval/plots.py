@@ -1,9 +1,11 @@
-"""Pictures: t-SNE of frozen features, training curves from run CSVs, CLS attention maps."""
+"""Pictures: t-SNE of frozen features, training curves from run CSVs, CLS attention maps, the
+principal components of patch tokens, and a segmentation probe's masks beside the ground truth."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -123,6 +125,83 @@ def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Te
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, out)
+
+
+@torch.no_grad()
+def pca_maps(backbone: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The first three principal components of the patch tokens of images ``x`` (B, C, H, W), fitted
+    on all of their tokens together, each scaled to [0, 1]: (B, h, w, 3) RGB on the patch grid."""
+    from sklearn.decomposition import PCA
+
+    backbone.eval()
+    tokens = backbone.forward_features(x)[:, backbone.num_prefix_tokens :].float().cpu()
+    b, n, d = tokens.shape
+    gh, gw = backbone.patch_embed.grid_size
+    comp = PCA(n_components=3, random_state=0).fit_transform(tokens.reshape(-1, d).numpy())
+    lo, hi = comp.min(0), comp.max(0)
+    return ((comp - lo) / np.maximum(hi - lo, 1e-8)).reshape(b, gh, gw, 3)
+
+
+def pca_figure(rows: list[tuple[str, torch.nn.Module]], images: torch.Tensor, shown: torch.Tensor,
+               out: str | Path) -> Path:
+    """The images, then for each (name, backbone) the first three principal components of its patch
+    tokens as RGB (:func:`pca_maps`), nearest-neighbour upsampled to the image."""
+    b = images.shape[0]
+    disp = shown.float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    fig, axes = plt.subplots(len(rows) + 1, b, figsize=(1.6 * b, 1.7 * (len(rows) + 1)), squeeze=False)
+    for j in range(b):
+        axes[0][j].imshow(disp[j].squeeze(), cmap="gray" if disp.shape[-1] == 1 else None)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    for i, (name, model) in enumerate(rows, start=1):
+        maps = pca_maps(model, images)
+        for j in range(b):
+            axes[i][j].imshow(maps[j], interpolation="nearest")
+        axes[i][0].set_ylabel(f"{name}\nPCA 1-3", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, out)
+
+
+@torch.no_grad()
+def segmentation_figure(backbone: torch.nn.Module | None, head: torch.nn.Module, val: Any, data: Any,
+                        device: torch.device, out: str | Path, layers: int = 1, patch: int = 0, n: int = 8,
+                        names: list[str] | None = None) -> Path:
+    """The first ``n`` validation samples: image, ground truth, the probe's prediction (upsampled to
+    the mask's size); ignored pixels black."""
+    from mimco.eval.segmentation import patch_grid, upsampled, val_batches
+
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for x, masks, _ in val_batches(val, data, n):
+        logits = head(patch_grid(backbone, x.to(device), layers, patch).float())
+        for k in range(len(masks)):
+            pred = upsampled(logits[k : k + 1], masks[k].shape[-2:]).argmax(1)[0].cpu().numpy()
+            rows.append((denormalize(x[k : k + 1], data.mean, data.std)[0].permute(1, 2, 0).clamp(0, 1).numpy(),
+                         masks[k].numpy(), pred))
+        if len(rows) >= n:
+            break
+    rows = rows[:n]
+    k = head.conv.out_channels
+    cmap = matplotlib.colormaps["tab20"].resampled(max(k, 2))
+
+    def paint(m: np.ndarray) -> np.ndarray:
+        rgb = cmap(np.clip(m, 0, k - 1) / max(k - 1, 1))[..., :3]
+        rgb[m == 255] = 0
+        return rgb
+
+    fig, axes = plt.subplots(3, len(rows), figsize=(1.6 * len(rows), 5.2), squeeze=False)
+    for j, (img, gt, pred) in enumerate(rows):
+        axes[0][j].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        axes[1][j].imshow(paint(gt), interpolation="nearest")
+        axes[2][j].imshow(paint(pred), interpolation="nearest")
+    for i, label in enumerate(["image", "ground truth", "prediction"]):
+        axes[i][0].set_ylabel(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    if names:
+        handles = [plt.Line2D([], [], marker="s", ls="", color=cmap(i / max(k - 1, 1)), label=c)
+                   for i, c in enumerate(names[:k])]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    return _save(fig, out, bottom=0.12 if names else 0.0)
 
 
 def _save(fig: plt.Figure, out: str | Path, bottom: float = 0.0) -> Path:

@@ -1,12 +1,13 @@
 """Training methods by name: the one place a stage finds the method it trains.
 
 A method registers a builder, ``build(cfg, device, **inputs) -> nn.Module``, under a name, with
-the stage whose config it reads (``teacher``, ``pretrain`` or ``finetune``: the keys it may use)
+the stage whose config it reads (``teacher``, ``pretrain``, ``finetune`` or ``segfinetune``: the keys it may use)
 and the batches it takes (``views``). The stage runner (:func:`mimco.pipeline.run_stage`) looks
 the method up by the config's ``method`` key, builds the batch stream its ``views`` name, builds
 the method and hands it to the engine; the engine learns the rest from the method's contract
 (:class:`~mimco.methods.base.TrainingMethod`). MoCo v3, MimCo and SimMIM register when
-:mod:`mimco.methods` is imported, fine-tuning when :mod:`mimco.eval.finetune` is.
+:mod:`mimco.methods` is imported, fine-tuning and segmentation fine-tuning when :mod:`mimco.eval.finetune` and
+:mod:`mimco.eval.segfinetune` are.
 
 A method defined outside the package registers the same way before the run starts::
 
@@ -23,6 +24,7 @@ and then trains with ``method=simsiam`` (``mimco.cli.main.main([...])`` or
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -32,10 +34,10 @@ from torch import nn
 from mimco.config import choices_text
 from mimco.errors import MimcoError
 
-Stage = Literal["teacher", "pretrain", "finetune"]
+Stage = Literal["teacher", "pretrain", "finetune", "segfinetune"]
 #: the batches a method takes: two augmented views (contrastive), one view (masked image modeling),
-#: or one augmented view and its labels (supervised)
-Views = Literal["two", "one", "labelled"]
+#: one augmented view and its labels (supervised), or one augmented view and its mask (segmentation)
+Views = Literal["two", "one", "labelled", "masks"]
 Builder = Callable[..., nn.Module]
 
 
@@ -55,9 +57,9 @@ _METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, *, stage: Stage, views: Views) -> Callable[[Builder], Builder]:
     """Decorator: register ``build`` as the method ``name`` of ``stage`` (re-registering a name
     replaces it, so a module may be imported twice)."""
-    if stage not in ("teacher", "pretrain", "finetune") or views not in ("two", "one", "labelled"):
-        raise ValueError(f"method {name!r}: stage must be teacher, pretrain or finetune and views two, one or "
-                         f"labelled, not {stage!r} / {views!r}")
+    if stage not in typing.get_args(Stage) or views not in typing.get_args(Views):
+        raise ValueError(f"method {name!r}: stage must be one of {typing.get_args(Stage)} and views one of "
+                         f"{typing.get_args(Views)}, not {stage!r} / {views!r}")
 
     def add(build: Builder) -> Builder:
         _METHODS[name] = MethodSpec(name, stage, views, build)

@@ -89,7 +89,7 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
     if is_checkpoint(obj):  # mimco's own run checkpoint (layout: mimco.runs)
         stage, sd = obj["stage"], obj["model"]
         if stage not in ("teacher", "pretrain"):
-            raise MimcoError(f"this is a mimco '{stage}' checkpoint (a classifier); its accuracy is in its run "
+            raise MimcoError(f"this is a mimco '{stage}' checkpoint (a fine-tuned model); its scores are in its run "
                              "folder's summary.json; pass a teacher or pretrain checkpoint")
         kind = f"mimco_{stage}"
         cfg = from_dict(TeacherStageConfig if stage == "teacher" else PretrainConfig, obj["config"])

@@ -1,0 +1,257 @@
+"""Segmentation data: (image, mask) pairs of a split, from a folder in one of three layouts or
+from generated Fashion-MNIST scenes (:mod:`mimco.data.scenes`).
+
+Masks are held as class indices 0..K-1 with :data:`IGNORE` (255) for pixels that are not scored,
+whatever the layout writes:
+
+- ``ade20k``: ``images/{training,validation}/*.jpg`` + ``annotations/{training,validation}/*.png``;
+  0 is "other" (ignored) and classes 1..150 become 0..149;
+- ``voc``: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs) and
+  ``ImageSets/Segmentation/{train,val}.txt``; 21 classes, 255 ignored;
+- ``plain``: ``{train,val}/images/NAME.(jpg|png)`` + ``{train,val}/masks/NAME.png``, a class index
+  per pixel, ``seg.num_classes`` classes and ``seg.ignore_index`` ignored.
+
+A missing mask leaves its image out when the folder is listed; an unreadable mask or image, or a
+mask whose size differs from its image's, is an unreadable sample (skipped in evaluation, replaced
+and counted in training like an unreadable image). A label at or above the class count is an error
+naming the file.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from mimco.config import DataConfig, SegAugConfig, SegDataConfig
+from mimco.data.files import IMG_EXTENSIONS
+from mimco.errors import MimcoError
+
+IGNORE = 255
+LAYOUTS = ("ade20k", "voc", "plain")
+_DESCRIBE = ("ADE20K (images/training + annotations/training), Pascal VOC (JPEGImages + SegmentationClass + "
+             "ImageSets/Segmentation/train.txt) or plain (train/images + train/masks)")
+
+
+def _stem_map(d: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() in exts} if d.is_dir() else {}
+
+
+def detect_layout(root: Path) -> tuple[str, Path]:
+    """(layout, the folder it starts at) of a segmentation folder; the usual archive folders
+    (``ADEChallengeData2016``, ``VOCdevkit/VOC2012``) are looked into."""
+    for base in (root, root / "ADEChallengeData2016", root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
+        if (base / "images" / "training").is_dir() and (base / "annotations" / "training").is_dir():
+            return "ade20k", base
+        if (base / "JPEGImages").is_dir() and (base / "SegmentationClass").is_dir() and \
+                (base / "ImageSets" / "Segmentation").is_dir():
+            return "voc", base
+        if (base / "train" / "images").is_dir() and (base / "train" / "masks").is_dir():
+            return "plain", base
+    if not root.is_dir():
+        raise MimcoError(f"data.root '{root}' is not a folder; set data.root to a segmentation dataset: {_DESCRIBE}")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8]
+    raise MimcoError(f"data.root {root} matches no segmentation layout; lay it out as {_DESCRIBE} (found: "
+                     f"{', '.join(found) or 'nothing'})")
+
+
+def list_pairs(layout: str, base: Path, train: bool) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """(image, mask) paths of a split, and the images that have no mask."""
+    if layout == "ade20k":
+        split = "training" if train else "validation"
+        images, masks = _stem_map(base / "images" / split, IMG_EXTENSIONS), _stem_map(base / "annotations" / split,
+                                                                                        (".png",))
+    elif layout == "voc":
+        ids = base / "ImageSets" / "Segmentation" / ("train.txt" if train else "val.txt")
+        if not ids.is_file():
+            raise MimcoError(f"{ids} is missing: the Pascal VOC layout names each split's images there")
+        all_images = _stem_map(base / "JPEGImages", IMG_EXTENSIONS)
+        names = [n.strip() for n in ids.read_text().split() if n.strip()]
+        images = {n: all_images.get(n, base / "JPEGImages" / f"{n}.jpg") for n in names}
+        masks = _stem_map(base / "SegmentationClass", (".png",))
+    else:
+        split = base / ("train" if train else "val")
+        images, masks = _stem_map(split / "images", IMG_EXTENSIONS), _stem_map(split / "masks", (".png",))
+    pairs = [(p, masks[n]) for n, p in images.items() if n in masks and p.is_file()]
+    return pairs, [p for n, p in images.items() if n not in masks or not p.is_file()]
+
+
+def layout_classes(layout: str, seg: SegDataConfig) -> int:
+    if layout == "ade20k":
+        return 150
+    if layout == "voc":
+        return 21
+    if not seg.num_classes:
+        raise MimcoError("a plain-layout folder does not say how many classes its masks hold; set seg.num_classes=N "
+                         "(masks hold 0..N-1, and seg.ignore_index for unlabelled pixels)")
+    return seg.num_classes
+
+
+class SegSplit(Dataset):
+    """One split's (image, mask) samples: ``transform(image, mask)`` of :meth:`load`, or None for an
+    unreadable sample. ``load(i)`` gives (PIL image, mask (H, W) uint8 in 0..K-1 or 255)."""
+
+    num_classes: int
+    names: list[str]
+    transform: Callable | None = None
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray] | None:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.load(i)
+        if item is None:
+            return None
+        return self.transform(*item) if self.transform is not None else item
+
+
+class SegFolder(SegSplit):
+    """``data.name=segfolder``: a split of a folder in one of :data:`LAYOUTS`."""
+
+    def __init__(self, root: str, train: bool, seg: SegDataConfig, channels: int = 3, subset: int = 0,
+                 verbose: bool = True) -> None:
+        self.layout, base = detect_layout(Path(root))
+        self.num_classes = layout_classes(self.layout, seg)
+        self.ignore_index = seg.ignore_index
+        self.items, no_mask = list_pairs(self.layout, base, train)
+        split = "training" if train else "validation"
+        if not self.items:
+            raise MimcoError(f"the {self.layout} folder {base} has no {split} images with masks; check data.root")
+        if subset and subset < len(self.items):
+            self.items = self.items[:subset]
+        self.channels, self.names = channels, [str(p) for p, _ in self.items]
+        if verbose:
+            left = f"; {len(no_mask)} images without a mask left out (e.g. {no_mask[0]})" if no_mask else ""
+            print(f"mimco: {base}: {self.layout} layout, {len(self.items)} {split} pairs, {self.num_classes} "
+                  f"classes{left}", file=sys.stderr, flush=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _mask(self, m: np.ndarray) -> np.ndarray:
+        """The file's values -> 0..K-1 / 255."""
+        if self.layout == "ade20k":
+            return (m.astype(np.int16) - 1).astype(np.uint8)  # 0 -> 255 (ignored), 1..150 -> 0..149
+        if self.layout == "plain" and self.ignore_index != IGNORE:
+            m = m.astype(np.int64)
+            return np.where(m == self.ignore_index, IGNORE, m)
+        return m
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray] | None:
+        path, mpath = self.items[i]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB" if self.channels == 3 else "L")
+            with Image.open(mpath) as mm:
+                mm.load()
+                raw = np.array(mm if mm.mode in ("P", "L", "I", "I;16") else mm.convert("L"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+        if raw.ndim != 2 or raw.shape != (image.height, image.width):
+            return None
+        mask = self._mask(raw)
+        labels = mask[mask != IGNORE]
+        if labels.size and int(labels.max()) >= self.num_classes:
+            raise MimcoError(f"{mpath} holds label {int(labels.max())}, outside the {self.num_classes} classes "
+                             f"0..{self.num_classes - 1} of this {self.layout} folder; fix the mask"
+                             + (", or set seg.num_classes / seg.ignore_index" if self.layout == "plain" else ""))
+        return image, mask.astype(np.uint8)
+
+
+class SceneSplit(SegSplit):
+    """``data.name=fmnist_scenes``: generated scenes in memory (:mod:`mimco.data.scenes`)."""
+
+    def __init__(self, data: DataConfig, seg: SegDataConfig, train: bool) -> None:
+        from mimco.data.fashion_mnist import load_fashion_mnist
+        from mimco.data.scenes import CLASSES, make_scenes
+
+        images, labels = load_fashion_mnist(data.root, train, data.download)
+        n = seg.scenes if train else seg.val_scenes
+        if train and data.subset:
+            n = min(n, data.subset)
+        seed = seg.scene_seed * 2 + (0 if train else 1)
+        self.images, self.masks = make_scenes(images, labels, n, data.img_size, (seg.items[0], seg.items[1]),
+                                              seg.threshold, seed)
+        self.num_classes, self.channels, self.classes = len(CLASSES), data.channels, CLASSES
+        self.names = [f"scene {i}" for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        image = Image.fromarray(self.images[i], "L")
+        return (image.convert("RGB") if self.channels == 3 else image), self.masks[i]
+
+
+def load_segmentation(data: DataConfig, seg: SegDataConfig, train: bool, verbose: bool = True) -> SegSplit:
+    """The training or validation split of ``data.name`` (segfolder or fmnist_scenes)."""
+    if data.name == "fmnist_scenes":
+        return SceneSplit(data, seg, train)
+    if data.name != "segfolder":
+        raise MimcoError(f"data.name={data.name} has no masks; segmentation takes data.name=segfolder (with data.root)"
+                         " or fmnist_scenes")
+    return SegFolder(data.root, train, seg, data.channels, data.subset if train else 0, verbose)
+
+
+def _tail(data: DataConfig) -> list[Any]:
+    c = data.channels
+    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(data.mean[:c], data.std[:c]), v2.ToPureTensor()]
+
+
+def _wrap(image: Image.Image, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    return v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image), tv_tensors.Mask(torch.from_numpy(mask))
+
+
+def seg_train_transform(aug: SegAugConfig, data: DataConfig) -> Callable:
+    """(PIL image, mask) -> (normalised image (C, S, S), mask (S, S) int64): one random resized crop
+    and flip for both (bilinear for the image, nearest-neighbour for the mask)."""
+    t = v2.Compose([v2.RandomResizedCrop(data.img_size, scale=(aug.min_scale, aug.max_scale), ratio=tuple(aug.ratio),
+                                         antialias=True),
+                    v2.RandomHorizontalFlip(p=aug.flip_prob), *_tail(data)])
+
+    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, m = t(*_wrap(image, mask))
+        return x, m.long()
+
+    return apply
+
+
+def seg_resize_transform(data: DataConfig) -> Callable:
+    """(PIL image, mask) -> both resized to S x S (image bilinear, mask nearest): fixed-size training
+    samples without augmentation (the frozen probe's features)."""
+    t = v2.Compose([v2.Resize((data.img_size, data.img_size), antialias=True), *_tail(data)])
+
+    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, m = t(*_wrap(image, mask))
+        return x, m.long()
+
+    return apply
+
+
+def seg_eval_transform(data: DataConfig) -> Callable:
+    """(PIL image, mask) -> (image resized to S x S and normalised, the mask at its own size, int64):
+    predictions are upsampled to the mask's size before they are scored."""
+    t = v2.Compose([v2.Resize((data.img_size, data.img_size), antialias=True), *_tail(data)])
+
+    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = t(v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image))
+        return x, torch.from_numpy(np.asarray(mask)).long()
+
+    return apply
+
+
+def collate_eval(batch: list[Any]) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
+    """Readable evaluation samples: (images (B, C, S, S), masks at their own sizes, unreadable count)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None
+    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
