@@ -148,6 +148,27 @@ def sizes(cpu: bool) -> tuple[list[str], list[str], int]:
     return data, ["model.patch_size=8", "model.arch=vit_small", "model.depth=4"], 16
 
 
+def seg_pairs(root: Path, n: int, side: int) -> None:
+    """A plain-layout segmentation folder: ``n`` training and ``n // 4`` validation PNG pairs, each a
+    grey image with two coloured rectangles (classes 1 and 2 on background 0)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.array([(90, 90, 90), (220, 40, 40), (40, 60, 220)], np.uint8)
+    for split, count in (("train", n), ("val", max(n // 4, 2))):
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            mask = np.zeros((side, side), np.uint8)
+            for c in (1, 2):
+                h, w = rng.integers(side // 4, side // 2, size=2)
+                top, left = rng.integers(0, side - h), rng.integers(0, side - w)
+                mask[top : top + h, left : left + w] = c
+            Image.fromarray(colours[mask]).save(root / split / "images" / f"{i:05d}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i:05d}.png")
+
+
 def last_step(run: Path) -> int:
     return int(load_checkpoint(run / CHECKPOINT)["step"])
 
@@ -216,6 +237,12 @@ def main() -> int:
     dinov2, dinov2_size = out / "dinov2_vits14_reg4.pth", 42 if a.cpu else 98
     torch.save(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).state_dict(), dinov2)
     folder = [*base, *head, bf16, "data.name=imagefolder", f"data.root={jpegs}", "data.num_workers=2"]
+    # segmentation: a plain-layout folder of PNG pairs, at the teacher's side (the backbone's grid)
+    n_seg, seg_batch, seg_side = (64, 16, 16) if a.cpu else (512, 64, 64)
+    seg_pairs(out / "seg", n_seg, seg_side)
+    seg = [device, "train.progress=false", "train.log_every=2", "train.init_distributed=true", "optim.epochs=2",
+           "optim.warmup_epochs=0.5", f"optim.batch_size={seg_batch}", f"train.out_dir={out}", "data.name=segfolder",
+           f"data.root={out / 'seg'}", "seg.num_classes=3", f"data.img_size={seg_side}", "data.num_workers=2"]
     checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
         ("teacher: MoCo v3, bf16, eval at end",
          [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
@@ -255,6 +282,9 @@ def main() -> int:
          "finetune", 2 * spe),
         ("finetune: FSDP", [["finetune", str(teacher), *tune, bf16, "train.strategy=fsdp", "train.name=finetune-fsdp"]],
          "finetune-fsdp", 2 * spe),
+        ("segfinetune: FSDP, bf16, BatchNorm statistics all-reduced, mIoU every epoch",
+         [["segfinetune", str(teacher), *seg, bf16, "train.strategy=fsdp", "train.name=segfinetune"]], "segfinetune",
+         2 * (n_seg // seg_batch)),
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if a.cpu else "4")}
@@ -289,6 +319,8 @@ def main() -> int:
             why = "a non-finite loss in log.csv"
         if not why and "eval at end" in name and "knn_top1" not in read_summary(run):
             why = "no k-NN result in summary.json"
+        if not why and folder.startswith("segfinetune") and "miou" not in read_summary(run):
+            why = "no mIoU in summary.json"
         finish(name, "FAIL" if why else "PASS", time.perf_counter() - t0, why)
 
     def finish(name: str, res: str, sec: float, why: str) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU-only path of mimco (NCCL, bf16, fp16 + scaler, FSDP, resume, fine-tuning) with PASS/FAIL,
+# Every GPU-only path of mimco (NCCL, bf16, fp16 + scaler, FSDP, resume, fine-tuning, segmentation) with PASS/FAIL,
 # then the MimCo ViT-S/16 step rate and MFU. One call, at most 8 minutes on one GPU (--budget).
 #   bash benchmarks/gpu_check.sh          # on the GPU machine (every visible GPU)
 #   bash benchmarks/gpu_check.sh --cpu    # the same paths on the CPU with 2 gloo processes

@@ -5,11 +5,15 @@ with ablations of the choices docs/method.md marks as ours.
     python benchmarks/reproduce.py --preset cpu              # Fashion-MNIST, 16 tokens, 2 CPU cores
     python benchmarks/reproduce.py --preset gpu              # ViT-Tiny 32 px / patch 4 on one GPU
     python benchmarks/reproduce.py --preset cpu --teachers   # stronger / finer-grid teachers, MimCo vs MaskDistill
+    python benchmarks/reproduce.py --preset cpu --dense      # segmentation on Fashion-MNIST scenes (patch level)
 
 Every run is a normal mimco run folder under OUT/runs/; a finished run (or evaluation) is reused
 and an interrupted one resumed, so the study survives interruptions. OUT/results.md and
 results.csv hold mean +- std over seeds of k-NN (k = 20), linear-probe and fine-tune top-1;
 OUT/tsne.png shows SimMIM, teacher and MimCo (seed 0); OUT/curves.png the training curves.
+With --dense, OUT/results-dense.md holds the dense rows: the frozen segmentation probe (mIoU, 3
+heads per model) and a short segmentation fine-tune on Fashion-MNIST scenes, beside k-NN and
+linear probe, for the teacher, SimMIM, MimCo, patch only, image only and MaskDistill.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ import torch.nn.functional as F
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, load_config, to_dict
+from mimco.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    SegmentationConfig,
+    TeacherStageConfig,
+    apply_overrides,
+    load_config,
+    to_dict,
+)
 from mimco.data.build import class_names, load_dataset
 from mimco.errors import MimcoError
 from mimco.eval import extract_features
@@ -62,6 +74,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "data.num_workers=0"],
         "seeds": [0, 1], "ablations": ["patch only", "L1 regression", "block masking"], "seeded": ["patch only"],
         "few": [4, 20], "few_finetune": ["data.labels_per_class=4", "optim.batch_size=8", "optim.epochs=2"],
+        # --dense: the scenes (28 px: 7 x 7 patches of 4) and the segmentation fine-tune
+        "dense": ["seg.scenes=256", "seg.val_scenes=64", "data.img_size=28"],
+        "dense_finetune": ["optim.epochs=1", "optim.batch_size=32", "optim.warmup_epochs=0.2"],
     },
     "cpu": {  # the demo's configuration (16 tokens), see configs/fmnist_*.yaml
         "data": ["data.name=fashion_mnist", "data.img_size=28", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
@@ -80,6 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # class (100 images: batch 32, 20 epochs of 3 steps)
         "few": [10, 100], "few_finetune": ["data.labels_per_class=10", "optim.batch_size=32", "optim.epochs=20",
                                            "optim.warmup_epochs=2"],
+        # --dense: the demo's scenes (2000 + 500 at 56 px: 8 x 8 patches of 7) and a 2-epoch segmentation fine-tune
+        "dense": [],
+        "dense_finetune": ["optim.epochs=2", "optim.batch_size=64", "optim.warmup_epochs=0.2"],
     },
     "gpu": {  # ViT-Tiny at 32 px / patch 4 (64 tokens); data on the device, augmented there
         "data": ["data.name=fashion_mnist", "data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
@@ -96,6 +114,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2], "ablations": "all", "seeded": CLAIM_3,
         "few": [10, 100], "few_finetune": ["data.labels_per_class=10", "optim.batch_size=32", "optim.epochs=20",
                                            "optim.warmup_epochs=2"],
+        "dense": ["data.img_size=64"],  # 16 x 16 patches of 4
+        "dense_finetune": ["optim.epochs=5", "optim.batch_size=64", "optim.warmup_epochs=0.5", "data.num_workers=8",
+                           "train.precision=bf16"],
     },
 }
 
@@ -133,6 +154,18 @@ TEACHER_STUDENTS: dict[str, list[str]] = {
     "MimCo": [],
     "MaskDistill": ["loss.patch_loss=smooth_l1", "teacher.target_norm=layernorm", "loss.image_weight=0"],
 }
+
+#: the dense study's stage-2 rows (beside the teacher): their overrides; the folders are the main and
+#: teacher studies' (MaskDistill is the teacher study's student of the default teacher)
+DENSE_ROWS: dict[str, list[str]] = {
+    "SimMIM": STUDENT_ROWS["SimMIM"][0],
+    "MimCo (patch + image)": [],
+    "patch only": STUDENT_ROWS["patch only"][0],
+    "image only": STUDENT_ROWS["image only"][0],
+    "MaskDistill of teacher": TEACHER_STUDENTS["MaskDistill"],
+}
+#: heads of the frozen segmentation probe per model (mean ± std over them and the model seeds)
+DENSE_PROBE_SEEDS = 3
 
 #: the rows that are not stage-2 variants, and their run folders
 OTHER_FOLDERS = {"MoCo v3 teacher": "teacher", "MoCo v3, teacher + MimCo compute": "teacher-long",
@@ -303,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--teachers", action="store_true",
                     help="run the teacher study instead (OUT/results-teachers.md): each teacher of TEACHERS, over the "
                          "seeds, and a MimCo and a MaskDistill student of each")
+    ap.add_argument("--dense", action="store_true",
+                    help="run the dense study instead (OUT/results-dense.md): segmentation probe and fine-tune on "
+                         "Fashion-MNIST scenes of the teacher, SimMIM, MimCo, patch only, image only and MaskDistill")
     ap.add_argument("overrides", nargs="*", metavar="[STAGE:]KEY=VALUE",
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
@@ -346,7 +382,8 @@ def main() -> None:
             if unknown:
                 raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
         out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
-        (teacher_study if args.teachers else run_study)(args.preset, p, out)
+        study = teacher_study if args.teachers else dense_study if args.dense else run_study
+        study(args.preset, p, out)
     except StageStopped as e:  # the checkpoint is written; the same command resumes the study
         print(f"error: {e}; the study stops here. Resume it with:\n  python {' '.join(sys.argv)}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
@@ -364,8 +401,9 @@ def with_overrides(preset: dict[str, Any], overrides: list[str]) -> dict[str, An
         key = o.split("=", 1)[0]
         stage, _, rest = key.rpartition(":")
         if stage:
-            if stage not in ("teacher", "student", "finetune"):
-                raise MimcoError(f"unknown stage '{stage}' in '{o}'; use teacher:, student: or finetune:")
+            if stage not in ("teacher", "student", "finetune", "dense", "dense_finetune"):
+                raise MimcoError(f"unknown stage '{stage}' in '{o}'; use teacher:, student:, finetune:, dense: (the "
+                                 "scenes) or dense_finetune:")
             p[stage].append(o.split(":", 1)[1])
         elif rest.startswith("model."):
             p["model"].append(o)
@@ -493,6 +531,107 @@ def teacher_study(preset: str, p: dict[str, Any], out: Path) -> None:
         lines.append(f"| {teacher} | {len(scores[(teacher, 'teacher')])} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     (out / "results-teachers.md").write_text(md)
+    print(md)
+
+
+def _dense_scores(name: str, model: torch.nn.Module | None, run: Path, scfg: SegmentationConfig, splits: tuple,
+                  p: dict[str, Any], patch: int, device: torch.device) -> dict[str, Any]:
+    """The frozen segmentation probe (:data:`DENSE_PROBE_SEEDS` heads) and, for a backbone, a short
+    segmentation fine-tune of ``model``; cached in run/dense.json under a hash of the settings."""
+    from mimco.eval.segmentation import segprobe
+
+    fcfg = apply_overrides(SegmentationConfig(), [*_scene_keys(scfg), *p["dense_finetune"], "train.progress=false"],
+                           model_keys=False)
+    key = hashlib.sha256(yaml.safe_dump(to_dict(fcfg)).encode()).hexdigest()[:8]
+    cache = run / "dense.json"
+    out = json.loads(cache.read_text()) if cache.is_file() else {}
+    if out.get("config") != key:
+        out = {"config": key}
+    if "probe" not in out:
+        start = time.perf_counter()
+        m = model.to(device) if model is not None else None
+        values, _ = segprobe(m, *splits, scfg.data, device, patch=patch, seeds=tuple(range(DENSE_PROBE_SEEDS)))
+        out.update(probe=values["miou"], probe_pixel_acc=values["pixel_acc"],
+                   probe_seconds=round(time.perf_counter() - start, 1))
+    if model is not None and "finetune" not in out:
+        fcfg.train.out_dir, fcfg.train.name = str(run), f"segfinetune-{key}"
+        res = run_or_reuse("segfinetune", fcfg, run / fcfg.train.name, say="reproduce", backbone=model)
+        out.update(finetune=res["miou"], finetune_seconds=res["train_seconds"])
+    run.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    print(f"[reproduce] {name} (dense): {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def _scene_keys(scfg: SegmentationConfig) -> list[str]:
+    d = scfg.data
+    return [f"data.root={d.root}", f"data.channels={d.channels}", f"data.mean={list(d.mean)}",
+            f"data.std={list(d.std)}", f"data.img_size={d.img_size}", "data.num_workers=0",
+            *[f"seg.{k}={v}" for k, v in to_dict(scfg.seg).items()]]
+
+
+def dense_study(preset: str, p: dict[str, Any], out: Path) -> None:
+    """Do MimCo's patch-level targets give better dense features? The teacher, SimMIM, MimCo, its
+    patch-only and image-only ablations and MaskDistill, each over the seeds (trained here or
+    reused from the main and teacher studies' folders): the frozen segmentation probe and a short
+    segmentation fine-tune on Fashion-MNIST scenes, beside k-NN and linear probe top-1."""
+    from mimco.data.segmentation import load_segmentation
+
+    runs = out / "runs"
+    start = time.perf_counter()
+    base = [*p["data"], *p["model"]]
+    cfg = load_config(PretrainConfig, None, base)
+    d = cfg.data
+    scfg = apply_overrides(SegmentationConfig(), [f"data.root={d.root}", f"data.channels={d.channels}",
+                                                  f"data.mean={list(d.mean)}", f"data.std={list(d.std)}",
+                                                  "data.num_workers=0", *p["dense"]], model_keys=False)
+    device = setup(cfg)
+    scenes = (load_segmentation(scfg.data, scfg.seg, True), load_segmentation(scfg.data, scfg.seg, False, False))
+    splits = (load_dataset(d, train=True), load_dataset(d, train=False))
+    patch, side = cfg.model.patch_size, scfg.data.img_size
+    results: dict[str, list[dict]] = {}
+
+    def record(row: str, ckpt: Path, run: Path) -> None:
+        image = evaluate(row, load_backbone(str(ckpt))[0], run, p, splits, False)
+        model, _ = load_backbone(str(ckpt), img_size=side)
+        results.setdefault(row, []).append({**_dense_scores(row, model, run, scfg, scenes, p, patch, device),
+                                            "knn": image["knn"], "linear": image["linear"]})
+
+    for seed in p["seeds"]:
+        s = [f"train.seed={seed}"]
+        t_run = folder(runs, "MoCo v3 teacher", seed)
+        train("teacher", [*base, *p["teacher"], *s], t_run)
+        record("MoCo v3 teacher", t_run / CHECKPOINT, t_run)
+        student = [*base, *p["student"], *s, f"teacher.checkpoint={t_run / CHECKPOINT}"]
+        for row, over in DENSE_ROWS.items():
+            run = folder(runs, row, seed)
+            train("pretrain", [*student, *over], run)
+            record(row, run / CHECKPOINT, run)
+    shaped, _ = load_backbone(str(folder(runs, "MoCo v3 teacher", p["seeds"][0]) / CHECKPOINT), img_size=side)
+    torch.manual_seed(0)
+    results["random-init ViT"] = [_dense_scores("random-init ViT", VisionTransformer(**timm_kwargs(shaped)),
+                                                folder(runs, "random-init ViT"), scfg, scenes, p, patch, device)]
+    results["raw pixels"] = [_dense_scores("raw pixels", None, folder(runs, "raw pixels"), scfg, scenes, p, patch,
+                                           device)]
+    order = ["raw pixels", "random-init ViT", "MoCo v3 teacher", *DENSE_ROWS]
+    n = side // patch
+    lines = [f"preset {preset}, dense study: {scfg.seg.scenes} training and {scfg.seg.val_scenes} validation "
+             f"Fashion-MNIST scenes of {side} px ({n}x{n} patches of {patch}), 11 classes; "
+             f"{torch.get_num_threads()} threads, {(time.perf_counter() - start) / 60:.1f} min in this call. mIoU %: "
+             f"the frozen probe (BN + 1x1 conv on the last block's patch tokens, {DENSE_PROBE_SEEDS} heads per model) "
+             f"and a segmentation fine-tune ({' '.join(p['dense_finetune'])}); k-NN / linear probe: {d.name} test "
+             "top-1 % (the main study's columns); mean ± std over model seeds (x probe heads).", "",
+             "| row | seeds | probe mIoU | fine-tune mIoU | probe seconds | k-NN | linear probe |",
+             "|---|---|---|---|---|---|---|"]
+    for row in order:
+        vals = results.get(row, [])
+        lines.append(f"| {row} | {len(vals)} | {_stat([x for v in vals for x in v['probe']])} | "
+                     f"{_stat([v['finetune'] for v in vals if 'finetune' in v])} | "
+                     f"{_stat([v['probe_seconds'] for v in vals])} | {_stat([v['knn'] for v in vals if 'knn' in v])} | "
+                     f"{_stat([v['linear'] for v in vals if 'linear' in v])} |")
+    md = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results-dense.md").write_text(md)
     print(md)
 
 

@@ -38,7 +38,7 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env={**ENV, "OUT": str(report)}, cwd=ROOT, timeout=7200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-2])
-    assert len(out["paths"]) == 14 and list(out["paths"].values()).count("PASS") == 12
+    assert len(out["paths"]) == 15 and list(out["paths"].values()).count("PASS") == 13
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
     assert out["paths"]["pretrain: FSDP, fp16 with the gradient scaler, fused AdamW"] == "SKIP"
     assert out["paths"]["teacher: JPEG folder cached once per node (data.cache)"] == "PASS"
@@ -54,6 +54,7 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     assert out["paths"]["pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16"] == "PASS"
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0
     assert "| finetune: shared engine, bf16, mixup | PASS |" in r.stdout and "| finetune: FSDP | PASS |" in r.stdout
+    assert out["paths"]["segfinetune: FSDP, bf16, BatchNorm statistics all-reduced, mIoU every epoch"] == "PASS"
     assert [(row["model"], row["mode"]) for row in out["rows"]] == [("vit_mini 32/4", "eager"),
                                                                     ("vit_mini 32/4", "compiled")]
     eager, compiled = out["rows"]
