@@ -223,6 +223,20 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
     assert ": training in " in r.stderr and ": training in " not in third.stderr.replace("finetune: training in ", "")
     assert "[reproduce] finetune: training in " in third.stderr and "[finetune] epoch 1:" in third.stderr
     assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 4  # each recipe, from all and few labels
+    # the dense study on the same folder: the main study's runs reused, image only and MaskDistill trained
+    dense = subprocess.run([*cmd, "--dense", "--seeds", "0"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                           timeout=HANG)
+    assert dense.returncode == 0, dense.stderr[-2000:]
+    trained = sorted(ln.split("pretrain: training in ")[1] for ln in dense.stderr.splitlines() if "training in" in ln
+                     and "pretrain:" in ln)
+    assert [Path(t).name for t in trained] == ["image-only-s0", "maskdistill-of-teacher-s0"], dense.stderr[-2000:]
+    md = (tmp_path / "results-dense.md").read_text()
+    for row in ("raw pixels", "random-init ViT", "MoCo v3 teacher", "SimMIM", "MimCo (patch + image)", "patch only",
+                "image only", "MaskDistill of teacher"):
+        cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
+        assert " ± " in cells[1], (row, cells)  # 3 probe heads
+        assert (cells[2].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
+    assert "segfinetune: training in" in dense.stderr
     bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -255,6 +269,12 @@ def test_every_preset_builds_valid_configs():
         assert fcfg.data == teacher.data.__class__(**{**vars(teacher.data), "on_device": fcfg.data.on_device,
                                                      "num_workers": fcfg.data.num_workers}), name
         assert fcfg.train.name == f"finetune-{key}"
+    for name, p in PRESETS.items():  # the dense study's scenes and segmentation fine-tune
+        from mimco.config import SegmentationConfig
+
+        seg = load_config(SegmentationConfig, None, [*p["dense"], *p["dense_finetune"]], model_keys=False)
+        assert seg.data.name == "fmnist_scenes" and seg.data.img_size % load_config(
+            PretrainConfig, None, p["model"]).model.patch_size == 0, name
     gpu = load_config(TeacherStageConfig, None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
     assert gpu.data.on_device and gpu.train.precision == "bf16" and gpu.model.arch == "vit_tiny"
 

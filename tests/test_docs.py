@@ -11,13 +11,23 @@ from pathlib import Path
 import pytest
 
 from mimco.cli.main import handlers, parse_args
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, apply_overrides, load_config
+from mimco.config import (
+    FinetuneConfig,
+    PretrainConfig,
+    SegmentationConfig,
+    TeacherStageConfig,
+    apply_overrides,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
              "eval": PretrainConfig,
-             "knn": PretrainConfig, "linprobe": PretrainConfig, "plot": PretrainConfig}
+             "knn": PretrainConfig, "linprobe": PretrainConfig, "plot": PretrainConfig, "segprobe": SegmentationConfig,
+             "segfinetune": SegmentationConfig}
+#: the commands that read a backbone from a checkpoint: its geometry is its own (the model keys' rules do not apply)
+PROBES = {"eval", "knn", "linprobe", "plot", "segprobe", "segfinetune"}
 
 
 def commands(text: str) -> list[str]:
@@ -44,10 +54,11 @@ def check_mimco(argv: list[str]) -> None:
     cls = CONFIG_OF.get(args.command)
     overrides = getattr(args, "overrides", [])
     if cls is not None:
+        model_keys = args.command not in PROBES
         if getattr(args, "config", None):
-            load_config(cls, args.config, overrides)  # the file exists and takes the overrides
+            load_config(cls, args.config, overrides, model_keys)  # the file exists and takes the overrides
         else:
-            apply_overrides(cls(), overrides)
+            apply_overrides(cls(), overrides, model_keys)
 
 
 def check_python(argv: list[str]) -> None:
@@ -64,6 +75,7 @@ def check_python(argv: list[str]) -> None:
         load_config(TeacherStageConfig, None, [*p["data"], *p["model"], *p["teacher"]])
         load_config(PretrainConfig, None, [*p["data"], *p["model"], *p["student"]])
         load_config(FinetuneConfig, None, [*p["data"], *p["finetune"]])
+        load_config(SegmentationConfig, None, [*p["dense"], *p["dense_finetune"]], model_keys=False)
 
 
 def check(command: str) -> None:
