@@ -132,3 +132,17 @@ def test_the_probe_learns_a_separable_split_on_both_paths(cache):
     assert len(values["miou"]) == 2 and values["path"] == ("cached" if cache else "streamed")
     assert min(values["miou"]) > 95 and min(values["pixel_acc"]) > 97
     assert len(heads) == 2 and not torch.equal(heads[0].conv.weight, heads[1].conv.weight)
+
+
+@pytest.mark.parametrize("size", [(56, 56), (30, 41), (5, 7), (8, 8)])
+def test_upsampling_as_matrix_products_equals_bilinear_interpolation(size):
+    from mimco.eval.segmentation import upsampled
+
+    x = torch.randn(3, 5, 8, 8, requires_grad=True)
+    want = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = upsampled(x, size)
+    assert torch.allclose(got, want, atol=1e-6)
+    g = torch.randn_like(want)
+    (gx,) = torch.autograd.grad(want, x, g)
+    (gy,) = torch.autograd.grad(got, x, g)
+    assert torch.allclose(gx, gy, atol=1e-5)

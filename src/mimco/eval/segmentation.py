@@ -9,6 +9,7 @@ with no pixel in the labels and none predicted (union 0) are left out of the mea
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -130,9 +131,23 @@ def grid_dim(backbone: nn.Module | None, channels: int, layers: int = 1, patch: 
     return channels * patch * patch if backbone is None else backbone.embed_dim * layers
 
 
+@functools.lru_cache(maxsize=32)
+def _linear_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in): row j holds the weights of the inputs in output j of a 1-D linear resize
+    (align_corners=False), read off ``F.interpolate`` of the identity."""
+    eye = torch.eye(n_in, device=device)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
 def upsampled(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Logits (B, K, h, w) -> (B, K, H, W), bilinear (align_corners=False), in float32."""
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    """Logits (B, K, h, w) -> (B, K, H, W), bilinear (align_corners=False), in float32: the same
+    numbers as ``F.interpolate``, computed as two small matrix products (one per axis), whose
+    backward is a matrix product too (the CPU kernel of bilinear interpolation's backward is
+    the probe's slowest step otherwise)."""
+    h, w = logits.shape[-2:]
+    rows = _linear_weights(h, int(size[0]), logits.device)
+    cols = _linear_weights(w, int(size[1]), logits.device)
+    return torch.einsum("Hh,bkhw,Ww->bkHW", rows, logits.float(), cols)
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
