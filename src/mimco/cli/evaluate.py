@@ -197,7 +197,12 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metrics: dict[str, str],
+          extra: Any) -> int:
+    """``mimco finetune | segfinetune``: the backbone of ``args.checkpoint`` trained by the stage's
+    method (``fresh(state)``: a new run's config; ``--resume``: the run's own), its encoder and
+    heads from the config's ``section``; a result row with ``metrics`` (row name -> summary key)
+    and ``extra(cfg)``."""
     from mimco import distributed as dist
     from mimco.eval.results import write_result
     from mimco.pipeline import open_run, run_stage
@@ -205,20 +210,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = args.checkpoint
     name, model, state = _resolve(spec, "momentum", 0)
     if args.resume:
-        cfg, resume, run_dir = open_run("finetune", None, args.overrides, args.resume)
-    else:  # the data keys from --config, else from the checkpoint's own config
-        cfg, resume, run_dir = _data_config(FinetuneConfig, args, [state]), None, None
-    if cfg.classifier.encoder != "momentum" or cfg.classifier.num_heads:
-        name, model, state = _resolve(spec, cfg.classifier.encoder, cfg.classifier.num_heads)
-    summary = run_stage("finetune", cfg, resume, run_dir, backbone=model)
+        cfg, resume, run_dir = open_run(stage, None, args.overrides, args.resume)
+    else:
+        cfg, resume, run_dir = fresh(state), None, None
+    part = getattr(cfg, section)
+    if part.encoder != "momentum" or part.num_heads:
+        name, model, state = _resolve(spec, part.encoder, part.num_heads)
+    if model is None:
+        raise MimcoError(f"{stage} trains a backbone; raw pixels have none")
+    summary = run_stage(stage, cfg, resume, run_dir, backbone=model)
     if dist.is_main():
-        write_result(Path(summary["run_dir"]), _row("finetune", spec, name, state, cfg,
-                                                    {"finetune_top1": summary.get("top1"),
-                                                     "finetune_top5": summary.get("top5"),
-                                                     "finetune_best_top1": summary.get("best_top1")},
-                                                    epochs=summary["epochs"], layer_decay=cfg.classifier.layer_decay))
+        write_result(Path(summary["run_dir"]), _row(stage, spec, name, state, cfg,
+                                                    {k: summary.get(v) for k, v in metrics.items()},
+                                                    epochs=summary["epochs"], **extra(cfg)))
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    # the data keys from --config, else from the checkpoint's own config
+    return _tune("finetune", args, lambda state: _data_config(FinetuneConfig, args, [state]), "classifier",
+                 {"finetune_top1": "top1", "finetune_top5": "top5", "finetune_best_top1": "best_top1"},
+                 lambda cfg: {"layer_decay": cfg.classifier.layer_decay})
 
 
 def _seg_config(args: argparse.Namespace, state: Any, overrides: list[str]) -> SegmentationConfig:
@@ -275,29 +288,10 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_segfinetune(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
-    from mimco.eval.results import write_result
-    from mimco.pipeline import open_run, run_stage
-
-    spec = args.checkpoint
-    name, model, state = _resolve(spec, "momentum", 0)
-    if args.resume:
-        cfg, resume, run_dir = open_run("segfinetune", None, args.overrides, args.resume)
-    else:
-        cfg, resume, run_dir = _seg_config(args, state, args.overrides), None, None
-    if cfg.head.encoder != "momentum" or cfg.head.num_heads:
-        name, model, state = _resolve(spec, cfg.head.encoder, cfg.head.num_heads)
-    if model is None:
-        raise MimcoError("segfinetune trains a backbone; raw pixels have none (use mimco segprobe pixels)")
-    summary = run_stage("segfinetune", cfg, resume, run_dir, backbone=model)
-    if dist.is_main():
-        write_result(Path(summary["run_dir"]), _row("segfinetune", spec, name, state, cfg,
-                                                    {k: summary.get(k) for k in ("miou", "macc", "pixel_acc",
-                                                                                 "best_miou")},
-                                                    epochs=summary["epochs"], layers=cfg.head.layers,
-                                                    layer_decay=cfg.head.layer_decay, seg=to_dict(cfg.seg)))
-        print(json.dumps(summary, indent=2))
-    return 0
+    return _tune("segfinetune", args, lambda state: _seg_config(args, state, args.overrides), "head",
+                 {k: k for k in ("miou", "macc", "pixel_acc", "best_miou")},
+                 lambda cfg: {"layers": cfg.head.layers, "layer_decay": cfg.head.layer_decay,
+                              "seg": to_dict(cfg.seg)})
 
 
 def _plot_images(cfg: Any, n: int, device: torch.device) -> torch.Tensor:
