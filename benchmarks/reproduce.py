@@ -162,6 +162,7 @@ DENSE_ROWS: dict[str, list[str]] = {
     "MimCo (patch + image)": [],
     "patch only": STUDENT_ROWS["patch only"][0],
     "image only": STUDENT_ROWS["image only"][0],
+    "batch negatives": STUDENT_ROWS["batch negatives"][0],
     "MaskDistill of teacher": TEACHER_STUDENTS["MaskDistill"],
 }
 #: heads of the frozen segmentation probe per model (mean ± std over them and the model seeds)

@@ -44,8 +44,12 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_bundled_configs_load(path):
-    cls = TeacherStageConfig if "teacher" in path.name else PretrainConfig
-    load_config(cls, path)
+    from mimco.config import SegmentationConfig
+
+    cls = TeacherStageConfig if "teacher" in path.name else SegmentationConfig if "seg" in path.name else PretrainConfig
+    cfg = load_config(cls, path, model_keys=cls is not SegmentationConfig)
+    if cls is SegmentationConfig:
+        assert cfg.data.name == "segfolder" and cfg.train.precision == "bf16"
 
 
 def test_all_keys_lists_leaves():
