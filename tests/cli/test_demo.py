@@ -14,7 +14,7 @@ TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "o
        "train.progress=false", "train.log_every=2", "train.ckpt_every=0", "eval.few_per_class=3",
        "eval.few_label_seeds=2",
        "eval.few_knn_k=3"]
-DENSE = ("seg.scenes=48", "seg.val_scenes=16", "data.img_size=28")  # 7 x 7 patches of 4
+DENSE = ("seg.scenes=128", "seg.val_scenes=16", "data.img_size=28")  # 7 x 7 patches of 4; 2 probe batches
 
 
 @pytest.mark.slow
