@@ -223,16 +223,18 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
     assert ": training in " in r.stderr and ": training in " not in third.stderr.replace("finetune: training in ", "")
     assert "[reproduce] finetune: training in " in third.stderr and "[finetune] epoch 1:" in third.stderr
     assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 4  # each recipe, from all and few labels
-    # the dense study on the same folder: the main study's runs reused, image only and MaskDistill trained
+    # the dense study on the same folder: the main study's runs reused, image only, batch negatives and MaskDistill
+    # trained
     dense = subprocess.run([*cmd, "--dense", "--seeds", "0"], capture_output=True, text=True, env=ENV, cwd=ROOT,
                            timeout=HANG)
     assert dense.returncode == 0, dense.stderr[-2000:]
     trained = sorted(ln.split("pretrain: training in ")[1] for ln in dense.stderr.splitlines() if "training in" in ln
                      and "pretrain:" in ln)
-    assert [Path(t).name for t in trained] == ["image-only-s0", "maskdistill-of-teacher-s0"], dense.stderr[-2000:]
+    assert [Path(t).name for t in trained] == ["batch-negatives-s0", "image-only-s0", "maskdistill-of-teacher-s0"], \
+        dense.stderr[-2000:]
     md = (tmp_path / "results-dense.md").read_text()
     for row in ("raw pixels", "random-init ViT", "MoCo v3 teacher", "SimMIM", "MimCo (patch + image)", "patch only",
-                "image only", "MaskDistill of teacher"):
+                "image only", "batch negatives", "MaskDistill of teacher"):
         cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
         assert " ± " in cells[1], (row, cells)  # 3 probe heads
         assert (cells[2].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
