@@ -106,6 +106,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, teacher_ckpt
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet.pth")
     code, _, err = run_cli(capsys, "segprobe", tmp_path / "resnet.pth", "--out", out, *SCENES)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "segprobe", "pixels", "--out", out, *SCENES)
+    _one_line_error(code, err, "raw pixels need --patch P")
+    code, _, err = run_cli(capsys, "segprobe", "pixels", "--patch", "5", "--out", out, *SCENES)
+    _one_line_error(code, err, "data.img_size=28 is not a multiple of the patch size 5")
     code, _, err = run_cli(capsys, "teacher", "data.name=fmnist_scenes", f"train.out_dir={out}")
     _one_line_error(code, err, "data.name=fmnist_scenes is segmentation data", "mimco segprobe")
     assert not out.exists()

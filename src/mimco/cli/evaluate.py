@@ -261,6 +261,13 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
     name, model, state = _at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
     if args.seeds < 1:
         raise MimcoError(f"--seeds {args.seeds} must be at least 1")
+    if model is None and not args.patch:
+        raise MimcoError("raw pixels need --patch P, the side of the patches whose pixels are the features (e.g. the "
+                         "model's patch size)")
+    patch = args.patch or model.patch_embed.patch_size[0]
+    if cfg.data.img_size % patch:
+        raise MimcoError(f"data.img_size={cfg.data.img_size} is not a multiple of the patch size {patch}; choose a "
+                         "data.img_size that the patches tile")
     device = setup(cfg, model_keys=False)
     train = load_segmentation(cfg.data, cfg.seg, train=True)
     val = load_segmentation(cfg.data, cfg.seg, train=False, verbose=False)
@@ -269,7 +276,7 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
                          f"{cfg.data.channels}; set data.channels={model.patch_embed.proj.in_channels}")
     model = model.to(device) if model is not None else None
     start = time.perf_counter()
-    values, heads = segprobe(model, train, val, cfg.data, device, args.layers, args.patch, args.epochs,
+    values, heads = segprobe(model, train, val, cfg.data, device, args.layers, patch, args.epochs,
                              args.batch_size, args.lr, args.weight_decay, tuple(range(args.seeds)),
                              cfg.train.precision, cfg.aug if args.augment else None,
                              cache=False if args.augment else None)
@@ -279,8 +286,7 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
     write_result(out, _row("segprobe", args.checkpoint, name, state, cfg, metrics, layers=args.layers,
                            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=args.seeds,
                            augment=args.augment, path=values["path"], seg=to_dict(cfg.seg)))
-    picture = segmentation_figure(model, heads[0], val, cfg.data, device, out / "segprobe.png", args.layers,
-                                  args.patch or (model.patch_embed.patch_size[0] if model is not None else 0),
+    picture = segmentation_figure(model, heads[0], val, cfg.data, device, out / "segprobe.png", args.layers, patch,
                                   names=getattr(val, "classes", None))
     print(json.dumps(metrics, indent=2))
     print(f"mimco: wrote {out / 'results.jsonl'} and {picture}", file=sys.stderr)
