@@ -406,11 +406,15 @@ def add_parsers(sub: Any) -> None:
     lp.add_argument("--lr", type=float, default=0.1)
     lp.add_argument("--weight-decay", type=float, default=0.0)
     common(lp)
-    ft = sub.add_parser("finetune", help="full fine-tuning (MAE/BEiT recipe: layer decay, RandAugment, mixup/cutmix)")
-    ft.add_argument("checkpoint", help="a pre-training checkpoint (any format) or random:CKPT")
-    ft.add_argument("--config", help="YAML with data / aug / classifier / optim / train sections")
-    ft.add_argument("--resume", help="a fine-tuning last.pt to continue")
-    ft.add_argument("overrides", nargs="*", metavar="key=value")
+    def tune(name: str, text: str, sections: str) -> None:
+        t = sub.add_parser(name, help=text)
+        t.add_argument("checkpoint", help="a pre-training checkpoint (any format) or random:CKPT")
+        t.add_argument("--config", help=f"YAML with {sections} sections")
+        t.add_argument("--resume", help=f"a {name} last.pt to continue")
+        t.add_argument("overrides", nargs="*", metavar="key=value")
+
+    tune("finetune", "full fine-tuning (MAE/BEiT recipe: layer decay, RandAugment, mixup/cutmix)",
+         "data / aug / classifier / optim / train")
     sp = sub.add_parser("segprobe", help="semantic segmentation on frozen patch tokens (BN + 1x1 conv), mIoU")
     sp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
     sp.add_argument("--layers", type=int, default=1, help="the last N blocks' patch tokens, concatenated (default 1)")
@@ -427,11 +431,8 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
     sp.add_argument("--out", help="folder for results.jsonl/csv and segprobe.png (default: <run>/eval or runs/eval)")
     sp.add_argument("overrides", nargs="*", metavar="key=value")
-    sf = sub.add_parser("segfinetune", help="segmentation fine-tuning: the linear head with every layer trained")
-    sf.add_argument("checkpoint", help="a pre-training checkpoint (any format) or random:CKPT")
-    sf.add_argument("--config", help="YAML with data / seg / aug / head / optim / train sections")
-    sf.add_argument("--resume", help="a segfinetune last.pt to continue")
-    sf.add_argument("overrides", nargs="*", metavar="key=value")
+    tune("segfinetune", "segmentation fine-tuning: the linear head with every layer trained",
+         "data / seg / aug / head / optim / train")
     pl = sub.add_parser("plot", help="tsne | curves | attention | pca pictures (PNG)")
     pl.add_argument("kind", choices=["tsne", "curves", "attention", "pca"])
     pl.add_argument("inputs", nargs="+",

@@ -19,6 +19,7 @@ naming the file.
 
 from __future__ import annotations
 
+import abc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,7 @@ def layout_classes(layout: str, seg: SegDataConfig) -> int:
     return seg.num_classes
 
 
-class SegSplit(Dataset):
+class SegSplit(Dataset, abc.ABC):
     """One split's (image, mask) samples: ``transform(image, mask)`` of :meth:`load`, or None for an
     unreadable sample. ``load(i)`` gives (PIL image, mask (H, W) uint8 in 0..K-1 or 255)."""
 
@@ -103,8 +104,9 @@ class SegSplit(Dataset):
     names: list[str]
     transform: Callable | None = None
 
+    @abc.abstractmethod
     def load(self, i: int) -> tuple[Image.Image, np.ndarray] | None:
-        raise NotImplementedError
+        """(PIL image, mask) of sample ``i``, or None when it cannot be read."""
 
     def __getitem__(self, i: int) -> Any:
         item = self.load(i)

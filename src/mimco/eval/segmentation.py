@@ -155,8 +155,13 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(upsampled(logits, masks.shape[-2:]), masks, ignore_index=IGNORE)
 
 
-def _loader(split: SegSplit | Subset, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(split, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval)
+def _readable(split: SegSplit | Subset, batch_size: int, workers: int,
+              order: list[int] | None = None) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], int]]:
+    """The batches of ``split`` (in ``order``, dropping a last short batch, when given) that hold a
+    readable sample: (images, masks at their own sizes, unreadable count)."""
+    loader = DataLoader(split, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, sampler=order,
+                        drop_last=order is not None)
+    return (b for b in loader if b is not None)
 
 
 def val_batches(split: SegSplit, data: DataConfig, batch_size: int,
@@ -164,19 +169,15 @@ def val_batches(split: SegSplit, data: DataConfig, batch_size: int,
     """(images (B, C, S, S), masks at their own sizes, unreadable count) of the validation split (or
     the samples at ``indices``), un-augmented."""
     split.transform = seg_eval_transform(data)
-    part = split if indices is None else Subset(split, indices)
-    for batch in _loader(part, batch_size, data.num_workers):
-        if batch is not None:
-            yield batch
+    return _readable(split if indices is None else Subset(split, indices), batch_size, data.num_workers)
 
 
 def confusion_of(predict: Callable[[torch.Tensor], torch.Tensor], batches: Any, num_classes: int,
-                 device: torch.device) -> tuple[torch.Tensor, int, int]:
+                 device: torch.device) -> torch.Tensor:
     """Sum of the confusion matrices of ``predict(images) -> grid logits`` over ``batches`` (on
-    ``device``), the images scored and the unreadable ones."""
+    ``device``)."""
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    seen = bad = 0
-    for x, masks, unreadable in batches:
+    for x, masks, _ in batches:
         logits = predict(x.to(device, non_blocking=True))
         same = all(m.shape == masks[0].shape for m in masks)
         if same:
@@ -186,19 +187,12 @@ def confusion_of(predict: Callable[[torch.Tensor], torch.Tensor], batches: Any, 
             for lg, m in zip(logits, masks):
                 pred = upsampled(lg[None], m.shape[-2:]).argmax(1)[0]
                 conf += confusion_matrix(pred, m.to(device), num_classes)
-        seen, bad = seen + len(masks), bad + unreadable
-    return conf, seen, bad
+    return conf
 
 
 #: the frozen probe extracts the training split's patch grids once when they take at most this many bytes
 #: (float16); above it (ADE20K at 512 px: 20k x 384 x 32 x 32 x 2 B = 16 GB) every batch goes through the backbone
 CACHE_BYTES = 4 * 2**30
-
-
-def _train_loader(split: SegSplit, data: DataConfig, batch_size: int, seed: int, epoch: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return DataLoader(split, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_eval,
-                      sampler=torch.randperm(len(split), generator=g).tolist(), drop_last=True)
 
 
 @torch.no_grad()
@@ -209,10 +203,7 @@ def grid_features(backbone: nn.Module | None, split: SegSplit, data: DataConfig,
     masks resized with the image to S x S (N, S, S) uint8). Unreadable samples are left out."""
     split.transform = seg_resize_transform(data)
     feats, masks = [], []
-    for batch in _loader(split, batch_size, data.num_workers):
-        if batch is None:
-            continue
-        x, m, _ = batch
+    for x, m, _ in _readable(split, batch_size, data.num_workers):
         with autocast(device, precision):
             feats.append(patch_grid(backbone, x.to(device), layers, patch).half().cpu())
         masks.append(torch.stack(m).to(torch.uint8))
@@ -276,7 +267,9 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
 
         def batches(seed: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
             def run(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                for x, m, _ in _batches_of(_train_loader(train, data, batch_size, seed, epoch)):
+                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                order = torch.randperm(len(train), generator=g).tolist()
+                for x, m, _ in _readable(train, batch_size, data.num_workers, order):
                     with torch.no_grad(), autocast(device, precision):
                         f = patch_grid(backbone, x.to(device), layers, p).float()
                     yield f, torch.stack(m)
@@ -294,17 +287,13 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
             with torch.no_grad(), autocast(device, precision):
                 return head(patch_grid(backbone, x, layers, p).float())
 
-        conf, _, _ = confusion_of(predict, val_batches(val, data, batch_size), train.num_classes, device)
+        conf = confusion_of(predict, val_batches(val, data, batch_size), train.num_classes, device)
         for k, v in scores(conf).items():
             if k != "classes":
                 out.setdefault(k, []).append(v)
         heads.append(head)
     out["path"] = "cached" if cache else "streamed"
     return out, heads
-
-
-def _batches_of(loader: DataLoader) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], int]]:
-    return (b for b in loader if b is not None)
 
 
 @torch.no_grad()
@@ -326,7 +315,7 @@ def evaluate_segmenter(model: nn.Module, val: SegSplit, data: DataConfig, device
         with autocast(device, precision):
             return model(x)
 
-    conf, _, _ = confusion_of(predict, val_batches(val, data, batch_size, idx), val.num_classes, device)
+    conf = confusion_of(predict, val_batches(val, data, batch_size, idx), val.num_classes, device)
     x0 = torch.zeros(1, data.channels, data.img_size, data.img_size, device=device)
     for _ in range(batches - done):  # unreadable samples left this process short: keep in step
         model(x0)
