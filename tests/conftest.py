@@ -83,6 +83,21 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     return out / "teacher" / "last.pt"
 
 
+#: a monitored run: k-NN monitor every epoch on fixed subsets, a snapshot every epoch (two kept), TensorBoard
+MONITORED = ("optim.epochs=3", "eval.every_epochs=1", "eval.monitor_train=64", "eval.monitor_test=32",
+             "train.keep_every_epochs=1", "train.keep_last=2", "train.tensorboard=true")
+
+
+@pytest.fixture(scope="session")
+def monitored_run(tmp_path_factory, teacher_ckpt) -> Path:
+    """A tiny MimCo run of 3 epochs (8 steps each) with :data:`MONITORED`, trained once; its folder."""
+    from mimco.pipeline import run_stage
+
+    out = tmp_path_factory.mktemp("monitored")
+    run_stage("pretrain", tiny_pretrain_cfg(out, teacher_ckpt, "run", MONITORED))
+    return out / "run"
+
+
 # -- builders shared by several test modules -----------------------------------------------------
 
 W = 64  # width of the shrunken foreign-family test models (1 head of 64)

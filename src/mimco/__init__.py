@@ -1,6 +1,34 @@
-"""mimco: MimCo pre-training (masked image modeling with a frozen contrastive teacher)."""
+"""mimco: MimCo pre-training (masked image modeling with a frozen contrastive teacher).
+
+The Python API (docs/python.md) is loaded on first use, so ``import mimco`` stays light::
+
+    import mimco
+    cfg = mimco.load_config("pretrain", "fmnist_pretrain", ["optim.epochs=1"])
+    summary = mimco.train(cfg)
+    model = mimco.load_backbone(summary["checkpoint"])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from mimco.errors import MimcoError
 
+if TYPE_CHECKING:
+    from mimco.api import export, extract_features, knn, load_backbone, load_config, train
+
 __version__ = "0.1.0"
-__all__ = ["MimcoError", "__version__"]
+#: the API's functions, each in :mod:`mimco.api`
+_API = ("load_config", "train", "load_backbone", "extract_features", "knn", "export")
+__all__ = ["MimcoError", "__version__", "load_config", "train", "load_backbone", "extract_features", "knn", "export"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module("mimco.api"), name)
+    raise AttributeError(f"module 'mimco' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

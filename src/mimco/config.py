@@ -89,6 +89,10 @@ class ModelConfig:
     freeze_patch_embed: bool = False  # MoCo v3's frozen random patch projection
     init: Init = "timm"  # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch
     #                     projection with zero bias; the stage-1 default)
+    # continued pre-training: start the trained ViT (stage 2: the student; stage 1: both encoders) from the backbone
+    # in this file (any format mimco reads: a mimco run, timm/safetensors, a hub folder, MoCo v3, DINO, MAE, DINOv2,
+    # ...); the position table is resampled to this grid. "" = from scratch. Not on resume.
+    init_from: str = ""
 
 
 @dataclass
@@ -207,6 +211,10 @@ class TrainConfig:
     ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end
     max_steps: int = 0  # stop after this many steps (schedule unchanged), 0 = run all
     progress: bool = True
+    keep_every_epochs: int = 0  # also keep epoch_XXXX.pt (a copy of last.pt) every N epochs, 0 = none
+    keep_last: int = 5  # of those snapshots, keep the newest K (-1 = all)
+    tensorboard: bool = True  # write every log.csv scalar (and monitor images) to <run>/tensorboard
+    wandb: str = ""  # a Weights & Biases project to log to as well ("" = off; WANDB_MODE=offline honoured)
 
 
 @dataclass
@@ -220,6 +228,15 @@ class EvalConfig:
     few_per_class: int = 10
     few_label_seeds: int = 3
     few_knn_k: int = 10
+    # the k-NN monitor during pre-training: k-NN top-1 (eval.knn_k, eval.knn_temperature) of a bank of
+    # monitor_train training images scored on monitor_test test images, both fixed, seeded and class-balanced, in
+    # log.csv (knn_monitor), TensorBoard and the progress bar. Off when both intervals are 0. The default sizes cost
+    # about 1 % of an ImageNet epoch (docs/training.md#k-nn-monitor); smaller datasets need smaller ones.
+    every_epochs: int = 0  # every N epochs
+    every_steps: int = 0  # and/or every N steps
+    monitor_train: int = 50000
+    monitor_test: int = 10000
+    monitor_seed: int = 0
 
 
 @dataclass

@@ -8,6 +8,7 @@ are their ``Literal`` types in :mod:`mimco.config`."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from typing import Any
 
@@ -60,6 +61,11 @@ _BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
     ("eval.few_per_class", 1, True, "labelled images per class in the few-label columns"),
     ("eval.few_label_seeds", 1, True, "the number of labelled subsets"),
     ("eval.few_knn_k", 1, True, "the neighbour count"),
+    ("eval.every_epochs", 0, True, "epochs between k-NN monitor points (0 = off)"),
+    ("eval.every_steps", 0, True, "steps between k-NN monitor points (0 = off)"),
+    ("eval.monitor_train", 1, True, "the k-NN monitor's bank size"),
+    ("eval.monitor_test", 1, True, "the k-NN monitor's query count"),
+    ("train.keep_every_epochs", 0, True, "epochs between kept snapshots (0 = none)"),
     ("seg.num_classes", 0, True, "a plain folder's class count (0 = from the layout)"),
     ("seg.ignore_index", 0, True, "the mask value of unscored pixels"),
     ("seg.scenes", 1, True, "the number of training scenes"),
@@ -114,9 +120,23 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
         _model_rules(cfg)
     _data_rules(cfg)
     _segmentation_rules(cfg, model_keys)
+    _run_log_rules(cfg)
     teacher = getattr(cfg, "teacher", None)
     if teacher is not None and bool(teacher.mean) != bool(teacher.std):
         raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
+
+
+def _run_log_rules(cfg: Any) -> None:
+    """Snapshots and the optional Weights & Biases logger."""
+    t = getattr(cfg, "train", None)
+    if t is None:
+        return
+    if t.keep_last == 0 or t.keep_last < -1:
+        raise MimcoError(f"train.keep_last={t.keep_last} is out of range: it is how many epoch snapshots to keep "
+                         "(>= 1, or -1 for all); for no snapshots set train.keep_every_epochs=0")
+    if t.wandb and importlib.util.find_spec("wandb") is None:
+        raise MimcoError(f"train.wandb={t.wandb} needs the wandb package, which is not installed: pip install wandb "
+                         "(or drop train.wandb)")
 
 
 def _model_rules(cfg: Any) -> None:

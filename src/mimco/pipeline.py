@@ -33,8 +33,10 @@ from mimco.engine.trainer import Trainer
 from mimco.errors import MimcoError
 from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
 from mimco.eval import segfinetune as _segfinetune  # noqa: F401  (registers segmentation fine-tuning)
+from mimco.eval.monitor import KnnMonitor
 from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
 from mimco.methods import get_method
+from mimco.models.init_from import init_encoders
 from mimco.runs import (
     CHECKPOINT,
     CONFIG,
@@ -107,12 +109,19 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
     stream = build_stream(cfg, device, spec.views)
     method = spec.build(cfg, device, stream=stream, run_dir=run_dir, **inputs)
+    model = getattr(cfg, "model", None)
+    if model is not None and model.init_from and resume is None:  # continued pre-training
+        report = init_encoders(method, model.init_from)
+        if dist.is_main():
+            print(report, file=sys.stderr, flush=True)
+    ev = getattr(cfg, "eval", None)
+    monitor = KnnMonitor(cfg) if ev is not None and (ev.every_epochs or ev.every_steps) else None
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
     dist.barrier()  # the folder exists before any process writes into it
-    summary = Trainer(method, cfg, stream, run_dir, stage, device, resume).fit()
+    summary = Trainer(method, cfg, stream, run_dir, stage, device, resume, monitor).fit()
     summary["epochs"] = round(summary["step"] / stream.steps_per_epoch, 4)
     summary["run_dir"] = str(run_dir)
     at_end = getattr(cfg, "eval", None) is not None and cfg.eval.at_end
@@ -170,6 +179,9 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
         path = resume_path(Path(cfg.train.out_dir) / cfg.train.name)
     else:
         path = Path(resume)
+    if any(o.split("=", 1)[0].strip() == "model.init_from" for o in overrides):
+        raise MimcoError("model.init_from does not apply on resume: the checkpoint already holds the weights; drop "
+                         "the override (or start a new run from the file with another train.name)")
     state = load_checkpoint(path)
     if state["stage"] != stage:
         raise MimcoError(f"{path} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")

@@ -2,7 +2,9 @@
 
 A run folder (one per ``mimco teacher | pretrain | finetune``) holds ``config.yaml`` (the
 resolved config), ``log.csv``, ``last.pt`` (the resumable run checkpoint), ``summary.json``
-(written when the process ends) and, once finished, ``backbone.safetensors`` (a timm state dict).
+(written when the process ends), once finished ``backbone.safetensors`` (a timm state dict), with
+``train.keep_every_epochs`` the snapshots ``epoch_XXXX.pt`` (each a ``last.pt`` of that epoch) and
+``tensorboard/`` (the event files).
 
 ``last.pt`` is a dict with the keys of :data:`CHECKPOINT_KEYS`. Its ``model`` entry is the
 method's full state dict; ``backbones`` maps each encoder the method offers (the evaluated one
@@ -13,6 +15,7 @@ writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,27 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, total_steps: int, mode
     if step >= total_steps:  # finished: the backbone alone, as a timm state dict
         save_weights(backbone_state(model, next(iter(backbones.values()))), run_dir / BACKBONE, {"stage": stage})
     return path
+
+
+def snapshot_path(run_dir: Path, epoch: int) -> Path:
+    """``epoch_0010.pt``: the run checkpoint as it was at the end of that epoch."""
+    return Path(run_dir) / f"epoch_{epoch:04d}.pt"
+
+
+def snapshots(run_dir: str | Path) -> list[Path]:
+    """The run folder's epoch snapshots, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("epoch_*.pt")
+             if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_snapshots(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` snapshots (-1: keep all); returns the deleted paths."""
+    found = snapshots(run_dir)
+    gone = found[:-keep] if keep > 0 else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def is_checkpoint(obj: Any) -> bool:

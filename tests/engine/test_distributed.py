@@ -143,11 +143,16 @@ def test_a_two_process_run_evaluates_at_the_end(tmp_path, teacher_ckpt, strategy
     a single process."""
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "loss.head_hidden_dim=64", "train.max_steps=0",
             "optim.epochs=0.5", "train.threads=1", f"teacher.checkpoint={teacher_ckpt}", f"train.out_dir={tmp_path}",
-            "eval.at_end=true", "eval.knn_k=5"]
+            "eval.at_end=true", "eval.knn_k=5", "eval.every_steps=2", "eval.monitor_train=60", "eval.monitor_test=30"]
     _run([*TORCHRUN, "-m", "mimco", *args, "train.name=two", f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("two", "single"))
     assert a["step"] == b["step"] == 4 and abs(a["knn_top1"] - b["knn_top1"]) <= 1.0 and "knn_seconds" in a
+    # the k-NN monitor (each process its share, under FSDP from the sharded model): one query of 30 at most differs
+    monitors = [[(r["step"], float(r["knn_monitor"])) for r in csv.DictReader(open(tmp_path / n / "log.csv"))
+                 if r["knn_monitor"]] for n in ("two", "single")]
+    assert [s for s, _ in monitors[0]] == [s for s, _ in monitors[1]] == ["2", "4"]
+    assert all(abs(x - y) <= 100 / 30 + 1e-6 for (_, x), (_, y) in zip(*monitors))
 
 
 @pytest.mark.slow

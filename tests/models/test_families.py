@@ -6,7 +6,7 @@ same file (``pretrained_cfg_overlay=dict(file=...)``), the independent reference
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mimco.cli.main import main
 from mimco.errors import MimcoError
@@ -171,7 +171,6 @@ def test_a_timm_file_with_registers_exports_to_timm(tmp_path):
     torch.save(m.state_dict(), tmp_path / "reg.pth")
     assert main(["export", str(tmp_path / "reg.pth"), "--out", str(tmp_path / "out")]) == 0
     cfg = js.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["model_name"] is None  # 64 wide: no timm name; the exact kwargs (registers included) build it
-    back = timm.models.VisionTransformer(**cfg["model_kwargs"])
-    back.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")))
+    assert cfg["model_args"]["reg_tokens"] == 4  # 64 wide: no timm name; model_args (registers included) build it
+    back = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert torch.allclose(features(back, 42), features(m, 42), atol=1e-5)

@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from mimco.cli.main import main
@@ -156,15 +156,16 @@ def test_export_then_timm_create_model(tmp_path, capsys):
     moco_file(path)
     assert main(["export", str(path), "--out", str(tmp_path / "exported")]) == 0
     cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
-    assert cfg["model_name"] is None  # a 2-block ViT-S is no timm model: the exact kwargs build it
-    model = timm.models.VisionTransformer(**cfg["model_kwargs"])
-    model.load_state_dict(load_file(str(tmp_path / "exported" / "model.safetensors")))
+    assert cfg["architecture"] == "vit_base_patch16_224"  # a 2-block ViT-S is no timm model: model_args build it
+    assert cfg["model_args"]["depth"] == 2 and cfg["model_args"]["num_heads"] == 12  # MoCo v3's 12 heads
+    model = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True)
     ours, _ = load_backbone(str(path))
     assert same_features(model, ours)
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
         assert torch.allclose(model(x), ours.forward_head(ours.forward_features(x), pre_logits=True), atol=1e-6)
-    assert "timm.models.VisionTransformer(**cfg['model_kwargs'])" in capsys.readouterr().out
+    assert "mean/std: ImageNet's (the file records none)" in capsys.readouterr().out
+    assert list(cfg["pretrained_cfg"]["mean"]) == [0.485, 0.456, 0.406]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``mimco finetune | linprobe | knn | segprobe | segfinetune | plot | results``.
+"""``mimco extract | finetune | linprobe | knn | segprobe | segfinetune | plot | results``.
 
 A model is named by a checkpoint path (any format :mod:`mimco.models.formats` reads),
 ``random:PATH`` (a randomly initialised ViT shaped like PATH's backbone) or ``pixels`` (raw
@@ -53,16 +53,19 @@ def _resolve(spec: str, encoder: str = "momentum", num_heads: int = 0,
     return (p.parent.name + "/" + p.name if p.name == CHECKPOINT else p.name), model, state
 
 
-def _data_config(cls: type, args: argparse.Namespace, states: list[Any]) -> Any:
-    """The data keys: from ``--config``, else the first mimco checkpoint's, then the overrides.
-    Probes take their backbone from a checkpoint: the ``model`` keys are not theirs to check."""
+def _data_config(cls: type, args: argparse.Namespace, states: list[Any], sections: tuple[str, ...] = ("data",)) -> Any:
+    """The data keys (and the other ``sections``): from ``--config``, else the first mimco
+    checkpoint's, then the overrides. Probes take their backbone from a checkpoint: the ``model``
+    keys are not theirs to check."""
     probe = cls is not FinetuneConfig
     if args.config:
         return load_config(cls, args.config, args.overrides, model_keys=not probe)
     for st in states:
         if st is not None and st.config is not None:
-            cfg = cls()
-            cfg.data = from_dict(type(st.config), to_dict(st.config)).data
+            cfg, saved = cls(), from_dict(type(st.config), to_dict(st.config))
+            for section in sections:
+                if hasattr(saved, section):
+                    setattr(cfg, section, getattr(saved, section))
             return apply_overrides(cfg, args.overrides, model_keys=not probe)
     return load_config(cls, None, args.overrides, model_keys=not probe)
 
@@ -109,7 +112,8 @@ def _prepare(args: argparse.Namespace) -> tuple[str, torch.nn.Module | None, Any
     from mimco.pipeline import setup
 
     name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
-    cfg = _data_config(PretrainConfig, args, [state])
+    sections = ("data", "eval") if getattr(args, "monitor", False) else ("data",)
+    cfg = _data_config(PretrainConfig, args, [state], sections)
     name, model, state = _at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
     device = setup(cfg, model_keys=False)
     train, test = _splits(cfg)
@@ -144,9 +148,17 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from mimco.eval.results import write_result
 
     few = _few(args)
+    if few and args.monitor:
+        raise MimcoError("--monitor scores the run's fixed monitor subsets; it does not combine with --per-class / "
+                         "--labels-fraction")
     name, model, state, cfg, device, train, test = _prepare(args)
+    if args.monitor:  # the k-NN monitor's subsets (eval.monitor_* of the checkpoint's config, then overrides)
+        from mimco.eval.monitor import monitor_splits
+
+        train, test = monitor_splits(train, test, cfg.eval)
+        few = {"monitor": {k: getattr(cfg.eval, k) for k in ("monitor_train", "monitor_test", "monitor_seed")}}
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
-    if few:
+    if few and not args.monitor:
         metrics = _few_metrics(probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class,
                                                 args.labels_fraction, tuple(few["label_seeds"]), tuple(args.k),
                                                 args.temperature, None, args.pool))
@@ -391,10 +403,25 @@ def add_parsers(sub: Any) -> None:
                             "subset s is the one `mimco finetune data.label_seed=s` uses")
         p.add_argument("overrides", nargs="*", metavar="key=value")
 
+    x = sub.add_parser("extract", help="write a split's CLS, mean-pooled (and patch) features with labels and file "
+                                       "names to a .safetensors or .npz file")
+    x.add_argument("checkpoint", help="a checkpoint (any format mimco reads) or random:CKPT")
+    x.add_argument("--out", required=True, help="the output file, .safetensors or .npz (never overwritten)")
+    x.add_argument("--split", default="test", choices=["train", "test"], help="which split (default test)")
+    x.add_argument("--patch", action="store_true", help="also every patch token (N, L, D), stored in float16")
+    x.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
+    x.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
+    x.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
+    x.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    x.add_argument("overrides", nargs="*", metavar="key=value", help="data and train keys, e.g. train.precision=bf16")
+
     k = sub.add_parser("knn", help="weighted k-NN top-1 of frozen features, several k at once")
     k.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
     k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100])
     k.add_argument("--temperature", type=float, default=0.07)
+    k.add_argument("--monitor", action="store_true",
+                   help="score the k-NN monitor's subsets (eval.monitor_train / monitor_test / monitor_seed of the "
+                        "checkpoint's run, or overrides): the value its log.csv shows for these weights")
     common(k)
     lp = sub.add_parser("linprobe", help="linear probe (BN without affine + linear) on a frozen backbone")
     lp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
@@ -447,5 +474,33 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--out", help="also write the table to this file")
 
 
-HANDLERS = {"knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune, "segprobe": cmd_segprobe,
-            "segfinetune": cmd_segfinetune, "plot": cmd_plot, "results": cmd_results}
+def cmd_extract(args: argparse.Namespace) -> int:
+    from mimco.data.build import load_dataset
+    from mimco.eval.extract import check_out, extract_tokens, save_features
+    from mimco.pipeline import setup
+
+    out = check_out(args.out)
+    name, model, state = _resolve(args.checkpoint, args.encoder, args.num_heads)
+    if model is None:
+        raise MimcoError("mimco extract needs a backbone; raw pixels have no features to extract")
+    cfg = _data_config(PretrainConfig, args, [state])
+    name, model, state = _at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
+    device = setup(cfg, model_keys=False)
+    split = load_dataset(cfg.data, train=args.split == "train")
+    if split is None:
+        raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no test split; use "
+                         "--split train")
+    got = extract_tokens(model.to(device), split, cfg.data, device, cfg.train.precision, args.patch, args.batch_size,
+                         cfg.train.progress)
+    if got is None:  # not the main process
+        return 0
+    meta = {"checkpoint": args.checkpoint, "format": state.format if state is not None else "", "split": args.split,
+            "data": to_dict(cfg.data), "precision": cfg.train.precision}
+    save_features(got, out, meta)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in got.items() if k != "names")
+    print(f"wrote {out}: {shapes}" + (f", {len(got['names'])} file names" if got["names"] else ""))
+    return 0
+
+
+HANDLERS = {"extract": cmd_extract, "knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune,
+            "segprobe": cmd_segprobe, "segfinetune": cmd_segfinetune, "plot": cmd_plot, "results": cmd_results}

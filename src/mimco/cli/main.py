@@ -46,25 +46,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mimco.errors import MimcoError
-    from mimco.models.export import export_timm
-    from mimco.models.families import FAMILIES
-    from mimco.models.formats import load_backbone
+    from mimco.models.export import export_checkpoint
 
-    model, state = load_backbone(args.checkpoint, args.encoder)
-    if state.kind in FAMILIES:
-        raise MimcoError(f"{args.checkpoint} is a {state.format}: timm reads it as it is, e.g. timm.create_model(NAME, "
-                         f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.checkpoint}')); mimco export "
-                         "converts mimco runs and plain ViT files")
-    out = export_timm(model, args.out, {"source": str(args.checkpoint), "source_format": state.format,
-                                        "source_part": state.source})
-    weights, cfg = out / "model.safetensors", json.loads((out / "config.json").read_text())
-    build = (f"timm.create_model(cfg['model_name'], checkpoint_path='{weights}', **cfg['model_kwargs'])"
-             if cfg["model_name"] else "timm.models.VisionTransformer(**cfg['model_kwargs'])\n"
-             f"  model.load_state_dict(safetensors.torch.load_file('{weights}'))  # no timm model has this "
-             "architecture")
-    print(f"wrote {weights} and {out / 'config.json'}; load with:\n  cfg = json.load(open('{out / 'config.json'}'))\n"
-          f"  model = {build}")
+    out, said = export_checkpoint(args.checkpoint, args.out, args.encoder)
+    print(f"wrote {out}/ (model.safetensors, config.json, README.md; mean/std: {said}); load with:\n"
+          f"  timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
 
 
@@ -134,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--encoder", default="momentum", help="momentum | base (DINO: momentum = teacher)")
     e.add_argument("--no-linear", action="store_true", help="k-NN only")
     e.add_argument("overrides", nargs="*", metavar="key=value")
-    x = sub.add_parser("export", help="write a checkpoint's backbone as a timm state dict (safetensors) + config.json")
+    x = sub.add_parser("export", help="write a checkpoint's backbone as a timm hub folder (model.safetensors, "
+                                      "config.json, model card) that timm.create_model('local-dir:OUT', "
+                                      "pretrained=True) reads")
     x.add_argument("checkpoint")
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--encoder", default="momentum", help="momentum | base, for MoCo/DINO/teacher checkpoints")

@@ -5,16 +5,19 @@ first_index) -> (loss, logs)``, ``backbone()``, ``no_weight_decay()``, ``param_g
 ``total_steps``, ``on_epoch_end()``, ``metric_keys``, ``encoders()``, ``frozen_modules()``,
 ``compile_targets()`` and ``fsdp_units()``) and adds everything else: per-iteration warm-up +
 cosine, bf16/fp16 autocast, gradient accumulation and clipping, gradient checkpointing, DDP/FSDP,
-a CSV row every ``log_every`` steps, a progress bar, atomic checkpoints (model, optimiser, step,
-every process's RNG state, resolved config), resume (the schedule is rebuilt from the resumed
-config), a clean stop on SIGTERM/SIGINT and a stop on a non-finite loss.
+a row every ``log_every`` steps to ``log.csv``, TensorBoard and W&B (:mod:`mimco.engine.logs`), a
+progress bar, the k-NN monitor (:mod:`mimco.eval.monitor`), atomic checkpoints (model, optimiser,
+step, every process's RNG state, resolved config) with epoch snapshots kept beside them, resume
+(the schedule is rebuilt from the resumed config), a clean stop on SIGTERM/SIGINT and a stop on a
+non-finite loss.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,40 +34,14 @@ from mimco.data.build import BatchStream
 from mimco.engine.amp import autocast
 from mimco.engine.compiling import compile_method
 from mimco.engine.guards import FiniteGuard, StopSignal
+from mimco.engine.logs import RunLog
 from mimco.engine.optim import build_optimizer, build_scheduler
 from mimco.engine.rng import all_rng_states, restore_rank_state
-from mimco.engine.sharding import full_state, load_state, shard
+from mimco.engine.sharding import full_state, gathered, load_state, shard
 from mimco.errors import MimcoError
 from mimco.masking import join_pending
 from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
-from mimco.runs import CHECKPOINT, LOG, save_checkpoint
-
-
-class CsvLog:
-    """Appends one row per logging step to ``log.csv``; the header comes from the first row."""
-
-    def __init__(self, path: Path, after_step: int | None = None) -> None:
-        self.path = path
-        self.fields: list[str] | None = None
-        if path.is_file() and path.stat().st_size:
-            with path.open() as f:
-                rows = list(csv.reader(f))
-            self.fields = rows[0]
-            if after_step is not None and "step" in self.fields:  # resumed: drop rows past the checkpoint
-                i = self.fields.index("step")
-                kept = [rows[0]] + [r for r in rows[1:] if r and float(r[i]) <= after_step]
-                with path.open("w", newline="") as f:
-                    csv.writer(f).writerows(kept)
-
-    def write(self, row: dict[str, Any]) -> None:
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+from mimco.runs import CHECKPOINT, LOG, prune_snapshots, save_checkpoint, snapshot_path
 
 
 def accumulation(local_batch: int, accum_steps: int, micro_batch: int) -> int:
@@ -91,8 +68,9 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
 
 class Trainer:
     def __init__(self, method: TrainingMethod, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
-                 device: torch.device, resume: dict[str, Any] | None = None) -> None:
+                 device: torch.device, resume: dict[str, Any] | None = None, monitor: Any = None) -> None:
         check_method(method)
+        self.monitor = monitor
         self.method, self.cfg, self.stream = method, cfg, stream
         self.run_dir, self.stage, self.device = run_dir, stage, device
         o, t = cfg.optim, cfg.train
@@ -139,12 +117,14 @@ class Trainer:
         if dist.world_size() > 1 and not fsdp:
             ids = [device.index] if device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(method, device_ids=ids)
-        self.log = CsvLog(run_dir / LOG, self.step if resume is not None else None) if dist.is_main() else None
+        self.log = RunLog(run_dir, stage, t, to_dict(cfg), LOG, self.step if resume is not None else None,
+                          dist.is_main())
         self.guard = FiniteGuard(device)
         self.last_saved: tuple[Path, int] | None = (run_dir / CHECKPOINT, self.step) if resume is not None else None
 
-    def checkpoint(self) -> Path:
-        """Write last.pt atomically, unless the loss went non-finite since the last check."""
+    def checkpoint(self, snapshot: bool = False) -> Path:
+        """Write last.pt atomically, unless the loss went non-finite since the last check; with
+        ``snapshot``, keep a copy as ``epoch_XXXX.pt`` too (``train.keep_last`` of them)."""
         self.check_finite()
         path = self.run_dir / CHECKPOINT
         model_state, optim_state = full_state(self.method, self.optimizer)  # collective under FSDP
@@ -153,8 +133,46 @@ class Trainer:
             save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
                             backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng,
                             to_dict(self.cfg))
+            if snapshot:
+                self._snapshot(path)
         self.last_saved = (path, self.step)
         return path
+
+    def _snapshot(self, path: Path) -> None:
+        """``epoch_XXXX.pt``: a hard link to the last.pt just written (the next last.pt replaces the
+        name, not the file), or a copy renamed into place where links are not allowed; then the
+        oldest beyond ``train.keep_last`` are deleted."""
+        epoch = round(self.step / self.stream.steps_per_epoch)
+        target = snapshot_path(self.run_dir, epoch)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        prune_snapshots(self.run_dir, self.cfg.train.keep_last)
+
+    def _snapshot_due(self, epoch_done: bool) -> bool:
+        every = self.cfg.train.keep_every_epochs
+        return bool(every) and epoch_done and round(self.step / self.stream.steps_per_epoch) % every == 0
+
+    def _monitor(self, spe: int, first: bool) -> dict[str, float]:
+        """Score the k-NN monitor (every process: its share), log its pictures, and the first time
+        say what it costs."""
+        start = time.perf_counter()
+        with gathered(self.method):  # FSDP: the backbone's parameters whole, for its forward_features
+            values, images = self.monitor(self.method.backbone(), self.device, self.cfg.train.precision)
+        seconds = time.perf_counter() - start
+        self.log.images(self.step, images)
+        if first and dist.is_main():
+            trained = time.perf_counter() - self._start - self._monitor_s
+            per_epoch = trained / max(self.step - self._start_step, 1) * spe
+            tqdm.write(f"mimco: k-NN monitor on {self.monitor.size} images ({self.monitor.describe()}) took "
+                       f"{seconds:.1f} s, {100 * seconds / per_epoch:.1f} % "
+                       f"of an epoch ({per_epoch:.0f} s) of this run", file=sys.stderr)
+        self._monitor_s += seconds
+        return values
 
     def _bad_images(self) -> tuple[int, int] | None:
         """(unreadable, read) images summed over processes, for runs that read files; stops every
@@ -224,12 +242,17 @@ class Trainer:
         batches = self.stream(self.step)
         spe = self.stream.steps_per_epoch
         metrics: dict[str, Any] = {k: "" for k in self.method.metric_keys}
+        columns = {"knn_monitor": ""} if self.monitor is not None else {}  # filled in the rows that score it
+        watched: dict[str, float] = {}
+        monitored = False
         micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
         sums: dict[str, torch.Tensor | float] = {}
         n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
         last: dict[str, float] = {}
         stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
-        with StopSignal() as stop:
+        self._start, self._start_step, self._monitor_s = start, start_step, 0.0
+        epoch_done = False
+        with StopSignal() as stop, contextlib.closing(self.log):
             while self.step < end:
                 views = next(batches)
                 self.scheduler.step_update(self.step)
@@ -254,18 +277,26 @@ class Trainer:
                 if epoch_done:  # every process runs the hook (fine-tuning evaluates its share)
                     metrics = {**metrics, **self.method.on_epoch_end(round(self.step / spe, 4))}
                 epoch_end = epoch_done and bool(self.method.metric_keys)  # new metrics: a log row and a checkpoint
-                if self.step % t.log_every == 0 or self.step == end or epoch_end:
+                watch = self.monitor is not None and self.monitor.due(self.step, spe, epoch_done)
+                if watch:  # every process: its share of the features
+                    spent = self._monitor_s
+                    watched = self._monitor(spe, not monitored)
+                    t0 += self._monitor_s - spent  # images/s counts training time only
+                    monitored = True
+                if self.step % t.log_every == 0 or self.step == end or epoch_end or watch:
                     self.check_finite()
                     self._bad_images()
                     elapsed = time.perf_counter() - t0
                     last = dist.mean_over_processes({k: v / n_logged for k, v in sums.items()}, self.device)
                     row = {"step": self.step, "epoch": round(self.step / spe, 4),
                            "lr": max(g["lr"] for g in self.optimizer.param_groups), **last, **metrics,
+                           **columns, **(watched if watch else {}),
                            "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - start, 2)}
                     if self.log:
                         self.log.write(row)
+                    shown = {"knn": f"{watched['knn_monitor']:.1f}"} if "knn_monitor" in watched else {}
                     bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                    img_s=f"{row['images_per_s']:.0f}")
+                                    img_s=f"{row['images_per_s']:.0f}", **shown)
                     sums, n_logged, seen, t0 = {}, 0, 0, time.perf_counter()
                 if stop.requested and asked_at is None:
                     asked_at = self.step  # this process's own signal, seen after this step
@@ -273,14 +304,15 @@ class Trainer:
                 if stop.agreed(self.device) and self.step < end:
                     stopped_by = stop.requested or "a signal on another process"
                     break
-                if (epoch_end or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
-                    self.checkpoint()
+                snap = self._snapshot_due(epoch_done)
+                if (epoch_end or snap or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
+                    self.checkpoint(snapshot=snap)
             bar.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run
-            path = self.checkpoint()
+            path = self.checkpoint(snapshot=self._snapshot_due(epoch_done))
         self._report_bad_images()
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
-               **{k: v for k, v in metrics.items() if v != ""},
+               **{k: v for k, v in metrics.items() if v != ""}, **watched,
                "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}
         if stopped_by:
             out["stopped_by"] = stopped_by

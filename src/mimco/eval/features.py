@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from mimco import distributed as dist
 from mimco.config import DataConfig
@@ -84,14 +86,16 @@ class _Marked(Dataset):
 
 
 @torch.no_grad()  # not inference mode: FSDP may gather parameters in here, which must stay ordinary tensors
-def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
-                                 device: torch.device, precision: str = "fp32", batch_size: int = 256,
-                                 pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Features of a whole split, each process extracting every world-th image under the run's
-    autocast (``precision``), gathered to rank 0: (features (N, D) float32 on ``device``, labels
-    (N,)) there, None on the other processes. Every process runs the same number of forward
-    passes (padding the last share; an FSDP backbone's forward is a collective), and unreadable
-    files are dropped after the gather. Alone, the same thing in one process."""
+def extract_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
+                        device: torch.device, outputs: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                        precision: str = "fp32", batch_size: int = 256,
+                        progress: bool = False) -> dict[str, torch.Tensor] | None:
+    """``outputs(images)`` (a dict of (B, ...) tensors) over a whole split, each process computing
+    every world-th image under the run's autocast (``precision``), gathered to rank 0: there the
+    dict in dataset order (float32 on ``device``) plus ``labels`` (N,) and ``index`` (N,, the
+    dataset's indices), None on the other processes. Every process runs the same number of
+    forward passes (padding the last share; an FSDP backbone's forward is a collective), and
+    unreadable files are dropped after the gather. Alone, the same thing in one process."""
     n, w, r = len(dataset), dist.world_size(), dist.rank()
     per = math.ceil(n / w)
     idx = torch.arange(r, r + w * per, w)
@@ -99,7 +103,8 @@ def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray 
     idx = idx.clamp(max=n - 1)
     was = backbone.training
     backbone.eval()
-    feats, labels, ok = [], [], []
+    got: dict[str, list[torch.Tensor]] = {}
+    labels, ok = [], []
     if isinstance(dataset, ImageArray):
         batches: Any = ((x, y, torch.ones(len(y), dtype=torch.bool)) for x, y in
                         eval_batches(dataset, data, batch_size, device, indices=idx))
@@ -107,14 +112,30 @@ def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray 
         dataset.transform = image_eval(data)
         shape = (data.channels, data.img_size, data.img_size)
         batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers)
+    bar = tqdm(total=per, desc="features", unit="img", disable=not (progress and dist.is_main()), dynamic_ncols=True)
     for x, y, good in batches:
         with autocast(device, precision):
-            feats.append(features_of(backbone, x.to(device, non_blocking=True), pool).float())
+            for k, v in outputs(x.to(device, non_blocking=True)).items():
+                got.setdefault(k, []).append(v.float())
         labels.append(torch.as_tensor(y).to(device))
         ok.append(torch.as_tensor(good).to(device))
+        bar.update(len(y))
+    bar.close()
     backbone.train(was)
-    f = dist.gather_no_grad(torch.cat(feats))  # (w * per, D) in rank order
+    out = {k: dist.gather_no_grad(torch.cat(v)) for k, v in got.items()}  # (w * per, ...) in rank order
     y, keep = dist.gather_no_grad(torch.cat(labels)), dist.gather_no_grad(torch.cat(ok) & inside.to(device))
+    where = dist.gather_no_grad(idx.to(device))
     if not dist.is_main():
         return None
-    return f[keep], y[keep]
+    order = where[keep].argsort()  # rank order interleaves the shares: back to the dataset's order
+    return {**{k: v[keep][order] for k, v in out.items()}, "labels": y[keep][order], "index": where[keep][order]}
+
+
+def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
+                                 device: torch.device, precision: str = "fp32", batch_size: int = 256,
+                                 pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features (N, D) float32 on ``device``, labels (N,)) of a whole split on rank 0, None
+    elsewhere: :func:`extract_distributed` of :func:`features_of`."""
+    got = extract_distributed(backbone, dataset, data, device, lambda x: {"f": features_of(backbone, x, pool)},
+                              precision, batch_size)
+    return None if got is None else (got["f"], got["labels"])

@@ -81,14 +81,14 @@ def cls_attention(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Last block's attention from CLS to every patch, averaged over heads: (B, H, W) summing to <= 1."""
     blk = backbone.blocks[-1]
     captured = {}
-    handle = blk.norm1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("x", out))
+    # the block's own q/k/v projection, seen inside its forward (an FSDP unit's parameters are whole only there)
+    handle = blk.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
     backbone.eval()
     backbone.forward_features(x)
     handle.remove()
-    h = captured["x"]
-    b, n, d = h.shape
-    heads = blk.attn.num_heads
-    qkv = blk.attn.qkv(h).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    b, n, d3 = captured["qkv"].shape
+    heads, d = blk.attn.num_heads, d3 // 3
+    qkv = captured["qkv"].reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     q, k = blk.attn.q_norm(qkv[0]), blk.attn.k_norm(qkv[1])
     attn = (q @ k.transpose(-2, -1) * blk.attn.scale).softmax(-1)  # (B, heads, N, N)
     p = backbone.num_prefix_tokens

@@ -1,4 +1,6 @@
-"""Export a backbone as a timm state dict (safetensors) plus the ``timm.create_model`` arguments."""
+"""Export a backbone as a timm hub folder: ``model.safetensors``, ``config.json`` (architecture,
+exact ``model_args``, ``pretrained_cfg`` with the training data's mean and std) and a model card,
+which ``timm.create_model("local-dir:PATH", pretrained=True)`` builds by itself."""
 
 from __future__ import annotations
 
@@ -46,14 +48,74 @@ def matching_name(vit: VisionTransformer) -> str | None:
     return name if all(ref.get(k) == kw.get(k) for k in _ARCH) else None
 
 
-def export_timm(vit: VisionTransformer, out_dir: str | Path, info: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``model_kwargs``: the exact architecture;
-    ``model_name``: the timm model it is, or null when no registered one is) into ``out_dir``."""
+#: the registered name a hub folder names when no timm model is exactly the ViT: its ``model_args``
+#: (every architectural argument that differs from :class:`VisionTransformer`'s defaults) build it
+FALLBACK = "vit_base_patch16_224"
+
+
+def pretrained_cfg(vit: VisionTransformer, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for ``vit`` with the statistics it was trained on and mimco's
+    evaluation transform (short side resized to S / 0.875 from 64 px up, else to S; centre crop S;
+    bilinear)."""
+    c, s = vit.patch_embed.proj.in_channels, vit.patch_embed.img_size[0]
+    return {"tag": "mimco", "input_size": [c, s, s], "fixed_input_size": True, "interpolation": "bilinear",
+            "crop_pct": 0.875 if s >= 64 else 1.0, "crop_mode": "center", "mean": list(mean[:c]), "std": list(std[:c]),
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
+
+
+def hub_config(vit: VisionTransformer, mean: list[float], std: list[float],
+               info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config.json`` of a timm hub folder (what ``timm.create_model("local-dir:PATH")`` and
+    ``hf-hub:`` read): ``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
+    ``model_args`` (the exact architecture), ``pretrained_cfg``; ``info`` goes under ``mimco``."""
+    kw = timm_kwargs(vit)
+    args = {k: v for k, v in kw.items() if k != "num_classes"}
+    return {"architecture": matching_name(vit) or FALLBACK, "num_classes": 0, "num_features": vit.embed_dim,
+            "global_pool": kw["global_pool"], "model_args": args, "pretrained_cfg": pretrained_cfg(vit, mean, std),
+            **({"mimco": info} if info else {})}
+
+
+def export_timm(vit: VisionTransformer, out_dir: str | Path, mean: list[float], std: list[float],
+                info: dict[str, Any] | None = None, card: str = "") -> Path:
+    """A timm hub folder in ``out_dir``: ``model.safetensors`` (the backbone without head),
+    ``config.json`` (:func:`hub_config`) and, given ``card``, ``README.md`` (the model card)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in vit.state_dict().items() if not k.startswith("head.")}
-    save_weights(state, out / "model.safetensors", {"format": "timm"})
-    cfg = {"model_name": matching_name(vit), "model_kwargs": timm_kwargs(vit),
-           "weights": "model.safetensors", **(info or {})}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    state = {k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    save_weights(state, out / "model.safetensors", {"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hub_config(vit, mean, std, info), indent=2) + "\n")
+    if card:
+        (out / "README.md").write_text(card)
     return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, encoder: str = "momentum") -> tuple[Path, str]:
+    """``mimco export``: the backbone of ``checkpoint`` (a run's last.pt or snapshot, or a plain ViT
+    file) as a hub folder with its model card. Returns (the folder, where mean/std came from): a
+    run's data statistics, the file's own, or ImageNet's when the file records none."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from mimco.errors import MimcoError
+    from mimco.models.card import model_card
+    from mimco.models.families import FAMILIES
+    from mimco.models.formats import load_backbone
+    from mimco.runs import CONFIG
+
+    model, state = load_backbone(str(checkpoint), encoder)
+    if state.kind in FAMILIES:
+        raise MimcoError(f"{checkpoint} is a {state.format}: timm reads it as it is, e.g. timm.create_model(NAME, "
+                         f"pretrained=True, pretrained_cfg_overlay=dict(file='{checkpoint}')); mimco export "
+                         "converts mimco runs and plain ViT files")
+    if state.config is not None:  # a mimco run: the statistics of its training data
+        mean, std, said = state.config.data.mean, state.config.data.std, "the run's data.mean / data.std"
+    elif state.stats is not None:
+        (mean, std), said = state.stats, "the file's own"
+    else:
+        mean, std, said = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), "ImageNet's (the file records none)"
+    parent = Path(checkpoint).parent
+    run_dir = parent if state.config is not None and (parent / CONFIG).is_file() else None
+    out = Path(out_dir)
+    card = model_card(model, out.name, str(checkpoint), state.format, state.config, run_dir, state.progress)
+    export_timm(model, out, mean, std, {"source": str(checkpoint), "source_format": state.format,
+                                        "source_part": state.source}, card)
+    return out, said

@@ -1,0 +1,134 @@
+"""The Python API: what ``import mimco`` offers (docs/python.md). Each function is what a command
+does, without the command line: the same configs, runs, checkpoints and numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimco.errors import MimcoError
+
+#: the stages by name, each with its config class (:data:`mimco.pipeline.STAGE_CONFIGS`)
+STAGES = ("teacher", "pretrain", "finetune", "segfinetune")
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The typed config of ``stage`` (teacher | pretrain | finetune | segfinetune): defaults, then
+    the YAML file ``path`` (or a bundled config's name, e.g. ``"fmnist_pretrain"``), then
+    ``key=value`` overrides, checked as the commands check them."""
+    from mimco.config import load_config as _load
+    from mimco.pipeline import STAGE_CONFIGS
+
+    if stage not in STAGE_CONFIGS:
+        raise MimcoError(f"unknown stage '{stage}'; choose {', '.join(STAGE_CONFIGS)}")
+    return _load(STAGE_CONFIGS[stage], path, overrides)
+
+
+def stage_of(cfg: Any) -> str:
+    """The stage a config object belongs to."""
+    from mimco.pipeline import STAGE_CONFIGS
+
+    for stage, cls in STAGE_CONFIGS.items():
+        if type(cfg) is cls:
+            return stage
+    raise MimcoError(f"{type(cfg).__name__} is not a stage config; build one with mimco.load_config(stage, ...)")
+
+
+def load_backbone(path: str | Path, encoder: str = "momentum", img_size: int = 0) -> torch.nn.Module:
+    """The backbone of any checkpoint mimco reads (a run's ``last.pt`` or snapshot, an exported or
+    hub folder, timm/safetensors, MoCo v3, DINO, MAE, DINOv2, CLIP, ...) as a timm model without
+    classifier; ``img_size``: another input side (the position table resampled), 0 = its own."""
+    from mimco.models.formats import load_backbone as _load
+
+    model, _ = _load(str(path), encoder, img_size)
+    return model
+
+
+def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
+          resume: str | Path | None = None) -> dict[str, Any]:
+    """Run the stage of ``cfg`` (from :func:`load_config`) as its command does and return its
+    summary (steps, losses, k-NN, the run folder). Fine-tuning stages train ``backbone`` (a
+    checkpoint path or a model). ``resume``: a ``last.pt``, or ``"auto"`` for the run folder's
+    (its saved config is used; ``cfg`` must name the same run)."""
+    from mimco.config import from_dict
+    from mimco.config_rules import check_resume
+    from mimco.pipeline import STAGE_CONFIGS, run_dir_for, run_stage
+    from mimco.runs import load_checkpoint, resume_path
+
+    stage = stage_of(cfg)
+    state, run_dir = None, None
+    if resume is not None:
+        path = resume_path(Path(cfg.train.out_dir) / cfg.train.name) if str(resume) == "auto" else Path(resume)
+        state = load_checkpoint(path)
+        check_resume(state["config"], cfg)
+        saved = from_dict(STAGE_CONFIGS[stage], state["config"])
+        saved.train.max_steps = cfg.train.max_steps
+        cfg, run_dir = saved, path.parent
+    else:
+        run_dir = run_dir_for(cfg, stage, False)
+    inputs: dict[str, Any] = {}
+    if stage in ("finetune", "segfinetune"):
+        if backbone is None:
+            raise MimcoError(f"the {stage} stage trains a backbone: pass backbone=PATH or a model")
+        part = cfg.classifier if stage == "finetune" else cfg.head
+        inputs["backbone"] = (load_backbone(backbone, part.encoder, cfg.data.img_size)
+                              if isinstance(backbone, (str, Path)) else backbone)
+    return run_stage(stage, cfg, state, run_dir, **inputs)
+
+
+def _split(cfg: Any, split: str) -> Any:
+    from mimco.data.build import load_dataset
+
+    if split not in ("train", "test"):
+        raise MimcoError(f"unknown split '{split}'; choose train or test")
+    data = load_dataset(cfg.data, train=split == "train")
+    if data is None:
+        raise MimcoError(f"data.name={cfg.data.name} has no {split} split")
+    return data
+
+
+def _device(cfg: Any) -> torch.device:
+    from mimco.pipeline import setup
+
+    return setup(cfg, model_keys=False)
+
+
+def extract_features(model: torch.nn.Module, cfg: Any, split: str = "test", patch: bool = False) -> dict[str, Any]:
+    """Frozen features of ``split`` of ``cfg``'s data (``cfg.train`` gives device and precision):
+    ``cls`` (N, D), ``mean`` (N, D), with ``patch`` also ``patch`` (N, L, D), ``labels`` (N,),
+    ``index`` (N,) and ``names`` (file paths, [] for in-memory data), as ``mimco extract`` writes
+    them."""
+    from mimco.eval.extract import extract_tokens
+
+    device = _device(cfg)
+    got = extract_tokens(model.to(device), _split(cfg, split), cfg.data, device, cfg.train.precision, patch,
+                         progress=False)
+    return got if got is not None else {}
+
+
+def knn(model: torch.nn.Module, cfg: Any, k: int = 20, temperature: float = 0.07, monitor: bool = False) -> float:
+    """Weighted k-NN top-1 (%) of ``model``'s CLS features: the test split against the training
+    split of ``cfg``'s data, as ``mimco knn`` scores it; ``monitor``: on the k-NN monitor's subsets
+    (``cfg.eval.monitor_*``), as ``mimco knn --monitor``."""
+    from mimco.eval.features import extract_features as _extract
+    from mimco.eval.knn import knn_accuracy
+    from mimco.eval.monitor import monitor_splits
+
+    device = _device(cfg)
+    train, test = _split(cfg, "train"), _split(cfg, "test")
+    if monitor:
+        train, test = monitor_splits(train, test, cfg.eval)
+    model = model.to(device)
+    ftr, ytr = _extract(model, train, cfg.data, device)
+    fte, yte = _extract(model, test, cfg.data, device)
+    return knn_accuracy(ftr, ytr, fte, yte, k, temperature)
+
+
+def export(checkpoint: str | Path, out: str | Path, encoder: str = "momentum") -> Path:
+    """``mimco export``: the backbone of ``checkpoint`` as a timm hub folder with a model card,
+    which ``timm.create_model(f"local-dir:{out}", pretrained=True)`` builds."""
+    from mimco.models.export import export_checkpoint
+
+    return export_checkpoint(checkpoint, out, encoder)[0]

@@ -1,0 +1,133 @@
+"""The k-NN monitor of a pre-training run (``eval.every_epochs`` / ``eval.every_steps``).
+
+A bank of ``eval.monitor_train`` training images and ``eval.monitor_test`` test images, both
+class-balanced and drawn once with ``eval.monitor_seed`` (:func:`monitor_splits`, the same subsets
+``mimco knn --monitor`` scores), are embedded by the live backbone on every process (each its
+share, under the run's autocast) and scored by weighted k-NN on rank 0 (``knn_monitor`` in
+``log.csv``). At each point a few test images also become pictures for TensorBoard: the input, a
+masked input (stage 2), the last block's CLS attention and the PCA of the patch tokens.
+
+Sizing: forward passes alone, ``monitor_train + monitor_test`` images per point. A training image
+costs about 4 forward passes in stage 2 (the student's forward and backward, the teacher's
+forward) and 8 in stage 1 (two views through both encoders), so the defaults (50k + 10k: 50 and 10
+per ImageNet class) cost 60k / (4 x 1.28M), about 1.2 % of an ImageNet epoch in stage 2 and 0.6 %
+in stage 1; the run prints the measured share at the first point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mimco.config import DataConfig, EvalConfig
+from mimco.data.build import load_dataset
+from mimco.data.subsets import labelled_subset, labels_of
+from mimco.errors import MimcoError
+from mimco.eval.features import eval_batches, extract_features_distributed
+from mimco.eval.knn import knn_accuracy
+from mimco.eval.probe import has_labels
+
+#: test images shown at each monitor point
+SHOWN = 8
+
+
+def _balanced(split: Any, size: int, seed: int, key: str, name: str) -> Any:
+    """``size`` images of ``split``, the same number from every class (``size // classes``)."""
+    n = len(split)
+    if size > n:
+        raise MimcoError(f"{key}={size} exceeds the {name} split's {n} images; set {key} to at most {n}")
+    labels = labels_of(split)
+    classes = int((torch.bincount(labels[labels >= 0]) > 0).sum()) if len(labels) else 0
+    if classes and size < classes:
+        raise MimcoError(f"{key}={size} is fewer than one image for each of the {classes} classes; set {key} to at "
+                         f"least {classes}")
+    return labelled_subset(split, max(size // max(classes, 1), 1), 0.0, seed, key)
+
+
+def monitor_splits(train: Any, test: Any, ev: EvalConfig) -> tuple[Any, Any]:
+    """(bank, queries): the monitor's fixed class-balanced subsets of the training and test splits."""
+    if not has_labels(train, test):
+        raise MimcoError("eval.every_epochs / eval.every_steps score k-NN, which needs a labelled dataset with a test "
+                         "split (fashion_mnist, cifar10, an imagefolder with train/ and val/); set them to 0")
+    return (_balanced(train, ev.monitor_train, ev.monitor_seed, "eval.monitor_train", "training"),
+            _balanced(test, ev.monitor_test, ev.monitor_seed + 1, "eval.monitor_test", "test"))
+
+
+def monitor_images(backbone: torch.nn.Module, x: torch.Tensor, data: DataConfig, mask: Any = None,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pictures of images ``x`` (B, C, S, S, normalised) for TensorBoard, each (3, H, W) in [0, 1]:
+    ``inputs`` (with, given a ``mask`` section, each image masked as stage 2 masks it, below) and
+    ``features`` (the CLS attention of the last block and the PCA of the patch tokens, upsampled,
+    one row each)."""
+    from torchvision.utils import make_grid
+
+    from mimco.eval.plots import cls_attention, denormalize, pca_maps
+    from mimco.masking import random_mask
+
+    was = backbone.training
+    shown = denormalize(x, data.mean, data.std).clamp(0, 1)
+    if shown.shape[1] == 1:
+        shown = shown.expand(-1, 3, -1, -1)
+    size = x.shape[-2:]
+    rows = [shown]
+    if mask is not None:
+        grid = tuple(backbone.patch_embed.grid_size)
+        p = backbone.patch_embed.patch_size[0]
+        unit = max(mask.mask_patch_size // p, 1) if mask.mask_patch_size else 1
+        hidden = random_mask(len(x), grid, mask.ratio, unit, torch.Generator().manual_seed(seed))
+        hidden = F.interpolate(hidden.view(-1, 1, *grid).float(), size=size, mode="nearest")
+        rows.append(shown * (1 - hidden) + 0.5 * hidden)
+    out = {"inputs": make_grid(torch.cat(rows), nrow=len(x), padding=1)}
+    feats = []
+    if hasattr(backbone, "blocks") and hasattr(backbone.blocks[-1], "attn"):
+        att = cls_attention(backbone, x).float().cpu()
+        att = att / att.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1)
+        feats.append(F.interpolate(att[:, None], size=size, mode="nearest").expand(-1, 3, -1, -1))
+    pca = torch.from_numpy(pca_maps(backbone, x)).permute(0, 3, 1, 2).float()
+    feats.append(F.interpolate(pca, size=size, mode="nearest"))
+    out["features"] = make_grid(torch.cat(feats), nrow=len(x), padding=1)
+    backbone.train(was)
+    return out
+
+
+class KnnMonitor:
+    """The monitor of one run: its subsets, when it is due, and one scoring."""
+
+    def __init__(self, cfg: Any) -> None:
+        ev = cfg.eval
+        self.ev, self.data = ev, cfg.data
+        self.mask = getattr(cfg, "mask", None)
+        self.bank, self.queries = monitor_splits(load_dataset(cfg.data, train=True),
+                                                 load_dataset(cfg.data, train=False), ev)
+
+    @property
+    def size(self) -> int:
+        return len(self.bank) + len(self.queries)
+
+    def describe(self) -> str:
+        """``60 bank, 30 queries, of 6 classes``."""
+        classes = int((torch.bincount(labels_of(self.bank)) > 0).sum())
+        return f"{len(self.bank)} bank, {len(self.queries)} queries, of {classes} classes"
+
+    def due(self, step: int, steps_per_epoch: int, epoch_done: bool) -> bool:
+        ev = self.ev
+        by_steps = bool(ev.every_steps) and step % ev.every_steps == 0
+        epoch = round(step / steps_per_epoch)
+        by_epochs = bool(ev.every_epochs) and epoch_done and epoch % ev.every_epochs == 0
+        return by_steps or by_epochs
+
+    @torch.no_grad()
+    def __call__(self, backbone: torch.nn.Module, device: torch.device,
+                 precision: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """({"knn_monitor": top-1 %} on rank 0, {} elsewhere; the pictures). A collective: every
+        process calls it."""
+        bank = extract_features_distributed(backbone, self.bank, self.data, device, precision)
+        queries = extract_features_distributed(backbone, self.queries, self.data, device, precision)
+        x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
+        images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
+        if bank is None or queries is None:
+            return {}, images
+        acc = knn_accuracy(bank[0], bank[1], queries[0], queries[1], self.ev.knn_k, self.ev.knn_temperature)
+        return {"knn_monitor": round(acc, 2)}, images

@@ -1,0 +1,55 @@
+"""`mimco extract`: CLS, mean-pooled and patch features with labels and names, in dataset order."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mimco.cli.main import main
+from mimco.config import PretrainConfig, load_config
+from mimco.data.build import load_dataset
+from mimco.eval.features import extract_features
+from mimco.models.formats import load_backbone
+from tests.conftest import TINY_DATA, messy_folder
+
+
+def test_safetensors_holds_every_output_in_dataset_order(monitored_run, tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    assert main(["extract", str(monitored_run / "last.pt"), "--out", str(out), "--patch", "train.progress=false"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    got = load_file(str(out))
+    cfg = load_config(PretrainConfig, None, TINY_DATA)
+    test = load_dataset(cfg.data, train=False)
+    model, _ = load_backbone(str(monitored_run / "last.pt"))
+    cls, labels = extract_features(model, test, cfg.data, torch.device("cpu"))
+    mean, _ = extract_features(model, test, cfg.data, torch.device("cpu"), pool="mean")
+    assert torch.equal(got["index"], torch.arange(len(test))) and torch.equal(got["labels"], labels)
+    assert torch.allclose(got["cls"], cls, atol=1e-5) and torch.allclose(got["mean"], mean, atol=1e-5)
+    assert got["patch"].shape == (len(test), 16, 32) and got["patch"].dtype == torch.float16
+    assert torch.allclose(got["patch"].float().mean(1), mean, atol=1e-2)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["names"]) == [] and json.loads(meta["mimco"])["split"] == "test"
+
+
+def test_npz_of_a_folder_names_its_files_and_leaves_out_unreadable_ones(monitored_run, tmp_path, capsys):
+    messy_folder(tmp_path / "imgs")
+    out = tmp_path / "f.npz"
+    args = ["extract", str(monitored_run / "last.pt"), "--out", str(out), "--split", "train", "data.name=folder",
+            f"data.root={tmp_path / 'imgs'}", "data.num_workers=0", "train.progress=false"]
+    assert main(args) == 0
+    got = np.load(out)
+    names = [n.rsplit("/", 1)[-1] for n in got["names"]]
+    assert len(names) == len(got["cls"]) == 25 and "empty.jpg" not in names and "text.jpg" not in names
+    assert (got["labels"] == -1).all() and "patch" not in got.files
+    assert main(args) == 2  # never overwritten
+    assert f"--out {out} exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, match", [("f.txt", "write a .safetensors or .npz file")])
+def test_an_unknown_file_type_is_refused(monitored_run, tmp_path, capsys, out, match):
+    assert main(["extract", str(monitored_run / "last.pt"), "--out", str(tmp_path / out)]) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / out).exists()

@@ -1,0 +1,127 @@
+"""The k-NN monitor: fixed class-balanced subsets, scored when due, equal to `mimco knn --monitor`."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mimco.cli.main import main
+from mimco.config import EvalConfig
+from mimco.data.build import ImageArray
+from mimco.data.subsets import labels_of
+from mimco.errors import MimcoError
+from mimco.eval.monitor import KnnMonitor, monitor_splits
+from tests.conftest import tiny_overrides
+
+
+def _split(n, classes=4):
+    return ImageArray(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), torch.arange(n) % classes, 1)
+
+
+def test_subsets_are_balanced_seeded_and_fixed():
+    ev = EvalConfig(monitor_train=40, monitor_test=8, monitor_seed=3)
+    bank, queries = monitor_splits(_split(400), _split(100), ev)
+    assert torch.bincount(labels_of(bank)).tolist() == [10] * 4
+    assert torch.bincount(labels_of(queries)).tolist() == [2] * 4
+    again = monitor_splits(_split(400), _split(100), ev)[0]
+    assert torch.equal(bank.images, again.images) and torch.equal(bank.labels, again.labels)
+    picked = lambda ev: monitor_splits(_split(400), _split(100), ev)  # noqa: E731
+    images = torch.arange(400, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 8, 8)  # each image its index
+    train = ImageArray(images.clone(), torch.arange(400) % 4, 1)
+    first = monitor_splits(train, _split(100), ev)[0].images[:, 0, 0, 0].tolist()
+    other = monitor_splits(train, _split(100), EvalConfig(monitor_train=40, monitor_test=8, monitor_seed=4))[0]
+    assert first != other.images[:, 0, 0, 0].tolist()  # another seed, other images
+    assert picked(ev)[0].labels.tolist() == bank.labels.tolist()
+
+
+@pytest.mark.parametrize("train, test, match", [
+    (500, 8, "eval.monitor_train=500 exceeds the training split's 400 images; set eval.monitor_train to at most 400"),
+    (40, 101, "eval.monitor_test=101 exceeds the test split's 100 images"),
+    (3, 8, "eval.monitor_train=3 is fewer than one image for each of the 4 classes"),
+])
+def test_sizes_beyond_the_split_are_one_line_errors(train, test, match):
+    with pytest.raises(MimcoError, match=match):
+        monitor_splits(_split(400), _split(100), EvalConfig(monitor_train=train, monitor_test=test))
+
+
+def test_due_at_epochs_and_steps():
+    class Cfg:
+        data, eval = None, EvalConfig(every_epochs=2, every_steps=3)
+
+    m = KnnMonitor.__new__(KnnMonitor)
+    m.ev = Cfg.eval
+    due = [s for s in range(1, 25) if m.due(s, 8, s % 8 == 0)]
+    assert due == [3, 6, 9, 12, 15, 16, 18, 21, 24]
+
+
+def test_the_last_monitor_value_is_mimco_knn_on_the_same_subsets(monitored_run, capsys):
+    """The value log.csv holds for the last epoch is what a separate `mimco knn --monitor` of the
+    checkpoint computes: the same weights, subsets, k and temperature."""
+    with open(monitored_run / "log.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["knn_monitor"]]
+    assert [int(r["step"]) for r in rows] == [8, 16, 24]
+    assert json.loads((monitored_run / "summary.json").read_text())["knn_monitor"] == float(rows[-1]["knn_monitor"])
+    capsys.readouterr()
+    assert main(["knn", str(monitored_run / "last.pt"), "--monitor", "--k", "20", "--out",
+                 str(monitored_run.parent / "knn")]) == 0
+    assert json.loads(capsys.readouterr().out)["knn20_top1"] == float(rows[-1]["knn_monitor"])
+
+
+def test_the_monitor_prints_its_cost_once(tmp_path, capsys):
+    from mimco.pipeline import run_stage
+    from tests.conftest import tiny_teacher_cfg
+
+    run_stage("teacher", tiny_teacher_cfg(tmp_path, "t", ("optim.epochs=2", "eval.every_epochs=1",
+                                                          "eval.monitor_train=64", "eval.monitor_test=32")))
+    err = capsys.readouterr().err
+    # the procedural set's 6 classes: 10 and 5 of each
+    assert err.count("mimco: k-NN monitor on 90 images (60 bank, 30 queries, of 6 classes) took") == 1
+    assert "% of an epoch" in err
+
+
+def test_a_monitor_beyond_the_split_stops_before_anything_is_written(tmp_path, capsys):
+    code = main(["teacher", *tiny_overrides(tmp_path, "big"), "moco.mlp_dim=64", "moco.proj_dim=32",
+                 "eval.every_epochs=1", "eval.monitor_train=100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.monitor_train=100000 exceeds the training split's 256 images" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "big").exists()
+
+
+def test_cls_attention_is_the_last_blocks_attention_from_cls():
+    """Checked against the attention probabilities timm's own (unfused) path computes."""
+    import timm
+
+    from mimco.eval.plots import cls_attention
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2).eval()
+    x = torch.randn(2, 3, 16, 16)
+    probs = {}
+    attn = vit.blocks[-1].attn
+    attn.fused_attn = False
+    handle = attn.attn_drop.register_forward_hook(lambda _m, i, _o: probs.__setitem__("p", i[0]))
+    vit.forward_features(x)
+    handle.remove()
+    want = probs["p"][:, :, 0, 1:].mean(1).reshape(2, 4, 4)
+    assert torch.allclose(cls_attention(vit, x), want, atol=1e-6)
+
+
+def test_monitor_pictures_show_the_input_its_masked_copy_and_the_features():
+    import timm
+
+    from mimco.config import DataConfig, MaskConfig
+    from mimco.eval.monitor import monitor_images
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2, in_chans=1).train()
+    data = DataConfig(img_size=16, channels=1, mean=[0.5], std=[0.5])
+    x = torch.ones(3, 1, 16, 16)  # white after denormalisation
+    pics = monitor_images(vit, x, data, MaskConfig(ratio=0.5))
+    assert vit.training  # put back as it was
+    inputs, feats = pics["inputs"], pics["features"]
+    assert inputs.shape == feats.shape == (3, 2 * 17 + 1, 3 * 17 + 1)  # 2 rows (image, masked), 3 images, padding 1
+    assert (inputs[:, 1:17, 1:17] == 1).all()
+    masked = inputs[0, 18:34, 1:17]  # the first image's masked copy: half of its 16 patches grey
+    assert ((masked == 0.5).float().mean() == 0.5) and ((masked == 1).float().mean() == 0.5)
+    assert feats.min() >= 0 and feats.max() <= 1
