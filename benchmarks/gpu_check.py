@@ -259,9 +259,12 @@ def main() -> int:
         ("pretrain: fp16 with the gradient scaler",
          [["pretrain", *student, "train.precision=fp16", "train.name=mimco-fp16"]],
          "mimco-fp16", 2 * spe),
-        ("pretrain: FSDP (bf16 policy), eval at end", [["pretrain", *student, bf16, "train.strategy=fsdp",
-                                                        "eval.at_end=true", "train.name=mimco-fsdp"]], "mimco-fsdp",
-         2 * spe),
+        ("pretrain: FSDP (bf16 policy), init_from, k-NN monitor, snapshots, eval at end; extract",
+         [["pretrain", *student, bf16, "train.strategy=fsdp", "eval.at_end=true", f"model.init_from={teacher}",
+           "eval.every_epochs=1", "eval.monitor_train=120", "eval.monitor_test=60", "train.keep_every_epochs=1",
+           "train.name=mimco-fsdp"],
+          ["extract", str(out / "mimco-fsdp" / "epoch_0001.pt"), "--out", str(out / "mimco-fsdp" / "features.npz"),
+           "--patch", device, bf16, "train.init_distributed=true", "train.progress=false"]], "mimco-fsdp", 2 * spe),
         ("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
          [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
          "mimco-fsdp-fp16", 2 * spe),
@@ -321,6 +324,12 @@ def main() -> int:
             why = "no k-NN result in summary.json"
         if not why and folder.startswith("segfinetune") and "miou" not in read_summary(run):
             why = "no mIoU in summary.json"
+        if not why and "k-NN monitor" in name and "knn_monitor" not in read_summary(run):
+            why = "no k-NN monitor value in summary.json"
+        if not why and "snapshots" in name and not (run / "epoch_0002.pt").is_file():
+            why = "no epoch_0002.pt snapshot"
+        if not why and "extract" in name and not (run / "features.npz").is_file():
+            why = "mimco extract wrote no features.npz"
         finish(name, "FAIL" if why else "PASS", time.perf_counter() - t0, why)
 
     def finish(name: str, res: str, sec: float, why: str) -> None:

@@ -40,7 +40,8 @@ def test_the_script_passes_shellcheck():
 
 
 def test_dry_run_prints_the_torchrun_command_from_the_slurm_environment(tmp_path):
-    env = {**_fakes(tmp_path / "bin", tmp_path / "calls"), **SLURM, "MIMCO_DRY_RUN": "1", "MIMCO_OUT_DIR": str(tmp_path)}
+    env = {**_fakes(tmp_path / "bin", tmp_path / "calls"), **SLURM, "MIMCO_DRY_RUN": "1",
+           "MIMCO_OUT_DIR": str(tmp_path)}
     run = lambda: subprocess.run(["bash", str(SCRIPT), "--config", "vit_small_pretrain", "data.root=/data/in"],  # noqa: E731
                                  capture_output=True, text=True, env=env, cwd=tmp_path)
     r = run()

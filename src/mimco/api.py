@@ -50,11 +50,11 @@ def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
           resume: str | Path | None = None) -> dict[str, Any]:
     """Run the stage of ``cfg`` (from :func:`load_config`) as its command does and return its
     summary (steps, losses, k-NN, the run folder). Fine-tuning stages train ``backbone`` (a
-    checkpoint path or a model). ``resume``: a ``last.pt``, or ``"auto"`` for the run folder's
-    (its saved config is used; ``cfg`` must name the same run)."""
-    from mimco.config import from_dict
+    checkpoint path or a model). ``resume``: a ``last.pt``, or ``"auto"`` for the one in
+    ``cfg.train.out_dir/cfg.train.name``; the run continues under ``cfg``, which may change what a
+    resume can change (a longer ``optim.epochs``, ``train.max_steps``), and nothing else."""
     from mimco.config_rules import check_resume
-    from mimco.pipeline import STAGE_CONFIGS, run_dir_for, run_stage
+    from mimco.pipeline import run_dir_for, run_stage
     from mimco.runs import load_checkpoint, resume_path
 
     stage = stage_of(cfg)
@@ -62,10 +62,10 @@ def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
     if resume is not None:
         path = resume_path(Path(cfg.train.out_dir) / cfg.train.name) if str(resume) == "auto" else Path(resume)
         state = load_checkpoint(path)
-        check_resume(state["config"], cfg)
-        saved = from_dict(STAGE_CONFIGS[stage], state["config"])
-        saved.train.max_steps = cfg.train.max_steps
-        cfg, run_dir = saved, path.parent
+        if state["stage"] != stage:
+            raise MimcoError(f"{path} is a '{state['stage']}' checkpoint, not a '{stage}' one")
+        check_resume(state["config"], cfg)  # what a resume cannot change (the data, the model, the seed) is refused
+        run_dir = path.parent
     else:
         run_dir = run_dir_for(cfg, stage, False)
     inputs: dict[str, Any] = {}
