@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
              "eval": PretrainConfig,
-             "knn": PretrainConfig, "linprobe": PretrainConfig, "plot": PretrainConfig, "segprobe": SegmentationConfig,
+             "knn": PretrainConfig, "linprobe": PretrainConfig, "extract": PretrainConfig, "plot": PretrainConfig, "segprobe": SegmentationConfig,
              "segfinetune": SegmentationConfig}
 #: the commands that read a backbone from a checkpoint: its geometry is its own (the model keys' rules do not apply)
-PROBES = {"eval", "knn", "linprobe", "plot", "segprobe", "segfinetune"}
+PROBES = {"eval", "knn", "linprobe", "plot", "segprobe", "segfinetune", "extract"}
 
 
 def commands(text: str) -> list[str]:
@@ -91,8 +91,12 @@ def check(command: str) -> None:
     elif argv[0] == "make":
         makefile = (ROOT / "Makefile").read_text()
         assert all(re.search(rf"^{t}:", makefile, re.M) for t in argv[1:]), f"no make target {argv[1:]}"
-    elif argv[0] == "bash":
-        assert (ROOT / argv[1]).is_file(), f"{argv[1]} does not exist"
+    elif argv[0] in ("bash", "sbatch"):
+        script = next(a for a in argv[1:] if not a.startswith("-"))
+        assert (ROOT / script).is_file(), f"{script} does not exist"
+        if argv[0] == "sbatch":  # the script's arguments are mimco's
+            rest = argv[argv.index(script) + 1:]
+            check_mimco(["pretrain", *rest])
 
 
 @pytest.mark.parametrize("where,command", documented(), ids=[w for w, _ in documented()])

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimco.engine",),
     ("mimco.eval",),
     ("mimco.pipeline",),
-    ("mimco.cli", "mimco.__main__"),
+    ("mimco.cli", "mimco.__main__", "mimco.api"),
 ]
 
 

@@ -11,15 +11,12 @@ The Python API (docs/python.md) is loaded on first use, so ``import mimco`` stay
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mimco.errors import MimcoError
 
-if TYPE_CHECKING:
-    from mimco.api import export, extract_features, knn, load_backbone, load_config, train
-
 __version__ = "0.1.0"
-#: the API's functions, each in :mod:`mimco.api`
+#: the API's functions, each in :mod:`mimco.api` (their signatures for type checkers: ``__init__.pyi``)
 _API = ("load_config", "train", "load_backbone", "extract_features", "knn", "export")
 __all__ = ["MimcoError", "__version__", "load_config", "train", "load_backbone", "extract_features", "knn", "export"]
 

@@ -231,7 +231,7 @@ class EvalConfig:
     # the k-NN monitor during pre-training: k-NN top-1 (eval.knn_k, eval.knn_temperature) of a bank of
     # monitor_train training images scored on monitor_test test images, both fixed, seeded and class-balanced, in
     # log.csv (knn_monitor), TensorBoard and the progress bar. Off when both intervals are 0. The default sizes cost
-    # about 1 % of an ImageNet epoch (docs/training.md#k-nn-monitor); smaller datasets need smaller ones.
+    # about 1 % of an ImageNet epoch (docs/training.md#multi-day-runs); smaller datasets need smaller ones.
     every_epochs: int = 0  # every N epochs
     every_steps: int = 0  # and/or every N steps
     monitor_train: int = 50000

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import load_dataset
 from mimco.data.subsets import labelled_subset, labels_of
+from mimco.engine.amp import autocast
 from mimco.errors import MimcoError
 from mimco.eval.features import eval_batches, extract_features_distributed
 from mimco.eval.knn import knn_accuracy
@@ -126,7 +127,8 @@ class KnnMonitor:
         bank = extract_features_distributed(backbone, self.bank, self.data, device, precision)
         queries = extract_features_distributed(backbone, self.queries, self.data, device, precision)
         x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
-        images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
+        with autocast(device, precision):  # FSDP's bf16 policy gathers bf16 parameters: inputs must follow
+            images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
         if bank is None or queries is None:
             return {}, images
         acc = knn_accuracy(bank[0], bank[1], queries[0], queries[1], self.ev.knn_k, self.ev.knn_temperature)

@@ -4,12 +4,12 @@ results under ``<run>/eval``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from mimco.eval.results import read_results
 from mimco.runs import read_summary
 
 
@@ -51,7 +51,7 @@ def _result_rows(run_dir: Path | None, summary: dict[str, Any]) -> list[tuple[st
             if isinstance(summary.get(key), (int, float))]
     results = run_dir / "eval" / "results.jsonl" if run_dir is not None else None
     if results is not None and results.is_file():
-        for r in read_results(results):
+        for r in (json.loads(line) for line in results.read_text().splitlines() if line.strip()):
             values = ", ".join(f"{k} {v}" for k, v in r.get("metrics", {}).items() if not k.endswith("seconds"))
             rows.append((f"`mimco {r.get('command')}` of {r.get('name')}", values))
     return rows
