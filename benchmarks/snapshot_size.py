@@ -18,18 +18,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-
-from mimco.config import PretrainConfig, TeacherStageConfig, load_config  # noqa: E402
-from mimco.engine.optim import build_optimizer  # noqa: E402
-from mimco.engine.rng import all_rng_states  # noqa: E402
-from mimco.methods import get_method  # noqa: E402
-from mimco.methods.base import backbone_prefixes  # noqa: E402
-from mimco.runs import CHECKPOINT, save_checkpoint  # noqa: E402
-from mimco.config import to_dict  # noqa: E402,I001
+CHECKPOINT = "last.pt"
 
 
 def checkpoint_bytes(stage: str, arch: str, folder: Path, teacher: Path | None) -> tuple[int, int]:
     """(bytes of last.pt, trained parameters) after one step of ``stage`` at ``arch``, 224 px."""
+    from mimco.config import PretrainConfig, TeacherStageConfig, load_config, to_dict
+    from mimco.engine.optim import build_optimizer
+    from mimco.engine.rng import all_rng_states
+    from mimco.methods import get_method
+    from mimco.methods.base import backbone_prefixes
+    from mimco.runs import save_checkpoint
     over = [f"model.arch={arch}", "data.name=procedural", "data.img_size=224", "optim.batch_size=2"]
     if stage == "teacher":
         cfg = load_config(TeacherStageConfig, "vit_small_teacher", over)
@@ -51,10 +50,14 @@ def checkpoint_bytes(stage: str, arch: str, folder: Path, teacher: Path | None) 
     return (run / CHECKPOINT).stat().st_size, trained
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["vit_small", "vit_base"], choices=["vit_small", "vit_base"])
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     torch.manual_seed(0)
     print("| model | stage | trained parameters | last.pt = one snapshot |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_OF = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
              "eval": PretrainConfig,
-             "knn": PretrainConfig, "linprobe": PretrainConfig, "extract": PretrainConfig, "plot": PretrainConfig, "segprobe": SegmentationConfig,
+             "knn": PretrainConfig, "linprobe": PretrainConfig, "extract": PretrainConfig,
+             "plot": PretrainConfig, "segprobe": SegmentationConfig,
              "segfinetune": SegmentationConfig}
 #: the commands that read a backbone from a checkpoint: its geometry is its own (the model keys' rules do not apply)
 PROBES = {"eval", "knn", "linprobe", "plot", "segprobe", "segfinetune", "extract"}

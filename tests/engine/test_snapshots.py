@@ -57,3 +57,19 @@ def test_keep_last_zero_is_refused_before_anything_is_written(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "k").exists()
     assert main(["teacher", *tiny_overrides(tmp_path, "k"), "train.keep_last=-2"]) == 2
     assert "train.keep_last=-2 is out of range" in capsys.readouterr().err
+
+
+def test_snapshots_fall_on_whole_epochs_only():
+    """Every N-th whole epoch; the fractional end of a 2.5-epoch schedule is not epoch 2 again."""
+    from types import SimpleNamespace
+
+    from mimco.engine.trainer import Trainer
+
+    t = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(keep_every_epochs=2)),
+                        stream=SimpleNamespace(steps_per_epoch=8))
+    due = []
+    for step in range(1, 21):
+        t.step = step
+        if Trainer._snapshot_due(t):
+            due.append(step)
+    assert due == [16]

@@ -51,8 +51,10 @@ def test_due_at_epochs_and_steps():
 
     m = KnnMonitor.__new__(KnnMonitor)
     m.ev = Cfg.eval
-    due = [s for s in range(1, 25) if m.due(s, 8, s % 8 == 0)]
+    due = [s for s in range(1, 25) if m.due(s, 8)]
     assert due == [3, 6, 9, 12, 15, 16, 18, 21, 24]
+    m.ev = EvalConfig(every_epochs=1)
+    assert [s for s in range(1, 21) if m.due(s, 8)] == [8, 16]  # a schedule's fractional end (2.5 epochs) is none
 
 
 def test_the_last_monitor_value_is_mimco_knn_on_the_same_subsets(monitored_run, capsys):

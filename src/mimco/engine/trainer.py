@@ -153,9 +153,10 @@ class Trainer:
         os.replace(tmp, target)
         prune_snapshots(self.run_dir, self.cfg.train.keep_last)
 
-    def _snapshot_due(self, epoch_done: bool) -> bool:
-        every = self.cfg.train.keep_every_epochs
-        return bool(every) and epoch_done and round(self.step / self.stream.steps_per_epoch) % every == 0
+    def _snapshot_due(self) -> bool:
+        """At the end of every ``train.keep_every_epochs``-th whole epoch (not a schedule's fractional end)."""
+        every, spe = self.cfg.train.keep_every_epochs, self.stream.steps_per_epoch
+        return bool(every) and self.step % spe == 0 and (self.step // spe) % every == 0
 
     def _monitor(self, spe: int, first: bool) -> dict[str, float]:
         """Score the k-NN monitor (every process: its share), log its pictures, and the first time
@@ -251,7 +252,6 @@ class Trainer:
         last: dict[str, float] = {}
         stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
         self._start, self._start_step, self._monitor_s = start, start_step, 0.0
-        epoch_done = False
         with StopSignal() as stop, contextlib.closing(self.log):
             while self.step < end:
                 views = next(batches)
@@ -277,7 +277,7 @@ class Trainer:
                 if epoch_done:  # every process runs the hook (fine-tuning evaluates its share)
                     metrics = {**metrics, **self.method.on_epoch_end(round(self.step / spe, 4))}
                 epoch_end = epoch_done and bool(self.method.metric_keys)  # new metrics: a log row and a checkpoint
-                watch = self.monitor is not None and self.monitor.due(self.step, spe, epoch_done)
+                watch = self.monitor is not None and self.monitor.due(self.step, spe)
                 if watch:  # every process: its share of the features
                     spent = self._monitor_s
                     watched = self._monitor(spe, not monitored)
@@ -304,12 +304,12 @@ class Trainer:
                 if stop.agreed(self.device) and self.step < end:
                     stopped_by = stop.requested or "a signal on another process"
                     break
-                snap = self._snapshot_due(epoch_done)
+                snap = self._snapshot_due()
                 if (epoch_end or snap or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint(snapshot=snap)
             bar.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run
-            path = self.checkpoint(snapshot=self._snapshot_due(epoch_done))
+            path = self.checkpoint(snapshot=self._snapshot_due())
         self._report_bad_images()
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
                **{k: v for k, v in metrics.items() if v != ""}, **watched,

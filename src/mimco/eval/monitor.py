@@ -112,11 +112,13 @@ class KnnMonitor:
         classes = int((torch.bincount(labels_of(self.bank)) > 0).sum())
         return f"{len(self.bank)} bank, {len(self.queries)} queries, of {classes} classes"
 
-    def due(self, step: int, steps_per_epoch: int, epoch_done: bool) -> bool:
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        """After step ``step``: every ``every_steps`` steps, and at the end of every ``every_epochs``-th
+        whole epoch."""
         ev = self.ev
         by_steps = bool(ev.every_steps) and step % ev.every_steps == 0
-        epoch = round(step / steps_per_epoch)
-        by_epochs = bool(ev.every_epochs) and epoch_done and epoch % ev.every_epochs == 0
+        whole = step % steps_per_epoch == 0
+        by_epochs = bool(ev.every_epochs) and whole and (step // steps_per_epoch) % ev.every_epochs == 0
         return by_steps or by_epochs
 
     @torch.no_grad()
