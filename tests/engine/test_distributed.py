@@ -50,13 +50,16 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
            "aug.flip_prob=0.0"]  # no randomness outside data order and masks
     args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
             "train.max_steps=4", "train.threads=1", "loss.patch_negatives=batch", f"teacher.checkpoint={teacher_ckpt}",
-            f"train.out_dir={tmp_path}"]
+            f"train.out_dir={tmp_path}", "optim.clip_grad=1e6"]  # no clipping; the norm is logged
     _run([*TORCHRUN, "-m", "mimco", *args, "train.name=ddp", f"train.strategy={strategy}"])
     _run([sys.executable, "-m", "mimco", *args, "train.name=single"])
     ddp, single = _losses(tmp_path / "ddp" / "log.csv"), _losses(tmp_path / "single" / "log.csv")
     assert [s for s, _ in ddp] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-5
+    # the gradients' total norm before clipping: under FSDP the norm of sharded gradients, gathered
+    norms = [[float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / n / "log.csv"))] for n in ("ddp", "single")]
+    assert all(x > 0 for x in norms[1]) and all(abs(x - y) <= 1e-4 * y for x, y in zip(*norms))
     wa = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
     wb = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     for k in wa:
@@ -200,6 +203,10 @@ def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
                                             r".*(empty|text)"
                                             r"\.jpg\), each replaced by the next readable file", lines[0]), r.stderr
     assert "Warning" not in r.stderr
+    # log.csv (and TensorBoard) count the unreadable images met so far over both processes (what
+    # data.max_bad_fraction is checked against)
+    skipped = [int(row["skipped_images"]) for row in csv.DictReader(open(tmp_path / "m" / "log.csv"))]
+    assert skipped == sorted(skipped) and skipped[-1] == 2
 
 
 @pytest.mark.slow
@@ -352,6 +359,9 @@ def test_segfinetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
     assert [s for s, _ in ddp] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-5
+    # the gradients' total norm before clipping: under FSDP the norm of sharded gradients, gathered
+    norms = [[float(r["grad_norm"]) for r in csv.DictReader(open(tmp_path / n / "log.csv"))] for n in ("ddp", "single")]
+    assert all(x > 0 for x in norms[1]) and all(abs(x - y) <= 1e-4 * y for x, y in zip(*norms))
     wa, wb = _weights(tmp_path / "ddp" / "last.pt"), _weights(tmp_path / "single" / "last.pt")
     assert any(k.startswith("model.head.bn.running") for k in wa)
     # the final norm's bias shifts each channel the head's BatchNorm then centres: its gradient is rounding

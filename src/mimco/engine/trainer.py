@@ -69,6 +69,9 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, method: TrainingMethod, cfg: Any, stream: BatchStream, run_dir: Path, stage: str,
                  device: torch.device, resume: dict[str, Any] | None = None, monitor: Any = None) -> None:
+        """``monitor``: the k-NN monitor (:class:`mimco.eval.monitor.KnnMonitor`, or None): ``due(step,
+        steps_per_epoch)``, and a call ``(backbone, device, precision) -> (values, pictures)`` that
+        every process makes."""
         check_method(method)
         self.monitor = monitor
         self.method, self.cfg, self.stream = method, cfg, stream
@@ -142,8 +145,7 @@ class Trainer:
         """``epoch_XXXX.pt``: a hard link to the last.pt just written (the next last.pt replaces the
         name, not the file), or a copy renamed into place where links are not allowed; then the
         oldest beyond ``train.keep_last`` are deleted."""
-        epoch = round(self.step / self.stream.steps_per_epoch)
-        target = snapshot_path(self.run_dir, epoch)
+        target = snapshot_path(self.run_dir, self.step // self.stream.steps_per_epoch)
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)
         try:
@@ -225,13 +227,19 @@ class Trainer:
             self.scaler.scale(loss / self.accum).backward()
         return loss.detach(), logs
 
-    def _optimizer_step(self, params: list[torch.Tensor]) -> None:
+    def _optimizer_step(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Clip (with ``optim.clip_grad``), step, zero. Returns the gradients' total norm before
+        clipping (unscaled, on the device; logged as ``grad_norm``), or None without clipping."""
+        norm = None
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor (a collective)
+                norm = norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -263,7 +271,9 @@ class Trainer:
                     for k, v in {"loss": loss, **logs}.items():  # tensors stay on the device; numbers on the host
                         v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                         sums[k] = sums.get(k, 0.0) + v / len(chunks)
-                self._optimizer_step(params)
+                norm = self._optimizer_step(params)
+                if norm is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float()
                 self.step += 1
                 if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
                     first_step_s = round(time.perf_counter() - start, 2)
@@ -285,12 +295,13 @@ class Trainer:
                     monitored = True
                 if self.step % t.log_every == 0 or self.step == end or epoch_end or watch:
                     self.check_finite()
-                    self._bad_images()
+                    bad = self._bad_images()
                     elapsed = time.perf_counter() - t0
                     last = dist.mean_over_processes({k: v / n_logged for k, v in sums.items()}, self.device)
                     row = {"step": self.step, "epoch": round(self.step / spe, 4),
                            "lr": max(g["lr"] for g in self.optimizer.param_groups), **last, **metrics,
                            **columns, **(watched if watch else {}),
+                           **({"skipped_images": bad[0]} if bad is not None else {}),
                            "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - start, 2)}
                     if self.log:
                         self.log.write(row)
