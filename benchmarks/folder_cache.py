@@ -40,12 +40,13 @@ def export(folder: Path, n: int) -> None:
         Image.fromarray(images[i]).save(d / f"{i:05d}.png")
 
 
-def rate(out: Path, name: str, overrides: list[str], steps: int, workers: int) -> tuple[float, float]:
+def rate(out: Path, name: str, overrides: list[str], steps: int, workers: int, batch: int) -> tuple[float, float]:
     """(images/s after the first log row, seconds from launch to the end) of one short run."""
     cmd = [sys.executable, "-m", "mimco", "teacher", "--config", "fmnist_teacher", f"train.out_dir={out}",
            f"train.name={name}", f"train.max_steps={steps}", f"train.log_every={max(1, min(10, steps // 4))}",
            "train.progress=false",
-           "eval.at_end=false", "train.ckpt_every=0", f"data.num_workers={workers}", *overrides]
+           "eval.at_end=false", "train.ckpt_every=0", f"data.num_workers={workers}", f"optim.batch_size={batch}",
+           *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
@@ -58,7 +59,8 @@ def rate(out: Path, name: str, overrides: list[str], steps: int, workers: int) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=4000, help="images exported to the folder")
-    p.add_argument("--steps", type=int, default=60, help="training steps per run (batch 256)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per run")
+    p.add_argument("--batch", type=int, default=256, help="the global batch (the recipe's: 256)")
     p.add_argument("--workers", type=int, default=2, help="loader workers (data.num_workers)")
     p.add_argument("--out", default="", help="working folder (default: a temporary one)")
     return p
@@ -77,11 +79,11 @@ def main() -> None:
              ["data.name=imagefolder", f"data.root={folder}", "data.cache=true"])]
     rows = []
     for what, name, overrides in runs:
-        r, wall = rate(out / "runs", f"{name}-{time.strftime('%H%M%S')}", overrides, a.steps, a.workers)
+        r, wall = rate(out / "runs", f"{name}-{time.strftime('%H%M%S')}", overrides, a.steps, a.workers, a.batch)
         rows.append((what, r, wall))
         print(f"{what}: {r:.0f} img/s", file=sys.stderr, flush=True)
     memory = rows[0][1]
-    print(f"MoCo v3 step (fmnist_teacher, 28 px, batch 256), {a.images} images, {a.steps} steps, "
+    print(f"MoCo v3 step (fmnist_teacher, 28 px, batch {a.batch}), {a.images} images, {a.steps} steps, "
           f"{a.workers} loader workers, {os.cpu_count()} CPUs\n")
     print("| data | images/s | vs in memory | run wall time (s) |\n|---|---|---|---|")
     for what, r, wall in rows:

@@ -63,7 +63,7 @@ CLAIM_3 = ["patch only", "image only", "L1 regression", "cosine regression"]
 #: (seed 0) and which of them run over every seed
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
-        "data": ["data.name=procedural", "data.img_size=16", "data.procedural_size=512", "data.channels=3"],
+        "data": ["data.name=procedural", "data.img_size=16", "data.procedural_size=256", "data.channels=3"],
         "model": ["model.arch=vit_mini", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
                   "model.num_heads=2"],
         "teacher": ["moco.mlp_dim=128", "moco.proj_dim=64", "optim.epochs=2", "optim.warmup_epochs=0.5",

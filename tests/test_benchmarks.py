@@ -34,7 +34,8 @@ def test_throughput_table(tmp_path):
 def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     """The GPU smoke script's paths (2 gloo processes here): each must pass, fp16 is skipped on a CPU."""
     report = tmp_path / "report"
-    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(tmp_path)], capture_output=True,
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--jobs", "2", "--out", str(tmp_path)],
+                       capture_output=True,
                        text=True, env={**ENV, "OUT": str(report)}, cwd=ROOT, timeout=7200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-2])
@@ -67,14 +68,14 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
 def test_folder_cache_table(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/folder_cache.py", "--images", "512", "--steps", "4", "--workers",
-                        "0",
-                        "--out", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
+    r = subprocess.run([sys.executable, "benchmarks/folder_cache.py", "--images", "128", "--steps", "4", "--batch",
+                        "32", "--workers", "0", "--out", str(tmp_path)], capture_output=True, text=True, env=ENV,
+                       cwd=ROOT, timeout=HANG)
     assert r.returncode == 0, r.stderr[-2000:]
     for row in ("| in memory (fashion_mnist) | ", "| PNG folder, per-image loader | ",
                 "| PNG folder, data.cache=true | "):
         assert row in r.stdout
-    assert len(list((tmp_path / "fmnist-png").rglob("*.png"))) == 512
+    assert len(list((tmp_path / "fmnist-png").rglob("*.png"))) == 128 and "batch 32), 128 images" in r.stdout
     assert "cached folder >= 90 % of in memory" in r.stdout
 
 
