@@ -41,6 +41,7 @@ def _same_as_csv(rows, tb):
     return cells
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_scalar_of_the_log(monitored_run):
     rows = _csv(monitored_run / "log.csv")
     acc, tb = _events(monitored_run, "pretrain")
@@ -54,6 +55,7 @@ def test_tensorboard_holds_every_scalar_of_the_log(monitored_run):
     assert shown[0].height > acc.Images("pretrain/features")[0].height // 2  # inputs: the image and its masked copy
 
 
+@pytest.mark.slow
 def test_a_resumed_run_hides_the_rows_past_its_checkpoint(tmp_path):
     """Resumed from an earlier checkpoint (a crash after it), log.csv drops the later rows and
     TensorBoard's purge_step hides them: the reader sees each step once, with the new values."""
@@ -88,6 +90,7 @@ class _FakeWandb(types.ModuleType):
         return types.SimpleNamespace(log=log, finish=lambda: self.calls.append(("finish",)))
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_rows_of_the_log_and_keeps_its_id_on_resume(tmp_path, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)

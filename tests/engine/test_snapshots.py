@@ -3,6 +3,7 @@ backbone exports like last.pt's."""
 
 import os
 
+import pytest
 import torch
 
 from mimco.cli.main import main
@@ -10,6 +11,7 @@ from mimco.runs import load_checkpoint, prune_snapshots, snapshot_path, snapshot
 from tests.conftest import tiny_overrides
 
 
+@pytest.mark.slow
 def test_the_newest_snapshots_are_kept_and_hold_their_epoch(monitored_run):
     kept = snapshots(monitored_run)
     assert [p.name for p in kept] == ["epoch_0002.pt", "epoch_0003.pt"]  # keep_last=2 of 3 epochs
@@ -19,6 +21,7 @@ def test_the_newest_snapshots_are_kept_and_hold_their_epoch(monitored_run):
     assert not any(p.name.endswith(".tmp") for p in monitored_run.iterdir())
 
 
+@pytest.mark.slow
 def test_a_snapshot_exports_like_last_pt(monitored_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -43,6 +46,7 @@ def test_pruning_keeps_the_newest_by_epoch_number(tmp_path):
     assert prune_snapshots(tmp_path, -1) == [] and len(snapshots(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_a_snapshot_is_not_changed_by_the_next_checkpoint(monitored_run):
     """The snapshot is a hard link (or copy) of last.pt; the next atomic last.pt replaces the name,
     so the snapshot keeps its bytes."""

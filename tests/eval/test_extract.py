@@ -16,6 +16,7 @@ from mimco.models.formats import load_backbone
 from tests.conftest import TINY_DATA, messy_folder
 
 
+@pytest.mark.slow
 def test_safetensors_holds_every_output_in_dataset_order(monitored_run, tmp_path, capsys):
     out = tmp_path / "f.safetensors"
     assert main(["extract", str(monitored_run / "last.pt"), "--out", str(out), "--patch", "train.progress=false"]) == 0
@@ -35,6 +36,7 @@ def test_safetensors_holds_every_output_in_dataset_order(monitored_run, tmp_path
     assert json.loads(meta["names"]) == [] and json.loads(meta["mimco"])["split"] == "test"
 
 
+@pytest.mark.slow
 def test_npz_of_a_folder_names_its_files_and_leaves_out_unreadable_ones(monitored_run, tmp_path, capsys):
     messy_folder(tmp_path / "imgs")
     out = tmp_path / "f.npz"
@@ -49,7 +51,7 @@ def test_npz_of_a_folder_names_its_files_and_leaves_out_unreadable_ones(monitore
     assert f"--out {out} exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("out, match", [("f.txt", "write a .safetensors or .npz file")])
-def test_an_unknown_file_type_is_refused(monitored_run, tmp_path, capsys, out, match):
-    assert main(["extract", str(monitored_run / "last.pt"), "--out", str(tmp_path / out)]) == 2
-    assert match in capsys.readouterr().err and not (tmp_path / out).exists()
+def test_an_unknown_file_type_is_refused_before_anything_is_read(tmp_path, capsys):
+    assert main(["extract", str(tmp_path / "no.pt"), "--out", str(tmp_path / "f.txt")]) == 2
+    assert "--out " in (err := capsys.readouterr().err) and "write a .safetensors or .npz file" in err
+    assert not (tmp_path / "f.txt").exists()

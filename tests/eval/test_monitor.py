@@ -57,6 +57,7 @@ def test_due_at_epochs_and_steps():
     assert [s for s in range(1, 21) if m.due(s, 8)] == [8, 16]  # a schedule's fractional end (2.5 epochs) is none
 
 
+@pytest.mark.slow
 def test_the_last_monitor_value_is_mimco_knn_on_the_same_subsets(monitored_run, capsys):
     """The value log.csv holds for the last epoch is what a separate `mimco knn --monitor` of the
     checkpoint computes: the same weights, subsets, k and temperature."""
@@ -70,6 +71,7 @@ def test_the_last_monitor_value_is_mimco_knn_on_the_same_subsets(monitored_run, 
     assert json.loads(capsys.readouterr().out)["knn20_top1"] == float(rows[-1]["knn_monitor"])
 
 
+@pytest.mark.slow
 def test_the_monitor_prints_its_cost_once(tmp_path, capsys):
     from mimco.pipeline import run_stage
     from tests.conftest import tiny_teacher_cfg

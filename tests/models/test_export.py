@@ -23,6 +23,7 @@ def grey_run(tmp_path_factory):
     return out / "g"
 
 
+@pytest.mark.slow
 def test_timm_builds_the_folder_by_itself_with_the_same_features(grey_run, tmp_path, capsys):
     out = tmp_path / "hub"
     assert main(["export", str(grey_run / "last.pt"), "--out", str(out)]) == 0
@@ -40,6 +41,7 @@ def test_timm_builds_the_folder_by_itself_with_the_same_features(grey_run, tmp_p
     assert cfg["mimco"]["source_format"].startswith("mimco teacher")
 
 
+@pytest.mark.slow
 def test_the_model_card_comes_from_the_run(grey_run, tmp_path, capsys):
     assert main(["knn", str(grey_run / "last.pt"), "--k", "5"]) == 0  # a result in <run>/eval
     assert main(["export", str(grey_run / "last.pt"), "--out", str(tmp_path / "card")]) == 0

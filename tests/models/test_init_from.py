@@ -27,6 +27,7 @@ def _backbone_equal(a, b):
     return all(torch.equal(sa[k], sb[k]) for k in sb if not k.startswith("head.") and k in sa)
 
 
+@pytest.mark.slow
 def test_the_student_starts_from_a_runs_snapshot(monitored_run, teacher_ckpt):
     method = _method("pretrain", teacher=teacher_ckpt)
     report = init_encoders(method, str(monitored_run / "epoch_0002.pt"))
@@ -60,6 +61,7 @@ def test_a_file_of_another_shape_or_without_a_vit_is_a_one_line_error(tmp_path):
         init_encoders(_method("teacher"), str(tmp_path / "nothing.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_run_reports_it_and_a_resume_refuses_it(tmp_path, monitored_run, capsys):
     snap = str(monitored_run / "epoch_0002.pt")
     over = [*tiny_overrides(tmp_path, "cont"), "moco.mlp_dim=64", "moco.proj_dim=32", "train.max_steps=2",
