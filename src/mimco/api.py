@@ -54,16 +54,14 @@ def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
     ``cfg.train.out_dir/cfg.train.name``; the run continues under ``cfg``, which may change what a
     resume can change (a longer ``optim.epochs``, ``train.max_steps``), and nothing else."""
     from mimco.config_rules import check_resume
-    from mimco.pipeline import run_dir_for, run_stage
-    from mimco.runs import load_checkpoint, resume_path
+    from mimco.pipeline import run_dir_for, run_stage, stage_checkpoint
+    from mimco.runs import resume_path
 
     stage = stage_of(cfg)
     state, run_dir = None, None
     if resume is not None:
         path = resume_path(Path(cfg.train.out_dir) / cfg.train.name) if str(resume) == "auto" else Path(resume)
-        state = load_checkpoint(path)
-        if state["stage"] != stage:
-            raise MimcoError(f"{path} is a '{state['stage']}' checkpoint, not a '{stage}' one")
+        state = stage_checkpoint(stage, path)
         check_resume(state["config"], cfg)  # what a resume cannot change (the data, the model, the seed) is refused
         run_dir = path.parent
     else:

@@ -163,6 +163,14 @@ def run_or_reuse(stage: str, cfg: Any, run_dir: Path, say: str = "mimco", **inpu
     return summary
 
 
+def stage_checkpoint(stage: str, path: Path) -> dict[str, Any]:
+    """The run checkpoint at ``path``, refused when another stage wrote it."""
+    state = load_checkpoint(path)
+    if state["stage"] != stage:
+        raise MimcoError(f"{path} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")
+    return state
+
+
 def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, ...],
              resume: str | None) -> tuple[Any, dict[str, Any] | None, Path | None]:
     """A stage command's (config, checkpoint to resume or None, run folder or None for a new one).
@@ -182,9 +190,7 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
     if any(o.split("=", 1)[0].strip() == "model.init_from" for o in overrides):
         raise MimcoError("model.init_from does not apply on resume: the checkpoint already holds the weights; drop "
                          "the override (or start a new run from the file with another train.name)")
-    state = load_checkpoint(path)
-    if state["stage"] != stage:
-        raise MimcoError(f"{path} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")
+    state = stage_checkpoint(stage, path)
     cfg = from_dict(cls, state["config"])
     cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
     cfg = apply_overrides(cfg, overrides)

@@ -152,13 +152,14 @@ def cmd_knn(args: argparse.Namespace) -> int:
         raise MimcoError("--monitor scores the run's fixed monitor subsets; it does not combine with --per-class / "
                          "--labels-fraction")
     name, model, state, cfg, device, train, test = _prepare(args)
+    subsets: dict[str, Any] = {}
     if args.monitor:  # the k-NN monitor's subsets (eval.monitor_* of the checkpoint's config, then overrides)
         from mimco.eval.monitor import monitor_splits
 
         train, test = monitor_splits(train, test, cfg.eval)
-        few = {"monitor": {k: getattr(cfg.eval, k) for k in ("monitor_train", "monitor_test", "monitor_seed")}}
+        subsets = {"monitor": {k: getattr(cfg.eval, k) for k in ("monitor_train", "monitor_test", "monitor_seed")}}
     fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
-    if few and not args.monitor:
+    if few:
         metrics = _few_metrics(probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class,
                                                 args.labels_fraction, tuple(few["label_seeds"]), tuple(args.k),
                                                 args.temperature, None, args.pool))
@@ -167,7 +168,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
         accs = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
         metrics = {f"knn{k}_top1": round(v, 2) for k, v in accs.items()}
     write_result(_out_dir(args, args.checkpoint), _row("knn", args.checkpoint, name, state, cfg, metrics,
-                                                        k=args.k, temperature=args.temperature, pool=args.pool, **few))
+                                                        k=args.k, temperature=args.temperature, pool=args.pool, **few,
+                                                        **subsets))
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from mimco.errors import MimcoError
-
 #: the run folder's TensorBoard event files (``tensorboard --logdir runs``)
 TENSORBOARD = "tensorboard"
 #: the run's Weights & Biases id, so a resumed run continues the same W&B run
@@ -83,11 +81,8 @@ class WandbLog:
     ``WANDB_MODE=offline`` and the other ``WANDB_*`` variables are wandb's own."""
 
     def __init__(self, run_dir: Path, stage: str, project: str, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise MimcoError(f"train.wandb={project} needs the wandb package: pip install wandb (or drop "
-                             "train.wandb)") from None
+        import wandb  # present: the config's rules refuse train.wandb without it
+
         self.wandb, self.stage = wandb, stage
         id_file = run_dir / WANDB_ID
         run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else wandb.util.generate_id()
