@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FLOOR_VENV ?= $(HOME)/.cache/mimco/venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 
-.PHONY: setup data lint test test-fast demo device-wheels test-floor mutate clean-venv
+.PHONY: setup data slurm slurm-up slurm-down lint test test-fast demo device-wheels test-floor mutate clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -20,11 +20,25 @@ data:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
+# Debian's slurm-wlm and munge, for the SLURM tests against real daemons (needs root; skipped when present).
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
+
+# A one-node SLURM cluster of its own in SLURM_DIR, for trying scripts/slurm/pretrain.sbatch by hand:
+# `make slurm-up`, then the printed `export SLURM_CONF=...`, then sbatch; `make slurm-down` stops it.
+SLURM_DIR ?= /tmp/mimco-slurm
+slurm-up: setup slurm
+	$(PY) -m tests.slurm_cluster up $(SLURM_DIR)
+
+slurm-down: setup
+	$(PY) -m tests.slurm_cluster down $(SLURM_DIR)
+
 # ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup data
+test: setup data slurm
 	$(PY) -m pytest -q
 
 # the fast loop: every test but the end-to-end ones marked slow

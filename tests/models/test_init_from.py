@@ -62,15 +62,16 @@ def test_a_file_of_another_shape_or_without_a_vit_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_reports_it_and_a_resume_refuses_it(tmp_path, monitored_run, capsys):
+def test_a_run_reports_it_and_a_resume_refuses_another_file(tmp_path, monitored_run, capsys):
     snap = str(monitored_run / "epoch_0002.pt")
     over = [*tiny_overrides(tmp_path, "cont"), "moco.mlp_dim=64", "moco.proj_dim=32", "train.max_steps=2",
             f"model.init_from={snap}"]
     assert main(["teacher", *over]) == 0
     assert f"mimco: model.init_from={snap} (mimco pretrain" in capsys.readouterr().err
     with pytest.raises(Exception, match="model.init_from does not apply on resume"):
-        open_run("teacher", None, [f"model.init_from={snap}"], str(tmp_path / "cont" / "last.pt"))
-    cfg, state, run_dir = open_run("teacher", None, [], str(tmp_path / "cont" / "last.pt"))
+        open_run("teacher", None, [f"model.init_from={monitored_run / 'last.pt'}"], str(tmp_path / "cont" / "last.pt"))
+    # a requeued job repeats its whole command: the run's own value is accepted, and not loaded again
+    cfg, state, run_dir = open_run("teacher", None, [f"model.init_from={snap}"], str(tmp_path / "cont" / "last.pt"))
     assert cfg.model.init_from == snap  # the saved config keeps it; the weights come from the checkpoint
     run_stage("teacher", cfg, state, run_dir)
     assert "model.init_from" not in capsys.readouterr().err  # not loaded again over the checkpoint's weights
