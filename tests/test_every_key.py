@@ -47,6 +47,7 @@ ALLOWED: dict[str, str] = {
     "train.compile_mode": "only with train.compile (benchmarks/gpu_check.sh)",
     "train.strategy": "fsdp shards across processes under torchrun (tests/engine/test_distributed.py)",
     "train.init_distributed": "a process group of one: the same numbers (benchmarks/gpu_check.sh)",
+    "train.dist_timeout_minutes": "how long a collective may wait: the same numbers (tests/engine/test_distributed.py)",
     "train.threads": "CPU threads: the same numbers",
     "train.ckpt_every": "checkpoint cadence (tests/engine/test_engine.py)",
     "train.progress": "the progress bar",

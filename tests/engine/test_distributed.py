@@ -99,6 +99,50 @@ def test_fsdp_bf16_policy_on_two_processes_matches_one_process(tmp_path, teacher
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
+def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path):
+    """FSDP2 with optim.accum_steps=2 reduce-scatters each unit's gradients once per step, at the last
+    micro-batch (set_requires_gradient_sync, as DDP's no_sync), not once per micro-batch: as many
+    reduce-scatters as without accumulation, and the optimiser sees the whole batch's gradients
+    (SimMIM: no BatchNorm, no negatives)."""
+    _run([*TORCHRUN, str(ROOT / "tests" / "engine" / "fsdp_accum_worker.py"), str(tmp_path)])
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        counts = got["reduce_scatters"]
+        assert counts["whole"] > 0 and counts["accum"] == counts["whole"], counts
+        whole, accum = got["grads"]["whole"], got["grads"]["accum"]
+        assert len(whole) == len(accum) > 0
+        for a, b in zip(whole, accum):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-7)
+
+
+def test_the_process_group_takes_the_configured_timeout(tmp_path, monkeypatch):
+    """setup() joins the process group with train.dist_timeout_minutes as its timeout (how long a
+    collective waits for the slowest process: data.cache's decode by each node's local rank 0 must
+    fit in it), read back from a real gloo group of one."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from mimco.pipeline import setup
+    from tests.conftest import tiny_teacher_cfg
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = tiny_teacher_cfg(tmp_path, "t", ("train.init_distributed=true", "train.device=cpu",
+                                           "train.dist_timeout_minutes=7"))
+    setup(cfg)
+    try:
+        group = tdist.distributed_c10d._get_default_group()
+        assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(minutes=7)
+    finally:
+        tdist.destroy_process_group()
+
+
 def test_fsdp_mixed_precision_policy_follows_the_precision():
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -140,7 +184,9 @@ def test_compiled_two_processes_match_eager_one_process(tmp_path, teacher_ckpt, 
 def test_moco_on_two_processes_resumes_on_one(tmp_path, strategy, precision):
     args = ["teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "train.threads=1",
             f"train.out_dir={tmp_path}", "train.name=m", f"train.strategy={strategy}", f"train.precision={precision}"]
-    _run([*TORCHRUN, "-m", "mimco", *args, "train.max_steps=3"])
+    two = _run([*TORCHRUN, "-m", "mimco", *args, "train.max_steps=3"])
+    assert two.stdout.count('"total_steps"') == 1, two.stdout  # the summary, printed by rank 0 only
+    assert json.loads(two.stdout[two.stdout.index("{"):])["step"] == 3
     # resume the 2-process run on 1 process with micro-batches of 16: same global batch, same schedule
     r = _run([sys.executable, "-m", "mimco", "teacher", "--resume", str(tmp_path / "m" / "last.pt"),
               "optim.micro_batch=16"])

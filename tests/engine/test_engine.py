@@ -283,3 +283,51 @@ def test_the_trainer_hands_the_method_its_schedule_length(tmp_path):
         rows = list(csv.DictReader(f))
     assert [float(r["momentum"]) for r in rows] == pytest.approx(
         [momentum_at(s, 16, cfg.moco.momentum) for s in range(4)], abs=1e-6)
+
+
+def test_the_momentum_update_follows_each_optimiser_step(tmp_path, monkeypatch):
+    """The engine calls ``after_step``: MoCo's EMA runs before a fresh run's first forward and after
+    each optimiser step with the next step's momentum, once per step with accumulation, never inside
+    a forward, not after the last step, and not again at the start of a resumed run (its checkpoint
+    was written after the update): the order of MoCo v3's loop, where step t begins with the EMA of
+    momentum_at(t)."""
+    from mimco.methods.moco import MoCoV3, momentum_at
+
+    events = []
+    forward, update, adamw = MoCoV3.forward, MoCoV3.update_momentum_encoder, torch.optim.AdamW.step
+
+    def recording_forward(self, views, step, *rest):
+        events.append(("forward", step))
+        inside.append(True)
+        try:
+            return forward(self, views, step, *rest)
+        finally:
+            inside.pop()
+
+    def recording_update(self, m):
+        assert not inside, "the momentum encoder was written inside a forward"
+        events.append(("ema", round(m, 12)))
+        return update(self, m)
+
+    def recording_step(self, *args, **kwargs):
+        # loading a checkpoint's optimiser state steps once on zero gradients to build the state: not a step
+        if any(p.grad is not None and bool(p.grad.any()) for g in self.param_groups for p in g["params"]):
+            events.append(("optimiser",))
+        return adamw(self, *args, **kwargs)
+
+    inside: list[bool] = []
+    monkeypatch.setattr(MoCoV3, "forward", recording_forward)
+    monkeypatch.setattr(MoCoV3, "update_momentum_encoder", recording_update)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    make = lambda extra=(): tiny_teacher_cfg(tmp_path, "m", ("optim.accum_steps=2", *extra))  # noqa: E731
+    cfg = make()
+    run_stage("teacher", make(("train.max_steps=3",)))
+    resumed = run_stage("teacher", cfg, resume=load_checkpoint(tmp_path / "m" / "last.pt"), run_dir=tmp_path / "m")
+    total = resumed["total_steps"]
+    assert total == 8
+    want = [("ema", round(momentum_at(0, total, cfg.moco.momentum), 12))]
+    for t in range(total):
+        want += [("forward", t), ("forward", t), ("optimiser",)]
+        if t + 1 < total:
+            want.append(("ema", round(momentum_at(t + 1, total, cfg.moco.momentum), 12)))
+    assert events == want

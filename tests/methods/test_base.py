@@ -45,8 +45,8 @@ def test_a_module_without_the_hooks_is_refused_by_name():
         check_method(nn.Linear(2, 2))
 
 
-MEMBERS = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end",
-           "encoders", "frozen_modules", "compile_targets", "fsdp_units")
+MEMBERS = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "after_step",
+           "on_epoch_end", "encoders", "frozen_modules", "compile_targets", "fsdp_units")
 
 
 @pytest.mark.parametrize("missing", [m for m in MEMBERS if m != "forward"])  # every nn.Module has a forward

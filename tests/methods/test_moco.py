@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -56,9 +58,36 @@ def test_symmetric_loss_and_no_grad_to_momentum_encoder():
     assert m.base_encoder.blocks[0].attn.qkv.weight.grad is not None
 
 
-def test_forward_uses_the_scheduled_momentum_once_per_step():
-    """forward(step) moves the momentum encoder by the EMA with m = momentum_at(step), once per step
-    (a second micro-batch of the same step does not move it again)."""
+def test_moco_v3_defaults_and_frozen_momentum_encoder():
+    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
+    assert m.criterion.temperature == 0.2 and m.base_momentum == 0.99  # MoCo v3's ViT recipe
+    assert m.predictor.num_layers == 2 and m.base_encoder.head.num_layers == 3
+    assert not any(p.requires_grad for p in m.momentum_encoder.parameters())
+    assert momentum_at(1, 1, 0.99) == pytest.approx(1.0) and momentum_at(0, 0, 0.99) == pytest.approx(0.99)
+
+
+def test_moco_v3_head_sizes_default_to_the_papers():
+    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
+    assert (m.base_encoder.head.hidden_dim, m.base_encoder.head.out_dim) == (4096, 256)
+    assert (m.predictor.hidden_dim, m.predictor.out_dim) == (4096, 256)
+
+
+def test_forward_writes_no_momentum_parameter():
+    """The momentum encoder is only read in forward: under FSDP2 on a GPU its all-gather reads the
+    shards while forward runs, so an EMA written there could race with it. Its parameters keep
+    their version counter through a forward of the first and a later step."""
+    m = tiny_moco()
+    m.total_steps = 10
+    x = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    versions = [p._version for p in m.momentum_encoder.parameters()]
+    for step in (0, 0, 3):
+        m(x, step)
+    assert [p._version for p in m.momentum_encoder.parameters()] == versions
+
+
+def test_after_step_applies_the_next_steps_momentum():
+    """after_step(s) (s optimiser steps done; 0 before the first) moves the momentum encoder by the EMA
+    with momentum_at(s), the momentum of the step whose keys come next, and logs stay as they were."""
     m = tiny_moco()
     m.total_steps = 10
     with torch.no_grad():
@@ -69,41 +98,73 @@ def test_forward_uses_the_scheduled_momentum_once_per_step():
         mom = momentum_at(step, 10, 0.9)
         before = [p.clone() for p in m.momentum_encoder.parameters()]
         base = [p.detach().clone() for p in m.base_encoder.parameters()]
-        _, logs = m(x, step)
-        assert logs["momentum"] == pytest.approx(mom) and isinstance(logs["momentum"], float)  # no device copy
+        m.after_step(step)
         for old, b, new in zip(before, base, m.momentum_encoder.parameters()):
             assert torch.allclose(new, mom * old + (1 - mom) * b, atol=1e-6)
-        after = [p.clone() for p in m.momentum_encoder.parameters()]
-        m(x, step)  # the same step again: no second update
-        assert all(torch.equal(a, p) for a, p in zip(after, m.momentum_encoder.parameters()))
-
-
-def test_moco_v3_defaults_and_frozen_momentum_encoder():
-    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
-    assert m.criterion.temperature == 0.2 and m.base_momentum == 0.99  # MoCo v3's ViT recipe
-    assert m.predictor.num_layers == 2 and m.base_encoder.head.num_layers == 3
-    assert not any(p.requires_grad for p in m.momentum_encoder.parameters())
-    assert momentum_at(1, 1, 0.99) == pytest.approx(1.0) and momentum_at(0, 0, 0.99) == pytest.approx(0.99)
-
-
-def test_momentum_update_once_per_step_from_step_zero():
-    """The EMA runs at the first forward of every step (steps 0, 1, 2 ...), never twice in a step."""
-    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
-    m.total_steps = 10
+        _, logs = m(x, step)
+        assert logs["momentum"] == pytest.approx(mom) and isinstance(logs["momentum"], float)  # no device copy
     seen = []
     m.update_momentum_encoder = lambda mom: seen.append(mom)
-    x = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
-    for step in (0, 0, 1, 1, 2):
-        m(x, step)
-    assert seen == [pytest.approx(momentum_at(s, 10, 0.99)) for s in (0, 1, 2)]
-    fresh = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3), 16, 32)
-    fresh.total_steps, calls = 10, []
-    fresh.update_momentum_encoder = lambda mom: calls.append(mom)
-    fresh(x, 1)  # a run resumed at step 1 updates at its first step too
-    assert calls == [pytest.approx(momentum_at(1, 10, 0.99))]
+    m.after_step(10)  # after the last step no key forward follows: nothing to update
+    assert seen == []
 
 
-def test_moco_v3_head_sizes_default_to_the_papers():
-    m = MoCoV3(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
-    assert (m.base_encoder.head.hidden_dim, m.base_encoder.head.out_dim) == (4096, 256)
-    assert (m.predictor.hidden_dim, m.predictor.out_dim) == (4096, 256)
+def _old_order_reference(model, batches, total, lr):
+    """MoCo v3's own loop (main_moco.py): at the start of step t the momentum encoder takes the EMA with
+    momentum_at(t), then the keys are computed; the loss written out here, not through forward."""
+    model.total_steps = total
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for t, (x1, x2) in enumerate(batches):
+        model.update_momentum_encoder(momentum_at(t, total, model.base_momentum))
+        q1, q2 = model.predictor(model.base_encoder(x1)), model.predictor(model.base_encoder(x2))
+        with torch.no_grad():
+            k1, k2 = model.momentum_encoder(x1), model.momentum_encoder(x2)
+        loss = model.criterion(q1, k2) + model.criterion(q2, k1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def _engine_order(model, batches, total, lr, resume_at=None):
+    """The engine's order: after_step(0) before a fresh run's first step, forward, optimiser step,
+    after_step(t + 1). ``resume_at``: the run is saved there and continued by a fresh copy that
+    loads the state dict (no after_step at its start: the saved run made it)."""
+    model.total_steps = total
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.after_step(0)
+    for t, views in enumerate(batches):
+        if t == resume_at:
+            state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+            model = tiny_moco()
+            model.load_state_dict(state)
+            model.total_steps = total
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+            opt.load_state_dict(opt_state)
+        loss, _ = model(list(views), t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step(t + 1)
+    return model
+
+
+@pytest.mark.parametrize("resume_at", [None, 2])
+def test_update_after_the_step_equals_moco_v3s_update_before_the_keys(resume_at):
+    """Bit for bit, the same parameters as MoCo v3's order over a whole 4-step schedule, from encoders
+    that differ at the start (as after model.init_from), also with a resume after step 2."""
+    torch.manual_seed(0)
+    start = tiny_moco()
+    with torch.no_grad():
+        for p in start.momentum_encoder.parameters():
+            p.mul_(0.5)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)) for _ in range(4)]
+    torch.manual_seed(1)
+    ref = _old_order_reference(copy.deepcopy(start), batches, 4, 0.1).state_dict()
+    torch.manual_seed(1)
+    got = _engine_order(copy.deepcopy(start), batches, 4, 0.1, resume_at).state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert not torch.equal(ref["momentum_encoder.blocks.0.attn.qkv.weight"],
+                           start.state_dict()["momentum_encoder.blocks.0.attn.qkv.weight"])

@@ -17,10 +17,13 @@ from mimco.errors import MimcoError, message
 
 
 def _train(stage: str, args: argparse.Namespace) -> int:
+    from mimco.distributed import is_main
     from mimco.pipeline import open_run, run_stage
 
     cfg, resume, run_dir = open_run(stage, args.config, args.overrides, args.resume)
     summary = run_stage(stage, cfg, resume, run_dir)
+    if not is_main():  # under torchrun every process returns the summary; one prints it
+        return 0
     print(json.dumps(summary, indent=2))
     if "stopped_by" in summary:
         print(f"mimco: stopped by {summary['stopped_by']} at step {summary['step']}/{summary['total_steps']}; "
@@ -30,6 +33,7 @@ def _train(stage: str, args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mimco.config import PretrainConfig, apply_overrides, load_config
+    from mimco.distributed import is_main
     from mimco.models.formats import load_backbone
     from mimco.pipeline import evaluate, setup
 
@@ -41,7 +45,9 @@ def _eval(args: argparse.Namespace) -> int:
     if model.patch_embed.img_size[0] != cfg.data.img_size:  # its position table resampled to the data's side
         model, state = load_backbone(args.checkpoint, args.encoder, cfg.data.img_size)
     device = setup(cfg, model_keys=False)
-    print(json.dumps(evaluate(model.to(device), cfg, device, linear=not args.no_linear), indent=2))
+    metrics = evaluate(model.to(device), cfg, device, linear=not args.no_linear)  # each process extracts its share
+    if is_main():  # the main process scored; one prints
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -64,6 +64,16 @@ def shard(method: nn.Module, precision: str = "fp32") -> None:
     fully_shard(method, ignored_params=frozen or None, mp_policy=root)
 
 
+def gradient_sync(model: nn.Module, on: bool) -> None:
+    """FSDP2: whether the next backward reduce-scatters the gradients (off for the micro-batches of a
+    step but its last, which then reduces their sum once per unit, as DDP's ``no_sync``); gradients
+    accumulate unsharded meanwhile, in fp32 under a bf16/fp16 policy. Other modules: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
+
+
 def full_state(method: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model state, optimiser state), complete and on the CPU (on rank 0 under FSDP)."""
     return get_model_state_dict(method, options=FULL), get_optimizer_state_dict(method, optimizer, options=FULL)

@@ -2,7 +2,7 @@
 
 It runs any :class:`~mimco.methods.base.TrainingMethod` (the contract: ``forward(views, step,
 first_index) -> (loss, logs)``, ``backbone()``, ``no_weight_decay()``, ``param_groups()``,
-``total_steps``, ``on_epoch_end()``, ``metric_keys``, ``encoders()``, ``frozen_modules()``,
+``total_steps``, ``after_step()``, ``on_epoch_end()``, ``metric_keys``, ``encoders()``, ``frozen_modules()``,
 ``compile_targets()`` and ``fsdp_units()``) and adds everything else: per-iteration warm-up +
 cosine, bf16/fp16 autocast, gradient accumulation and clipping, gradient checkpointing, DDP/FSDP,
 a row every ``log_every`` steps to ``log.csv``, TensorBoard and W&B (:mod:`mimco.engine.logs`), a
@@ -32,12 +32,12 @@ from mimco import distributed as dist
 from mimco.config import to_dict
 from mimco.data.build import BatchStream
 from mimco.engine.amp import autocast
-from mimco.engine.compiling import compile_method
+from mimco.engine.compiling import compile_method, report_recompile_limit
 from mimco.engine.guards import FiniteGuard, StopSignal
 from mimco.engine.logs import RunLog
 from mimco.engine.optim import build_optimizer, build_scheduler
 from mimco.engine.rng import all_rng_states, restore_rank_state
-from mimco.engine.sharding import full_state, gathered, load_state, shard
+from mimco.engine.sharding import full_state, gathered, gradient_sync, load_state, shard
 from mimco.errors import MimcoError
 from mimco.masking import join_pending
 from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
@@ -98,6 +98,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, o, self.total_steps, int(round(o.warmup_epochs * spe)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
         self.step = 0
+        self.fresh = resume is None  # a resumed run's after_step for its first step ran before its checkpoint
         if resume is not None:
             self.step = int(resume["step"])
             if self.step > self.total_steps:
@@ -221,6 +222,8 @@ class Trainer:
                     first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         ctx = self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext()
+        if self.accum > 1:  # FSDP2: one reduce-scatter per unit and step, at the last micro-batch
+            gradient_sync(self.model, sync)
         with ctx:
             with autocast(self.device, self.cfg.train.precision):
                 loss, logs = self.model(views, self.step, first_index)
@@ -261,6 +264,8 @@ class Trainer:
         stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
         self._start, self._start_step, self._monitor_s = start, start_step, 0.0
         with StopSignal() as stop, contextlib.closing(self.log):
+            if self.fresh and self.step < end:
+                self.method.after_step(self.step)  # no step done yet: what comes before the first (MoCo's first EMA)
             while self.step < end:
                 views = next(batches)
                 self.scheduler.step_update(self.step)
@@ -275,6 +280,7 @@ class Trainer:
                 if norm is not None:
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float()
                 self.step += 1
+                self.method.after_step(self.step)  # every process, outside any forward (MoCo's EMA)
                 if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
                     first_step_s = round(time.perf_counter() - start, 2)
                     if self.compiled and dist.is_main():
@@ -322,6 +328,7 @@ class Trainer:
             join_pending()  # the next step's masks are being built: let no thread run on past the run
             path = self.checkpoint(snapshot=self._snapshot_due())
         self._report_bad_images()
+        report_recompile_limit(self.compiled)  # one line if dynamo ran compiled modules eager
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
                **{k: v for k, v in metrics.items() if v != ""}, **watched,
                "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}

@@ -33,6 +33,11 @@ class TrainingMethod(Protocol):
     - ``param_groups(weight_decay)``: the optimiser's groups, or None for the engine's default
       (decay off for ``ndim <= 1`` and ``no_weight_decay()``).
     - ``total_steps``: set by the engine before the first step (the schedule's length).
+    - ``after_step(step)``: called on every process once ``step`` optimiser steps are done: after
+      each optimiser step (gradients zeroed), and with 0 before a new run's first step (not at the
+      start of a resumed one, whose checkpoint was written after its call). Outside any forward,
+      so it may write parameters a forward only reads (MoCo's momentum encoder: under FSDP2 an
+      all-gather may read its shards while a forward runs).
     - ``on_epoch_end(epoch)``: called on every process after each epoch; returns metrics whose
       names are ``metric_keys`` (log columns); a checkpoint follows.
     - ``encoders()``: the backbones a checkpoint of the method offers, by name, the evaluated one
@@ -57,6 +62,8 @@ class TrainingMethod(Protocol):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None: ...
 
+    def after_step(self, step: int) -> None: ...
+
     def on_epoch_end(self, epoch: float) -> dict[str, float]: ...
 
     def encoders(self) -> dict[str, nn.Module]: ...
@@ -75,14 +82,17 @@ def vits(module: nn.Module) -> list[nn.Module]:
 
 
 class MethodDefaults:
-    """The optional hooks' defaults: no extra metrics, the engine's parameter groups, nothing at epoch
-    end, one encoder (``backbone()``), nothing frozen, every ViT's patch embedding and blocks
+    """The optional hooks' defaults: no extra metrics, the engine's parameter groups, nothing after a
+    step or at epoch end, one encoder (``backbone()``), nothing frozen, every ViT's patch embedding and blocks
     compiled, and every ViT outside the frozen modules sharded as a unit."""
 
     total_steps: int = 1
     metric_keys: tuple[str, ...] = ()
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        return None
+
+    def after_step(self, step: int) -> None:
         return None
 
     def on_epoch_end(self, epoch: float) -> dict[str, float]:
@@ -117,7 +127,7 @@ def backbone_prefixes(method: nn.Module) -> dict[str, str]:
 def check_method(method: Any) -> None:
     """Raise ``TypeError`` naming what ``method`` lacks of :class:`TrainingMethod`."""
     if not isinstance(method, TrainingMethod):
-        names = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "on_epoch_end",
-                 "encoders", "frozen_modules", "compile_targets", "fsdp_units")
+        names = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "after_step",
+                 "on_epoch_end", "encoders", "frozen_modules", "compile_targets", "fsdp_units")
         missing = [n for n in names if not hasattr(method, n)]
         raise TypeError(f"{type(method).__name__} is not a TrainingMethod: it lacks {', '.join(missing)}")

@@ -39,7 +39,6 @@ class MoCoV3(MethodDefaults, nn.Module):
         self.predictor = MoCoMLP(2, proj_dim, mlp_dim, proj_dim)
         self.criterion = GlobalInfoNCE(temperature)
         self.base_momentum = base_momentum
-        self._updated_at = -1
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
@@ -56,15 +55,20 @@ class MoCoV3(MethodDefaults, nn.Module):
         x1, x2 = views
         q1 = self.predictor(self.base_encoder(x1))
         q2 = self.predictor(self.base_encoder(x2))
-        m = momentum_at(step, self.total_steps, self.base_momentum)
-        with torch.no_grad():
-            if step != self._updated_at:  # once per optimiser step, also with gradient accumulation
-                self.update_momentum_encoder(m)
-                self._updated_at = step
+        with torch.no_grad():  # the momentum encoder as after_step(step) left it: read here, never written
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
+        m = momentum_at(step, self.total_steps, self.base_momentum)  # the momentum of this step's keys
         return loss, {"momentum": m}  # a Python float: made into a tensor only for the log row, not every step
+
+    def after_step(self, step: int) -> None:
+        """Once ``step`` optimiser steps are done (0: before the first), the EMA with the momentum of
+        the step whose keys come next, ``momentum_at(step)``: MoCo v3's update at the start of that
+        step, made after the optimiser step instead, outside any forward (under FSDP2 the momentum
+        encoder's all-gather may read its shards while a forward runs). Nothing after the last step."""
+        if step < self.total_steps:
+            self.update_momentum_encoder(momentum_at(step, self.total_steps, self.base_momentum))
 
     def backbone(self) -> VisionTransformer:
         """The encoder used as the stage-1 model for evaluation (the momentum encoder)."""
