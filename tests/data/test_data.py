@@ -196,3 +196,51 @@ def test_file_views_depend_on_image_and_epoch_only(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain[4:], batches(0, 4, 2)))  # resumed at step 4
     # epoch 1 visits the images in another order with new views: no batch repeats an epoch-0 batch
     assert not any(torch.equal(a, b) for a in plain[:3] for b in plain[3:])
+
+
+def test_batched_ops_follow_torchvisions_definitions():
+    """The batched views draw their random parameters on the batch's device; each op is
+    torchvision's (same factors give the same images) and each draws from torchvision's
+    distributions (crop boxes, and the probability each op is applied with)."""
+    import torch.nn.functional as F
+    from torchvision.transforms import RandomResizedCrop as TvCrop
+    from torchvision.transforms.v2 import functional as TF
+
+    from mimco.data import transforms as T
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 20, 30)
+    for k, f, ref in ((0, 1.4, TF.adjust_brightness), (1, 1.5, TF.adjust_contrast), (2, 0.3, TF.adjust_saturation),
+                      (3, 0.2, TF.adjust_hue), (3, -0.45, TF.adjust_hue)):
+        jitter = T.ColorJitter(0, 0, 0, 0)
+        jitter.ranges[k] = (f, f)  # one part at a fixed factor, the others neutral
+        # up to the luma weights' rounding (torchvision 0.2989 for red, kornia and mimco 0.299)
+        assert torch.allclose(jitter(x), ref(x, f), atol=1e-4), (k, f)
+    blur = T.RandomGaussianBlur(5, (1.3, 1.3), p=1.0)
+    assert torch.allclose(blur(x), TF.gaussian_blur(x, [5, 5], [1.3, 1.3]), atol=1e-5)
+    assert torch.equal(T.RandomSolarize(1.0)(x), TF.solarize(x, 0.5))
+    crop = T.RandomResizedCrop(16, (0.08, 1.0))
+    torch.manual_seed(1)
+    x0, y0, w, h = (v.long().tolist() for v in crop.boxes(x))
+    torch.manual_seed(1)
+    got = crop(x)
+    for b in range(len(x)):  # the sliced crop resized
+        want = F.interpolate(x[b : b + 1, :, y0[b] : y0[b] + h[b], x0[b] : x0[b] + w[b]], size=16, mode="bilinear")
+        assert torch.allclose(got[b : b + 1], want, atol=1e-5)
+
+    n = 4000
+    many = torch.rand(n, 3, 20, 30)
+    x0, y0, w, h = crop.boxes(many)
+    assert ((x0 >= 0) & (x0 + w <= 30) & (y0 >= 0) & (y0 + h <= 20)).all()
+    tv = torch.tensor([TvCrop.get_params(many[0], [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]).float()
+    ti, tj, th, tw = tv.unbind(1)
+    for ours, theirs in ((w * h / 600, tw * th / 600), (w / h, tw / th), (x0 / (31 - w), tj / (31 - tw)),
+                         (y0 / (21 - h), ti / (21 - th))):
+        assert abs(ours.mean() - theirs.mean()) < 0.03 and abs(ours.std() - theirs.std()) < 0.03
+    for op, p in ((T.RandomHorizontalFlip(0.5), 0.5), (T.RandomGrayscale(0.2), 0.2), (T.RandomSolarize(0.2), 0.2),
+                  (T.RandomGaussianBlur(5, (0.1, 2.0), 0.5), 0.5), (T.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), 0.8)):
+        changed = (op(many) - many).abs().flatten(1).amax(1) > 1e-6
+        assert abs(changed.float().mean().item() - p) < 0.03, (op, p)
+    factor = T.ColorJitter(0.4, 0, 0, 0)(torch.full((n, 3, 2, 2), 0.5))[:, 0, 0, 0] / 0.5  # brightness in [0.6, 1.4]
+    assert factor.min() >= 0.6 and factor.max() <= 1.4 and abs(factor.mean() - 1) < 0.01
+    assert abs(factor.std() - 0.8 / 12**0.5) < 0.01

@@ -46,3 +46,52 @@ def test_an_eva_teacher_is_compiled_too():
 
     eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=2)
     assert compile_method(Holder(eva)) == 3 and all(is_compiled(x) for x in (eva.patch_embed, *eva.blocks))
+
+
+class _Linears(torch.nn.Module):
+    """A method whose compile targets are ``n`` modules of distinct shapes: every module compiled in
+    place runs through one shared code object, so each holds its own entries in one dynamo cache."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(i + 1, 2) for i in range(n))
+
+    def compile_targets(self):
+        return list(self.layers)
+
+    def run(self):
+        for i, layer in enumerate(self.layers):
+            layer(torch.randn(3, i + 1)).sum().backward()  # training
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                layer(torch.randn(5, i + 1))  # evaluation: no_grad, another batch size
+
+
+def test_more_compiled_modules_than_dynamos_recompile_limit_all_run_compiled(capsys):
+    """Past ``torch._dynamo.config.recompile_limit`` (8) the modules left would run eager without a
+    word: compile_method raises the limit to cover what it compiled."""
+    from torch._dynamo.utils import counters
+
+    from mimco.engine.compiling import limit_hits, report_recompile_limit
+
+    torch._dynamo.reset()
+    m, hits, graphs = _Linears(12), limit_hits(), counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):  # defaults, restored after
+        assert compile_method(m, backend="eager") == 12
+        m.run()
+    assert limit_hits() == hits and counters["stats"]["unique_graphs"] - graphs >= 12 * 2
+    assert report_recompile_limit(12) == 0 and "mimco:" not in capsys.readouterr().err
+
+
+def test_a_recompile_limit_hit_anyway_is_one_line(capsys):
+    from mimco.engine.compiling import report_recompile_limit
+
+    torch._dynamo.reset()
+    m = _Linears(4)
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        compile_method(m, backend="eager")
+        torch._dynamo.config.recompile_limit = 2  # fewer than the 4 modules' entries: the rest runs eager
+        m.run()
+    assert report_recompile_limit(4) > 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mimco:")]
+    assert len(err) == 1 and "torch.compile hit its recompile limit" in err[0] and "ran eager" in err[0]

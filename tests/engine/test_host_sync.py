@@ -23,7 +23,8 @@ DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.unique_
 
 
 class HostSyncs(TorchDispatchMode):
-    """Records ``.item()`` and its kin, blocking host-to-device copies and data-dependent shapes."""
+    """Records ``.item()`` and its kin, blocking host-to-device copies (a host index into a device
+    tensor among them) and data-dependent shapes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,6 +46,9 @@ class HostSyncs(TorchDispatchMode):
                 self.found.append(f"a blocking copy of a host tensor {tuple(src.shape)} into the device")
         elif func in DATA_DEPENDENT:
             self.found.append(f"{func} (its output size depends on the data)")
+        elif func is aten.index.Tensor and args[0].device.type != "cpu" and any(
+                i is not None and i.device.type == "cpu" and i.dim() > 0 for i in args[1]):
+            self.found.append(f"a host index into a device tensor {tuple(args[0].shape)} (copied to it, blocking)")
         return func(*args, **kwargs)
 
 
@@ -119,6 +123,7 @@ def test_a_training_step_never_waits_for_the_device(name, tmp_path, teacher_ckpt
     with host_syncs() as found:
         loss, logs = method(views, 3, 0)
         loss.backward()
+        method.after_step(4)  # the hook after the optimiser step is part of the step too (MoCo's EMA)
     assert loss.device.type == "meta"
     assert found == [], f"{name}: {found}"
 
@@ -133,9 +138,33 @@ def test_the_recorders_see_each_kind_of_sync():
         torch.ones(2).to("meta", non_blocking=True)  # allowed: asynchronous (pinned on a GPU)
         torch.empty(2, device="meta").copy_(torch.ones(2))
         torch.full((), 0.5, device="meta")  # allowed: a fill kernel, no copy
+        x[torch.tensor([0, 2])]  # a host index: the device copies it before indexing
+        x[torch.arange(0, 3, 2, device="meta")]  # allowed: the index already there
         with pytest.raises(NotImplementedError):  # meta cannot say how many; the recorder notes the call first
             x.nonzero()
         with pytest.raises(Exception):  # noqa: B017  (meta tensors cannot be read at all, by any exception; likewise)
             x.sum().item()
-    assert len(found) == 6, found
+    assert len(found) == 7, found
     assert found[0].startswith("Tensor.new_tensor") and found[-1].startswith("a tensor read on the host")
+
+
+@pytest.mark.parametrize("views, channels", [("two", 3), ("two", 1), ("one", 3)])
+def test_the_batched_views_of_in_memory_images_never_wait_for_the_device(views, channels):
+    """``data.on_device``: the batched augmentation draws its random parameters on the device (none
+    made on the host and copied there), and the stream indexes the device's images with an index
+    already there; over an epoch's end too."""
+    from mimco.config import ContrastiveAugConfig, DataConfig, MimAugConfig
+    from mimco.data.build import BatchStream, ImageArray
+    from mimco.data.transforms import BatchMimView, BatchTwoViews
+
+    data = DataConfig(img_size=16, channels=channels)
+    tf = BatchTwoViews(ContrastiveAugConfig(), data) if views == "two" else BatchMimView(MimAugConfig(), data)
+    images = torch.empty(12, channels, 16, 16, dtype=torch.uint8, device="meta")
+    stream = BatchStream(ImageArray(images, torch.zeros(12, dtype=torch.long), channels), 4, 0,
+                         torch.device("meta"), tf.to("meta"), 0)
+    batches = stream(0)
+    with host_syncs() as found:
+        got = [next(batches) for _ in range(4)]  # 3 steps an epoch
+    assert [tuple(v.shape) for v in got[-1]] == [(4, channels, 16, 16)] * (2 if views == "two" else 1)
+    assert all(v.device.type == "meta" for b in got for v in b)
+    assert found == [], found

@@ -36,13 +36,60 @@ def test_subsets_are_balanced_seeded_and_fixed():
 
 
 @pytest.mark.parametrize("train, test, match", [
-    (500, 8, "eval.monitor_train=500 exceeds the training split's 400 images; set eval.monitor_train to at most 400"),
-    (40, 101, "eval.monitor_test=101 exceeds the test split's 100 images"),
     (3, 8, "eval.monitor_train=3 is fewer than one image for each of the 4 classes"),
+    (40, 2, "eval.monitor_test=2 is fewer than one image for each of the 4 classes"),
 ])
-def test_sizes_beyond_the_split_are_one_line_errors(train, test, match):
+def test_fewer_than_one_image_per_class_is_a_one_line_error(train, test, match):
     with pytest.raises(MimcoError, match=match):
         monitor_splits(_split(400), _split(100), EvalConfig(monitor_train=train, monitor_test=test))
+
+
+def test_sizes_beyond_the_split_are_capped_in_one_line(capsys):
+    """The defaults (50,000 and 10,000) are sizes "up to": on a smaller split the monitor takes all
+    it can, class-balanced (an uneven split: as many of each class as the smallest has)."""
+    bank, queries = monitor_splits(_split(400), _split(100), EvalConfig())
+    assert torch.bincount(labels_of(bank)).tolist() == [100] * 4
+    assert torch.bincount(labels_of(queries)).tolist() == [25] * 4
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mimco: eval.monitor_train=50000 is more than the training split's 400 images give class-balanced; "
+                   "the monitor uses 400 (100 of each of 4 classes)",
+                   "mimco: eval.monitor_test=10000 is more than the test split's 100 images give class-balanced; "
+                   "the monitor uses 100 (25 of each of 4 classes)"]
+    uneven = ImageArray(torch.zeros(30, 1, 8, 8, dtype=torch.uint8), torch.tensor([0] * 20 + [1] * 10), 1)
+    bank = monitor_splits(uneven, _split(100), EvalConfig(monitor_train=24, monitor_test=8))[0]
+    assert torch.bincount(labels_of(bank)).tolist() == [10, 10]
+    assert "eval.monitor_train=24 is more than the training split's 30 images" in capsys.readouterr().err
+    monitor_splits(_split(400), _split(100), EvalConfig(monitor_train=400, monitor_test=100))
+    assert capsys.readouterr().err == ""  # a size the split holds: nothing to say
+
+
+def test_the_cap_is_said_on_the_main_process_only(monkeypatch, capsys):
+    monkeypatch.setattr("mimco.distributed.is_main", lambda: False)
+    bank = monitor_splits(_split(400), _split(100), EvalConfig())[0]
+    assert len(bank) == 400 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("main, sharded, drawn", [(True, False, 1), (False, False, 0), (False, True, 1)])
+def test_the_pictures_are_drawn_on_the_main_process_only_except_under_fsdp(monkeypatch, main, sharded, drawn):
+    """Under DDP the other processes skip the pictures' forward passes; under FSDP those are
+    collectives, so every process runs them (the main process alone keeps them)."""
+    import timm
+
+    import mimco.eval.monitor as mon
+    from mimco.config import DataConfig
+
+    calls = []
+    monkeypatch.setattr(mon, "monitor_images", lambda *a, **k: calls.append(1) or {"inputs": torch.zeros(3, 1, 1)})
+    monkeypatch.setattr("mimco.distributed.is_main", lambda: main)
+    monkeypatch.setattr(mon, "_sharded", lambda _m: sharded)
+    m = KnnMonitor.__new__(KnnMonitor)
+    m.ev, m.mask = EvalConfig(monitor_train=8, monitor_test=4, knn_k=2), None
+    m.data = DataConfig(img_size=8, channels=1, mean=[0.5], std=[0.5])
+    m.bank, m.queries = monitor_splits(_split(40), _split(20), m.ev)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=8, patch_size=4,
+                            embed_dim=32, depth=1, num_heads=2, in_chans=1)
+    values, images = m(vit, torch.device("cpu"), "fp32")
+    assert len(calls) == drawn and bool(images) == main and ("knn_monitor" in values) == main
 
 
 def test_due_at_epochs_and_steps():
@@ -84,12 +131,12 @@ def test_the_monitor_prints_its_cost_once(tmp_path, capsys):
     assert "% of an epoch" in err
 
 
-def test_a_monitor_beyond_the_split_stops_before_anything_is_written(tmp_path, capsys):
-    code = main(["teacher", *tiny_overrides(tmp_path, "big"), "moco.mlp_dim=64", "moco.proj_dim=32",
-                 "eval.every_epochs=1", "eval.monitor_train=100000"])
+def test_a_monitor_below_one_image_per_class_stops_before_anything_is_written(tmp_path, capsys):
+    code = main(["teacher", *tiny_overrides(tmp_path, "small"), "moco.mlp_dim=64", "moco.proj_dim=32",
+                 "eval.every_epochs=1", "eval.monitor_train=1"])
     err = capsys.readouterr().err
-    assert code == 2 and "eval.monitor_train=100000 exceeds the training split's 256 images" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "big").exists()
+    assert code == 2 and "eval.monitor_train=1 is fewer than one image for each of the" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "small").exists()
 
 
 def test_cls_attention_is_the_last_blocks_attention_from_cls():
@@ -129,3 +176,44 @@ def test_monitor_pictures_show_the_input_its_masked_copy_and_the_features():
     masked = inputs[0, 18:34, 1:17]  # the first image's masked copy: half of its 16 patches grey
     assert ((masked == 0.5).float().mean() == 0.5) and ((masked == 1).float().mean() == 0.5)
     assert feats.min() >= 0 and feats.max() <= 1
+
+
+def test_monitor_pictures_of_a_compiled_backbone_reuse_its_graphs():
+    """``train.compile`` compiles each block in place; the attention picture reads the last block's
+    q/k projection through a hook, which the block's graph (traced for the extraction just before)
+    would skip. The pictures equal the eager backbone's, and a second monitor point (training step,
+    extraction, pictures) compiles nothing new."""
+    import copy
+
+    import timm
+    from torch._dynamo.utils import counters
+
+    from mimco.config import DataConfig
+    from mimco.eval.monitor import monitor_images
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2, in_chans=1)
+    plain = copy.deepcopy(vit)
+    torch._dynamo.reset()
+    for m in (vit.patch_embed, *vit.blocks):  # as train.compile does (engine/compiling.py), on dynamo's eager backend
+        m.compile(backend="eager")
+    data = DataConfig(img_size=16, channels=1, mean=[0.5], std=[0.5])
+    x = torch.randn(3, 1, 16, 16)
+
+    def point():
+        vit.train()
+        vit.forward_features(torch.randn(4, 1, 16, 16)).sum().backward()  # a training step
+        with torch.no_grad():
+            vit.eval()
+            vit.forward_features(torch.randn(5, 1, 16, 16))  # the monitor's extraction
+        return monitor_images(vit, x, data)
+
+    first = point()
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    assert graphs > 0  # the blocks did run compiled
+    second = point()
+    assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (graphs, frames)  # no recompile
+    want = monitor_images(plain, x, data)
+    for pics in (first, second):
+        assert torch.allclose(pics["features"], want["features"], atol=1e-5)

@@ -193,10 +193,13 @@ class BatchStream:
             epoch, first = divmod(step, self.steps_per_epoch)
             idx = self._local_indices(epoch, first)
             if isinstance(self.ds, ImageArray):
-                for row in idx:
+                # images on the device (data.on_device): the epoch's index goes there once, not a host
+                # index each step (copied to the device, blocking, before every batch)
+                at = idx.to(self.ds.images.device, non_blocking=True)
+                for row, host_row in zip(at, idx):
                     x = self.ds.batch(row).to(self.device, non_blocking=True)
                     views = self.batch_transform(x)
-                    yield [*views, self.ds.labels[row].to(self.device)] if self.labels else views
+                    yield [*views, self.ds.labels[host_row].to(self.device)] if self.labels else views
             else:
                 # the persistent loader picks up this epoch's order; keys epoch * N + i seed each image's views
                 self._rows.rows = (idx + epoch * len(self.ds)).tolist()

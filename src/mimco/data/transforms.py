@@ -1,10 +1,16 @@
 """View transforms for both stages, in two forms with the same recipe:
 
-* batched, per-sample-random transforms on uint8 tensors (kornia), used for in-memory
-  datasets; they run on whatever device holds the batch;
+* batched, per-sample-random transforms on uint8 tensors, used for in-memory datasets; they run
+  on whatever device holds the batch, and draw their random parameters there too (with the
+  device's generator), so a step neither copies a parameter to the device nor waits for it
+  (``tests/engine/test_host_sync.py`` runs them on the meta device);
 * per-image torchvision transforms, used by loader workers for image files of any size.
 
-Blur sigma is given for 224 px images (MoCo v3) and scaled to ``img_size``.
+Both follow torchvision's definitions (random resized crop with 10 tries and a centre-crop
+fallback; colour jitter's factors drawn uniformly, multiplicative brightness, its four parts in a
+random order; grayscale with ITU-R 601 weights; Gaussian blur with a per-image sigma; solarize at
+0.5; horizontal flip), each applied per image with its probability. Blur sigma is given for 224 px
+images (MoCo v3) and scaled to ``img_size``.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
@@ -45,6 +51,166 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
+def _uniform(x: torch.Tensor, lo: float, hi: float, *shape: int) -> torch.Tensor:
+    """Uniform draws in [lo, hi) on ``x``'s device, (B, *shape)."""
+    return torch.empty(len(x), *shape, device=x.device).uniform_(lo, hi)
+
+
+def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Which images an op with probability ``p`` applies to, (B, 1, 1, 1) bool on ``x``'s device."""
+    return torch.rand(len(x), 1, 1, 1, device=x.device) < p
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma (B, 1, H, W) of RGB images (ITU-R 601, as torchvision and kornia)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+class RandomResizedCrop(nn.Module):
+    """torchvision's random resized crop, per image and batched: 10 tries of an area fraction in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, the first that fits taken (the whole image,
+    its ratio clamped, when none does), resampled bilinearly to ``size`` x ``size``."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 tries: int = 10) -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio, self.tries = size, scale, ratio, tries
+
+    def boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's crop (left, top, width, height) in pixels, (B,) each, on ``x``'s device."""
+        h_in, w_in = x.shape[-2:]
+        area = h_in * w_in * _uniform(x, *self.scale, self.tries)
+        r = _uniform(x, math.log(self.ratio[0]), math.log(self.ratio[1]), self.tries).exp()
+        w, h = (area * r).sqrt().round(), (area / r).sqrt().round()
+        fits = (w >= 1) & (w <= w_in) & (h >= 1) & (h <= h_in)
+        first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+        found = fits.any(1)
+        in_ratio = w_in / h_in  # the fallback: the whole image, its ratio clamped to ``ratio``, centred
+        fw, fh = ((w_in, round(w_in / self.ratio[0])) if in_ratio < self.ratio[0] else
+                  (round(h_in * self.ratio[1]), h_in) if in_ratio > self.ratio[1] else (w_in, h_in))
+        w = torch.where(found, w.gather(1, first).squeeze(1), fw)
+        h = torch.where(found, h.gather(1, first).squeeze(1), fh)
+        x0 = torch.where(found, (_uniform(x, 0, 1) * (w_in - w + 1)).floor(), (w_in - fw) // 2)
+        y0 = torch.where(found, (_uniform(x, 0, 1) * (h_in - h + 1)).floor(), (h_in - fh) // 2)
+        return x0, y0, w, h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h_in, w_in = x.shape
+        x0, y0, w, h = self.boxes(x)
+        zero = torch.zeros_like(w)
+        # output coordinate o in [-1, 1] -> the crop's pixels [x0, x0 + w) (align_corners=False)
+        theta = torch.stack([torch.stack([w / w_in, zero, (2 * x0 + w) / w_in - 1], 1),
+                             torch.stack([zero, h / h_in, (2 * y0 + h) / h_in - 1], 1)], 1)
+        grid = F.affine_grid(theta, [b, c, self.size, self.size], align_corners=False)
+        # no pixel from outside the crop: its edge pixels repeat, as resizing the sliced crop does
+        lo = torch.stack([(2 * x0 + 1) / w_in - 1, (2 * y0 + 1) / h_in - 1], 1).view(b, 1, 1, 2)
+        hi = torch.stack([(2 * (x0 + w) - 1) / w_in - 1, (2 * (y0 + h) - 1) / h_in - 1], 1).view(b, 1, 1, 2)
+        grid = torch.maximum(torch.minimum(grid, hi), lo)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eq = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eq, ones, maxc)
+    div = torch.where(eq, ones, cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    return torch.remainder((hr + hg + hb) / 6.0 + 1.0, 1.0), s, maxc
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = torch.remainder(i, 6).long().unsqueeze(1)
+    p, q, t = ((v * (1.0 - s)).clamp(0, 1), (v * (1.0 - s * f)).clamp(0, 1), (v * (1.0 - s * (1.0 - f))).clamp(0, 1))
+    pick = lambda *a: torch.stack(a, 1).gather(1, i)  # noqa: E731  (the sector's value for each pixel)
+    return torch.cat([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], 1)
+
+
+class ColorJitter(nn.Module):
+    """torchvision's colour jitter on RGB images in [0, 1], per image, applied with probability ``p``:
+    brightness, contrast and saturation factors drawn in [max(0, 1 - a), 1 + a], hue in [-h, h]
+    turns, the four in a random order (one per batch, as kornia's)."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0) -> None:
+        super().__init__()
+        self.ranges = [(max(0.0, 1 - a), 1 + a) for a in (brightness, contrast, saturation)] + [(-hue, hue)]
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = [_uniform(x, lo, hi, 1, 1, 1) for lo, hi in self.ranges]
+        out = x
+        for k in torch.randperm(4).tolist():  # host randomness for the order: no device value read
+            if k == 0:
+                out = (out * f[0]).clamp(0, 1)
+            elif k == 1:
+                mean = _grey(out).mean((1, 2, 3), keepdim=True)
+                out = (mean + (out - mean) * f[1]).clamp(0, 1)
+            elif k == 2:
+                grey = _grey(out)
+                out = (grey + (out - grey) * f[2]).clamp(0, 1)
+            else:
+                h, s, v = _rgb_to_hsv(out)
+                out = _hsv_to_rgb(torch.remainder(h + f[3][:, 0], 1.0), s, v)
+        return torch.where(_chosen(x, self.p), out, x)
+
+
+class RandomGrayscale(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(_chosen(x, self.p), _grey(x).expand_as(x), x)
+
+
+class RandomGaussianBlur(nn.Module):
+    """A ``k`` x ``k`` Gaussian blur, its sigma drawn per image in ``sigma``, reflect padding (kornia's
+    default border), applied with probability ``p``."""
+
+    def __init__(self, k: int, sigma: tuple[float, float], p: float) -> None:
+        super().__init__()
+        self.k, self.sigma, self.p = k, sigma, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        sigma = _uniform(x, *self.sigma, 1)
+        pos = torch.arange(self.k, device=x.device, dtype=x.dtype) - (self.k - 1) / 2
+        kern = torch.exp(-(pos**2) / (2 * sigma**2))
+        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, k)
+        pad = self.k // 2
+        y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+        y = F.conv2d(y, kern.view(b * c, 1, 1, self.k), groups=b * c)
+        y = F.conv2d(y, kern.view(b * c, 1, self.k, 1), groups=b * c).view(b, c, h, w)
+        return torch.where(_chosen(x, self.p), y, x)
+
+
+class RandomSolarize(nn.Module):
+    """Pixels at or above 0.5 inverted, with probability ``p``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(_chosen(x, self.p), torch.where(x < 0.5, x, 1.0 - x), x)
+
+
+class RandomHorizontalFlip(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(_chosen(x, self.p), x.flip(-1), x)
+
+
 class BatchTwoViews(nn.Module):
     """MoCo v3's asymmetric views of a uint8 batch (B, C, S, S) -> [view1, view2], normalised.
     With ``crop=False`` the random resized crop is left out: :meth:`from_crops` then takes each
@@ -58,15 +224,15 @@ class BatchTwoViews(nn.Module):
         self.crops = [((cfg.min_scale, 1.0), (3 / 4, 4 / 3))] * 2
 
         def view(blur_p: float, sol_p: float) -> nn.Sequential:
-            ops: list[nn.Module] = [K.RandomResizedCrop((s, s), scale=(cfg.min_scale, 1.0))] if crop else []
+            ops: list[nn.Module] = [RandomResizedCrop(s, scale=(cfg.min_scale, 1.0))] if crop else []
             ops += [
-                K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
-                K.RandomGrayscale(p=cfg.grayscale_prob),
-                K.RandomGaussianBlur((k, k), sigma, p=blur_p),
+                ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
+                RandomGrayscale(p=cfg.grayscale_prob),
+                RandomGaussianBlur(k, sigma, p=blur_p),
             ]
             if sol_p > 0:
-                ops.append(K.RandomSolarize(0.0, 0.0, p=sol_p))
-            ops.append(K.RandomHorizontalFlip(p=cfg.flip_prob))
+                ops.append(RandomSolarize(p=sol_p))
+            ops.append(RandomHorizontalFlip(p=cfg.flip_prob))
             return nn.Sequential(*ops)
 
         self.v1 = view(cfg.blur_prob1, cfg.solarize_prob1)
@@ -98,9 +264,9 @@ class BatchMimView(nn.Module):
         super().__init__()
         s = data.img_size
         self.crops = [((cfg.min_scale, cfg.max_scale), tuple(cfg.ratio))]
-        ops: list[nn.Module] = [K.RandomResizedCrop((s, s), scale=(cfg.min_scale, cfg.max_scale),
-                                                    ratio=tuple(cfg.ratio))] if crop else []
-        self.seq = nn.Sequential(*ops, K.RandomHorizontalFlip(p=cfg.flip_prob))
+        ops: list[nn.Module] = [RandomResizedCrop(s, scale=(cfg.min_scale, cfg.max_scale),
+                                                  ratio=tuple(cfg.ratio))] if crop else []
+        self.seq = nn.Sequential(*ops, RandomHorizontalFlip(p=cfg.flip_prob))
         self.norm = Normalize(data.mean, data.std, data.channels)
 
     @torch.no_grad()

@@ -1,11 +1,13 @@
 """The k-NN monitor of a pre-training run (``eval.every_epochs`` / ``eval.every_steps``).
 
-A bank of ``eval.monitor_train`` training images and ``eval.monitor_test`` test images, both
-class-balanced and drawn once with ``eval.monitor_seed`` (:func:`monitor_splits`, the same subsets
-``mimco knn --monitor`` scores), are embedded by the live backbone on every process (each its
-share, under the run's autocast) and scored by weighted k-NN on rank 0 (``knn_monitor`` in
-``log.csv``). At each point a few test images also become pictures for TensorBoard: the input, a
-masked input (stage 2), the last block's CLS attention and the PCA of the patch tokens.
+A bank of up to ``eval.monitor_train`` training images and up to ``eval.monitor_test`` test images
+(capped at what the split holds), both class-balanced and drawn once with ``eval.monitor_seed``
+(:func:`monitor_splits`, the same subsets ``mimco knn --monitor`` scores), are embedded by the
+live backbone on every process (each its share, under the run's autocast) and scored by weighted
+k-NN on rank 0 (``knn_monitor`` in ``log.csv``). At each point a few test images also become
+pictures for TensorBoard (on the main process; under FSDP every process takes part in their forward
+passes): the input, a masked input (stage 2), the last block's CLS attention and the PCA of the
+patch tokens.
 
 Sizing: forward passes alone, ``monitor_train + monitor_test`` images per point. A training image
 costs about 4 forward passes in stage 2 (the student's forward and backward, the teacher's
@@ -16,15 +18,20 @@ in stage 1; the run prints the measured share at the first point.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mimco import distributed as dist
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import load_dataset
 from mimco.data.subsets import labelled_subset, labels_of
 from mimco.engine.amp import autocast
+from mimco.engine.compiling import is_compiled
 from mimco.errors import MimcoError
 from mimco.eval.features import eval_batches, extract_features_distributed
 from mimco.eval.knn import knn_accuracy
@@ -35,16 +42,23 @@ SHOWN = 8
 
 
 def _balanced(split: Any, size: int, seed: int, key: str, name: str) -> Any:
-    """``size`` images of ``split``, the same number from every class (``size // classes``)."""
-    n = len(split)
-    if size > n:
-        raise MimcoError(f"{key}={size} exceeds the {name} split's {n} images; set {key} to at most {n}")
+    """Up to ``size`` images of ``split``, the same number from every class (``size // classes``,
+    at most the smallest class: a size beyond what the split holds is capped, in one line on the
+    main process)."""
     labels = labels_of(split)
-    classes = int((torch.bincount(labels[labels >= 0]) > 0).sum()) if len(labels) else 0
+    counts = torch.bincount(labels[labels >= 0]) if len(labels) else torch.zeros(0, dtype=torch.long)
+    present = counts[counts > 0]
+    classes = len(present)
     if classes and size < classes:
         raise MimcoError(f"{key}={size} is fewer than one image for each of the {classes} classes; set {key} to at "
                          f"least {classes}")
-    return labelled_subset(split, max(size // max(classes, 1), 1), 0.0, seed, key)
+    per_class = max(size // max(classes, 1), 1)
+    if classes and per_class > int(present.min()):
+        per_class = int(present.min())
+        if dist.is_main():
+            print(f"mimco: {key}={size} is more than the {name} split's {len(split)} images give class-balanced; the "
+                  f"monitor uses {per_class * classes} ({per_class} of each of {classes} classes)", file=sys.stderr)
+    return labelled_subset(split, per_class, 0.0, seed, key)
 
 
 def monitor_splits(train: Any, test: Any, ev: EvalConfig) -> tuple[Any, Any]:
@@ -54,6 +68,29 @@ def monitor_splits(train: Any, test: Any, ev: EvalConfig) -> tuple[Any, Any]:
                          "split (fashion_mnist, cifar10, an imagefolder with train/ and val/); set them to 0")
     return (_balanced(train, ev.monitor_train, ev.monitor_seed, "eval.monitor_train", "training"),
             _balanced(test, ev.monitor_test, ev.monitor_seed + 1, "eval.monitor_test", "test"))
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds FSDP2 units (its forward passes are collectives)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextmanager
+def _eager(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, the modules of ``module`` compiled in place (``train.compile``) run their plain forward.
+    The attention picture reads a block's q/k projection through a forward hook, which a compiled
+    block's graph (traced without it, for the extraction just before) would skip; the compiled code
+    is left as it is, so the steps after reuse it without recompiling."""
+    saved = [(m, m._compiled_call_impl) for m in module.modules() if is_compiled(m)]
+    for m, _ in saved:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
 
 
 def monitor_images(backbone: torch.nn.Module, x: torch.Tensor, data: DataConfig, mask: Any = None,
@@ -83,7 +120,8 @@ def monitor_images(backbone: torch.nn.Module, x: torch.Tensor, data: DataConfig,
     out = {"inputs": make_grid(torch.cat(rows), nrow=len(x), padding=1)}
     feats = []
     if hasattr(backbone, "blocks") and hasattr(backbone.blocks[-1], "attn"):
-        att = cls_attention(backbone, x).float().cpu()
+        with _eager(backbone):
+            att = cls_attention(backbone, x).float().cpu()
         att = att / att.flatten(1).amax(1).clamp_min(1e-8).view(-1, 1, 1)
         feats.append(F.interpolate(att[:, None], size=size, mode="nearest").expand(-1, 3, -1, -1))
     pca = torch.from_numpy(pca_maps(backbone, x)).permute(0, 3, 1, 2).float()
@@ -124,13 +162,18 @@ class KnnMonitor:
     @torch.no_grad()
     def __call__(self, backbone: torch.nn.Module, device: torch.device,
                  precision: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """({"knn_monitor": top-1 %} on rank 0, {} elsewhere; the pictures). A collective: every
-        process calls it."""
+        """({"knn_monitor": top-1 %} on rank 0, {} elsewhere; the pictures on the main process, {}
+        elsewhere). A collective: every process calls it."""
         bank = extract_features_distributed(backbone, self.bank, self.data, device, precision)
         queries = extract_features_distributed(backbone, self.queries, self.data, device, precision)
-        x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
-        with autocast(device, precision):  # FSDP's bf16 policy gathers bf16 parameters: inputs must follow
-            images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
+        images: dict[str, torch.Tensor] = {}
+        # the main process alone draws them; under FSDP each unit's forward is a collective, so every
+        # process runs the pictures' forward passes with it (and drops what it drew)
+        if dist.is_main() or _sharded(backbone):
+            x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
+            with autocast(device, precision):  # FSDP's bf16 policy gathers bf16 parameters: inputs must follow
+                images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
+            images = images if dist.is_main() else {}
         if bank is None or queries is None:
             return {}, images
         acc = knn_accuracy(bank[0], bank[1], queries[0], queries[1], self.ev.knn_k, self.ev.knn_temperature)
