@@ -89,6 +89,17 @@ def test_data_paths_table():
     assert len(rows) == 4 and all(float(ln.split("|")[2].replace(",", "")) > 0 for ln in rows)
 
 
+@pytest.mark.slow
+def test_file_list_table(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/file_list.py", "--classes", "3", "--per-class", "4", "--runs", "1",
+                        "--dir", str(tmp_path)], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and " s |" in ln]
+    assert [ln.split(" (")[0] for ln in rows] == ["| first start, 1 process", "| a requeue, 1 process",
+                                                   "| 2 processes at once, no list", "| 2 processes at once, a requeue"]
+    assert "12 files (3 x 4)" in r.stdout and (tmp_path / "train" / ".mimco-files.json").is_file()
+
+
 def _python_without(tmp_path: Path, *hidden: str) -> Path:
     """A Python that has every package of this one but ``hidden`` (a lent GPU image lacks kornia):
     a venv of the base interpreter whose .pth names a folder of links to this site-packages, less those."""

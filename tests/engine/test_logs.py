@@ -1,16 +1,20 @@
 """log.csv, TensorBoard and W&B get the same rows (tensorboard's own reader checks the event files)."""
 
 import csv
-import importlib.machinery
+import importlib.util
+import json
+import os
 import shutil
+import struct
 import sys
-import types
+import time
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mimco.cli.main import main
-from mimco.engine.logs import TENSORBOARD, scalars
+from mimco.engine.logs import TENSORBOARD, WANDB_ID, scalars
 from mimco.pipeline import open_run, run_stage
 from tests.conftest import tiny_overrides, tiny_teacher_cfg
 
@@ -74,44 +78,114 @@ def test_a_resumed_run_hides_the_rows_past_its_checkpoint(tmp_path):
     _same_as_csv(rows, tb)
 
 
-class _FakeWandb(types.ModuleType):
-    """The parts of wandb the logger calls, recording them."""
+#: wandb's offline run file (``run-<id>.wandb``): its 7-byte header, then LevelDB log blocks of
+#: records (4-byte checksum, 2-byte length, 1-byte type), each record a ``wandb_internal_pb2.Record``
+WANDB_BLOCK, FULL, LAST = 32768, 1, 4
 
-    def __init__(self):
-        super().__init__("wandb")
-        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-        self.calls = []
-        self.util = types.SimpleNamespace(generate_id=lambda: "abc123")
-        self.Image = lambda array: ("image", array.shape)
 
-    def init(self, **kw):
-        self.calls.append(("init", kw))
-        log = lambda values, step: self.calls.append(("log", step, values))  # noqa: E731
-        return types.SimpleNamespace(log=log, finish=lambda: self.calls.append(("finish",)))
+def _wandb_records(path):
+    """The records of an offline run's ``.wandb`` file, in order (wandb keeps no Python reader of its own)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, part, out = 7, b"", []
+    while pos + 7 <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (n == 0 and kind == 0):  # a block's zero padding
+            pos += left
+            continue
+        part += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            out.append(record)
+            part = b""
+    return out
+
+
+def _offline_runs(run_dir):
+    """Each offline W&B run written into ``run_dir`` (one per start), oldest first:
+    (the run record, [(step, {key: value})] of its history)."""
+    runs = []
+    for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        records = _wandb_records(f)
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        history = [(r.history.step.num, {k: json.loads(i.value_json) for i in r.history.item
+                                         if not (k := i.key or "/".join(i.nested_key)).startswith("_")})
+                   for r in records if r.WhichOneof("record_type") == "history"]  # "a/b" keys come nested
+        runs.append((run, history))
+    return runs
+
+
+def _wandb_children():
+    """This process's children that are wandb's service (wandb-core)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            name, fields = rest.rsplit(") ", 1)
+        except (OSError, ValueError):
+            continue
+        if int(fields.split()[1]) == os.getpid() and "wandb" in name:
+            found.append((int(pid), name))
+    return found
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """The real wandb package, offline: every file it writes under tmp_path, and any attempt to reach
+    a server sent to a closed local port; its service is stopped after the test."""
+    wandb = pytest.importorskip("wandb")
+    home = tmp_path / "wandb-home"
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": home, "WANDB_CONFIG_DIR": home / "config",
+                       "WANDB_CACHE_DIR": home / "cache", "WANDB_DATA_DIR": home / "data", "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true", "WANDB_DISABLE_GIT": "true",
+                       "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": ""}.items():
+        monkeypatch.setenv(key, str(value))
+    yield wandb
+    wandb.teardown()
+    deadline = time.monotonic() + 10
+    while _wandb_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _wandb_children() == []  # no wandb service left running after the run
 
 
 @pytest.mark.slow
-def test_wandb_gets_the_rows_of_the_log_and_keeps_its_id_on_resume(tmp_path, monkeypatch):
-    fake = _FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+def test_wandb_offline_run_holds_the_log_rows_and_a_resumed_run_continues_it(tmp_path, offline_wandb):
     cfg = tiny_teacher_cfg(tmp_path, "w", ("train.wandb=myproject", "train.max_steps=4", "eval.every_steps=4",
                                           "eval.monitor_train=32", "eval.monitor_test=16"))
     run_stage("teacher", cfg)
-    inits = [c[1] for c in fake.calls if c[0] == "init"]
-    assert inits[0]["project"] == "myproject" and inits[0]["id"] == "abc123" and inits[0]["resume"] == "allow"
-    assert inits[0]["config"]["train"]["wandb"] == "myproject"
-    logged = [(c[1], c[2]) for c in fake.calls if c[0] == "log"]
-    rows = _csv(tmp_path / "w" / "log.csv")
-    numbers = [(s, v) for s, v in logged if not any(isinstance(x, tuple) for x in v.values())]
-    assert [s for s, _ in numbers] == [int(r["step"]) for r in rows]
-    for (_, values), row in zip(numbers, rows):
-        assert values == {f"teacher/{k}": v for k, v in scalars({k: float(x) for k, x in row.items() if x}).items()}
-    assert any("teacher/features" in v for _, v in logged)  # the monitor's pictures
-    assert fake.calls[-1] == ("finish",)
-    fake.util.generate_id = lambda: "other"
-    cfg, resume, run_dir = open_run("teacher", None, ["train.max_steps=6"], str(tmp_path / "w" / "last.pt"))
+    offline_wandb.teardown()  # its service stopped: the run's file written to its end (finish() may return before)
+    run_dir = tmp_path / "w"
+    run_id = json.loads((run_dir / WANDB_ID).read_text())["id"]
+    [(run, history)] = _offline_runs(run_dir)
+    assert run.run_id == run_id and run.project == "myproject" and run.display_name == "w"
+    assert run.job_type == "teacher" and run.resume
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["train"]["wandb"] == "myproject" and config["model"]["arch"] == cfg.model.arch
+    rows = _csv(run_dir / "log.csv")
+    assert [s for s, _ in history] == [int(r["step"]) for r in rows]
+    for (_, values), row in zip(history, rows):
+        numbers = {k: v for k, v in values.items() if k.count("/") == 1 and not isinstance(v, dict)}  # not images
+        want = {f"teacher/{k}": v for k, v in scalars({k: float(x) for k, x in row.items() if x}).items()}
+        assert numbers.keys() == want.keys() and all(abs(numbers[k] - want[k]) <= 1e-9 * max(1, abs(want[k]))
+                                                     for k in want)
+    images = [(s, {f: v[f"teacher/{name}/{f}"] for f in ("_type", "size") if f"teacher/{name}/{f}" in v}
+                or v.get(f"teacher/{name}", {})) for s, v in history for name in ("inputs", "features")]
+    pictures = [(s, image["size"]) for s, image in images if image.get("_type") == "image-file"]
+    assert [s for s, _ in pictures] == [4, 4] and all(size > 0 for _, size in pictures)  # the monitor's, as W&B images
+
+    cfg, resume, run_dir = open_run("teacher", None, ["train.max_steps=6"], str(run_dir / "last.pt"))
     run_stage("teacher", cfg, resume, run_dir)
-    assert [c[1]["id"] for c in fake.calls if c[0] == "init"] == ["abc123", "abc123"]  # the same W&B run
+    offline_wandb.teardown()
+    first, second = _offline_runs(run_dir)
+    assert second[0].run_id == first[0].run_id == run_id and second[0].resume  # the same W&B run, resumed
+    rows = _csv(run_dir / "log.csv")
+    assert [s for s, v in second[1] if any(k.endswith("/loss") for k in v)] == [int(r["step"]) for r in rows
+                                                                                  if int(r["step"]) > 4]
 
 
 def test_wandb_without_the_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -5,12 +5,24 @@ list (:class:`Substituting`: deterministic, so every process keeps its full batc
 gathers stay equal in size) and counted; a run stops with a clear error when more than
 ``max_bad_fraction`` of the images read were bad, and prints ``skipped N unreadable images of M``
 at its end. Evaluation skips them.
+
+The tree is listed once: each node's local rank 0 walks it and writes its file list
+(``<root>/.mimco-files.json``, or the user's cache folder when the data folder is read-only),
+which every other process and every later start reads while the folders' modification times
+still match it (docs/training.md#image-folders-at-scale).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import random
+import socket
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +33,250 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from mimco import distributed as dist
 from mimco.errors import MimcoError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
+#: the file list of an image folder, next to its images (``<root>/.mimco-files.json``)
+LIST_NAME = ".mimco-files.json"
+LIST_VERSION = 1
+#: a folder changed this close to its listing (file system time) is not trusted by the next start:
+#: its time may not move again when a file is added within the same clock tick
+RACY_NS = 2_000_000_000
+#: how long a process other than its node's local rank 0 waits for the list before listing itself
+WAIT_S = 3600.0
+#: a listing of this many files or more says where its list went (smaller ones only when it is not
+#: next to the images)
+SAY_FILES = 10_000
 
-def _images_under(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix``, without building a Path."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _is(entry: os.DirEntry, test: str) -> bool:
+    try:
+        return bool(getattr(entry, test)())
+    except OSError:
+        return False
+
+
+def _walk(base: Path) -> dict[str, Any]:
+    """Every image file under ``base`` (one pass of ``os.scandir``): the listing that
+    :func:`_items` turns into a dataset's items, with the modification time of every folder read,
+    each taken before the folder is read. Folders behind symbolic links are not entered, except
+    class folders (``base``'s own sub-folders), whose files only the labelled view reads."""
+    files: list[tuple[tuple[str, ...], int]] = []
+    dirs: dict[str, int] = {}
+    classes: list[str] = []
+    linked: list[str] = []
+
+    def scan(rel: tuple[str, ...]) -> None:
+        d = os.path.join(base, *rel)
+        try:
+            dirs["/".join(rel)] = os.stat(d).st_mtime_ns
+            with os.scandir(d) as it:
+                entries = list(it)
+        except PermissionError:  # as Path.rglob: an unreadable folder holds nothing
+            return
+        for e in entries:
+            if _is(e, "is_dir"):
+                top_class = not rel and not e.name.startswith(".")
+                if top_class:
+                    classes.append(e.name)
+                if e.is_symlink():
+                    if not top_class:
+                        continue
+                    linked.append(e.name)
+                scan((*rel, e.name))
+            elif _suffix(e.name).lower() in IMG_EXTENSIONS and _is(e, "is_file"):
+                try:
+                    files.append(((*rel, e.name), e.stat().st_size))
+                except OSError:
+                    continue
+
+    scan(())
+    files.sort()  # the order of sorted(Path, ...): part by part
+    return {"version": LIST_VERSION, "root": os.path.abspath(base), "classes": sorted(classes),
+            "linked": sorted(linked), "dirs": dirs, "files": ["/".join(p) for p, _ in files],
+            "sizes": [s for _, s in files], "listed_at": time.time(), "job": _job()}
+
+
+class FileItems(Sequence):
+    """``(path, label)`` of each image, the path made on access from the list's relative one (a
+    million ``Path`` objects take seconds to make, a requeue's whole read of its list a fraction of
+    that); equal to the list of the same pairs."""
+
+    def __init__(self, base: Path, files: list[str], labels: list[int]) -> None:
+        self.base, self.files, self.labels = base, files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.base / self.files[i], self.labels[i]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _items(base: Path, listing: dict[str, Any], labelled: bool) -> tuple[FileItems, list[int], list[str]]:
+    """(items, their file sizes, class names) of ``listing``: the labelled view holds the files of
+    the class folders (label: the folder's index among them); the unlabelled one every file, except
+    those behind a linked class folder."""
+    classes = listing["classes"] if labelled else []
+    index = {c: i for i, c in enumerate(classes)}
+    skip = set(listing["linked"])
+    if not labelled and not skip:
+        return FileItems(base, listing["files"], [-1] * len(listing["files"])), listing["sizes"], classes
+    files, labels, sizes = [], [], []
+    for rel, size in zip(listing["files"], listing["sizes"]):
+        top, sep, _ = rel.partition("/")
+        if labelled:
+            if not sep or top not in index:
+                continue
+            labels.append(index[top])
+        elif sep and top in skip:
+            continue
+        else:
+            labels.append(-1)
+        files.append(rel)
+        sizes.append(size)
+    return FileItems(base, files, labels), sizes, classes
+
+
+def _job() -> str:
+    """This node and torchrun job (address, port, run id, restart): a list written under it was
+    written for this start."""
+    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+    return repr([socket.gethostname(), *(os.environ.get(k, "") for k in keys)])
+
+
+def list_places(base: Path) -> list[Path]:
+    """Where the file list of ``base`` is kept, in the order tried: next to the images, else (a
+    read-only data folder) in the user's cache folder, else in the temporary folder."""
+    key = hashlib.sha1(os.path.abspath(base).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimco" / "filelists"
+    return [base / LIST_NAME, cache / f"{key}.json", Path(tempfile.gettempdir()) / f"mimco-filelists-{os.getuid()}"
+            / f"{key}.json"]
+
+
+def _read(base: Path, path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the listing at ``path``, "") when it still describes the tree, else (the listing or None,
+    why not: "" when there is none, "racy" when it was written while the tree was changing)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            listing = json.loads(f.read())
+        dirs: dict[str, int] = listing["dirs"]
+        if (listing["version"] != LIST_VERSION or len(listing["files"]) != len(listing["sizes"])
+                or not all(isinstance(r, str) and isinstance(m, int) for r, m in dirs.items())
+                or not all(isinstance(x, str) for k in ("files", "classes", "linked") for x in listing[k])
+                or not all(isinstance(x, int) for x in listing["sizes"])):
+            raise ValueError("not a mimco file list of this version")
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"the file list {path} cannot be read ({type(e).__name__})"
+    if -1 in dirs.values():
+        return listing, "racy"
+    changed = 0
+    for rel, mtime in dirs.items():
+        try:
+            now = os.stat(base / rel if rel else base).st_mtime_ns
+        except OSError:
+            now = None
+        # the list next to the images moved the root's time when it was written: the root's time
+        # is then carried as the list's own
+        recorded = st.st_mtime_ns if not rel and path == base / LIST_NAME else mtime
+        changed += now != recorded
+    if changed:
+        return listing, (f"the image tree at {base} changed ({changed} of {len(dirs)} folders modified since it was "
+                         "listed)")
+    return listing, ""
+
+
+def _write(base: Path, listing: dict[str, Any]) -> Path | None:
+    """Write ``listing`` atomically (temporary file, then rename) to the first place of
+    :func:`list_places` that takes it. Returns the path, or None."""
+    for path in list_places(base):
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            before = os.stat(base).st_mtime_ns  # the root's time: moved since the walk began?
+            with open(tmp, "w") as f:
+                fs_now = min(os.fstat(f.fileno()).st_mtime_ns, time.time_ns())
+                racy = {rel for rel, m in listing["dirs"].items() if m >= fs_now - RACY_NS}
+                out = {**listing, "dirs": {rel: -1 if rel in racy else m for rel, m in listing["dirs"].items()}}
+                json.dump(out, f, separators=(",", ":"))
+                f.flush()
+                os.replace(tmp, path)
+                if path == base / LIST_NAME:  # its rename moved the root's time: carried as the list's own
+                    root = os.stat(base)
+                    trusted = before == listing["dirs"][""] and "" not in racy
+                    os.utime(f.fileno(), ns=(root.st_atime_ns, root.st_mtime_ns if trusted else 0))
+            return path
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return None
+
+
+def _listing(base: Path) -> dict[str, Any]:
+    """The listing of ``base``: read from its file list while that still describes the tree, else
+    walked (by each node's local rank 0, which writes the list for the others and for later starts)."""
+    local_rank, local_world = dist.local_processes()
+    if local_rank != 0 and local_world > 1:
+        return _wait_for_list(base)
+    why = ""
+    for path in list_places(base):
+        listing, reason = _read(base, path)
+        if listing is not None and not reason:
+            return listing
+        why = why or (reason if reason != "racy" else "")
+    if why:
+        print(f"mimco: {why}; listing it again", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    listing = _walk(base)
+    path = _write(base, listing)
+    places = list_places(base)
+    where = ("next to the images", "the data folder is read-only",
+             "neither the data folder nor the cache folder is writable")[places.index(path)] if path else ""
+    if path == places[0] and len(listing["files"]) < SAY_FILES:
+        return listing
+    print(f"mimco: listed {len(listing['files'])} images under {base} in {time.perf_counter() - t0:.1f} s; "
+          + (f"the list is {path} ({where}), read by every process and every later start" if path else
+             "the list could not be written anywhere: every start lists the tree again"), file=sys.stderr, flush=True)
+    return listing
+
+
+def _wait_for_list(base: Path) -> dict[str, Any]:
+    """Another process of the node: the list its local rank 0 writes (or finds), once it appears
+    and still describes the tree or was written for this start; after :data:`WAIT_S`, its own walk."""
+    job, deadline, seen = _job(), time.monotonic() + WAIT_S, {}
+    while time.monotonic() < deadline:
+        for path in list_places(base):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if seen.get(path) == (st.st_ino, st.st_mtime_ns, st.st_size):
+                continue
+            seen[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+            listing, reason = _read(base, path)
+            if listing is not None and (not reason or listing.get("job") == job):
+                return listing
+        time.sleep(0.05)
+    print(f"mimco: no file list of {base} appeared in {WAIT_S:.0f} s; listing it in this process", file=sys.stderr,
+          flush=True)
+    return _walk(base)
 
 
 class FileImages(Dataset):
@@ -41,22 +290,16 @@ class FileImages(Dataset):
         base = Path(root)
         if not root or not base.is_dir():
             raise MimcoError(f"data.root '{root}' is not a folder; set data.root=/path/to/images")
-        self.classes: list[str] = []
-        items: list[tuple[Path, int]] = []
-        if labelled:
-            self.classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-            if not self.classes:
-                raise MimcoError(f"no class sub-folders in {base}; for a flat folder of unlabelled images use "
-                                 "data.name=folder")
-            for c, name in enumerate(self.classes):
-                items += [(p, c) for p in _images_under(base / name)]
-        else:
-            items = [(p, -1) for p in _images_under(base)]
+        items, sizes, self.classes = _items(base, _listing(base), labelled)
+        if labelled and not self.classes:
+            raise MimcoError(f"no class sub-folders in {base}; for a flat folder of unlabelled images use "
+                             "data.name=folder")
         if not items:
             raise MimcoError(f"no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) found under {base}; check data.root")
         if subset and subset < len(items):
-            items = random.Random(seed).sample(items, subset)
-        self.items, self.channels, self.transform = items, channels, transform
+            chosen = random.Random(seed).sample(range(len(items)), subset)
+            items, sizes = [items[i] for i in chosen], [sizes[i] for i in chosen]
+        self.items, self.sizes, self.channels, self.transform = items, sizes, channels, transform
 
     def __len__(self) -> int:
         return len(self.items)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ class WandbLog:
 
         self.wandb, self.stage = wandb, stage
         id_file = run_dir / WANDB_ID
-        run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else wandb.util.generate_id()
+        # its own id (8 lowercase hex characters, a valid W&B run id): wandb 0.31 no longer has wandb.util.generate_id
+        run_id = json.loads(id_file.read_text())["id"] if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(json.dumps({"id": run_id}))
         self.run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
                               config=config, job_type=stage)
