@@ -4,87 +4,276 @@ Two paths train the same head on the same batch order:
 * fast (``linear_probe``): features are extracted once and the head trains on them;
 * full (``linear_probe_full``): every batch goes through the frozen backbone, optionally with
   random-resized-crop + flip (the MAE protocol); without augmentation it agrees with the fast path.
+
+Either takes one learning rate or a grid of them (and of weight decays). A grid trains one head
+per setting in a single pass over the data, every head on the same batch, as DINOv2's linear
+evaluation does; the setting whose head scores best on a class-balanced held-out 10 % of the
+training split is then trained again on the whole split (SimCLR's and BYOL's protocol), and that
+head is scored on the test split. Training runs on the features' device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.optim import Lars
 from torch import nn
+from torch.nn import functional as F
 
-from mimco.config import DataConfig
-from mimco.data.build import ImageArray
-from mimco.data.files import FileImages
-from mimco.data.transforms import Normalize, image_eval
-from mimco.eval.features import features_of
+from mimco.errors import MimcoError
+
+if TYPE_CHECKING:
+    from mimco.config import DataConfig
+    from mimco.data.build import ImageArray
+    from mimco.data.files import FileImages
+
+DEFAULT_LR = 0.1
+# DINOv2's 1-2-5 steps, placed around this recipe's single learning rate (SGD with momentum on
+# batch-normalised features, batch 1024): 0.001 .. 1.0, 10 settings. `mimco linprobe`'s default.
+DEFAULT_LR_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+HELD_OUT_FRACTION = 0.1
+MIN_HELD_OUT = 10  # fewer held-out images than this: no choice is made (see ``fallback_setting``)
+
+Fetch = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
-    head.eval()
-    with torch.no_grad():
-        pred = head(feats.float()).argmax(1)
-    return float((pred == labels).float().mean() * 100)
+@dataclass(frozen=True)
+class Choice:
+    """The setting a probe was trained with, and how it was chosen."""
+
+    lr: float
+    weight_decay: float
+    held_out: int = 0  # training images held out to choose it; 0: no choice was made
+    scores: dict[tuple[float, float], float] = field(default_factory=dict)  # (lr, wd) -> held-out top-1 (%)
+    note: str = ""
 
 
-def train_head(fetch: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, dim: int, num_classes: int,
-               epochs: int = 30, batch_size: int = 1024, lr: float = 0.1, weight_decay: float = 0.0,
-               optimizer: str = "sgd", seed: int = 0) -> nn.Sequential:
-    """Train BN(affine=False) + Linear on ``fetch(indices) -> features (B, dim)``.
+class Top1(float):
+    """A top-1 accuracy in percent that also carries the :class:`Choice` behind it."""
 
-    SGD (momentum 0.9) or LARS, cosine lr per step; the batch order depends only on ``seed``.
-    """
+    choice: Choice
+
+    def __new__(cls, value: float, choice: Choice) -> Top1:
+        out = super().__new__(cls, value)
+        out.choice = choice
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Top1, (float(self), self.choice)
+
+    @property
+    def lr(self) -> float:
+        return self.choice.lr
+
+
+class LinearHeads(nn.Module):
+    """K linear heads on one input: one BatchNorm1d without affine (every head sees the same batch,
+    so the K normalisations would be the same) and K ``nn.Linear`` layers, one matrix product for
+    all. ``forward(x)``: logits (K, B, C); ``per_sample(x)``: the same numbers as (B, K, C)."""
+
+    def __init__(self, dim: int, num_classes: int, heads: int = 1):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(heads))
+
+    def per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(x)
+        if len(self.linears) == 1:
+            return self.linears[0](z).unsqueeze(1)
+        w = torch.cat([lin.weight for lin in self.linears])
+        b = torch.cat([lin.bias for lin in self.linears])
+        return F.linear(z, w, b).view(len(x), len(self.linears), -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.per_sample(x).transpose(0, 1)
+
+
+def _settings(lr: float | Sequence[float], weight_decay: float | Sequence[float]) -> list[tuple[float, float]]:
+    lrs = [float(lr)] if isinstance(lr, Real) else [float(v) for v in lr]
+    wds = [float(weight_decay)] if isinstance(weight_decay, Real) else [float(v) for v in weight_decay]
+    if not lrs or not wds:
+        raise MimcoError("the linear probe needs at least one learning rate and one weight decay")
+    return [(a, w) for a in lrs for w in wds]
+
+
+def fallback_setting(settings: list[tuple[float, float]]) -> tuple[float, float]:
+    """The setting used when no held-out part can be made: the learning rate nearest
+    :data:`DEFAULT_LR` (log scale; the smaller on a tie), with the first weight decay given."""
+    lr = min((a for a, _ in settings), key=lambda a: (abs(math.log(max(a, 1e-30) / DEFAULT_LR)), a))
+    return lr, settings[0][1]
+
+
+def held_out_split(labels: torch.Tensor, fraction: float = HELD_OUT_FRACTION,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) ascending indices: ``floor(fraction * n_c)`` images of every class c held
+    out, drawn by a generator seeded with ``seed`` alone (a class of fewer than 1 / fraction
+    images keeps them all)."""
+    y = labels.cpu()
     g = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+    held = []
+    for c in torch.unique(y).tolist():
+        members = (y == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=g)[: int(fraction * len(members))]])
+    out = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[out] = False
+    return keep.nonzero().flatten(), out
+
+
+def train_heads(fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
+                settings: Sequence[tuple[float, float]], epochs: int = 30, batch_size: int = 1024,
+                optimizer: str = "sgd", seed: int = 0, device: torch.device | str | None = None) -> LinearHeads:
+    """Train one BN(affine=False) + Linear head per (lr, weight decay) of ``settings`` on
+    ``fetch(indices) -> features (B, dim)``, all in one pass: every batch is fetched once and fed to
+    every head. SGD (momentum 0.9) or LARS with one parameter group per head, cosine lr per step;
+    every head starts from the same weights and the batch order depends only on ``seed``, so head k
+    is the head a single-setting run with ``settings[k]`` trains. Runs on ``device`` (default: that
+    of ``labels``)."""
+    from timm.optim import Lars
+
+    device = torch.device(device) if device is not None else labels.device
+    g = torch.Generator().manual_seed(seed)
+    heads = LinearHeads(dim, num_classes, len(settings))
     with torch.no_grad():
-        head[1].weight.normal_(0, 0.01, generator=g)
-        head[1].bias.zero_()
+        first = heads.linears[0]
+        first.weight.normal_(0, 0.01, generator=g)
+        for lin in heads.linears:
+            lin.weight.copy_(first.weight)
+            lin.bias.zero_()
+    heads.to(device)
+    groups = [{"params": list(lin.parameters()), "lr": a, "weight_decay": w}
+              for lin, (a, w) in zip(heads.linears, settings, strict=True)]
     if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=settings[0][0], momentum=0.9)
     elif optimizer == "lars":
-        opt = Lars(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = Lars(groups, lr=settings[0][0], momentum=0.9)
     else:
         raise ValueError(f"unknown optimizer '{optimizer}'; choose sgd or lars")
+    labels = labels.to(device)
     n = len(labels)
     steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    head.train()
+    heads.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
             if len(idx) < 2:
                 continue
-            loss = nn.functional.cross_entropy(head(fetch(idx).float()), labels[idx])
+            y, logits = labels[idx], heads.per_sample(fetch(idx).float())
+            if len(settings) == 1:
+                loss = F.cross_entropy(logits[:, 0], y)
+            else:  # the sum over heads of each head's mean loss, in one call (a slice per head is slow)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(len(settings))) * len(settings)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    return head
+    return heads
+
+
+def held_out_scores(heads: LinearHeads, fetch: Fetch, labels: torch.Tensor, indices: torch.Tensor,
+                    batch_size: int = 1024) -> tuple[list[float], list[float]]:
+    """(top-1 in percent, mean cross-entropy) of every head on ``indices``; logits that are not
+    finite (a diverged head) count as wrong and as an infinite loss."""
+    heads.eval()
+    device = next(heads.parameters()).device
+    labels = labels.to(device)
+    k = len(heads.linears)
+    correct = torch.zeros(k, device=device)
+    loss = torch.zeros(k, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(indices), batch_size):
+            idx = indices[i : i + batch_size]
+            logits, y = heads.per_sample(fetch(idx).float()), labels[idx]  # (B, K, C), (B,)
+            finite = torch.isfinite(logits).all(-1)
+            correct += ((logits.argmax(-1) == y[:, None]) & finite).sum(0)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(k), reduction="none").view(-1, k)
+            loss += torch.where(finite, ce, torch.inf).sum(0).double()
+    n = max(len(indices), 1)
+    return (correct * 100 / n).tolist(), (loss / n).nan_to_num(nan=math.inf).tolist()
+
+
+def _choose(fetch: Fetch, score_fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
+            settings: list[tuple[float, float]], epochs: int, batch_size: int, optimizer: str, seed: int,
+            device: torch.device) -> Choice:
+    """The grid's setting whose head, trained on the fit part of the training split, has the best
+    held-out top-1 (then the lowest held-out loss, then the first in the grid)."""
+    if len(settings) == 1:
+        return Choice(*settings[0])
+    fit, held = held_out_split(labels, HELD_OUT_FRACTION, seed)
+    if len(held) < MIN_HELD_OUT:
+        lr, wd = fallback_setting(settings)
+        note = (f"{len(labels)} training images are too few to hold out {HELD_OUT_FRACTION:.0%} of each class "
+                f"(at least {MIN_HELD_OUT} images); no choice made: lr {lr:g}, weight decay {wd:g}")
+        print(f"[linprobe] {note}", file=sys.stderr, flush=True)
+        return Choice(lr, wd, 0, {}, note)
+    heads = train_heads(lambda idx: fetch(fit[idx]), labels[fit.to(labels.device)], dim, num_classes, settings,
+                        epochs, batch_size, optimizer, seed, device)
+    top1, loss = held_out_scores(heads, score_fetch, labels, held, batch_size)
+    best = min(range(len(settings)), key=lambda j: (-top1[j], loss[j], j))
+    return Choice(*settings[best], len(held), {s: round(t, 2) for s, t in zip(settings, top1, strict=True)})
+
+
+def _evaluate(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor) -> float:
+    heads.eval()
+    device = next(heads.parameters()).device
+    with torch.no_grad():
+        pred = heads(feats.to(device).float())[0].argmax(1)
+    return float((pred == labels.to(device)).float().mean() * 100)
+
+
+def linear_probe_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                      test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024,
+                      lr: float | Sequence[float] = DEFAULT_LR_GRID, weight_decay: float | Sequence[float] = 0.0,
+                      seed: int = 0, optimizer: str = "sgd") -> tuple[float, Choice]:
+    """The fast path on features extracted once, on their device: (test top-1 in percent, the
+    chosen setting). ``lr`` / ``weight_decay``: one value or a grid (every combination); a grid is
+    chosen on a held-out part of the training split and the choice trained again on all of it, so
+    the result equals the single-setting probe with the chosen values."""
+    c = int(max(train_labels.max(), test_labels.max())) + 1
+    x = train_feats.float()
+    settings = _settings(lr, weight_decay)
+
+    def fetch(idx: torch.Tensor) -> torch.Tensor:
+        return x[idx]
+
+    choice = _choose(fetch, fetch, train_labels, x.shape[1], c, settings, epochs, batch_size, optimizer, seed,
+                     x.device)
+    heads = train_heads(fetch, train_labels, x.shape[1], c, [(choice.lr, choice.weight_decay)], epochs, batch_size,
+                        optimizer, seed, x.device)
+    return _evaluate(heads, test_feats, test_labels), choice
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024, lr: float = 0.1,
-                 weight_decay: float = 0.0, seed: int = 0, optimizer: str = "sgd") -> float:
-    """The fast path: train on features extracted once; returns test top-1 in percent."""
-    c = int(max(train_labels.max(), test_labels.max())) + 1
-    x = train_feats.float()
-    head = train_head(lambda idx: x[idx], train_labels, x.shape[1], c, epochs, batch_size, lr, weight_decay, optimizer,
-                      seed)
-    return _evaluate(head, test_feats, test_labels)
+                 test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024,
+                 lr: float | Sequence[float] = DEFAULT_LR, weight_decay: float | Sequence[float] = 0.0,
+                 seed: int = 0, optimizer: str = "sgd") -> Top1:
+    """The fast path: train on features extracted once; returns test top-1 in percent (a float;
+    ``.choice`` holds the setting, chosen when ``lr`` or ``weight_decay`` is a grid)."""
+    return Top1(*linear_probe_grid(train_feats, train_labels, test_feats, test_labels, epochs, batch_size, lr,
+                                   weight_decay, seed, optimizer))
 
 
 def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_feats: torch.Tensor,
                       test_labels: torch.Tensor, data: DataConfig, device: torch.device, epochs: int = 30,
-                      batch_size: int = 1024, lr: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                      optimizer: str = "sgd", pool: str = "cls", augment: bool = False) -> float:
-    """The full path: every batch through the frozen backbone (eval mode, no gradient).
-
-    ``augment`` adds random-resized-crop (scale 0.08-1) + flip per batch.
+                      batch_size: int = 1024, lr: float | Sequence[float] = DEFAULT_LR,
+                      weight_decay: float | Sequence[float] = 0.0, seed: int = 0, optimizer: str = "sgd",
+                      pool: str = "cls", augment: bool = False) -> Top1:
+    """The full path: every batch through the frozen backbone (eval mode, no gradient), the head
+    on ``device``. ``augment`` adds random-resized-crop (scale 0.08-1) + flip per batch; a grid's
+    held-out part is scored without it.
     """
     import kornia.augmentation as K
+
+    from mimco.data.build import ImageArray
+    from mimco.data.transforms import Normalize, image_eval
+    from mimco.eval.features import features_of
 
     backbone.eval()
     norm = Normalize(data.mean, data.std, data.channels).to(device)
@@ -106,15 +295,24 @@ def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_
                 out.append(tf(img) if img is not None else torch.zeros(data.channels, data.img_size, data.img_size))
             return torch.stack(out).to(device) * norm.std + norm.mean
 
-    def fetch(idx: torch.Tensor) -> torch.Tensor:
+    def features(idx: torch.Tensor, augmented: bool) -> torch.Tensor:
         with torch.no_grad():
             x = images(idx)
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-            if aug is not None:
+            if aug is not None and augmented:
                 x = aug(x)
-            return features_of(backbone, norm(x), pool).float().cpu()
+            return features_of(backbone, norm(x), pool).float()
+
+    def fetch(idx: torch.Tensor) -> torch.Tensor:
+        return features(idx, True)
+
+    def plain(idx: torch.Tensor) -> torch.Tensor:
+        return features(idx, False)
 
     c = int(max(labels.max(), test_labels.max())) + 1
     dim = fetch(torch.arange(2)).shape[1]
-    head = train_head(fetch, labels, dim, c, epochs, batch_size, lr, weight_decay, optimizer, seed)
-    return _evaluate(head, test_feats, test_labels)
+    settings = _settings(lr, weight_decay)
+    choice = _choose(fetch, plain, labels, dim, c, settings, epochs, batch_size, optimizer, seed, device)
+    heads = train_heads(fetch, labels, dim, c, [(choice.lr, choice.weight_decay)], epochs, batch_size, optimizer,
+                        seed, device)
+    return Top1(_evaluate(heads, test_feats, test_labels), choice)
