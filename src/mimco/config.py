@@ -206,6 +206,8 @@ class TrainConfig:
     strategy: Strategy = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
     init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
     #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it
+    dist_timeout_minutes: int = 120  # how long a collective waits for the slowest process before the run fails
+    #                                  (NCCL's watchdog); data.cache's decode on one process per node must fit
     threads: int = 0  # torch CPU threads, 0 = torch's default
     log_every: int = 20  # steps between CSV rows
     ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end
@@ -231,7 +233,8 @@ class EvalConfig:
     # the k-NN monitor during pre-training: k-NN top-1 (eval.knn_k, eval.knn_temperature) of a bank of
     # monitor_train training images scored on monitor_test test images, both fixed, seeded and class-balanced, in
     # log.csv (knn_monitor), TensorBoard and the progress bar. Off when both intervals are 0. The default sizes cost
-    # about 1 % of an ImageNet epoch (docs/training.md#multi-day-runs); smaller datasets need smaller ones.
+    # about 1 % of an ImageNet epoch (docs/training.md#multi-day-runs); they are "up to" sizes, capped (in one
+    # line) at what a smaller split gives class-balanced.
     every_epochs: int = 0  # every N epochs
     every_steps: int = 0  # and/or every N steps
     monitor_train: int = 50000
