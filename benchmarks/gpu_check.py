@@ -268,16 +268,24 @@ def main() -> int:
         ("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
          [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
          "mimco-fsdp-fp16", 2 * spe),
-        ("pretrain: compiled (train.compile), bf16", [["pretrain", *student, bf16, "train.compile=true",
-                                                       "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe),
+        ("pretrain: compiled (train.compile), bf16, k-NN monitor",
+         [["pretrain", *student, bf16, "train.compile=true", "eval.every_epochs=1", "eval.monitor_train=120",
+           "eval.monitor_test=60", "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe),
         ("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
          [["pretrain", *student, bf16, "teacher.model=vit_small_patch14_reg4_dinov2", f"teacher.checkpoint={dinov2}",
            f"teacher.img_size={dinov2_size}", "teacher.resample=bilinear", "teacher.layers=[-2,-1]",
            "teacher.target_norm=layernorm", "teacher.image_target=mean", "train.name=mimco-dinov2"]], "mimco-dinov2",
          2 * spe),
-        ("pretrain: block masks, 2 micro-batches",
-         [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2",
-                                                     "train.name=mimco-block"]], "mimco-block", 2 * spe),
+        ("pretrain: FSDP, block masks, 2 micro-batches (one reduce-scatter a step)",
+         [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2", "train.strategy=fsdp",
+           "train.name=mimco-block"]], "mimco-block", 2 * spe),
+        ("eval: knn, linprobe (lr grid), eval under torchrun, one result row each",
+         [["knn", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
+           str(out / "teacher" / "rows" / "knn")],
+          ["linprobe", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--epochs",
+           "5", "--out", str(out / "teacher" / "rows" / "linprobe")],
+          ["eval", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
+           str(out / "teacher" / "rows" / "eval")]], "teacher", 2 * spe),
         ("resume: stopped, resumed with a longer schedule",
          [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
           ["pretrain", "--resume", str(out / "mimco-resume" / CHECKPOINT), "optim.epochs=3"]], "mimco-resume", 3 * spe),
@@ -328,6 +336,10 @@ def main() -> int:
             why = "no k-NN monitor value in summary.json"
         if not why and "snapshots" in name and not (run / "epoch_0002.pt").is_file():
             why = "no epoch_0002.pt snapshot"
+        if not why and "one result row each" in name:
+            rows = {c: (run / "rows" / c / "results.jsonl") for c in ("knn", "linprobe", "eval")}
+            counts = {c: len(f.read_text().splitlines()) if f.is_file() else 0 for c, f in rows.items()}
+            why = "" if set(counts.values()) == {1} else f"results.jsonl rows {counts}, expected one each"
         if not why and "extract" in name and not (run / "features.npz").is_file():
             why = "mimco extract wrote no features.npz"
         finish(name, "FAIL" if why else "PASS", time.perf_counter() - t0, why)

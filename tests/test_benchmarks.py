@@ -39,7 +39,7 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
                        text=True, env={**ENV, "OUT": str(report)}, cwd=ROOT, timeout=7200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-2])
-    assert len(out["paths"]) == 15 and list(out["paths"].values()).count("PASS") == 13
+    assert len(out["paths"]) == 16 and list(out["paths"].values()).count("PASS") == 14
     assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
     assert out["paths"]["pretrain: FSDP, fp16 with the gradient scaler, fused AdamW"] == "SKIP"
     assert out["paths"]["teacher: JPEG folder cached once per node (data.cache)"] == "PASS"
@@ -50,7 +50,9 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     assert saved["paths"] == out["paths"] and saved["rows"] == out["rows"] and saved["versions"]["torch"]
     md = (report / "gpu_check.md").read_text()
     assert "| teacher: MoCo v3, bf16, eval at end | PASS |" in md and "| vit_mini 32/4 | compiled | 8 |" in md
-    assert out["paths"]["pretrain: compiled (train.compile), bf16"] == "PASS"
+    assert out["paths"]["pretrain: compiled (train.compile), bf16, k-NN monitor"] == "PASS"
+    assert out["paths"]["pretrain: FSDP, block masks, 2 micro-batches (one reduce-scatter a step)"] == "PASS"
+    assert out["paths"]["eval: knn, linprobe (lr grid), eval under torchrun, one result row each"] == "PASS"
     assert out["paths"]["teacher: JPEG folder decoded on the device (data.decode=gpu)"] == "PASS"
     assert out["paths"]["pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16"] == "PASS"
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1 and out["gflop_per_image"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,12 +31,15 @@ def local_processes() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def init_from_env(device: torch.device, always: bool = False) -> None:
+def init_from_env(device: torch.device, always: bool = False, timeout_minutes: float = 120) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1, or ``always`` with the
-    variables torchrun sets): NCCL on CUDA, gloo on the CPU."""
+    variables torchrun sets): NCCL on CUDA, gloo on the CPU. ``timeout_minutes``: how long a
+    collective waits for the slowest process before the run fails (``train.dist_timeout_minutes``;
+    NCCL's own default, 10 minutes, is shorter than a node decoding ``data.cache`` alone)."""
     launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ
     if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or (always and launched)) and not is_dist():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
 
 
 def backend() -> str:
@@ -65,6 +69,30 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def gather_to_main(x: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every process's ``x`` (n_r, ...) on the main process, a list in rank order (on ``x``'s
+    device), None elsewhere; the n_r may differ, the other dimensions may not. Only the main
+    process receives: the others keep nothing (``torch.distributed.gather``, not an all-gather).
+    Alone: ``[x]``."""
+    if not is_dist():
+        return [x]
+    check_collective(x)
+    sizes = gather_no_grad(torch.tensor([len(x)], device=x.device)).tolist()  # every n_r, to pad alike
+    most = max(sizes)
+    pad = x if len(x) == most else torch.cat([x, x.new_zeros((most - len(x), *x.shape[1:]))])
+    parts = [torch.empty_like(pad) for _ in sizes] if is_main() else None
+    dist.gather(pad.contiguous(), parts, dst=0)
+    return None if parts is None else [p[:n] for p, n in zip(parts, sizes)]
+
+
+def broadcast_(x: torch.Tensor) -> torch.Tensor:
+    """In-place broadcast of the main process's ``x`` to every process (a no-op alone)."""
+    if is_dist():
+        dist.broadcast(check_collective(x), src=0)
+    return x
 
 
 def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -74,7 +74,7 @@ def setup(cfg: Any, model_keys: bool = True) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", device.index or 0)))
         torch.cuda.set_device(device)
     set_tf32(device, t.tf32)
-    dist.init_from_env(device, t.init_distributed)
+    dist.init_from_env(device, t.init_distributed, t.dist_timeout_minutes)
     torch.manual_seed(t.seed)  # the same on every process: models start identical (FSDP shards local weights)
     return device
 
@@ -187,10 +187,14 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
         path = resume_path(Path(cfg.train.out_dir) / cfg.train.name)
     else:
         path = Path(resume)
-    if any(o.split("=", 1)[0].strip() == "model.init_from" for o in overrides):
-        raise MimcoError("model.init_from does not apply on resume: the checkpoint already holds the weights; drop "
-                         "the override (or start a new run from the file with another train.name)")
     state = stage_checkpoint(stage, path)
+    saved_init = (state["config"].get("model") or {}).get("init_from", "")
+    for o in overrides:  # the same value (a requeued job repeating its command) is the run's own: not loaded again
+        key, _, value = o.partition("=")
+        if key.strip() == "model.init_from" and value.strip() != saved_init:
+            raise MimcoError(f"model.init_from does not apply on resume: the checkpoint already holds the weights (its "
+                             f"run started from {saved_init or 'no file'!r}); drop the override (or start a new run "
+                             "from the file with another train.name)")
     cfg = from_dict(cls, state["config"])
     cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
     cfg = apply_overrides(cfg, overrides)

@@ -106,14 +106,14 @@ def test_distributed_extraction_covers_the_split_once(tmp_path, monkeypatch, kin
     for r in (1, 0):
         monkeypatch.setattr(dist, "rank", lambda r=r: r)
         monkeypatch.setattr(dist, "is_main", lambda r=r: r == 0)
-        calls = iter(range(4))  # features, labels, readable, indices
+        calls = iter(range(100))  # per batch: features, labels, indices, readable
 
-        def gather(x, r=r, calls=calls):
+        def gather(x, r=r, calls=calls):  # to the main process only: rank 1 gets nothing back
             i = next(calls)
             parts[(r, i)] = x
-            return x if r == 1 else torch.cat([x, parts[(1, i)]])
+            return None if r == 1 else [x, parts[(1, i)]]
 
-        monkeypatch.setattr(dist, "gather_no_grad", gather)
+        monkeypatch.setattr(dist, "gather_to_main", gather)
         hook = model.blocks[0].register_forward_hook(lambda *a, r=r: forwards.__setitem__(r, forwards[r] + 1))
         out = extract_features_distributed(model, split, data, device, batch_size=2)
         hook.remove()
@@ -123,3 +123,26 @@ def test_distributed_extraction_covers_the_split_once(tmp_path, monkeypatch, kin
     assert len(got_f) == len(want_f) == (7 if kind == "array" else 6)
     assert torch.allclose(got_f, want_f, atol=1e-5)  # back in the split's order
     assert torch.equal(got_y, want_y)
+
+
+def test_the_end_of_run_bank_is_capped_for_an_image_folder_too(tmp_path):
+    """``eval.max_train`` cuts an image folder's bank as an in-memory one's: a fixed sample (the same
+    every time), in the folder's order, drawn from every class (a folder lists its files class by
+    class, so its first images would be one class)."""
+    from PIL import Image
+
+    from mimco.config import EvalConfig
+    from mimco.data.files import FileImages
+    from mimco.eval.probe import bank_split
+
+    for c in range(4):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(10):
+            Image.new("RGB", (4, 4)).save(tmp_path / f"c{c}" / f"{i}.png")
+    folder = FileImages(str(tmp_path), labelled=True)
+    bank = bank_split(folder, EvalConfig(max_train=12))
+    assert len(bank) == 12 and len(folder) == 40
+    assert bank.items == bank_split(folder, EvalConfig(max_train=12)).items
+    order = [folder.items.index(item) for item in bank.items]
+    assert order == sorted(order) and len({label for _, label in bank.items}) > 1
+    assert all(bank_split(folder, EvalConfig(max_train=m)) is folder for m in (0, 40))

@@ -141,8 +141,17 @@ def _few_metrics(values: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+def _features(model: torch.nn.Module | None, split: Any, cfg: Any, device: torch.device,
+              pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features, labels) of ``split`` on the main process, None on the others: under torchrun every
+    process extracts its share and the main one gathers them (alone: the whole split)."""
+    from mimco.eval.features import extract_features_distributed
+
+    return extract_features_distributed(model, split, cfg.data, device, batch_size=512, pool=pool)
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
-    from mimco.eval import extract_features
+    from mimco import distributed as dist
     from mimco.eval.knn import knn_accuracies
     from mimco.eval.probe import probe_few_labels
     from mimco.eval.results import write_result
@@ -158,14 +167,18 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
         train, test = monitor_splits(train, test, cfg.eval)
         subsets = {"monitor": {k: getattr(cfg.eval, k) for k in ("monitor_train", "monitor_test", "monitor_seed")}}
-    fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
+    fte, yte = _features(model, test, cfg, device, args.pool) or (None, None)
     if few:
-        metrics = _few_metrics(probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class,
-                                                args.labels_fraction, tuple(few["label_seeds"]), tuple(args.k),
-                                                args.temperature, None, args.pool))
+        values = probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class, args.labels_fraction,
+                                  tuple(few["label_seeds"]), tuple(args.k), args.temperature, None, args.pool)
+        if not dist.is_main():  # its shares are with the main process, which scores and writes
+            return 0
+        metrics = _few_metrics(values)
     else:
-        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
-        accs = knn_accuracies(ftr, ytr, fte, yte, args.k, args.temperature)
+        bank = _features(model, train, cfg, device, args.pool)
+        if bank is None or fte is None or yte is None:
+            return 0
+        accs = knn_accuracies(bank[0].to(device), bank[1], fte, yte, args.k, args.temperature)  # on the device
         metrics = {f"knn{k}_top1": round(v, 2) for k, v in accs.items()}
     write_result(_out_dir(args, args.checkpoint), _row("knn", args.checkpoint, name, state, cfg, metrics,
                                                         k=args.k, temperature=args.temperature, pool=args.pool, **few,
@@ -175,8 +188,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_linprobe(args: argparse.Namespace) -> int:
+    from mimco import distributed as dist
     from mimco.data.subsets import labelled_subset
-    from mimco.eval import extract_features
     from mimco.eval.linear import linear_probe, linear_probe_full
     from mimco.eval.probe import probe_few_labels
     from mimco.eval.results import write_result
@@ -185,13 +198,15 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     name, model, state, cfg, device, train, test = _prepare(args)
     if args.full and model is None:
         raise MimcoError("--full needs a model; raw pixels have no backbone to run")
-    fte, yte = extract_features(model, test, cfg.data, device, pool=args.pool)
+    fte, yte = _features(model, test, cfg, device, args.pool) or (None, None)
     opts = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 seed=cfg.train.seed, optimizer=args.optimizer)
     start = time.perf_counter()
     if few and not args.full:
         values = probe_few_labels(model, train, fte, yte, cfg.data, device, args.per_class, args.labels_fraction,
-                                  tuple(few["label_seeds"]), ks=(), linear=opts, pool=args.pool)["linear_top1"]
+                                  tuple(few["label_seeds"]), ks=(), linear=opts, pool=args.pool).get("linear_top1", [])
+    elif args.full and (fte is None or yte is None):  # --full trains through the backbone on the main process alone
+        return 0
     elif few:  # the full path, once per labelled subset
         values = [linear_probe_full(model, labelled_subset(train, args.per_class, args.labels_fraction, seed), fte, yte,
                                     cfg.data, device, pool=args.pool, augment=args.augment,
@@ -200,13 +215,19 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
         values = [linear_probe_full(model, train, fte, yte, cfg.data, device, pool=args.pool, augment=args.augment,
                                     **opts)]
     else:
-        ftr, ytr = extract_features(model, train, cfg.data, device, pool=args.pool)
-        values = [linear_probe(ftr, ytr, fte, yte, **opts)]
-    metrics = _few_metrics({"linear_top1": values}) if few else {"linear_top1": round(values[0], 2)}
+        bank = _features(model, train, cfg, device, args.pool)
+        if bank is None:
+            return 0
+        values = [linear_probe(*[t.to(device) for t in (bank[0], bank[1], fte, yte)], **opts)]  # on the device
+    if not dist.is_main():
+        return 0
+    metrics = (_few_metrics({"linear_top1": values}) if few
+               else {"linear_top1": round(values[0], 2), "linear_lr": values[0].lr})  # the lr the grid chose
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_result(_out_dir(args, args.checkpoint), _row("linprobe", args.checkpoint, name, state, cfg, metrics,
                                                         path="full" if args.full else "fast", augment=args.augment,
-                                                        pool=args.pool, **opts, **few))
+                                                        pool=args.pool, chosen_lr=[v.lr for v in values], **opts,
+                                                        **few))
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -263,6 +284,7 @@ def _seg_config(args: argparse.Namespace, state: Any, overrides: list[str]) -> S
 
 
 def cmd_segprobe(args: argparse.Namespace) -> int:
+    from mimco import distributed as dist
     from mimco.data.segmentation import load_segmentation
     from mimco.eval.plots import segmentation_figure
     from mimco.eval.results import write_result
@@ -294,6 +316,8 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
                              args.batch_size, args.lr, args.weight_decay, tuple(range(args.seeds)),
                              cfg.train.precision, cfg.aug if args.augment else None,
                              cache=False if args.augment else None)
+    if not dist.is_main():  # its share of the grids is with the main process, which trains and scores
+        return 0
     metrics = _few_metrics({k: v for k, v in values.items() if k != "path"})
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out = _out_dir(args, args.checkpoint)
@@ -332,7 +356,7 @@ def _plot_images(cfg: Any, n: int, device: torch.device) -> torch.Tensor:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mimco.eval import extract_features
+    from mimco import distributed as dist
     from mimco.eval.plots import attention_figure, curves_figure, denormalize, tsne_figure
     from mimco.pipeline import setup
 
@@ -348,6 +372,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     names = args.names or [n for n, _, _ in resolved]
     if len(names) != len(resolved):
         raise MimcoError(f"--names gives {len(names)} names for {len(resolved)} inputs")
+    if args.kind != "tsne" and not dist.is_main():  # one picture, drawn by the main process
+        return 0
     if args.kind == "pca":
         from mimco.eval.plots import pca_figure
 
@@ -364,9 +390,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(0)
         sub = take(test, torch.randperm(len(test), generator=g)[: args.n])
         panels = []
-        for name, (_, model, _) in zip(names, resolved):
-            f, y = extract_features(model.to(device) if model is not None else None, sub, cfg.data, device)
-            panels.append((name, f, y))
+        for name, (_, model, _) in zip(names, resolved):  # every process its share, gathered to the main one
+            got = _features(model.to(device) if model is not None else None, sub, cfg, device)
+            if got is not None:
+                panels.append((name, *got))
+        if not dist.is_main():
+            return 0
         from mimco.data.build import class_names
 
         print(tsne_figure(panels, args.out, class_names=class_names(cfg.data, test)))
@@ -432,7 +461,10 @@ def add_parsers(sub: Any) -> None:
     lp.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"])
     lp.add_argument("--epochs", type=int, default=30)
     lp.add_argument("--batch-size", type=int, default=1024)
-    lp.add_argument("--lr", type=float, default=0.1)
+    lp.add_argument("--lr", type=float, nargs="+",  # mimco.eval.linear.DEFAULT_LR_GRID (not imported here: slow)
+                    default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+                    help="one learning rate, or a grid trained in one pass and chosen on a held-out 10%% of the "
+                         "training split (default: 0.001 .. 1.0 in 1-2-5 steps)")
     lp.add_argument("--weight-decay", type=float, default=0.0)
     common(lp)
     def tune(name: str, text: str, sections: str) -> None:
@@ -477,8 +509,9 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from mimco import distributed as dist
     from mimco.data.build import load_dataset
-    from mimco.eval.extract import check_out, extract_tokens, save_features
+    from mimco.eval.extract import check_out, stream_features
     from mimco.pipeline import setup
 
     out = check_out(args.out)
@@ -492,15 +525,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if split is None:
         raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no test split; use "
                          "--split train")
-    got = extract_tokens(model.to(device), split, cfg.data, device, cfg.train.precision, args.patch, args.batch_size,
-                         cfg.train.progress)
-    if got is None:  # not the main process
-        return 0
     meta = {"checkpoint": args.checkpoint, "format": state.format if state is not None else "", "split": args.split,
             "data": to_dict(cfg.data), "precision": cfg.train.precision}
-    save_features(got, out, meta)
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in got.items() if k != "names")
-    print(f"wrote {out}: {shapes}" + (f", {len(got['names'])} file names" if got["names"] else ""))
+    got = stream_features(model.to(device), split, cfg.data, device, out, meta, cfg.train.precision, args.patch,
+                          args.batch_size, cfg.train.progress)
+    if got is None or not dist.is_main():  # not the main process: its share went to the main one
+        return 0
+    shapes = ", ".join(f"{k} {v}" for k, v in got.items() if k != "names")
+    print(f"wrote {out}: {shapes}" + (f", {got['names'][0]} file names" if "names" in got else ""))
     return 0
 
 

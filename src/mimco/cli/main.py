@@ -46,7 +46,15 @@ def _eval(args: argparse.Namespace) -> int:
         model, state = load_backbone(args.checkpoint, args.encoder, cfg.data.img_size)
     device = setup(cfg, model_keys=False)
     metrics = evaluate(model.to(device), cfg, device, linear=not args.no_linear)  # each process extracts its share
-    if is_main():  # the main process scored; one prints
+    if is_main():  # the main process scored; one row, one print
+        from mimco.cli.evaluate import _out_dir, _row
+        from mimco.eval.results import write_result
+        from mimco.runs import CHECKPOINT
+
+        path = Path(args.checkpoint)
+        name = f"{path.parent.name}/{path.name}" if path.name == CHECKPOINT else path.name
+        write_result(_out_dir(args, args.checkpoint), _row("eval", args.checkpoint, name, state, cfg, metrics,
+                                                            linear=not args.no_linear))
         print(json.dumps(metrics, indent=2))
     return 0
 
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="data settings for an external checkpoint (mimco checkpoints carry their own)")
     e.add_argument("--encoder", default="momentum", help="momentum | base (DINO: momentum = teacher)")
     e.add_argument("--no-linear", action="store_true", help="k-NN only")
+    e.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     x = sub.add_parser("export", help="write a checkpoint's backbone as a timm hub folder (model.safetensors, "
                                       "config.json, model card) that timm.create_model('local-dir:OUT', "

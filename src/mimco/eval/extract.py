@@ -1,17 +1,23 @@
 """Frozen features of a split to a file (``mimco extract``): CLS and mean-pooled tokens, optionally
-every patch token, with labels, dataset indices and file names, extracted like the evaluation
-(every process its share under the run's autocast, gathered to rank 0)."""
+every patch token (float16), with labels, dataset indices and file names, extracted like the
+evaluation (every process its share under the run's autocast, each batch gathered to the main
+process) and streamed to the file: the main process holds one batch at a time, never the split."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
+import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
+from mimco import distributed as dist
 from mimco.config import DataConfig
 from mimco.data.files import FileImages
 from mimco.errors import MimcoError
@@ -49,11 +55,12 @@ def token_outputs(backbone: torch.nn.Module, patch: bool) -> Any:
 def extract_tokens(backbone: torch.nn.Module, dataset: Any, data: DataConfig, device: torch.device,
                    precision: str = "fp32", patch: bool = False, batch_size: int = 256,
                    progress: bool = True) -> dict[str, Any] | None:
-    """On rank 0 ({} keys ``cls``, ``mean``, ``patch`` with ``patch``, ``labels``, ``index``: tensors
-    on the CPU in dataset order; ``names``: the files' paths, or [] for an in-memory dataset); None
-    on the other processes. Unreadable files are left out (their indices are missing)."""
+    """On the main process ({} keys ``cls``, ``mean``, ``patch`` with ``patch`` (float16), ``labels``,
+    ``index``: tensors on the CPU in dataset order; ``names``: the files' paths, or [] for an
+    in-memory dataset), held in memory; None on the other processes. Unreadable files are left out
+    (their indices are missing)."""
     got = extract_distributed(backbone, dataset, data, device, token_outputs(backbone, patch), precision, batch_size,
-                              progress)
+                              progress, half=("patch",))
     if got is None:
         return None
     out: dict[str, Any] = {k: v.cpu() for k, v in got.items()}
@@ -61,17 +68,114 @@ def extract_tokens(backbone: torch.nn.Module, dataset: Any, data: DataConfig, de
     return out
 
 
-def save_features(got: dict[str, Any], path: Path, meta: dict[str, Any]) -> Path:
-    """Write ``got`` atomically: safetensors (patch tokens in float16; names and ``meta`` as JSON in
-    the header's metadata) or npz (names as a string array, ``meta`` as a JSON string)."""
-    tensors = {k: (v.half() if k == "patch" else v).contiguous() for k, v in got.items() if k != "names"}
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+#: safetensors' names of the dtypes ``mimco extract`` writes
+_SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64"}
+#: bytes copied at a time when the file is put together from its parts
+_COPY = 4 * 2**20
 
-        save_file(tensors, str(tmp), metadata={"names": json.dumps(got["names"]), "mimco": json.dumps(meta)})
-    else:
-        np.savez(tmp, **{k: v.numpy() for k, v in tensors.items()}, names=np.array(got["names"], dtype=str),
-                 mimco=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
-    return path
+
+class FeatureWriter:
+    """The main process's side of :func:`stream_features`: each gathered batch's rows appended to one
+    part file per key (next to ``path``), then the whole file put together from the parts (a
+    header, then each part copied in pieces of :data:`_COPY` bytes) under a temporary name and
+    renamed to ``path``. Nothing but a batch and the file names is held in memory."""
+
+    def __init__(self, path: Path, names_of: Any = None) -> None:
+        self.path, self.names_of = path, names_of
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".parts", dir=path.parent))
+        self.files: dict[str, IO[bytes]] = {}
+        self.rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.count = 0
+        self.names: list[str] = []
+
+    def __call__(self, rows: dict[str, torch.Tensor]) -> None:
+        for k, v in rows.items():
+            a = v.contiguous().numpy()
+            if k not in self.files:
+                self.files[k] = open(self.parts / k, "wb")  # noqa: SIM115  closed in close()
+                self.rows[k] = (a.dtype, a.shape[1:])
+            a.tofile(self.files[k])
+        self.count += len(rows["index"])
+        if self.names_of is not None:
+            self.names.extend(self.names_of(rows["index"].tolist()))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: (self.count, *shape) for k, (_, shape) in self.rows.items()}
+
+    def finish(self, meta: dict[str, Any]) -> Path:
+        """Put the file together and rename it to ``path`` (atomic); the parts are removed."""
+        for f in self.files.values():
+            f.close()
+        if not self.count:
+            raise MimcoError("no readable image in the split; nothing to write")
+        tmp = self.path.with_name(f".{self.path.name}.tmp{self.path.suffix}")
+        try:
+            if self.path.suffix == ".safetensors":
+                self._safetensors(tmp, meta)
+            else:
+                self._npz(tmp, meta)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.path
+
+    def close(self) -> None:
+        """Drop the parts (after :meth:`finish`, or when the extraction failed)."""
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def _copy(self, key: str, out: IO[bytes]) -> None:
+        with open(self.parts / key, "rb") as f:
+            shutil.copyfileobj(f, out, _COPY)
+
+    def _safetensors(self, tmp: Path, meta: dict[str, Any]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"names": json.dumps(self.names), "mimco": json.dumps(meta)}}
+        start = 0
+        for k, (dtype, shape) in self.rows.items():
+            size = (self.parts / k).stat().st_size
+            header[k] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [self.count, *shape],
+                         "data_offsets": [start, start + size]}
+            start += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for k in self.rows:
+                self._copy(k, out)
+
+    def _npz(self, tmp: Path, meta: dict[str, Any]) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for k, (dtype, shape) in self.rows.items():
+                with z.open(f"{k}.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array_header_2_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                               "fortran_order": False, "shape": (self.count, *shape)})
+                    self._copy(k, out)
+            for k, a in (("names", np.array(self.names, dtype=str)), ("mimco", np.array(json.dumps(meta)))):
+                with z.open(f"{k}.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, a)
+
+
+def stream_features(backbone: torch.nn.Module, dataset: Any, data: DataConfig, device: torch.device, path: Path,
+                    meta: dict[str, Any], precision: str = "fp32", patch: bool = False, batch_size: int = 256,
+                    progress: bool = True) -> dict[str, tuple[int, ...]] | None:
+    """``mimco extract``: what :func:`extract_tokens` gives, written to ``path`` batch by batch as the
+    main process receives them (``.safetensors``: names and ``meta`` as JSON in the header's
+    metadata; ``.npz``: names as a string array, ``meta`` as a JSON string). Returns the shapes
+    written (and ``names`` (count,) for a folder) on the main process, None on the others; every
+    process takes part in the extraction."""
+    names_of = ((lambda index: [str(dataset.items[i][0]) for i in index]) if isinstance(dataset, FileImages)
+                else None)
+    writer = FeatureWriter(path, names_of) if dist.is_main() else None
+    try:
+        extract_distributed(backbone, dataset, data, device, token_outputs(backbone, patch), precision, batch_size,
+                            progress, half=("patch",), sink=writer)
+        if writer is None:
+            return None
+        writer.finish(meta)
+        return {**writer.shapes(), **({"names": (len(writer.names),)} if names_of is not None else {})}
+    finally:
+        if writer is not None:
+            writer.close()

@@ -85,26 +85,48 @@ class _Marked(Dataset):
         return item[0], int(item[1]), True
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """``x`` off the accelerator: a pinned host copy on CUDA (written without waiting; read it after
+    :func:`host_ready`), ``x`` itself on the CPU."""
+    if x.device.type != "cuda":
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
+
+
+def host_ready(device: torch.device) -> None:
+    """Wait for the copies :func:`to_host` started on ``device``."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+Sink = Callable[[dict[str, torch.Tensor]], None]
+
+
 @torch.no_grad()  # not inference mode: FSDP may gather parameters in here, which must stay ordinary tensors
-def extract_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
+def extract_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages, data: DataConfig,
                         device: torch.device, outputs: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-                        precision: str = "fp32", batch_size: int = 256,
-                        progress: bool = False) -> dict[str, torch.Tensor] | None:
+                        precision: str = "fp32", batch_size: int = 256, progress: bool = False,
+                        half: tuple[str, ...] = (), sink: Sink | None = None) -> dict[str, torch.Tensor] | None:
     """``outputs(images)`` (a dict of (B, ...) tensors) over a whole split, each process computing
-    every world-th image under the run's autocast (``precision``), gathered to rank 0: there the
-    dict in dataset order (float32 on ``device``) plus ``labels`` (N,) and ``index`` (N,, the
-    dataset's indices), None on the other processes. Every process runs the same number of
-    forward passes (padding the last share; an FSDP backbone's forward is a collective), and
-    unreadable files are dropped after the gather. Alone, the same thing in one process."""
+    every world-th image under the run's autocast (``precision``). Each batch's outputs go to the
+    main process at once (a gather, not an all-gather: the other processes keep nothing) and there
+    straight off the accelerator to host memory (pinned on CUDA), float32, or float16 for the keys
+    in ``half`` (patch tokens). On the main process: the dict in dataset order, on the CPU, plus
+    ``labels`` (N,) and ``index`` (N,, the dataset's indices); or, with ``sink``, nothing is held:
+    ``sink(rows)`` gets each gathered batch (the same keys), in dataset order, and {} is returned.
+    None on the other processes. Every process runs the same number of forward passes (padding the
+    last share; an FSDP backbone's forward is a collective), and unreadable files are left out.
+    Alone, the same thing in one process. ``backbone=None``: ``outputs`` reads raw pixels."""
     n, w, r = len(dataset), dist.world_size(), dist.rank()
     per = math.ceil(n / w)
     idx = torch.arange(r, r + w * per, w)
     inside = idx < n
     idx = idx.clamp(max=n - 1)
-    was = backbone.training
-    backbone.eval()
+    was = backbone.training if backbone is not None else False
+    if backbone is not None:
+        backbone.eval()
     got: dict[str, list[torch.Tensor]] = {}
-    labels, ok = [], []
     if isinstance(dataset, ImageArray):
         batches: Any = ((x, y, torch.ones(len(y), dtype=torch.bool)) for x, y in
                         eval_batches(dataset, data, batch_size, device, indices=idx))
@@ -113,29 +135,64 @@ def extract_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileIma
         shape = (data.channels, data.img_size, data.img_size)
         batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers)
     bar = tqdm(total=per, desc="features", unit="img", disable=not (progress and dist.is_main()), dynamic_ncols=True)
+    done = 0
     for x, y, good in batches:
+        b = len(y)
         with autocast(device, precision):
-            for k, v in outputs(x.to(device, non_blocking=True)).items():
-                got.setdefault(k, []).append(v.float())
-        labels.append(torch.as_tensor(y).to(device))
-        ok.append(torch.as_tensor(good).to(device))
-        bar.update(len(y))
+            out = {k: v.half() if k in half else v.float() for k, v in outputs(x.to(device, non_blocking=True)).items()}
+        out["labels"] = torch.as_tensor(y).to(device)
+        out["index"] = idx[done : done + b].to(device)
+        out["keep"] = (torch.as_tensor(good) & inside[done : done + b]).to(device, torch.uint8)
+        done += b
+        parts = {k: dist.gather_to_main(v) for k, v in out.items()}  # per batch: nothing piles up on the device
+        del out
+        bar.update(b)
+        if not dist.is_main():
+            continue
+        rows = {k: torch.cat(v) for k, v in parts.items() if v is not None}
+        keep = rows.pop("keep").bool()
+        order = rows["index"][keep].argsort()  # the processes' rows interleave: back to the dataset's order
+        rows = {k: to_host(v[keep][order]) for k, v in rows.items()}
+        if sink is not None:
+            host_ready(device)
+            sink(rows)
+        else:
+            for k, v in rows.items():
+                got.setdefault(k, []).append(v)
     bar.close()
-    backbone.train(was)
-    out = {k: dist.gather_no_grad(torch.cat(v)) for k, v in got.items()}  # (w * per, ...) in rank order
-    y, keep = dist.gather_no_grad(torch.cat(labels)), dist.gather_no_grad(torch.cat(ok) & inside.to(device))
-    where = dist.gather_no_grad(idx.to(device))
+    if backbone is not None:
+        backbone.train(was)
     if not dist.is_main():
         return None
-    order = where[keep].argsort()  # rank order interleaves the shares: back to the dataset's order
-    return {**{k: v[keep][order] for k, v in out.items()}, "labels": y[keep][order], "index": where[keep][order]}
+    host_ready(device)
+    return {k: torch.cat(v) for k, v in got.items()}
 
 
-def extract_features_distributed(backbone: torch.nn.Module, dataset: ImageArray | FileImages, data: DataConfig,
-                                 device: torch.device, precision: str = "fp32", batch_size: int = 256,
-                                 pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(features (N, D) float32 on ``device``, labels (N,)) of a whole split on rank 0, None
-    elsewhere: :func:`extract_distributed` of :func:`features_of`."""
+def extract_features_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages,
+                                 data: DataConfig, device: torch.device, precision: str = "fp32",
+                                 batch_size: int = 256, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features (N, D) float32 on the CPU, labels (N,)) of a whole split on the main process, None
+    elsewhere: :func:`extract_distributed` of :func:`features_of` (``backbone=None``: raw pixels).
+    Alone it gives what :func:`extract_features` gives."""
     got = extract_distributed(backbone, dataset, data, device, lambda x: {"f": features_of(backbone, x, pool)},
                               precision, batch_size)
     return None if got is None else (got["f"], got["labels"])
+
+
+def gather_host_rows(x: torch.Tensor, device: torch.device, chunk: int = 256) -> torch.Tensor | None:
+    """Every process's host rows ``x`` (n_r, ...) (the n_r may differ) concatenated in rank order on
+    the main process's host, None elsewhere: ``chunk`` rows at a time through ``device`` (where the
+    backend takes them), each piece back off the accelerator at once. Alone: ``x``."""
+    if not dist.is_dist():
+        return x
+    sizes = dist.gather_no_grad(torch.tensor([len(x)], device=device)).tolist()
+    parts: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for i in range(0, max(sizes), chunk):
+        got = dist.gather_to_main(x[i : i + chunk].to(device))
+        if got is not None:
+            for r, g in enumerate(got):
+                parts[r].append(to_host(g))
+    if not dist.is_main():
+        return None
+    host_ready(device)
+    return torch.cat([x[:0], *(p for rank in parts for p in rank)])

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from mimco import distributed as dist
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import ImageArray
 from mimco.data.subsets import labelled_subset, take
-from mimco.eval.features import extract_features, extract_features_distributed
+from mimco.eval.features import extract_features_distributed
 from mimco.eval.knn import knn_accuracies, knn_accuracy
 from mimco.eval.linear import linear_probe
 
@@ -43,22 +44,40 @@ def has_labels(train: Any, test: Any) -> bool:
 
 
 def bank_split(train: Any, ev: EvalConfig) -> Any:
-    """The k-NN bank: the training split, cut to its first ``ev.max_train`` images when in memory."""
-    if ev.max_train and len(train) > ev.max_train and isinstance(train, ImageArray):
+    """The k-NN bank: the training split cut to ``ev.max_train`` images: the first ones of an
+    in-memory set (already in a random order), a fixed random sample (seed 0, kept in the
+    folder's order) of an image folder, whose files come class by class."""
+    if not ev.max_train or len(train) <= ev.max_train:
+        return train
+    if isinstance(train, ImageArray):
         return take(train, torch.arange(ev.max_train))
-    return train
+    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: ev.max_train]
+    return take(train, sample.sort().values)
 
 
 def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
                    device: torch.device, linear: bool = True, seed: int = 0) -> ProbeResult:
     """k-NN (``ev.knn_k``, ``ev.knn_temperature``, a bank of at most ``ev.max_train`` images) and,
-    with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels)."""
+    with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels).
+    Under torchrun every process extracts its share of both splits, the main process scores them
+    and hands the numbers to the others (whose ``test_features`` are empty)."""
     start = time.perf_counter()
     train, test = bank_split(splits[0], ev), splits[1]
-    ftr, ytr = extract_features(backbone, train, data, device)
-    fte, yte = extract_features(backbone, test, data, device)
-    knn = knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
-    lin = linear_probe(ftr, ytr, fte, yte, seed=seed) if linear else None
+    bank = extract_features_distributed(backbone, train, data, device, batch_size=512)
+    queries = extract_features_distributed(backbone, test, data, device, batch_size=512)
+    shared = torch.full((2,), float("nan"), dtype=torch.float64, device=device)
+    if bank is None or queries is None:  # not the main process: it waits for the main one's numbers
+        dist.broadcast_(shared)
+        knn, lin = shared.tolist()
+        empty = torch.empty(0)
+        return ProbeResult(knn, lin if linear else None, time.perf_counter() - start, empty, empty.long())
+    (ftr, ytr), (fte, yte) = bank, queries
+    scored = [t.to(device) for t in (ftr, ytr, fte, yte)]  # scored (and the probe trained) on the run's device
+    knn = knn_accuracy(*scored, ev.knn_k, ev.knn_temperature)
+    lin = linear_probe(*scored, seed=seed) if linear else None
+    if dist.is_dist():
+        shared[0], shared[1] = knn, lin if lin is not None else float("nan")
+        dist.broadcast_(shared)
     return ProbeResult(knn, lin, time.perf_counter() - start, fte, yte)
 
 
@@ -66,14 +85,16 @@ def knn_at_end(backbone: torch.nn.Module, splits: tuple[Any, Any], data: DataCon
                device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """The k-NN at the end of a training run, on every process: each extracts its share of both
     splits under the run's autocast (an FSDP backbone as it is, sharded), rank 0 gathers the
-    features and scores them on ``device``. Returns ``{"knn_top1": ...}`` on rank 0, {} elsewhere."""
+    features (to host memory, batch by batch) and scores them on ``device``. The bank holds at most
+    ``ev.max_train`` images, in memory or in a folder (:func:`bank_split`). Returns
+    ``{"knn_top1": ...}`` on rank 0, {} elsewhere."""
     start = time.perf_counter()
     train, test = bank_split(splits[0], ev), splits[1]
     bank = extract_features_distributed(backbone, train, data, device, precision)
     queries = extract_features_distributed(backbone, test, data, device, precision)
     if bank is None or queries is None:
         return {}
-    knn = knn_accuracy(bank[0], bank[1], queries[0], queries[1], ev.knn_k, ev.knn_temperature)
+    knn = knn_accuracy(bank[0].to(device), bank[1], queries[0], queries[1], ev.knn_k, ev.knn_temperature)
     return {"knn_top1": round(knn, 2), "knn_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -83,18 +104,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
-def probe_few_labels(backbone: torch.nn.Module | None, train: Any, test_features: torch.Tensor,
-                     test_labels: torch.Tensor, data: DataConfig, device: torch.device, per_class: int = 0,
+def probe_few_labels(backbone: torch.nn.Module | None, train: Any, test_features: torch.Tensor | None,
+                     test_labels: torch.Tensor | None, data: DataConfig, device: torch.device, per_class: int = 0,
                      fraction: float = 0.0, seeds: tuple[int, ...] = (0, 1, 2), ks: tuple[int, ...] = (10,),
                      temperature: float = 0.07, linear: dict[str, Any] | None = None, pool: str = "cls",
                      what: str = "--per-class") -> dict[str, list[float]]:
     """k-NN (each k) and, with ``linear`` (the probe's options), the linear probe trained on one
     balanced labelled subset per seed (:func:`mimco.data.subsets.balanced_subset`) and scored on
-    the whole test split. Returns {"knn<k>_top1": [one value per seed], "linear_top1": [...]}."""
+    the whole test split. Returns {"knn<k>_top1": [one value per seed], "linear_top1": [...]}.
+    Under torchrun every process extracts its share of each subset (``test_features`` None but on
+    the main process), the main process scores them; the others return {}."""
     out: dict[str, list[float]] = {}
     for seed in seeds:
         part = labelled_subset(train, per_class, fraction, seed, what)
-        ftr, ytr = extract_features(backbone, part, data, device, pool=pool)
+        got = extract_features_distributed(backbone, part, data, device, batch_size=512, pool=pool)
+        if got is None or test_features is None or test_labels is None:
+            continue
+        ftr, ytr = got
         if ks:
             for k, acc in knn_accuracies(ftr, ytr, test_features, test_labels, list(ks), temperature).items():
                 out.setdefault(f"knn{k}_top1", []).append(acc)

@@ -31,6 +31,7 @@ from mimco.data.segmentation import (
 )
 from mimco.engine.amp import autocast
 from mimco.errors import MimcoError
+from mimco.eval.features import gather_host_rows
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -63,10 +64,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     group, so that N processes train as one does. On GPUs the engine turns it into torch's
     ``SyncBatchNorm`` (the same statistics); that one refuses CPU tensors, so under gloo the
     per-channel sums are all-reduced here, through the differentiable all-reduce of
-    ``torch.distributed.nn``. Alone, or in evaluation, it is BatchNorm2d."""
+    ``torch.distributed.nn``. Alone, in evaluation, or with ``across_processes`` False (a module
+    that one process trains by itself), it is BatchNorm2d."""
+
+    across_processes = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_dist()):
+        if not (self.training and self.across_processes and dist.is_dist()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -200,16 +204,25 @@ def grid_features(backbone: nn.Module | None, split: SegSplit, data: DataConfig,
                   layers: int = 1, patch: int = 0, batch_size: int = 64,
                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen probe's training set, extracted once: (patch grids (N, D, h, w) float16 on the CPU,
-    masks resized with the image to S x S (N, S, S) uint8). Unreadable samples are left out."""
+    masks resized with the image to S x S (N, S, S) uint8). Unreadable samples are left out. Under
+    torchrun each process extracts one contiguous share and the main process gathers them, in the
+    split's order (the others get empty tensors)."""
     split.transform = seg_resize_transform(data)
-    feats, masks = [], []
-    for x, m, _ in _readable(split, batch_size, data.num_workers):
+    s, p = data.img_size, patch or backbone.patch_embed.patch_size[0]
+    per, r = math.ceil(len(split) / dist.world_size()), dist.rank()
+    part = split if not dist.is_dist() else Subset(split, list(range(r * per, min(len(split), (r + 1) * per))))
+    feats = [torch.empty(0, grid_dim(backbone, data.channels, layers, p), s // p, s // p, dtype=torch.half)]
+    masks = [torch.empty(0, s, s, dtype=torch.uint8)]
+    for x, m, _ in _readable(part, batch_size, data.num_workers):
         with autocast(device, precision):
             feats.append(patch_grid(backbone, x.to(device), layers, patch).half().cpu())
         masks.append(torch.stack(m).to(torch.uint8))
-    if not feats:
+    grids, labels = gather_host_rows(torch.cat(feats), device), gather_host_rows(torch.cat(masks), device)
+    if grids is None or labels is None:
+        return feats[0], masks[0]
+    if not len(grids):
         raise MimcoError("no readable training sample; check data.root")
-    return torch.cat(feats), torch.cat(masks)
+    return grids, labels
 
 
 def train_probe_head(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]], dim: int,
@@ -217,10 +230,13 @@ def train_probe_head(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch
                      weight_decay: float = 1e-4, seed: int = 0) -> SegHead:
     """Train :class:`SegHead` on ``batches(epoch) -> (patch grids (B, dim, h, w), masks (B, S, S))``:
     AdamW, per-step cosine, cross-entropy on logits upsampled to the masks; the head's start depends
-    only on ``seed``."""
+    only on ``seed``. One process trains it (under torchrun the main one): its BatchNorm stays local."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = SegHead(dim, num_classes).to(device)
+    for m in head.modules():
+        if isinstance(m, GlobalBatchNorm2d):
+            m.across_processes = False
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(epochs * steps_per_epoch, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -243,7 +259,9 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
     validation split. The grids are extracted once (``cache``; None = when they take at most
     :data:`CACHE_BYTES`), else every batch goes through the backbone, with the joint augmentation
     ``augment`` when given (which needs the second path). Returns ({"miou": [per seed], "macc": [...],
-    "pixel_acc": [...], "path": "cached" | "streamed"}, the heads)."""
+    "pixel_acc": [...], "path": "cached" | "streamed"}, the heads). Under torchrun the cached grids
+    are extracted by every process, a share each; the heads are trained and scored on the main
+    process alone (the others return ({"path": ...}, []))."""
     s = data.img_size
     p = patch or backbone.patch_embed.patch_size[0]
     dim = grid_dim(backbone, data.channels, layers, p)
@@ -251,8 +269,12 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
         cache = augment is None and len(train) * dim * (s // p) ** 2 * 2 <= CACHE_BYTES
     if backbone is not None:
         backbone.eval()
+    if not cache and not dist.is_main():  # the streamed path runs on the main process alone
+        return {"path": "streamed"}, []
     if cache:
         feats, masks = grid_features(backbone, train, data, device, layers, p, batch_size, precision)
+        if not dist.is_main():  # its share is with the main process, which trains and scores the heads
+            return {"path": "cached"}, []
 
         def batches(seed: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
             def run(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
