@@ -13,6 +13,7 @@ from mimco.runs import (
     is_finished,
     load_checkpoint,
     pick_encoder,
+    read_summary,
     resume_path,
     resume_state,
     save_checkpoint,
@@ -76,3 +77,23 @@ def test_every_stage_has_its_config_and_a_registered_method():
     assert tuple(STAGE_CONFIGS) == STAGES
     for stage, cls in STAGE_CONFIGS.items():
         assert get_method(cls().method, stage).stage == stage  # each stage's default method is registered for it
+
+
+def test_a_summary_write_that_fails_midway_keeps_the_previous_one(tmp_path, monkeypatch):
+    """summary.json tells the SLURM script (and --resume) where a run is; a process killed while
+    writing it must leave the previous one whole, not half a file."""
+    from pathlib import Path
+
+    write_summary(tmp_path, {"step": 5, "total_steps": 10})
+    real = Path.write_text
+
+    def dies_midway(self, text, *a, **kw):
+        real(self, text[: len(text) // 2], *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_summary(tmp_path, {"step": 10, "total_steps": 10})
+    monkeypatch.undo()
+    assert read_summary(tmp_path) == {"step": 5, "total_steps": 10}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

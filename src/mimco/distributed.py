@@ -121,9 +121,13 @@ def mean_over_processes(values: dict[str, torch.Tensor | float], device: torch.d
 
 
 def barrier() -> None:
-    """Wait for every process (a no-op alone)."""
+    """Wait for every process (a no-op alone). Under NCCL on this process's GPU: NCCL runs a
+    barrier as an all-reduce on a device, and one it has to guess may be another process's."""
     if is_dist():
-        dist.barrier()
+        if backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def destroy() -> None:

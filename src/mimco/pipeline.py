@@ -132,6 +132,7 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
                 summary.update(knn_at_end(method.backbone(), splits, cfg.data, cfg.eval, device, cfg.train.precision))
     if dist.is_main():
         write_summary(run_dir, summary)
+    dist.barrier()  # as after a checkpoint: nobody exits (at a stop, Slurm may then kill the rest) before it is written
     return summary
 
 

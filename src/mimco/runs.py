@@ -15,6 +15,7 @@ writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,14 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
-    (Path(run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
+    """Write ``summary.json`` atomically: a process killed mid-write leaves the previous one."""
+    f = Path(run_dir) / SUMMARY
+    tmp = f.with_name(f.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, f)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def finished(summary: dict[str, Any]) -> bool:

@@ -216,3 +216,29 @@ def test_other_local_processes_read_the_list_of_local_rank_0(tmp_path, walks, mo
     capfd.readouterr()
     assert FileImages(str(root), labelled=True).items == expected and walks[0] > 0
     assert f"no file list of {root} appeared in 0 s; listing it in this process" in capfd.readouterr().err
+
+
+def test_two_nodes_listing_a_shared_folder_at_once_leave_a_trusted_list(tmp_path, walks, monkeypatch):
+    """On a shared file system every node's local rank 0 may list the tree at one start. Node A's
+    list lands (its rename moves the root's time) while node B still walks; B's list, written over
+    it, is still trusted by the next start, and B's other processes take A's or B's list as it is:
+    both were written for this start."""
+    root = tree(tmp_path / "data")
+    age(root)
+    expected = fresh_walk(root, True)[1]
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    seen_by_b = files._walk(root)  # node B walks first ...
+    monkeypatch.setattr(files.socket, "gethostname", lambda: "node-a")
+    FileImages(str(root), labelled=True)  # ... node A's list lands meanwhile ...
+    monkeypatch.setattr(files.socket, "gethostname", lambda: "node-b")
+    assert files._write(root, seen_by_b) == root / LIST_NAME  # ... and B's over it
+    walks[0] = 0
+    assert FileImages(str(root), labelled=True).items == expected and walks[0] == 0  # the next start reads it
+
+    listing = json.loads((root / LIST_NAME).read_text())
+    (root / LIST_NAME).write_text(json.dumps({**listing, "dirs": {**listing["dirs"], "c0": 1}}))  # stale, of this job
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(files, "WAIT_S", 5.0)
+    monkeypatch.setattr(files.socket, "gethostname", lambda: "node-c")
+    assert FileImages(str(root), labelled=True).items == expected and walks[0] == 0

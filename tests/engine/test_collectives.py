@@ -55,3 +55,11 @@ def test_logged_values_live_on_the_loss_device(stage, name, teacher_ckpt):
             assert v.device == loss.device, f"{name} logs '{k}' on {v.device}, its loss is on {loss.device}"
         else:
             assert isinstance(v, float), f"{name} logs '{k}' as {type(v)}"
+
+
+def test_an_nccl_barrier_names_this_process_gpu(nccl, monkeypatch):
+    """NCCL runs a barrier on a GPU; left to guess, it may pick another process's (and warn)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda device_ids=None: nccl.append(("barrier", device_ids)))
+    dist.barrier()
+    assert nccl == [("barrier", [3])]

@@ -427,3 +427,17 @@ def test_segfinetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ddp", "single"))
     assert abs(a["miou"] - b["miou"]) < 0.02
+
+
+@pytest.mark.slow
+def test_no_process_leaves_a_checkpoint_before_it_is_written(tmp_path):
+    """Only the main process writes last.pt; every other one must wait for the write before it
+    goes on (or exits, at a stop: Slurm's ``--kill-on-bad-exit`` would then kill the writer mid-
+    write). The main process's writes are slowed down; the other process, as soon as its
+    ``checkpoint()`` returns, must find its step on disk."""
+    _run([*TORCHRUN, "tests/engine/slow_save_worker.py", str(tmp_path), "teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN,
+          "moco.mlp_dim=64", "moco.proj_dim=32", "train.ckpt_every=4", "train.threads=1", f"train.out_dir={tmp_path}",
+          "train.name=wait"])
+    rows = [json.loads(r) for r in (tmp_path / "seen1.json").read_text().splitlines()]
+    assert len(rows) >= 2, rows
+    assert all(r["on_disk"] == r["step"] for r in rows), rows

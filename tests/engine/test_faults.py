@@ -135,3 +135,33 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path):
     assert summary["stopped_by"] == "SIGTERM" and summary["step"] == step and 3 <= step < 48
     assert 0 <= step - summary["stop_asked_at_step"] <= 1  # voted every step: stopped one step after seeing it
     assert "exitcode  : -9" not in err  # no worker was killed at the end of torchrun's grace period
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_every_process_spares_the_loader_workers(tmp_path):
+    """Slurm signals every process of a job step (``scancel --signal=TERM JOB.0``, the time-limit
+    stop, a preemption), the image loader's worker processes included. A worker killed by it
+    would take the run down ("DataLoader worker ... killed by signal") before its checkpoint:
+    the workers ignore it and the main process stops, checkpoints and exits 0."""
+    from PIL import Image
+
+    from mimco.data.procedural import make_shapes
+
+    images, labels = make_shapes(96, 16, seed=0)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        d = tmp_path / "imgs" / "train" / f"c{int(y)}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.transpose(1, 2, 0)).save(d / f"{i:03d}.png")
+    cmd = [sys.executable, "-m", "mimco", *LONG, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
+           "data.num_workers=2", "optim.epochs=40", f"train.out_dir={tmp_path}", "train.name=workers"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    _wait_for_step(proc, tmp_path / "workers" / "log.csv", 3)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) >= 2, "the loader's worker processes were not running"
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as Slurm signals a step
+    out, err = proc.communicate(timeout=HANG)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    step = load_checkpoint(tmp_path / "workers" / "last.pt")["step"]
+    assert 3 <= step < 120 and json.loads((tmp_path / "workers" / "summary.json").read_text())["step"] == step

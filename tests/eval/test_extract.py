@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from mimco.cli.main import main
 from mimco.config import PretrainConfig, load_config
 from mimco.data.build import load_dataset
+from mimco.eval.extract import read_names
 from mimco.eval.features import extract_features
 from mimco.models.formats import load_backbone
 from tests.conftest import TINY_DATA, messy_folder
@@ -33,7 +34,7 @@ def test_safetensors_holds_every_output_in_dataset_order(monitored_run, tmp_path
     assert torch.allclose(got["patch"].float().mean(1), mean, atol=1e-2)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["names"]) == [] and json.loads(meta["mimco"])["split"] == "test"
+    assert "names" not in meta and read_names(out) == [] and json.loads(meta["mimco"])["split"] == "test"
 
 
 @pytest.mark.slow
@@ -47,6 +48,14 @@ def test_npz_of_a_folder_names_its_files_and_leaves_out_unreadable_ones(monitore
     names = [n.rsplit("/", 1)[-1] for n in got["names"]]
     assert len(names) == len(got["cls"]) == 25 and "empty.jpg" not in names and "text.jpg" not in names
     assert (got["labels"] == -1).all() and "patch" not in got.files
+    assert read_names(out) == list(got["names"])
+    # the safetensors file: the same names, as a tensor of UTF-8 bytes (the header stays small)
+    st = tmp_path / "f.safetensors"
+    assert main([*args[:3], str(st), *args[4:]]) == 0
+    assert read_names(st) == list(got["names"]) and torch.equal(load_file(str(st))["index"],
+                                                                 torch.from_numpy(got["index"]))
+    with safe_open(str(st), "pt") as f:
+        assert set(f.metadata()) == {"mimco"}
     assert main(args) == 2  # never overwritten
     assert f"--out {out} exists" in capsys.readouterr().err
 

@@ -184,3 +184,20 @@ def test_linprobe_default_is_the_grid():
     args = build_parser().parse_args(["linprobe", "pixels"])
     assert tuple(args.lr) == DEFAULT_LR_GRID
     assert build_parser().parse_args(["linprobe", "pixels", "--lr", "0.1", "1"]).lr == [0.1, 1.0]
+
+
+def test_probe_results_average_like_floats():
+    """The study averages probe results with ``statistics``, which rebuilds a value of the input's
+    own type from a number: a Top1 must survive that (with no setting behind the mean)."""
+    import json
+    import pickle
+    import statistics
+
+    x, y = _clusters(120, 0, noise=3.0)
+    runs = [linear_probe(x, y, x, y, epochs=1, batch_size=64, seed=s) for s in range(3)]
+    mean = statistics.mean(runs)
+    assert math.isclose(mean, sum(map(float, runs)) / 3) and mean.choice is None and mean.lr is None
+    assert statistics.stdev(runs) >= 0
+    assert json.loads(json.dumps(runs)) == [float(r) for r in runs]
+    again = pickle.loads(pickle.dumps(runs[0]))
+    assert again == runs[0] and again.choice == runs[0].choice

@@ -217,3 +217,23 @@ def test_monitor_pictures_of_a_compiled_backbone_reuse_its_graphs():
     want = monitor_images(plain, x, data)
     for pics in (first, second):
         assert torch.allclose(pics["features"], want["features"], atol=1e-5)
+
+
+def test_the_monitor_searches_its_bank_on_the_run_device(monkeypatch):
+    """Features are gathered to host memory; the k-NN search (a matrix product of the queries with
+    the whole bank) must go back to the run's device, not run on the host's CPU every time."""
+    import contextlib
+
+    import mimco.eval.monitor as mon
+
+    seen = []
+    host = (torch.randn(8, 4), torch.arange(8) % 2)
+    monkeypatch.setattr(mon, "extract_features_distributed", lambda *a, **k: host)
+    monkeypatch.setattr(mon, "monitor_images", lambda *a, **k: {})
+    monkeypatch.setattr(mon, "eval_batches", lambda *a, **k: iter([(torch.zeros(1),)]))
+    monkeypatch.setattr(mon, "autocast", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(mon, "knn_accuracy", lambda bank, *a: seen.append(bank.device.type) or 50.0)
+    m = KnnMonitor.__new__(KnnMonitor)
+    m.ev, m.mask, m.data, m.bank, m.queries = EvalConfig(knn_k=2), None, None, None, None
+    assert m(torch.nn.Identity(), torch.device("meta"), "fp32")[0] == {"knn_monitor": 50.0}
+    assert seen == ["meta"]

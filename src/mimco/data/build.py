@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from mimco.config import DataConfig, DatasetName
 from mimco.data.fashion_mnist import load_fashion_mnist
-from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted
+from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted, worker_ignores_stop
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 
@@ -178,6 +178,7 @@ class BatchStream:
                                       collate_fn=getattr(self.ds, "collate", collate_substituted),
                                       generator=torch.Generator().manual_seed(self.seed),
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
+                                      worker_init_fn=worker_ignores_stop,
                                       prefetch_factor=4 if w > 0 else None)
         return self._loader
 

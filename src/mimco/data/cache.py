@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mimco import distributed as dist
-from mimco.data.files import FileImages, collate_skip_bad
+from mimco.data.files import FileImages, collate_skip_bad, worker_ignores_stop
 from mimco.errors import MimcoError
 
 
@@ -123,6 +123,7 @@ def _decode_into(images: torch.Tensor, files: FileImages, size: int, num_workers
     kept, bad = 0, 0
     # its own generator: iterating must not draw from the global one, which the models' initialisation uses next
     loader = DataLoader(_Square(files, size), batch_size=256, num_workers=num_workers, collate_fn=collate_skip_bad,
+                        worker_init_fn=worker_ignores_stop,
                         generator=torch.Generator())
     for batch, n_bad in loader:
         bad += n_bad

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -153,10 +154,11 @@ def _items(base: Path, listing: dict[str, Any], labelled: bool) -> tuple[FileIte
 
 
 def _job() -> str:
-    """This node and torchrun job (address, port, run id, restart): a list written under it was
-    written for this start."""
+    """This torchrun job and start (address, port, run id, restart), the same on every node: a
+    list written under it was written for this start, on this node or (a shared file system, where
+    each node's local rank 0 lists and the last write wins) on another."""
     keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
-    return repr([socket.gethostname(), *(os.environ.get(k, "") for k in keys)])
+    return repr([os.environ.get(k, "") for k in keys])
 
 
 def list_places(base: Path) -> list[Path]:
@@ -211,6 +213,7 @@ def _write(base: Path, listing: dict[str, Any]) -> Path | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             before = os.stat(base).st_mtime_ns  # the root's time: moved since the walk began?
+            other = _list_time(path)  # a list already there (another node's, on a shared file system)
             with open(tmp, "w") as f:
                 fs_now = min(os.fstat(f.fileno()).st_mtime_ns, time.time_ns())
                 racy = {rel for rel, m in listing["dirs"].items() if m >= fs_now - RACY_NS}
@@ -220,13 +223,22 @@ def _write(base: Path, listing: dict[str, Any]) -> Path | None:
                 os.replace(tmp, path)
                 if path == base / LIST_NAME:  # its rename moved the root's time: carried as the list's own
                     root = os.stat(base)
-                    trusted = before == listing["dirs"][""] and "" not in racy
+                    # the root moved since the walk only by another node's list rename (a shared file
+                    # system): that list carries the root's time as its own
+                    trusted = "" not in racy and (before == listing["dirs"][""] or other == before)
                     os.utime(f.fileno(), ns=(root.st_atime_ns, root.st_mtime_ns if trusted else 0))
             return path
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return None
+
+
+def _list_time(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def _listing(base: Path) -> dict[str, Any]:
@@ -319,6 +331,16 @@ class FileImages(Dataset):
         if img is None:
             return None
         return (self.transform(img) if self.transform else img), self.items[i][1]
+
+
+def worker_ignores_stop(_worker_id: int) -> None:
+    """``worker_init_fn`` of every image loader: its worker processes ignore SIGTERM and SIGINT.
+    Slurm signals every process of a job step (the time-limit stop, a preemption) and Ctrl-C
+    every process of the terminal's group; a worker killed by that signal would end the run with
+    "DataLoader worker ... exited unexpectedly" before the main process, which the signal asks to
+    finish its step and checkpoint, could do so. A worker still exits with its main process."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:

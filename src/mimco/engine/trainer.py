@@ -139,6 +139,9 @@ class Trainer:
                             to_dict(self.cfg))
             if snapshot:
                 self._snapshot(path)
+        # nobody goes on (or exits, at a stop) before the file is written: under srun
+        # --kill-on-bad-exit a process that left first could have Slurm kill the writer mid-write
+        dist.barrier()
         self.last_saved = (path, self.step)
         return path
 

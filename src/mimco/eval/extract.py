@@ -70,6 +70,8 @@ def extract_tokens(backbone: torch.nn.Module, dataset: Any, data: DataConfig, de
 
 #: safetensors' names of the dtypes ``mimco extract`` writes
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64"}
+#: the key of the file names (image folders)
+NAMES = "names"
 #: bytes copied at a time when the file is put together from its parts
 _COPY = 4 * 2**20
 
@@ -78,7 +80,10 @@ class FeatureWriter:
     """The main process's side of :func:`stream_features`: each gathered batch's rows appended to one
     part file per key (next to ``path``), then the whole file put together from the parts (a
     header, then each part copied in pieces of :data:`_COPY` bytes) under a temporary name and
-    renamed to ``path``. Nothing but a batch and the file names is held in memory."""
+    renamed to ``path``. Nothing but a batch is held in memory: the file names go to a part file
+    too, and into the safetensors file as a tensor ``names`` (UTF-8 bytes, one name after another,
+    each ended by a NUL byte), not into its header (which safetensors caps at 100 MB: ImageNet's
+    1.28 M training paths come near that)."""
 
     def __init__(self, path: Path, names_of: Any = None) -> None:
         self.path, self.names_of = path, names_of
@@ -87,7 +92,7 @@ class FeatureWriter:
         self.files: dict[str, IO[bytes]] = {}
         self.rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self.count = 0
-        self.names: list[str] = []
+        self.names = 0  # file names written to the part file ``names``
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> None:
         for k, v in rows.items():
@@ -98,7 +103,11 @@ class FeatureWriter:
             a.tofile(self.files[k])
         self.count += len(rows["index"])
         if self.names_of is not None:
-            self.names.extend(self.names_of(rows["index"].tolist()))
+            if NAMES not in self.files:
+                self.files[NAMES] = open(self.parts / NAMES, "wb")  # noqa: SIM115  closed in close()
+            names = self.names_of(rows["index"].tolist())
+            self.files[NAMES].write(b"".join(n.encode() + b"\0" for n in names))
+            self.names += len(names)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: (self.count, *shape) for k, (_, shape) in self.rows.items()}
@@ -131,20 +140,24 @@ class FeatureWriter:
             shutil.copyfileobj(f, out, _COPY)
 
     def _safetensors(self, tmp: Path, meta: dict[str, Any]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"names": json.dumps(self.names), "mimco": json.dumps(meta)}}
+        header: dict[str, Any] = {"__metadata__": {"mimco": json.dumps(meta)}}
         start = 0
-        for k, (dtype, shape) in self.rows.items():
+        for k in self._keys():
             size = (self.parts / k).stat().st_size
-            header[k] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [self.count, *shape],
-                         "data_offsets": [start, start + size]}
+            dtype, shape = ("U8", [size]) if k == NAMES else (_SAFETENSORS_DTYPES[self.rows[k][0]],
+                                                                [self.count, *self.rows[k][1]])
+            header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + size]}
             start += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(text)))
             out.write(text)
-            for k in self.rows:
+            for k in self._keys():
                 self._copy(k, out)
+
+    def _keys(self) -> list[str]:
+        return [*self.rows, *([NAMES] if NAMES in self.files else [])]
 
     def _npz(self, tmp: Path, meta: dict[str, Any]) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -153,7 +166,8 @@ class FeatureWriter:
                     np.lib.format.write_array_header_2_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                                "fortran_order": False, "shape": (self.count, *shape)})
                     self._copy(k, out)
-            for k, a in (("names", np.array(self.names, dtype=str)), ("mimco", np.array(json.dumps(meta)))):
+            names = (self.parts / NAMES).read_bytes().decode().split("\0")[:-1] if NAMES in self.files else []
+            for k, a in ((NAMES, np.array(names, dtype=str)), ("mimco", np.array(json.dumps(meta)))):
                 with z.open(f"{k}.npy", "w", force_zip64=True) as out:
                     np.lib.format.write_array(out, a)
 
@@ -162,8 +176,9 @@ def stream_features(backbone: torch.nn.Module, dataset: Any, data: DataConfig, d
                     meta: dict[str, Any], precision: str = "fp32", patch: bool = False, batch_size: int = 256,
                     progress: bool = True) -> dict[str, tuple[int, ...]] | None:
     """``mimco extract``: what :func:`extract_tokens` gives, written to ``path`` batch by batch as the
-    main process receives them (``.safetensors``: names and ``meta`` as JSON in the header's
-    metadata; ``.npz``: names as a string array, ``meta`` as a JSON string). Returns the shapes
+    main process receives them (``.safetensors``: ``meta`` as JSON in the header's metadata, the
+    names as a tensor (see :class:`FeatureWriter`; :func:`read_names` reads them back); ``.npz``:
+    names as a string array, ``meta`` as a JSON string). Returns the shapes
     written (and ``names`` (count,) for a folder) on the main process, None on the others; every
     process takes part in the extraction."""
     names_of = ((lambda index: [str(dataset.items[i][0]) for i in index]) if isinstance(dataset, FileImages)
@@ -175,7 +190,22 @@ def stream_features(backbone: torch.nn.Module, dataset: Any, data: DataConfig, d
         if writer is None:
             return None
         writer.finish(meta)
-        return {**writer.shapes(), **({"names": (len(writer.names),)} if names_of is not None else {})}
+        return {**writer.shapes(), **({"names": (writer.names,)} if names_of is not None else {})}
     finally:
         if writer is not None:
             writer.close()
+
+
+def read_names(path: str | Path) -> list[str]:
+    """The file names in a ``mimco extract`` file (``.safetensors`` or ``.npz``), in its row order;
+    [] for an in-memory dataset."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        with np.load(p) as z:
+            return [str(n) for n in z[NAMES]]
+    from safetensors import safe_open
+
+    with safe_open(str(p), "np") as f:
+        if NAMES not in f.keys():
+            return []
+        return bytes(f.get_tensor(NAMES)).decode().split("\0")[:-1]

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from mimco import distributed as dist
 from mimco.config import DataConfig
 from mimco.data.build import ImageArray
-from mimco.data.files import FileImages, collate_skip_bad
+from mimco.data.files import FileImages, collate_skip_bad, worker_ignores_stop
 from mimco.data.transforms import Normalize, image_eval
 from mimco.engine.amp import autocast
 
@@ -31,7 +31,8 @@ def eval_batches(dataset: ImageArray | FileImages, data: DataConfig, batch_size:
     else:
         dataset.transform = image_eval(data)
         part = dataset if indices is None else Subset(dataset, order.tolist())
-        loader = DataLoader(part, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_skip_bad)
+        loader = DataLoader(part, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate_skip_bad,
+                            worker_init_fn=worker_ignores_stop)
         for batch, _ in loader:
             if batch is not None:
                 yield batch[0].to(device), batch[1]
@@ -111,8 +112,8 @@ def extract_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | 
     """``outputs(images)`` (a dict of (B, ...) tensors) over a whole split, each process computing
     every world-th image under the run's autocast (``precision``). Each batch's outputs go to the
     main process at once (a gather, not an all-gather: the other processes keep nothing) and there
-    straight off the accelerator to host memory (pinned on CUDA), float32, or float16 for the keys
-    in ``half`` (patch tokens). On the main process: the dict in dataset order, on the CPU, plus
+    straight off the accelerator into one host buffer per key sized for the split (float32, or
+    float16 for the keys in ``half``: patch tokens). On the main process: the dict in dataset order, on the CPU, plus
     ``labels`` (N,) and ``index`` (N,, the dataset's indices); or, with ``sink``, nothing is held:
     ``sink(rows)`` gets each gathered batch (the same keys), in dataset order, and {} is returned.
     None on the other processes. Every process runs the same number of forward passes (padding the
@@ -126,14 +127,16 @@ def extract_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | 
     was = backbone.training if backbone is not None else False
     if backbone is not None:
         backbone.eval()
-    got: dict[str, list[torch.Tensor]] = {}
+    held: dict[str, torch.Tensor] = {}
+    filled = 0
     if isinstance(dataset, ImageArray):
         batches: Any = ((x, y, torch.ones(len(y), dtype=torch.bool)) for x, y in
                         eval_batches(dataset, data, batch_size, device, indices=idx))
     else:
         dataset.transform = image_eval(data)
         shape = (data.channels, data.img_size, data.img_size)
-        batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers)
+        batches = DataLoader(_Marked(dataset, idx.tolist(), shape), batch_size=batch_size, num_workers=data.num_workers,
+                             worker_init_fn=worker_ignores_stop)
     bar = tqdm(total=per, desc="features", unit="img", disable=not (progress and dist.is_main()), dynamic_ncols=True)
     done = 0
     for x, y, good in batches:
@@ -152,20 +155,23 @@ def extract_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | 
         rows = {k: torch.cat(v) for k, v in parts.items() if v is not None}
         keep = rows.pop("keep").bool()
         order = rows["index"][keep].argsort()  # the processes' rows interleave: back to the dataset's order
-        rows = {k: to_host(v[keep][order]) for k, v in rows.items()}
-        if sink is not None:
+        if sink is not None:  # pinned per batch (the host allocator reuses the blocks), handed on
+            rows = {k: to_host(v[keep][order]) for k, v in rows.items()}
             host_ready(device)
             sink(rows)
-        else:
-            for k, v in rows.items():
-                got.setdefault(k, []).append(v)
+            continue
+        m = int(keep.sum())
+        for k, v in rows.items():
+            if k not in held:  # the whole split, once, in ordinary host memory: no pinned bank, no final copy
+                held[k] = torch.empty((n, *v.shape[1:]), dtype=v.dtype)
+            held[k][filled : filled + m].copy_(v[keep][order])
+        filled += m
     bar.close()
     if backbone is not None:
         backbone.train(was)
     if not dist.is_main():
         return None
-    host_ready(device)
-    return {k: torch.cat(v) for k, v in got.items()}
+    return {k: v[:filled] for k, v in held.items()}
 
 
 def extract_features_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages,

@@ -54,11 +54,13 @@ class Choice:
 
 
 class Top1(float):
-    """A top-1 accuracy in percent that also carries the :class:`Choice` behind it."""
+    """A top-1 accuracy in percent that also carries the :class:`Choice` behind it. Anything that
+    rebuilds a float of its own type from a number (``statistics.mean`` does) gets ``choice=None``:
+    a mean of probes was trained with no one setting."""
 
-    choice: Choice
+    choice: Choice | None
 
-    def __new__(cls, value: float, choice: Choice) -> Top1:
+    def __new__(cls, value: float, choice: Choice | None = None) -> Top1:
         out = super().__new__(cls, value)
         out.choice = choice
         return out
@@ -67,8 +69,8 @@ class Top1(float):
         return Top1, (float(self), self.choice)
 
     @property
-    def lr(self) -> float:
-        return self.choice.lr
+    def lr(self) -> float | None:
+        return None if self.choice is None else self.choice.lr
 
 
 class LinearHeads(nn.Module):

@@ -176,5 +176,6 @@ class KnnMonitor:
             images = images if dist.is_main() else {}
         if bank is None or queries is None:
             return {}, images
-        acc = knn_accuracy(bank[0], bank[1], queries[0], queries[1], self.ev.knn_k, self.ev.knn_temperature)
+        # gathered to host memory; scored on the run's device (the search is a matrix product)
+        acc = knn_accuracy(bank[0].to(device), bank[1], queries[0], queries[1], self.ev.knn_k, self.ev.knn_temperature)
         return {"knn_monitor": round(acc, 2)}, images

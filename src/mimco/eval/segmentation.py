@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 
 from mimco import distributed as dist
 from mimco.config import DataConfig, SegAugConfig
+from mimco.data.files import worker_ignores_stop
 from mimco.data.segmentation import (
     IGNORE,
     SegSplit,
@@ -164,7 +165,7 @@ def _readable(split: SegSplit | Subset, batch_size: int, workers: int,
     """The batches of ``split`` (in ``order``, dropping a last short batch, when given) that hold a
     readable sample: (images, masks at their own sizes, unreadable count)."""
     loader = DataLoader(split, batch_size=batch_size, num_workers=workers, collate_fn=collate_eval, sampler=order,
-                        drop_last=order is not None)
+                        drop_last=order is not None, worker_init_fn=worker_ignores_stop)
     return (b for b in loader if b is not None)
 
 
