@@ -102,6 +102,23 @@ def test_file_list_table(tmp_path):
     assert "12 files (3 x 4)" in r.stdout and (tmp_path / "train" / ".mimco-files.json").is_file()
 
 
+@pytest.mark.slow
+def test_data_sources_table(tmp_path):
+    out = tmp_path / "t.md"
+    r = subprocess.run([sys.executable, "benchmarks/data_sources.py", "--images", "64", "--tree", "128", "--batches",
+                        "1", "--runs", "1", "--img-size", "32", "--out", str(out)], capture_output=True, text=True,
+                       env=ENV, cwd=ROOT, timeout=HANG)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = out.read_text()
+    lines = table.splitlines()
+    for source in ("image folder", "shards", "HF dataset"):  # one row in each table, every figure measured
+        rows = [ln for ln in lines if ln.startswith(f"| {source} |") and "wids" not in ln]
+        assert len(rows) == 2 and all(float(c.strip(" s")) > 0 for ln in rows for c in ln.split("|")[2:-1]), rows
+    readers = [ln.split("|")[1:-1] for ln in lines if ln.split("|")[1:2] and ln.split("|")[1].strip().isdigit()]
+    assert len(readers) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 and " ms (" in r[1] for r in readers)
+    assert "64 JPEGs of 400x300 px" in table and "a tree of 128 files" in table
+
+
 def _python_without(tmp_path: Path, *hidden: str) -> Path:
     """A Python that has every package of this one but ``hidden`` (a lent GPU image lacks kornia):
     a venv of the base interpreter whose .pth names a folder of links to this site-packages, less those."""

@@ -27,8 +27,8 @@ from mimco.errors import MimcoError
 # The string choices of the config, in one place: a value outside them fails when the config is
 # built (file or override), naming the key and the choices. The modules that act on a choice take
 # their tables from here (``typing.get_args``).
-DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "procedural", "segfolder",
-                      "fmnist_scenes"]
+DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifar100", "procedural", "shards", "hf",
+                      "segfolder", "fmnist_scenes"]
 Decode = Literal["cpu", "gpu"]
 Arch = Literal["vit_mini", "vit_tiny", "vit_small", "vit_base"]
 PosEmbed = Literal["learned", "sincos"]
@@ -50,7 +50,8 @@ Pool = Literal["avg", "token"]
 class DataConfig:
     """Where images come from and how they are prepared before augmentation."""
 
-    # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural; segmentation (mimco segprobe /
+    # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural | shards (WebDataset tars) | hf (a saved
+    # Hugging Face dataset, parquet files); segmentation (mimco segprobe /
     # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes
     name: DatasetName = "imagefolder"
     root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
@@ -68,6 +69,13 @@ class DataConfig:
     decode: Decode = "cpu"  # image folders: cpu (workers decode and augment each image) | gpu (workers read bytes and
     #                      draw crops; JPEGs are decoded, cropped and augmented in batches on the training device)
     procedural_size: int = 2048  # images per split of the procedural dataset
+    # shards | hf: the evaluation split's source when data.root holds only training data (a shard folder, index.json
+    # or brace pattern; a saved dataset or parquet files); "" = data.root's val (shards) or validation/test split (hf)
+    val_root: str = ""
+    shuffle_buffer: int = 0  # shards: 0 = a uniform shuffle (as a folder); N = shards in a seeded order, samples
+    #                          shuffled within windows of N (reads stay within a few shards at a time)
+    image_column: str = "image"  # hf: the column holding the images (datasets.Image, or encoded bytes)
+    label_column: str = "label"  # hf: the column holding the class index ("" or absent = unlabelled)
     # fine-tuning on few labels: a balanced subset of the training split (the probes' --per-class draws the same)
     labels_per_class: int = 0  # N labelled images per class (0 = every label)
     labels_fraction: float = 0.0  # or this fraction of each class, e.g. 0.01 for 1 % (0 = off)

@@ -186,6 +186,14 @@ def _data_rules(cfg: Any) -> None:
                          "and random erasing to the device)")
     if finetune and d.name == "folder":
         raise MimcoError("fine-tuning needs labels: use data.name=imagefolder (class sub-folders), not folder")
+    if d.shuffle_buffer < 0:
+        raise MimcoError(f"data.shuffle_buffer={d.shuffle_buffer} must be 0 (a uniform shuffle) or a window size")
+    only = [("data.val_root", d.val_root != "", ("shards", "hf")), ("data.shuffle_buffer", d.shuffle_buffer != 0,
+            ("shards",)), ("data.image_column", d.image_column != "image", ("hf",)),
+            ("data.label_column", d.label_column != "label", ("hf",))]
+    for key, set_, names in only:
+        if set_ and d.name not in names:
+            raise MimcoError(f"{key} applies to data.name={' or '.join(names)}, not {d.name}: drop it")
 
 
 def _segmentation_rules(cfg: Any, training: bool) -> None:

@@ -165,3 +165,65 @@ def test_a_stop_signal_to_every_process_spares_the_loader_workers(tmp_path):
     assert "stopped by SIGTERM" in err
     step = load_checkpoint(tmp_path / "workers" / "last.pt")["step"]
     assert 3 <= step < 120 and json.loads((tmp_path / "workers" / "summary.json").read_text())["step"] == step
+
+
+SPARED = r"""
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader
+from mimco.data import files
+
+files.WORKER_GRACE_S = float(sys.argv[1])
+loader = DataLoader(list(range(64)), batch_size=4, num_workers=2, persistent_workers=True,
+                    worker_init_fn=files.worker_ignores_stop)
+it = iter(loader)
+next(it), next(it)  # a batch from each worker: both have run worker_init_fn
+pids = [w.pid for w in it._workers]
+for p in pids:
+    os.kill(p, signal.SIGTERM)  # the signal Slurm sends every process of a step
+if sys.argv[2] == "serves":
+    print(len([next(it) for _ in range(10)]))  # served on, the workers' own batches included
+    os._exit(0)
+deadline = time.monotonic() + 120
+while any(w.is_alive() for w in it._workers) and time.monotonic() < deadline:
+    try:
+        time.sleep(0.05)
+    except RuntimeError as e:  # the loader says so as each worker goes
+        assert "killed by signal: Alarm clock" in str(e), e
+print("ended" if not any(w.is_alive() for w in it._workers) else "alive")
+os._exit(0)
+"""
+
+
+def test_a_signalled_loader_worker_serves_on_then_ends_after_its_grace(tmp_path):
+    for grace, mode, want in (("3600", "serves", "10"), ("1", "ends", "ended")):
+        r = subprocess.run([sys.executable, "-c", SPARED, grace, mode], capture_output=True, text=True, env=ENV,
+                           cwd=ROOT, timeout=HANG)
+        assert r.returncode == 0 and r.stdout.strip() == want, r.stderr[-2000:]
+
+
+LEFT_OPEN = r"""
+import sys
+import torch
+from mimco.config import TeacherStageConfig, load_config
+from mimco.data import files
+from mimco.data.stream import build_stream
+
+files.WORKER_GRACE_S = 3600.0  # a process that waited out its workers' grace would hang for an hour
+cfg = load_config(TeacherStageConfig, None, sys.argv[1:], model_keys=False)
+batches = build_stream(cfg, torch.device("cpu"), "two")(0)
+next(batches)
+print("one batch", flush=True)
+"""
+
+
+def test_a_process_that_leaves_its_stream_open_still_exits(tmp_path):
+    """multiprocessing's exit sends its daemonic workers SIGTERM and joins them; the workers outlive
+    that signal, so the stream shuts them down first (at exit, when nobody closed it)."""
+    from tests.data.test_shards import shapes_folder
+
+    src = shapes_folder(tmp_path / "imgs", n=40)
+    r = subprocess.run([sys.executable, "-c", LEFT_OPEN, "data.name=imagefolder", f"data.root={src}",
+                        "data.img_size=16", "data.num_workers=2", "optim.batch_size=8"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "one batch", r.stderr[-2000:]

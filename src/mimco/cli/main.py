@@ -1,4 +1,4 @@
-"""``mimco teacher | pretrain | eval | export | inspect | demo``, and the evaluation commands of
+"""``mimco teacher | pretrain | eval | export | inspect | shards | demo``, and the evaluation commands of
 :mod:`mimco.cli.evaluate` (``knn | linprobe | finetune | plot | results``).
 
 User errors (:class:`~mimco.errors.MimcoError`) print one line and exit with code 2.
@@ -109,12 +109,56 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the side at which ``mimco shards`` keeps an in-memory set's images (their own), unless data.img_size is given
+_NATIVE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "procedural": 32}
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from mimco.config import PretrainConfig, load_config
+    from mimco.config_rules import IN_MEMORY
+    from mimco.data.build import class_names, load_dataset
+    from mimco.data.files import FileImages
+    from mimco.data.shards import parse_size, write_shards
+
+    size = parse_size(args.shard_size)
+    given = {o.split("=", 1)[0] for o in args.overrides}
+    if args.source in IN_MEMORY:
+        base = [f"data.name={args.source}"]
+        if "data.img_size" not in given:
+            base.append(f"data.img_size={_NATIVE[args.source]}")
+    elif Path(args.source).is_dir():
+        root = Path(args.source)
+        split_root = root / args.split if (root / "train").is_dir() else root
+        labelled = split_root.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in split_root.iterdir())
+        base = [f"data.name={'imagefolder' if labelled else 'folder'}", f"data.root={root}"]
+    else:
+        raise MimcoError(f"{args.source} is neither a folder of images nor one of {', '.join(IN_MEMORY)}")
+    cfg = load_config(PretrainConfig, None, [*base, *args.overrides], model_keys=False)
+    ds = load_dataset(cfg.data, train=args.split == "train")
+    if ds is None:
+        raise MimcoError(f"{args.source} has no {args.split} split (a folder needs {args.split}/ beside train/)")
+    if isinstance(ds, FileImages):
+        classes = ds.classes
+    else:
+        top = int(ds.labels.max()) if len(ds.labels) else -1
+        classes = class_names(cfg.data, ds) or [str(c) for c in range(top + 1)]
+    out = Path(args.out)
+    index = write_shards(ds, out, f"{args.source}:{args.split}", classes, size, args.prefix or args.split,
+                         progress=not args.quiet)
+    shards, n = index["shardlist"], sum(s["nsamples"] for s in index["shardlist"])
+    skipped = index["mimco"]["unreadable"]
+    print(f"wrote {len(shards)} shards, {n} images, {len(classes)} classes to {out}"
+          + (f" ({skipped} unreadable images left out)" if skipped else "") + f"; read them with data.name=shards "
+          f"data.root={out}")
+    return 0
+
+
 def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     """Every subcommand of :func:`build_parser` and the function that runs it."""
     from mimco.cli.evaluate import HANDLERS
 
     return {"teacher": partial(_train, "teacher"), "pretrain": partial(_train, "pretrain"), "eval": _eval,
-            "export": _export, "inspect": _inspect, "demo": _demo, **HANDLERS}
+            "export": _export, "inspect": _inspect, "demo": _demo, "shards": _shards, **HANDLERS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     from mimco.cli.evaluate import add_parsers
 
     add_parsers(sub)
+    w = sub.add_parser("shards", help="write a split as WebDataset tar shards (KEY.jpg/.png + KEY.cls) and their "
+                                      "index.json, for data.name=shards")
+    w.add_argument("source", help="an image folder (class sub-folders, optionally under train/ and val/) or "
+                                  "fashion_mnist | cifar10 | cifar100 | procedural")
+    w.add_argument("--out", required=True, help="a new (or interrupted) folder for the shards and index.json")
+    w.add_argument("--split", default="train", choices=["train", "val"], help="which split (default train)")
+    w.add_argument("--shard-size", default="1G", help="about this many bytes a shard (default 1G)")
+    w.add_argument("--prefix", default="", help="shard names PREFIX-000000.tar (default: the split)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="data settings, e.g. data.root=... for "
+                                                                     "fashion_mnist")
     d = sub.add_parser("demo", help="stage 1, stage 2 and evaluation on Fashion-MNIST (about 15 min on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); finished stages are reused")
     d.add_argument("--quick", action="store_true", help="a short version on 6k images (checks the machinery only)")

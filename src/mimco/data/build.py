@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import typing
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mimco import distributed as dist
 from mimco.config import DataConfig, DatasetName
 from mimco.data.fashion_mnist import load_fashion_mnist
 from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted, worker_ignores_stop
@@ -82,6 +85,23 @@ def load_dataset(cfg: DataConfig, train: bool = True,
         ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
     elif name == "procedural":
         ds = _array(*make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
+    elif name == "shards":
+        from mimco.data.shards import ShardImages, describe
+
+        desc = describe(cfg.root, train, cfg.val_root)
+        if desc is None:
+            return None
+        return ShardImages(desc, channels=cfg.channels, transform=transform, subset=cfg.subset if train else 0,
+                           shuffle_buffer=cfg.shuffle_buffer if train else 0, verbose=dist.is_main())
+    elif name == "hf":
+        from mimco.data.hf import HFImages, load_split
+
+        split = load_split(cfg.root, train, cfg.val_root)
+        if split is None:
+            return None
+        source = cfg.val_root if cfg.val_root and not train else cfg.root
+        return HFImages(split, source, cfg.image_column, cfg.label_column, cfg.channels, transform,
+                        cfg.subset if train else 0)
     else:  # imagefolder, folder
         root = Path(cfg.root)
         split = root / ("train" if train else "val")
@@ -119,6 +139,12 @@ def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None)
     if isinstance(dataset, FileImages) and dataset.classes:
         return dataset.classes
     return None
+
+
+def _close(ref: weakref.ReferenceType) -> None:
+    stream = ref()
+    if stream is not None:
+        stream.close()
 
 
 class _Rows:
@@ -180,11 +206,25 @@ class BatchStream:
                                       pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
                                       worker_init_fn=worker_ignores_stop,
                                       prefetch_factor=4 if w > 0 else None)
+            if w > 0:  # before multiprocessing's own exit, which would wait out the workers' signal grace
+                atexit.register(_close, weakref.ref(self))
         return self._loader
 
+    def close(self) -> None:
+        """Shut the loader's worker processes down (they persist across epochs); a later batch
+        starts new ones."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
+
     def _local_indices(self, epoch: int, first: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(len(self.ds), generator=g)[: self.steps_per_epoch * self.gb]
+        source = getattr(self.ds, "files", self.ds)  # the GPU decode's encoded files: their images
+        order = getattr(source, "epoch_order", None)  # shards with data.shuffle_buffer: a shard-local order
+        perm = order(self.seed, epoch) if order is not None else None
+        if perm is None:
+            perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        perm = perm[: self.steps_per_epoch * self.gb]
         perm = perm.view(self.steps_per_epoch, self.gb)[first:, self.rank * self.local : (self.rank + 1) * self.local]
         return perm
 

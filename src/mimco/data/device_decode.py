@@ -20,6 +20,7 @@ counted with the unreadable files. On a CPU device the same code runs with libjp
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -28,11 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.functional import pil_to_tensor
 
-from mimco.data.files import FileImages
+from mimco.data.files import FileImages, decode_image
 
 Crop = tuple[tuple[float, float], tuple[float, float]]  # (scale, ratio) of a random resized crop
 
@@ -51,17 +52,21 @@ class EncodedFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Any:
-        path, label = self.files.items[i]
+        label = self.files.items[i][1]
+        raw = self.files.read(i)  # the encoded file (a folder's, a shard's, a Hugging Face dataset's)
+        if raw is None:
+            return None
         try:
-            with Image.open(path) as im:  # the header only: size and format
+            with Image.open(io.BytesIO(raw)) as im:  # the header only: size and format
                 jpeg = im.format == "JPEG" and im.mode in ("RGB", "L")
                 boxes = torch.tensor([RandomResizedCrop.get_params(im, list(scale), list(ratio))  # type: ignore[arg-type]
                                       for scale, ratio in self.crops])
-            data = read_file(str(path)) if jpeg else None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        if data is None:  # not a JPEG nvJPEG takes: decoded here
-            img = self.files.load(i)
+        if jpeg:
+            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        else:  # not a JPEG nvJPEG takes: decoded here
+            img = decode_image(raw, self.files.channels)
             if img is None:
                 return None
             data = pil_to_tensor(img)

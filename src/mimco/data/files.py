@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -104,6 +105,29 @@ def _walk(base: Path) -> dict[str, Any]:
     return {"version": LIST_VERSION, "root": os.path.abspath(base), "classes": sorted(classes),
             "linked": sorted(linked), "dirs": dirs, "files": ["/".join(p) for p, _ in files],
             "sizes": [s for _, s in files], "listed_at": time.time(), "job": _job()}
+
+
+class NamedItems(Sequence):
+    """``(name, label)`` of each item, the name made on access by :meth:`name` (a million strings
+    take a while to make); the items of shards and of a Hugging Face dataset."""
+
+    def __init__(self, labels: list[int]) -> None:
+        self.labels = labels
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.name(i), self.labels[i]
 
 
 class FileItems(Sequence):
@@ -291,6 +315,27 @@ def _wait_for_list(base: Path) -> dict[str, Any]:
     return _walk(base)
 
 
+def subset_of(items: Sequence, sizes: list[int], subset: int, seed: int) -> tuple[Sequence, list[int]]:
+    """``data.subset``: ``subset`` items drawn at random (seeded), or all of them (0, or more than there are)."""
+    if subset and subset < len(items):
+        chosen = random.Random(seed).sample(range(len(items)), subset)
+        return [items[i] for i in chosen], [sizes[i] for i in chosen] if sizes else []
+    return items, sizes
+
+
+def decode_image(data: bytes, channels: int) -> Image.Image | None:
+    """Encoded image bytes -> a PIL image (RGB, or L for ``channels=1``; 16-bit grey to 8 bits), or
+    None when they are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode == "I;16" or im.mode == "I":  # 16-bit grey -> 8-bit
+                im = im.point(lambda v: v / 256).convert("L")
+            return im.convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 class FileImages(Dataset):
     """Images under ``root``; labelled by class sub-folder when ``labelled`` (else label -1).
 
@@ -308,23 +353,25 @@ class FileImages(Dataset):
                              "data.name=folder")
         if not items:
             raise MimcoError(f"no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) found under {base}; check data.root")
-        if subset and subset < len(items):
-            chosen = random.Random(seed).sample(range(len(items)), subset)
-            items, sizes = [items[i] for i in chosen], [sizes[i] for i in chosen]
+        items, sizes = subset_of(items, sizes, subset, seed)
         self.items, self.sizes, self.channels, self.transform = items, sizes, channels, transform
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, i: int) -> Image.Image | None:
+    def read(self, i: int) -> bytes | None:
+        """Image ``i``'s encoded bytes (the file), or None when it cannot be read. Other sources of
+        encoded images (shards, Hugging Face datasets) override this and keep the rest."""
         try:
-            with Image.open(self.items[i][0]) as im:
-                im.load()
-                if im.mode == "I;16" or im.mode == "I":  # 16-bit grey -> 8-bit
-                    im = im.point(lambda v: v / 256).convert("L")
-                return im.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            with open(self.items[i][0], "rb") as f:
+                return f.read()
+        except OSError:
             return None
+
+    def load(self, i: int) -> Image.Image | None:
+        """Image ``i`` decoded (RGB, or L for ``channels=1``), or None when it cannot be read."""
+        data = self.read(i)
+        return None if data is None else decode_image(data, self.channels)
 
     def __getitem__(self, i: int) -> Any:
         img = self.load(i)
@@ -333,14 +380,29 @@ class FileImages(Dataset):
         return (self.transform(img) if self.transform else img), self.items[i][1]
 
 
+#: how long a loader worker outlives a SIGTERM or SIGINT it was sent (the main process, sent the same
+#: signal, finishes its step and checkpoints well within this, then shuts its workers down)
+WORKER_GRACE_S = 300
+
+
+def _worker_stop(_signum: int, _frame: Any) -> None:
+    if signal.getitimer(signal.ITIMER_REAL)[0] == 0:  # the first one: end at the latest after the grace
+        signal.setitimer(signal.ITIMER_REAL, WORKER_GRACE_S)
+
+
 def worker_ignores_stop(_worker_id: int) -> None:
-    """``worker_init_fn`` of every image loader: its worker processes ignore SIGTERM and SIGINT.
-    Slurm signals every process of a job step (the time-limit stop, a preemption) and Ctrl-C
-    every process of the terminal's group; a worker killed by that signal would end the run with
-    "DataLoader worker ... exited unexpectedly" before the main process, which the signal asks to
-    finish its step and checkpoint, could do so. A worker still exits with its main process."""
+    """``worker_init_fn`` of every image loader: its worker processes outlive a SIGTERM or SIGINT
+    by :data:`WORKER_GRACE_S`. Slurm signals every process of a job step (the time-limit stop, a
+    preemption) and Ctrl-C every process of the terminal's group; a worker killed by that signal
+    would end the run with "DataLoader worker ... exited unexpectedly" before the main process,
+    which the signal asks to finish its step and checkpoint, could do so. The main process shuts
+    its workers down when it is done (:meth:`~mimco.data.build.BatchStream.close`, also at
+    interpreter exit); the grace bounds the wait of a process that did not (multiprocessing's
+    own exit sends its daemonic workers SIGTERM and joins them). A worker also exits with its
+    main process (the loader's watchdog)."""
     for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, _worker_stop)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:
