@@ -552,12 +552,16 @@ def _dense_scores(name: str, model: torch.nn.Module | None, run: Path, scfg: Seg
         out = {k: v for k, v in out.items() if not k.startswith("probe")}
     if out.get("finetune_config") != key:  # another recipe: fine-tune again (in its own folder)
         out = {k: v for k, v in out.items() if not k.startswith("finetune")}
-    if "probe" not in out:
+    if "probe" not in out or "probe_position" not in out:  # a cached probe gets the position probe alone
         start = time.perf_counter()
         m = model.to(device) if model is not None else None
-        values, _ = segprobe(m, *splits, scfg.data, device, patch=patch, seeds=tuple(range(DENSE_PROBE_SEEDS)))
-        out.update(probe=values["miou"], probe_pixel_acc=values["pixel_acc"], probe_config=scenes,
-                   probe_seconds=round(time.perf_counter() - start, 1))
+        seeds = tuple(range(DENSE_PROBE_SEEDS)) if "probe" not in out else ()
+        values, _ = segprobe(m, *splits, scfg.data, device, patch=patch, seeds=seeds)
+        if seeds:
+            out.update(probe=values["miou"], probe_pixel_acc=values["pixel_acc"],
+                       probe_seconds=round(time.perf_counter() - start, 1))
+        out.update(probe_config=scenes, probe_position=values["position_acc"],
+                   probe_position_share=values["position_share"])
     if model is not None and "finetune" not in out:
         fcfg.train.out_dir, fcfg.train.name = str(run), f"segfinetune-{key}"
         res = run_or_reuse("segfinetune", fcfg, run / fcfg.train.name, say="reproduce", backbone=model)
@@ -625,12 +629,16 @@ def dense_study(preset: str, p: dict[str, Any], out: Path) -> None:
              f"{torch.get_num_threads()} threads, {(time.perf_counter() - start) / 60:.1f} min in this call. mIoU %: "
              f"the frozen probe (BN + 1x1 conv on the last block's patch tokens, {DENSE_PROBE_SEEDS} heads per model) "
              f"and a segmentation fine-tune ({' '.join(p['dense_finetune'])}); k-NN / linear probe: {d.name} test "
-             "top-1 % (the main study's columns); mean ± std over model seeds (x probe heads).", "",
-             "| row | seeds | probe mIoU | fine-tune mIoU | probe seconds | k-NN | linear probe |",
-             "|---|---|---|---|---|---|---|"]
+             "top-1 % (the main study's columns); token position: a linear probe of each frozen patch token's grid "
+             f"position (accuracy %, chance {100 / n ** 2:.1f}) and the share of the tokens' variance that position "
+             "explains (%), mimco.eval.position; mean ± std over model seeds (x probe heads).", "",
+             "| row | seeds | probe mIoU | token position acc. | position variance share | fine-tune mIoU | "
+             "probe seconds | k-NN | linear probe |", "|---|---|---|---|---|---|---|---|---|"]
     for row in order:
         vals = results.get(row, [])
         lines.append(f"| {row} | {len(vals)} | {_stat([x for v in vals for x in v['probe']])} | "
+                     f"{_stat([v['probe_position'] for v in vals])} | "
+                     f"{_stat([v['probe_position_share'] for v in vals])} | "
                      f"{_stat([v['finetune'] for v in vals if 'finetune' in v])} | "
                      f"{_stat([v['probe_seconds'] for v in vals])} | {_stat([v['knn'] for v in vals if 'knn' in v])} | "
                      f"{_stat([v['linear'] for v in vals if 'linear' in v])} |")

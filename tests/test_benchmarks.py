@@ -268,7 +268,8 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
                 "image only", "batch negatives", "MaskDistill of teacher"):
         cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
         assert " ± " in cells[1], (row, cells)  # 3 probe heads
-        assert (cells[2].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
+        assert 0 <= float(cells[2].split("±")[0]) <= 100 and float(cells[3].split("±")[0]) <= 100  # token position
+        assert (cells[4].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
     assert "segfinetune: training in" in dense.stderr
     bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr

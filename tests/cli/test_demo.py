@@ -28,8 +28,9 @@ def test_demo_table_has_every_row_and_the_few_label_columns(tmp_path, capsys):
         assert 0 <= mean <= 100 and std >= 0
     for r in rows:  # the dense column: the segmentation probe on 28-px Fashion-MNIST scenes, 3 heads
         mean, std = (float(v) for v in r["scenes mIoU (28px)"].split(" ± "))
-        assert 0 < mean <= 100 and std >= 0
+        assert 0 < mean <= 100 and std >= 0 and 0 <= float(r["token position acc."]) <= 100
     assert "procedural test top-1" in md and "the frozen segmentation probe on 16 validation scenes of 28 x 28" in md
+    assert "token position acc.: a linear probe of each patch token's grid position" in md
     for png in ("tsne.png", "curves.png", "attention.png", "pca.png"):
         assert (tmp_path / png).stat().st_size > 5_000
     capsys.readouterr()

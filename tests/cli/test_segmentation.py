@@ -34,6 +34,8 @@ def test_segprobe_on_fmnist_scenes_at_another_resolution(tmp_path, capsys, teach
     assert code == 0, err
     metrics = json.loads(out)
     assert 0 < metrics["miou"] <= 100 and "miou_std" in metrics and 0 < metrics["pixel_acc"] <= 100
+    assert metrics["position_chance"] == round(100 / 49, 2) and 0 <= metrics["position_acc"] <= 100  # 7 x 7 tokens
+    assert metrics["position_share"] <= 100 and "position_acc_std" not in metrics  # one figure, not per seed
     row = _row(tmp_path)
     assert row["command"] == "segprobe" and row["data"] == "fmnist_scenes" and row["config"]["layers"] == 2
     assert row["config"]["path"] == "cached" and row["config"]["data"]["img_size"] == 28
@@ -54,6 +56,7 @@ def test_segprobe_on_a_plain_folder_of_pngs_and_on_raw_pixels(tmp_path, capsys, 
                            "--batch-size", "8", *data)
     assert code == 0, err
     assert _row(tmp_path / "aug")["config"]["path"] == "streamed"
+    assert "position_acc" not in _row(tmp_path / "aug")["metrics"]  # measured on the cached grids only
 
 
 def test_segfinetune_trains_resumes_and_exports(tmp_path, capsys, teacher_ckpt):

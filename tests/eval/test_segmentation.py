@@ -134,6 +134,18 @@ def test_the_probe_learns_a_separable_split_on_both_paths(cache):
     assert len(heads) == 2 and not torch.equal(heads[0].conv.weight, heads[1].conv.weight)
 
 
+def test_the_probe_reports_token_position_and_measures_it_alone_without_heads():
+    """The position probe on the extracted grids; no seeds: the position figures alone (the study
+    adds them to a cached probe so)."""
+    data = DataConfig(img_size=16, num_workers=0)
+    values, heads = segprobe(None, Stripes(64, 0), Stripes(16, 1), data, torch.device("cpu"), patch=4, seeds=())
+    assert heads == [] and "miou" not in values and values["path"] == "cached"
+    assert values["position_chance"] == 6.25 and 0 <= values["position_acc"] <= 100 and values["position_share"] <= 100
+    streamed, _ = segprobe(None, Stripes(64, 0), Stripes(16, 1), data, torch.device("cpu"), patch=4, epochs=1,
+                           batch_size=16, cache=False)
+    assert "position_acc" not in streamed
+
+
 @pytest.mark.parametrize("size", [(56, 56), (30, 41), (5, 7), (8, 8)])
 def test_upsampling_as_matrix_products_equals_bilinear_interpolation(size):
     from mimco.eval.segmentation import upsampled

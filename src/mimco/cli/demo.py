@@ -53,11 +53,12 @@ def write_table(rows: list[dict[str, Any]], out: Path, header: str) -> str:
 
 
 def dense_column(models: list[tuple[str, Any]], pcfg: PretrainConfig, out: Path, device: torch.device,
-                 overrides: list[str]) -> tuple[dict[str, str], SegmentationConfig]:
+                 overrides: list[str]) -> tuple[dict[str, str], dict[str, str], SegmentationConfig]:
     """The frozen segmentation probe (:func:`mimco.eval.segmentation.segprobe`, :data:`DENSE_SEEDS`
     heads) on Fashion-MNIST scenes for each (name, backbone maker at a side, or None for raw pixels);
     writes ``pca.png`` (the trained backbones' patch tokens on eight validation scenes) and returns
-    ({name: "mIoU ± std"}, the scenes' config)."""
+    ({name: "mIoU ± std"}, {name: the position probe's accuracy, :mod:`mimco.eval.position`}, the
+    scenes' config)."""
     from mimco.data.segmentation import load_segmentation
     from mimco.eval.segmentation import segprobe, val_batches
 
@@ -67,19 +68,22 @@ def dense_column(models: list[tuple[str, Any]], pcfg: PretrainConfig, out: Path,
                                                   "data.num_workers=0", *overrides], model_keys=False)
     train = load_segmentation(scfg.data, scfg.seg, train=True)
     val = load_segmentation(scfg.data, scfg.seg, train=False)
-    side, column, pca_rows = scfg.data.img_size, {}, []
+    side, column, positions, pca_rows = scfg.data.img_size, {}, {}, []
     for name, make in models:
         model = make(side).to(device) if make is not None else None
         values, _ = segprobe(model, train, val, scfg.data, device, patch=pcfg.model.patch_size,
                              seeds=tuple(range(DENSE_SEEDS)))
         m, sd = mean_std(values["miou"])
         column[name] = f"{m:.1f} ± {sd:.1f}"
-        print(f"[demo] {name}: scenes mIoU {column[name]} (pixel accuracy {mean_std(values['pixel_acc'])[0]:.1f})")
+        positions[name] = f"{values['position_acc']:.1f}"
+        print(f"[demo] {name}: scenes mIoU {column[name]} (pixel accuracy {mean_std(values['pixel_acc'])[0]:.1f}); "
+              f"token position: accuracy {values['position_acc']:.1f} (chance {values['position_chance']:.1f}), "
+              f"variance share {values['position_share']:.1f}")
         if model is not None and name != "random-init ViT":
             pca_rows.append((name, model))
     x = next(iter(val_batches(val, scfg.data, 8)))[0].to(device)
     pca_figure(pca_rows, x, denormalize(x, scfg.data.mean, scfg.data.std), out / "pca.png")
-    return column, scfg
+    return column, positions, scfg
 
 
 def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[str, ...] = (),
@@ -133,16 +137,18 @@ def run_demo(out: Path, quick: bool = False, threads: int = 0, overrides: tuple[
               f"k-NN {fk[0]:.1f} ± {fk[1]:.1f}  linear {fl[0]:.1f} ± {fl[1]:.1f}")
     print(f"[demo] dense column: frozen segmentation probe (BN + 1x1 conv on the last block's patch tokens, "
           f"{DENSE_SEEDS} heads) on Fashion-MNIST scenes")
-    dense_col, scfg = dense_column([(n, make) for n, make, _ in makers], pcfg, out,
+    dense_col, position_col, scfg = dense_column([(n, make) for n, make, _ in makers], pcfg, out,
                                    device, [*(DENSE_QUICK if quick else []), *dense])
     s = scfg.data.img_size
-    dense_key = f"scenes mIoU ({s}px)"
+    dense_key, position_key = f"scenes mIoU ({s}px)", "token position acc."
     for r in rows:
-        r[dense_key] = dense_col[r["model"]]
+        r[dense_key], r[position_key] = dense_col[r["model"]], position_col[r["model"]]
     header = (f"{data.name} test top-1 (%), ViT {data.img_size}px/patch {pcfg.model.patch_size}, width "
               f"{pcfg.model.embed_dim}, depth {pcfg.model.depth}; {dense_key}: the frozen segmentation probe on "
               f"{scfg.seg.val_scenes} validation scenes of {s} x {s} px ({s // pcfg.model.patch_size}x"
-              f"{s // pcfg.model.patch_size} patches), mean ± std over {DENSE_SEEDS} heads; "
+              f"{s // pcfg.model.patch_size} patches), mean ± std over {DENSE_SEEDS} heads; {position_key}: a "
+              f"linear probe of each patch token's grid position on the same scenes (chance "
+              f"{100 / (s // pcfg.model.patch_size) ** 2:.1f}); "
               f"{torch.get_num_threads()} threads; training {t_min + s_min:.1f} min + evaluation "
               f"{(time.perf_counter() - eval_start) / 60:.1f} min{' (quick)' if quick else ''}")
     md = write_table(rows, out, header)

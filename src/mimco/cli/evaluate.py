@@ -318,7 +318,8 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
                              cache=False if args.augment else None)
     if not dist.is_main():  # its share of the grids is with the main process, which trains and scores
         return 0
-    metrics = _few_metrics({k: v for k, v in values.items() if k != "path"})
+    metrics = _few_metrics({k: v for k, v in values.items() if isinstance(v, list)})
+    metrics.update({k: v for k, v in values.items() if k.startswith("position_")})  # one figure, no seeds
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out = _out_dir(args, args.checkpoint)
     write_result(out, _row("segprobe", args.checkpoint, name, state, cfg, metrics, layers=args.layers,

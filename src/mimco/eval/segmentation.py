@@ -255,12 +255,16 @@ def train_probe_head(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch
 def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: DataConfig, device: torch.device,
              layers: int = 1, patch: int = 0, epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
              weight_decay: float = 1e-4, seeds: tuple[int, ...] = (0,), precision: str = "fp32",
-             augment: SegAugConfig | None = None, cache: bool | None = None) -> tuple[dict[str, Any], list[SegHead]]:
+             augment: SegAugConfig | None = None, cache: bool | None = None,
+             position: bool = True) -> tuple[dict[str, Any], list[SegHead]]:
     """The frozen probe: one head per seed on the training split's patch grids, each scored on the
     validation split. The grids are extracted once (``cache``; None = when they take at most
     :data:`CACHE_BYTES`), else every batch goes through the backbone, with the joint augmentation
     ``augment`` when given (which needs the second path). Returns ({"miou": [per seed], "macc": [...],
-    "pixel_acc": [...], "path": "cached" | "streamed"}, the heads). Under torchrun the cached grids
+    "pixel_acc": [...], "path": "cached" | "streamed"}, and with ``position`` on the cached path the
+    position probe's ``position_acc``, ``position_share`` and ``position_chance``
+    (:mod:`mimco.eval.position`: how much of the tokens is their grid position), the heads). Under
+    torchrun the cached grids
     are extracted by every process, a share each; the heads are trained and scored on the main
     process alone (the others return ({"path": ...}, []))."""
     s = data.img_size
@@ -274,6 +278,7 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
         return {"path": "streamed"}, []
     if cache:
         feats, masks = grid_features(backbone, train, data, device, layers, p, batch_size, precision)
+        held = grid_features(backbone, val, data, device, layers, p, batch_size, precision)[0] if position else None
         if not dist.is_main():  # its share is with the main process, which trains and scores the heads
             return {"path": "cached"}, []
 
@@ -301,6 +306,10 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
     if per_epoch < 1:
         raise MimcoError(f"--batch-size {batch_size} exceeds the {len(train)} training samples; lower it")
     out: dict[str, Any] = {}
+    if cache and position:
+        from mimco.eval.position import position_scores
+
+        out.update(position_scores(feats, held, device))
     heads = []
     for seed in seeds:
         head = train_probe_head(batches(seed), dim, train.num_classes, per_epoch, device, epochs, lr, weight_decay,
