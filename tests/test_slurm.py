@@ -159,7 +159,11 @@ def _requeued_and_held(cluster, job: str) -> bool:
 
 
 def _to_the_end(cluster, job: str) -> dict[str, str]:
-    """Start the requeued job now (SLURM holds a requeued job a while: its BeginTime) and wait for it."""
+    """Start the requeued job now (SLURM holds a requeued job a while: its BeginTime) and wait for it.
+    Not within the second of the requeue: slurmd refuses a credential made in the second its job's
+    earlier credential was revoked ("Job credential revoked"; second resolution), which a held job
+    never meets."""
+    time.sleep(2)
     cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
     return _until(f"job {job} to end", lambda: (lambda i: i if i.get("JobState") in
                                                    ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None)(
