@@ -35,6 +35,25 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def atomic_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as compact JSON, written to a temporary file in the same folder and renamed over
+    ``path`` (readable as any file the user writes; ``mkstemp`` alone makes it private)."""
+    import json
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (atomically)."""
     path = Path(path)

@@ -53,6 +53,9 @@ def test_shards_of_a_folder_are_its_images_in_its_order(tmp_path, capsys):
     assert "read them with data.name=shards" in capsys.readouterr().out
     index = json.loads((tmp_path / "sh" / "train" / "index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and len(index["shardlist"]) > 3  # 8 KB shards: several
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "sh" / "train" / "index.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not private
     for train in (True, False):
         folder = load_dataset(DataConfig(name="imagefolder", root=str(src)), train)
         sharded = load_dataset(DataConfig(name="shards", root=str(tmp_path / "sh")), train)

@@ -14,6 +14,7 @@ still match it (docs/training.md#image-folders-at-scale).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import io
@@ -107,15 +108,16 @@ def _walk(base: Path) -> dict[str, Any]:
             "sizes": [s for _, s in files], "listed_at": time.time(), "job": _job()}
 
 
-class NamedItems(Sequence):
+class NamedItems(Sequence, abc.ABC):
     """``(name, label)`` of each item, the name made on access by :meth:`name` (a million strings
     take a while to make); the items of shards and of a Hugging Face dataset."""
 
     def __init__(self, labels: list[int]) -> None:
         self.labels = labels
 
+    @abc.abstractmethod
     def name(self, i: int) -> str:
-        raise NotImplementedError
+        """The name of item ``i``."""
 
     def __len__(self) -> int:
         return len(self.labels)

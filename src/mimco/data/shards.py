@@ -24,7 +24,6 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 
 from mimco.data.files import IMG_EXTENSIONS, FileImages, NamedItems, subset_of
 from mimco.errors import MimcoError
+from mimco.io import atomic_json
 
 #: the index of a shard set, next to its shards
 INDEX = "index.json"
@@ -140,7 +140,7 @@ def _scan(paths: list[str]) -> list[dict[str, Any]]:
         shards.append({"url": p, "nsamples": len(held["labels"]), "filesize": size, **held})
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_json(cache, shards)
+        atomic_json(cache, shards)
     except OSError:
         pass
     return shards
@@ -440,22 +440,12 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
         else:
             tmp.unlink()
         state["next"], state["unreadable"] = i, state["unreadable"] + unreadable
-        _atomic_json(progress_file, state)
+        atomic_json(progress_file, state)
     bar.close()
     if not state["shards"]:
         raise MimcoError("no readable image in the source; nothing written")
     index = {"__kind__": KIND, "wids_version": 1, "name": source, "shardlist": state["shards"],
              "mimco": {"version": 1, "classes": classes, "unreadable": state["unreadable"]}}
-    _atomic_json(out / INDEX, index)
+    atomic_json(out / INDEX, index)
     progress_file.unlink()
     return index
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # readable as any file the user writes (mkstemp makes it private)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
