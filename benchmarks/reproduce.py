@@ -6,6 +6,7 @@ with ablations of the choices docs/method.md marks as ours.
     python benchmarks/reproduce.py --preset gpu              # ViT-Tiny 32 px / patch 4 on one GPU
     python benchmarks/reproduce.py --preset cpu --teachers   # stronger / finer-grid teachers, MimCo vs MaskDistill
     python benchmarks/reproduce.py --preset cpu --dense      # segmentation on Fashion-MNIST scenes (patch level)
+    python benchmarks/reproduce.py --preset cpu --remedies   # patch tokens: position or content? (REMEDY_ROWS)
 
 Every run is a normal mimco run folder under OUT/runs/; a finished run (or evaluation) is reused
 and an interrupted one resumed, so the study survives interruptions. OUT/results.md and
@@ -14,12 +15,16 @@ OUT/tsne.png shows SimMIM, teacher and MimCo (seed 0); OUT/curves.png the traini
 With --dense, OUT/results-dense.md holds the dense rows: the frozen segmentation probe (mIoU, 3
 heads per model) and a short segmentation fine-tune on Fashion-MNIST scenes, beside k-NN and
 linear probe, for the teacher, SimMIM, MimCo, patch only, image only and MaskDistill.
+With --remedies, OUT/results-remedies.md: the switches that could keep grid position out of the
+student's patch tokens, each with the scenes probe at two grids, the token position probe and the
+image-level columns (k-NN, linear probe, 10 labels per class).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -213,7 +218,7 @@ def _finetuned(model: torch.nn.Module, fcfg: FinetuneConfig, run: Path, device: 
 
 
 def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, splits: tuple, do_finetune: bool,
-             few: bool = False) -> dict:
+             few: bool = False, few_finetune: bool = True) -> dict:
     """k-NN, linear probe (and fine-tune) of one model; with ``few`` also the few-label block: k-NN
     and linear probe on each of ``p["few"]`` labelled images per class (subsets 0..eval.few_label_seeds-1) and a
     fine-tune from the smallest. Cached in run/eval.json. Each fine-tune config has its own folder
@@ -228,7 +233,7 @@ def evaluate(name: str, model: torch.nn.Module | None, run: Path, p: dict, split
     if out.get("few_finetune_config") != few_key:
         out.pop("few_finetune", None)
     want_few = {str(n) for n in p["few"]} if few else set()
-    ft_few = few and model is not None
+    ft_few = few and few_finetune and model is not None
     if ("knn" in out and ("finetune" in out or not do_finetune) and want_few <= set(out.get("few", {}))
             and ("few_finetune" in out or not ft_few)):
         return out
@@ -341,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dense", action="store_true",
                     help="run the dense study instead (OUT/results-dense.md): segmentation probe and fine-tune on "
                          "Fashion-MNIST scenes of the teacher, SimMIM, MimCo, patch only, image only and MaskDistill")
+    ap.add_argument("--remedies", metavar="ROWS", nargs="?", const="all",
+                    help="run the remedies study instead (OUT/results-remedies.md): the teacher and the rows of "
+                         "REMEDY_ROWS (comma-separated, default all) on the scenes at both grids, token position and "
+                         "the image-level columns")
+    ap.add_argument("--teacher-seed", type=int,
+                    help="with --remedies: every student learns from this seed's teacher (the seeds then vary stage 2 "
+                         "alone; default: each seed its own teacher)")
     ap.add_argument("overrides", nargs="*", metavar="[STAGE:]KEY=VALUE",
                     help="config overrides on top of the preset: data.*, model.*, train.* for every stage; "
                          "teacher:KEY=VALUE, student:KEY=VALUE or finetune:KEY=VALUE for one stage")
@@ -384,6 +396,14 @@ def main() -> None:
             if unknown:
                 raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
         out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
+        if args.remedies:
+            rows = list(REMEDY_ROWS) if args.remedies == "all" else args.remedies.split(",")
+            unknown = sorted(set(rows) - set(REMEDY_ROWS))
+            if unknown:
+                raise MimcoError(f"unknown remedy row(s) {unknown}; choose from {sorted(REMEDY_ROWS)}")
+            p["teacher_seed"] = args.teacher_seed
+            remedy_study(args.preset, p, out, rows)
+            return
         study = teacher_study if args.teachers else dense_study if args.dense else run_study
         study(args.preset, p, out)
     except StageStopped as e:  # the checkpoint is written; the same command resumes the study
@@ -537,9 +557,10 @@ def teacher_study(preset: str, p: dict[str, Any], out: Path) -> None:
 
 
 def _dense_scores(name: str, model: torch.nn.Module | None, run: Path, scfg: SegmentationConfig, splits: tuple,
-                  p: dict[str, Any], patch: int, device: torch.device) -> dict[str, Any]:
-    """The frozen segmentation probe (:data:`DENSE_PROBE_SEEDS` heads) and, for a backbone, a short
-    segmentation fine-tune of ``model``; cached in run/dense.json under a hash of the settings."""
+                  p: dict[str, Any], patch: int, device: torch.device, finetune: bool = True) -> dict[str, Any]:
+    """The frozen segmentation probe (:data:`DENSE_PROBE_SEEDS` heads) and, for a backbone and with
+    ``finetune``, a short segmentation fine-tune of ``model``; cached in run/dense.json under a hash
+    of the settings."""
     from mimco.eval.segmentation import segprobe
 
     fcfg = apply_overrides(SegmentationConfig(), [*_scene_keys(scfg), *p["dense_finetune"], "train.progress=false"],
@@ -562,7 +583,7 @@ def _dense_scores(name: str, model: torch.nn.Module | None, run: Path, scfg: Seg
                        probe_seconds=round(time.perf_counter() - start, 1))
         out.update(probe_config=scenes, probe_position=values["position_acc"],
                    probe_position_share=values["position_share"])
-    if model is not None and "finetune" not in out:
+    if finetune and model is not None and "finetune" not in out:
         fcfg.train.out_dir, fcfg.train.name = str(run), f"segfinetune-{key}"
         res = run_or_reuse("segfinetune", fcfg, run / fcfg.train.name, say="reproduce", backbone=model)
         out.update(finetune=res["miou"], finetune_config=key, finetune_seconds=res["train_seconds"])
@@ -570,6 +591,123 @@ def _dense_scores(name: str, model: torch.nn.Module | None, run: Path, scfg: Seg
     cache.write_text(json.dumps(out))
     print(f"[reproduce] {name} (dense): {out}", file=sys.stderr, flush=True)
     return out
+
+
+def _training_grid_probe(name: str, model: torch.nn.Module, run: Path, scfg: SegmentationConfig, splits: tuple,
+                         size: int, patch: int, device: torch.device) -> list[float]:
+    """The frozen probe with the backbone at its training size and position table: the same scenes
+    resized to ``size`` px (masks nearest-neighbour for the heads' training), predictions upsampled and
+    scored on the full-size masks, as the resampled probe's are. Cached in run/dense.json."""
+    from mimco.eval.segmentation import segprobe
+
+    cache = run / "dense.json"
+    out = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = hashlib.sha256(yaml.safe_dump([*_scene_keys(scfg), size]).encode()).hexdigest()[:8]
+    if out.get("grid_probe_config") != key:
+        data = dataclasses.replace(scfg.data, img_size=size)
+        values, _ = segprobe(model.to(device), *splits, data, device, patch=patch,
+                             seeds=tuple(range(DENSE_PROBE_SEEDS)), position=False)
+        out.update(grid_probe=values["miou"], grid_probe_config=key)
+        run.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out))
+        print(f"[reproduce] {name} (probe at {size} px): {values['miou']}", file=sys.stderr, flush=True)
+    return out["grid_probe"]
+
+
+#: the remedies study's stage-2 rows: can the student's patch tokens carry content, not position?
+REMEDY_ROWS: dict[str, list[str]] = {
+    "MimCo (patch + image)": [],
+    "negatives: same position": ["loss.patch_negatives=position"],
+    "negatives: image + same position": ["loss.patch_negatives=image+position"],
+    "targets centred per position": ["loss.target_centring=position"],
+    "head given the position embedding": ["loss.head_position=true"],
+    "centred targets + same-position negatives": ["loss.target_centring=position", "loss.patch_negatives=position"],
+    "pre-trained on scenes (teacher and student)": ["data.name=fmnist_scenes"],
+}
+#: remedy rows with a teacher of their own: row -> (the teacher's row, its stage-1 overrides)
+REMEDY_TEACHERS: dict[str, tuple[str, list[str]]] = {
+    "pre-trained on scenes (teacher and student)": ("MoCo v3 teacher on scenes", ["data.name=fmnist_scenes"]),
+}
+
+
+def remedy_study(preset: str, p: dict[str, Any], out: Path, rows: list[str]) -> None:
+    """The teacher and each of ``rows`` (:data:`REMEDY_ROWS`) over the seeds: the frozen segmentation
+    probe on the scenes with the backbone's position table resampled to the scenes' grid and at its
+    training grid, the token position probe, and the image-level columns (k-NN, linear probe, and
+    both from 10 labels per class). Run folders are the dense study's (shared rows are reused)."""
+    from mimco.data.segmentation import load_segmentation
+
+    runs = out / "runs"
+    start = time.perf_counter()
+    base = [*p["data"], *p["model"]]
+    cfg = load_config(PretrainConfig, None, base)
+    d = cfg.data
+    scfg = apply_overrides(SegmentationConfig(), [f"data.root={d.root}", f"data.channels={d.channels}",
+                                                  f"data.mean={list(d.mean)}", f"data.std={list(d.std)}",
+                                                  "data.num_workers=0", *p["dense"]], model_keys=False)
+    device = setup(cfg)
+    scenes = (load_segmentation(scfg.data, scfg.seg, True), load_segmentation(scfg.data, scfg.seg, False, False))
+    splits = (load_dataset(d, train=True), load_dataset(d, train=False))
+    patch, side, size = cfg.model.patch_size, scfg.data.img_size, d.img_size
+    few = {**p, "few": [10]}
+    results: dict[str, list[dict]] = {}
+
+    def record(row: str, ckpt: Path, run: Path) -> None:
+        image = evaluate(row, load_backbone(str(ckpt))[0], run, few, splits, False, few=True, few_finetune=False)
+        dense = _dense_scores(row, load_backbone(str(ckpt), img_size=side)[0], run, scfg, scenes, p, patch, device,
+                              finetune=False)
+        grid = _training_grid_probe(row, load_backbone(str(ckpt))[0], run, scfg, scenes, size, patch, device)
+        results.setdefault(row, []).append({**dense, "grid": grid, "knn": image["knn"], "linear": image["linear"],
+                                            "few": image["few"]["10"]})
+
+    fixed = p.get("teacher_seed")  # None: each seed's own teacher; else every student learns from this one
+    for seed in p["seeds"]:
+        s = [f"train.seed={seed}"]
+        tseed = seed if fixed is None else fixed
+        t_run = folder(runs, "MoCo v3 teacher", tseed)
+        train("teacher", [*base, *p["teacher"], f"train.seed={tseed}"], t_run)
+        if tseed == seed or fixed is None:
+            record("MoCo v3 teacher", t_run / CHECKPOINT, t_run)
+        for row in rows:
+            teacher = t_run
+            if row in REMEDY_TEACHERS:
+                name, over = REMEDY_TEACHERS[row]
+                teacher = folder(runs, name, tseed)
+                train("teacher", [*base, *p["teacher"], f"train.seed={tseed}", *over], teacher)
+                if tseed == seed:
+                    record(name, teacher / CHECKPOINT, teacher)
+            run = folder(runs, row, seed)
+            if tseed != seed:  # a student of another seed's teacher has a folder of its own
+                run = run.with_name(f"{run.name}-t{tseed}")
+            train("pretrain", [*base, *p["student"], *s, f"teacher.checkpoint={teacher / CHECKPOINT}",
+                               *REMEDY_ROWS[row]], run)
+            record(row, run / CHECKPOINT, run)
+    n, g = side // patch, size // patch
+    lines = [f"preset {preset}, remedies study: {scfg.seg.scenes} training and {scfg.seg.val_scenes} validation "
+             f"Fashion-MNIST scenes of {side} px, 11 classes; {torch.get_num_threads()} threads, "
+             f"{(time.perf_counter() - start) / 60:.1f} min in this call. mIoU %: the frozen probe (BN + 1x1 conv on "
+             f"the last block's patch tokens, {DENSE_PROBE_SEEDS} heads per model) with the backbone at {side} px "
+             f"({n}x{n} patches, position table resampled) and at its training size {size} px ({g}x{g}, the scenes "
+             f"resized; scored on the {side}-px masks); token position: linear probe of each {side}-px token's grid "
+             f"position (accuracy %, chance {100 / n ** 2:.1f}) and the share of the tokens' variance position "
+             f"explains (%); k-NN / linear probe: {d.name} test top-1 % from all labels and from 10 per class "
+             f"({cfg.eval.few_label_seeds} label subsets); mean ± std over model seeds (x probe heads or subsets)"
+             + (f"; every student learns from the seed-{fixed} teacher" if fixed is not None else "") + ".",
+             "", "| row | seeds | probe mIoU | probe mIoU, training grid | token position acc. | position variance "
+             "share | k-NN | linear probe | k-NN 10/class | linear 10/class |", "|---|" + "---|" * 9]
+    order = ["MoCo v3 teacher"] + [r for row in rows for r in ([REMEDY_TEACHERS[row][0]] if row in REMEDY_TEACHERS
+                                                                else []) + [row]]
+    for row in order:
+        vals = results.get(row, [])
+        cells = [_stat([x for v in vals for x in v["probe"]]), _stat([x for v in vals for x in v["grid"]]),
+                 _stat([v["probe_position"] for v in vals]), _stat([v["probe_position_share"] for v in vals]),
+                 _stat([v["knn"] for v in vals]), _stat([v["linear"] for v in vals]),
+                 *(_stat([x for v in vals for x in v["few"][k]]) for k in ("knn", "linear"))]
+        lines.append(f"| {row} | {len(vals)} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results-remedies.md").write_text(md)
+    print(md)
 
 
 def _scene_keys(scfg: SegmentationConfig) -> list[str]:

@@ -271,6 +271,20 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
         assert 0 <= float(cells[2].split("±")[0]) <= 100 and float(cells[3].split("±")[0]) <= 100  # token position
         assert (cells[4].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
     assert "segfinetune: training in" in dense.stderr
+    # the remedies study on the same folder: the teacher and MimCo reused, one remedy trained
+    rem = subprocess.run([*cmd, "--seeds", "0", "--remedies", "MimCo (patch + image),negatives: same position"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
+    assert rem.returncode == 0, rem.stderr[-2000:]
+    trained = [ln for ln in rem.stderr.splitlines() if ": training in " in ln]
+    assert [Path(t.split("training in ")[1]).name for t in trained] == ["negatives-same-position-s0"], trained
+    assert "segfinetune: training in" not in rem.stderr
+    saved = yaml.safe_load((tmp_path / "runs" / "negatives-same-position-s0" / "config.yaml").read_text())
+    assert saved["loss"]["patch_negatives"] == "position"
+    md = (tmp_path / "results-remedies.md").read_text()
+    for row in ("MoCo v3 teacher", "MimCo (patch + image)", "negatives: same position"):
+        cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
+        assert cells[0].strip() == "1" and " ± " in cells[1] and " ± " in cells[2], (row, cells)  # 3 heads each grid
+        assert all(0 < float(c.split("±")[0]) <= 100 for c in cells[1:9]), (row, cells)
     bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -374,6 +388,18 @@ def test_unknown_ablation_rows_are_named(tmp_path, monkeypatch):
             reproduce.main()
         assert str(e.value).startswith("error: unknown ablation row(s) ['no such row']")
         assert not any(tmp_path.iterdir())
+
+
+def test_unknown_remedy_rows_are_named(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce
+
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--preset", "smoke", "--out", str(tmp_path), "--remedies",
+                                      "negatives: same position,no such row"])
+    with pytest.raises(SystemExit) as e:
+        reproduce.main()
+    assert str(e.value).startswith("error: unknown remedy row(s) ['no such row']")
+    assert not any(tmp_path.iterdir())
 
 
 def test_device_env_plans_what_the_wheels_need(tmp_path, monkeypatch):

@@ -167,6 +167,7 @@ CONTEXT = [
     ("pretrain", "data.cache_size=12", ["data.cache=true"]),
     ("finetune", "data.cache_size=12", ["data.cache=true"]),
     ("pretrain", "loss.patch_max_negatives=8", ["loss.patch_negatives=batch"]),
+    ("pretrain", "loss.centre_momentum=0.5", ["loss.target_centring=position"]),
     ("pretrain", "mask.min_block_patches=2", ["mask.type=block"]),
     ("pretrain", "mask.min_aspect=0.9", ["mask.type=block"]),
     ("pretrain", "teacher.resample=bilinear", ["teacher.img_size=32"]),

@@ -39,7 +39,8 @@ ImageTarget = Literal["cls", "mean", "projector"]
 Resample = Literal["area", "bilinear"]
 TargetNorm = Literal["none", "layernorm"]
 PatchLoss = Literal["infonce", "l1", "smooth_l1", "cosine"]
-PatchNegatives = Literal["image", "batch"]
+PatchNegatives = Literal["image", "batch", "position", "image+position"]
+TargetCentring = Literal["none", "position"]
 Precision = Literal["fp32", "bf16", "fp16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Strategy = Literal["ddp", "fsdp"]
@@ -52,7 +53,8 @@ class DataConfig:
 
     # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural | shards (WebDataset tars) | hf (a saved
     # Hugging Face dataset, parquet files); segmentation (mimco segprobe /
-    # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes
+    # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes (also pre-training
+    # data: one 56-px scene per Fashion-MNIST image, labelled with its largest item's class, resized to img_size)
     name: DatasetName = "imagefolder"
     root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
     img_size: int = 224
@@ -171,7 +173,9 @@ class FrozenTeacherConfig:
 @dataclass
 class MimcoLossConfig:
     patch_loss: PatchLoss = "infonce"  # infonce | l1 | smooth_l1 | cosine
-    patch_negatives: PatchNegatives = "image"  # image (same-image tokens) | batch (all tokens of the batch)
+    # image (the same image's tokens) | batch (every token of the batch) | position (the same grid position in every
+    # image of the batch: position cannot tell the positive apart) | image+position (both)
+    patch_negatives: PatchNegatives = "image"
     patch_temperature: float = 0.2
     patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
     # patch_negatives=batch: at most this many negatives per step, sampled from the global batch's teacher
@@ -182,6 +186,11 @@ class MimcoLossConfig:
     patch_weight: float = 1.0
     image_weight: float = 1.0  # lambda
     head_hidden_dim: int = 512
+    # position: subtract a running mean of the teacher's patch targets at each grid position before the patch loss
+    # (DINO's centring, per position: what every image has at a position is no target); none: the targets as they are
+    target_centring: TargetCentring = "none"
+    centre_momentum: float = 0.9  # target_centring: the running mean's momentum per step (DINO's 0.9)
+    head_position: bool = False  # give the patch head the student's position embedding of each masked token
 
 
 @dataclass

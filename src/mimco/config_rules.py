@@ -98,6 +98,9 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
                              "config or the override")
     if getattr(cfg, "loss", None) is not None and cfg.loss.patch_weight == 0 and cfg.loss.image_weight == 0:
         raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
+    if getattr(cfg, "loss", None) is not None and not 0 <= cfg.loss.centre_momentum < 1:
+        raise MimcoError(f"loss.centre_momentum={cfg.loss.centre_momentum:g} is out of range: it is the running "
+                         "mean's momentum per step and must lie in [0, 1), e.g. 0.9")
     d = getattr(cfg, "data", None)
     if d is not None and d.labels_fraction > 1:
         raise MimcoError(f"data.labels_fraction={d.labels_fraction:g} is out of range: it is a fraction of each "
@@ -202,7 +205,7 @@ def _segmentation_rules(cfg: Any, training: bool) -> None:
     if d is None:
         return
     if seg is None:
-        if training and d.name in SEGMENTATION:
+        if training and d.name == "segfolder":
             raise MimcoError(f"data.name={d.name} is segmentation data (images with masks): use it with `mimco "
                              "segprobe` or `mimco segfinetune`")
         return
@@ -242,9 +245,9 @@ def _segmentation_rules(cfg: Any, training: bool) -> None:
 FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size",
                    "data.channels", "data.subset", "data.procedural_size", "data.labels_per_class",
                    "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim",
-                   "loss.head_hidden_dim", "teacher.checkpoint", "teacher.model", "teacher.img_size",
-                   "teacher.image_target", "classifier.pool", "classifier.encoder", "seg", "head.layers",
-                   "head.encoder")
+                   "loss.head_hidden_dim", "loss.target_centring", "teacher.checkpoint", "teacher.model",
+                   "teacher.img_size", "teacher.image_target", "classifier.pool", "classifier.encoder", "seg",
+                   "head.layers", "head.encoder")
 
 
 def check_resume(saved: dict, cfg: Any) -> None:

@@ -40,6 +40,7 @@ from mimco.models.init_from import init_encoders
 from mimco.runs import (
     CHECKPOINT,
     CONFIG,
+    RunLock,
     finished,
     is_finished,
     load_checkpoint,
@@ -117,10 +118,26 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     ev = getattr(cfg, "eval", None)
     monitor = KnnMonitor(cfg) if ev is not None and (ev.every_epochs or ev.every_steps) else None
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
+    lock, held = RunLock(run_dir), None
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG)
+        held = lock.acquire()
+        if held is None:
+            save_config(cfg, run_dir / CONFIG)
+    refused = dist.broadcast_(torch.tensor([float(held is not None)], device=device))
+    if refused.item():  # every process stops here, before anything in the folder is written
+        raise MimcoError(f"{held or 'another process'} is training in {run_dir}; wait for it to end (or stop it), "
+                         "or choose another train.name")
     dist.barrier()  # the folder exists before any process writes into it
+    try:
+        return _train(method, cfg, stream, run_dir, stage, device, resume, monitor)
+    finally:
+        lock.release()  # after the summary is written
+
+
+def _train(method: Any, cfg: Any, stream: Any, run_dir: Path, stage: str, device: torch.device,
+           resume: dict[str, Any] | None, monitor: KnnMonitor | None) -> dict[str, Any]:
+    """Run_stage's training, evaluation at the end and summary."""
     summary = Trainer(method, cfg, stream, run_dir, stage, device, resume, monitor).fit()
     summary["epochs"] = round(summary["step"] / stream.steps_per_epoch, 4)
     summary["run_dir"] = str(run_dir)

@@ -4,7 +4,8 @@ A run folder (one per ``mimco teacher | pretrain | finetune``) holds ``config.ya
 resolved config), ``log.csv``, ``last.pt`` (the resumable run checkpoint), ``summary.json``
 (written when the process ends), once finished ``backbone.safetensors`` (a timm state dict), with
 ``train.keep_every_epochs`` the snapshots ``epoch_XXXX.pt`` (each a ``last.pt`` of that epoch) and
-``tensorboard/`` (the event files).
+``tensorboard/`` (the event files), and ``.lock``, which the training process holds (``flock``)
+so that no second process trains in the same folder at once.
 
 ``last.pt`` is a dict with the keys of :data:`CHECKPOINT_KEYS`. Its ``model`` entry is the
 method's full state dict; ``backbones`` maps each encoder the method offers (the evaluated one
@@ -25,6 +26,7 @@ import torch
 from mimco.errors import MimcoError
 from mimco.io import atomic_save, save_weights, torch_load
 
+LOCK = ".lock"
 CHECKPOINT = "last.pt"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -153,3 +155,40 @@ def finished(summary: dict[str, Any]) -> bool:
 def is_finished(run_dir: str | Path) -> bool:
     """Whether the run in ``run_dir`` reached the end of its schedule."""
     return finished(read_summary(run_dir))
+
+
+class RunLock:
+    """The run folder's ``.lock``, held with ``flock`` while a process trains there: a second process
+    (the same command started twice, a study run twice, a requeued job whose first copy still runs)
+    is refused at start instead of writing the same checkpoint and log. The kernel drops the lock
+    when the process ends, however it ends, so no stale lock is ever left. On a file system without
+    ``flock`` (some Lustre mounts) the folder is not locked."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path, self.fd = Path(run_dir) / LOCK, -1
+
+    def acquire(self) -> str | None:
+        """Take the lock; None when taken (or when the file system has no locks), else the holder's
+        description (the pid and host it wrote)."""
+        import fcntl
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return holder
+        except OSError:  # no flock here (ENOLCK, EINVAL, ENOSYS): nothing to hold
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1

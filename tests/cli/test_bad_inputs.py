@@ -129,3 +129,27 @@ def test_a_text_file_as_checkpoint(tmp_path, capsys, command):
     assert code == 2 and f"cannot read checkpoint {text}: it is not a PyTorch checkpoint" in err, err
     # no pickle detail ("invalid load key, 'e'" / byte 101) in the message; the path may hold any digits
     assert len(err.strip().splitlines()) == 1 and "101" not in err.replace(str(text), "") and "load key" not in err
+
+
+def test_a_second_process_cannot_train_in_a_run_folder_in_use(tmp_path, capsys):
+    """While a process holds a run folder's lock (trains there), a second `mimco teacher` on the same
+    folder stops with one line naming the holder, and writes nothing there; once the lock is
+    dropped (the first process ended) the same command trains."""
+    from mimco.runs import LOCK, RunLock
+
+    run = tmp_path / "t"
+    args = ["teacher", *TEACHER, "data.name=procedural", "data.procedural_size=64", f"train.out_dir={tmp_path}",
+            "train.name=t"]
+    run.mkdir()
+    (run / "config.yaml").write_text("kept: true\n")
+    holder = RunLock(run)
+    assert holder.acquire() is None and "pid" in (run / LOCK).read_text()
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"is training in {run}" in err and "pid" in err and "choose another train.name" in err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, "config.yaml"]
+    assert (run / "config.yaml").read_text() == "kept: true\n"
+    holder.release()
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert (run / "last.pt").is_file() and RunLock(run).acquire() is None  # released at the end

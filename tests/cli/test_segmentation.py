@@ -113,8 +113,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, teacher_ckpt
     _one_line_error(code, err, "raw pixels need --patch P")
     code, _, err = run_cli(capsys, "segprobe", "pixels", "--patch", "5", "--out", out, *SCENES)
     _one_line_error(code, err, "data.img_size=28 is not a multiple of the patch size 5")
-    code, _, err = run_cli(capsys, "teacher", "data.name=fmnist_scenes", f"train.out_dir={out}")
-    _one_line_error(code, err, "data.name=fmnist_scenes is segmentation data", "mimco segprobe")
+    code, _, err = run_cli(capsys, "teacher", "data.name=segfolder", f"train.out_dir={out}")
+    _one_line_error(code, err, "data.name=segfolder is segmentation data", "mimco segprobe")
     assert not out.exists()
 
 

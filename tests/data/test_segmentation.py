@@ -67,6 +67,30 @@ def test_scenes_are_deterministic_and_take_train_and_test_images_apart():
     assert len(a) == 20 and a.num_classes == 11
 
 
+def test_scenes_as_pretraining_data_are_labelled_by_their_largest_item():
+    """data.name=fmnist_scenes in a pre-training stage: one scene per Fashion-MNIST image of the split,
+    laid out apart from the probe's scenes, each labelled with the class covering most of its pixels
+    (counted here pixel by pixel), resized to data.img_size; data.subset caps the training split."""
+    from mimco.data.build import load_dataset
+    from mimco.data.scenes import PRETRAIN_SEED, pretraining_scenes
+
+    images, labels = load_fashion_mnist("", train=False)
+    canvases, dominant = pretraining_scenes(images[:50], labels[:50], train=False)
+    layout = scene_layout(50, 50, 56, seed=PRETRAIN_SEED + 1)
+    for i in range(50):
+        _, mask = _expected(images[:50], labels[:50], layout[i], 56, 40)
+        counts = [(mask == c + 1).sum() for c in range(10)]
+        assert dominant[i] == int(np.argmax(counts))
+    assert len(set(dominant.tolist())) > 3
+    probe = SceneSplit(DataConfig(name="fmnist_scenes", img_size=56, channels=1), SegDataConfig(val_scenes=50),
+                       train=False)
+    assert not np.array_equal(probe.images, canvases)  # not the probe's validation scenes
+    test = load_dataset(DataConfig(name="fmnist_scenes", img_size=28, channels=1), train=False)
+    assert tuple(test.images.shape) == (10_000, 1, 28, 28) and test.labels.max() == 9
+    train = load_dataset(DataConfig(name="fmnist_scenes", img_size=28, channels=3, subset=100), train=True)
+    assert len(train) == 100 and train.batch(torch.arange(2)).shape == (2, 3, 28, 28)
+
+
 def test_make_scenes_refuses_a_canvas_smaller_than_an_item():
     with pytest.raises(ValueError, match="cannot hold"):
         make_scenes(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64), 2, size=20)

@@ -81,6 +81,47 @@ def test_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_position_remedies_on_two_processes_equal_one_process(tmp_path, teacher_ckpt, strategy):
+    """Same-position negatives gathered from both processes, the per-position target mean averaged
+    over them (saved in the checkpoint) and the head's position input: 2 processes equal 1."""
+    det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]
+    args = ["pretrain", *TINY_DATA, *TINY_MODEL, *TINY_RUN, *det, "loss.head_hidden_dim=64", "train.log_every=1",
+            "train.max_steps=4", "train.threads=1", "loss.patch_negatives=image+position",
+            "loss.target_centring=position", "loss.head_position=true", f"teacher.checkpoint={teacher_ckpt}",
+            f"train.out_dir={tmp_path}"]
+    _run([*TORCHRUN, "-m", "mimco", *args, "train.name=two", f"train.strategy={strategy}"])
+    one = _single(args, tmp_path)
+    two, single = _losses(tmp_path / "two" / "log.csv"), _losses(one / "log.csv")
+    assert [s for s, _ in two] == [1, 2, 3, 4] and all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(two, single))
+    wa, wb = load_checkpoint(tmp_path / "two" / "last.pt")["model"], load_checkpoint(one / "last.pt")["model"]
+    assert wa["target_centre"].abs().sum() > 0
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_use_stops_every_process_at_start(tmp_path):
+    """A run folder another process trains in: both processes of a torchrun stop at start with the
+    same one line (rank 0 holds the verdict and shares it), none waits in a collective, nothing is
+    written there."""
+    from mimco.runs import LOCK, RunLock
+
+    run = tmp_path / "m"
+    run.mkdir()
+    holder = RunLock(run)
+    assert holder.acquire() is None
+    r = subprocess.run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64",
+                        "moco.proj_dim=32", "train.threads=1", f"train.out_dir={tmp_path}", "train.name=m"],
+                       capture_output=True, text=True, env=ENV, timeout=HANG, cwd=ROOT)
+    holder.release()
+    assert r.returncode != 0
+    assert f"is training in {run}; wait for it to end" in r.stderr
+    assert "Connection closed" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in run.iterdir()] == [LOCK]
+
+
+@pytest.mark.slow
 def test_fsdp_bf16_policy_on_two_processes_matches_one_process(tmp_path, teacher_ckpt):
     """FSDP2 with train.precision=bf16 gathers parameters in bf16 and reduces gradients in fp32
     (its MixedPrecisionPolicy): the losses match a single bf16 process within bf16 rounding, and the

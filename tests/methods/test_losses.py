@@ -32,8 +32,14 @@ def _loop_patch_loss(pred, target, mask, t, negatives, threshold=1.0):
     for i in range(b):
         for j, pos in enumerate(mask[i].nonzero().flatten().tolist()):
             p = F.normalize(pred[i, j], dim=0)
-            keys = target[i] if negatives == "image" else target.reshape(b * n, -1)
-            label = pos if negatives == "image" else i * n + pos
+            if negatives == "image":
+                keys, label = target[i], pos
+            elif negatives == "batch":
+                keys, label = target.reshape(b * n, -1), i * n + pos
+            elif negatives == "position":  # the same position in every image
+                keys, label = target[:, pos], i
+            else:  # image+position: the image's own tokens, then the other images' at this position
+                keys, label = torch.cat([target[i], target[[c for c in range(b) if c != i], pos]]), pos
             keys = F.normalize(keys, dim=1)
             keep = [k for k in range(len(keys)) if k == label or float(keys[k] @ keys[label]) <= threshold]
             logits = keys[keep] @ p / t
@@ -41,7 +47,7 @@ def _loop_patch_loss(pred, target, mask, t, negatives, threshold=1.0):
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["image", "batch", "position", "image+position"])
 def test_patch_loss_matches_loop(negatives):
     b, n, m, d = 3, 9, 4, 5
     mask = torch.zeros(b, n, dtype=torch.bool)
@@ -65,7 +71,7 @@ def test_patch_loss_threshold_drops_near_duplicate_negatives():
     assert dropped.item() < 0.1 * plain.item()
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["image", "batch", "position", "image+position"])
 def test_patch_loss_threshold_drops_exactly_the_near_duplicates(negatives):
     """At a threshold that drops some negatives and keeps others, equal to a loop that leaves out
     exactly those above it (and never the positive)."""
@@ -259,3 +265,34 @@ def test_capped_batch_negatives_gather_only_the_draw(monkeypatch):
     monkeypatch.setattr(losses, "gather_no_grad", lambda x: gathered.append(tuple(x.shape)) or x.repeat(world, 1))
     PatchContrastiveLoss(0.3, "batch", max_negatives=world * b * n)(pred, target, idx)  # no cap reached: every token
     assert gathered == [(b * n, d)]
+
+
+@pytest.mark.parametrize("negatives", ["position", "image+position"])
+def test_same_position_negatives_come_from_every_process(monkeypatch, negatives):
+    """On (simulated) rank 1 of 2, the other process's images are negatives at each query's position
+    and the positive is this process's own image (global index B + i): the loop over the gathered
+    batch, scored from rank 1's queries alone."""
+    import mimco.methods.losses as losses
+
+    torch.manual_seed(3)
+    b, n, m, d = 3, 8, 4, 6
+    other, target, pred = torch.randn(b, n, d), torch.randn(b, n, d), torch.randn(b, m, d)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(n)[:m]] = True
+    monkeypatch.setattr(losses, "gather_no_grad", lambda x: torch.cat([F.normalize(other, dim=-1), x]))
+    monkeypatch.setattr(losses, "rank", lambda: 1)
+    got = PatchContrastiveLoss(0.3, negatives)(pred, target, mask)
+    every = torch.cat([other, target])
+    want = []
+    for i in range(b):
+        for j, pos in enumerate(mask[i].nonzero().flatten().tolist()):
+            if negatives == "position":
+                keys, label = every[:, pos], b + i
+            else:
+                keys, label = torch.cat([target[i], every[[c for c in range(2 * b) if c != b + i], pos]]), pos
+            logits = F.normalize(keys, dim=1) @ F.normalize(pred[i, j], dim=0) / 0.3
+            want.append(-torch.log_softmax(logits, 0)[label])
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    local = PatchContrastiveLoss(0.3, negatives, gather=False)(pred, target, mask)
+    assert local.item() != pytest.approx(got.item(), rel=1e-3)  # the other process's images counted

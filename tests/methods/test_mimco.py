@@ -3,7 +3,7 @@ import torch
 
 from mimco.config import MimcoLossConfig, ModelConfig, PretrainConfig, load_config
 from mimco.errors import MimcoError
-from mimco.masking import MaskGenerator
+from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.mimco import MimCo
 from mimco.models import MaskedViT, create_vit
 from tests.conftest import tiny_mimco
@@ -217,3 +217,71 @@ def test_masks_follow_the_slice_of_the_global_batch(monkeypatch):
         m([x], step=3)
         join_pending()
         assert seen == [(3, 6), (3, 0)]
+
+
+def _capture_criterion(m):
+    """Record the (pred, target, idx) the patch criterion is called with."""
+    seen = {}
+    crit = m.patch_criterion.forward
+
+    def spy(pred, target, idx):
+        seen.update(pred=pred, target=target, idx=idx)
+        return crit(pred, target, idx)
+
+    m.patch_criterion.forward = spy
+    return seen
+
+
+def test_target_centring_subtracts_the_running_mean_per_position_then_updates_it(monkeypatch):
+    """The patch loss sees the teacher's tokens minus the centre as it was before the batch; in
+    training the centre then moves to m * centre + (1 - m) * the batch's mean at each position,
+    averaged over processes (one all-reduce); in eval mode it stays."""
+    import mimco.methods.mimco as mm
+
+    torch.manual_seed(0)
+    m = tiny_mimco(target_centring="position", centre_momentum=0.75)
+    assert m.target_centre.shape == (16, 48) and not m.target_centre.any()
+    assert "target_centre" in m.state_dict() and "target_centre" not in tiny_mimco().state_dict()
+    start = torch.randn(16, 48)
+    m.target_centre.copy_(start)
+    reduced = []
+    monkeypatch.setattr(mm.dist, "all_reduce_mean", lambda x: reduced.append(x.shape) or x)
+    seen = _capture_criterion(m)
+    x = torch.randn(4, 3, 16, 16)
+    t_patch, _ = m.teacher_targets(x)
+    m.train()
+    m([x], step=0)
+    assert torch.allclose(seen["target"], t_patch - start, atol=1e-6)
+    assert torch.allclose(m.target_centre, 0.75 * start + 0.25 * t_patch.mean(0), atol=1e-6)
+    assert reduced == [(16, 48)]
+    m.eval()
+    before = m.target_centre.clone()
+    m([x], step=1)
+    assert torch.equal(m.target_centre, before) and len(reduced) == 1
+
+
+def test_target_centring_removes_what_every_image_shares_at_a_position():
+    """After a few batches the centre is the targets' mean at each position: a target made of a
+    fixed per-position pattern plus noise is centred to the noise."""
+    torch.manual_seed(1)
+    m = tiny_mimco(target_centring="position", centre_momentum=0.5)
+    pattern = torch.randn(16, 48) * 5
+    for _ in range(30):
+        m.centre_targets(pattern + 0.01 * torch.randn(8, 16, 48))
+    assert (m.centre_targets(pattern + 0.01 * torch.randn(8, 16, 48)).abs().max()) < 0.1
+
+
+def test_head_position_adds_the_students_position_rows_to_the_head_input():
+    torch.manual_seed(0)
+    for on in (False, True):
+        m = tiny_mimco(head_position=on)
+        seen = {}
+        m.patch_head.register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+        tokens = {}
+        m.student.register_forward_hook(lambda _m, _i, out: tokens.update(t=out[0] if on else out))
+        m([torch.randn(2, 3, 16, 16)], step=0)
+        idx = masked_indices(m.mask_generator(2, 0), m.mask_generator.count)
+        want = gather_tokens(tokens["t"][:, 1:], idx)
+        if on:
+            want = want + gather_tokens(m.student.backbone.pos_embed[:, 1:].expand(2, -1, -1), idx)
+        assert torch.allclose(seen["x"], want)

@@ -76,11 +76,15 @@ def load_dataset(cfg: DataConfig, train: bool = True,
     :class:`FileImages` whose items pass through ``transform``.
     """
     name = cfg.name
-    if name in ("segfolder", "fmnist_scenes"):
+    if name == "segfolder":
         raise MimcoError(f"data.name={name} is segmentation data (images with masks): use it with `mimco segprobe` or "
                          "`mimco segfinetune`")
     if name == "fashion_mnist":
         ds = _array(*load_fashion_mnist(cfg.root, train, cfg.download), cfg)
+    elif name == "fmnist_scenes":  # pre-training on the segmentation scenes' domain, without their masks
+        from mimco.data.scenes import pretraining_scenes
+
+        ds = _array(*pretraining_scenes(*load_fashion_mnist(cfg.root, train, cfg.download), train), cfg)
     elif name in ("cifar10", "cifar100"):
         ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
     elif name == "procedural":

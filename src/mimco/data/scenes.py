@@ -57,3 +57,18 @@ def make_scenes(images: np.ndarray, labels: np.ndarray, n: int, size: int = 56, 
     (canvases (n, size, size) uint8, masks (n, size, size) uint8); see :func:`render_scenes`."""
     layout = scene_layout(n, len(images), size, images.shape[1], items, seed)
     return render_scenes(images, labels, layout, size, threshold)
+
+
+#: the layouts of pre-training scenes, apart from the segmentation probe's (scene seeds 0 and 1)
+PRETRAIN_SEED = 1000
+
+
+def pretraining_scenes(images: np.ndarray, labels: np.ndarray, train: bool, size: int = 56,
+                       items: tuple[int, int] = (2, 4), threshold: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes as unlabelled-style pre-training images: as many scenes as there are ``images`` (M, 28,
+    28), each labelled with the class (0..9) that covers most of its pixels (for k-NN and the linear
+    probe on scenes). Returns (canvases (M, size, size) uint8, labels (M,) int64)."""
+    canvases, masks = make_scenes(images, labels, len(images), size, items, threshold,
+                                  PRETRAIN_SEED + (0 if train else 1))
+    counts = np.stack([np.bincount(m.ravel(), minlength=len(CLASSES))[1:] for m in masks])
+    return canvases, counts.argmax(1).astype(np.int64)

@@ -58,6 +58,8 @@ class MimCo(MethodDefaults, nn.Module):
                                                     loss.patch_neg_threshold,
                                                     max_negatives=loss.patch_max_negatives)
         self.image_criterion = GlobalInfoNCE(loss.image_temperature)
+        if loss.target_centring == "position":  # saved with the weights: a resumed run goes on with the same mean
+            self.register_buffer("target_centre", torch.zeros(grid[0] * grid[1], t_dim))
 
     def train(self, mode: bool = True) -> MimCo:
         super().train(mode)
@@ -82,14 +84,20 @@ class MimCo(MethodDefaults, nn.Module):
         b = x.shape[0]
         mask = self.mask_generator(b, step, rank() * b if first_index is None else first_index, x.device)
         t_patch, t_image = self.teacher_targets(x)
-        tokens = self.student(x, mask)
-        p = self.student.num_prefix_tokens
         cfg, logs = self.cfg, {}
+        tokens = self.student(x, mask, position=cfg.head_position and cfg.patch_weight > 0)
+        if isinstance(tokens, tuple):
+            tokens, pos = tokens  # pos (1, N, Ds)
+        p = self.student.num_prefix_tokens
         loss = tokens.new_zeros((), dtype=torch.float32)
         if cfg.patch_weight > 0:
             idx = masked_indices(mask, self.mask_generator.count)  # (B, M), ascending
             masked = gather_tokens(tokens[:, p:], idx)  # (B, M, Ds)
+            if cfg.head_position:
+                masked = masked + gather_tokens(pos.expand(b, -1, -1), idx)
             pred = self.patch_head(masked)
+            if cfg.target_centring == "position":
+                t_patch = self.centre_targets(t_patch)
             if cfg.patch_loss == "infonce":
                 lp = self.patch_criterion(pred, t_patch, idx)
             else:
@@ -101,6 +109,16 @@ class MimCo(MethodDefaults, nn.Module):
             loss = loss + cfg.image_weight * li
             logs["loss_img"] = li.detach()
         return loss, logs
+
+    def centre_targets(self, t_patch: torch.Tensor) -> torch.Tensor:
+        """t_patch (B, N, Dt) -> fp32 t_patch minus the running mean at each position (the mean before this
+        batch, as DINO centres with the centre before its update); then the mean moves towards this
+        global batch's (one all-reduce of N x Dt numbers), in training only."""
+        centred = t_patch.float() - self.target_centre  # fp32: under bf16 a difference of close numbers is noise
+        if self.training:
+            batch = dist.all_reduce_mean(t_patch.detach().float().mean(0))  # (N, Dt)
+            self.target_centre.mul_(self.cfg.centre_momentum).add_(batch, alpha=1 - self.cfg.centre_momentum)
+        return centred
 
     def backbone(self) -> VisionTransformer:
         return self.student.backbone

@@ -26,9 +26,15 @@ class MaskedViT(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.backbone.num_prefix_tokens
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), mask bool (B, N) -> tokens (B, P + N, D) after the final norm."""
-        return encode(self.backbone, x, mask, self.mask_token)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                position: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W), mask bool (B, N) -> tokens (B, P + N, D) after the final norm; with
+        ``position`` also the position table's rows of the patch grid (1, N, D), read here, inside
+        the module's forward, where FSDP has the parameters whole (a copy: FSDP frees them after it)."""
+        tokens = encode(self.backbone, x, mask, self.mask_token)
+        if not position:
+            return tokens
+        return tokens, self.backbone.pos_embed[:, -self.backbone.patch_embed.num_patches :].clone()
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
