@@ -22,7 +22,7 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "vit_base": (768, 12, 12),
 }
 #: the in-memory datasets (the rest are image folders)
-IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural")
+IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural", "fmnist_scenes")
 #: the datasets of (image, mask) pairs, for ``mimco segprobe | segfinetune`` only
 SEGMENTATION = ("segfolder", "fmnist_scenes")
 

@@ -46,6 +46,23 @@ def test_teacher_then_pretrain(tmp_path, capsys):
     assert code == 2 and "already holds a run" in err and "--resume auto" in err
 
 
+def test_both_stages_train_on_scenes(tmp_path, capsys):
+    """data.name=fmnist_scenes as pre-training data: a teacher and its student train on the scenes
+    (in memory, augmented on the device like Fashion-MNIST) and the teacher's k-NN at the end reads
+    the scenes' labels."""
+    scenes = ["data.name=fmnist_scenes", "data.img_size=28", "data.subset=64", "data.num_workers=0", *TINY_MODEL,
+              *TINY_RUN, "train.max_steps=2", f"train.out_dir={tmp_path}"]
+    code, out, err = run_cli(capsys, "teacher", *scenes, "moco.mlp_dim=64", "moco.proj_dim=32", "eval.at_end=true",
+                             "train.name=t")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["step"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["knn_top1"] <= 100
+    code, out, err = run_cli(capsys, "pretrain", *scenes, "loss.head_hidden_dim=64",
+                             f"teacher.checkpoint={tmp_path / 't' / 'last.pt'}", "train.name=s")
+    assert code == 0, err
+    assert json.loads(out)["step"] == 2
+
+
 def test_resume_auto_continues(tmp_path, capsys):
     args = [*TEACHER, "eval.at_end=false", f"train.out_dir={tmp_path}", "train.name=r"]
     assert run_cli(capsys, "teacher", *args, "train.max_steps=4")[0] == 0
