@@ -396,8 +396,10 @@ def main() -> None:
             if unknown:
                 raise MimcoError(f"unknown ablation row(s) {unknown}; choose from {sorted(STUDENT_ROWS)}")
         out = Path(args.out or Path(__file__).parent / "results" / f"reproduce-{args.preset}")
+        if args.teacher_seed is not None and not args.remedies:
+            raise MimcoError("--teacher-seed applies to --remedies alone; drop it or add --remedies")
         if args.remedies:
-            rows = list(REMEDY_ROWS) if args.remedies == "all" else args.remedies.split(",")
+            rows = list(REMEDY_ROWS) if args.remedies == "all" else list(dict.fromkeys(args.remedies.split(",")))
             unknown = sorted(set(rows) - set(REMEDY_ROWS))
             if unknown:
                 raise MimcoError(f"unknown remedy row(s) {unknown}; choose from {sorted(REMEDY_ROWS)}")

@@ -142,3 +142,19 @@ def test_the_choices_are_the_implementations_tables():
 
     assert typing.get_args(Arch) == tuple(PRESETS)
     assert typing.get_args(DatasetName) == DATASETS and set(IN_MEMORY) < set(DATASETS)
+
+
+def test_target_centring_cannot_change_on_resume_even_from_an_older_checkpoint():
+    """The running mean is in the checkpoint or not: a run saved before the key existed counts as
+    'none', so resuming it with centring on is a one-line refusal, not a missing-key error."""
+    from mimco.config import to_dict
+    from mimco.config_rules import check_resume
+
+    old = to_dict(load_config(PretrainConfig, None, []))
+    del old["loss"]["target_centring"]
+    with pytest.raises(MimcoError, match="loss.target_centring cannot change on resume"):
+        check_resume(old, load_config(PretrainConfig, None, ["loss.target_centring=position"]))
+    check_resume(old, load_config(PretrainConfig, None, []))  # the same: fine
+    saved = to_dict(load_config(PretrainConfig, None, ["loss.target_centring=position"]))
+    with pytest.raises(MimcoError, match="checkpoint has 'position', now 'none'"):
+        check_resume(saved, load_config(PretrainConfig, None, []))

@@ -97,3 +97,30 @@ def test_a_summary_write_that_fails_midway_keeps_the_previous_one(tmp_path, monk
     monkeypatch.undo()
     assert read_summary(tmp_path) == {"step": 5, "total_steps": 10}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_a_run_lock_is_not_held_by_forked_workers(tmp_path):
+    """Loader workers are forked while the lock is held: they must not keep it, or it would outlive
+    release() (and the training process) for as long as a worker lives."""
+    import os
+    import time
+
+    from mimco.runs import RunLock
+
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    assert RunLock(tmp_path).acquire() is not None  # held: a second one is refused
+    ready, tell = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that outlives the release below (it starts after the fork hooks ran)
+        os.write(tell, b"1")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        lock.release()
+        again = RunLock(tmp_path)
+        assert again.acquire() is None  # free while the child still runs
+        again.release()
+    finally:
+        os.waitpid(child, 0)

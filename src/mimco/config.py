@@ -54,7 +54,7 @@ class DataConfig:
     # imagefolder | folder | fashion_mnist | cifar10 | cifar100 | procedural | shards (WebDataset tars) | hf (a saved
     # Hugging Face dataset, parquet files); segmentation (mimco segprobe /
     # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes (also pre-training
-    # data: one 56-px scene per Fashion-MNIST image, labelled with its largest item's class, resized to img_size)
+    # data: one 56-px scene per Fashion-MNIST image, labelled with the class of most visible pixels, resized)
     name: DatasetName = "imagefolder"
     root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
     img_size: int = 224

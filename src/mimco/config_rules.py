@@ -245,7 +245,7 @@ def _segmentation_rules(cfg: Any, training: bool) -> None:
 FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size",
                    "data.channels", "data.subset", "data.procedural_size", "data.labels_per_class",
                    "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim",
-                   "loss.head_hidden_dim", "loss.target_centring", "teacher.checkpoint", "teacher.model",
+                   "loss.head_hidden_dim", "teacher.checkpoint", "teacher.model",
                    "teacher.img_size", "teacher.image_target", "classifier.pool", "classifier.encoder", "seg",
                    "head.layers", "head.encoder")
 
@@ -272,6 +272,12 @@ def check_resume(saved: dict, cfg: Any) -> None:
                 raise MimcoError(f"{k} cannot change on resume (the checkpoint has {x!r}, now {y!r}): the data order, "
                                  "the step count or the saved state depend on it; drop the override, or start a new "
                                  "run with another train.name")
+    old_centring = saved.get("loss", {}).get("target_centring", "none") if "loss" in saved else None
+    now_centring = new.get("loss", {}).get("target_centring")
+    if old_centring is not None and now_centring is not None and old_centring != now_centring:
+        raise MimcoError(f"loss.target_centring cannot change on resume (the checkpoint has {old_centring!r}, now "
+                         f"{now_centring!r}): the running mean is in the checkpoint or not; drop the override, or "
+                         "start a new run with another train.name")
     for key in ("patch_weight", "image_weight"):
         a, b = saved.get("loss", {}).get(key), new.get("loss", {}).get(key)
         if a is not None and b is not None and (a > 0) != (b > 0):

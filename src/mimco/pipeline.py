@@ -118,14 +118,21 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     ev = getattr(cfg, "eval", None)
     monitor = KnnMonitor(cfg) if ev is not None and (ev.every_epochs or ev.every_steps) else None
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
-    lock, held = RunLock(run_dir), None
+    lock, held, failed = RunLock(run_dir), None, None
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        held = lock.acquire()
-        if held is None:
-            save_config(cfg, run_dir / CONFIG)
-    refused = dist.broadcast_(torch.tensor([float(held is not None)], device=device))
-    if refused.item():  # every process stops here, before anything in the folder is written
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held = lock.acquire()
+            if held is None:
+                save_config(cfg, run_dir / CONFIG)
+        except OSError as e:  # an unwritable folder: said by every process, none left waiting in the broadcast
+            lock.release()
+            failed = e
+    verdict = dist.broadcast_(torch.tensor([2.0 if failed else float(held is not None)], device=device)).item()
+    if verdict == 2:
+        raise MimcoError(f"cannot write the run folder {run_dir}: {failed or 'see the main process'}; choose a "
+                         "writable train.out_dir")
+    if verdict:  # every process stops here, before anything in the folder is written
         raise MimcoError(f"{held or 'another process'} is training in {run_dir}; wait for it to end (or stop it), "
                          "or choose another train.name")
     dist.barrier()  # the folder exists before any process writes into it

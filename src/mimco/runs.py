@@ -183,12 +183,35 @@ class RunLock:
         except OSError:  # no flock here (ENOLCK, EINVAL, ENOSYS): nothing to hold
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            os.close(fd)
+            raise
         self.fd = fd
+        _HELD.add(fd)
         return None
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the last descriptor drops the flock
+            _HELD.discard(self.fd)
+            os.close(self.fd)  # the last descriptor of the open file: the flock goes with it
             self.fd = -1
+
+
+#: descriptors of the locks this process holds; a forked child (a loader worker) closes its copies,
+#: or the lock would outlive release() and the process for as long as the worker lives
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)

@@ -153,3 +153,11 @@ def test_a_second_process_cannot_train_in_a_run_folder_in_use(tmp_path, capsys):
     code, err = run_cli(capsys, *args)
     assert code == 0, err
     assert (run / "last.pt").is_file() and RunLock(run).acquire() is None  # released at the end
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    code, err = run_cli(capsys, "teacher", *TEACHER, "data.name=procedural", "data.procedural_size=64",
+                        f"train.out_dir={tmp_path / 'file'}", "train.name=t")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write the run folder" in err and "writable train.out_dir" in err

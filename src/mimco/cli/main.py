@@ -110,7 +110,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 #: the side at which ``mimco shards`` keeps an in-memory set's images (their own), unless data.img_size is given
-_NATIVE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "procedural": 32}
+_NATIVE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "procedural": 32, "fmnist_scenes": 56}
 
 
 def _shards(args: argparse.Namespace) -> int:

@@ -136,7 +136,7 @@ def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None)
     """Human-readable class names where the dataset defines them."""
     from mimco.data import fashion_mnist, procedural
 
-    if cfg.name == "fashion_mnist":
+    if cfg.name in ("fashion_mnist", "fmnist_scenes"):  # a scene is labelled with the class covering most of it
         return fashion_mnist.CLASSES
     if cfg.name == "procedural":
         return procedural.CLASSES
