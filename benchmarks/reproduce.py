@@ -637,19 +637,10 @@ def remedy_study(preset: str, p: dict[str, Any], out: Path, rows: list[str]) -> 
     probe on the scenes with the backbone's position table resampled to the scenes' grid and at its
     training grid, the token position probe, and the image-level columns (k-NN, linear probe, and
     both from 10 labels per class). Run folders are the dense study's (shared rows are reused)."""
-    from mimco.data.segmentation import load_segmentation
-
     runs = out / "runs"
     start = time.perf_counter()
-    base = [*p["data"], *p["model"]]
-    cfg = load_config(PretrainConfig, None, base)
+    base, cfg, scfg, device, scenes, splits = _scene_setup(p)
     d = cfg.data
-    scfg = apply_overrides(SegmentationConfig(), [f"data.root={d.root}", f"data.channels={d.channels}",
-                                                  f"data.mean={list(d.mean)}", f"data.std={list(d.std)}",
-                                                  "data.num_workers=0", *p["dense"]], model_keys=False)
-    device = setup(cfg)
-    scenes = (load_segmentation(scfg.data, scfg.seg, True), load_segmentation(scfg.data, scfg.seg, False, False))
-    splits = (load_dataset(d, train=True), load_dataset(d, train=False))
     patch, side, size = cfg.model.patch_size, scfg.data.img_size, d.img_size
     few = {**p, "few": [10]}
     results: dict[str, list[dict]] = {}
@@ -719,15 +710,12 @@ def _scene_keys(scfg: SegmentationConfig) -> list[str]:
             *[f"seg.{k}={v}" for k, v in to_dict(scfg.seg).items()]]
 
 
-def dense_study(preset: str, p: dict[str, Any], out: Path) -> None:
-    """Do MimCo's patch-level targets give better dense features? The teacher, SimMIM, MimCo, its
-    patch-only and image-only ablations and MaskDistill, each over the seeds (trained here or
-    reused from the main and teacher studies' folders): the frozen segmentation probe and a short
-    segmentation fine-tune on Fashion-MNIST scenes, beside k-NN and linear probe top-1."""
+def _scene_setup(p: dict[str, Any]) -> tuple[list[str], PretrainConfig, SegmentationConfig, torch.device, tuple,
+                                               tuple]:
+    """The dense studies' common ground: the preset's data and model overrides, its pre-training
+    config, the scenes' config, the device, the scenes (train, val) and the image splits (train, test)."""
     from mimco.data.segmentation import load_segmentation
 
-    runs = out / "runs"
-    start = time.perf_counter()
     base = [*p["data"], *p["model"]]
     cfg = load_config(PretrainConfig, None, base)
     d = cfg.data
@@ -736,7 +724,18 @@ def dense_study(preset: str, p: dict[str, Any], out: Path) -> None:
                                                   "data.num_workers=0", *p["dense"]], model_keys=False)
     device = setup(cfg)
     scenes = (load_segmentation(scfg.data, scfg.seg, True), load_segmentation(scfg.data, scfg.seg, False, False))
-    splits = (load_dataset(d, train=True), load_dataset(d, train=False))
+    return base, cfg, scfg, device, scenes, (load_dataset(d, train=True), load_dataset(d, train=False))
+
+
+def dense_study(preset: str, p: dict[str, Any], out: Path) -> None:
+    """Do MimCo's patch-level targets give better dense features? The teacher, SimMIM, MimCo, its
+    patch-only and image-only ablations and MaskDistill, each over the seeds (trained here or
+    reused from the main and teacher studies' folders): the frozen segmentation probe and a short
+    segmentation fine-tune on Fashion-MNIST scenes, beside k-NN and linear probe top-1."""
+    runs = out / "runs"
+    start = time.perf_counter()
+    base, cfg, scfg, device, scenes, splits = _scene_setup(p)
+    d = cfg.data
     patch, side = cfg.model.patch_size, scfg.data.img_size
     results: dict[str, list[dict]] = {}
 
