@@ -135,7 +135,7 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     if verdict:  # every process stops here, before anything in the folder is written
         raise MimcoError(f"{held or 'another process'} is training in {run_dir}; wait for it to end (or stop it), "
                          "or choose another train.name")
-    dist.barrier()  # the folder exists before any process writes into it
+    # the verdict's broadcast (read back on every process) also says the folder exists: no barrier needed
     try:
         return _train(method, cfg, stream, run_dir, stage, device, resume, monitor)
     finally:

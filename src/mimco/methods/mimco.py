@@ -85,15 +85,15 @@ class MimCo(MethodDefaults, nn.Module):
         mask = self.mask_generator(b, step, rank() * b if first_index is None else first_index, x.device)
         t_patch, t_image = self.teacher_targets(x)
         cfg, logs = self.cfg, {}
-        tokens = self.student(x, mask, position=cfg.head_position and cfg.patch_weight > 0)
-        if isinstance(tokens, tuple):
-            tokens, pos = tokens  # pos (1, N, Ds)
+        with_position = cfg.head_position and cfg.patch_weight > 0
+        out = self.student(x, mask, position=with_position)
+        tokens, pos = out if with_position else (out, None)  # pos (1, N, Ds)
         p = self.student.num_prefix_tokens
         loss = tokens.new_zeros((), dtype=torch.float32)
         if cfg.patch_weight > 0:
             idx = masked_indices(mask, self.mask_generator.count)  # (B, M), ascending
             masked = gather_tokens(tokens[:, p:], idx)  # (B, M, Ds)
-            if cfg.head_position:
+            if pos is not None:
                 masked = masked + gather_tokens(pos.expand(b, -1, -1), idx)
             pred = self.patch_head(masked)
             if cfg.target_centring == "position":
