@@ -40,7 +40,8 @@ def test_gpu_check_cpu_mode_runs_every_path(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-2])
     assert len(out["paths"]) == 16 and list(out["paths"].values()).count("PASS") == 14
-    assert out["paths"]["pretrain: fp16 with the gradient scaler"] == "SKIP" and out["processes"] == 2
+    fp16 = "pretrain: fp16 with the gradient scaler, image + same-position negatives, targets centred per position"
+    assert out["paths"][fp16] == "SKIP" and out["processes"] == 2
     assert out["paths"]["pretrain: FSDP, fp16 with the gradient scaler, fused AdamW"] == "SKIP"
     assert out["paths"]["teacher: JPEG folder cached once per node (data.cache)"] == "PASS"
     assert out["paths"]["teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)"] == "PASS"
