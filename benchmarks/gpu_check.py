@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _result_rows(run: Path) -> str:
+    rows = {c: (run / "rows" / c / "results.jsonl") for c in ("knn", "linprobe", "eval")}
+    counts = {c: len(f.read_text().splitlines()) if f.is_file() else 0 for c, f in rows.items()}
+    return "" if set(counts.values()) == {1} else f"results.jsonl rows {counts}, expected one each"
+
+
+#: what a check may assert beyond its step count and finite losses, by name: run folder -> "" or why not
+EXPECTS: dict[str, Callable[[Path], str]] = {
+    "knn_at_end": lambda run: "" if "knn_top1" in read_summary(run) else "no k-NN result in summary.json",
+    "knn_monitor": lambda run: "" if "knn_monitor" in read_summary(run) else "no k-NN monitor value in summary.json",
+    "miou": lambda run: "" if "miou" in read_summary(run) else "no mIoU in summary.json",
+    "snapshot": lambda run: "" if (run / "epoch_0002.pt").is_file() else "no epoch_0002.pt snapshot",
+    "result_rows": _result_rows,
+    "features": lambda run: "" if (run / "features.npz").is_file() else "mimco extract wrote no features.npz",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One GPU-only path: its ``mimco`` commands (run in order), the run folder they write, the step
+    it must reach, and what else it asserts (:data:`EXPECTS`), declared here, not read from its name."""
+
+    name: str
+    commands: list[list[str]]
+    folder: str
+    steps: int
+    expects: tuple[str, ...] = ()
+    cuda_only: bool = False  # fp16 with the gradient scaler: skipped on a CPU
+    finite_loss: bool = True  # log.csv's losses all finite (fine-tuning logs mixup's soft-target loss elsewhere)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.expects) - set(EXPECTS)
+        if unknown:
+            raise ValueError(f"check {self.name!r}: unknown expectation(s) {sorted(unknown)}; choose from "
+                             f"{sorted(EXPECTS)}")
+
+
 def main() -> int:
     a = build_parser().parse_args()
     budget = Budget(a.budget if a.budget is not None else (0 if a.cpu else 440))
@@ -243,74 +281,80 @@ def main() -> int:
     seg = [device, "train.progress=false", "train.log_every=2", "train.init_distributed=true", "optim.epochs=2",
            "optim.warmup_epochs=0.5", f"optim.batch_size={seg_batch}", f"train.out_dir={out}", "data.name=segfolder",
            f"data.root={out / 'seg'}", "seg.num_classes=3", f"data.img_size={seg_side}", "data.num_workers=2"]
-    checks: list[tuple[str, list[list[str]], str, int]] = [  # (name, commands, run folder, steps)
-        ("teacher: MoCo v3, bf16, eval at end",
-         [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]],
-         "teacher", 2 * spe),
-        ("teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)",
-         [["teacher", *base, *head, bf16, "train.strategy=fsdp", "train.name=teacher-fsdp"]], "teacher-fsdp", 2 * spe),
-        ("teacher: JPEG folder decoded on the device (data.decode=gpu)",
-         [["teacher", *folder, "data.decode=gpu", "train.name=teacher-jpeg"]], "teacher-jpeg", 2 * (n_jpeg // batch)),
-        ("teacher: JPEG folder cached once per node (data.cache)",
-         [["teacher", *folder, "data.cache=true", "train.name=teacher-cache"]], "teacher-cache", 2 * (n_jpeg // batch)),
-        ("pretrain: MimCo, bf16, batch negatives capped, projector target",
-         [["pretrain", *student, bf16, "loss.patch_negatives=batch", "loss.patch_max_negatives=64",
-           "teacher.image_target=projector", "train.name=mimco-bf16"]], "mimco-bf16", 2 * spe),
-        ("pretrain: fp16 with the gradient scaler, image + same-position negatives, targets centred per position",
-         [["pretrain", *student, "train.precision=fp16", "loss.patch_negatives=image+position",
-           "loss.target_centring=position", "train.name=mimco-fp16"]],
-         "mimco-fp16", 2 * spe),
-        ("pretrain: FSDP (bf16 policy), init_from, k-NN monitor, snapshots, eval at end; extract",
-         [["pretrain", *student, bf16, "train.strategy=fsdp", "eval.at_end=true", f"model.init_from={teacher}",
-           "eval.every_epochs=1", "eval.monitor_train=120", "eval.monitor_test=60", "train.keep_every_epochs=1",
-           "train.name=mimco-fsdp"],
-          ["extract", str(out / "mimco-fsdp" / "epoch_0001.pt"), "--out", str(out / "mimco-fsdp" / "features.npz"),
-           "--patch", device, bf16, "train.init_distributed=true", "train.progress=false"]], "mimco-fsdp", 2 * spe),
-        ("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
-         [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
-         "mimco-fsdp-fp16", 2 * spe),
-        ("pretrain: compiled (train.compile), bf16, k-NN monitor",
-         [["pretrain", *student, bf16, "train.compile=true", "eval.every_epochs=1", "eval.monitor_train=120",
-           "eval.monitor_test=60", "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe),
-        ("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
-         [["pretrain", *student, bf16, "teacher.model=vit_small_patch14_reg4_dinov2", f"teacher.checkpoint={dinov2}",
-           f"teacher.img_size={dinov2_size}", "teacher.resample=bilinear", "teacher.layers=[-2,-1]",
-           "teacher.target_norm=layernorm", "teacher.image_target=mean", "train.name=mimco-dinov2"]], "mimco-dinov2",
-         2 * spe),
-        ("pretrain: FSDP, block masks, 2 micro-batches (one reduce-scatter a step)",
-         [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2", "train.strategy=fsdp",
-           "train.name=mimco-block"]], "mimco-block", 2 * spe),
-        ("eval: knn, linprobe (lr grid), eval under torchrun, one result row each",
-         [["knn", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
-           str(out / "teacher" / "rows" / "knn")],
-          ["linprobe", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--epochs",
-           "5", "--out", str(out / "teacher" / "rows" / "linprobe")],
-          ["eval", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
-           str(out / "teacher" / "rows" / "eval")]], "teacher", 2 * spe),
-        ("resume: stopped, resumed with a longer schedule",
-         [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
-          ["pretrain", "--resume", str(out / "mimco-resume" / CHECKPOINT), "optim.epochs=3"]], "mimco-resume", 3 * spe),
-        ("finetune: shared engine, bf16, mixup", [["finetune", str(teacher), *tune, bf16, "train.name=finetune"]],
-         "finetune", 2 * spe),
-        ("finetune: FSDP", [["finetune", str(teacher), *tune, bf16, "train.strategy=fsdp", "train.name=finetune-fsdp"]],
-         "finetune-fsdp", 2 * spe),
-        ("segfinetune: FSDP, bf16, BatchNorm statistics all-reduced, mIoU every epoch",
-         [["segfinetune", str(teacher), *seg, bf16, "train.strategy=fsdp", "train.name=segfinetune"]], "segfinetune",
-         2 * (n_seg // seg_batch)),
+    checks = [
+        Check("teacher: MoCo v3, bf16, eval at end",
+              [["teacher", *base, *head, bf16, "eval.at_end=true", "train.name=teacher"]], "teacher", 2 * spe,
+              expects=("knn_at_end",)),
+        Check("teacher: MoCo v3, FSDP (bf16 policy, BatchNorm in fp32)",
+              [["teacher", *base, *head, bf16, "train.strategy=fsdp", "train.name=teacher-fsdp"]], "teacher-fsdp",
+              2 * spe),
+        Check("teacher: JPEG folder decoded on the device (data.decode=gpu)",
+              [["teacher", *folder, "data.decode=gpu", "train.name=teacher-jpeg"]], "teacher-jpeg",
+              2 * (n_jpeg // batch)),
+        Check("teacher: JPEG folder cached once per node (data.cache)",
+              [["teacher", *folder, "data.cache=true", "train.name=teacher-cache"]], "teacher-cache",
+              2 * (n_jpeg // batch)),
+        Check("pretrain: MimCo, bf16, batch negatives capped, projector target",
+              [["pretrain", *student, bf16, "loss.patch_negatives=batch", "loss.patch_max_negatives=64",
+                "teacher.image_target=projector", "train.name=mimco-bf16"]], "mimco-bf16", 2 * spe),
+        Check("pretrain: fp16 with the gradient scaler, image + same-position negatives, targets centred per position",
+              [["pretrain", *student, "train.precision=fp16", "loss.patch_negatives=image+position",
+                "loss.target_centring=position", "train.name=mimco-fp16"]], "mimco-fp16", 2 * spe, cuda_only=True),
+        Check("pretrain: FSDP (bf16 policy), init_from, k-NN monitor, snapshots, eval at end; extract",
+              [["pretrain", *student, bf16, "train.strategy=fsdp", "eval.at_end=true", f"model.init_from={teacher}",
+                "eval.every_epochs=1", "eval.monitor_train=120", "eval.monitor_test=60", "train.keep_every_epochs=1",
+                "train.name=mimco-fsdp"],
+               ["extract", str(out / "mimco-fsdp" / "epoch_0001.pt"), "--out", str(out / "mimco-fsdp" / "features.npz"),
+                "--patch", device, bf16, "train.init_distributed=true", "train.progress=false"]], "mimco-fsdp", 2 * spe,
+              expects=("knn_monitor", "snapshot", "knn_at_end", "features")),
+        Check("pretrain: FSDP, fp16 with the gradient scaler, fused AdamW",
+              [["pretrain", *student, "train.precision=fp16", "train.strategy=fsdp", "train.name=mimco-fsdp-fp16"]],
+              "mimco-fsdp-fp16", 2 * spe, cuda_only=True),
+        Check("pretrain: compiled (train.compile), bf16, k-NN monitor",
+              [["pretrain", *student, bf16, "train.compile=true", "eval.every_epochs=1", "eval.monitor_train=120",
+                "eval.monitor_test=60", "train.name=mimco-compiled"]], "mimco-compiled", 2 * spe,
+              expects=("knn_monitor",)),
+        Check("pretrain: DINOv2 teacher by name, own resolution, grid resampled, bf16",
+              [["pretrain", *student, bf16, "teacher.model=vit_small_patch14_reg4_dinov2",
+                f"teacher.checkpoint={dinov2}", f"teacher.img_size={dinov2_size}", "teacher.resample=bilinear",
+                "teacher.layers=[-2,-1]", "teacher.target_norm=layernorm", "teacher.image_target=mean",
+                "train.name=mimco-dinov2"]], "mimco-dinov2", 2 * spe),
+        Check("pretrain: FSDP, block masks, 2 micro-batches (one reduce-scatter a step)",
+              [["pretrain", *student, bf16, "mask.type=block", "optim.accum_steps=2", "train.strategy=fsdp",
+                "train.name=mimco-block"]], "mimco-block", 2 * spe),
+        Check("eval: knn, linprobe (lr grid), eval under torchrun, one result row each",
+              [["knn", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
+                str(out / "teacher" / "rows" / "knn")],
+               ["linprobe", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false",
+                "--epochs", "5", "--out", str(out / "teacher" / "rows" / "linprobe")],
+               ["eval", str(teacher), device, bf16, "train.init_distributed=true", "train.progress=false", "--out",
+                str(out / "teacher" / "rows" / "eval")]], "teacher", 2 * spe, expects=("result_rows",)),
+        Check("resume: stopped, resumed with a longer schedule",
+              [["pretrain", *student, bf16, f"train.max_steps={spe}", "train.name=mimco-resume"],
+               ["pretrain", "--resume", str(out / "mimco-resume" / CHECKPOINT), "optim.epochs=3"]], "mimco-resume",
+              3 * spe),
+        Check("finetune: shared engine, bf16, mixup", [["finetune", str(teacher), *tune, bf16, "train.name=finetune"]],
+              "finetune", 2 * spe, finite_loss=False),
+        Check("finetune: FSDP",
+              [["finetune", str(teacher), *tune, bf16, "train.strategy=fsdp", "train.name=finetune-fsdp"]],
+              "finetune-fsdp", 2 * spe, finite_loss=False),
+        Check("segfinetune: FSDP, bf16, BatchNorm statistics all-reduced, mIoU every epoch",
+              [["segfinetune", str(teacher), *seg, bf16, "train.strategy=fsdp", "train.name=segfinetune"]],
+              "segfinetune", 2 * (n_seg // seg_batch), expects=("miou",)),
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if a.cpu else "4")}
     results: dict[str, tuple[str, float, str]] = {}
     start = time.perf_counter()
 
-    def run_path(check: tuple[str, list[list[str]], str, int]) -> None:
-        name, commands, folder, steps = check
-        if a.cpu and "fp16" in name:
+    def run_path(check: Check) -> None:
+        name = check.name
+        if a.cpu and check.cuda_only:
             return finish(name, "SKIP", 0.0, "fp16 needs CUDA")
         if budget.left(a.perf_reserve) < 20:
             return finish(name, "SKIP", 0.0, "past the paths' share of the budget")
         t0, why = time.perf_counter(), ""
-        for cmd in commands:
+        for cmd in check.commands:
             limit = min(a.timeout, budget.left(a.perf_reserve))
             code, _, err = run_cmd([*launch, *cmd], limit, env)
             if code is None:
@@ -323,26 +367,14 @@ def main() -> int:
                 tail = "\n".join(f"    {ln}" for ln in err.strip().splitlines()[-30:])
                 print(f"--- {name}: the last lines of its output\n{tail}", flush=True)
                 break
-        run = out / folder
+        run = out / check.folder
         if not why:
             got = last_step(run) if (run / CHECKPOINT).is_file() else -1
-            why = "" if got == steps else f"ended at step {got}, expected {steps}"
-        if not why and not folder.startswith("finetune") and not finite_log(run):
+            why = "" if got == check.steps else f"ended at step {got}, expected {check.steps}"
+        if not why and check.finite_loss and not finite_log(run):
             why = "a non-finite loss in log.csv"
-        if not why and "eval at end" in name and "knn_top1" not in read_summary(run):
-            why = "no k-NN result in summary.json"
-        if not why and folder.startswith("segfinetune") and "miou" not in read_summary(run):
-            why = "no mIoU in summary.json"
-        if not why and "k-NN monitor" in name and "knn_monitor" not in read_summary(run):
-            why = "no k-NN monitor value in summary.json"
-        if not why and "snapshots" in name and not (run / "epoch_0002.pt").is_file():
-            why = "no epoch_0002.pt snapshot"
-        if not why and "one result row each" in name:
-            rows = {c: (run / "rows" / c / "results.jsonl") for c in ("knn", "linprobe", "eval")}
-            counts = {c: len(f.read_text().splitlines()) if f.is_file() else 0 for c, f in rows.items()}
-            why = "" if set(counts.values()) == {1} else f"results.jsonl rows {counts}, expected one each"
-        if not why and "extract" in name and not (run / "features.npz").is_file():
-            why = "mimco extract wrote no features.npz"
+        for expect in check.expects:
+            why = why or EXPECTS[expect](run)
         finish(name, "FAIL" if why else "PASS", time.perf_counter() - t0, why)
 
     def finish(name: str, res: str, sec: float, why: str) -> None:
@@ -353,7 +385,7 @@ def main() -> int:
     run_path(checks[0])  # every later path reads the teacher it trains
     with ThreadPoolExecutor(max_workers=a.jobs or (1 if a.cpu else 4)) as pool:
         list(pool.map(run_path, checks[1:]))
-    ordered = [(n, *results[n]) for n, *_ in checks]
+    ordered = [(c.name, *results[c.name]) for c in checks]
     failed = [x for x in ordered if x[1] == "FAIL"]
     print("\n| path | result | seconds | note |\n|---|---|---|---|")
     for n, res, sec, why in ordered:

@@ -1,20 +1,23 @@
 """A training method defined outside the package: SimSiam (Chen & He, CVPR 2021) on a ViT.
 
 One file is the whole cost: the method (an ``nn.Module`` keeping the contract of
-:class:`mimco.methods.TrainingMethod`), its builder registered by name, and a ``__main__`` that
-hands the command line to mimco's own. Every stage feature then applies to it unchanged: config
-files and overrides, DDP and FSDP under torchrun, ``train.compile``, bf16, resume, the k-NN at the
-end, ``mimco export``::
+:class:`mimco.methods.TrainingMethod`), its config section (``simsiam:``, checked like every other
+key and written to the run's ``config.yaml``), and its builder registered by name. mimco loads it
+as a plugin (``--plugin FILE``, or an installed package's ``mimco.plugins`` entry point), and every
+stage feature then applies to it unchanged: config files and overrides, DDP and FSDP under
+torchrun, ``train.compile``, bf16, resume, the k-NN at the end, ``mimco export``::
 
-    python examples/simsiam.py teacher --config fmnist_teacher method=simsiam
-    torchrun --nproc_per_node 8 examples/simsiam.py teacher method=simsiam data.root=... train.strategy=fsdp
+    mimco teacher --plugin examples/simsiam.py --config fmnist_teacher method=simsiam simsiam.proj_dim=128
+    torchrun --nproc_per_node 8 -m mimco teacher --plugin examples/simsiam.py method=simsiam data.root=... \
+        train.strategy=fsdp
 
 It trains in the stage-1 slot (``mimco teacher``: two augmented views per image, MoCo v3's
-augmentation), with the ``moco:`` section's widths for its projector and predictor.
+augmentation); ``python examples/simsiam.py teacher ...`` works too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,8 +25,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimco.config import setting
 from mimco.methods import MethodDefaults, register_method
 from mimco.models import MoCoMLP, create_vit
+
+
+@dataclass
+class SimSiamConfig:
+    """The ``simsiam:`` section."""
+
+    proj_dim: int = setting(256, min=1, what="the projection width", fixed=True)
+    hidden_dim: int = setting(4096, min=1, what="the projector's and predictor's hidden width", fixed=True)
 
 
 class SimSiam(MethodDefaults, nn.Module):
@@ -56,11 +68,11 @@ class SimSiam(MethodDefaults, nn.Module):
         return [*super().compile_targets(), self.encoder.head, self.predictor]
 
 
-@register_method("simsiam", stage="teacher", views="two")
+@register_method("simsiam", stage="teacher", views="two", sections={"simsiam": SimSiamConfig})
 def build_simsiam(cfg: Any, device: torch.device, **inputs: Any) -> SimSiam:
-    """SimSiam from a stage-1 config: ``model`` for the ViT, ``moco.proj_dim`` / ``moco.mlp_dim``."""
+    """SimSiam from a stage-1 config: ``model`` for the ViT, ``simsiam`` for its widths."""
     vit = create_vit(cfg.model, cfg.data.img_size, cfg.data.channels)
-    return SimSiam(vit, cfg.moco.proj_dim, cfg.moco.mlp_dim).to(device)
+    return SimSiam(vit, cfg.simsiam.proj_dim, cfg.simsiam.hidden_dim).to(device)
 
 
 if __name__ == "__main__":

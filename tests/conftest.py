@@ -200,9 +200,9 @@ def messy_folder(root: Path) -> None:
 
 def tiny_mimco(teacher_dim: int = 48, **loss) -> torch.nn.Module:
     """A MimCo with a random 1-block teacher of width ``teacher_dim`` (no checkpoint), for unit tests."""
-    from mimco.config import MimcoLossConfig, ModelConfig
+    from mimco.config import ModelConfig
     from mimco.masking import MaskGenerator
-    from mimco.methods.mimco import MimCo
+    from mimco.methods.mimco import MimCo, MimcoLossConfig
     from mimco.models import MaskedViT, create_vit
 
     student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2), 16, 3))

@@ -188,6 +188,21 @@ def test_gpu_check_budget_and_report(tmp_path):
     assert (tmp_path / "gpu_check.md").read_text().splitlines() == ["| a | PASS | 1 |  |", "| b | FAIL | 2 | x |"]
 
 
+def test_gpu_check_checks_declare_what_they_assert(tmp_path):
+    """A check's assertions are the names it declares, not words of its title: an unknown name is
+    refused when the check is built, and each declared one reads the run folder."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import EXPECTS, Check
+
+    with pytest.raises(ValueError, match="unknown expectation"):
+        Check("snapshots, eval at end", [], "run", 1, expects=("snapshots",))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"knn_top1": 50.0}))
+    assert EXPECTS["knn_at_end"](run) == "" and EXPECTS["snapshot"](run) == "no epoch_0002.pt snapshot"
+    assert EXPECTS["miou"](run) == "no mIoU in summary.json" and EXPECTS["result_rows"](run).startswith("results.jsonl")
+
+
 def test_gpu_check_card_peaks_and_batch_search():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_check import best_batch, card_peak

@@ -52,9 +52,12 @@ def test_bundled_configs_load(path):
         assert cfg.data.name == "segfolder" and cfg.train.precision == "bf16"
 
 
-def test_all_keys_lists_leaves():
-    keys = all_keys(PretrainConfig)
+def test_all_keys_lists_leaves_with_the_methods_own_sections():
+    from mimco.config import stage_class
+
+    keys = all_keys(stage_class(PretrainConfig, "mimco"))
     assert "loss.patch_temperature" in keys and "mask.type" in keys and "data" not in keys
+    assert "loss.patch_temperature" not in all_keys(stage_class(PretrainConfig, "simmim"))
 
 
 def test_tf32_on_cuda_only(monkeypatch):

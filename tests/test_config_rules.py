@@ -10,12 +10,14 @@ import typing
 import pytest
 
 from mimco.cli.main import main
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys, load_config
-from mimco.config_rules import _BOUNDS
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, load_config, stage_class
+from mimco.config_rules import bounds
 from mimco.errors import MimcoError
 from tests.conftest import TINY_DATA, TINY_MODEL
 
-CLASSES = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+#: each stage's config class with its default method's sections (MoCo v3's moco, MimCo's teacher and loss)
+CLASSES = {"teacher": stage_class(TeacherStageConfig, "mocov3"), "pretrain": stage_class(PretrainConfig, "mimco"),
+           "finetune": FinetuneConfig}
 
 
 class DataReached(AssertionError):
@@ -80,7 +82,7 @@ def _below(cls: type, key: str, low: float, inclusive: bool) -> str:
 
 
 RANGES = [(stage, key, _below(cls, key, low, inclusive)) for stage, cls in CLASSES.items()
-          for key, low, inclusive, _ in _BOUNDS if key in all_keys(cls)]
+          for key, low, inclusive, _ in bounds(cls)]
 
 
 @pytest.mark.parametrize("stage,key,value", RANGES, ids=[f"{s}:{k}" for s, k, _ in RANGES])

@@ -19,6 +19,7 @@ from mimco.config import (
     apply_overrides,
     load_config,
 )
+from mimco.plugins import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -52,6 +53,8 @@ def check_mimco(argv: list[str]) -> None:
     argv = [a for a in argv if a != "..."]  # "..." stands for arguments shown elsewhere
     args = parse_args(argv)
     assert args.command in handlers()
+    for plugin in args.plugin:  # a documented plugin file exists and registers what the command then uses
+        load_file(ROOT / plugin)
     cls = CONFIG_OF.get(args.command)
     overrides = getattr(args, "overrides", [])
     if cls is not None:
@@ -132,3 +135,11 @@ def test_no_text_points_at_a_tracker():
     hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in files if f != Path(__file__)
             for i, line in enumerate(f.read_text().splitlines(), 1) if TRACKER.search(line)]
     assert hits == []
+
+
+def test_the_license_file_is_the_one_pyproject_declares():
+    """pyproject.toml's licence and the LICENSE file beside it agree (a wheel ships the file)."""
+    declared = re.search(r'^license = \{ text = "([^"]+)" \}', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared and declared.group(1) == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "TERMS AND CONDITIONS FOR USE" in text

@@ -19,7 +19,7 @@ import pytest
 
 import examples.simsiam  # noqa: F401  (registers a second stage-1 method: method=simsiam)
 from mimco.cli.main import main
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys
+from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys, stage_class
 from mimco.runs import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -177,7 +177,9 @@ CONTEXT = [
     ("finetune", "data.labels_fraction=0.5", ["optim.batch_size=8"]),
     ("finetune", "data.label_seed=1", ["data.labels_per_class=4", "optim.batch_size=8"]),
 ]
-CLASSES = {"teacher": TeacherStageConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+#: each stage with its default method's own sections (MoCo v3's moco, MimCo's teacher and loss)
+CLASSES = {"teacher": stage_class(TeacherStageConfig, "mocov3"), "pretrain": stage_class(PretrainConfig, "mimco"),
+           "finetune": FinetuneConfig}
 
 
 

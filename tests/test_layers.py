@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mimco"
 #: bottom to top; a module may import its own layer (without cycles) and the layers below
 LAYERS: list[tuple[str, ...]] = [
     ("mimco", "mimco.errors", "mimco.config", "mimco.config_rules", "mimco.distributed",
-     "mimco.io", "mimco.runs"),
+     "mimco.io", "mimco.runs", "mimco.plugins"),
     ("mimco.masking", "mimco.data", "mimco.models"),
     ("mimco.methods",),
     ("mimco.engine",),

@@ -30,9 +30,9 @@ def stage_of(cfg: Any) -> str:
     """The stage a config object belongs to."""
     from mimco.pipeline import STAGE_CONFIGS
 
-    for stage, cls in STAGE_CONFIGS.items():
-        if type(cfg) is cls:
-            return stage
+    stage = getattr(type(cfg), "STAGE", None)  # the stage's class or its method's (mimco.config.stage_class)
+    if stage in STAGE_CONFIGS:
+        return stage
     raise MimcoError(f"{type(cfg).__name__} is not a stage config; build one with mimco.load_config(stage, ...)")
 
 

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -38,13 +38,24 @@ Encoder = Literal["momentum", "base"]
 ImageTarget = Literal["cls", "mean", "projector"]
 Resample = Literal["area", "bilinear"]
 TargetNorm = Literal["none", "layernorm"]
-PatchLoss = Literal["infonce", "l1", "smooth_l1", "cosine"]
-PatchNegatives = Literal["image", "batch", "position", "image+position"]
-TargetCentring = Literal["none", "position"]
 Precision = Literal["fp32", "bf16", "fp16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Strategy = Literal["ddp", "fsdp"]
 Pool = Literal["avg", "token"]
+
+
+def setting(default: Any, *, min: float | None = None, above: float | None = None, what: str = "",
+            fixed: bool = False) -> Any:
+    """A config field with its rules, which live with it: ``min`` (lowest allowed value) or ``above``
+    (the value must exceed it) with ``what`` the value means, for the one-line range error; ``fixed``:
+    a resumed run cannot change it (the data order, the step count or the saved state depend on it).
+    :func:`mimco.config_rules.validate` and :func:`mimco.config_rules.check_resume` read them."""
+    meta: dict[str, Any] = {"fixed": fixed}
+    if min is not None or above is not None:
+        meta.update(low=min if min is not None else above, inclusive=min is not None, what=what)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -55,22 +66,25 @@ class DataConfig:
     # Hugging Face dataset, parquet files); segmentation (mimco segprobe /
     # segfinetune): segfolder (ADE20K, Pascal VOC or plain layout under data.root) | fmnist_scenes (also pre-training
     # data: one 56-px scene per Fashion-MNIST image, labelled with the class of most visible pixels, resized)
-    name: DatasetName = "imagefolder"
-    root: str = ""  # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
-    img_size: int = 224
-    channels: int = 3  # grey images are repeated to 3 channels unless this is 1
+    name: DatasetName = setting("imagefolder", fixed=True)
+    # "" = the dataset's default location (fashion_mnist: the Debian package's folder)
+    root: str = setting("", fixed=True)
+    img_size: int = setting(224, min=1, what='the image side in pixels', fixed=True)
+    channels: int = setting(3, fixed=True)  # grey images are repeated to 3 channels unless this is 1
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    subset: int = 0  # use only the first N training images (0 = all)
+    subset: int = setting(0, min=0, what='a training-set cap (0 = all)', fixed=True)
     download: bool = True  # files absent: let torchvision download them (needs network), else fail with how to install
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of images cannot be read
-    num_workers: int = 2  # loader workers for file datasets (in-memory datasets need none)
+    # stop when more than this fraction of images cannot be read
+    max_bad_fraction: float = setting(0.01, min=0, what='the tolerated share of unreadable images')
+    num_workers: int = setting(2, min=0, what='loader workers')  # for file datasets (in-memory ones need none)
     on_device: bool = False  # in-memory datasets: copy the images to the GPU once, augment there
     cache: bool = False  # image folders: decode every image once into memory (uint8), then train like an in-memory set
-    cache_size: int = 0  # the cached square's side (short side resized, centre crop); 0 = img_size
+    # the cached square's side (short side resized, centre crop); 0 = img_size
+    cache_size: int = setting(0, min=0, what="the cached images' side (0 = data.img_size)")
     decode: Decode = "cpu"  # image folders: cpu (workers decode and augment each image) | gpu (workers read bytes and
     #                      draw crops; JPEGs are decoded, cropped and augmented in batches on the training device)
-    procedural_size: int = 2048  # images per split of the procedural dataset
+    procedural_size: int = setting(2048, fixed=True)  # images per split of the procedural dataset
     # shards | hf: the evaluation split's source when data.root holds only training data (a shard folder, index.json
     # or brace pattern; a saved dataset or parquet files); "" = data.root's val (shards) or validation/test split (hf)
     val_root: str = ""
@@ -79,17 +93,21 @@ class DataConfig:
     image_column: str = "image"  # hf: the column holding the images (datasets.Image, or encoded bytes)
     label_column: str = "label"  # hf: the column holding the class index ("" or absent = unlabelled)
     # fine-tuning on few labels: a balanced subset of the training split (the probes' --per-class draws the same)
-    labels_per_class: int = 0  # N labelled images per class (0 = every label)
-    labels_fraction: float = 0.0  # or this fraction of each class, e.g. 0.01 for 1 % (0 = off)
-    label_seed: int = 0  # which subset
+    # N labelled images per class (0 = every label)
+    labels_per_class: int = setting(0, min=0, what='labelled images per class (0 = all)', fixed=True)
+    # or this fraction of each class, e.g. 0.01 for 1 % (0 = off)
+    labels_fraction: float = setting(0.0, min=0, what='the labelled fraction of each class (0 = all)', fixed=True)
+    label_seed: int = setting(0, fixed=True)  # which subset
 
 
 @dataclass
 class ModelConfig:
     """The ViT backbone (a timm VisionTransformer)."""
 
+    FIXED_ON_RESUME: ClassVar[bool] = True  # the whole section: the weights' shapes depend on it
+
     arch: Arch = "vit_tiny"  # preset: vit_mini | vit_tiny | vit_small | vit_base
-    patch_size: int = 16
+    patch_size: int = setting(16, min=1, what='the patch side in pixels')
     embed_dim: int = 0  # 0 = the preset's value
     depth: int = 0
     num_heads: int = 0  # MoCo v3 ViT-S uses 12, DINO/DeiT ViT-S 6
@@ -109,7 +127,7 @@ class ModelConfig:
 class ContrastiveAugConfig:
     """MoCo v3's two asymmetric views (view 2 differs in blur and solarize)."""
 
-    min_scale: float = 0.08
+    min_scale: float = setting(0.08, above=0, what="the smallest crop's share of the image")
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
@@ -128,18 +146,10 @@ class ContrastiveAugConfig:
 class MimAugConfig:
     """MIM-style light augmentation: one crop shared by teacher and student."""
 
-    min_scale: float = 0.67
+    min_scale: float = setting(0.67, above=0, what="the smallest crop's share of the image")
     max_scale: float = 1.0
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect range
     flip_prob: float = 0.5
-
-
-@dataclass
-class MocoConfig:
-    proj_dim: int = 256
-    mlp_dim: int = 4096
-    temperature: float = 0.2
-    momentum: float = 0.99  # rises to 1 on a per-iteration cosine
 
 
 @dataclass
@@ -156,13 +166,15 @@ class FrozenTeacherConfig:
     """The frozen teacher of stage 2: which weights, how it sees the image, which features are targets."""
 
     # mimco last.pt, MoCo v3, DINO, MAE, SimMIM, DINOv2, OpenCLIP / CLIP, EVA-02, timm weights or a hub folder
-    checkpoint: str = ""
-    model: str = ""  # a timm model name to build and load the checkpoint into; "" = from the file's layout
+    checkpoint: str = setting("", fixed=True)
+    # a timm model name to build and load the checkpoint into; "" = from the file's layout
+    model: str = setting("", fixed=True)
     encoder: Encoder = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
     # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
-    image_target: ImageTarget = "cls"
+    image_target: ImageTarget = setting("cls", fixed=True)
     num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
-    img_size: int = 0  # the teacher's input side in pixels; 0 = data.img_size
+    # the teacher's input side in pixels; 0 = data.img_size
+    img_size: int = setting(0, min=0, what="the teacher's image side (0 = data.img_size)", fixed=True)
     mean: list[float] = field(default_factory=list)  # [] = the teacher's own (CLIP, timm, hub folder) or data.mean
     std: list[float] = field(default_factory=list)
     resample: Resample = "area"  # area | bilinear: the teacher's patch map onto the student's grid, when they differ
@@ -170,50 +182,33 @@ class FrozenTeacherConfig:
     target_norm: TargetNorm = "none"  # none | layernorm (per token, no affine: MaskDistill, data2vec)
 
 
-@dataclass
-class MimcoLossConfig:
-    patch_loss: PatchLoss = "infonce"  # infonce | l1 | smooth_l1 | cosine
-    # image (the same image's tokens) | batch (every token of the batch) | position (the same grid position in every
-    # image of the batch: position cannot tell the positive apart) | image+position (both)
-    patch_negatives: PatchNegatives = "image"
-    patch_temperature: float = 0.2
-    patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
-    # patch_negatives=batch: at most this many negatives per step, sampled from the global batch's teacher
-    # tokens (0 = all). Logits take (local masked tokens) x (this + 1) floats: ViT-S, 128 images per GPU,
-    # ratio 0.6 -> 15k x 8k, about 0.5 GB per fp32 copy; all 8 x 128 x 196 tokens would be 12 GB.
-    patch_max_negatives: int = 8192
-    image_temperature: float = 0.2
-    patch_weight: float = 1.0
-    image_weight: float = 1.0  # lambda
-    head_hidden_dim: int = 512
-    # position: subtract a running mean of the teacher's patch targets at each grid position before the patch loss
-    # (DINO's centring, per position: what every image has at a position is no target); none: the targets as they are
-    target_centring: TargetCentring = "none"
-    centre_momentum: float = 0.9  # target_centring: the running mean's momentum per step (DINO's 0.9)
-    head_position: bool = False  # give the patch head the student's position embedding of each masked token
-
+    def check(self) -> None:
+        if bool(self.mean) != bool(self.std):
+            raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
+    # lr = base_lr * global_batch / 256
+    base_lr: float = setting(1.5e-4, above=0, what='the learning rate before scaling')
+    min_lr: float = setting(0.0, min=0, what='the final learning rate')
+    weight_decay: float = setting(0.05, min=0, what='the weight decay')
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    epochs: float = 100.0
-    warmup_epochs: float = 10.0
-    batch_size: int = 256  # global batch per optimiser step
-    accum_steps: int = 1  # micro-batches per step (batch_size must divide by it)
-    micro_batch: int = 0  # largest per-process micro-batch; raises accum_steps to fit (0 = no limit).
-    #                       Keeps the global batch's schedule, data order and masks on fewer processes; InfoNCE
-    #                       negatives and BatchNorm statistics then come from each micro-batch.
-    clip_grad: float = 0.0  # max grad norm, 0 = off
+    epochs: float = setting(100.0, above=0, what='the length of the schedule')
+    warmup_epochs: float = setting(10.0, min=0, what='the warm-up length')
+    batch_size: int = setting(256, min=1, what='the global batch per optimiser step', fixed=True)
+    accum_steps: int = setting(1, min=1, what='micro-batches per step (batch_size must divide by it)')
+    # largest per-process micro-batch; raises accum_steps to fit (0 = no limit). Keeps the global batch's schedule,
+    # data order and masks on fewer processes; InfoNCE negatives and BatchNorm statistics then come from each
+    # micro-batch.
+    micro_batch: int = setting(0, min=0, what='the largest micro-batch (0 = no limit)')
+    clip_grad: float = setting(0.0, min=0, what='the gradient-norm limit (0 = off)')  # max grad norm, 0 = off
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "runs"
     name: str = ""  # run folder name; "" = <stage>-<time>
-    seed: int = 0
+    seed: int = setting(0, fixed=True)
     device: str = "auto"  # auto | cpu | cuda
     precision: Precision = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (false: full fp32 everywhere)
@@ -223,14 +218,18 @@ class TrainConfig:
     strategy: Strategy = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
     init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
     #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it
-    dist_timeout_minutes: int = 120  # how long a collective waits for the slowest process before the run fails
+    # how long a collective waits for the slowest process before the run fails
+    dist_timeout_minutes: int = setting(120, min=1, what="the process group's timeout in minutes")
     #                                  (NCCL's watchdog); data.cache's decode on one process per node must fit
-    threads: int = 0  # torch CPU threads, 0 = torch's default
-    log_every: int = 20  # steps between CSV rows
-    ckpt_every: int = 0  # steps between checkpoints, 0 = only at the end
-    max_steps: int = 0  # stop after this many steps (schedule unchanged), 0 = run all
+    threads: int = setting(0, min=0, what='CPU threads (0 = default)')  # torch CPU threads, 0 = torch's default
+    log_every: int = setting(20, min=1, what='steps between log rows')  # steps between CSV rows
+    # steps between checkpoints, 0 = only at the end
+    ckpt_every: int = setting(0, min=0, what='steps between checkpoints (0 = at the end)')
+    # stop after this many steps (schedule unchanged), 0 = run all
+    max_steps: int = setting(0, min=0, what='a step limit (0 = none)')
     progress: bool = True
-    keep_every_epochs: int = 0  # also keep epoch_XXXX.pt (a copy of last.pt) every N epochs, 0 = none
+    # also keep epoch_XXXX.pt (a copy of last.pt) every N epochs, 0 = none
+    keep_every_epochs: int = setting(0, min=0, what='epochs between kept snapshots (0 = none)')
     keep_last: int = 5  # of those snapshots, keep the newest K (-1 = all)
     tensorboard: bool = True  # write every log.csv scalar (and monitor images) to <run>/tensorboard
     wandb: str = ""  # a Weights & Biases project to log to as well ("" = off; WANDB_MODE=offline honoured)
@@ -238,36 +237,37 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20
+    knn_k: int = setting(20, min=1, what='the neighbour count')
     knn_temperature: float = 0.07
     at_end: bool = True  # k-NN on the test split when training ends (labelled datasets)
     max_train: int = 0  # bank size cap, 0 = all
     # few labels (the demo's and the study's few-label columns): this many labelled images per class, over this many
     # balanced subsets (the same as `mimco knn/linprobe --per-class N --label-seeds S`), k-NN with few_knn_k
-    few_per_class: int = 10
-    few_label_seeds: int = 3
-    few_knn_k: int = 10
+    few_per_class: int = setting(10, min=1, what='labelled images per class in the few-label columns')
+    few_label_seeds: int = setting(3, min=1, what='the number of labelled subsets')
+    few_knn_k: int = setting(10, min=1, what='the neighbour count')
     # the k-NN monitor during pre-training: k-NN top-1 (eval.knn_k, eval.knn_temperature) of a bank of
     # monitor_train training images scored on monitor_test test images, both fixed, seeded and class-balanced, in
     # log.csv (knn_monitor), TensorBoard and the progress bar. Off when both intervals are 0. The default sizes cost
     # about 1 % of an ImageNet epoch (docs/training.md#multi-day-runs); they are "up to" sizes, capped (in one
     # line) at what a smaller split gives class-balanced.
-    every_epochs: int = 0  # every N epochs
-    every_steps: int = 0  # and/or every N steps
-    monitor_train: int = 50000
-    monitor_test: int = 10000
+    every_epochs: int = setting(0, min=0, what='epochs between k-NN monitor points (0 = off)')  # every N epochs
+    every_steps: int = setting(0, min=0, what='steps between k-NN monitor points (0 = off)')  # and/or every N steps
+    monitor_train: int = setting(50000, min=1, what="the k-NN monitor's bank size (at most; capped at the split)")
+    monitor_test: int = setting(10000, min=1, what="the k-NN monitor's query count (at most; capped at the split)")
     monitor_seed: int = 0
 
 
 @dataclass
 class TeacherStageConfig:
-    """Stage 1 (``mimco teacher``): the contrastive teacher, MoCo v3 by default (``method``)."""
+    """Stage 1 (``mimco teacher``): the contrastive teacher, MoCo v3 by default (``method``). The
+    method's own sections (MoCo v3's ``moco:``) come with it (:func:`stage_class`)."""
 
+    STAGE: ClassVar[str] = "teacher"
     method: str = "mocov3"  # a registered method of this stage (mimco.methods.registry)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="mocov3"))
     aug: ContrastiveAugConfig = field(default_factory=ContrastiveAugConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(weight_decay=0.1, epochs=300.0, warmup_epochs=40.0, betas=[0.9, 0.999])
     )
@@ -277,15 +277,15 @@ class TeacherStageConfig:
 
 @dataclass
 class PretrainConfig:
-    """Stage 2 (``mimco pretrain``): MimCo (or the SimMIM baseline, with no teacher)."""
+    """Stage 2 (``mimco pretrain``): MimCo (or the SimMIM baseline, with no teacher). The method's
+    own sections (MimCo's ``teacher:`` and ``loss:``) come with it (:func:`stage_class`)."""
 
+    STAGE: ClassVar[str] = "pretrain"
     method: str = "mimco"  # mimco | simmim (mask token, linear pixel decoder, L1 on masked pixels) | a registered one
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     aug: MimAugConfig = field(default_factory=MimAugConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    teacher: FrozenTeacherConfig = field(default_factory=FrozenTeacherConfig)
-    loss: MimcoLossConfig = field(default_factory=MimcoLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -298,7 +298,7 @@ class FinetuneAugConfig:
     # MAE's rand-m9-mstd0.5-inc1, with the magnitude capped at 9: at 10 timm posterizes to 0 bits,
     # which current Pillow refuses. "" = off.
     auto_augment: str = "rand-m9-mstd0.5-inc1-mmax9"
-    min_scale: float = 0.08
+    min_scale: float = setting(0.08, above=0, what="the smallest crop's share of the image")
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect range
     flip_prob: float = 0.5
     color_jitter: float = 0.4  # used when auto_augment is off
@@ -312,8 +312,9 @@ class FinetuneAugConfig:
 class ClassifierConfig:
     layer_decay: float = 0.75  # 0.65 for ViT-B
     drop_path_rate: float = 0.1
-    pool: Pool = "avg"  # avg (mean of patch tokens + fc_norm) | token (CLS)
-    encoder: Encoder = "momentum"  # which encoder of a two-encoder checkpoint (MoCo v3, DINO); others have one
+    pool: Pool = setting("avg", fixed=True)  # avg (mean of patch tokens + fc_norm) | token (CLS)
+    # which encoder of a two-encoder checkpoint (MoCo v3, DINO); others have one
+    encoder: Encoder = setting("momentum", fixed=True)
     num_heads: int = 0  # 0 = from the checkpoint
 
 
@@ -321,6 +322,7 @@ class ClassifierConfig:
 class FinetuneConfig:
     """``mimco finetune``: full fine-tuning of a pre-trained backbone."""
 
+    STAGE: ClassVar[str] = "finetune"
     method: str = "finetune"  # a registered method of this stage
     data: DataConfig = field(default_factory=DataConfig)
     aug: FinetuneAugConfig = field(default_factory=FinetuneAugConfig)
@@ -336,12 +338,19 @@ class FinetuneConfig:
 class SegDataConfig:
     """What segmentation data adds: the classes of a plain-layout folder and the generated scenes."""
 
-    num_classes: int = 0  # plain layout: classes 0..N-1 (ADE20K: 150, Pascal VOC: 21, fmnist_scenes: 11, fixed)
-    ignore_index: int = 255  # plain layout: the mask value of pixels that are not scored
-    scenes: int = 2000  # fmnist_scenes: training scenes (from Fashion-MNIST's training images)
-    val_scenes: int = 500  # fmnist_scenes: validation scenes (from its test images)
+    FIXED_ON_RESUME: ClassVar[bool] = True  # the whole section: the data and the head's classes depend on it
+
+    # plain layout: classes 0..N-1 (ADE20K: 150, Pascal VOC: 21, fmnist_scenes: 11, fixed)
+    num_classes: int = setting(0, min=0, what="a plain folder's class count (0 = from the layout)")
+    # plain layout: the mask value of pixels that are not scored
+    ignore_index: int = setting(255, min=0, what='the mask value of unscored pixels')
+    # fmnist_scenes: training scenes (from Fashion-MNIST's training images)
+    scenes: int = setting(2000, min=1, what='the number of training scenes')
+    # fmnist_scenes: validation scenes (from its test images)
+    val_scenes: int = setting(500, min=1, what='the number of validation scenes')
     items: list[int] = field(default_factory=lambda: [2, 4])  # fmnist_scenes: fewest and most items per scene
-    threshold: int = 40  # fmnist_scenes: an item's pixel (0-255) above this takes the item's class, else background
+    # fmnist_scenes: an item's pixel (0-255) above this takes the item's class, else background
+    threshold: int = setting(40, min=0, what='an intensity (0-254)')
     scene_seed: int = 0  # fmnist_scenes: which scenes
 
 
@@ -349,7 +358,8 @@ class SegDataConfig:
 class SegAugConfig:
     """Joint image/mask augmentation for segmentation fine-tuning (masks nearest-neighbour)."""
 
-    min_scale: float = 0.5  # random resized crop scale range
+    # random resized crop scale range
+    min_scale: float = setting(0.5, above=0, what="the smallest crop's share of the image")
     max_scale: float = 1.0
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     flip_prob: float = 0.5
@@ -359,10 +369,11 @@ class SegAugConfig:
 class SegHeadConfig:
     """The linear segmentation head (BatchNorm + 1x1 convolution on the patch grid) and the backbone under it."""
 
-    layers: int = 1  # the last N blocks' patch tokens, concatenated (DINOv2's linear: 1; its "+ms" variant: 4)
-    layer_decay: float = 0.65
-    drop_path_rate: float = 0.1
-    encoder: Encoder = "momentum"  # which encoder of a two-encoder checkpoint (MoCo v3, DINO)
+    # the last N blocks' patch tokens, concatenated (DINOv2's linear: 1; its "+ms" variant: 4)
+    layers: int = setting(1, min=1, what='how many last blocks feed the head', fixed=True)
+    layer_decay: float = setting(0.65, above=0, what='the lr ratio between consecutive layers')
+    drop_path_rate: float = setting(0.1, min=0, what='the stochastic depth rate')
+    encoder: Encoder = setting("momentum", fixed=True)  # which encoder of a two-encoder checkpoint (MoCo v3, DINO)
     num_heads: int = 0  # 0 = from the checkpoint
 
 
@@ -371,6 +382,7 @@ class SegmentationConfig:
     """``mimco segfinetune`` (and the data of ``mimco segprobe``): semantic segmentation on a backbone's
     patch tokens, every layer trained (layer decay, drop path, warm-up + cosine)."""
 
+    STAGE: ClassVar[str] = "segfinetune"
     method: str = "segfinetune"  # a registered method of this stage
     data: DataConfig = field(default_factory=lambda: DataConfig(name="fmnist_scenes", img_size=56))
     seg: SegDataConfig = field(default_factory=SegDataConfig)
@@ -384,6 +396,91 @@ class SegmentationConfig:
 
 
 C = TypeVar("C")
+
+#: the config sections each registered method owns, (stage, method) -> {section: dataclass}; filled by
+#: :func:`mimco.methods.register_method` (a method with none has an empty entry)
+_METHOD_SECTIONS: dict[tuple[str, str], dict[str, type]] = {}
+_STAGE_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def register_sections(stage: str, method: str, sections: dict[str, type]) -> None:
+    """Record ``method`` of ``stage`` and the config sections it owns (``{"moco": MocoConfig}``):
+    a run of that method has them beside the stage's own sections, typed and checked like them.
+    Re-registering a method replaces its sections."""
+    for name, sec in sections.items():
+        if not dataclasses.is_dataclass(sec) or not name.isidentifier():
+            raise ValueError(f"method {method!r}: section {name!r} must be a dataclass under an identifier, "
+                             f"not {sec!r}")
+    _METHOD_SECTIONS[(stage, method)] = dict(sections)
+    for key in [k for k in _STAGE_CLASSES if k[1] == method]:
+        del _STAGE_CLASSES[key]
+
+
+def stage_methods(stage: str) -> list[str]:
+    """The registered methods of ``stage``, by name (mimco's own, installed plugins and ``--plugin`` files)."""
+    from mimco.plugins import load_plugins
+
+    load_plugins()
+    return sorted(m for s, m in _METHOD_SECTIONS if s == stage)
+
+
+def unknown_method(name: str, stage: str) -> MimcoError:
+    """The one-line error for a ``method`` that ``stage`` does not have."""
+    names = stage_methods(stage)
+    other = next((s for s, m in _METHOD_SECTIONS if m == name), None)
+    if other is not None:
+        return MimcoError(f"method '{name}' trains with `mimco {other}`, not `mimco {stage}`; choose "
+                          f"{choices_text(names)}")
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = (f" (did you mean {close[0]}?)" if close
+            else " (a method defined in a file of your own loads with --plugin FILE)")
+    return MimcoError(f"unknown method '{name}'; choose {choices_text(names)}{hint}")
+
+
+def base_class(cls: type) -> type:
+    """The stage's own config class (:class:`PretrainConfig`) of ``cls`` or of a :func:`stage_class` of it."""
+    return getattr(cls, "_stage_base", cls)
+
+
+def stage_class(cls: type, method: str, strict: bool = True) -> type:
+    """The config class of a ``method`` run of ``cls``'s stage: the stage's sections plus the ones the
+    method owns (MoCo v3's ``moco``, MimCo's ``teacher`` and ``loss``, a plugin's own), a subclass of
+    ``cls``. An unregistered method is a :class:`MimcoError` naming the choices (``strict=False``: the
+    stage's sections alone, for a saved config whose method is not loaded)."""
+    base = base_class(cls)
+    stage = getattr(base, "STAGE", None)
+    if stage is None:
+        return base
+    if (stage, method) not in _METHOD_SECTIONS:
+        stage_methods(stage)  # mimco's own methods and the plugins register on first use
+    if (stage, method) not in _METHOD_SECTIONS:
+        if strict:
+            raise unknown_method(method, stage)
+        return base
+    if not _METHOD_SECTIONS[(stage, method)] and method == _default_method(base):
+        return base
+    key = (base, method)
+    if key not in _STAGE_CLASSES:
+        own = _METHOD_SECTIONS[(stage, method)]
+        fields: list[Any] = [("method", str, field(default=method))]
+        fields += [(name, sec, field(default_factory=sec)) for name, sec in own.items()]
+        new = dataclasses.make_dataclass(base.__name__, fields, bases=(base,), namespace={"_stage_base": base})
+        new.__module__, new.__qualname__ = base.__module__, f"{base.__qualname__}[{method}]"
+        _STAGE_CLASSES[key] = new
+    return _STAGE_CLASSES[key]
+
+
+def _default_method(base: type) -> str:
+    return next(f.default for f in dataclasses.fields(base) if f.name == "method")
+
+
+def _foreign(root: type, name: str) -> type | None:
+    """The config class of another method of ``root``'s stage that owns section ``name`` (its keys are
+    checked there, then left out: one file may serve several methods), else None."""
+    base = base_class(root)
+    owner = next((m for (s, m), secs in _METHOD_SECTIONS.items() if s == getattr(base, "STAGE", None) and name in secs),
+                 None)
+    return None if owner is None else stage_class(base, owner)
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -456,6 +553,9 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in data.items():
         key = prefix + str(name)
+        if name not in hints and not prefix and isinstance(value, dict) and (owner := _foreign(root, name)):
+            _apply(owner(), {name: value}, owner)  # another method's section: checked, not kept
+            continue
         if name not in hints:
             raise _unknown(key, root)
         hint = hints[name]
@@ -494,9 +594,10 @@ def config_path(name: str | Path | None) -> str | Path | None:
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 model_keys: bool = True) -> C:
-    """Build ``cls`` from defaults, then the YAML file at ``path`` (a file, or the name of a bundled
-    config), then ``key=value`` overrides."""
-    cfg = cls()
+    """Build the config of ``cls``'s stage from defaults, then the YAML file at ``path`` (a file, or
+    the name of a bundled config), then ``key=value`` overrides; its class is the chosen method's
+    (:func:`stage_class`: the method given last, in an override or the file, else the stage's default)."""
+    data: dict = {}
     path = config_path(path)
     if path:
         p = Path(path)
@@ -509,15 +610,28 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise MimcoError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise MimcoError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
-        _apply(cfg, data, cls)
+    base = base_class(cls)
+    method = data.get("method", _default_method(base)) if hasattr(base, "STAGE") else None
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["method"]:
+            method = value
+    root = stage_class(base, str(method)) if method is not None else base
+    cfg = root()
+    _apply(cfg, data, root)
     return apply_overrides(cfg, overrides, model_keys)
 
 
 def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...], model_keys: bool = True) -> C:
-    """Apply ``key=value`` overrides to ``cfg`` in place (and return it), then check the whole config
+    """Apply ``key=value`` overrides to ``cfg`` (in place, unless ``method`` changes: then a config of
+    the new method's class, with the sections both share) and return it, then check the whole config
     (:func:`mimco.config_rules.validate`): every value is checked here, before anything is built."""
     for text in overrides:
         keys, value = parse_override(text)
+        if keys == ["method"] and hasattr(cfg, "method") and value != cfg.method:
+            root = stage_class(type(cfg), str(value))
+            cfg = from_dict(root, {**to_dict(cfg), "method": value})
+            continue
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
@@ -535,6 +649,13 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def from_dict(cls: type[C], data: dict) -> C:
-    cfg = cls()
-    _apply(cfg, data, cls)
+    """A saved config (a run's ``config.yaml``, a checkpoint's ``config``) as the class of its method;
+    sections no longer known (another method's, from an older mimco, or a method whose plugin is not
+    loaded) are left out."""
+    base = base_class(cls)
+    root = stage_class(base, str(data.get("method", _default_method(base))), strict=False) \
+        if hasattr(base, "STAGE") else base
+    hints = typing.get_type_hints(root)
+    cfg = root()
+    _apply(cfg, {k: v for k, v in data.items() if k in hints or not isinstance(v, dict)}, root)
     return cfg

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+import typing
+from collections.abc import Iterator
 from typing import Any
 
 from mimco.errors import MimcoError
@@ -26,57 +28,36 @@ IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural", "fmnist_scene
 #: the datasets of (image, mask) pairs, for ``mimco segprobe | segfinetune`` only
 SEGMENTATION = ("segfolder", "fmnist_scenes")
 
-#: (dotted key suffix, lowest allowed value, whether the lowest is allowed, what the value means)
-_BOUNDS: tuple[tuple[str, float, bool, str], ...] = (
-    ("optim.batch_size", 1, True, "the global batch per optimiser step"),
-    ("optim.epochs", 0, False, "the length of the schedule"),
-    ("optim.warmup_epochs", 0, True, "the warm-up length"),
-    ("optim.base_lr", 0, False, "the learning rate before scaling"),
-    ("optim.min_lr", 0, True, "the final learning rate"),
-    ("optim.weight_decay", 0, True, "the weight decay"),
-    ("optim.accum_steps", 1, True, "micro-batches per step"),
-    ("optim.micro_batch", 0, True, "the largest micro-batch (0 = no limit)"),
-    ("optim.clip_grad", 0, True, "the gradient-norm limit (0 = off)"),
-    ("train.log_every", 1, True, "steps between log rows"),
-    ("train.ckpt_every", 0, True, "steps between checkpoints (0 = at the end)"),
-    ("train.max_steps", 0, True, "a step limit (0 = none)"),
-    ("train.threads", 0, True, "CPU threads (0 = default)"),
-    ("train.dist_timeout_minutes", 1, True, "the process group's timeout in minutes"),
-    ("data.img_size", 1, True, "the image side in pixels"),
-    ("data.subset", 0, True, "a training-set cap (0 = all)"),
-    ("data.num_workers", 0, True, "loader workers"),
-    ("data.cache_size", 0, True, "the cached images' side (0 = data.img_size)"),
-    ("data.labels_per_class", 0, True, "labelled images per class (0 = all)"),
-    ("data.labels_fraction", 0, True, "the labelled fraction of each class (0 = all)"),
-    ("data.max_bad_fraction", 0, True, "the tolerated share of unreadable images"),
-    ("model.patch_size", 1, True, "the patch side in pixels"),
-    ("moco.temperature", 0, False, "the InfoNCE temperature"),
-    ("loss.patch_temperature", 0, False, "the InfoNCE temperature"),
-    ("loss.image_temperature", 0, False, "the InfoNCE temperature"),
-    ("loss.patch_weight", 0, True, "a loss weight"),
-    ("loss.image_weight", 0, True, "a loss weight"),
-    ("loss.patch_max_negatives", 0, True, "a negatives cap (0 = no cap)"),
-    ("loss.head_hidden_dim", 1, True, "the reconstruction heads' hidden width"),
-    ("teacher.img_size", 0, True, "the teacher's image side (0 = data.img_size)"),
-    ("eval.knn_k", 1, True, "the neighbour count"),
-    ("eval.few_per_class", 1, True, "labelled images per class in the few-label columns"),
-    ("eval.few_label_seeds", 1, True, "the number of labelled subsets"),
-    ("eval.few_knn_k", 1, True, "the neighbour count"),
-    ("eval.every_epochs", 0, True, "epochs between k-NN monitor points (0 = off)"),
-    ("eval.every_steps", 0, True, "steps between k-NN monitor points (0 = off)"),
-    ("eval.monitor_train", 1, True, "the k-NN monitor's bank size (at most; capped at the split)"),
-    ("eval.monitor_test", 1, True, "the k-NN monitor's query count (at most; capped at the split)"),
-    ("train.keep_every_epochs", 0, True, "epochs between kept snapshots (0 = none)"),
-    ("seg.num_classes", 0, True, "a plain folder's class count (0 = from the layout)"),
-    ("seg.ignore_index", 0, True, "the mask value of unscored pixels"),
-    ("seg.scenes", 1, True, "the number of training scenes"),
-    ("seg.val_scenes", 1, True, "the number of validation scenes"),
-    ("seg.threshold", 0, True, "an intensity (0-254)"),
-    ("aug.min_scale", 0, False, "the smallest crop's share of the image"),
-    ("head.layers", 1, True, "how many last blocks feed the head"),
-    ("head.layer_decay", 0, False, "the lr ratio between consecutive layers"),
-    ("head.drop_path_rate", 0, True, "the stochastic depth rate"),
-)
+def walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, type]]:
+    """(dotted key, field, the section class holding it) of every leaf key of a config class."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from walk(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, cls
+
+
+def bounds(cls: type) -> list[tuple[str, float, bool, str]]:
+    """(key, lowest allowed value, whether the lowest is allowed, what the value means) of every key of
+    ``cls`` with a range (:func:`mimco.config.setting`'s ``min`` / ``above``)."""
+    return [(k, f.metadata["low"], f.metadata["inclusive"], f.metadata["what"]) for k, f, _ in walk(cls)
+            if "low" in f.metadata]
+
+
+def fixed_keys(cls: type) -> list[str]:
+    """The keys of ``cls`` a resumed run cannot change: ``method``, the fields marked ``fixed`` and every
+    field of a section marked ``FIXED_ON_RESUME`` (the data order, the step count, the model's shape or
+    the optimiser state depend on them)."""
+    return [k for k, f, sec in walk(cls) if k == "method" or f.metadata.get("fixed") or
+            getattr(sec, "FIXED_ON_RESUME", False)]
+
+
+def _sections(cfg: Any) -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f.name, value
 
 
 def validate(cfg: Any, model_keys: bool = True) -> None:
@@ -84,30 +65,26 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
     naming the key and the valid range. Keys a config class does not have are skipped.
     ``model_keys=False``: the commands that evaluate a backbone from a checkpoint (its own
     geometry), for which the ``model`` and ``mask`` sections mean nothing."""
-    for key, low, inclusive, what in _BOUNDS:
+    for key, low, inclusive, what in bounds(type(cfg)):
         obj: Any = cfg
         for part in key.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is None or isinstance(obj, bool):
+            obj = getattr(obj, part)
+        if isinstance(obj, bool):
             continue
         if obj < low or (obj == low and not inclusive):
             need = f">= {low}" if inclusive else f"> {low}"
             raise MimcoError(f"{key}={obj} is out of range: it is {what} and must be {need}; fix the value in the "
                              "config or the override")
-    if getattr(cfg, "loss", None) is not None and cfg.loss.patch_weight == 0 and cfg.loss.image_weight == 0:
-        raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
-    if getattr(cfg, "loss", None) is not None and not 0 <= cfg.loss.centre_momentum < 1:
-        raise MimcoError(f"loss.centre_momentum={cfg.loss.centre_momentum:g} is out of range: it is the running "
-                         "mean's momentum per step and must lie in [0, 1), e.g. 0.9")
+    for _, section in _sections(cfg):  # a section's own rules across its keys (a method's, e.g. MimCo's loss)
+        if hasattr(section, "check"):
+            section.check()
     d = getattr(cfg, "data", None)
     if d is not None and d.labels_fraction > 1:
         raise MimcoError(f"data.labels_fraction={d.labels_fraction:g} is out of range: it is a fraction of each "
                          "class's images and must lie in (0, 1], e.g. 0.01 for 1 %")
     if d is not None and d.labels_per_class and d.labels_fraction:
         raise MimcoError("data.labels_per_class and data.labels_fraction are both set; choose one")
-    if d is not None and (d.labels_per_class or d.labels_fraction) and not hasattr(cfg, "classifier"):
+    if d is not None and (d.labels_per_class or d.labels_fraction) and getattr(cfg, "STAGE", "") != "finetune":
         raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training "
                          "uses no labels: drop them here (the probes take --per-class)")
     t = getattr(cfg, "train", None)
@@ -125,9 +102,6 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
     _data_rules(cfg)
     _segmentation_rules(cfg, model_keys)
     _run_log_rules(cfg)
-    teacher = getattr(cfg, "teacher", None)
-    if teacher is not None and bool(teacher.mean) != bool(teacher.std):
-        raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
 
 
 def _run_log_rules(cfg: Any) -> None:
@@ -240,46 +214,20 @@ def _segmentation_rules(cfg: Any, training: bool) -> None:
                          f"{head.drop_path_rate:g} in [0, 1)")
 
 
-#: keys a resumed run cannot change: the data order, the step count, the model's shape or the
-#: optimiser state depend on them
-FIXED_ON_RESUME = ("method", "optim.batch_size", "train.seed", "data.name", "data.root", "data.img_size",
-                   "data.channels", "data.subset", "data.procedural_size", "data.labels_per_class",
-                   "data.labels_fraction", "data.label_seed", "model", "moco.proj_dim", "moco.mlp_dim",
-                   "loss.head_hidden_dim", "teacher.checkpoint", "teacher.model",
-                   "teacher.img_size", "teacher.image_target", "classifier.pool", "classifier.encoder", "seg",
-                   "head.layers", "head.encoder")
-
-
 def check_resume(saved: dict, cfg: Any) -> None:
     """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict; keys
-    it does not have, from an older mimco, are not compared)."""
+    it does not have, from an older mimco, are not compared): the :func:`fixed_keys`, then each
+    section's own ``check_resume`` (MimCo's ``loss:``)."""
     new = dataclasses.asdict(cfg)
-
-    def leaves(d: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix: d}
-        return {k: v for name, sub in d.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
-
-    for key in FIXED_ON_RESUME:
+    for key in fixed_keys(type(cfg)):
         a, b = saved, new
         for part in key.split("."):
             a = a.get(part) if isinstance(a, dict) else None
             b = b.get(part) if isinstance(b, dict) else None
-        old_leaves, new_leaves = leaves(a, key), leaves(b, key)
-        for k in old_leaves.keys() & new_leaves.keys():
-            x, y = old_leaves[k], new_leaves[k]
-            if x is not None and y is not None and x != y:
-                raise MimcoError(f"{k} cannot change on resume (the checkpoint has {x!r}, now {y!r}): the data order, "
-                                 "the step count or the saved state depend on it; drop the override, or start a new "
-                                 "run with another train.name")
-    old_centring = saved.get("loss", {}).get("target_centring", "none") if "loss" in saved else None
-    now_centring = new.get("loss", {}).get("target_centring")
-    if old_centring is not None and now_centring is not None and old_centring != now_centring:
-        raise MimcoError(f"loss.target_centring cannot change on resume (the checkpoint has {old_centring!r}, now "
-                         f"{now_centring!r}): the running mean is in the checkpoint or not; drop the override, or "
-                         "start a new run with another train.name")
-    for key in ("patch_weight", "image_weight"):
-        a, b = saved.get("loss", {}).get(key), new.get("loss", {}).get(key)
-        if a is not None and b is not None and (a > 0) != (b > 0):
-            raise MimcoError(f"loss.{key} cannot switch between 0 and non-zero on resume (its head exists only when it "
-                             "is above 0); start a new run")
+        if a is not None and b is not None and a != b:
+            raise MimcoError(f"{key} cannot change on resume (the checkpoint has {a!r}, now {b!r}): the data order, "
+                             "the step count or the saved state depend on it; drop the override, or start a new "
+                             "run with another train.name")
+    for name, section in _sections(cfg):
+        if hasattr(section, "check_resume") and isinstance(saved.get(name), dict):
+            section.check_resume(saved[name])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mimco.errors import MimcoError, unreadable_checkpoint
@@ -73,6 +74,18 @@ def torch_load(path: str | Path, missing: str = "") -> Any:
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise MimcoError(unreadable_checkpoint(p, e)) from None
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` for another kind of file or none recorded)."""
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return {}
+    try:
+        with safe_open(str(p), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise MimcoError(f"cannot read {p} as safetensors: {str(e).splitlines()[0][:200]}") from None
 
 
 def read_file(path: str | Path) -> Any:

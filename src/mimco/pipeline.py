@@ -201,7 +201,7 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
     """A stage command's (config, checkpoint to resume or None, run folder or None for a new one).
     ``resume``: a ``last.pt``, or ``auto`` for ``train.out_dir/train.name/last.pt``; a resumed run
     takes its saved config, then ``overrides`` (``train.max_steps`` back to 0 unless given), and
-    refuses changes to :data:`~mimco.config_rules.FIXED_ON_RESUME`."""
+    refuses changes to the keys fixed on resume (:func:`~mimco.config_rules.fixed_keys`)."""
     cls = STAGE_CONFIGS[stage]
     if not resume:
         return load_config(cls, config, overrides), None, None

@@ -67,16 +67,19 @@ def backbone_state(model_state: dict[str, torch.Tensor], prefix: str) -> dict[st
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, total_steps: int, model: dict[str, Any],
                     backbones: dict[str, str], optimizer: dict[str, Any], scaler: dict[str, Any], rng: list[Any],
-                    config: dict[str, Any]) -> Path:
+                    config: dict[str, Any], backbone_args: dict[str, Any] | None = None) -> Path:
     """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors`` (the first of
-    ``backbones``)."""
+    ``backbones``), with ``backbone_args`` (the exact timm ``VisionTransformer`` keyword arguments,
+    :func:`mimco.models.export.timm_kwargs`) as JSON in its ``model_args`` metadata: the heads count
+    is not in the tensors' shapes."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     path = run_dir / CHECKPOINT
     atomic_save({"stage": stage, "step": step, "total_steps": total_steps, "model": model, "backbones": backbones,
                  "optimizer": optimizer, "scaler": scaler, "rng": rng, "config": config}, path)
     if step >= total_steps:  # finished: the backbone alone, as a timm state dict
-        save_weights(backbone_state(model, next(iter(backbones.values()))), run_dir / BACKBONE, {"stage": stage})
+        meta = {"stage": stage, **({"model_args": json.dumps(backbone_args)} if backbone_args else {})}
+        save_weights(backbone_state(model, next(iter(backbones.values()))), run_dir / BACKBONE, meta)
     return path
 
 

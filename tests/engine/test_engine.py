@@ -114,6 +114,26 @@ def test_resume_equals_uninterrupted(tmp_path, stage, teacher_ckpt):
     assert rows[0].startswith("step,epoch,lr,loss") and len(rows) == 1 + 5  # steps 2, 3 | 4, 6, 8
     weights = load_file(str(tmp_path / "full" / "backbone.safetensors"))
     assert "blocks.0.attn.qkv.weight" in weights and not any(k.startswith("head.") for k in weights)
+    # the exact architecture rides in the file's metadata (2 heads of 16: no tensor shape says so, and timm's
+    # head width of 64 would give 1): timm builds it from model_args, mimco reads it back, both compute the run's net
+    import json
+
+    import timm
+
+    from mimco.io import weights_metadata
+    from mimco.models.formats import load_backbone
+
+    args = json.loads(weights_metadata(tmp_path / "full" / "backbone.safetensors")["model_args"])
+    assert args["num_heads"] == 2 and args["embed_dim"] == 32 and args["depth"] == 2
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **args)
+    vit.load_state_dict(weights)
+    x = torch.randn(2, 3, 16, 16)
+    run = load_backbone(str(tmp_path / "full" / "last.pt"))[0].eval()
+    file = load_backbone(str(tmp_path / "full" / "backbone.safetensors"))[0].eval()
+    with torch.no_grad():
+        want = run.forward_features(x)
+        assert torch.allclose(vit.eval().forward_features(x), want, atol=1e-5)
+        assert torch.allclose(file.forward_features(x), want, atol=1e-5)
 
 
 def test_bf16_accumulation_and_clipping(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mimco.config import MimcoLossConfig, ModelConfig, PretrainConfig, load_config
+from mimco.config import ModelConfig, PretrainConfig, load_config
 from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
-from mimco.methods.mimco import MimCo
+from mimco.methods.mimco import MimCo, MimcoLossConfig
 from mimco.models import MaskedViT, create_vit
 from tests.conftest import tiny_mimco
 

@@ -1,6 +1,7 @@
 """A method defined outside the package (examples/simsiam.py) trains through the same stage runner
-as the built-in ones, with DDP on 2 processes and train.compile, and with FSDP, then exports its
-backbone: the registry and the method contract are all the engine, runs.py and models/ need."""
+as the built-in ones, loaded as a plugin by ``mimco`` itself (``--plugin``) with DDP on 2 processes
+and train.compile, and from its own ``__main__`` with FSDP, then exports its backbone: the registry,
+the method's own config section and the method contract are all the engine, runs.py and models/ need."""
 
 import json
 import subprocess
@@ -22,11 +23,14 @@ def _run(cmd):
     return r
 
 
-def _train(tmp_path, name, *extra, procs=True):
-    args = ["teacher", "method=simsiam", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.proj_dim=16", "moco.mlp_dim=32",
-            "train.threads=1", "train.log_every=1", "optim.epochs=2", f"train.out_dir={tmp_path}", f"train.name={name}",
-            *extra]
-    return _run([*(TORCHRUN if procs else [sys.executable]), SIMSIAM, *args])
+def _train(tmp_path, name, *extra, plugin=True):
+    """Train SimSiam on 2 processes: ``mimco teacher --plugin examples/simsiam.py`` (or the file's own ``__main__``)."""
+    args = ["teacher", "method=simsiam", *TINY_DATA, *TINY_MODEL, *TINY_RUN, "simsiam.proj_dim=16",
+            "simsiam.hidden_dim=32", "train.threads=1", "train.log_every=1", "optim.epochs=2",
+            f"train.out_dir={tmp_path}", f"train.name={name}", *extra]
+    if plugin:
+        return _run([*TORCHRUN, "-m", "mimco", args[0], "--plugin", SIMSIAM, *args[1:]])
+    return _run([*TORCHRUN, SIMSIAM, *args])
 
 
 @pytest.mark.slow
@@ -34,7 +38,7 @@ def test_a_method_from_outside_trains_with_ddp_compile_and_fsdp_and_exports(tmp_
     ddp = _train(tmp_path, "ddp", "train.compile=true")
     # compile_targets(): 2 blocks + the patch embedding + the projector + the predictor
     assert "torch.compile of 5 blocks" in ddp.stderr
-    _train(tmp_path, "fsdp", "train.strategy=fsdp")
+    _train(tmp_path, "fsdp", "train.strategy=fsdp", plugin=False)
     for name in ("ddp", "fsdp"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["step"] == summary["total_steps"] == 16 and "stopped_by" not in summary
@@ -42,6 +46,8 @@ def test_a_method_from_outside_trains_with_ddp_compile_and_fsdp_and_exports(tmp_
         assert {"loss", "z_std"} <= set(header)
     ckpt = load_checkpoint(tmp_path / "fsdp" / "last.pt")
     assert ckpt["backbones"] == {"backbone": "encoder."} and ckpt["config"]["method"] == "simsiam"
+    assert ckpt["config"]["simsiam"] == {"proj_dim": 16, "hidden_dim": 32} and "moco" not in ckpt["config"]
+    assert ckpt["model"]["predictor.0.weight"].shape == (32, 16)  # the section's widths built the predictor
     # whole fp32 weights under FSDP; the backbone found from the record alone, by export and by timm
     out = tmp_path / "export"
     _run([sys.executable, "-m", "mimco", "export", str(tmp_path / "fsdp" / "last.pt"), "--out", str(out)])
@@ -60,4 +66,5 @@ def test_a_method_from_outside_trains_with_ddp_compile_and_fsdp_and_exports(tmp_
 def test_an_unregistered_method_is_refused_before_any_data():
     r = subprocess.run([sys.executable, "-m", "mimco", "teacher", "method=simsiam", *TINY_DATA], capture_output=True,
                        text=True, env=ENV, timeout=HANG, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "mimco: error: unknown method 'simsiam'; choose mocov3"
+    assert r.returncode == 2 and r.stderr.strip() == ("mimco: error: unknown method 'simsiam'; choose mocov3 (a method "
+                                                      "defined in a file of your own loads with --plugin FILE)")

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimco",
                                 description="MimCo pre-training: MoCo v3 teacher, then masked image modeling against "
                                             "it.")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="a Python file that registers a method (and its config section), e.g. examples/simsiam.py; "
+                        "may come anywhere on the line, and more than once (installed plugins load by themselves)")
     sub = p.add_subparsers(dest="command", required=True)
     for stage, text in (("teacher", "stage 1: train a MoCo v3 contrastive teacher"),
                         ("pretrain", "stage 2: MimCo pre-training against a frozen teacher")):
@@ -214,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line as :func:`main` reads it (argparse exits with code 2 on a bad one)."""
     parser = build_parser()
+    argv, plugins = _plugin_files(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
+    args.plugin = [*args.plugin, *plugins]
     # key=value overrides may come after options too (argparse stops collecting positionals at the first option)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
@@ -224,9 +229,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _plugin_files(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``--plugin FILE`` / ``--plugin=FILE`` pairs after the subcommand, and those files."""
+    rest, files, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--plugin" and i + 1 < len(argv) and i > 0:
+            files.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--plugin=") and i > 0:
+            files.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, files
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from mimco.plugins import load_file, load_plugins
+
+        load_plugins()
+        for path in args.plugin:
+            load_file(path)
         return handlers()[args.command](args)
     except MimcoError as e:
         print(f"mimco: error: {message(e)}", file=sys.stderr)

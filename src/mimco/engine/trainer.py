@@ -41,6 +41,7 @@ from mimco.engine.sharding import full_state, gathered, gradient_sync, load_stat
 from mimco.errors import MimcoError
 from mimco.masking import join_pending
 from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
+from mimco.models.export import timm_kwargs
 from mimco.runs import CHECKPOINT, LOG, prune_snapshots, save_checkpoint, snapshot_path
 
 
@@ -136,7 +137,7 @@ class Trainer:
         if dist.is_main():
             save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
                             backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng,
-                            to_dict(self.cfg))
+                            to_dict(self.cfg), timm_kwargs(self.method.backbone()))
             if snapshot:
                 self._snapshot(path)
         # nobody goes on (or exits, at a stop) before the file is written: under srun

@@ -4,14 +4,15 @@ teacher's view of the unmasked image, at patch level and at image level."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimco import distributed as dist
-from mimco.config import MimcoLossConfig
+from mimco.config import FrozenTeacherConfig, setting
 from mimco.distributed import rank
 from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
@@ -23,6 +24,55 @@ from mimco.models.formats import load_backbone
 from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
 from mimco.models.teachers import TeacherView, projector_width
+
+PatchLoss = Literal["infonce", "l1", "smooth_l1", "cosine"]
+PatchNegatives = Literal["image", "batch", "position", "image+position"]
+TargetCentring = Literal["none", "position"]
+
+
+@dataclass
+class MimcoLossConfig:
+    """The ``loss:`` section: MimCo's patch and image reconstruction losses and their heads."""
+
+    patch_loss: PatchLoss = "infonce"  # infonce | l1 | smooth_l1 | cosine
+    # image (the same image's tokens) | batch (every token of the batch) | position (the same grid position in every
+    # image of the batch: position cannot tell the positive apart) | image+position (both)
+    patch_negatives: PatchNegatives = "image"
+    patch_temperature: float = setting(0.2, above=0, what='the InfoNCE temperature')
+    patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
+    # patch_negatives=batch: at most this many negatives per step, sampled from the global batch's teacher
+    # tokens (0 = all). Logits take (local masked tokens) x (this + 1) floats: ViT-S, 128 images per GPU,
+    # ratio 0.6 -> 15k x 8k, about 0.5 GB per fp32 copy; all 8 x 128 x 196 tokens would be 12 GB.
+    patch_max_negatives: int = setting(8192, min=0, what='a negatives cap (0 = no cap)')
+    image_temperature: float = setting(0.2, above=0, what='the InfoNCE temperature')
+    patch_weight: float = setting(1.0, min=0, what='a loss weight')
+    image_weight: float = setting(1.0, min=0, what='a loss weight')  # lambda
+    head_hidden_dim: int = setting(512, min=1, what="the reconstruction heads' hidden width", fixed=True)
+    # position: subtract a running mean of the teacher's patch targets at each grid position before the patch loss
+    # (DINO's centring, per position: what every image has at a position is no target); none: the targets as they are
+    target_centring: TargetCentring = "none"
+    centre_momentum: float = 0.9  # target_centring: the running mean's momentum per step (DINO's 0.9), in [0, 1)
+    head_position: bool = False  # give the patch head the student's position embedding of each masked token
+
+    def check(self) -> None:
+        if self.patch_weight == 0 and self.image_weight == 0:
+            raise MimcoError("loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0")
+        if not 0 <= self.centre_momentum < 1:
+            raise MimcoError(f"loss.centre_momentum={self.centre_momentum:g} is out of range: it is the running "
+                             "mean's momentum per step and must lie in [0, 1), e.g. 0.9")
+
+    def check_resume(self, saved: dict[str, Any]) -> None:
+        """Refuse what a resume from a checkpoint whose ``loss:`` section was ``saved`` cannot honour."""
+        old = saved.get("target_centring", "none")  # an older checkpoint: no centring
+        if old != self.target_centring:
+            raise MimcoError(f"loss.target_centring cannot change on resume (the checkpoint has {old!r}, now "
+                             f"{self.target_centring!r}): the running mean is in the checkpoint or not; drop the "
+                             "override, or start a new run with another train.name")
+        for key in ("patch_weight", "image_weight"):
+            a, b = saved.get(key), getattr(self, key)
+            if a is not None and (a > 0) != (b > 0):
+                raise MimcoError(f"loss.{key} cannot switch between 0 and non-zero on resume (its head exists only "
+                                 "when it is above 0); start a new run")
 
 
 class MimCo(MethodDefaults, nn.Module):
@@ -170,7 +220,8 @@ def build_teacher(cfg: Any, student_grid: tuple[int, int]) -> tuple[nn.Module, T
     return teacher, view
 
 
-@register_method("mimco", stage="pretrain", views="one")
+@register_method("mimco", stage="pretrain", views="one",
+                 sections={"teacher": FrozenTeacherConfig, "loss": MimcoLossConfig})
 def build_mimco(cfg: Any, device: torch.device, **_: Any) -> MimCo:
     """MimCo of a :class:`~mimco.config.PretrainConfig`: its masked student against its frozen teacher."""
     student, masks = masked_student(cfg)

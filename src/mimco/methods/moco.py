@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimco.config import setting
 from mimco.methods.base import MethodDefaults
 from mimco.methods.losses import GlobalInfoNCE
 from mimco.methods.registry import register_method
 from mimco.models import create_vit
 from mimco.models.heads import MoCoMLP
+
+
+@dataclass
+class MocoConfig:
+    """The ``moco:`` section: MoCo v3's projector and predictor widths, InfoNCE temperature and momentum."""
+
+    proj_dim: int = setting(256, min=1, what="the projection width", fixed=True)
+    mlp_dim: int = setting(4096, min=1, what="the MLPs' hidden width", fixed=True)
+    temperature: float = setting(0.2, above=0, what='the InfoNCE temperature')
+    momentum: float = 0.99  # rises to 1 on a per-iteration cosine
 
 
 def momentum_at(step: int, total_steps: int, base: float) -> float:
@@ -84,7 +96,7 @@ class MoCoV3(MethodDefaults, nn.Module):
         return [*super().compile_targets(), self.base_encoder.head, self.momentum_encoder.head, self.predictor]
 
 
-@register_method("mocov3", stage="teacher", views="two")
+@register_method("mocov3", stage="teacher", views="two", sections={"moco": MocoConfig})
 def build_mocov3(cfg: Any, device: torch.device, **_: Any) -> MoCoV3:
     """Stage 1's MoCo v3 from a :class:`~mimco.config.TeacherStageConfig`."""
     m = cfg.moco

@@ -9,21 +9,30 @@ the method and hands it to the engine; the engine learns the rest from the metho
 :mod:`mimco.methods` is imported, fine-tuning and segmentation fine-tuning when :mod:`mimco.eval.finetune` and
 :mod:`mimco.eval.segfinetune` are.
 
-A method defined outside the package registers the same way before the run starts::
+A method owns its config: the sections it reads beyond the stage's own (``data``, ``model``,
+``aug``, ``optim``, ``train``, ``eval``; stage 2 adds ``mask``) are dataclasses it registers with
+itself, and a run of the method has them, typed and checked like the rest
+(:func:`mimco.config.stage_class`); rules live with their fields (:func:`mimco.config.setting`).
+A method defined outside the package registers the same way, in one file::
 
+    from mimco.config import setting
     from mimco.methods import register_method
 
-    @register_method("simsiam", stage="teacher", views="two")
-    def build_simsiam(cfg, device, **inputs):
-        return SimSiam(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels)).to(device)
+    @dataclass
+    class SimSiamConfig:
+        proj_dim: int = setting(256, min=1, what="the projection width", fixed=True)
 
-and then trains with ``method=simsiam`` (``mimco.cli.main.main([...])`` or
-:func:`mimco.pipeline.run_stage`), under torchrun too (docs/architecture.md#adding-a-method).
+    @register_method("simsiam", stage="teacher", views="two", sections={"simsiam": SimSiamConfig})
+    def build_simsiam(cfg, device, **inputs):
+        return SimSiam(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.simsiam.proj_dim).to(device)
+
+and trains with ``mimco teacher --plugin simsiam.py method=simsiam simsiam.proj_dim=128`` (or as an
+installed package's entry point, :mod:`mimco.plugins`), under torchrun too
+(docs/architecture.md#adding-a-method).
 """
 
 from __future__ import annotations
 
-import difflib
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +40,7 @@ from typing import Literal
 
 from torch import nn
 
-from mimco.config import choices_text
-from mimco.errors import MimcoError
+from mimco.config import register_sections, unknown_method
 
 Stage = Literal["teacher", "pretrain", "finetune", "segfinetune"]
 #: the batches a method takes: two augmented views (contrastive), one view (masked image modeling),
@@ -54,15 +62,18 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, *, stage: Stage, views: Views) -> Callable[[Builder], Builder]:
-    """Decorator: register ``build`` as the method ``name`` of ``stage`` (re-registering a name
-    replaces it, so a module may be imported twice)."""
+def register_method(name: str, *, stage: Stage, views: Views,
+                    sections: dict[str, type] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register ``build`` as the method ``name`` of ``stage``, with the config sections it
+    owns (``{"moco": MocoConfig}``: section name -> dataclass); re-registering a name replaces it, so a
+    module may be imported twice."""
     if stage not in typing.get_args(Stage) or views not in typing.get_args(Views):
         raise ValueError(f"method {name!r}: stage must be one of {typing.get_args(Stage)} and views one of "
                          f"{typing.get_args(Views)}, not {stage!r} / {views!r}")
 
     def add(build: Builder) -> Builder:
         _METHODS[name] = MethodSpec(name, stage, views, build)
+        register_sections(stage, name, sections or {})
         return build
 
     return add
@@ -78,10 +89,4 @@ def get_method(name: str, stage: str) -> MethodSpec:
     spec = _METHODS.get(name)
     if spec is not None and spec.stage == stage:
         return spec
-    names = method_names(stage)
-    if spec is not None:
-        raise MimcoError(f"method '{name}' trains with `mimco {spec.stage}`, not `mimco {stage}`; choose "
-                         f"{choices_text(names)}")
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise MimcoError(f"unknown method '{name}'; choose {choices_text(names)}{hint}")
+    raise unknown_method(name, stage)

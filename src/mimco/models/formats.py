@@ -7,6 +7,7 @@ from the format's known value or the config). Pickles load with ``weights_only=T
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from mimco.config import PretrainConfig, TeacherStageConfig, from_dict
 from mimco.errors import MimcoError
-from mimco.io import read_file
+from mimco.io import read_file, weights_metadata
 from mimco.models import families
 from mimco.models.heads import MoCoMLP
 from mimco.models.vit import resolve_arch
@@ -179,7 +180,8 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
     arch = infer_arch(state.backbone)
     dim = arch["embed_dim"]
     known = expected_heads(state, dim)
-    if num_heads and state.kind in ("mocov3", "mimco_teacher", "mimco_pretrain") and num_heads != known:
+    if num_heads and (state.kind in ("mocov3", "mimco_teacher", "mimco_pretrain") or state.num_heads) and \
+            num_heads != known:
         raise MimcoError(f"{state.format} {path} was trained with {known} heads but the config asks for {num_heads}; "
                          f"set teacher.num_heads={known} (or 0 to take it from the checkpoint)")
     heads = num_heads or known
@@ -241,13 +243,16 @@ def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_h
         state = BackboneState("hf_timm", "", sd)
     else:
         state = parse_checkpoint(read_file(path), encoder)
+        recorded = json.loads(weights_metadata(path).get("model_args", "{}"))  # a mimco backbone.safetensors
+        if state.kind == "timm" and recorded.get("num_heads"):
+            state.num_heads = int(recorded["num_heads"])  # the heads count is in no tensor's shape
     if not model_name:
         model = build_backbone(state, img_size, num_heads, str(path))
         state.stats = families.default_stats(state.kind, model)
         return model, state
     kwargs = dict(hf["model_args"]) if hf else {}
-    if num_heads:
-        kwargs["num_heads"] = num_heads
+    if num_heads or state.num_heads:
+        kwargs["num_heads"] = num_heads or state.num_heads
     saved_size = kwargs.pop("img_size", 0)
     model = families.create_named(model_name, img_size or saved_size, **kwargs)
     state.ignored.update(families.load_weights(model, state.backbone, f"teacher.model={model_name}",
