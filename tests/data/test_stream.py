@@ -65,3 +65,42 @@ def test_device_normalize_matches_the_per_image_normalisation():
     out, bad = DeviceNormalize(mean, std, 0.0, CPU)(x)
     want = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert bad == 0 and torch.allclose(out, want, atol=1e-5)
+
+
+def test_view_kinds_are_registered_by_name(monkeypatch):
+    """A method's ``views`` is a registered view kind: a new kind is one decorated builder (its batches
+    from views_stream), an unknown one is refused when the method registers and when a stream is built."""
+    import pytest
+
+    import mimco.data.stream as stream
+    from mimco.config import PretrainConfig
+    from mimco.data.transforms import BatchMimView
+    from mimco.errors import MimcoError
+    from mimco.methods import register_method
+
+    assert {"two", "one", "labelled", "masks"} <= set(stream.view_names())
+    with pytest.raises(ValueError, match="views one of .* not 'teacher' / 'three'"):
+        register_method("three-views", stage="teacher", views="three")(lambda cfg, device, **_: None)
+    monkeypatch.setattr(stream, "_VIEWS", dict(stream._VIEWS))
+    cfg = load_config(PretrainConfig, None, ["data.name=procedural", "data.procedural_size=64", "data.img_size=16",
+                                              "optim.batch_size=8", "model.patch_size=4"])
+    with pytest.raises(MimcoError, match="unknown view kind 'three'; registered: labelled, masks, one, two"):
+        build_stream(cfg, CPU, "three")
+
+    @stream.register_views("three")
+    def three(cfg, device):  # the MIM view, three times
+        one = lambda crop: BatchMimView(cfg.aug, cfg.data, crop=crop)  # noqa: E731
+        return stream.views_stream(cfg, device, lambda crop: ThreeTimes(one(crop)), None)
+
+    class ThreeTimes(torch.nn.Module):
+        def __init__(self, view):
+            super().__init__()
+            self.view = view
+
+        def forward(self, x):
+            return [v for _ in range(3) for v in self.view(x)]
+
+    views = next(build_stream(cfg, CPU, "three")(0))
+    assert len(views) == 3 and all(v.shape == (8, 3, 16, 16) for v in views)
+    with pytest.raises(MimcoError, match="views are made in batches only: data.name=folder needs data.cache=true"):
+        build_stream(load_config(PretrainConfig, None, ["data.name=folder", "data.root=/nowhere"]), CPU, "three")

@@ -8,10 +8,15 @@ so every data key means the same in every stage:
   the images are normalised and randomly erased on the device (timm's prefetcher);
 - ``data.decode=gpu``: an image folder's JPEGs are decoded, cropped and augmented in batches on
   the device.
+
+The batches a method takes are a *view kind*, registered by name (:func:`register_views`): ``two``
+(MoCo v3's two views), ``one`` (the MIM view), ``labelled`` (fine-tuning), ``masks`` (segmentation),
+and any a plugin registers beside its method (DINO's multi-crop: ``examples/dino.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,25 +75,68 @@ def _in_memory(cfg: Any, device: torch.device, transform: Any = None) -> ImageAr
     return ds
 
 
-def _views_stream(cfg: Any, device: torch.device, two: bool) -> BatchStream:
-    """Pre-training batches: two contrastive views (``two``) or one MIM view."""
+def views_stream(cfg: Any, device: torch.device, batched: Callable[[bool], Any],
+                 per_image: Callable[[], Callable] | None) -> BatchStream:
+    """Pre-training batches of a view kind, for every kind of data: ``batched(crop)`` makes the views
+    of a uint8 batch on the device (in-memory data, ``data.cache``; with ``crop=False``, for
+    ``data.decode=gpu``, it takes each view's crops, ``.crops``, through ``.from_crops``), and
+    ``per_image()`` the views of one PIL image in loader workers (image folders, shards, ``hf``)."""
     data = cfg.data
-    batched = BatchTwoViews if two else BatchMimView
     if data.decode == "gpu":
-        views = batched(cfg.aug, data, crop=False).to(device)
+        views = batched(False).to(device)
+        if not hasattr(views, "from_crops"):
+            raise MimcoError(f"data.decode=gpu does not apply to this method's views ({type(views).__name__} takes "
+                             "whole images); use data.decode=cpu")
         ds: Any = EncodedFiles(load_dataset(data, train=True), views.crops)
         tf: Any = DeviceViews(views, data.img_size, data.channels, device)
     elif data.name in IN_MEMORY or data.cache:
         ds = _in_memory(cfg, device)
         if data.on_device:
             ds = ImageArray(ds.images.to(device), ds.labels, ds.channels)
-        tf = batched(cfg.aug, data).to(device)
+        tf = batched(True).to(device)
     else:
-        ds = load_dataset(data, train=True, transform=image_two_views(cfg.aug, data) if two else
-                          image_mim_view(cfg.aug, data))
+        if per_image is None:
+            raise MimcoError(f"this method's views are made in batches only: data.name={data.name} needs "
+                             "data.cache=true (the folder decoded into memory once)")
+        ds = load_dataset(data, train=True, transform=per_image())
         tf = None
     return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, tf, data.num_workers,
                        data.max_bad_fraction, dist.rank(), dist.world_size())
+
+
+StreamBuilder = Callable[[Any, torch.device], BatchStream]
+_VIEWS: dict[str, StreamBuilder] = {}
+
+
+def register_views(name: str) -> Callable[[StreamBuilder], StreamBuilder]:
+    """Decorator: ``build(cfg, device) -> BatchStream`` makes this process's batches for the methods
+    registered with ``views=name`` (re-registering a name replaces it). A kind of pre-training views
+    builds its stream with :func:`views_stream`."""
+
+    def add(build: StreamBuilder) -> StreamBuilder:
+        _VIEWS[name] = build
+        return build
+
+    return add
+
+
+def view_names() -> list[str]:
+    """The registered view kinds."""
+    return sorted(_VIEWS)
+
+
+@register_views("two")
+def _two_views(cfg: Any, device: torch.device) -> BatchStream:
+    """MoCo v3's two asymmetric views of each image."""
+    return views_stream(cfg, device, lambda crop: BatchTwoViews(cfg.aug, cfg.data, crop=crop),
+                        lambda: image_two_views(cfg.aug, cfg.data))
+
+
+@register_views("one")
+def _one_view(cfg: Any, device: torch.device) -> BatchStream:
+    """MimCo's (and SimMIM's) one light view of each image."""
+    return views_stream(cfg, device, lambda crop: BatchMimView(cfg.aug, cfg.data, crop=crop),
+                        lambda: image_mim_view(cfg.aug, cfg.data))
 
 
 def num_classes(ds: Any) -> int:
@@ -100,6 +148,7 @@ def num_classes(ds: Any) -> int:
     return len(ds.classes)
 
 
+@register_views("labelled")
 def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
     """Fine-tuning batches: one augmented view per image (timm's recipe, per image) and its label."""
     d = cfg.data
@@ -120,6 +169,7 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
     return stream
 
 
+@register_views("masks")
 def _mask_stream(cfg: Any, device: torch.device) -> BatchStream:
     """Segmentation batches: one jointly augmented (image, mask) pair per sample, from loader workers."""
     from mimco.data.segmentation import load_segmentation, seg_train_transform
@@ -134,10 +184,8 @@ def _mask_stream(cfg: Any, device: torch.device) -> BatchStream:
 
 
 def build_stream(cfg: Any, device: torch.device, views: str) -> BatchStream:
-    """The training batches of this process for a method taking ``views`` (``two``, ``one``,
-    ``labelled`` or ``masks``; :mod:`mimco.methods.registry`) under ``cfg``'s data keys."""
-    if views == "labelled":
-        return _labelled_stream(cfg, device)
-    if views == "masks":
-        return _mask_stream(cfg, device)
-    return _views_stream(cfg, device, two=views == "two")
+    """The training batches of this process for a method taking ``views`` (a registered view kind:
+    ``two``, ``one``, ``labelled``, ``masks`` or a plugin's) under ``cfg``'s data keys."""
+    if views not in _VIEWS:
+        raise MimcoError(f"unknown view kind '{views}'; registered: {', '.join(view_names())}")
+    return _VIEWS[views](cfg, device)

@@ -41,11 +41,13 @@ from typing import Literal
 from torch import nn
 
 from mimco.config import register_sections, unknown_method
+from mimco.data.stream import view_names
 
 Stage = Literal["teacher", "pretrain", "finetune", "segfinetune"]
-#: the batches a method takes: two augmented views (contrastive), one view (masked image modeling),
-#: one augmented view and its labels (supervised), or one augmented view and its mask (segmentation)
-Views = Literal["two", "one", "labelled", "masks"]
+#: the batches a method takes, a view kind registered in :mod:`mimco.data.stream`: ``two`` augmented views
+#: (contrastive), ``one`` view (masked image modeling), ``labelled`` (one augmented view and its label),
+#: ``masks`` (one augmented view and its mask), or one a plugin registers (:func:`mimco.data.stream.register_views`)
+Views = str
 Builder = Callable[..., nn.Module]
 
 
@@ -67,9 +69,9 @@ def register_method(name: str, *, stage: Stage, views: Views,
     """Decorator: register ``build`` as the method ``name`` of ``stage``, with the config sections it
     owns (``{"moco": MocoConfig}``: section name -> dataclass); re-registering a name replaces it, so a
     module may be imported twice."""
-    if stage not in typing.get_args(Stage) or views not in typing.get_args(Views):
+    if stage not in typing.get_args(Stage) or views not in view_names():
         raise ValueError(f"method {name!r}: stage must be one of {typing.get_args(Stage)} and views one of "
-                         f"{typing.get_args(Views)}, not {stage!r} / {views!r}")
+                         f"{view_names()} (register a new kind first), not {stage!r} / {views!r}")
 
     def add(build: Builder) -> Builder:
         _METHODS[name] = MethodSpec(name, stage, views, build)
