@@ -26,7 +26,8 @@ from torchvision.transforms import v2
 from mimco.config import ContrastiveAugConfig, DataConfig, FinetuneAugConfig, MimAugConfig
 
 
-def _blur(cfg: ContrastiveAugConfig, img_size: int) -> tuple[int, tuple[float, float]]:
+def blur_kernel(cfg: ContrastiveAugConfig, img_size: int) -> tuple[int, tuple[float, float]]:
+    """MoCo v3's Gaussian blur at ``img_size``: (kernel side, sigma range), both scaled from 224 px."""
     scale = img_size / 224.0
     lo, hi = cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale
     k = max(3, 2 * math.ceil(3 * hi) + 1)
@@ -219,7 +220,7 @@ class BatchTwoViews(nn.Module):
     def __init__(self, cfg: ContrastiveAugConfig, data: DataConfig, crop: bool = True) -> None:
         super().__init__()
         s = data.img_size
-        k, sigma = _blur(cfg, s)
+        k, sigma = blur_kernel(cfg, s)
         #: (scale, ratio) of each view's random resized crop
         self.crops = [((cfg.min_scale, 1.0), (3 / 4, 4 / 3))] * 2
 
@@ -278,14 +279,15 @@ class BatchMimView(nn.Module):
         return [self.norm(self.seq(_to_float(crops[0])))]
 
 
-def _tv_tail(data: DataConfig) -> list[Callable]:
+def tensor_tail(data: DataConfig) -> list[Callable]:
+    """The last steps of a per-image transform: uint8 tensor -> float in [0, 1] -> normalised."""
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean[: data.channels], data.std[: data.channels])]
 
 
 def image_two_views(cfg: ContrastiveAugConfig, data: DataConfig) -> Callable:
     """Per-image MoCo v3 views for loader workers: PIL image -> [view1, view2]."""
     s = data.img_size
-    k, sigma = _blur(cfg, s)
+    k, sigma = blur_kernel(cfg, s)
 
     def view(blur_p: float, sol_p: float) -> v2.Compose:
         return v2.Compose([
@@ -293,7 +295,7 @@ def image_two_views(cfg: ContrastiveAugConfig, data: DataConfig) -> Callable:
             v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter_prob),
             v2.RandomGrayscale(p=cfg.grayscale_prob),
             v2.RandomApply([v2.GaussianBlur(k, sigma)], p=blur_p),
-            v2.RandomSolarize(128, p=sol_p), v2.RandomHorizontalFlip(p=cfg.flip_prob), *_tv_tail(data)])
+            v2.RandomSolarize(128, p=sol_p), v2.RandomHorizontalFlip(p=cfg.flip_prob), *tensor_tail(data)])
 
     t1, t2 = view(cfg.blur_prob1, cfg.solarize_prob1), view(cfg.blur_prob2, cfg.solarize_prob2)
     return lambda img: [t1(img), t2(img)]
@@ -303,7 +305,7 @@ def image_mim_view(cfg: MimAugConfig, data: DataConfig) -> Callable:
     """Per-image MimCo view for loader workers: PIL image -> [view]."""
     t = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(data.img_size, scale=(cfg.min_scale, cfg.max_scale),
                                                            ratio=tuple(cfg.ratio), antialias=True),
-                    v2.RandomHorizontalFlip(p=cfg.flip_prob), *_tv_tail(data)])
+                    v2.RandomHorizontalFlip(p=cfg.flip_prob), *tensor_tail(data)])
     return lambda img: [t(img)]
 
 
@@ -311,7 +313,7 @@ def image_eval(data: DataConfig) -> v2.Compose:
     """Per-image evaluation transform: resize (short side S/0.875 for large images), centre crop."""
     s = data.img_size
     resize = s if s < 64 else int(round(s / 0.875))
-    return v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(s), *_tv_tail(data)])
+    return v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(s), *tensor_tail(data)])
 
 
 def finetune_transform(aug: FinetuneAugConfig, data: DataConfig, normalize: bool = True) -> Callable:
