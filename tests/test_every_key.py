@@ -86,7 +86,7 @@ EXPLICIT: dict[str, str] = {
     "optim.epochs": "2", "optim.warmup_epochs": "0.5", "mask.mask_patch_size": "8", "teacher.mean": "[0.5,0.5,0.5]",
     "teacher.std": "[0.2,0.2,0.2]", "teacher.layers": "[0]", "loss.patch_weight": "0", "loss.image_weight": "0",
     "moco.momentum": "0.5", "eval.knn_k": "3", "eval.knn_temperature": "10", "classifier.encoder": "base",
-    "teacher.img_size": "32", "data.labels_fraction": "0.5",
+    "teacher.img_size": "32", "data.labels_fraction": "0.5", "eval.protocols": "[knn,linear]",
 }
 METHODS = {"teacher": "simsiam", "pretrain": "simmim"}
 

@@ -239,7 +239,7 @@ class TrainConfig:
 class EvalConfig:
     knn_k: int = setting(20, min=1, what='the neighbour count')
     knn_temperature: float = 0.07
-    at_end: bool = True  # k-NN on the test split when training ends (labelled datasets)
+    at_end: bool = True  # eval.protocols (k-NN) on the test split when training ends (labelled datasets)
     max_train: int = 0  # bank size cap, 0 = all
     # few labels (the demo's and the study's few-label columns): this many labelled images per class, over this many
     # balanced subsets (the same as `mimco knn/linprobe --per-class N --label-seeds S`), k-NN with few_knn_k
@@ -256,6 +256,9 @@ class EvalConfig:
     monitor_train: int = setting(50000, min=1, what="the k-NN monitor's bank size (at most; capped at the split)")
     monitor_test: int = setting(10000, min=1, what="the k-NN monitor's query count (at most; capped at the split)")
     monitor_seed: int = 0
+    # the evaluation at the end of a run (at_end): registered protocols by name (mimco.eval.protocols), e.g.
+    # [knn, linear, few] or a plugin's; each writes its metrics to summary.json
+    protocols: list[str] = field(default_factory=lambda: ["knn"])
 
 
 @dataclass
@@ -566,6 +569,16 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
             _apply(getattr(obj, name), value, root, key + ".")
         else:
             setattr(obj, name, _coerce(value, hint, key))
+
+
+def load_section(cls: type[C], values: dict[str, Any], name: str) -> C:
+    """An instance of the section dataclass ``cls`` from ``{key: value}``, typed and checked (ranges,
+    its own ``check()``) like a config's sections, its keys named ``name.key`` in every message."""
+    holder = dataclasses.make_dataclass("Section", [(name, cls, field(default_factory=cls))])
+    cfg = holder()
+    _apply(cfg, {name: values}, holder)
+    validate(cfg)
+    return getattr(cfg, name)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -34,7 +34,8 @@ from mimco.errors import MimcoError
 from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
 from mimco.eval import segfinetune as _segfinetune  # noqa: F401  (registers segmentation fine-tuning)
 from mimco.eval.monitor import KnnMonitor
-from mimco.eval.probe import has_labels, knn_at_end, probe_backbone
+from mimco.eval.probe import has_labels, probe_backbone
+from mimco.eval.protocols import Probe, get_protocol, run_protocols
 from mimco.methods import get_method
 from mimco.models.init_from import init_encoders
 from mimco.runs import (
@@ -106,6 +107,9 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     :mod:`mimco.methods.registry` before anything is built) and return its summary (also written to
     the run folder). ``inputs`` go to the method's builder (fine-tuning: ``backbone``)."""
     spec = get_method(cfg.method, stage)
+    ev = getattr(cfg, "eval", None)
+    for name in ev.protocols if ev is not None and ev.at_end else []:  # a name nothing registers: before any data
+        get_protocol(name)
     device = setup(cfg)
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
     stream = build_stream(cfg, device, spec.views)
@@ -115,7 +119,6 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
         report = init_encoders(method, model.init_from)
         if dist.is_main():
             print(report, file=sys.stderr, flush=True)
-    ev = getattr(cfg, "eval", None)
     monitor = KnnMonitor(cfg) if ev is not None and (ev.every_epochs or ev.every_steps) else None
     seed_process(cfg.train.seed * 1000 + dist.rank() + 1)  # per-process streams for augmentation and drop path
     lock, held, failed = RunLock(run_dir), None, None
@@ -153,7 +156,9 @@ def _train(method: Any, cfg: Any, stream: Any, run_dir: Path, stage: str, device
         splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         if has_labels(*splits):
             with gathered(method):  # FSDP: the backbone's parameters, whole on every process, for its forward_features
-                summary.update(knn_at_end(method.backbone(), splits, cfg.data, cfg.eval, device, cfg.train.precision))
+                probe = Probe(method.backbone(), cfg.data, splits, cfg.eval, device, cfg.train.precision,
+                              cfg.train.seed)
+                summary.update(run_protocols(cfg.eval.protocols, probe))
     if dist.is_main():
         write_summary(run_dir, summary)
     dist.barrier()  # as after a checkpoint: nobody exits (at a stop, Slurm may then kill the rest) before it is written

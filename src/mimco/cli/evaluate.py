@@ -27,6 +27,7 @@ from mimco.config import (
     apply_overrides,
     from_dict,
     load_config,
+    parse_override,
     to_dict,
 )
 from mimco.errors import MimcoError
@@ -228,6 +229,38 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
                                                         path="full" if args.full else "fast", augment=args.augment,
                                                         pool=args.pool, chosen_lr=[v.lr for v in values], **opts,
                                                         **few))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``mimco probe NAME[,NAME...] CKPT``: registered evaluation protocols on a frozen backbone, the
+    features extracted once; ``NAME.key=value`` overrides set a protocol's options."""
+    from mimco import distributed as dist
+    from mimco.eval.protocols import Probe, get_protocol, protocol_options, run_protocols
+    from mimco.eval.results import write_result
+
+    names = [n for n in args.protocols.split(",") if n]
+    for n in names:
+        get_protocol(n)  # every name known before any data is read
+    own: dict[str, dict[str, Any]] = {n: {} for n in names}
+    rest = []
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        if keys[0] in own and len(keys) == 2:
+            own[keys[0]][keys[1]] = value
+        else:
+            rest.append(text)
+    options = {n: protocol_options(n, own[n]) for n in names}
+    args.overrides = rest
+    name, model, state, cfg, device, train, test = _prepare(args)
+    probe = Probe(model, cfg.data, (train, test), cfg.eval, device, cfg.train.precision, cfg.train.seed)
+    metrics = run_protocols(names, probe, options)
+    if not dist.is_main():
+        return 0
+    write_result(_out_dir(args, args.checkpoint),
+                 _row("probe", args.checkpoint, name, state, cfg, metrics, protocols=names,
+                      options={n: to_dict(o) for n, o in options.items() if o is not None}, eval=to_dict(cfg.eval)))
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -455,6 +488,16 @@ def add_parsers(sub: Any) -> None:
                    help="score the k-NN monitor's subsets (eval.monitor_train / monitor_test / monitor_seed of the "
                         "checkpoint's run, or overrides): the value its log.csv shows for these weights")
     common(k)
+    pr = sub.add_parser("probe", help="registered evaluation protocols (knn, linear, few, a plugin's) on a frozen "
+                                      "backbone, features extracted once")
+    pr.add_argument("protocols", help="protocol name(s), comma-separated: knn, linear, few or one a plugin registers")
+    pr.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
+    pr.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
+    pr.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
+    pr.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    pr.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
+    pr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="data / eval keys, and a protocol's options as NAME.key=value")
     lp = sub.add_parser("linprobe", help="linear probe (BN without affine + linear) on a frozen backbone")
     lp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
     lp.add_argument("--full", action="store_true", help="run every batch through the backbone (else features once)")
@@ -537,5 +580,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"extract": cmd_extract, "knn": cmd_knn, "linprobe": cmd_linprobe, "finetune": cmd_finetune,
-            "segprobe": cmd_segprobe, "segfinetune": cmd_segfinetune, "plot": cmd_plot, "results": cmd_results}
+HANDLERS = {"extract": cmd_extract, "probe": cmd_probe, "knn": cmd_knn, "linprobe": cmd_linprobe,
+            "finetune": cmd_finetune, "segprobe": cmd_segprobe, "segfinetune": cmd_segfinetune, "plot": cmd_plot,
+            "results": cmd_results}

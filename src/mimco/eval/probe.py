@@ -1,7 +1,7 @@
 """Evaluate a frozen backbone: features of both splits, weighted k-NN and the fast linear probe.
 
-The one function behind ``mimco eval``, the k-NN at the end of a training run, the demo's
-table and the study's rows.
+The one function behind ``mimco eval``, the demo's table and the study's rows (the end of a
+training run and ``mimco probe`` run the registered protocols, :mod:`mimco.eval.protocols`).
 """
 
 from __future__ import annotations
@@ -79,23 +79,6 @@ def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], da
         shared[0], shared[1] = knn, lin if lin is not None else float("nan")
         dist.broadcast_(shared)
     return ProbeResult(knn, lin, time.perf_counter() - start, fte, yte)
-
-
-def knn_at_end(backbone: torch.nn.Module, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
-               device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """The k-NN at the end of a training run, on every process: each extracts its share of both
-    splits under the run's autocast (an FSDP backbone as it is, sharded), rank 0 gathers the
-    features (to host memory, batch by batch) and scores them on ``device``. The bank holds at most
-    ``ev.max_train`` images, in memory or in a folder (:func:`bank_split`). Returns
-    ``{"knn_top1": ...}`` on rank 0, {} elsewhere."""
-    start = time.perf_counter()
-    train, test = bank_split(splits[0], ev), splits[1]
-    bank = extract_features_distributed(backbone, train, data, device, precision)
-    queries = extract_features_distributed(backbone, test, data, device, precision)
-    if bank is None or queries is None:
-        return {}
-    knn = knn_accuracy(bank[0].to(device), bank[1], queries[0], queries[1], ev.knn_k, ev.knn_temperature)
-    return {"knn_top1": round(knn, 2), "knn_seconds": round(time.perf_counter() - start, 1)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
