@@ -49,8 +49,8 @@ def test_builtin_protocols_score_what_the_kernels_score_and_extract_once(monkeyp
 
 
 def test_unknown_names_and_options_are_one_line():
-    with pytest.raises(MimcoError, match=r"unknown evaluation protocol 'linaer'; choose few, knn or linear.* \(did "
-                                         r"you mean linear\?\)"):
+    with pytest.raises(MimcoError, match=r"unknown evaluation protocol 'linaer'; choose few, knn.* \(did you mean "
+                                         r"linear\?\)"):
         protocols.get_protocol("linaer")
     with pytest.raises(MimcoError, match="protocol knn takes no options; drop knn.k"):
         protocols.protocol_options("knn", {"k": 3})
