@@ -114,7 +114,7 @@ COMBINATIONS = [
      "data.image_column applies to data.name=hf, not shards"),
     ("teacher", ["data.label_column=y"], "data.label_column applies to data.name=hf, not procedural"),
     ("pretrain", ["teacher.mean=[0.5]"], "set teacher.mean and teacher.std together"),
-    ("pretrain", ["data.labels_per_class=4"], "choose labels for fine-tuning; pre-training uses no labels"),
+    ("pretrain", ["data.labels_per_class=4"], "labels for classification fine-tuning (mimco finetune); this stage"),
     ("finetune", ["data.labels_per_class=4", "data.labels_fraction=0.1"], "both set; choose one"),
     ("pretrain", ["loss.patch_weight=0", "loss.image_weight=0"], "nothing to learn"),
     ("teacher", ["train.compile=true", "train.strategy=fsdp", "train.compile_mode=reduce-overhead"],

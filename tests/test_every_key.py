@@ -1,9 +1,9 @@
 """No config key is silently ignored: every key of every stage (teacher, pretrain for each method,
-finetune), set to another valid value, changes something a tiny run shows (its losses, learning
+finetune, segfinetune), set to another valid value, changes something a tiny run shows (its losses, learning
 rates, final weights or end-of-run metrics), except the keys of :data:`ALLOWED`, each with the
 reason it cannot show in a tiny CPU run and where it is tested instead.
 
-Each run goes through the command line (``mimco teacher | pretrain | finetune``), so what a key
+Each run goes through the command line (``mimco teacher | pretrain | finetune | segfinetune``), so what a key
 does anywhere between the config and the last step counts."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 import examples.simsiam  # noqa: F401  (registers a second stage-1 method: method=simsiam)
 from mimco.cli.main import main
-from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, all_keys, stage_class
+from mimco.config import FinetuneConfig, PretrainConfig, SegmentationConfig, TeacherStageConfig, all_keys, stage_class
 from mimco.runs import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -69,6 +69,18 @@ ALLOWED: dict[str, str] = {
     "eval.few_label_seeds": "the demo's and the study's few-label columns (tests/cli/test_demo.py)",
     "eval.few_knn_k": "the demo's and the study's few-label columns (tests/cli/test_demo.py)",
     "finetune:method": "the only fine-tuning method",
+    "segfinetune:method": "the only segmentation fine-tuning method",
+    "segfinetune:data.name": "segmentation data: fmnist_scenes here, segfolder in tests/data/test_segmentation.py",
+    "segfinetune:data.channels": "the backbone's channel count; another is refused (tests/eval/test_commands.py)",
+    "segfinetune:data.cache": "(image, mask) pairs: scenes made in memory, folders read pair by pair",
+    "segfinetune:data.cache_size": "with data.cache only, which segmentation data do not take",
+    "segfinetune:data.procedural_size": "procedural images have no masks",
+    "segfinetune:data.labels_per_class": "classification fine-tuning only; refused here (tests/test_config_rules.py)",
+    "segfinetune:data.labels_fraction": "classification fine-tuning only; refused here (tests/test_config_rules.py)",
+    "segfinetune:data.label_seed": "with few labels only, which are for classification fine-tuning",
+    "segfinetune:seg.num_classes": "plain-layout folders only (tests/data/test_segmentation.py)",
+    "segfinetune:seg.ignore_index": "plain-layout folders only (tests/data/test_segmentation.py)",
+    "segfinetune:head.num_heads": "a mimco checkpoint records its heads: another count is refused (test_formats.py)",
     "pretrain:teacher.model": "a timm name to load a released file into (tests/models/test_families.py)",
     "pretrain:teacher.num_heads": "a mimco teacher records its heads: another count is refused (test_formats.py)",
     "finetune:data.channels": "the backbone's channel count; another is refused (tests/eval/test_commands.py)",
@@ -87,6 +99,7 @@ EXPLICIT: dict[str, str] = {
     "teacher.std": "[0.2,0.2,0.2]", "teacher.layers": "[0]", "loss.patch_weight": "0", "loss.image_weight": "0",
     "moco.momentum": "0.5", "eval.knn_k": "3", "eval.knn_temperature": "10", "classifier.encoder": "base",
     "teacher.img_size": "32", "data.labels_fraction": "0.5", "eval.protocols": "[knn,linear]",
+    "seg.items": "[1,2]", "head.encoder": "base",
 }
 METHODS = {"teacher": "simsiam", "pretrain": "simmim"}
 
@@ -124,12 +137,15 @@ RUN = ["data.name=procedural", "data.img_size=16", "data.procedural_size=128", "
 MODEL = ["model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 EXTRA = {"teacher": [*MODEL, "moco.mlp_dim=64", "moco.proj_dim=32", "eval.at_end=true", "eval.knn_k=5"],
          "pretrain": [*MODEL, "loss.head_hidden_dim=64", "eval.at_end=true", "eval.knn_k=5"],
-         "finetune": ["aug.mixup=0.8", "aug.reprob=0.25"]}
+         "finetune": ["aug.mixup=0.8", "aug.reprob=0.25"],
+         # 28-px Fashion-MNIST scenes (7x7 patches of 4), 32 to train on, 16 to score
+         "segfinetune": ["data.name=fmnist_scenes", "data.img_size=28", "seg.scenes=32", "seg.val_scenes=16",
+                         "optim.batch_size=8", "data.num_workers=0"]}
 
 
 def observe(stage: str, out: Path, name: str, overrides: list[str], checkpoint: Path | None = None) -> dict:
     """Train ``stage`` with ``overrides`` through the CLI; what the run shows."""
-    head = [stage] if stage != "finetune" else [stage, str(checkpoint)]
+    head = [stage] if stage in ("teacher", "pretrain") else [stage, str(checkpoint)]
     args = [*head, *RUN, *EXTRA[stage], *overrides, f"train.out_dir={out}", f"train.name={name}"]
     if stage == "pretrain":
         args.insert(1, f"teacher.checkpoint={checkpoint}")
@@ -143,7 +159,8 @@ def observe(stage: str, out: Path, name: str, overrides: list[str], checkpoint: 
         digest.update(k.encode() + model[k].float().numpy().tobytes())
     summary = json.loads((run / "summary.json").read_text())
     return {"loss": [r["loss"] for r in rows], "lr": [r["lr"] for r in rows], "weights": digest.hexdigest(),
-            "metrics": {k: v for k, v in summary.items() if ("top" in k or "knn" in k) and not k.endswith("seconds")}}
+            "metrics": {k: v for k, v in summary.items()
+                        if ("top" in k or "knn" in k or "miou" in k) and not k.endswith("seconds")}}
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +193,13 @@ CONTEXT = [
     ("finetune", "data.labels_per_class=4", ["optim.batch_size=8"]),
     ("finetune", "data.labels_fraction=0.5", ["optim.batch_size=8"]),
     ("finetune", "data.label_seed=1", ["data.labels_per_class=4", "optim.batch_size=8"]),
+    ("segfinetune", "data.img_size=32", []),  # scenes need at least 28 px (one whole item)
+    ("segfinetune", "data.subset=16", []),  # the default alternative, 32, is all 32 scenes
+    ("segfinetune", "optim.micro_batch=4", []),  # its batch is 8
 ]
 #: each stage with its default method's own sections (MoCo v3's moco, MimCo's teacher and loss)
 CLASSES = {"teacher": stage_class(TeacherStageConfig, "mocov3"), "pretrain": stage_class(PretrainConfig, "mimco"),
-           "finetune": FinetuneConfig}
+           "finetune": FinetuneConfig, "segfinetune": SegmentationConfig}
 
 
 

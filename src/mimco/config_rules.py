@@ -85,8 +85,8 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
     if d is not None and d.labels_per_class and d.labels_fraction:
         raise MimcoError("data.labels_per_class and data.labels_fraction are both set; choose one")
     if d is not None and (d.labels_per_class or d.labels_fraction) and getattr(cfg, "STAGE", "") != "finetune":
-        raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for fine-tuning; pre-training "
-                         "uses no labels: drop them here (the probes take --per-class)")
+        raise MimcoError("data.labels_per_class / data.labels_fraction choose labels for classification fine-tuning "
+                         "(mimco finetune); this stage uses none: drop them here (the probes take --per-class)")
     t = getattr(cfg, "train", None)
     if t is not None and t.compile and t.strategy == "fsdp" and t.compile_mode in ("reduce-overhead", "max-autotune"):
         raise MimcoError(f"train.compile_mode={t.compile_mode} records CUDA graphs, which FSDP2's parameter gathers "

@@ -200,7 +200,7 @@ def test_few_label_finetune_trains_on_the_same_subset(tmp_path, teacher_ckpt):
     (["linprobe", "pixels", "--per-class", -2], "--per-class=-2 must be at least 1"),
     (["finetune", "random:TEACHER", "data.labels_per_class=4", "optim.batch_size=64"],
      "optim.batch_size=64 exceeds the 24 labelled training images"),
-    (["pretrain", "data.labels_per_class=4"], "pre-training uses no labels"),
+    (["pretrain", "data.labels_per_class=4"], "choose labels for classification fine-tuning"),
 ])
 def test_few_label_bad_input_is_one_line(args, message, capsys, tmp_path, teacher_ckpt):
     argv = [str(teacher_ckpt) if a == "TEACHER" else a.replace("TEACHER", str(teacher_ckpt)) if isinstance(a, str)
