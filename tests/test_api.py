@@ -5,7 +5,7 @@ import re
 import pytest
 
 import mimco
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DOC = ROOT / "docs" / "python.md"
 

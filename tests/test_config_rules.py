@@ -13,7 +13,7 @@ from mimco.cli.main import main
 from mimco.config import FinetuneConfig, PretrainConfig, TeacherStageConfig, load_config, stage_class
 from mimco.config_rules import bounds
 from mimco.errors import MimcoError
-from tests.conftest import TINY_DATA, TINY_MODEL
+from tests.helpers import TINY_DATA, TINY_MODEL
 
 #: each stage's config class with its default method's sections (MoCo v3's moco, MimCo's teacher and loss)
 CLASSES = {"teacher": stage_class(TeacherStageConfig, "mocov3"), "pretrain": stage_class(PretrainConfig, "mimco"),

@@ -18,7 +18,7 @@ from mimco.masking import (
     sample_blocks,
     seeded_random_mask,
 )
-from tests.conftest import HANG
+from tests.helpers import HANG
 
 
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.75])

@@ -16,7 +16,7 @@ import yaml
 from mimco.cli.main import main
 from mimco.config import PretrainConfig, load_config, to_dict
 from mimco.errors import MimcoError
-from tests.conftest import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.helpers import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN
 
 #: a whole stage-1 method in one file (predict the other view's class token), with a config section of its own
 PLUGIN = '''

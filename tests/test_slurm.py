@@ -19,7 +19,7 @@ import pytest
 import timm
 from safetensors.torch import save_file
 
-from tests.conftest import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TORCHRUN
+from tests.helpers import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TORCHRUN
 
 SCRIPT = ROOT / "scripts" / "slurm" / "pretrain.sbatch"
 SLURM = {"SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mimco-pretrain",

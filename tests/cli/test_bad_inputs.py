@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mimco.cli.main import main
-from tests.conftest import TINY_MODEL, TINY_RUN, messy_folder
+from tests.helpers import TINY_MODEL, TINY_RUN, messy_folder
 
 COMMON = [*TINY_MODEL, *TINY_RUN, "data.img_size=16", "data.num_workers=0"]
 TEACHER = [*COMMON, "moco.mlp_dim=64", "moco.proj_dim=32"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mimco.cli.main import main
-from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.helpers import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
 
 TEACHER = [*TINY_DATA, *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32", "eval.at_end=true"]
 

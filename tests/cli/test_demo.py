@@ -6,7 +6,7 @@ import csv
 import pytest
 
 from mimco.cli.demo import run_demo
-from tests.conftest import TINY_DATA, TINY_MODEL
+from tests.helpers import TINY_DATA, TINY_MODEL
 
 TEACHER, STUDENT = ("moco.mlp_dim=64", "moco.proj_dim=32"), ("loss.head_hidden_dim=64",)
 TOY = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "optim.epochs=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimco.cli.main import main
-from tests.conftest import seg_folder
+from tests.helpers import seg_folder
 
 pytestmark = pytest.mark.slow
 

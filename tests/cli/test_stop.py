@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ENV, ROOT, TINY_DATA, TINY_MODEL
+from tests.helpers import ENV, ROOT, TINY_DATA, TINY_MODEL
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mimco.cli.main import main
 from mimco.config import PretrainConfig, load_config
 from mimco.runs import load_checkpoint
-from tests.conftest import TINY_RUN, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
+from tests.helpers import TINY_RUN, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
 
 STUDENT = ["data.name=procedural", "data.procedural_size=64", "data.num_workers=0", "model.embed_dim=32",
            "model.depth=1", "model.num_heads=2", "loss.head_hidden_dim=32", "train.max_steps=2", *TINY_RUN]
@@ -51,7 +51,7 @@ def test_a_timm_named_teacher_and_the_maskdistill_baseline(tmp_path, capsys):
 def test_the_teacher_normalisation_comes_from_the_file_the_override_or_the_data(tmp_path, teacher_ckpt):
     from mimco.config import PretrainConfig, load_config
     from mimco.methods.mimco import build_teacher
-    from tests.conftest import clip_file
+    from tests.helpers import clip_file
 
     clip_file(tmp_path / "clip.bin")
     base = ["data.img_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
@@ -84,7 +84,7 @@ def test_a_run_with_a_foreign_teacher_resumes(tmp_path, capsys):
 
 
 def test_clip_teacher_with_its_image_projection_as_target(tmp_path, capsys):
-    from tests.conftest import clip_file
+    from tests.helpers import clip_file
 
     clip_file(tmp_path / "open_clip_pytorch_model.bin")
     args = ["pretrain", *STUDENT, "data.img_size=16", "model.patch_size=4", "teacher.img_size=64",
@@ -102,7 +102,7 @@ def test_a_teacher_from_an_unfinished_run_is_named_with_its_step(tmp_path, capsy
     from mimco.config import PretrainConfig, load_config
     from mimco.methods.mimco import build_teacher
     from mimco.pipeline import run_stage
-    from tests.conftest import tiny_teacher_cfg
+    from tests.helpers import tiny_teacher_cfg
 
     run_stage("teacher", tiny_teacher_cfg(tmp_path, "cut", ("train.max_steps=2",)))
     ckpt = tmp_path / "cut" / "last.pt"

@@ -14,7 +14,7 @@ from mimco.data.files import FileImages
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 from mimco.pipeline import run_stage
-from tests.conftest import HANG, tiny_teacher_cfg
+from tests.helpers import HANG, tiny_teacher_cfg
 
 
 def _export(root, images):

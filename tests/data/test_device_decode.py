@@ -13,7 +13,7 @@ from mimco.data.files import FileImages, Substituting
 from mimco.data.transforms import BatchTwoViews
 from mimco.errors import MimcoError
 from mimco.pipeline import run_stage
-from tests.conftest import tiny_teacher_cfg
+from tests.helpers import tiny_teacher_cfg
 
 CROPS = [((0.2, 1.0), (3 / 4, 4 / 3))] * 2
 

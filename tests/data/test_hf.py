@@ -16,7 +16,7 @@ from mimco.config import DataConfig
 from mimco.data.build import load_dataset
 from mimco.data.procedural import CLASSES, make_shapes
 from mimco.errors import MimcoError
-from tests.conftest import ENV, HANG, ROOT, TINY_MODEL
+from tests.helpers import ENV, HANG, ROOT, TINY_MODEL
 
 datasets = pytest.importorskip("datasets")
 

@@ -21,7 +21,7 @@ from mimco.data import shards
 from mimco.data.build import load_dataset
 from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
-from tests.conftest import ENV, HANG, ROOT, TINY_MODEL, TORCHRUN
+from tests.helpers import ENV, HANG, ROOT, TINY_MODEL, TORCHRUN
 
 pytest.importorskip("webdataset")
 
@@ -133,7 +133,7 @@ def test_an_interrupted_write_continues_and_a_finished_one_is_kept(tmp_path, mon
 
 
 def test_unreadable_images_are_left_out_of_the_shards_and_counted(tmp_path, capsys):
-    from tests.conftest import messy_folder
+    from tests.helpers import messy_folder
 
     messy_folder(tmp_path / "imgs")
     assert _write(tmp_path / "imgs", tmp_path / "sh") == 0
@@ -186,7 +186,7 @@ def test_a_corrupt_sample_trains_as_an_unreadable_file_counted_once(tmp_path, ca
     import webdataset as wds
 
     from mimco.pipeline import run_stage
-    from tests.conftest import tiny_teacher_cfg
+    from tests.helpers import tiny_teacher_cfg
 
     images, labels = make_shapes(40, 16, seed=0)
     with wds.TarWriter(str(tmp_path / "a.tar")) as sink:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as tdist
 
 from mimco.pipeline import run_stage
-from tests.conftest import tiny_pretrain_cfg
+from tests.helpers import tiny_pretrain_cfg
 
 out = Path(sys.argv[1])
 calls = {"n": 0}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mimco import distributed as dist
-from tests.conftest import registered, registered_names
+from tests.helpers import registered, registered_names
 
 
 @pytest.fixture

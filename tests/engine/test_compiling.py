@@ -1,7 +1,7 @@
 import torch
 
 from mimco.engine.compiling import compile_method, is_compiled
-from tests.conftest import tiny_mimco
+from tests.helpers import tiny_mimco
 
 
 def test_every_block_patch_embedding_and_head_is_compiled_in_place():

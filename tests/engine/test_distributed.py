@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mimco.runs import load_checkpoint
-from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.helpers import HANG, TINY_DATA, TINY_MODEL, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
@@ -167,7 +167,7 @@ def test_the_process_group_takes_the_configured_timeout(tmp_path, monkeypatch):
     import torch.distributed as tdist
 
     from mimco.pipeline import setup
-    from tests.conftest import tiny_teacher_cfg
+    from tests.helpers import tiny_teacher_cfg
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,7 +290,7 @@ def test_resume_gives_each_rank_its_own_random_state(tmp_path):
 def test_unreadable_image_keeps_batches_equal_on_every_rank(tmp_path):
     """A zero-byte file in an image folder: on 2 processes the gathers need equal batches; the file
     is replaced by the next readable one and the run reports the count once at its end."""
-    from tests.conftest import messy_folder as _messy_folder
+    from tests.helpers import messy_folder as _messy_folder
 
     _messy_folder(tmp_path / "imgs")
     r = _run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64", "moco.proj_dim=32",
@@ -336,7 +336,7 @@ def test_finetune_two_processes_equal_one_process(tmp_path, teacher_ckpt):
 def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
     """Past data.max_bad_fraction every process stops with the same one-line error (the counts are
     summed over processes), so no process dies in a collective its peer left."""
-    from tests.conftest import messy_folder as _messy_folder
+    from tests.helpers import messy_folder as _messy_folder
 
     _messy_folder(tmp_path / "imgs")
     r = subprocess.run([*TORCHRUN, "-m", "mimco", "teacher", *TINY_MODEL, *TINY_RUN, "moco.mlp_dim=64",
@@ -355,7 +355,7 @@ def test_too_many_unreadable_images_stop_every_rank_together(tmp_path):
 def test_a_foreign_teacher_on_two_processes_equals_one_process(tmp_path, strategy):
     """A DINOv2 file (registers, /14) seen at its own resolution, its grid resampled, mean of two
     blocks layer-normalised, mean-token image target: the teacher view on every rank."""
-    from tests.conftest import dinov2_hub_file
+    from tests.helpers import dinov2_hub_file
 
     dinov2_hub_file(tmp_path / "dinov2.pth", regs=4)
     det = ["aug.min_scale=1.0", "aug.ratio=[1.0,1.0]", "aug.flip_prob=0.0"]

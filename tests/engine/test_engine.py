@@ -9,7 +9,7 @@ from mimco.io import atomic_save
 from mimco.methods.mimco import MimCo
 from mimco.pipeline import run_stage
 from mimco.runs import load_checkpoint
-from tests.conftest import tiny_mimco, tiny_pretrain_cfg, tiny_teacher_cfg
+from tests.helpers import tiny_mimco, tiny_pretrain_cfg, tiny_teacher_cfg
 
 
 def test_param_groups_skip_decay_on_norms_biases_tokens():

@@ -18,7 +18,7 @@ from mimco.errors import MimcoError
 from mimco.methods.moco import MoCoV3
 from mimco.pipeline import run_stage
 from mimco.runs import load_checkpoint
-from tests.conftest import HANG, TINY_DATA, TINY_MODEL, TINY_RUN, tiny_teacher_cfg
+from tests.helpers import HANG, TINY_DATA, TINY_MODEL, TINY_RUN, tiny_teacher_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mimco.config import FinetuneConfig, ModelConfig
 from mimco.eval.finetune import Finetune, build_classifier
 from mimco.models import create_vit
-from tests.conftest import registered, registered_names
+from tests.helpers import registered, registered_names
 
 aten = torch.ops.aten
 TINY = ModelConfig(patch_size=4, embed_dim=32, depth=2, num_heads=2)

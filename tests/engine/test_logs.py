@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mimco.cli.main import main
 from mimco.engine.logs import TENSORBOARD, WANDB_ID, scalars
 from mimco.pipeline import open_run, run_stage
-from tests.conftest import tiny_overrides, tiny_teacher_cfg
+from tests.helpers import tiny_overrides, tiny_teacher_cfg
 
 
 def _csv(path):

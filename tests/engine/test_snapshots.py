@@ -8,7 +8,7 @@ import torch
 
 from mimco.cli.main import main
 from mimco.runs import load_checkpoint, prune_snapshots, snapshot_path, snapshots
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimco.cli.main import main
-from tests.conftest import ENV, HANG, ROOT, TORCHRUN, seg_folder
+from tests.helpers import ENV, HANG, ROOT, TORCHRUN, seg_folder
 
 pytestmark = pytest.mark.slow
 

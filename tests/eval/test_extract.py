@@ -14,7 +14,7 @@ from mimco.data.build import load_dataset
 from mimco.eval.extract import read_names
 from mimco.eval.features import extract_features
 from mimco.models.formats import load_backbone
-from tests.conftest import TINY_DATA, messy_folder
+from tests.helpers import TINY_DATA, messy_folder
 
 
 @pytest.mark.slow

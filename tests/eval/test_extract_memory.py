@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import ENV, HANG, ROOT, TORCHRUN
+from tests.helpers import ENV, HANG, ROOT, TORCHRUN
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from mimco.eval.features import extract_features
 from mimco.eval.protocols import Probe, protocol_options, run_protocols
 from mimco.models import create_vit
 from mimco.plugins import load_file
-from tests.conftest import ROOT, TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.helpers import ROOT, TINY_DATA, TINY_MODEL, TINY_RUN
 
 LOGREG = ROOT / "examples" / "logreg_probe.py"
 logreg = load_file(LOGREG)  # registers the protocol, as --plugin does

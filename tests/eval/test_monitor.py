@@ -12,7 +12,7 @@ from mimco.data.build import ImageArray
 from mimco.data.subsets import labels_of
 from mimco.errors import MimcoError
 from mimco.eval.monitor import KnnMonitor, monitor_splits
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def _split(n, classes=4):
@@ -121,7 +121,7 @@ def test_the_last_monitor_value_is_mimco_knn_on_the_same_subsets(monitored_run, 
 @pytest.mark.slow
 def test_the_monitor_prints_its_cost_once(tmp_path, capsys):
     from mimco.pipeline import run_stage
-    from tests.conftest import tiny_teacher_cfg
+    from tests.helpers import tiny_teacher_cfg
 
     run_stage("teacher", tiny_teacher_cfg(tmp_path, "t", ("optim.epochs=2", "eval.every_epochs=1",
                                                           "eval.monitor_train=64", "eval.monitor_test=32")))

@@ -18,7 +18,7 @@ from mimco.eval.features import extract_features
 from mimco.eval.knn import knn_accuracy
 from mimco.eval.linear import linear_probe
 from mimco.models import create_vit
-from tests.conftest import TINY_DATA, TINY_MODEL, TINY_RUN
+from tests.helpers import TINY_DATA, TINY_MODEL, TINY_RUN
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from mimco.methods.base import TrainingMethod, backbone_prefixes, check_method
 from mimco.methods.simmim import SimMIM
 from mimco.models import MaskedViT, create_vit
 from mimco.runs import _LEGACY_BACKBONES, backbone_state
-from tests.conftest import tiny_mimco
+from tests.helpers import tiny_mimco
 
 
 def _vit():

@@ -18,7 +18,7 @@ from mimco.config import TeacherStageConfig, load_config
 from mimco.errors import MimcoError
 from mimco.plugins import load_file
 from mimco.runs import load_checkpoint
-from tests.conftest import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
+from tests.helpers import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
 
 DINO_FILE = ROOT / "examples" / "dino.py"
 dino = load_file(DINO_FILE)  # registers method=dino and views=multicrop, as --plugin does

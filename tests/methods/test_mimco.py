@@ -6,7 +6,7 @@ from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
 from mimco.methods.mimco import MimCo, MimcoLossConfig
 from mimco.models import MaskedViT, create_vit
-from tests.conftest import tiny_mimco
+from tests.helpers import tiny_mimco
 
 
 def test_gradients_reach_student_never_teacher():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mimco.runs import load_checkpoint
-from tests.conftest import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
+from tests.helpers import ENV, HANG, ROOT, TINY_DATA, TINY_MODEL, TINY_RUN, TORCHRUN
 
 SIMSIAM = str(ROOT / "examples" / "simsiam.py")
 

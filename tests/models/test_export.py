@@ -10,7 +10,7 @@ from timm.data import resolve_data_config
 from mimco.cli.main import main
 from mimco.models.formats import load_backbone
 from mimco.pipeline import run_stage
-from tests.conftest import tiny_teacher_cfg
+from tests.helpers import tiny_teacher_cfg
 
 STATS = ("data.channels=1", "data.mean=[0.286]", "data.std=[0.353]")
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from mimco.cli.main import main
 from mimco.errors import MimcoError
 from mimco.models.formats import load_backbone
-from tests.conftest import W, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
+from tests.helpers import W, clip_file, deit_hub_folder, dinov2_hub_file, eva02_file
 
 
 def timm_loaded(name: str, path, **kw) -> torch.nn.Module:

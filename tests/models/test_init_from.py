@@ -11,7 +11,7 @@ from mimco.methods import get_method
 from mimco.models.formats import load_backbone
 from mimco.models.init_from import init_encoders
 from mimco.pipeline import open_run, run_stage
-from tests.conftest import TINY_DATA, TINY_MODEL, tiny_overrides
+from tests.helpers import TINY_DATA, TINY_MODEL, tiny_overrides
 
 
 def _method(stage, extra=(), teacher=None):
