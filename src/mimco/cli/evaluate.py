@@ -452,11 +452,18 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def backbone_options(p: argparse.ArgumentParser, config: str = "data settings (else the checkpoint's own, for mimco "
+                                                                 "checkpoints)") -> None:
+    """The options of every command that reads one backbone from a checkpoint: ``--config`` (the
+    data's settings), ``--encoder`` and ``--num-heads``."""
+    p.add_argument("--config", help=config)
+    p.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
+    p.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+
+
 def add_parsers(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
-        p.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
-        p.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+        backbone_options(p)
         p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of patch tokens")
         p.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
         p.add_argument("--per-class", type=int, default=0, metavar="N",
@@ -475,9 +482,7 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("--split", default="test", choices=["train", "test"], help="which split (default test)")
     x.add_argument("--patch", action="store_true", help="also every patch token (N, L, D), stored in float16")
     x.add_argument("--batch-size", type=int, default=256, help="images per forward pass and process")
-    x.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
-    x.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
-    x.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    backbone_options(x)
     x.add_argument("overrides", nargs="*", metavar="key=value", help="data and train keys, e.g. train.precision=bf16")
 
     k = sub.add_parser("knn", help="weighted k-NN top-1 of frozen features, several k at once")
@@ -492,9 +497,7 @@ def add_parsers(sub: Any) -> None:
                                       "backbone, features extracted once")
     pr.add_argument("protocols", help="protocol name(s), comma-separated: knn, linear, few or one a plugin registers")
     pr.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
-    pr.add_argument("--config", help="data settings (else the checkpoint's own, for mimco checkpoints)")
-    pr.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
-    pr.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    backbone_options(pr)
     pr.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
     pr.add_argument("overrides", nargs="*", metavar="key=value",
                     help="data / eval keys, and a protocol's options as NAME.key=value")
@@ -531,9 +534,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--augment", action="store_true",
                     help="every batch through the backbone with the joint crop + flip of aug.* (else features once)")
     sp.add_argument("--patch", type=int, default=0, help="pixels: the patch side of the raw-pixel features")
-    sp.add_argument("--config", help="segmentation data settings (default: fmnist_scenes)")
-    sp.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
-    sp.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")
+    backbone_options(sp, "segmentation data settings (default: fmnist_scenes)")
     sp.add_argument("--out", help="folder for results.jsonl/csv and segprobe.png (default: <run>/eval or runs/eval)")
     sp.add_argument("overrides", nargs="*", metavar="key=value")
     tune("segfinetune", "segmentation fine-tuning: the linear head with every layer trained",
