@@ -112,6 +112,16 @@ def test_without_the_plugin_its_method_is_unknown_and_its_saved_config_still_rea
         load_config(TeacherStageConfig, None, ["method=twin"])
 
 
+def test_a_methods_config_pickles_and_copies_as_itself():
+    """Its class is made at run time; a pickle (spawned workers, other libraries) rebuilds it by name."""
+    import copy
+    import pickle
+
+    cfg = load_config(PretrainConfig, None, ["loss.patch_weight=0.3"])
+    for again in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert type(again) is type(cfg) and again == cfg and again.loss.patch_weight == 0.3
+
+
 def test_another_methods_section_is_checked_then_left_out():
     cfg = load_config(PretrainConfig, "fmnist_pretrain", ["method=simmim", "loss.patch_weight=0.5"])
     assert cfg.method == "simmim" and not hasattr(cfg, "loss") and not hasattr(cfg, "teacher")

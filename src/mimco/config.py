@@ -467,10 +467,20 @@ def stage_class(cls: type, method: str, strict: bool = True) -> type:
         own = _METHOD_SECTIONS[(stage, method)]
         fields: list[Any] = [("method", str, field(default=method))]
         fields += [(name, sec, field(default_factory=sec)) for name, sec in own.items()]
-        new = dataclasses.make_dataclass(base.__name__, fields, bases=(base,), namespace={"_stage_base": base})
+        new = dataclasses.make_dataclass(base.__name__, fields, bases=(base,),
+                                         namespace={"_stage_base": base, "__reduce__": _reduce})
         new.__module__, new.__qualname__ = base.__module__, f"{base.__qualname__}[{method}]"
         _STAGE_CLASSES[key] = new
     return _STAGE_CLASSES[key]
+
+
+def _reduce(cfg: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Pickle a method's config by its stage class, method and values (its class is made at run time)."""
+    return _rebuild, (base_class(type(cfg)), to_dict(cfg))
+
+
+def _rebuild(base: type, data: dict) -> Any:
+    return from_dict(base, data)
 
 
 def _default_method(base: type) -> str:
