@@ -11,7 +11,7 @@ so every data key means the same in every stage:
 
 The batches a method takes are a *view kind*, registered by name (:func:`register_views`): ``two``
 (MoCo v3's two views), ``one`` (the MIM view), ``labelled`` (fine-tuning), ``masks`` (segmentation),
-and any a plugin registers beside its method (DINO's multi-crop: ``examples/dino.py``).
+and any a plugin registers beside its method (:func:`register_views`, :func:`views_stream`).
 """
 
 from __future__ import annotations
