@@ -169,3 +169,12 @@ def test_an_installed_package_entry_point_registers_its_method(tmp_path):
                        capture_output=True, text=True, env=env, timeout=HANG, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert yaml.safe_load((tmp_path / "twin" / "config.yaml").read_text())["twin"] == {"width": 5}
+
+
+def test_the_package_names_no_plugin_example():
+    """examples/dino.py and examples/logreg_probe.py are plugins: nothing in the package names them."""
+    src = ROOT / "src" / "mimco"
+    hits = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if any(word in line.lower() for word in ("dino.py", "logreg", "multicrop"))]
+    assert hits == []
