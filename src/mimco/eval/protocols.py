@@ -11,17 +11,17 @@ package registers the same way and loads as a plugin (``--plugin FILE``, or an i
 ``mimco.plugins`` entry point)::
 
     @dataclass
-    class LogRegConfig:
-        c: float = setting(1.0, above=0, what="the inverse regularisation strength")
+    class CentroidConfig:
+        normalise: bool = True  # cosine (True) or Euclidean distance to the class means
 
-    @register_protocol("logreg", options=LogRegConfig)
-    def logreg(probe, opts):
+    @register_protocol("centroid", options=CentroidConfig)
+    def centroid(probe, opts):
         got = probe.features()            # None on every process but the main one
         if got is None:
             return {}
         (ftr, ytr), (fte, yte) = got
         ...
-        return {"logreg_top1": top1}
+        return {"centroid_top1": top1}
 
 Under torchrun every process extracts its share of each split; the main process scores and
 returns the metrics, the others return ``{}``.
@@ -125,7 +125,7 @@ def get_protocol(name: str) -> ProtocolSpec:
 
 def protocol_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The options of protocol ``name``: its defaults, then ``overrides`` ({key: value}, checked
-    like config keys: ``logreg.c``), or None for a protocol without options."""
+    like config keys: ``centroid.normalise``), or None for a protocol without options."""
     spec = get_protocol(name)
     if spec.options is None:
         if overrides:
