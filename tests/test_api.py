@@ -12,7 +12,7 @@ DOC = ROOT / "docs" / "python.md"
 
 def test_the_api_is_listed_typed_and_loaded_on_first_use():
     assert set(mimco.__all__) == {"MimcoError", "__version__", "load_config", "train", "load_backbone",
-                                  "extract_features", "knn", "export"}
+                                  "extract_features", "knn", "probe", "export"}
     for name in mimco.__all__:
         obj = getattr(mimco, name)
         if callable(obj) and name != "MimcoError":
@@ -30,6 +30,11 @@ def test_misuse_is_a_one_line_error():
     cfg = mimco.load_config("finetune", overrides=["data.name=procedural"])
     with pytest.raises(mimco.MimcoError, match="trains a backbone: pass backbone=PATH"):
         mimco.train(cfg)
+    pcfg = mimco.load_config("pretrain", overrides=["data.name=procedural"])
+    with pytest.raises(mimco.MimcoError, match="unknown evaluation protocol 'knnn'"):
+        mimco.probe(None, pcfg, "knnn")
+    with pytest.raises(mimco.MimcoError, match=r"options for linear, which is not among the protocols \['knn'\]"):
+        mimco.probe(None, pcfg, "knn", linear={"x": 1})
 
 
 @pytest.mark.slow

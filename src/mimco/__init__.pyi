@@ -4,6 +4,7 @@ from mimco.api import extract_features as extract_features
 from mimco.api import knn as knn
 from mimco.api import load_backbone as load_backbone
 from mimco.api import load_config as load_config
+from mimco.api import probe as probe
 from mimco.api import train as train
 from mimco.errors import MimcoError as MimcoError
 

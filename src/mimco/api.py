@@ -124,6 +124,24 @@ def knn(model: torch.nn.Module, cfg: Any, k: int = 20, temperature: float = 0.07
     return knn_accuracy(ftr, ytr, fte, yte, k, temperature)
 
 
+def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = "knn",
+          **options: dict[str, Any]) -> dict[str, float]:
+    """Registered evaluation protocols (``knn``, ``linear``, ``few`` or a plugin's) on ``model``'s
+    frozen features (None: raw pixels) under ``cfg``'s data and ``eval`` keys, as ``mimco probe``
+    scores them; ``options``: a protocol's options by its name, e.g. ``logreg={"c": 0.5}``."""
+    from mimco.eval.protocols import Probe, protocol_options, run_protocols
+
+    names = [protocols] if isinstance(protocols, str) else list(protocols)
+    opts = {n: protocol_options(n, options.get(n)) for n in names}
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise MimcoError(f"options for {', '.join(unknown)}, which is not among the protocols {names}")
+    device = _device(cfg)
+    p = Probe(model.to(device) if model is not None else None, cfg.data, (_split(cfg, "train"), _split(cfg, "test")),
+              cfg.eval, device, cfg.train.precision, cfg.train.seed)
+    return run_protocols(names, p, opts)
+
+
 def export(checkpoint: str | Path, out: str | Path, encoder: str = "momentum") -> Path:
     """``mimco export``: the backbone of ``checkpoint`` as a timm hub folder with a model card,
     which ``timm.create_model(f"local-dir:{out}", pretrained=True)`` builds."""
