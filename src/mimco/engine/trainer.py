@@ -248,51 +248,59 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def train_step(self, views: list[torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor | float]:
+        """One optimiser step on this process's share of the global batch (``views``): its micro-batches,
+        clip and step, then the method's ``after_step``. Returns the step's logs (``loss`` and the
+        method's, the mean over micro-batches, tensors left on the device; ``grad_norm`` with clipping)."""
+        self.scheduler.step_update(self.step)
+        chunks = list(zip(*[v.chunk(self.accum) for v in views]))
+        micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
+        logs: dict[str, torch.Tensor | float] = {}
+        for i, chunk in enumerate(chunks):
+            loss, got = self._micro_step(list(chunk), i == len(chunks) - 1, first + i * micro)
+            self.guard.update(loss, self.step)
+            for k, v in {"loss": loss, **got}.items():  # tensors stay on the device; numbers on the host
+                v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / len(chunks)
+        norm = self._optimizer_step(params)
+        if norm is not None:
+            logs["grad_norm"] = norm.detach().float()
+        self.step += 1
+        self.method.after_step(self.step)  # every process, outside any forward (MoCo's EMA)
+        return logs
+
+    def _checkpoint_due(self, epoch_end: bool, snapshot: bool, end: int) -> bool:
+        """A checkpoint before the end: new epoch metrics, an epoch snapshot, or ``train.ckpt_every``."""
+        every = self.cfg.train.ckpt_every
+        return (epoch_end or snapshot or bool(every and self.step % every == 0)) and self.step < end
+
     def fit(self) -> dict[str, Any]:
+        """Train from ``self.step`` to the schedule's end (or ``train.max_steps``, or an agreed stop)
+        and return the summary: each step (:meth:`train_step`), then what it is due: the method's
+        epoch hook, the k-NN monitor, a log row (:class:`RowLogger`), the stop vote, a checkpoint."""
         t = self.cfg.train
         end = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
         self.model.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        bar = tqdm(total=end, initial=self.step, desc=self.stage, disable=not (t.progress and dist.is_main()),
-                   dynamic_ncols=True, leave=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        rows = RowLogger(self, end)
         batches = self.stream(self.step)
         spe = self.stream.steps_per_epoch
         metrics: dict[str, Any] = {k: "" for k in self.method.metric_keys}
-        columns = {"knn_monitor": ""} if self.monitor is not None else {}  # filled in the rows that score it
         watched: dict[str, float] = {}
-        monitored = False
-        micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
-        sums: dict[str, torch.Tensor | float] = {}
-        n_logged, seen, t0, start = 0, 0, time.perf_counter(), time.perf_counter()
-        last: dict[str, float] = {}
         stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
+        start = time.perf_counter()
         self._start, self._start_step, self._monitor_s = start, start_step, 0.0
         with StopSignal() as stop, contextlib.closing(self.log):
             if self.fresh and self.step < end:
                 self.method.after_step(self.step)  # no step done yet: what comes before the first (MoCo's first EMA)
             while self.step < end:
                 views = next(batches)
-                self.scheduler.step_update(self.step)
-                chunks = list(zip(*[v.chunk(self.accum) for v in views]))
-                for i, chunk in enumerate(chunks):
-                    loss, logs = self._micro_step(list(chunk), i == len(chunks) - 1, first + i * micro)
-                    self.guard.update(loss, self.step)
-                    for k, v in {"loss": loss, **logs}.items():  # tensors stay on the device; numbers on the host
-                        v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
-                        sums[k] = sums.get(k, 0.0) + v / len(chunks)
-                norm = self._optimizer_step(params)
-                if norm is not None:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float()
-                self.step += 1
-                self.method.after_step(self.step)  # every process, outside any forward (MoCo's EMA)
+                rows.add(self.train_step(views, params), views[0].shape[0] * dist.world_size())
                 if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
                     first_step_s = round(time.perf_counter() - start, 2)
                     if self.compiled and dist.is_main():
                         tqdm.write(f"mimco: first step {first_step_s} s (torch.compile of {self.compiled} blocks, "
                                    "patch embeddings and heads; later steps reuse the compiled code)", file=sys.stderr)
-                n_logged += 1
-                seen += views[0].shape[0] * dist.world_size()
-                bar.update(1)
                 epoch_done = self.step % spe == 0 or self.step == self.total_steps
                 if epoch_done:  # every process runs the hook (fine-tuning evaluates its share)
                     metrics = {**metrics, **self.method.on_epoch_end(round(self.step / spe, 4))}
@@ -300,25 +308,10 @@ class Trainer:
                 watch = self.monitor is not None and self.monitor.due(self.step, spe)
                 if watch:  # every process: its share of the features
                     spent = self._monitor_s
-                    watched = self._monitor(spe, not monitored)
-                    t0 += self._monitor_s - spent  # images/s counts training time only
-                    monitored = True
+                    watched = self._monitor(spe, rows.first_monitor)
+                    rows.pause(self._monitor_s - spent)  # images/s counts training time only
                 if self.step % t.log_every == 0 or self.step == end or epoch_end or watch:
-                    self.check_finite()
-                    bad = self._bad_images()
-                    elapsed = time.perf_counter() - t0
-                    last = dist.mean_over_processes({k: v / n_logged for k, v in sums.items()}, self.device)
-                    row = {"step": self.step, "epoch": round(self.step / spe, 4),
-                           "lr": max(g["lr"] for g in self.optimizer.param_groups), **last, **metrics,
-                           **columns, **(watched if watch else {}),
-                           **({"skipped_images": bad[0]} if bad is not None else {}),
-                           "images_per_s": round(seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - start, 2)}
-                    if self.log:
-                        self.log.write(row)
-                    shown = {"knn": f"{watched['knn_monitor']:.1f}"} if "knn_monitor" in watched else {}
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                    img_s=f"{row['images_per_s']:.0f}", **shown)
-                    sums, n_logged, seen, t0 = {}, 0, 0, time.perf_counter()
+                    rows.write(metrics, watched if watch else {})
                 if stop.requested and asked_at is None:
                     asked_at = self.step  # this process's own signal, seen after this step
                 # a Python flag alone; distributed, a tiny all-reduce every step, read one step later
@@ -326,14 +319,14 @@ class Trainer:
                     stopped_by = stop.requested or "a signal on another process"
                     break
                 snap = self._snapshot_due()
-                if (epoch_end or snap or (t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
+                if self._checkpoint_due(epoch_end, snap, end):
                     self.checkpoint(snapshot=snap)
-            bar.close()
+            rows.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run
             path = self.checkpoint(snapshot=self._snapshot_due())
         self._report_bad_images()
         report_recompile_limit(self.compiled)  # one line if dynamo ran compiled modules eager
-        out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **last,
+        out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **rows.last,
                **{k: v for k, v in metrics.items() if v != ""}, **watched,
                "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}
         if stopped_by:
@@ -341,3 +334,55 @@ class Trainer:
             if asked_at is not None:
                 out["stop_asked_at_step"] = asked_at
         return out
+
+
+class RowLogger:
+    """The log rows of a run and its progress bar: the steps' logs summed between rows, written
+    as one row of means over steps and processes (``log.csv``, TensorBoard, W&B) with the learning
+    rate, the epoch metrics, the k-NN monitor, skipped images and images/s of training time."""
+
+    def __init__(self, trainer: Trainer, end: int) -> None:
+        t = trainer.cfg.train
+        self.trainer = trainer
+        self.bar = tqdm(total=end, initial=trainer.step, desc=trainer.stage,
+                        disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.columns = {"knn_monitor": ""} if trainer.monitor is not None else {}  # filled in the rows that score it
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.steps, self.seen, self.t0, self.start = 0, 0, time.perf_counter(), time.perf_counter()
+        self.last: dict[str, float] = {}
+        self.first_monitor = True
+
+    def add(self, logs: dict[str, torch.Tensor | float], images: int) -> None:
+        """One step's logs and the images it trained on (all processes)."""
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.seen += images
+        self.bar.update(1)
+
+    def pause(self, seconds: float) -> None:
+        """Time spent outside training (the k-NN monitor): not counted in images/s."""
+        self.t0 += seconds
+        self.first_monitor = False
+
+    def write(self, metrics: dict[str, Any], watched: dict[str, float]) -> None:
+        """A row of the means since the last one (a collective under torchrun: every process writes)."""
+        tr = self.trainer
+        tr.check_finite()
+        bad = tr._bad_images()
+        elapsed = time.perf_counter() - self.t0
+        self.last = dist.mean_over_processes({k: v / self.steps for k, v in self.sums.items()}, tr.device)
+        row = {"step": tr.step, "epoch": round(tr.step / tr.stream.steps_per_epoch, 4),
+               "lr": max(g["lr"] for g in tr.optimizer.param_groups), **self.last, **metrics, **self.columns,
+               **watched, **({"skipped_images": bad[0]} if bad is not None else {}),
+               "images_per_s": round(self.seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - self.start, 2)}
+        if tr.log:
+            tr.log.write(row)
+        shown = {"knn": f"{watched['knn_monitor']:.1f}"} if "knn_monitor" in watched else {}
+        self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}",
+                             **shown)
+        self.sums, self.steps, self.seen, self.t0 = {}, 0, 0, time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
