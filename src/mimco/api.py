@@ -128,7 +128,7 @@ def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = 
           **options: dict[str, Any]) -> dict[str, float]:
     """Registered evaluation protocols (``knn``, ``linear``, ``few`` or a plugin's) on ``model``'s
     frozen features (None: raw pixels) under ``cfg``'s data and ``eval`` keys, as ``mimco probe``
-    scores them; ``options``: a protocol's options by its name, e.g. ``logreg={"c": 0.5}``."""
+    scores them; ``options``: a protocol's options by its name (``NAME={"key": value}``)."""
     from mimco.eval.protocols import Probe, protocol_options, run_protocols
 
     names = [protocols] if isinstance(protocols, str) else list(protocols)
