@@ -31,6 +31,7 @@ from mimco.config import (
     to_dict,
 )
 from mimco.errors import MimcoError
+from mimco.eval.probe import spread_metrics
 from mimco.runs import CHECKPOINT, CONFIG
 
 
@@ -131,17 +132,6 @@ def _few(args: argparse.Namespace) -> dict[str, Any]:
             "label_seeds": list(range(args.label_seeds))}
 
 
-def _few_metrics(values: dict[str, list[float]]) -> dict[str, float]:
-    """{name: mean, name_std: standard deviation over the label subsets}."""
-    from mimco.eval.probe import mean_std
-
-    out: dict[str, float] = {}
-    for key, vals in values.items():
-        m, sd = mean_std(vals)
-        out[key], out[f"{key}_std"] = round(m, 2), round(sd, 2)
-    return out
-
-
 def _features(model: torch.nn.Module | None, split: Any, cfg: Any, device: torch.device,
               pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) of ``split`` on the main process, None on the others: under torchrun every
@@ -174,7 +164,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
                                   tuple(few["label_seeds"]), tuple(args.k), args.temperature, None, args.pool)
         if not dist.is_main():  # its shares are with the main process, which scores and writes
             return 0
-        metrics = _few_metrics(values)
+        metrics = spread_metrics(values)
     else:
         bank = _features(model, train, cfg, device, args.pool)
         if bank is None or fte is None or yte is None:
@@ -222,7 +212,7 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
         values = [linear_probe(*[t.to(device) for t in (bank[0], bank[1], fte, yte)], **opts)]  # on the device
     if not dist.is_main():
         return 0
-    metrics = (_few_metrics({"linear_top1": values}) if few
+    metrics = (spread_metrics({"linear_top1": values}) if few
                else {"linear_top1": round(values[0], 2), "linear_lr": values[0].lr})  # the lr the grid chose
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     write_result(_out_dir(args, args.checkpoint), _row("linprobe", args.checkpoint, name, state, cfg, metrics,
@@ -351,7 +341,7 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
                              cache=False if args.augment else None)
     if not dist.is_main():  # its share of the grids is with the main process, which trains and scores
         return 0
-    metrics = _few_metrics({k: v for k, v in values.items() if isinstance(v, list)})
+    metrics = spread_metrics({k: v for k, v in values.items() if isinstance(v, list)})
     metrics.update({k: v for k, v in values.items() if k.startswith("position_")})  # one figure, no seeds
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out = _out_dir(args, args.checkpoint)

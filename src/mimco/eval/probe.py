@@ -87,6 +87,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
+def spread_metrics(values: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
+    """{prefix + name: mean, prefix + name + "_std": standard deviation} of values over label subsets."""
+    out: dict[str, float] = {}
+    for key, vals in values.items():
+        m, sd = mean_std(vals)
+        out[f"{prefix}{key}"], out[f"{prefix}{key}_std"] = round(m, 2), round(sd, 2)
+    return out
+
+
 def probe_few_labels(backbone: torch.nn.Module | None, train: Any, test_features: torch.Tensor | None,
                      test_labels: torch.Tensor | None, data: DataConfig, device: torch.device, per_class: int = 0,
                      fraction: float = 0.0, seeds: tuple[int, ...] = (0, 1, 2), ks: tuple[int, ...] = (10,),

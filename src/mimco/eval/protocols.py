@@ -178,15 +178,11 @@ def linear_protocol(probe: Probe, opts: None) -> dict[str, float]:
 def few_protocol(probe: Probe, opts: None) -> dict[str, float]:
     """k-NN (``eval.few_knn_k``) and the linear probe from ``eval.few_per_class`` labelled images
     per class, mean and std over ``eval.few_label_seeds`` balanced subsets."""
-    from mimco.eval.probe import mean_std, probe_few_labels
+    from mimco.eval.probe import probe_few_labels, spread_metrics
 
     test = probe.split_features("test")
     ev = probe.eval
     values = probe_few_labels(probe.backbone, probe.splits[0], *(test or (None, None)), probe.data, probe.device,
                               ev.few_per_class, seeds=tuple(range(ev.few_label_seeds)), ks=(ev.few_knn_k,),
                               temperature=ev.knn_temperature, linear={"seed": probe.seed})
-    out: dict[str, float] = {}
-    for key, vals in values.items():
-        m, sd = mean_std(vals)
-        out[f"few_{key}"], out[f"few_{key}_std"] = round(m, 2), round(sd, 2)
-    return out
+    return spread_metrics(values, "few_")
