@@ -12,7 +12,7 @@ DOC = ROOT / "docs" / "python.md"
 
 def test_the_api_is_listed_typed_and_loaded_on_first_use():
     assert set(mimco.__all__) == {"MimcoError", "__version__", "load_config", "train", "load_backbone",
-                                  "extract_features", "knn", "probe", "export"}
+                                  "extract_features", "knn", "probe", "study", "export"}
     for name in mimco.__all__:
         obj = getattr(mimco, name)
         if callable(obj) and name != "MimcoError":

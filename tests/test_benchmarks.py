@@ -1,6 +1,5 @@
 """The benchmark scripts run end to end at a toy size (their figures are not judged here)."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -237,38 +236,49 @@ def test_throughput_compile_column(tmp_path):
     assert len(row) == 11 and float(row[8]) > 0 and float(row[10]) > 0
 
 
+def _table(md: str) -> dict[str, dict[str, str]]:
+    """{row: {column: cell}} of the first Markdown table in ``md``."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(head, cells)) for ln in lines[2:]
+            if len(cells := [c.strip() for c in ln.strip("|").split("|")]) == len(head)}
+
+
 @pytest.mark.slow
 def test_reproduce_smoke_runs_and_resumes(tmp_path):
     cmd = [sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = (tmp_path / "results.md").read_text()
-    for row in ("raw pixels", "random-init ViT", "MoCo v3 teacher", "MoCo v3, teacher + MimCo compute", "SimMIM",
-                "MimCo (patch + image)", "patch only", "L1 regression", "block masking"):
-        assert f"| {row} |" in table, row
-    assert "| MimCo (patch + image) | 2 |" in table and " ± " in table
-    assert "| patch only | 2 |" in table and "| L1 regression | 1 |" in table  # the preset's "seeded" ablations
-    assert "Same-image teacher patch tokens" in table and "| patch only |" in table.split("final patch loss")[1]
-    assert "| L1 regression |" not in table.split("final patch loss")[1]  # no patch InfoNCE, no chance level
-    few = table.split("Few labels:")[1].split("Same-image")[0]
-    assert "| k-NN 4/class | linear 4/class | k-NN 20/class | linear 20/class | fine-tune 4/class |" in few
-    assert "| raw pixels |" in few and few.split("| raw pixels |")[1].split("\n")[0].strip().endswith("| - |")
-    assert "| MimCo (patch + image) |" in few and "| patch only |" not in few  # main rows only
-    cached = json.loads((tmp_path / "runs" / "mimco-s0" / "eval.json").read_text())
-    assert len(cached["few"]["4"]["knn"]) == 3 and "few_finetune" in cached  # one value per label subset
+    md = (tmp_path / "results.md").read_text()
+    table = _table(md)
+    assert list(table) == ["raw pixels", "random-init ViT", "MoCo v3 teacher", "MoCo v3, teacher + MimCo compute",
+                           "SimMIM", "MimCo (patch + image)", "patch only", "L1 regression", "block masking"]
+    assert table["MimCo (patch + image)"]["seeds"] == "2" and " ± " in table["MimCo (patch + image)"]["k-NN top-1"]
+    assert table["patch only"]["seeds"] == "2" and table["L1 regression"]["seeds"] == "1"  # the "seeded" ablations
+    assert "Same-image teacher patch tokens" in md and "| patch only |" in md.split("final patch loss")[1]
+    assert "| L1 regression |" not in md.split("final patch loss")[1]  # no patch InfoNCE, no chance level
+    few = ["k-NN 4/class", "linear 4/class", "k-NN 20/class", "linear 20/class", "fine-tune 4/class"]
+    assert list(table["raw pixels"])[-6:] == ["fine-tune", *few]
+    assert table["raw pixels"]["fine-tune 4/class"] == "-" and table["raw pixels"]["k-NN 4/class"] != "-"
+    assert all(table["MimCo (patch + image)"][c] != "-" for c in few)
+    assert all(table["patch only"][c] == "-" for c in few)  # main rows only
+    cached = json.loads((tmp_path / "runs" / "mimco-s0" / "study-eval.json").read_text())
+    assert {k.split("-")[0] for k in cached} == {"knn", "linear", "finetune", "few4", "few20", "finetune4"}
     for png in ("tsne.png", "curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert again.returncode == 0 and ": training in " not in again.stderr  # everything reused
     assert "[reproduce] teacher: reusing the finished run in " in again.stderr
-    assert again.stdout == r.stdout.replace(r.stdout.splitlines()[0], again.stdout.splitlines()[0])
-    assert "measured time of the runs:" in again.stdout
+
+    def numbers(out: str) -> list[str]:  # the output without the header's minutes
+        return [ln for ln in out.splitlines() if " min + evaluation " not in ln]
+    assert numbers(again.stdout) == numbers(r.stdout) and "training " in md.splitlines()[0]
     # a changed fine-tune recipe fine-tunes again (in a new folder) without retraining anything
     third = subprocess.run([*cmd, "finetune:optim.base_lr=3e-4"], capture_output=True, text=True, env=ENV, cwd=ROOT,
                            timeout=HANG)
     assert third.returncode == 0, third.stderr[-2000:]
     assert ": training in " in r.stderr and ": training in " not in third.stderr.replace("finetune: training in ", "")
-    assert "[reproduce] finetune: training in " in third.stderr and "[finetune] epoch 1:" in third.stderr
+    assert "[finetune] finetune: training in " in third.stderr and "[finetune] epoch 1:" in third.stderr
     assert len(list((tmp_path / "runs" / "mimco-s0").glob("finetune-*"))) == 4  # each recipe, from all and few labels
     # the dense study on the same folder: the main study's runs reused, image only, batch negatives and MaskDistill
     # trained
@@ -279,13 +289,15 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
                      and "pretrain:" in ln)
     assert [Path(t).name for t in trained] == ["batch-negatives-s0", "image-only-s0", "maskdistill-of-teacher-s0"], \
         dense.stderr[-2000:]
-    md = (tmp_path / "results-dense.md").read_text()
-    for row in ("raw pixels", "random-init ViT", "MoCo v3 teacher", "SimMIM", "MimCo (patch + image)", "patch only",
-                "image only", "batch negatives", "MaskDistill of teacher"):
-        cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
-        assert " ± " in cells[1], (row, cells)  # 3 probe heads
-        assert 0 <= float(cells[2].split("±")[0]) <= 100 and float(cells[3].split("±")[0]) <= 100  # token position
-        assert (cells[4].strip() == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
+    table = _table((tmp_path / "results-dense.md").read_text())
+    assert list(table) == ["raw pixels", "random-init ViT", "MoCo v3 teacher", "SimMIM", "MimCo (patch + image)",
+                           "patch only", "image only", "batch negatives", "MaskDistill of teacher"]
+    for row, cells in table.items():
+        assert " ± " in cells["scenes mIoU (28px)"], (row, cells)  # 3 probe heads
+        assert 0 <= float(cells["token position acc."]) <= 100, (row, cells)
+        assert 0 <= float(cells["position variance share"]) <= 100, (row, cells)
+        assert (cells["fine-tune mIoU"] == "-") == (row == "raw pixels"), (row, cells)  # every backbone fine-tuned
+        assert (cells["k-NN top-1"] == "-") == (row in ("raw pixels", "random-init ViT")), (row, cells)
     assert "segfinetune: training in" in dense.stderr
     # the remedies study on the same folder: the teacher and MimCo reused, one remedy trained
     rem = subprocess.run([*cmd, "--seeds", "0", "--remedies", "MimCo (patch + image),negatives: same position"],
@@ -296,14 +308,23 @@ def test_reproduce_smoke_runs_and_resumes(tmp_path):
     assert "segfinetune: training in" not in rem.stderr
     saved = yaml.safe_load((tmp_path / "runs" / "negatives-same-position-s0" / "config.yaml").read_text())
     assert saved["loss"]["patch_negatives"] == "position"
-    md = (tmp_path / "results-remedies.md").read_text()
-    for row in ("MoCo v3 teacher", "MimCo (patch + image)", "negatives: same position"):
-        cells = md.split(f"| {row} |")[1].split("\n")[0].split("|")
-        assert cells[0].strip() == "1" and " ± " in cells[1] and " ± " in cells[2], (row, cells)  # 3 heads each grid
-        assert all(0 < float(c.split("±")[0]) <= 100 for c in cells[1:9]), (row, cells)
+    table = _table((tmp_path / "results-remedies.md").read_text())
+    assert list(table) == ["MoCo v3 teacher", "MimCo (patch + image)", "negatives: same position"]
+    for row, cells in table.items():
+        assert cells["seeds"] == "1", (row, cells)
+        for col in ("scenes mIoU (28px)", "scenes mIoU (training grid)"):  # 3 heads at each grid
+            assert " ± " in cells[col] and 0 < float(cells[col].split(" ± ")[0]) <= 100, (row, col, cells)
+        for col in ("token position acc.", "position variance share", "k-NN top-1", "linear probe top-1",
+                    "k-NN 10/class", "linear 10/class"):
+            assert 0 < float(cells[col].split(" ± ")[0]) <= 100, (row, col, cells)
     bad = subprocess.run([*cmd, "optim.epochs=3"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert bad.returncode != 0 and "prefix it with teacher:, student: or finetune:" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # a changed recipe in the same folder is refused before anything trains
+    changed = subprocess.run([*cmd, "student:mask.ratio=0.5"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                             timeout=HANG)
+    assert changed.returncode != 0 and "was trained with another configuration" in changed.stderr
+    assert "Traceback" not in changed.stderr
 
 
 def test_reproduce_overrides_go_to_their_stage():
@@ -318,28 +339,27 @@ def test_reproduce_overrides_go_to_their_stage():
 
 
 def test_every_preset_builds_valid_configs():
-    """A typo in a preset (e.g. the gpu one, which cannot run here) fails here, not on the GPU machine."""
-    from benchmarks.reproduce import PRESETS, STUDENT_ROWS, _finetune_config
-    from mimco.config import PretrainConfig, TeacherStageConfig, load_config
+    """A typo in a preset (e.g. the gpu one, which cannot run here) fails here, not on the GPU machine:
+    every run of every study of every preset loads, and every protocol takes its options."""
+    import argparse
+
+    from benchmarks.reproduce import PRESETS, REMEDY_ROWS, build_parser, study
+    from mimco.config import load_config
+    from mimco.pipeline import STAGE_CONFIGS, finetune_config
 
     for name, p in PRESETS.items():
-        base = [*p["data"], *p["model"]]
-        teacher = load_config(TeacherStageConfig, None, [*base, *p["teacher"]])
-        for row, (over, _) in STUDENT_ROWS.items():
-            student = load_config(PretrainConfig, None, [*base, *p["student"], *over])
-            # the same backbone; only the initialisation differs (MoCo v3's in stage 1, timm's in stage 2)
-            assert dataclasses.replace(student.model, init=teacher.model.init) == teacher.model, (name, row)
-        fcfg, key = _finetune_config(p, Path("/tmp/x"))
-        assert fcfg.data == teacher.data.__class__(**{**vars(teacher.data), "on_device": fcfg.data.on_device,
-                                                     "num_workers": fcfg.data.num_workers}), name
-        assert fcfg.train.name == f"finetune-{key}"
-    for name, p in PRESETS.items():  # the dense study's scenes and segmentation fine-tune
-        from mimco.config import SegmentationConfig
-
-        seg = load_config(SegmentationConfig, None, [*p["dense"], *p["dense_finetune"]], model_keys=False)
-        assert seg.data.name == "fmnist_scenes" and seg.data.img_size % load_config(
-            PretrainConfig, None, p["model"]).model.patch_size == 0, name
-    gpu = load_config(TeacherStageConfig, None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
+        for flags in ([], ["--teachers"], ["--dense"], ["--remedies"]):
+            args: argparse.Namespace = build_parser().parse_args(["--preset", name, *flags])
+            spec, _ = study(args)  # checks every protocol's options
+            for r in spec.runs.values():
+                load_config(STAGE_CONFIGS[r.stage], None, [*spec.overrides, *spec.stage_overrides[r.stage],
+                                                           *r.overrides])
+            if flags == ["--remedies"]:
+                assert [row.name for row in spec.rows][-1] == list(REMEDY_ROWS)[-1]
+        fcfg, key = finetune_config(load_config(STAGE_CONFIGS["pretrain"], None, [*p["data"], *p["model"]]).data,
+                                    p["finetune"])
+        assert fcfg.train.progress is False and len(key) == 8
+    gpu = load_config(STAGE_CONFIGS["teacher"], None, [*PRESETS["gpu"]["data"], *PRESETS["gpu"]["model"]])
     assert gpu.data.on_device and gpu.train.precision == "bf16" and gpu.model.arch == "vit_tiny"
 
 
@@ -365,8 +385,10 @@ def test_reproduce_on_an_imagefolder_by_overrides_alone(tmp_path):
            "student:optim.batch_size=32", "finetune:optim.batch_size=32"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=HANG)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = (out / "results.md").read_text()
-    assert "imagefolder 16px" in table and "| MimCo (patch + image) | 1 |" in table and "| raw pixels | 1 |" in table
+    md = (out / "results.md").read_text()
+    table = _table(md)
+    assert "imagefolder test top-1 (%), ViT 16px" in md
+    assert table["MimCo (patch + image)"]["seeds"] == "1" and table["raw pixels"]["seeds"] == "1"
     assert (out / "tsne.png").is_file()
     assert yaml.safe_load((out / "runs" / "mimco-s0" / "config.yaml").read_text())["data"]["name"] == "imagefolder"
 
@@ -384,7 +406,7 @@ def test_loss_precision_table():
 
 
 def test_a_saved_run_is_reused_unless_one_of_its_keys_changed():
-    from benchmarks.reproduce import _changed
+    from mimco.studies import _changed
 
     saved = {"optim": {"epochs": 2, "base_lr": 1e-3}, "method": "mimco"}
     assert not _changed(saved, {"optim": {"epochs": 2, "base_lr": 1e-3, "new_key": 0}, "method": "mimco", "eval": {}})

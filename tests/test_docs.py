@@ -3,9 +3,11 @@ and no text points at a tracker readers cannot see."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 import shlex
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,32 @@ def documented() -> list[tuple[str, str]]:
     return [(f"{p.name}: {c}", c) for p in DOCS for c in commands(p.read_text())]
 
 
+def documented_spec() -> str:
+    """The example study spec of docs/evaluation.md#studies (its first YAML block)."""
+    text = (ROOT / "docs" / "evaluation.md").read_text().split("## Studies", 1)[1]
+    return text.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def check_study(args: argparse.Namespace) -> None:
+    """A documented ``mimco study``: its spec (a bundled one, else the documented example) loads and
+    takes the command's overrides."""
+    from mimco.studies import load_spec, with_overrides
+
+    spec = args.spec
+    if not (ROOT / spec).is_file() and spec.endswith(".yaml"):
+        spec = Path(tempfile.mkdtemp()) / spec
+        spec.write_text(documented_spec())
+    with_overrides(load_spec(spec), args.overrides)
+
+
 def check_mimco(argv: list[str]) -> None:
     argv = [a for a in argv if a != "..."]  # "..." stands for arguments shown elsewhere
     args = parse_args(argv)
     assert args.command in handlers()
     for plugin in args.plugin:  # a documented plugin file exists and registers what the command then uses
         load_file(ROOT / plugin)
+    if args.command == "study":
+        check_study(args)
     cls = CONFIG_OF.get(args.command)
     overrides = getattr(args, "overrides", [])
     if cls is not None:
@@ -119,6 +141,20 @@ def test_the_check_fails_on_a_wrong_command(monkeypatch):
         check("mimco teacher --config configs/nope.yaml")
     with pytest.raises(SystemExit):
         check("python benchmarks/throughput.py --archh vit_tiny")
+
+
+def test_the_documented_study_spec_loads_and_the_check_would_catch_a_bad_one(tmp_path):
+    from mimco.errors import MimcoError
+    from mimco.studies import load_spec
+
+    load_file(ROOT / "examples" / "logreg_probe.py")
+    good = tmp_path / "spec.yaml"
+    good.write_text(documented_spec())
+    spec = load_spec(good)
+    assert spec.seeds == [0, 1, 2] and [r.name for r in spec.rows][-1] == "MimCo, mask 0.75"
+    good.write_text(documented_spec().replace("teacher: teacher}", "teacher: teachr}", 1))
+    with pytest.raises(MimcoError, match="teacher 'teachr'"):
+        load_spec(good)
 
 
 def test_docs_have_commands():

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mimco.methods",),
     ("mimco.engine",),
     ("mimco.eval",),
-    ("mimco.pipeline",),
+    ("mimco.pipeline", "mimco.studies"),
     ("mimco.cli", "mimco.__main__", "mimco.api"),
 ]
 

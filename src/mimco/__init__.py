@@ -17,9 +17,8 @@ from mimco.errors import MimcoError
 
 __version__ = "0.1.0"
 #: the API's functions, each in :mod:`mimco.api` (their signatures for type checkers: ``__init__.pyi``)
-_API = ("load_config", "train", "load_backbone", "extract_features", "knn", "probe", "export")
-__all__ = ["MimcoError", "__version__", "load_config", "train", "load_backbone", "extract_features", "knn", "probe",
-           "export"]
+_API = ("load_config", "train", "load_backbone", "extract_features", "knn", "probe", "study", "export")
+__all__ = ["MimcoError", "__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ from mimco.api import knn as knn
 from mimco.api import load_backbone as load_backbone
 from mimco.api import load_config as load_config
 from mimco.api import probe as probe
+from mimco.api import study as study
 from mimco.api import train as train
 from mimco.errors import MimcoError as MimcoError
 

@@ -10,9 +10,6 @@ import torch
 
 from mimco.errors import MimcoError
 
-#: the stages by name, each with its config class (:data:`mimco.pipeline.STAGE_CONFIGS`)
-STAGES = ("teacher", "pretrain", "finetune", "segfinetune")
-
 
 def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """The typed config of ``stage`` (teacher | pretrain | finetune | segfinetune): defaults, then
@@ -140,6 +137,15 @@ def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = 
     p = Probe(model.to(device) if model is not None else None, cfg.data, (_split(cfg, "train"), _split(cfg, "test")),
               cfg.eval, device, cfg.train.precision, cfg.train.seed)
     return run_protocols(names, p, opts)
+
+
+def study(spec: str | Path, out: str | Path, *overrides: str) -> str:
+    """``mimco study``: the spec (a YAML file or a bundled name, e.g. ``"demo"``) with command-line
+    style ``overrides`` (``KEY=VALUE``, ``RUN:KEY=VALUE``, ``PROTOCOL.key=value``), its runs trained
+    or reused in ``out``, every row scored; returns the table (Markdown), also in ``out/results.md``."""
+    from mimco.studies import load_spec, run_study, with_overrides
+
+    return run_study(with_overrides(load_spec(spec), overrides), Path(out))
 
 
 def export(checkpoint: str | Path, out: str | Path, encoder: str = "momentum") -> Path:

@@ -5,16 +5,21 @@ whole pipeline (:func:`run_or_reuse`)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mimco import distributed as dist
 from mimco.config import (
+    DataConfig,
     FinetuneConfig,
     PretrainConfig,
     SegmentationConfig,
@@ -23,6 +28,7 @@ from mimco.config import (
     from_dict,
     load_config,
     save_config,
+    to_dict,
 )
 from mimco.config_rules import check_resume, validate
 from mimco.data.build import load_dataset
@@ -34,8 +40,16 @@ from mimco.errors import MimcoError
 from mimco.eval import finetune as _finetune  # noqa: F401  (registers the fine-tuning method)
 from mimco.eval import segfinetune as _segfinetune  # noqa: F401  (registers segmentation fine-tuning)
 from mimco.eval.monitor import KnnMonitor
-from mimco.eval.probe import has_labels, probe_backbone
-from mimco.eval.protocols import Probe, get_protocol, run_protocols
+from mimco.eval.probe import has_labels
+from mimco.eval.protocols import (
+    Probe,
+    SegDataOptions,
+    cell,
+    get_protocol,
+    register_protocol,
+    run_protocols,
+    segmentation_config,
+)
 from mimco.methods import get_method
 from mimco.models.init_from import init_encoders
 from mimco.runs import (
@@ -193,6 +207,72 @@ def run_or_reuse(stage: str, cfg: Any, run_dir: Path, say: str = "mimco", **inpu
     return summary
 
 
+@dataclass
+class FinetuneOptions:
+    """The ``finetune`` protocol's recipe: ``mimco finetune`` overrides on the probe's data keys."""
+
+    overrides: list[str] = field(default_factory=list)  # e.g. [optim.epochs=1, data.labels_per_class=10]
+
+
+def finetune_config(data: DataConfig, overrides: list[str]) -> tuple[FinetuneConfig, str]:
+    """The fine-tuning config of ``data`` and ``overrides`` (no progress bar), and the short hash of
+    it that names its run folder (``finetune-<hash>``: a changed recipe fine-tunes again)."""
+    cfg = load_config(FinetuneConfig, None, ["train.progress=false"])
+    cfg.data = dataclasses.replace(data)
+    cfg = apply_overrides(cfg, [*overrides, "train.progress=false"])
+    return cfg, hashlib.sha256(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
+
+
+def _finetune_column(opts: FinetuneOptions) -> str:
+    few = [o.split("=", 1)[1] for o in opts.overrides if o.startswith("data.labels_per_class=")]
+    return f"fine-tune{f' {few[-1]}/class' if few and few[-1] != '0' else ''}"
+
+
+@register_protocol("finetune", options=FinetuneOptions,
+                   columns=lambda runs, opts, ev: {_finetune_column(opts): cell([m["finetune_top1"] for m in runs
+                                                                                 if "finetune_top1" in m])},
+                   note=lambda opts, ev: f"{_finetune_column(opts)}: top-1 after `mimco finetune "
+                                         f"{' '.join(opts.overrides)}`")
+def finetune_protocol(probe: Probe, opts: FinetuneOptions) -> dict[str, float]:
+    """Fine-tune the backbone (every layer, ``mimco finetune``'s recipe with ``opts.overrides``) in
+    ``probe.folder/finetune-<hash>``, a finished one reused; its test top-1. Raw pixels: nothing."""
+    if probe.backbone is None:
+        return {}
+    if probe.folder is None:
+        raise MimcoError("the finetune protocol needs a folder for its run; give the probe one (--out)")
+    cfg, key = finetune_config(probe.data, opts.overrides)
+    cfg.train.out_dir, cfg.train.name = str(probe.folder), f"finetune-{key}"
+    res = run_or_reuse("finetune", cfg, probe.folder / cfg.train.name, say="finetune", backbone=probe.backbone)
+    return {"finetune_top1": res["top1"], "finetune_seconds": res["train_seconds"]}
+
+
+@dataclass
+class SegfinetuneOptions(SegDataOptions):
+    """The ``segfinetune`` protocol's data (as ``segprobe``'s) and recipe (``mimco segfinetune`` overrides)."""
+
+    overrides: list[str] = field(default_factory=list)  # e.g. [optim.epochs=5, optim.batch_size=64]
+
+
+@register_protocol("segfinetune", options=SegfinetuneOptions,
+                   columns=lambda runs, opts, ev: {"fine-tune mIoU": cell([m["segfinetune_miou"] for m in runs
+                                                                          if "segfinetune_miou" in m])},
+                   note=lambda opts, ev: f"fine-tune mIoU: `mimco segfinetune {' '.join(opts.overrides)}` on the "
+                                         f"segmentation data at {opts.img_size} px")
+def segfinetune_protocol(probe: Probe, opts: SegfinetuneOptions) -> dict[str, float]:
+    """Segmentation fine-tuning of the backbone at ``opts.img_size`` (every layer) in
+    ``probe.folder/segfinetune-<hash>``, a finished one reused; its validation mIoU. Raw pixels: nothing."""
+    if probe.backbone is None:
+        return {}
+    if probe.folder is None:
+        raise MimcoError("the segfinetune protocol needs a folder for its run; give the probe one (--out)")
+    cfg = segmentation_config(probe.data, opts, [*opts.overrides, "train.progress=false"])
+    key = hashlib.sha256(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
+    cfg.train.out_dir, cfg.train.name = str(probe.folder), f"segfinetune-{key}"
+    res = run_or_reuse("segfinetune", cfg, probe.folder / cfg.train.name, say="segfinetune",
+                       backbone=probe.backbone_at(opts.img_size))
+    return {"segfinetune_miou": res["miou"], "segfinetune_seconds": res["train_seconds"]}
+
+
 def stage_checkpoint(stage: str, path: Path) -> dict[str, Any]:
     """The run checkpoint at ``path``, refused when another stage wrote it."""
     state = load_checkpoint(path)
@@ -233,8 +313,10 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
 
 
 def evaluate(backbone: torch.nn.Module | None, cfg: Any, device: torch.device, linear: bool = True) -> dict[str, float]:
-    """k-NN (and linear-probe) top-1 on the test split; {} when the dataset has no labelled test split."""
+    """``mimco eval``: the protocols ``knn`` (and ``linear``) on the test split, the features extracted
+    once; {} when the dataset has no labelled test split, and on every process but the main one."""
     splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
     if not has_labels(*splits):
         return {}
-    return probe_backbone(backbone, splits, cfg.data, cfg.eval, device, linear, seed=cfg.train.seed).metrics()
+    probe = Probe(backbone, cfg.data, splits, cfg.eval, device, cfg.train.precision, cfg.train.seed, batch_size=512)
+    return run_protocols(["knn", "linear"] if linear else ["knn"], probe)

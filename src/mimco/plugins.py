@@ -25,7 +25,7 @@ from types import ModuleType
 from mimco.errors import MimcoError
 
 #: mimco's own modules that register methods (imported by name: they sit above the config layer)
-BUILTIN = ("mimco.methods", "mimco.eval.finetune", "mimco.eval.segfinetune")
+BUILTIN = ("mimco.methods", "mimco.eval.finetune", "mimco.eval.segfinetune", "mimco.pipeline")
 #: the entry-point group of installed plugins
 GROUP = "mimco.plugins"
 _loaded = False

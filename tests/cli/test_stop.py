@@ -20,13 +20,9 @@ LONG = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "
         "optim.warmup_epochs=0.25", "train.progress=false", "train.log_every=1", "train.threads=1"]
 DEMO = """
 import sys
-from mimco.cli import demo
-from mimco.cli.main import main
-demo.QUICK = {quick!r}
-run = demo.run_demo
-demo.run_demo = lambda out, quick, threads: run(out, quick, threads, teacher=("moco.mlp_dim=64", "moco.proj_dim=32"),
-                                                student=("loss.head_hidden_dim=64",))
-sys.exit(main(["demo", "--out", {out!r}, "--quick"]))
+from mimco.cli import main
+main.QUICK = {quick!r}
+sys.exit(main.main(["demo", "--out", {out!r}, "--quick"]))
 """
 
 
@@ -43,7 +39,9 @@ def _stop_when(proc: subprocess.Popen, folder: Path, timeout: float = 600) -> tu
 
 
 def test_sigterm_in_the_demos_teacher_stage_stops_the_demo(tmp_path):
-    code = DEMO.format(quick=[*LONG, "optim.epochs=200"], out=str(tmp_path))  # --quick's overrides, made long
+    quick = [*LONG, "optim.epochs=200", "teacher:moco.mlp_dim=64", "teacher:moco.proj_dim=32",
+             "mimco:loss.head_hidden_dim=64"]
+    code = DEMO.format(quick=quick, out=str(tmp_path))  # --quick's overrides, made long
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     code, out, err = _stop_when(proc, tmp_path)

@@ -25,28 +25,30 @@ def test_linear_probe_separable_and_shuffled():
     assert linear_probe(x[:400], shuffled, x[400:], y[400:], epochs=20, batch_size=128) < 45
 
 
-def test_probe_backbone_takes_its_settings_from_the_eval_config():
-    """The one evaluation: k-NN with the config's k, temperature and bank cap, as computed by hand."""
-    from mimco.config import DataConfig, EvalConfig
-    from mimco.data.build import ImageArray
-    from mimco.eval import extract_features, probe_backbone
+def test_mimco_eval_takes_its_settings_from_the_eval_config():
+    """``mimco eval`` (:func:`mimco.pipeline.evaluate`): k-NN with the config's k, temperature and bank
+    cap, and the linear probe with the run's seed, as computed by hand."""
+    from mimco.config import PretrainConfig, apply_overrides
+    from mimco.data.build import ImageArray, load_dataset
+    from mimco.eval import extract_features
+    from mimco.pipeline import evaluate
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 3, (300,), generator=g)
-    images = (torch.rand(300, 1, 8, 8, generator=g) * 120 + labels.view(-1, 1, 1, 1) * 60).to(torch.uint8)
-    train, test = ImageArray(images[:200], labels[:200], 1), ImageArray(images[200:], labels[200:], 1)
-    data = DataConfig(name="procedural", img_size=8, channels=1)
     device = torch.device("cpu")
-    for ev in (EvalConfig(knn_k=1, knn_temperature=0.5), EvalConfig(knn_k=15, max_train=50)):
-        r = probe_backbone(None, (train, test), data, ev, device, linear=False)
+    for over in (["eval.knn_k=1", "eval.knn_temperature=0.5"], ["eval.knn_k=15", "eval.max_train=50"]):
+        cfg = apply_overrides(PretrainConfig(), ["data.name=procedural", "data.img_size=8", "data.channels=1",
+                                                 "data.procedural_size=200", *over], model_keys=False)
+        train, test = load_dataset(cfg.data, True), load_dataset(cfg.data, False)
+        got = evaluate(None, cfg, device, linear=False)
+        ev = cfg.eval
         bank = ImageArray(train.images[: ev.max_train or None], train.labels[: ev.max_train or None], 1)
-        ftr, ytr = extract_features(None, bank, data, device)
-        fte, yte = extract_features(None, test, data, device)
-        assert r.knn_top1 == knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature)
-        assert r.linear_top1 is None and r.metrics() == {"knn_top1": round(r.knn_top1, 2)}
-    both = probe_backbone(None, (train, test), data, EvalConfig(), device, seed=3)
-    ftr, ytr = extract_features(None, train, data, device)
-    assert both.linear_top1 == linear_probe(ftr, ytr, fte, yte, seed=3)
+        ftr, ytr = extract_features(None, bank, cfg.data, device)
+        fte, yte = extract_features(None, test, cfg.data, device)
+        assert got["knn_top1"] == round(knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature), 2)
+        assert "linear_top1" not in got
+    cfg.train.seed, cfg.eval.max_train = 3, 0
+    both = evaluate(None, cfg, device)
+    ftr, ytr = extract_features(None, train, cfg.data, device)
+    assert both["linear_top1"] == round(linear_probe(ftr, ytr, fte, yte, seed=3), 2)
 
 
 def test_attention_picture_takes_a_batch_on_the_gpu(tmp_path):

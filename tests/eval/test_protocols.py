@@ -49,7 +49,7 @@ def test_builtin_protocols_score_what_the_kernels_score_and_extract_once(monkeyp
 
 
 def test_unknown_names_and_options_are_one_line():
-    with pytest.raises(MimcoError, match=r"unknown evaluation protocol 'linaer'; choose few, knn.* \(did you mean "
+    with pytest.raises(MimcoError, match=r"unknown evaluation protocol 'linaer'; choose .*knn.* \(did you mean "
                                          r"linear\?\)"):
         protocols.get_protocol("linaer")
     with pytest.raises(MimcoError, match="protocol knn takes no options; drop knn.k"):
@@ -75,3 +75,20 @@ def test_a_run_ends_with_its_protocols_and_refuses_an_unknown_one_before_any_dat
     assert got["knn_top1"] == summary["knn_top1"] and got["linear_top1"] == summary["linear_top1"]
     row = json.loads((tmp_path / "rows" / "results.jsonl").read_text().splitlines()[0])
     assert row["command"] == "probe" and row["config"]["protocols"] == ["knn", "linear"]
+
+
+def test_a_study_cell_pools_seeds_and_subsets_as_one_list_would():
+    """Mean ± sample std over every (model seed, label subset) pair, from each seed's mean, std and
+    count, equal to ``statistics`` over the pooled list; one seed: its own mean ± std."""
+    import random
+    import statistics
+
+    rng = random.Random(0)
+    values = [[rng.uniform(30, 60) for _ in range(n)] for n in (3, 3, 2)]
+    runs = [{"top1": statistics.mean(v), "top1_std": statistics.stdev(v), "n": len(v)} for v in values]
+    pooled = [x for v in values for x in v]
+    assert protocols.spread_cell(runs, "top1", "n") == f"{statistics.mean(pooled):.1f} ± {statistics.stdev(pooled):.1f}"
+    assert protocols.spread_cell(runs[:1], "top1", "n") == f"{runs[0]['top1']:.1f} ± {runs[0]['top1_std']:.1f}"
+    means = [r["top1"] for r in runs]
+    assert protocols.spread_cell(runs, "top1") == f"{statistics.mean(means):.1f} ± {statistics.stdev(means):.1f}"
+    assert protocols.cell([]) == "-" and protocols.cell([71.04]) == "71.0"

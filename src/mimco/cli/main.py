@@ -95,16 +95,33 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mimco.cli.demo import run_demo
-    from mimco.pipeline import StageStopped
+#: ``mimco demo --quick``: 6k images, 2 epochs a stage, fewer scenes (checks the machinery only)
+QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5", "segprobe.scenes=500",
+         "segprobe.val_scenes=200"]
 
+
+def _study(args: argparse.Namespace) -> int:
+    """``mimco study SPEC`` and ``mimco demo`` (the bundled spec ``demo``): a stop prints the command that resumes."""
+    import shlex
+
+    from mimco.pipeline import StageStopped
+    from mimco.studies import load_spec, run_study, with_overrides
+
+    demo = args.command == "demo"
+    spec = load_spec("demo" if demo else args.spec)
+    if not demo and args.seeds:
+        spec.seeds = [int(v) for v in args.seeds.split(",")]
+    over = [*(QUICK if demo and args.quick else []), *([f"train.threads={args.threads}"] if args.threads else []),
+            *getattr(args, "overrides", [])]
+    out = Path(args.out or f"runs/{spec.name}")
     try:
-        run_demo(Path(args.out), quick=args.quick, threads=args.threads)
+        run_study(with_overrides(spec, over), out, quick=demo and args.quick)
     except StageStopped as e:
-        again = " ".join(["mimco demo", f"--out {args.out}", *(["--quick"] if args.quick else []),
-                          *([f"--threads {args.threads}"] if args.threads else [])])
-        print(f"mimco: {e}; the demo stops here. Resume it with:\n  {again}", file=sys.stderr)
+        again = (["mimco", "demo", "--out", str(out), *(["--quick"] if args.quick else [])] if demo
+                 else ["mimco", "study", args.spec, "--out", str(out), *(["--seeds", args.seeds] if args.seeds else []),
+                       *args.overrides])
+        again += [f"--threads={args.threads}"] if args.threads else []
+        print(f"mimco: {e}; the {args.command} stops here. Resume it with:\n  {shlex.join(again)}", file=sys.stderr)
         return e.exit_code
     return 0
 
@@ -158,7 +175,7 @@ def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     from mimco.cli.evaluate import HANDLERS
 
     return {"teacher": partial(_train, "teacher"), "pretrain": partial(_train, "pretrain"), "eval": _eval,
-            "export": _export, "inspect": _inspect, "demo": _demo, "shards": _shards, **HANDLERS}
+            "export": _export, "inspect": _inspect, "demo": _study, "study": _study, "shards": _shards, **HANDLERS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); finished stages are reused")
     d.add_argument("--quick", action="store_true", help="a short version on 6k images (checks the machinery only)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    st = sub.add_parser("study", help="a study spec (YAML, or a bundled name: demo): its runs over seeds, every row "
+                                      "scored by its evaluation protocols, one table and the pictures")
+    st.add_argument("spec", help="a study spec file (docs/evaluation.md#studies) or a bundled one's name (demo)")
+    st.add_argument("--out", help="output folder (default runs/<spec name>); finished runs are reused")
+    st.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (default: the spec's)")
+    st.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    st.add_argument("overrides", nargs="*", metavar="[RUN:]KEY=VALUE",
+                    help="KEY=VALUE for every run, RUN:KEY=VALUE for one, PROTOCOL.key=value for a protocol's option")
     return p
 
 

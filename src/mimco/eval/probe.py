@@ -1,41 +1,18 @@
-"""Evaluate a frozen backbone: features of both splits, weighted k-NN and the fast linear probe.
-
-The one function behind ``mimco eval``, the demo's table and the study's rows (the end of a
-training run and ``mimco probe`` run the registered protocols, :mod:`mimco.eval.protocols`).
-"""
+"""Helpers of the probes: which splits can be scored, the k-NN bank, the few-label protocol's
+subsets and the spread of its scores (the protocols themselves: :mod:`mimco.eval.protocols`)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mimco import distributed as dist
 from mimco.config import DataConfig, EvalConfig
 from mimco.data.build import ImageArray
 from mimco.data.subsets import labelled_subset, take
 from mimco.eval.features import extract_features_distributed
-from mimco.eval.knn import knn_accuracies, knn_accuracy
+from mimco.eval.knn import knn_accuracies
 from mimco.eval.linear import linear_probe
-
-
-@dataclass
-class ProbeResult:
-    """Top-1 (%) of one backbone, and the test features behind it (for t-SNE)."""
-
-    knn_top1: float
-    linear_top1: float | None
-    seconds: float
-    test_features: torch.Tensor = field(repr=False)
-    test_labels: torch.Tensor = field(repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        out = {"knn_top1": round(self.knn_top1, 2)}
-        if self.linear_top1 is not None:
-            out["linear_top1"] = round(self.linear_top1, 2)
-        return out
 
 
 def has_labels(train: Any, test: Any) -> bool:
@@ -55,44 +32,20 @@ def bank_split(train: Any, ev: EvalConfig) -> Any:
     return take(train, sample.sort().values)
 
 
-def probe_backbone(backbone: torch.nn.Module | None, splits: tuple[Any, Any], data: DataConfig, ev: EvalConfig,
-                   device: torch.device, linear: bool = True, seed: int = 0) -> ProbeResult:
-    """k-NN (``ev.knn_k``, ``ev.knn_temperature``, a bank of at most ``ev.max_train`` images) and,
-    with ``linear``, the linear probe on frozen CLS features of ``backbone`` (None: raw pixels).
-    Under torchrun every process extracts its share of both splits, the main process scores them
-    and hands the numbers to the others (whose ``test_features`` are empty)."""
-    start = time.perf_counter()
-    train, test = bank_split(splits[0], ev), splits[1]
-    bank = extract_features_distributed(backbone, train, data, device, batch_size=512)
-    queries = extract_features_distributed(backbone, test, data, device, batch_size=512)
-    shared = torch.full((2,), float("nan"), dtype=torch.float64, device=device)
-    if bank is None or queries is None:  # not the main process: it waits for the main one's numbers
-        dist.broadcast_(shared)
-        knn, lin = shared.tolist()
-        empty = torch.empty(0)
-        return ProbeResult(knn, lin if linear else None, time.perf_counter() - start, empty, empty.long())
-    (ftr, ytr), (fte, yte) = bank, queries
-    scored = [t.to(device) for t in (ftr, ytr, fte, yte)]  # scored (and the probe trained) on the run's device
-    knn = knn_accuracy(*scored, ev.knn_k, ev.knn_temperature)
-    lin = linear_probe(*scored, seed=seed) if linear else None
-    if dist.is_dist():
-        shared[0], shared[1] = knn, lin if lin is not None else float("nan")
-        dist.broadcast_(shared)
-    return ProbeResult(knn, lin, time.perf_counter() - start, fte, yte)
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
-def spread_metrics(values: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
-    """{prefix + name: mean, prefix + name + "_std": standard deviation} of values over label subsets."""
+def spread_metrics(values: dict[str, list[float]], prefix: str = "", digits: int | None = 2) -> dict[str, float]:
+    """{prefix + name: mean, prefix + name + "_std": standard deviation} of values over label subsets
+    (or probe heads), rounded to ``digits`` (None: as computed)."""
     out: dict[str, float] = {}
     for key, vals in values.items():
         m, sd = mean_std(vals)
-        out[f"{prefix}{key}"], out[f"{prefix}{key}_std"] = round(m, 2), round(sd, 2)
+        out[f"{prefix}{key}"], out[f"{prefix}{key}_std"] = (m, sd) if digits is None else (round(m, digits),
+                                                                                           round(sd, digits))
     return out
 
 

@@ -38,6 +38,21 @@ def write_result(out_dir: str | Path, row: dict[str, Any]) -> Path:
     return out / "results.jsonl"
 
 
+def write_table(rows: list[dict[str, Any]], out: Path, header: str, name: str = "results") -> str:
+    """``out/<name>.md`` (``header``, then the rows as a Markdown table) and ``out/<name>.csv``;
+    returns the Markdown."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="-")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(md)
+    return md
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
