@@ -310,13 +310,3 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
     cfg = apply_overrides(cfg, overrides)
     check_resume(state["config"], cfg)
     return cfg, state, path.parent
-
-
-def evaluate(backbone: torch.nn.Module | None, cfg: Any, device: torch.device, linear: bool = True) -> dict[str, float]:
-    """``mimco eval``: the protocols ``knn`` (and ``linear``) on the test split, the features extracted
-    once; {} when the dataset has no labelled test split, and on every process but the main one."""
-    splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-    if not has_labels(*splits):
-        return {}
-    probe = Probe(backbone, cfg.data, splits, cfg.eval, device, cfg.train.precision, cfg.train.seed, batch_size=512)
-    return run_protocols(["knn", "linear"] if linear else ["knn"], probe)

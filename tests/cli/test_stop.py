@@ -20,8 +20,8 @@ LONG = [*TINY_DATA, *TINY_MODEL, "data.channels=3", "model.pos_embed=learned", "
         "optim.warmup_epochs=0.25", "train.progress=false", "train.log_every=1", "train.threads=1"]
 DEMO = """
 import sys
-from mimco.cli import main
-main.QUICK = {quick!r}
+from mimco.cli import main, train
+train.QUICK = {quick!r}
 sys.exit(main.main(["demo", "--out", {out!r}, "--quick"]))
 """
 

@@ -25,28 +25,31 @@ def test_linear_probe_separable_and_shuffled():
     assert linear_probe(x[:400], shuffled, x[400:], y[400:], epochs=20, batch_size=128) < 45
 
 
-def test_mimco_eval_takes_its_settings_from_the_eval_config():
-    """``mimco eval`` (:func:`mimco.pipeline.evaluate`): k-NN with the config's k, temperature and bank
+def test_mimco_eval_takes_its_settings_from_the_eval_config(tmp_path, capsys):
+    """``mimco eval`` (the protocols knn and linear): k-NN with the config's k, temperature and bank
     cap, and the linear probe with the run's seed, as computed by hand."""
+    import json
+
+    from mimco.cli.main import main
     from mimco.config import PretrainConfig, apply_overrides
     from mimco.data.build import ImageArray, load_dataset
     from mimco.eval import extract_features
-    from mimco.pipeline import evaluate
 
     device = torch.device("cpu")
+    data = ["data.name=procedural", "data.img_size=8", "data.channels=1", "data.procedural_size=200"]
     for over in (["eval.knn_k=1", "eval.knn_temperature=0.5"], ["eval.knn_k=15", "eval.max_train=50"]):
-        cfg = apply_overrides(PretrainConfig(), ["data.name=procedural", "data.img_size=8", "data.channels=1",
-                                                 "data.procedural_size=200", *over], model_keys=False)
+        assert main(["eval", "pixels", *data, *over, "--no-linear", "--out", str(tmp_path)]) == 0
+        got = json.loads(capsys.readouterr().out)
+        cfg = apply_overrides(PretrainConfig(), [*data, *over], model_keys=False)
         train, test = load_dataset(cfg.data, True), load_dataset(cfg.data, False)
-        got = evaluate(None, cfg, device, linear=False)
         ev = cfg.eval
         bank = ImageArray(train.images[: ev.max_train or None], train.labels[: ev.max_train or None], 1)
         ftr, ytr = extract_features(None, bank, cfg.data, device)
         fte, yte = extract_features(None, test, cfg.data, device)
         assert got["knn_top1"] == round(knn_accuracy(ftr, ytr, fte, yte, ev.knn_k, ev.knn_temperature), 2)
         assert "linear_top1" not in got
-    cfg.train.seed, cfg.eval.max_train = 3, 0
-    both = evaluate(None, cfg, device)
+    assert main(["eval", "pixels", *data, "train.seed=3", "--out", str(tmp_path)]) == 0
+    both = json.loads(capsys.readouterr().out)
     ftr, ytr = extract_features(None, train, cfg.data, device)
     assert both["linear_top1"] == round(linear_probe(ftr, ytr, fte, yte, seed=3), 2)
 
