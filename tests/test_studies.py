@@ -150,3 +150,15 @@ def test_a_run_cut_short_is_not_scored_and_a_scoring_key_does_not_retrain(tmp_pa
     assert "training in" not in capsys.readouterr().err
     scores = json.loads((tmp_path / "out" / "teacher" / "study-eval.json").read_text())
     assert len(scores) == 2  # k = 20 and k = 3, one run
+
+
+@pytest.mark.parametrize("text, message", [
+    ("runs: [teacher", "is not valid YAML"),
+    ("- teacher", "must hold a mapping (runs:, rows:, protocols:, ...), not list"),
+])
+def test_a_spec_that_is_no_mapping_is_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MimcoError, match=None) as e:
+        load_spec(path)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -615,6 +615,17 @@ def config_path(name: str | Path | None) -> str | Path | None:
     return bundled if bundled.is_file() else name
 
 
+def read_mapping(path: Path, what: str, holds: str) -> dict:
+    """The YAML mapping in ``path`` (``what`` it is and what it ``holds``, for the one-line errors)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MimcoError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MimcoError(f"{what} {path} must hold {holds}, not {type(data).__name__}")
+    return data
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 model_keys: bool = True) -> C:
     """Build the config of ``cls``'s stage from defaults, then the YAML file at ``path`` (a file, or
@@ -627,12 +638,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not p.is_file():
             raise MimcoError(f"config file not found: {p} (configs live in configs/; pass --config "
                              "configs/<name>.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MimcoError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise MimcoError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+        data = read_mapping(p, "config file", "a mapping of sections")
     base = base_class(cls)
     method = data.get("method", _default_method(base)) if hasattr(base, "STAGE") else None
     for text in overrides:

@@ -49,7 +49,7 @@ import torch
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import BUNDLED, choices_text, load_config, parse_override, to_dict
+from mimco.config import BUNDLED, choices_text, load_config, parse_override, read_mapping, to_dict
 from mimco.data.build import class_names, load_dataset
 from mimco.distributed import is_main
 from mimco.errors import MimcoError
@@ -170,12 +170,7 @@ def load_spec(spec: str | Path) -> StudySpec:
     """The checked spec of a file or bundled name: every key known, every run, row, protocol and
     picture resolvable, each mistake one line naming the fix."""
     path = spec_path(spec)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MimcoError(f"study spec {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise MimcoError(f"study spec {path} must be a mapping (runs:, rows:, protocols:, ...)")
+    raw = read_mapping(path, "study spec", "a mapping (runs:, rows:, protocols:, ...)")
     fields = [f.name for f in dataclasses.fields(StudySpec) if f.name != "name"]
     _keys(str(path), raw, fields)
     if not isinstance(raw.get("runs"), dict) or not raw["runs"]:

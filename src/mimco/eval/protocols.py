@@ -4,9 +4,10 @@ A protocol registers a function ``run(probe, options) -> metrics`` under a name,
 its own options (:func:`register_protocol`); :class:`Probe` hands it the backbone, the data and the
 features of both splits, extracted once and shared by every protocol of one call. The end of a
 training run (``eval.protocols``, at ``eval.at_end``) and ``mimco probe NAME CKPT`` run them;
-``knn`` (weighted k-NN: ``eval.knn_k``, ``eval.knn_temperature``), ``linear`` (the fast linear probe
-with its learning-rate grid) and ``few`` (k-NN and linear probe from ``eval.few_per_class`` labels
-per class over ``eval.few_label_seeds`` subsets) are mimco's own. A protocol defined outside the
+``knn`` (weighted k-NN: ``eval.knn_k``, ``eval.knn_temperature``), ``linear`` (the fast linear probe,
+SGD at learning rate 0.1), ``few`` (k-NN and linear probe from ``eval.few_per_class`` labels per
+class over ``eval.few_label_seeds`` subsets) and ``segprobe`` are mimco's own (``finetune`` and
+``segfinetune``, which train, register in :mod:`mimco.pipeline`). A protocol defined outside the
 package registers the same way and loads as a plugin (``--plugin FILE``, or an installed package's
 ``mimco.plugins`` entry point)::
 
@@ -235,10 +236,10 @@ def knn_protocol(probe: Probe, opts: None) -> dict[str, float]:
 @register_protocol("linear",
                    columns=lambda runs, opts, ev: {"linear probe top-1": cell([m["linear_top1"] for m in runs
                                                                                  if "linear_top1" in m])},
-                   note=lambda opts, ev: "linear probe: BatchNorm + linear on frozen CLS features")
+                   note=lambda opts, ev: "linear probe: BatchNorm + linear on frozen CLS features, SGD at lr 0.1")
 def linear_protocol(probe: Probe, opts: None) -> dict[str, float]:
-    """The fast linear probe (BatchNorm without affine + linear, on features extracted once; its
-    learning rate chosen from a grid on a held-out tenth of the training split)."""
+    """The fast linear probe (BatchNorm without affine + linear, SGD for 30 epochs at learning rate
+    0.1, :data:`mimco.eval.linear.DEFAULT_LR`, on features extracted once); ``mimco linprobe`` tunes it."""
     from mimco.eval.linear import linear_probe
 
     got = probe.features()
