@@ -505,8 +505,9 @@ def performance(a: argparse.Namespace, env: dict, budget: Budget, report: Report
         comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
         print(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['images_per_s']} | {r['ms_per_step']} | "
               f"{r['achieved_tflops']} | {r['mfu']:.1%} | {card} | {r['peak_memory_gib']} | {comp} |")
-    for arch, b in fits.items():
-        print(f"largest batch that fits, {arch} eager bf16 (doubling from {rows[0]['batch'] if rows else '?'}): {b}")
+    for arch, b in fits.items():  # each model's search starts at its own measured batch
+        start = next((r["batch"] for r in rows if r["model"].startswith(f"{arch} ")), "?")
+        print(f"largest batch that fits, {arch} eager bf16 (doubling from {start}, while time lasts): {b}")
     first = rows[0] if rows else {}
     return {"device": name, "bf16_matmul_tflops": round(matmul, 3), "card_peak_tflops": peak, "rows": rows,
             "best_batch": fits, "images_per_s": first.get("images_per_s", 0.0), "mfu": first.get("mfu", 0.0),
