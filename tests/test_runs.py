@@ -82,16 +82,17 @@ def test_every_stage_has_its_config_and_a_registered_method():
 def test_a_summary_write_that_fails_midway_keeps_the_previous_one(tmp_path, monkeypatch):
     """summary.json tells the SLURM script (and --resume) where a run is; a process killed while
     writing it must leave the previous one whole, not half a file."""
-    from pathlib import Path
+    import json
 
     write_summary(tmp_path, {"step": 5, "total_steps": 10})
-    real = Path.write_text
+    real = json.dumps
 
-    def dies_midway(self, text, *a, **kw):
-        real(self, text[: len(text) // 2], *a, **kw)
+    def dies_midway(obj, f, **kw):
+        text = real(obj, **kw)
+        f.write(text[: len(text) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", dies_midway)
+    monkeypatch.setattr(json, "dump", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         write_summary(tmp_path, {"step": 10, "total_steps": 10})
     monkeypatch.undo()

@@ -92,9 +92,9 @@ def _spec(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"protocol": ["knn"]}, "unknown key 'protocol' (did you mean protocols?)"),
+    ({"protocol": ["knn"]}, "unknown config key 'protocol'; did you mean protocols"),
     ({"runs": {"s": {"stage": "pretrain", "teacher": "t"}}}, "teacher 't' is not a run listed before it"),
-    ({"runs": {"t": {"stage": "finetune"}}}, "stage must be teacher or pretrain"),
+    ({"runs": {"t": {"stage": "finetune"}}}, "unknown run.stage 'finetune'; choose teacher or pretrain"),
     ({"rows": [{"name": "x"}]}, "row 'x' needs either run:"),
     ({"rows": [{"name": "x", "run": "nope"}]}, "run 'nope' is not among the runs (teacher)"),
     ({"rows": [{"name": "x", "backbone": "noise"}]}, "backbone must be"),
@@ -105,7 +105,7 @@ def _spec(tmp_path, **changes):
     ({"eval_run": "student"}, "eval_run 'student' is not among the runs"),
     ({"runs": {"a": {"stage": "teacher", "seeds": "first"}, "b": {"stage": "pretrain", "teacher": "a"}}},
      "trains for every seed but 'a' for the first alone"),
-    ({"seeds": 3}, "seeds must be a list, e.g. [0, 1, 2]"),
+    ({"seeds": 3}, "config key 'seeds' expects a list"),
 ])
 def test_a_bad_spec_is_one_line_naming_the_fix(tmp_path, changes, message):
     with pytest.raises(MimcoError, match=None) as e:

@@ -51,18 +51,13 @@ def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
     ``cfg.train.out_dir/cfg.train.name``; the run continues under ``cfg``, which may change what a
     resume can change (a longer ``optim.epochs``, ``train.max_steps``), and nothing else."""
     from mimco.config_rules import check_resume
-    from mimco.pipeline import run_dir_for, run_stage, stage_checkpoint
-    from mimco.runs import resume_path
+    from mimco.pipeline import resume_checkpoint, run_dir_for, run_stage
 
     stage = stage_of(cfg)
-    state, run_dir = None, None
+    state, run_dir = None, run_dir_for(cfg, stage, False) if resume is None else None
     if resume is not None:
-        path = resume_path(Path(cfg.train.out_dir) / cfg.train.name) if str(resume) == "auto" else Path(resume)
-        state = stage_checkpoint(stage, path)
+        state, run_dir = resume_checkpoint(stage, cfg, resume)
         check_resume(state["config"], cfg)  # what a resume cannot change (the data, the model, the seed) is refused
-        run_dir = path.parent
-    else:
-        run_dir = run_dir_for(cfg, stage, False)
     inputs: dict[str, Any] = {}
     if stage in ("finetune", "segfinetune"):
         if backbone is None:

@@ -31,17 +31,7 @@ DatasetName = Literal["imagefolder", "folder", "fashion_mnist", "cifar10", "cifa
                       "segfolder", "fmnist_scenes"]
 Decode = Literal["cpu", "gpu"]
 Arch = Literal["vit_mini", "vit_tiny", "vit_small", "vit_base"]
-PosEmbed = Literal["learned", "sincos"]
-Init = Literal["timm", "mocov3"]
-MaskType = Literal["random", "block"]
 Encoder = Literal["momentum", "base"]
-ImageTarget = Literal["cls", "mean", "projector"]
-Resample = Literal["area", "bilinear"]
-TargetNorm = Literal["none", "layernorm"]
-Precision = Literal["fp32", "bf16", "fp16"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-Strategy = Literal["ddp", "fsdp"]
-Pool = Literal["avg", "token"]
 
 
 def setting(default: Any, *, min: float | None = None, above: float | None = None, what: str = "",
@@ -113,10 +103,11 @@ class ModelConfig:
     num_heads: int = 0  # MoCo v3 ViT-S uses 12, DINO/DeiT ViT-S 6
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
-    pos_embed: PosEmbed = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
+    pos_embed: Literal["learned", "sincos"] = "learned"  # learned | sincos (MoCo v3's fixed 2-D table)
     freeze_patch_embed: bool = False  # MoCo v3's frozen random patch projection
-    init: Init = "timm"  # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch
-    #                     projection with zero bias; the stage-1 default)
+    # timm (trunc-normal 0.02) | mocov3 (xavier-uniform Linear, q/k/v apart, xavier patch projection with zero bias;
+    # the stage-1 default)
+    init: Literal["timm", "mocov3"] = "timm"
     # continued pre-training: start the trained ViT (stage 2: the student; stage 1: both encoders) from the backbone
     # in this file (any format mimco reads: a mimco run, timm/safetensors, a hub folder, MoCo v3, DINO, MAE, DINOv2,
     # ...); the position table is resampled to this grid. "" = from scratch. Not on resume.
@@ -154,7 +145,7 @@ class MimAugConfig:
 
 @dataclass
 class MaskConfig:
-    type: MaskType = "random"  # random (SimMIM) | block (BEiT)
+    type: Literal["random", "block"] = "random"  # random (SimMIM) | block (BEiT)
     ratio: float = 0.6
     mask_patch_size: int = 0  # pixels; 0 = the model's patch size
     min_block_patches: int = 4
@@ -171,15 +162,15 @@ class FrozenTeacherConfig:
     model: str = setting("", fixed=True)
     encoder: Encoder = "momentum"  # momentum | base (DINO full checkpoints: momentum = teacher, base = student)
     # cls | mean (of the teacher's patch tokens) | projector (MoCo MLP or CLIP projection)
-    image_target: ImageTarget = setting("cls", fixed=True)
+    image_target: Literal["cls", "mean", "projector"] = setting("cls", fixed=True)
     num_heads: int = 0  # 0 = from the checkpoint's format (MoCo v3: 12) or width / 64
     # the teacher's input side in pixels; 0 = data.img_size
     img_size: int = setting(0, min=0, what="the teacher's image side (0 = data.img_size)", fixed=True)
     mean: list[float] = field(default_factory=list)  # [] = the teacher's own (CLIP, timm, hub folder) or data.mean
     std: list[float] = field(default_factory=list)
-    resample: Resample = "area"  # area | bilinear: the teacher's patch map onto the student's grid, when they differ
+    resample: Literal["area", "bilinear"] = "area"  # the teacher's patch map onto the student's grid, when they differ
     layers: list[int] = field(default_factory=list)  # [] = final output; else the mean of these blocks' outputs
-    target_norm: TargetNorm = "none"  # none | layernorm (per token, no affine: MaskDistill, data2vec)
+    target_norm: Literal["none", "layernorm"] = "none"  # layernorm: per token, no affine (MaskDistill, data2vec)
 
 
     def check(self) -> None:
@@ -210,12 +201,12 @@ class TrainConfig:
     name: str = ""  # run folder name; "" = <stage>-<time>
     seed: int = setting(0, fixed=True)
     device: str = "auto"  # auto | cpu | cuda
-    precision: Precision = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a grad scaler)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: CPU and CUDA; fp16: CUDA, with a grad scaler
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (false: full fp32 everywhere)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile every ViT block, patch embedding and head (the first step compiles)
-    compile_mode: CompileMode = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    strategy: Strategy = "ddp"  # ddp | fsdp (FSDP2: shards the trained encoders, for ViT-L and up), under torchrun
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp (FSDP2) shards the trained encoders, for ViT-L+
     init_distributed: bool = False  # join a process group even at world size 1 (torchrun with one GPU), so the
     #                                 NCCL collectives (and FSDP) really run: benchmarks/gpu_check.sh uses it
     # how long a collective waits for the slowest process before the run fails
@@ -315,7 +306,7 @@ class FinetuneAugConfig:
 class ClassifierConfig:
     layer_decay: float = 0.75  # 0.65 for ViT-B
     drop_path_rate: float = 0.1
-    pool: Pool = setting("avg", fixed=True)  # avg (mean of patch tokens + fc_norm) | token (CLS)
+    pool: Literal["avg", "token"] = setting("avg", fixed=True)  # avg (mean of patch tokens + fc_norm) | token (CLS)
     # which encoder of a two-encoder checkpoint (MoCo v3, DINO); others have one
     encoder: Encoder = setting("momentum", fixed=True)
     num_heads: int = 0  # 0 = from the checkpoint
@@ -583,12 +574,13 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
 
 def load_section(cls: type[C], values: dict[str, Any], name: str) -> C:
     """An instance of the section dataclass ``cls`` from ``{key: value}``, typed and checked (ranges,
-    its own ``check()``) like a config's sections, its keys named ``name.key`` in every message."""
-    holder = dataclasses.make_dataclass("Section", [(name, cls, field(default_factory=cls))])
+    its own ``check()``) like a config's sections, its keys named ``name.key`` in every message
+    (``name=""``: ``key``)."""
+    holder = dataclasses.make_dataclass("Section", [(name, cls, field(default_factory=cls))]) if name else cls
     cfg = holder()
-    _apply(cfg, {name: values}, holder)
+    _apply(cfg, {name: values} if name else values, holder)
     validate(cfg)
-    return getattr(cfg, name)
+    return getattr(cfg, name) if name else cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

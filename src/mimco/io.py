@@ -36,9 +36,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def atomic_json(path: str | Path, obj: Any) -> None:
-    """``obj`` as compact JSON, written to a temporary file in the same folder and renamed over
-    ``path`` (readable as any file the user writes; ``mkstemp`` alone makes it private)."""
+def atomic_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
+    """``obj`` as JSON (compact, or indented by ``indent``), written to a temporary file in the same
+    folder and renamed over ``path`` (readable as any file the user writes; ``mkstemp`` alone makes it private)."""
     import json
 
     path = Path(path)
@@ -48,7 +48,7 @@ def atomic_json(path: str | Path, obj: Any) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
+            json.dump(obj, f, indent=indent, separators=None if indent else (",", ":"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

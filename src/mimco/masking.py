@@ -12,6 +12,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -33,17 +34,8 @@ def random_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """SimMIM random masking in units of ``mask_unit`` x ``mask_unit`` patches.
-
-    Args:
-        batch_size: B.
-        grid_size: (H, W) of the patch grid; both must divide by ``mask_unit``.
-        ratio: fraction of mask units hidden; exactly ``num_masked(units, ratio)`` per image.
-        mask_unit: side of one mask unit in patches (SimMIM's mask_patch_size / patch_size).
-        generator: torch generator for reproducibility.
-    Returns:
-        bool tensor (B, H*W).
-    """
+    """SimMIM random masking -> bool (B, H*W): exactly ``num_masked(units, ratio)`` units of
+    ``mask_unit`` x ``mask_unit`` patches hidden per image (SimMIM's mask_patch_size / patch_size)."""
     hc, wc = _unit_grid(grid_size, mask_unit)
     out = _lowest_units(torch.rand(batch_size, hc * wc, generator=generator), grid_size, ratio, mask_unit)
     return out.to(device) if device is not None else out
@@ -63,8 +55,7 @@ def _lowest_units(noise: torch.Tensor, grid_size: tuple[int, int], ratio: float,
     hc, wc = _unit_grid(grid_size, mask_unit)
     cells = torch.zeros(b, hc * wc, dtype=torch.bool)
     cells.scatter_(1, noise.argsort(dim=1)[:, : num_masked(hc * wc, ratio)], True)
-    cells = cells.view(b, hc, 1, wc, 1).expand(b, hc, mask_unit, wc, mask_unit)
-    return cells.reshape(b, grid_size[0] * grid_size[1])
+    return cells.view(b, hc, 1, wc, 1).expand(b, hc, mask_unit, wc, mask_unit).reshape(b, grid_size[0] * grid_size[1])
 
 
 def sample_blocks(
@@ -75,41 +66,33 @@ def sample_blocks(
     min_aspect: float = 0.3,
     max_attempts: int = 10,
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """BEiT blockwise masking of one image.
+    """BEiT blockwise masking of one image -> (mask (H, W) bool array, the accepted rectangles
+    (top, left, height, width)).
 
-    Rectangles of area in [min_patches, remaining] and aspect ratio h/w in
-    [min_aspect, 1/min_aspect] are placed until ``target`` patches are masked; a rectangle may
-    overlap earlier ones but never pushes the count past ``target``. When no further
-    rectangle fits (tiny grids), the remainder is filled with random single patches so the
-    count is exact.
-
-    Returns:
-        (mask (H, W) bool array, list of accepted rectangles (top, left, height, width)).
+    Rectangles of area in [min_patches, remaining] and aspect ratio h/w in [min_aspect,
+    1/min_aspect] are placed until ``target`` patches are masked, overlapping earlier ones but never
+    past ``target``; when none fits (tiny grids), random single patches make the count exact.
     """
     h, w = grid_size
     mask = np.zeros((h, w), dtype=bool)
     blocks: list[tuple[int, int, int, int]] = []
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
-    while mask.sum() < target:
-        remaining = target - int(mask.sum())
-        added = 0
+    while (remaining := target - int(mask.sum())) > 0:
         for _ in range(max_attempts):
             area = rng.uniform(min_patches, max(min_patches, remaining))
             aspect = math.exp(rng.uniform(log_lo, log_hi))
             bh = int(round(math.sqrt(area * aspect)))
             bw = int(round(math.sqrt(area / aspect)))
-            if not (1 <= bh <= h and 1 <= bw <= w):
-                continue
-            if bh * bw < min_patches or not (min_aspect <= bh / bw <= 1.0 / min_aspect):
+            if not (1 <= bh <= h and 1 <= bw <= w) or bh * bw < min_patches or \
+                    not (min_aspect <= bh / bw <= 1.0 / min_aspect):
                 continue
             top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
             new = bh * bw - int(mask[top : top + bh, left : left + bw].sum())
             if 0 < new <= remaining:
                 mask[top : top + bh, left : left + bw] = True
                 blocks.append((top, left, bh, bw))
-                added = new
                 break
-        if added == 0:
+        else:  # no rectangle fits
             free = np.flatnonzero(~mask.ravel())
             fill = rng.choice(free, size=remaining, replace=False)
             mask.ravel()[fill] = True
@@ -126,17 +109,11 @@ def block_mask(
     device: torch.device | str | None = None,
     first_index: int = 0,
 ) -> torch.Tensor:
-    """BEiT blockwise masking for a batch. Sample i is drawn from its own generator seeded by
-    (``seed``, ``first_index + i``), so a slice of a global batch equals the slice of its mask.
-
-    Returns:
-        bool tensor (B, H*W) with exactly ``num_masked(H*W, ratio)`` True values per row.
-    """
-    h, w = grid_size
-    target = num_masked(h * w, ratio)
+    """BEiT blockwise masking for a batch -> bool (B, H*W), ``num_masked(H*W, ratio)`` per row. Sample i
+    is drawn from its own generator seeded by (``seed``, ``first_index + i``): a batch's slice is the slice's mask."""
+    target = num_masked(grid_size[0] * grid_size[1], ratio)
     masks = [sample_blocks(grid_size, target, np.random.default_rng([seed, first_index + i]), min_patches,
-                           min_aspect)[0].ravel()
-             for i in range(batch_size)]
+                           min_aspect)[0].ravel() for i in range(batch_size)]
     out = torch.from_numpy(np.stack(masks))
     return out.to(device) if device is not None else out
 
@@ -161,28 +138,20 @@ def seeded_random_mask(
     mask_unit: int = 1,
     first_index: int = 0,
 ) -> torch.Tensor:
-    """:func:`random_mask` with sample i drawn from its own generator seeded by (``seed``,
-    ``first_index + i``), like :func:`block_mask`: a slice of a batch equals the batch's slice.
-
-    Returns:
-        bool tensor (B, H*W).
-    """
+    """:func:`random_mask` -> bool (B, H*W), sample i drawn from its own generator seeded by (``seed``,
+    ``first_index + i``), like :func:`block_mask`: a slice of a batch equals the batch's slice."""
     hc, wc = _unit_grid(grid_size, mask_unit)
     noise = np.stack([np.random.default_rng([seed, first_index + i]).random(hc * wc) for i in range(batch_size)])
     return _lowest_units(torch.from_numpy(noise), grid_size, ratio, mask_unit)
 
 
 class MaskGenerator:
-    """Builds the masks of step ``step`` from the config, deterministically.
-
-    The mask of sample ``j`` of a step's global batch depends only on (seed, step, j): a process
-    (or a micro-batch of gradient accumulation) whose slice starts at global index
-    ``first_index`` gets that slice's masks, so a run draws the same masks on any number of
+    """Builds the masks of step ``step`` from the config, deterministically: the mask of sample ``j`` of a
+    step's global batch depends only on (seed, step, j), so a run draws the same masks on any number of
     processes, with any accumulation, and after a resume.
 
-    Masks are built on the host, one step ahead, in a background thread (``prefetch``): blockwise
-    masks are a per-sample Python loop, which would otherwise sit on the training step's
-    critical path.
+    Masks are built on the host one step ahead in a background thread (``prefetch``): blockwise masks
+    are a per-sample Python loop, which would otherwise sit on the training step's critical path.
     """
 
     def __init__(self, kind: str, ratio: float, grid_size: tuple[int, int], mask_unit: int = 1,
@@ -190,9 +159,8 @@ class MaskGenerator:
         if kind not in ("random", "block"):
             raise ValueError(f"unknown mask type '{kind}'")
         self.kind, self.ratio, self.grid_size, self.mask_unit = kind, ratio, grid_size, mask_unit
-        self.min_patches, self.min_aspect, self.seed = min_patches, min_aspect, seed
+        self.min_patches, self.min_aspect, self.seed, self.prefetch = min_patches, min_aspect, seed, prefetch
         num_masked(grid_size[0] * grid_size[1] // (mask_unit * mask_unit), ratio)  # validates ratio
-        self.prefetch = prefetch
         self._ahead: dict[tuple[int, int, int], _Ahead] = {}
 
     @classmethod
@@ -206,9 +174,7 @@ class MaskGenerator:
     def count(self) -> int:
         """Masked patches per image (the same for every image)."""
         h, w = self.grid_size
-        if self.kind == "block":
-            return num_masked(h * w, self.ratio)
-        u = self.mask_unit
+        u = 1 if self.kind == "block" else self.mask_unit
         return num_masked((h // u) * (w // u), self.ratio) * u * u
 
     def build(self, batch_size: int, step: int, first_index: int = 0) -> torch.Tensor:
@@ -260,31 +226,22 @@ def join_pending() -> None:
 atexit.register(join_pending)
 
 
-class _Ahead:
+class _Ahead(threading.Thread):
     """``fn(*args)`` in a short-lived daemon thread (:func:`join_pending` waits for all of
     them at the end of a run, so a later fork of loader workers finds no thread holding a lock,
     and none is inside torch when the process exits); ``result()`` waits for it."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], args: tuple) -> None:
-        self._out: list[Any] = []
-        self._thread = threading.Thread(target=lambda: self._out.append(self._call(fn, args)), daemon=True,
-                                        name="mimco-masks")
+        super().__init__(daemon=True, name="mimco-masks")
+        self.fn, self.args, self.out = fn, args, Future()
         _PENDING.add(self)
-        self._thread.start()
+        self.start()
 
-    def join(self) -> None:
-        self._thread.join()
-
-    @staticmethod
-    def _call(fn: Callable[..., torch.Tensor], args: tuple) -> Any:
+    def run(self) -> None:
         try:
-            return fn(*args)
+            self.out.set_result(self.fn(*self.args))
         except BaseException as e:  # handed to the caller by result()
-            return e
+            self.out.set_exception(e)
 
     def result(self) -> torch.Tensor:
-        self.join()
-        out = self._out[0]
-        if isinstance(out, BaseException):
-            raise out
-        return out
+        return self.out.result()

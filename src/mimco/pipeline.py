@@ -214,13 +214,21 @@ class FinetuneOptions:
     overrides: list[str] = field(default_factory=list)  # e.g. [optim.epochs=1, data.labels_per_class=10]
 
 
-def finetune_config(data: DataConfig, overrides: list[str]) -> tuple[FinetuneConfig, str]:
-    """The fine-tuning config of ``data`` and ``overrides`` (no progress bar), and the short hash of
-    it that names its run folder (``finetune-<hash>``: a changed recipe fine-tunes again)."""
+def finetune_config(data: DataConfig, overrides: list[str]) -> FinetuneConfig:
+    """The fine-tuning config of ``data`` and ``overrides`` (no progress bar)."""
     cfg = load_config(FinetuneConfig, None, ["train.progress=false"])
     cfg.data = dataclasses.replace(data)
-    cfg = apply_overrides(cfg, [*overrides, "train.progress=false"])
-    return cfg, hashlib.sha256(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
+    return apply_overrides(cfg, [*overrides, "train.progress=false"])
+
+
+def _tuned(stage: str, cfg: Any, probe: Probe, backbone: torch.nn.Module) -> dict[str, Any]:
+    """The summary of ``stage`` run on ``backbone`` in ``probe.folder/<stage>-<hash of cfg>`` (a
+    changed recipe trains again), a finished one reused."""
+    if probe.folder is None:
+        raise MimcoError(f"the {stage} protocol needs a folder for its run; give the probe one (--out)")
+    key = hashlib.sha256(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
+    cfg.train.out_dir, cfg.train.name = str(probe.folder), f"{stage}-{key}"
+    return run_or_reuse(stage, cfg, probe.folder / cfg.train.name, say=stage, backbone=backbone)
 
 
 def _finetune_column(opts: FinetuneOptions) -> str:
@@ -238,11 +246,7 @@ def finetune_protocol(probe: Probe, opts: FinetuneOptions) -> dict[str, float]:
     ``probe.folder/finetune-<hash>``, a finished one reused; its test top-1. Raw pixels: nothing."""
     if probe.backbone is None:
         return {}
-    if probe.folder is None:
-        raise MimcoError("the finetune protocol needs a folder for its run; give the probe one (--out)")
-    cfg, key = finetune_config(probe.data, opts.overrides)
-    cfg.train.out_dir, cfg.train.name = str(probe.folder), f"finetune-{key}"
-    res = run_or_reuse("finetune", cfg, probe.folder / cfg.train.name, say="finetune", backbone=probe.backbone)
+    res = _tuned("finetune", finetune_config(probe.data, opts.overrides), probe, probe.backbone)
     return {"finetune_top1": res["top1"], "finetune_seconds": res["train_seconds"]}
 
 
@@ -263,41 +267,35 @@ def segfinetune_protocol(probe: Probe, opts: SegfinetuneOptions) -> dict[str, fl
     ``probe.folder/segfinetune-<hash>``, a finished one reused; its validation mIoU. Raw pixels: nothing."""
     if probe.backbone is None:
         return {}
-    if probe.folder is None:
-        raise MimcoError("the segfinetune protocol needs a folder for its run; give the probe one (--out)")
     cfg = segmentation_config(probe.data, opts, [*opts.overrides, "train.progress=false"])
-    key = hashlib.sha256(yaml.safe_dump(to_dict(cfg)).encode()).hexdigest()[:8]
-    cfg.train.out_dir, cfg.train.name = str(probe.folder), f"segfinetune-{key}"
-    res = run_or_reuse("segfinetune", cfg, probe.folder / cfg.train.name, say="segfinetune",
-                       backbone=probe.backbone_at(opts.img_size))
+    res = _tuned("segfinetune", cfg, probe, probe.backbone_at(opts.img_size))
     return {"segfinetune_miou": res["miou"], "segfinetune_seconds": res["train_seconds"]}
 
 
-def stage_checkpoint(stage: str, path: Path) -> dict[str, Any]:
-    """The run checkpoint at ``path``, refused when another stage wrote it."""
-    state = load_checkpoint(path)
+def resume_checkpoint(stage: str, cfg: Any, resume: str | Path) -> tuple[dict[str, Any], Path]:
+    """(the run checkpoint to resume, its run folder): ``resume`` is a ``last.pt``, or ``auto`` for
+    ``cfg.train.out_dir/cfg.train.name/last.pt``; refused when another stage wrote it."""
+    if str(resume) == "auto":
+        if not cfg.train.name:
+            raise MimcoError("--resume auto needs the run's folder: set train.name=<run name> (and train.out_dir)")
+        resume = resume_path(Path(cfg.train.out_dir) / cfg.train.name)
+    state = load_checkpoint(resume)
     if state["stage"] != stage:
-        raise MimcoError(f"{path} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")
-    return state
+        raise MimcoError(f"{resume} is a '{state['stage']}' checkpoint; resume it with `mimco {state['stage']}`")
+    return state, Path(resume).parent
 
 
 def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, ...],
              resume: str | None) -> tuple[Any, dict[str, Any] | None, Path | None]:
     """A stage command's (config, checkpoint to resume or None, run folder or None for a new one).
-    ``resume``: a ``last.pt``, or ``auto`` for ``train.out_dir/train.name/last.pt``; a resumed run
-    takes its saved config, then ``overrides`` (``train.max_steps`` back to 0 unless given), and
-    refuses changes to the keys fixed on resume (:func:`~mimco.config_rules.fixed_keys`)."""
+    ``resume``: as :func:`resume_checkpoint`'s; a resumed run takes its saved config, then
+    ``overrides`` (``train.max_steps`` back to 0 unless given), and refuses changes to the keys fixed
+    on resume (:func:`~mimco.config_rules.fixed_keys`)."""
     cls = STAGE_CONFIGS[stage]
     if not resume:
         return load_config(cls, config, overrides), None, None
-    if resume == "auto":
-        cfg = load_config(cls, config, overrides)
-        if not cfg.train.name:
-            raise MimcoError("--resume auto needs the run's folder: set train.name=<run name> (and train.out_dir)")
-        path = resume_path(Path(cfg.train.out_dir) / cfg.train.name)
-    else:
-        path = Path(resume)
-    state = stage_checkpoint(stage, path)
+    state, run_dir = resume_checkpoint(stage, load_config(cls, config, overrides) if resume == "auto" else None,
+                                       resume)
     saved_init = (state["config"].get("model") or {}).get("init_from", "")
     for o in overrides:  # the same value (a requeued job repeating its command) is the run's own: not loaded again
         key, _, value = o.partition("=")
@@ -309,4 +307,4 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
     cfg.train.max_steps = 0  # continue to the end of the schedule unless told otherwise below
     cfg = apply_overrides(cfg, overrides)
     check_resume(state["config"], cfg)
-    return cfg, state, path.parent
+    return cfg, state, run_dir

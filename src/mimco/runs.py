@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mimco.errors import MimcoError
-from mimco.io import atomic_save, save_weights, torch_load
+from mimco.io import atomic_json, atomic_save, save_weights, torch_load
 
 LOCK = ".lock"
 CHECKPOINT = "last.pt"
@@ -140,13 +140,7 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     """Write ``summary.json`` atomically: a process killed mid-write leaves the previous one."""
-    f = Path(run_dir) / SUMMARY
-    tmp = f.with_name(f.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, f)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_json(Path(run_dir) / SUMMARY, summary, indent=2)
 
 
 def finished(summary: dict[str, Any]) -> bool:

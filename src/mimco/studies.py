@@ -1,55 +1,31 @@
 """``mimco study SPEC``: runs (stage chains) x seeds x evaluation protocols, one table and the pictures.
 
-A spec is a YAML file, or a bundled one by name (``demo``: ``configs/studies/demo.yaml``)::
-
-    title: MoCo v3 teacher and MimCo student       # the table's first words
-    overrides: []                                  # KEY=VALUE for every run, as on the command line
-    runs:                                          # run folders, trained in this order
-      teacher: {stage: teacher, config: fmnist_teacher}
-      mimco: {stage: pretrain, config: fmnist_pretrain, teacher: teacher, overrides: [mask.ratio=0.6]}
-      mask75: {stage: pretrain, config: fmnist_pretrain, teacher: teacher, seeds: first}  # the first seed alone
-      long: {stage: teacher, config: fmnist_teacher, compute_of: [teacher, mimco]}  # epochs x their measured time
-    rows:                                          # the table, top to bottom
-      - {name: raw pixels, backbone: pixels}       # each patch's pixels (k-NN, linear probe: the image's)
-      - {name: random-init ViT, backbone: random}  # the evaluated run's model, seed 0
-      - {name: MoCo v3 teacher, run: teacher}
-      - {name: MimCo student, run: mimco}
-      - {name: mask 0.75, run: mask75, protocols: [knn, linear]}   # a row's own share of the protocols
-    seeds: []                                      # []: the configs' seed; [0, 1, 2]: train.seed, folders <run>-s<seed>
-    eval_run: mimco                                # whose data and eval keys score the rows (default: the last run)
-    protocols: [knn, linear, few, few100=few, segprobe]   # registered protocols, a plugin's too; NAME=PROTOCOL: another
-    options: {few100: {per_class: 100}, segprobe: {heads: 3}}   # instance of one, with options of its own
-    pictures: [tsne, curves, attention, pca]
-    shown: [MoCo v3 teacher, MimCo student]        # the rows the pictures show (default: all; runs for curves, ...)
-
-Each run is a normal run folder under OUT (``teacher: NAME``: stage 2 learns from that run's
-checkpoint, of the same seed). A finished run is reused (refused when its saved config differs
-outside ``train``, but for ``train.seed`` and ``train.precision``), an interrupted one resumed; a
-stopped one stops the study (:class:`~mimco.pipeline.StageStopped`) and the same command resumes
-it. Every row is scored by its protocols on features extracted once per row and seed
-(:class:`Probe`), each score kept in the row's folder (``study-eval.json``, keyed by the protocol,
-its options and the data and eval keys) and reused. The cells are the protocols' own
-(``register_protocol(columns=)``), mean ± std over the seeds (or, for one seed, over a protocol's
-label subsets or heads). OUT/results.md and results.csv hold the table.
+A spec is a YAML file, or a bundled one by name (``demo``: ``configs/studies/demo.yaml``); its keys
+are the fields of :class:`StudySpec`, :class:`RunSpec` and :class:`RowSpec`, and docs/evaluation.md#studies
+shows one whole. Each run is a normal run folder under OUT: a finished one is reused (refused when
+its :func:`_recipe` differs from the spec's), an interrupted one resumed, and a stop stops the study
+(:class:`~mimco.pipeline.StageStopped`). Every row is scored by its protocols on features extracted
+once per row and seed (:class:`Probe`), each score kept in the row's folder (``study-eval.json``) and
+reused; a cell is mean ± std over the seeds (one seed: over a protocol's label subsets or heads).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import BUNDLED, choices_text, load_config, parse_override, read_mapping, to_dict
+from mimco.config import BUNDLED, choices_text, load_config, load_section, parse_override, read_mapping, to_dict
 from mimco.data.build import class_names, load_dataset
 from mimco.distributed import is_main
 from mimco.errors import MimcoError
@@ -74,8 +50,7 @@ from mimco.runs import CHECKPOINT, CONFIG, is_finished
 
 #: the bundled specs (``mimco study demo``)
 STUDIES = BUNDLED / "studies"
-#: what a row without a run is: raw pixels; the evaluated run's model as at its step 0 (mimco's
-#: initialisation of its config, torch seed 0); the same shape with timm's default initialisation
+#: what a row without a run is (:class:`RowSpec`)
 BACKBONES = ("pixels", "random", "random-timm")
 #: raw pixels are a row only up to this many numbers per image (the k-NN bank holds them all)
 MAX_PIXEL_FEATURES = 64 * 64 * 3
@@ -86,23 +61,24 @@ TSNE_POINTS = 2000  # test images per t-SNE panel
 @dataclass
 class RunSpec:
     """One run folder of a study: its stage, config (a file or a bundled name) and overrides, and
-    for stage 2 the run it learns from."""
+    for stage 2 the run it learns from (listed before it)."""
 
-    stage: str
+    stage: Literal["teacher", "pretrain"] = "teacher"
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     teacher: str = ""
-    seeds: str = "all"  # all: every seed of the study; first: its first seed alone
+    seeds: Literal["all", "first"] = "all"  # all: every seed of the study; first: its first seed alone
     compute_of: list[str] = field(default_factory=list)  # epochs x (these runs' seconds / the first's)
 
 
 @dataclass
 class RowSpec:
-    """One row of the table: a run's backbone, or ``backbone`` (pixels, random) for a row without one."""
+    """One row of the table: a run's backbone, or ``backbone`` for a row without one: raw pixels,
+    the evaluated run's model at step 0 (``random``: mimco's init, torch seed 0) or timm's init."""
 
-    name: str
+    name: str = ""
     run: str = ""
-    backbone: str = ""
+    backbone: str = ""  # pixels | random | random-timm
     protocols: list[str] | None = None  # None: the study's
 
 
@@ -132,26 +108,8 @@ class StudySpec:
         return {e.split("=", 1)[0]: e.split("=", 1)[-1] for e in self.protocols}
 
 
-def _keys(where: str, given: dict, allowed: list[str]) -> None:
-    for k in given:
-        if k not in allowed:
-            close = difflib.get_close_matches(str(k), allowed, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f"; keys: {', '.join(allowed)}"
-            raise MimcoError(f"{where}: unknown key '{k}'{hint}")
-
-
-#: an example of each list a spec holds, for the message that asks for one
-_EXAMPLES = {"seeds": "[0, 1, 2]", "protocols": "[knn, linear]", "pictures": "[tsne, curves]", "shown": "[ROW, ROW]",
-             "compute_of": "[teacher, mimco]"}
-
-
-def _strings(where: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-        example = _EXAMPLES.get(where.rsplit(": ", 1)[-1].split(".")[0], "[optim.epochs=2]")
-        raise MimcoError(f"{where} must be a list, e.g. {example}; got {value!r}")
-    return [str(v) for v in value]
+#: the keys of a spec that are not lists of plain values, read apart by :func:`load_spec`
+_MAPPINGS = ("runs", "rows", "stage_overrides", "options")
 
 
 def spec_path(spec: str | Path) -> Path:
@@ -166,76 +124,71 @@ def spec_path(spec: str | Path) -> Path:
     raise MimcoError(f"study spec not found: {spec}; pass a YAML file or a bundled spec ({choices_text(names)})")
 
 
+def _section(cls: type, values: Any, where: str, name: str) -> Any:
+    """``values`` as a ``cls`` (typed, unknown keys named with the closest), each mistake one line
+    starting with ``where``."""
+    if not isinstance(values, dict):
+        raise MimcoError(f"{where}: {name} must be a mapping of keys, not {values!r}")
+    try:
+        return load_section(cls, values, name)
+    except MimcoError as e:
+        raise MimcoError(f"{where}: {e}") from None
+
+
 def load_spec(spec: str | Path) -> StudySpec:
     """The checked spec of a file or bundled name: every key known, every run, row, protocol and
     picture resolvable, each mistake one line naming the fix."""
     path = spec_path(spec)
     raw = read_mapping(path, "study spec", "a mapping (runs:, rows:, protocols:, ...)")
-    fields = [f.name for f in dataclasses.fields(StudySpec) if f.name != "name"]
-    _keys(str(path), raw, fields)
     if not isinstance(raw.get("runs"), dict) or not raw["runs"]:
         raise MimcoError(f"{path}: 'runs' must map run names to {{stage: teacher|pretrain, config: ...}}")
-    runs = {}
+    top = dataclasses.make_dataclass("Spec", [(f.name, f.type, f) for f in dataclasses.fields(StudySpec)
+                                              if f.name not in ("name", *_MAPPINGS)])
+    s = StudySpec(path.stem, {}, [], **vars(_section(top, {k: v for k, v in raw.items() if k not in _MAPPINGS},
+                                                     str(path), "")))
     for name, r in raw["runs"].items():
         where = f"{path}: run '{name}'"
-        if not isinstance(r, dict):
-            raise MimcoError(f"{where} must be a mapping like {{stage: teacher, config: fmnist_teacher}}")
-        _keys(where, r, [f.name for f in dataclasses.fields(RunSpec)])
-        if r.get("stage") not in ("teacher", "pretrain"):
-            raise MimcoError(f"{where}: stage must be teacher or pretrain, not {r.get('stage')!r}")
-        teacher = str(r.get("teacher") or "")
-        if teacher and teacher not in runs:
-            raise MimcoError(f"{where}: teacher '{teacher}' is not a run listed before it "
-                             f"({', '.join(runs) or 'none'})")
-        if teacher and r["stage"] != "pretrain":
+        run = s.runs[str(name)] = _section(RunSpec, r, where, "run")
+        if "stage" not in r:
+            raise MimcoError(f"{where}: give its stage (teacher or pretrain)")
+        earlier = list(s.runs)[:-1]
+        if run.teacher and run.teacher not in earlier:
+            raise MimcoError(f"{where}: teacher '{run.teacher}' is not a run listed before it "
+                             f"({', '.join(earlier) or 'none'})")
+        if run.teacher and run.stage != "pretrain":
             raise MimcoError(f"{where}: only a pretrain run learns from a teacher; drop 'teacher'")
-        if r.get("seeds", "all") not in ("all", "first"):
-            raise MimcoError(f"{where}: seeds must be all or first, not {r['seeds']!r}")
-        compute = _strings(f"{where}: compute_of", r.get("compute_of"))
-        if any(c not in runs for c in compute):
-            raise MimcoError(f"{where}: compute_of names runs listed before it ({', '.join(runs) or 'none'}), "
-                             f"not {compute}")
-        seeds = r.get("seeds", "all")
-        narrower = [t for t in [teacher, *compute] if t and runs[t].seeds == "first" and seeds == "all"]
-        if narrower:
+        if any(c not in earlier for c in run.compute_of):
+            raise MimcoError(f"{where}: compute_of names runs listed before it ({', '.join(earlier) or 'none'}), "
+                             f"not {run.compute_of}")
+        narrower = [t for t in [run.teacher, *run.compute_of] if t and s.runs[t].seeds == "first"]
+        if narrower and run.seeds == "all":
             raise MimcoError(f"{where} trains for every seed but '{narrower[0]}' for the first alone; give it "
                              "seeds: first too (or the other seeds: all)")
-        runs[str(name)] = RunSpec(r["stage"], r.get("config"), _strings(f"{where}: overrides", r.get("overrides")),
-                                  teacher, seeds, compute)
-    rows = []
     for r in raw.get("rows") or []:
-        if not isinstance(r, dict) or "name" not in r:
-            raise MimcoError(f"{path}: each row is {{name: ..., run: RUN}} or {{name: ..., backbone: pixels|random}}")
-        _keys(f"{path}: row '{r['name']}'", r, [f.name for f in dataclasses.fields(RowSpec)])
-        row = RowSpec(str(r["name"]), str(r.get("run") or ""), str(r.get("backbone") or ""),
-                      _strings(f"{path}: row '{r['name']}': protocols", r["protocols"]) if "protocols" in r else None)
-        if bool(row.run) == bool(row.backbone):
-            raise MimcoError(f"{path}: row '{row.name}' needs either run: (one of {', '.join(runs)}) or backbone: "
-                             "pixels|random")
-        if row.run and row.run not in runs:
-            raise MimcoError(f"{path}: row '{row.name}': run '{row.run}' is not among the runs ({', '.join(runs)})")
+        row = _section(RowSpec, r, f"{path}: row '{r.get('name') if isinstance(r, dict) else r}'", "row")
+        if not row.name or bool(row.run) == bool(row.backbone):
+            raise MimcoError(f"{path}: row '{row.name}' needs either run: (one of {', '.join(s.runs)}) or backbone: "
+                             "pixels|random, and a name")
+        if row.run and row.run not in s.runs:
+            raise MimcoError(f"{path}: row '{row.name}': run '{row.run}' is not among the runs ({', '.join(s.runs)})")
         if row.backbone and row.backbone not in BACKBONES:
             raise MimcoError(f"{path}: row '{row.name}': backbone must be {choices_text(list(BACKBONES))}")
-        rows.append(row)
-    if not rows:
+        s.rows.append(row)
+    if not s.rows:
         raise MimcoError(f"{path}: 'rows' is empty; list the table's rows ({{name: ..., run: RUN}})")
     stages = raw.get("stage_overrides") or {}
-    if not isinstance(stages, dict) or any(k not in ("teacher", "pretrain") for k in stages):
+    if not isinstance(stages, dict) or any(k not in ("teacher", "pretrain") or not isinstance(v, list)
+                                           for k, v in stages.items()):
         raise MimcoError(f"{path}: stage_overrides maps teacher and pretrain to override lists, not {stages!r}")
-    s = StudySpec(path.stem, runs, rows, str(raw.get("title") or ""), _strings(f"{path}: overrides",
-                  raw.get("overrides")), {k: _strings(f"{path}: stage_overrides.{k}", v) for k, v in stages.items()},
-                  [int(v) for v in _strings(f"{path}: seeds", raw.get("seeds"))],
-                  None if raw.get("teacher_seed") is None else int(raw["teacher_seed"]), str(raw.get("folders") or ""),
-                  str(raw.get("eval_run") or list(runs)[-1]),
-                  _strings(f"{path}: protocols", raw.get("protocols", ["knn", "linear"])),
-                  dict(raw.get("options") or {}), _strings(f"{path}: pictures", raw.get("pictures")),
-                  _strings(f"{path}: shown", raw.get("shown")))
-    if s.eval_run not in runs:
-        raise MimcoError(f"{path}: eval_run '{s.eval_run}' is not among the runs ({', '.join(runs)})")
+    s.stage_overrides = {k: [str(o) for o in v] for k, v in stages.items()}
+    s.options = dict(raw.get("options") or {})
+    s.eval_run = s.eval_run or list(s.runs)[-1]
+    if s.eval_run not in s.runs:
+        raise MimcoError(f"{path}: eval_run '{s.eval_run}' is not among the runs ({', '.join(s.runs)})")
     bad = [p for p in s.pictures if p not in PICTURES]
     if bad:
         raise MimcoError(f"{path}: unknown picture '{bad[0]}'; choose {choices_text(list(PICTURES))}")
-    names = [r.name for r in rows]
+    names = [r.name for r in s.rows]
     bad = [n for n in s.shown if n not in names]
     if bad:
         raise MimcoError(f"{path}: shown: '{bad[0]}' is not a row ({', '.join(names)})")
@@ -262,9 +215,7 @@ def check_protocols(s: StudySpec) -> dict[str, Any]:
 def with_overrides(s: StudySpec, texts: list[str] | tuple[str, ...]) -> StudySpec:
     """A copy of ``s`` with command-line overrides: ``RUN:KEY=VALUE`` for one run, ``PROTOCOL.key=value``
     for a protocol of the spec, ``KEY=VALUE`` for every run."""
-    s = dataclasses.replace(s, runs={k: dataclasses.replace(r, overrides=list(r.overrides)) for k, r in s.runs.items()},
-                            overrides=list(s.overrides), options={k: dict(v) for k, v in s.options.items()},
-                            stage_overrides={k: list(v) for k, v in s.stage_overrides.items()})
+    s = copy.deepcopy(s)
     for text in texts:
         keys, value = parse_override(text)
         run, colon, first = keys[0].partition(":")

@@ -83,15 +83,20 @@ def out_dir(args: argparse.Namespace, spec: str) -> Path:
     return p.parent / "eval" if (p.parent / CONFIG).is_file() else Path("runs") / "eval"
 
 
-def result_row(command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any],
-         **extra: Any) -> dict[str, Any]:
-    from mimco.eval.results import file_hash
+def report(out: Path, command: str, spec: str, name: str, state: Any, cfg: Any, metrics: dict[str, Any],
+           shown: dict[str, Any] | None = None, **extra: Any) -> None:
+    """A command's row of ``out/results.jsonl`` (and .csv): its ``metrics`` and settings (``extra``),
+    with the checkpoint's hash; then ``shown`` (default: the metrics) printed as JSON."""
+    import json
+
+    from mimco.eval.results import file_hash, write_result
 
     path = spec.split(":", 1)[-1]
-    return {"command": command, "name": name, "checkpoint": spec,
-            "sha256": file_hash(path) if Path(path).is_file() else "",
-            "format": state.format if state is not None else "", "data": cfg.data.name, "metrics": metrics,
-            "config": {"data": to_dict(cfg.data), **extra}}
+    write_result(out, {"command": command, "name": name, "checkpoint": spec,
+                       "sha256": file_hash(path) if Path(path).is_file() else "",
+                       "format": state.format if state is not None else "", "data": cfg.data.name,
+                       "metrics": metrics, "config": {"data": to_dict(cfg.data), **extra}})
+    print(json.dumps(metrics if shown is None else shown, indent=2))
 
 
 def load_splits(cfg: Any) -> tuple[Any, Any]:

@@ -5,7 +5,6 @@ backbone and its data)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -18,8 +17,8 @@ from mimco.cli.checkpoints import (
     few_labels,
     out_dir,
     prepare,
+    report,
     resolve,
-    result_row,
     seg_config,
 )
 from mimco.config import PretrainConfig, parse_override, to_dict
@@ -30,18 +29,24 @@ from mimco.eval.probe import spread_metrics
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mimco eval CKPT``: the protocols ``knn`` and ``linear`` (``--no-linear``: ``knn``) on the test
     split, with a mimco checkpoint's own data, eval and train keys (then the overrides)."""
+    return _run_protocols(args, "eval", ["knn"] if args.no_linear else ["knn", "linear"], {},
+                          ("data", "eval", "train"), batch_size=512, linear=not args.no_linear)
+
+
+def _run_protocols(args: argparse.Namespace, command: str, names: list[str], chosen: dict[str, Any],
+                   sections: tuple[str, ...] = (), batch_size: int = 256, **extra: Any) -> int:
+    """Protocols ``names`` (``chosen``: their options) on the backbone of ``args.checkpoint``, features
+    extracted once; one results row (``extra``: its settings) and one print, by the main process."""
     from mimco import distributed as dist
     from mimco.eval.protocols import Probe, run_protocols
-    from mimco.eval.results import write_result
 
-    name, model, state, cfg, device, train, test = prepare(args, ("data", "eval", "train"))
-    probe = Probe(model, cfg.data, (train, test), cfg.eval, device, cfg.train.precision, cfg.train.seed, batch_size=512)
-    metrics = run_protocols(["knn"] if args.no_linear else ["knn", "linear"], probe)
-    if not dist.is_main():  # the main process scored; one row, one print
-        return 0
-    write_result(out_dir(args, args.checkpoint), result_row("eval", args.checkpoint, name, state, cfg, metrics,
-                                                            linear=not args.no_linear))
-    print(json.dumps(metrics, indent=2))
+    name, model, state, cfg, device, train, test = prepare(args, sections)
+    probe = Probe(model, cfg.data, (train, test), cfg.eval, device, cfg.train.precision, cfg.train.seed,
+                  batch_size=batch_size)
+    metrics = run_protocols(names, probe, chosen or None)
+    if dist.is_main():  # the main process scored
+        report(out_dir(args, args.checkpoint), command, args.checkpoint, name, state, cfg, metrics,
+               eval=to_dict(cfg.eval), **extra)
     return 0
 
 
@@ -49,7 +54,6 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from mimco import distributed as dist
     from mimco.eval.knn import knn_accuracies
     from mimco.eval.probe import probe_few_labels
-    from mimco.eval.results import write_result
 
     few = few_labels(args)
     if few and args.monitor:
@@ -75,10 +79,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
             return 0
         accs = knn_accuracies(bank[0].to(device), bank[1], fte, yte, args.k, args.temperature)  # on the device
         metrics = {f"knn{k}_top1": round(v, 2) for k, v in accs.items()}
-    write_result(out_dir(args, args.checkpoint), result_row("knn", args.checkpoint, name, state, cfg, metrics,
-                                                        k=args.k, temperature=args.temperature, pool=args.pool, **few,
-                                                        **subsets))
-    print(json.dumps(metrics, indent=2))
+    report(out_dir(args, args.checkpoint), "knn", args.checkpoint, name, state, cfg, metrics, k=args.k,
+           temperature=args.temperature, pool=args.pool, **few, **subsets)
     return 0
 
 
@@ -87,7 +89,6 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     from mimco.data.subsets import labelled_subset
     from mimco.eval.linear import linear_probe, linear_probe_full
     from mimco.eval.probe import probe_few_labels
-    from mimco.eval.results import write_result
 
     few = few_labels(args)
     name, model, state, cfg, device, train, test = prepare(args)
@@ -119,20 +120,16 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     metrics = (spread_metrics({"linear_top1": values}) if few
                else {"linear_top1": round(values[0], 2), "linear_lr": values[0].lr})  # the lr the grid chose
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    write_result(out_dir(args, args.checkpoint), result_row("linprobe", args.checkpoint, name, state, cfg, metrics,
-                                                        path="full" if args.full else "fast", augment=args.augment,
-                                                        pool=args.pool, chosen_lr=[v.lr for v in values], **opts,
-                                                        **few))
-    print(json.dumps(metrics, indent=2))
+    report(out_dir(args, args.checkpoint), "linprobe", args.checkpoint, name, state, cfg, metrics,
+           path="full" if args.full else "fast", augment=args.augment, pool=args.pool,
+           chosen_lr=[v.lr for v in values], **opts, **few)
     return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """``mimco probe NAME[,NAME...] CKPT``: registered evaluation protocols on a frozen backbone, the
     features extracted once; ``NAME.key=value`` overrides set a protocol's options."""
-    from mimco import distributed as dist
-    from mimco.eval.protocols import Probe, get_protocol, protocol_options, run_protocols
-    from mimco.eval.results import write_result
+    from mimco.eval.protocols import get_protocol, protocol_options
 
     names = [n for n in args.protocols.split(",") if n]
     for n in names:
@@ -147,23 +144,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
             rest.append(text)
     options = {n: protocol_options(n, own[n]) for n in names}
     args.overrides = rest
-    name, model, state, cfg, device, train, test = prepare(args)
-    probe = Probe(model, cfg.data, (train, test), cfg.eval, device, cfg.train.precision, cfg.train.seed)
-    metrics = run_protocols(names, probe, options)
-    if not dist.is_main():
-        return 0
-    write_result(out_dir(args, args.checkpoint),
-                 result_row("probe", args.checkpoint, name, state, cfg, metrics, protocols=names,
-                      options={n: to_dict(o) for n, o in options.items() if o is not None}, eval=to_dict(cfg.eval)))
-    print(json.dumps(metrics, indent=2))
-    return 0
+    return _run_protocols(args, "probe", names, options, protocols=names,
+                          options={n: to_dict(o) for n, o in options.items() if o is not None})
 
 
 def cmd_segprobe(args: argparse.Namespace) -> int:
     from mimco import distributed as dist
     from mimco.data.segmentation import load_segmentation
     from mimco.eval.plots import segmentation_figure
-    from mimco.eval.results import write_result
     from mimco.eval.segmentation import check_backbone, segprobe
     from mimco.pipeline import setup
 
@@ -198,12 +186,11 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
     metrics.update({k: v for k, v in values.items() if k.startswith("position_")})  # one figure, no seeds
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out = out_dir(args, args.checkpoint)
-    write_result(out, result_row("segprobe", args.checkpoint, name, state, cfg, metrics, layers=args.layers,
-                           epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seeds=args.seeds,
-                           augment=args.augment, path=values["path"], seg=to_dict(cfg.seg)))
+    report(out, "segprobe", args.checkpoint, name, state, cfg, metrics, layers=args.layers, epochs=args.epochs,
+           lr=args.lr, batch_size=args.batch_size, seeds=args.seeds, augment=args.augment, path=values["path"],
+           seg=to_dict(cfg.seg))
     picture = segmentation_figure(model, heads[0], val, cfg.data, device, out / "segprobe.png", args.layers, patch,
                                   names=getattr(val, "classes", None))
-    print(json.dumps(metrics, indent=2))
     print(f"mimco: wrote {out / 'results.jsonl'} and {picture}", file=sys.stderr)
     return 0
 

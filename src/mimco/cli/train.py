@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mimco.cli.checkpoints import data_config, resolve, result_row, seg_config
+from mimco.cli.checkpoints import data_config, report, resolve, seg_config
 from mimco.config import FinetuneConfig, to_dict
 from mimco.errors import MimcoError
 
@@ -39,7 +39,6 @@ def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metric
     heads from the config's ``section``; a result row with ``metrics`` (row name -> summary key)
     and ``extra(cfg)``."""
     from mimco import distributed as dist
-    from mimco.eval.results import write_result
     from mimco.pipeline import open_run, run_stage
 
     spec = args.checkpoint
@@ -55,10 +54,8 @@ def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metric
         raise MimcoError(f"{stage} trains a backbone; raw pixels have none")
     summary = run_stage(stage, cfg, resume, run_dir, backbone=model)
     if dist.is_main():
-        write_result(Path(summary["run_dir"]), result_row(stage, spec, name, state, cfg,
-                                                    {k: summary.get(v) for k, v in metrics.items()},
-                                                    epochs=summary["epochs"], **extra(cfg)))
-        print(json.dumps(summary, indent=2))
+        report(Path(summary["run_dir"]), stage, spec, name, state, cfg, {k: summary.get(v) for k, v in metrics.items()},
+               summary, epochs=summary["epochs"], **extra(cfg))
     return 0
 
 

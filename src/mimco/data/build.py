@@ -71,10 +71,8 @@ def _torchvision(cls_name: str, cfg: DataConfig, train: bool) -> tuple[np.ndarra
 def load_dataset(cfg: DataConfig, train: bool = True,
                  transform: Callable | None = None) -> ImageArray | FileImages | None:
     """The train (or test) split of ``cfg.name``; ``None`` when the dataset has no test split.
-
-    In-memory datasets come back as :class:`ImageArray` at ``img_size``; file datasets as
-    :class:`FileImages` whose items pass through ``transform``.
-    """
+    In-memory datasets as :class:`ImageArray` at ``img_size``; file datasets as :class:`FileImages`
+    whose items pass through ``transform``."""
     name = cfg.name
     if name == "segfolder":
         raise MimcoError(f"data.name={name} is segmentation data (images with masks): use it with `mimco segprobe` or "
@@ -151,34 +149,19 @@ def _close(ref: weakref.ReferenceType) -> None:
         stream.close()
 
 
-class _Rows:
-    """A batch sampler whose batches are replaced each epoch."""
-
-    def __init__(self) -> None:
-        self.rows: list[list[int]] = []
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
 class BatchStream:
     """Training batches for steps ``start, start+1, ...``, identical across resumes.
 
-    Epoch ``e`` visits the images in ``randperm(N, seed + e)``; step ``s`` takes global batch
-    ``s % steps_per_epoch`` of that order and this process takes its contiguous slice.
-    In-memory batches are augmented by ``batch_transform`` on ``device``; other datasets (image
-    files, or any map-style dataset of ``(sample, label)``) are augmented per image in loader
-    workers, or, when a ``batch_transform`` is given for them (``data.decode=gpu``), handed to it
-    as the dataset's ``collate`` assembled them. Yields a list of views, each (B_local, C, S, S),
-    then the labels (B_local,) when ``labels``.
-    """
+    Epoch ``e`` visits the images in a seeded permutation; step ``s`` takes global batch
+    ``s % steps_per_epoch`` of it and this process its contiguous slice. In-memory batches are
+    augmented by ``batch_transform`` on ``device``; other datasets (any map-style dataset of
+    ``(sample, label)``) per image in loader workers, or by ``batch_transform`` after the dataset's
+    ``collate`` (``data.decode=gpu``). Yields a list of views, each (B_local, C, S, S), then the
+    labels (B_local,) when ``labels``."""
 
     def __init__(self, dataset: ImageArray | FileImages, global_batch: int, seed: int, device: torch.device,
                  batch_transform: Callable | None = None, num_workers: int = 2, max_bad_fraction: float = 0.01,
-                 rank: int = 0, world_size: int = 1, labels: bool = False) -> None:
+                 rank: int = 0, world_size: int = 1, labels: bool = False, num_classes: int = 0) -> None:
         if global_batch % world_size:
             raise MimcoError(f"optim.batch_size={global_batch} is not divisible by the {world_size} processes")
         if len(dataset) < global_batch:
@@ -187,11 +170,12 @@ class BatchStream:
         self.ds, self.gb, self.seed, self.device = dataset, global_batch, seed, device
         self.batch_transform, self.num_workers = batch_transform, num_workers
         self.rank, self.world, self.labels = rank, world_size, labels
+        self.num_classes = num_classes  # labelled streams: the classes of the training set
         self.local = global_batch // world_size
         self.steps_per_epoch = len(dataset) // global_batch
         self.bad = BadImageCounter(max_bad_fraction, len(dataset))
-        self.num_classes = 0  # labelled streams: the classes of the training set (set by their builder)
-        self._rows, self._loader = _Rows(), None
+        self._rows: list[list[int]] = []  # the loader's batch sampler: its batches replaced each epoch
+        self._loader: DataLoader | None = None
 
     @property
     def reads_files(self) -> bool:
@@ -228,9 +212,8 @@ class BatchStream:
         perm = order(self.seed, epoch) if order is not None else None
         if perm is None:
             perm = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        perm = perm[: self.steps_per_epoch * self.gb]
-        perm = perm.view(self.steps_per_epoch, self.gb)[first:, self.rank * self.local : (self.rank + 1) * self.local]
-        return perm
+        perm = perm[: self.steps_per_epoch * self.gb].view(self.steps_per_epoch, self.gb)
+        return perm[first:, self.rank * self.local : (self.rank + 1) * self.local]
 
     def __call__(self, start_step: int) -> Iterator[list[torch.Tensor]]:
         step = start_step
@@ -247,7 +230,7 @@ class BatchStream:
                     yield [*views, self.ds.labels[host_row].to(self.device)] if self.labels else views
             else:
                 # the persistent loader picks up this epoch's order; keys epoch * N + i seed each image's views
-                self._rows.rows = (idx + epoch * len(self.ds)).tolist()
+                self._rows[:] = (idx + epoch * len(self.ds)).tolist()
                 for (views, labels), unreadable in self._file_loader():
                     undecodable = 0
                     if self.batch_transform is not None:  # data.decode=gpu: encoded images, decoded on the device

@@ -1,22 +1,18 @@
 """``data.cache``: decode an image folder once into memory, then train at in-memory speed.
 
-Loader workers decode every image every epoch; for a folder that fits in memory that decoding is
-most of a small model's step. Cached, the folder becomes a uint8 tensor (N, C, S, S) and training
-takes the batched-view path of the in-memory datasets (the same augmentation recipe, run on whole
-batches, optionally on the GPU).
-
-Each image is resized so its short side is S (``data.cache_size``, default ``data.img_size``) and
-centre-cropped to S x S, once: random crops then come from that square, as they do for the
-in-memory datasets. Unreadable files are left out and counted (the run stops past
-``data.max_bad_fraction``), like the per-image path.
+Loader workers decode every image every epoch, most of a small model's step. Cached, the folder
+becomes a uint8 tensor (N, C, S, S) that takes the batched-view path of the in-memory datasets.
+Each image is resized (short side S, ``data.cache_size``, default ``data.img_size``) and
+centre-cropped to S x S once; random crops then come from that square. Unreadable files are left
+out and counted (the run stops past ``data.max_bad_fraction``).
 
 Under torchrun the cache is built once per node: local rank 0 decodes into a shared-memory file
-(``/dev/shm``) that the node's other processes map, so a node with 8 processes holds one copy, not 8,
-and the memory check counts that one copy (agreed by every process).
+(``/dev/shm``) that the node's other processes map, so a node holds one copy, not one per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -30,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from mimco import distributed as dist
-from mimco.data.files import FileImages, collate_skip_bad, worker_ignores_stop
+from mimco.data.files import BadImageCounter, FileImages, collate_skip_bad, job_key, worker_ignores_stop
 from mimco.errors import MimcoError
 
 
@@ -51,21 +47,16 @@ class _Square(Dataset):
 
 def available_bytes() -> int:
     """Memory the system can still give (MemAvailable), or 0 when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
 def check_memory(need: int, n: int, size: int, device: torch.device | None = None) -> None:
-    """Refuse a cache that would take more than half the node's free memory, on every process
-    together. The cache is built once per node and shared by its processes, so one copy is
-    counted, whatever LOCAL_WORLD_SIZE is; the verdict is all-reduced (max), so a node that cannot
-    hold it stops the whole run in one line instead of leaving the others waiting."""
+    """Refuse a cache (one copy per node) that would take more than half the node's free memory; the
+    verdict is all-reduced (max), so a node that cannot hold it stops every process in one line."""
     free = available_bytes()
     here = bool(free and need > free // 2)
     refuse = here
@@ -81,29 +72,21 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
                verbose: bool = True, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every readable image of ``files`` as uint8 (N, C, size, size), with its labels (N,); C = 1
     when every image is grey (:class:`~mimco.data.build.ImageArray` repeats it on access).
-
     Decoded by ``num_workers`` loader processes in file order (the result does not depend on the
-    worker count). Refuses a folder that would take more than half the free memory. Under torchrun
-    with several processes on a node (``device``: the group's, for the one collective), the node's
-    local rank 0 decodes into a shared-memory file that the others map: one copy and one decode per
-    node, not one per process."""
+    worker count); once per node under torchrun (``device``: the group's, for the one collective)."""
     n, c = len(files), files.channels
     need = n * c * size * size
     local_rank, local_world = dist.local_processes()
-    shared = dist.is_dist() and local_world > 1
-    path = _shared_path(files, size, need) if shared else None
+    path = _shared_path(files, size, need) if dist.is_dist() and local_world > 1 else None
     if path is not None and local_rank == 0:
         _remove(path)  # a crashed run's leftovers, before anyone can look for them (the check below is collective)
     check_memory(need, n, size, device)
     t0 = time.perf_counter()
     if path is None:
         images = torch.empty(n, c, size, size, dtype=torch.uint8)
-        labels, kept, bad = _decode_into(images, files, size, num_workers)
-        _check_bad(bad, n, max_bad_fraction)
-        images, labels = images[:kept], labels[:kept]
-        if _grey(images):
-            images = images[:,
-                            :1].clone()  # a grey folder: one channel kept (expanded on access), a third of the memory
+        labels, kept, bad, grey = _decode_into(images, files, size, num_workers, max_bad_fraction)
+        # a grey folder: one channel kept (expanded on access), a third of the memory
+        images = images[:kept, :1].clone() if grey else images[:kept]
     elif local_rank == 0:
         images, labels, kept, bad = _build_shared(path, files, size, num_workers, max_bad_fraction, need, local_world)
     else:
@@ -112,36 +95,29 @@ def decode_all(files: FileImages, size: int, num_workers: int, max_bad_fraction:
         skipped = f"; skipped {bad} unreadable files" if bad else ""
         how = f", shared by the {local_world} processes of this node" if path is not None else ""
         print(f"mimco: cached {kept} images at {size} px ({images.numel() / 2**20:.0f} MiB) in "
-              f"{time.perf_counter() - t0:.1f} s "
-              f"with {num_workers} workers{skipped}{how}", file=sys.stderr, flush=True)
+              f"{time.perf_counter() - t0:.1f} s with {num_workers} workers{skipped}{how}", file=sys.stderr, flush=True)
     return images, labels
 
 
-def _decode_into(images: torch.Tensor, files: FileImages, size: int, num_workers: int) -> tuple[torch.Tensor, int, int]:
-    """Decode every readable image into ``images`` (N, C, S, S) in file order: (labels (N,), kept, unreadable)."""
+def _decode_into(images: torch.Tensor, files: FileImages, size: int, num_workers: int,
+                 max_bad_fraction: float) -> tuple[torch.Tensor, int, int, bool]:
+    """Decode every readable image into ``images`` (N, C, S, S) in file order: (labels (N,), kept,
+    unreadable, whether every kept image is grey); raises past ``max_bad_fraction`` unreadable."""
     labels = torch.empty(len(files), dtype=torch.long)
     kept, bad = 0, 0
     # its own generator: iterating must not draw from the global one, which the models' initialisation uses next
     loader = DataLoader(_Square(files, size), batch_size=256, num_workers=num_workers, collate_fn=collate_skip_bad,
-                        worker_init_fn=worker_ignores_stop,
-                        generator=torch.Generator())
+                        worker_init_fn=worker_ignores_stop, generator=torch.Generator())
     for batch, n_bad in loader:
         bad += n_bad
         if batch is not None:
             x, y = batch
             images[kept : kept + len(x)], labels[kept : kept + len(x)] = x, y
             kept += len(x)
-    return labels[:kept].clone(), kept, bad
-
-
-def _check_bad(bad: int, n: int, max_bad_fraction: float) -> None:
-    if bad > max_bad_fraction * n:
-        raise MimcoError(f"{bad} of {n} images could not be read (more than data.max_bad_fraction={max_bad_fraction}); "
-                         "remove the corrupt files or raise data.max_bad_fraction")
-
-
-def _grey(images: torch.Tensor) -> bool:
-    return images.shape[1] == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+    BadImageCounter(max_bad_fraction, len(files)).check(bad, len(files))
+    x = images[:kept]
+    grey = x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    return labels[:kept].clone(), kept, bad, grey
 
 
 def _room(folder: Path) -> int:
@@ -154,22 +130,18 @@ def _room(folder: Path) -> int:
 
 
 def _shared_path(files: FileImages, size: int, need: int) -> Path:
-    """The node's cache file, named by the folder, the size and this torchrun job (its rendezvous
-    address, port and restart count), so two runs never meet: in /dev/shm (memory) when it has the
-    room, else in the temporary folder (a file the processes map, through the page cache). A
-    container's small /dev/shm (64 MiB by default in Docker) would otherwise kill the decode with
-    SIGBUS when the mapped file outgrows it."""
-    keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
-    job = [os.environ.get(k, "") for k in keys]
+    """The node's cache file, named by the folder, the size and this torchrun job, so two runs never
+    meet: in /dev/shm when it has the room, else in the temporary folder (mapped through the page
+    cache): a container's small /dev/shm (64 MiB in Docker) would kill the decode with SIGBUS."""
     first, last = files.items[0][0], files.items[-1][0]
-    key = hashlib.sha1(repr((str(first), str(last), len(files), files.channels, size, job)).encode()).hexdigest()[:16]
-    for base in (Path("/dev/shm"), Path(tempfile.gettempdir())):
+    key = hashlib.sha1(repr((str(first), str(last), len(files), files.channels, size, job_key())).encode())
+    tmp = tempfile.gettempdir()
+    for base in (Path("/dev/shm"), Path(tmp)):
         if _room(base) > need + (64 << 20):
-            return base / f"mimco-cache-{key}"
+            return base / f"mimco-cache-{key.hexdigest()[:16]}"
     raise MimcoError(f"data.cache=true shares its {need / 2**30:.1f} GiB among this node's processes through a file, "
-                     f"but neither /dev/shm ({_room(Path('/dev/shm')) / 2**30:.1f} GiB free) nor "
-                     f"{tempfile.gettempdir()} "
-                     f"({_room(Path(tempfile.gettempdir())) / 2**30:.1f} GiB free) has room; give the container more "
+                     f"but neither /dev/shm ({_room(Path('/dev/shm')) / 2**30:.1f} GiB free) nor {tmp} "
+                     f"({_room(Path(tmp)) / 2**30:.1f} GiB free) has room; give the container more "
                      "shared memory (docker --shm-size), point TMPDIR at a larger disk, or set data.cache=false")
 
 
@@ -195,9 +167,7 @@ def _build_shared(path: Path, files: FileImages, size: int, num_workers: int, ma
         with open(path, "wb") as f:
             f.truncate(need)
         images = _map(path, need, n, c, size)
-        labels, kept, bad = _decode_into(images, files, size, num_workers)
-        _check_bad(bad, n, max_bad_fraction)
-        grey = _grey(images[:kept])
+        labels, kept, bad, grey = _decode_into(images, files, size, num_workers, max_bad_fraction)
         torch.save({"labels": labels, "kept": kept, "bad": bad, "grey": grey}, _part(path, ".tmp"))
         os.replace(_part(path, ".tmp"), _part(path, ".meta"))
     except BaseException as e:
@@ -210,8 +180,7 @@ def _build_shared(path: Path, files: FileImages, size: int, num_workers: int, ma
         time.sleep(0.05)
     else:
         _remove(path)
-    images = images[:kept]
-    return (images[:, :1] if grey else images), labels, kept, bad
+    return (images[:kept, :1] if grey else images[:kept]), labels, kept, bad
 
 
 def _map_shared(path: Path, n: int, c: int, size: int, need: int,

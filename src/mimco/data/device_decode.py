@@ -1,20 +1,14 @@
 """``data.decode=gpu``: JPEG folders decoded and augmented on the training device.
 
-On a GPU the CPU path (each loader worker decodes, crops and augments one image at a time) feeds
-a few hundred images/s per worker, far below what a compiled ViT-S step takes. Here the work is
-split instead:
+The CPU path (each loader worker decodes, crops and augments one image) feeds a few hundred
+images/s per worker, far below a compiled ViT-S step. Here loader workers only read each file's
+bytes and draw each view's crop box from its header (seeded per image, like the CPU path); the
+main process decodes the batch with nvJPEG (``decode_jpeg(device="cuda")``, one batched call),
+crops and resizes on the device, then runs the photometric part of the batched views.
 
-* loader workers read each file's bytes and its size from the header, and draw each view's
-  random resized crop box (seeded per image by (seed, epoch, index), like the CPU path);
-* the main process decodes the batch on the device (``torchvision.io.decode_jpeg`` with
-  ``device="cuda"``: nvJPEG, one batched call), cuts each crop and resizes it to the training
-  size there, then runs the photometric part of the recipe on whole batches (the batched views
-  of the in-memory datasets, without their crop).
-
-Files that are not JPEGs (PNG, WebP, ...) are decoded by the worker and only moved to the device.
-A file that cannot be read is replaced by the next readable one, as on the CPU path; a JPEG whose
-header reads but whose data does not decode is replaced by the batch's previous image and
-counted with the unreadable files. On a CPU device the same code runs with libjpeg (the tests).
+Non-JPEG files are decoded by the worker. An unreadable file is replaced by the next readable one,
+as on the CPU path; a JPEG whose data does not decode is replaced by the batch's previous image and
+counted as unreadable. On a CPU device the same code runs with libjpeg (the tests).
 """
 
 from __future__ import annotations
@@ -75,9 +69,7 @@ class EncodedFiles(Dataset):
     @staticmethod
     def collate(batch: list[tuple[Any, tuple[int, ...]]]) -> tuple[tuple[Packed, torch.Tensor], list[int]]:
         """:class:`~mimco.data.files.Substituting` items -> ((packed data and boxes, labels (B,)), the
-        unreadable files met, by index).
-        The items' bytes travel from the worker as one buffer (one shared-memory block per batch,
-        not one per image)."""
+        unreadable files met, by index); the bytes travel as one buffer (one shared-memory block per batch)."""
         items = [b[0] for b in batch]
         flat = [x[0].reshape(-1) for x in items]
         shapes = [tuple(x[0].shape) for x in items]
@@ -124,17 +116,14 @@ class DeviceViews(nn.Module):
                 hand_over(decoded)
             for i, x in zip(jpegs, decoded):
                 out[i] = x
-        bad = sum(x is None for x in out)
         good = [x for x in out if x is not None]
         if not good:
             raise RuntimeError("no image of the batch could be decoded")
-        last = good[0]
-        for i, x in enumerate(out):
-            if x is None:
-                out[i] = last
-            else:
-                last = x
-        return [x for x in out if x is not None], bad
+        filled, last = [], good[0]
+        for x in out:
+            last = last if x is None else x
+            filled.append(last)
+        return filled, len(out) - len(good)
 
     def crop(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) float in [0, 1]: image b cut at ``boxes[b]`` and resized to S (bilinear, antialiased)."""
@@ -148,8 +137,7 @@ class DeviceViews(nn.Module):
     @torch.no_grad()
     def forward(self, batch: Packed) -> tuple[list[torch.Tensor], int]:
         images, bad = self.decode(batch.items())
-        boxes = batch.boxes
-        crops = [self.crop(images, boxes[:, v]) for v in range(boxes.shape[1])]
+        crops = [self.crop(images, batch.boxes[:, v]) for v in range(batch.boxes.shape[1])]
         return self.views.from_crops(crops), bad
 
 
@@ -159,13 +147,11 @@ def _decode_stream(device: torch.device) -> Iterator[Callable[[list[torch.Tensor
     ``hand_over(outputs)`` makes them safe to use (and free) on the caller's stream.
 
     Why: ``decode_jpeg(device="cuda")`` allocates its outputs on the *current* stream but nvJPEG
-    writes them on a stream of torchvision's that never waits on the current one (it only makes
-    the current stream wait for the decode at the end). On the training stream the caching
-    allocator may hand the decode a block freed by a tensor that queued kernels of the previous
-    step still read, and the decode would overwrite it under them. On a side stream the outputs
-    come from blocks only earlier decodes used; ``record_stream`` on the training stream keeps each
-    of them from being reused until the kernels that read it have finished; the training stream
-    then waits for the side stream. No host synchronisation. On a CPU device all of it is a no-op.
+    writes them on a stream of torchvision's that never waits on the current one. On the training
+    stream the caching allocator may hand the decode a block freed by a tensor that queued kernels
+    of the previous step still read, and the decode would overwrite it under them. On a side
+    stream the outputs come from blocks only earlier decodes used; ``record_stream`` keeps each
+    from reuse until the training stream's kernels that read it finish. No host synchronisation.
     """
     if device.type != "cuda":
         yield lambda outputs: None

@@ -40,11 +40,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _find(root: Path, stem: str) -> Path | None:
-    for d in (root, root / "FashionMNIST" / "raw"):
-        for name in (stem + ".gz", stem):
-            if (d / name).is_file():
-                return d / name
-    return None
+    places = (d / name for d in (root, root / "FashionMNIST" / "raw") for name in (stem + ".gz", stem))
+    return next((p for p in places if p.is_file()), None)
 
 
 def load_fashion_mnist(root: str = "", train: bool = True, download: bool = True) -> tuple[np.ndarray, np.ndarray]:

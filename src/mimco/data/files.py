@@ -1,10 +1,8 @@
 """Image files on disk: class sub-folders (ImageFolder) or a flat folder of unlabelled images.
 
-In training, an unreadable or truncated image is replaced by the next readable one in the file
-list (:class:`Substituting`: deterministic, so every process keeps its full batch and the
-gathers stay equal in size) and counted; a run stops with a clear error when more than
-``max_bad_fraction`` of the images read were bad, and prints ``skipped N unreadable images of M``
-at its end. Evaluation skips them.
+In training, an unreadable image is replaced by the next readable one (:class:`Substituting`:
+deterministic, so every process keeps its full batch) and counted; a run stops when more than
+``max_bad_fraction`` of the images read were bad. Evaluation skips them.
 
 The tree is listed once: each node's local rank 0 walks it and writes its file list
 (``<root>/.mimco-files.json``, or the user's cache folder when the data folder is read-only),
@@ -54,12 +52,6 @@ WAIT_S = 3600.0
 SAY_FILES = 10_000
 
 
-def _suffix(name: str) -> str:
-    """``Path(name).suffix``, without building a Path."""
-    i = name.rfind(".")
-    return name[i:] if 0 < i < len(name) - 1 else ""
-
-
 def _is(entry: os.DirEntry, test: str) -> bool:
     try:
         return bool(getattr(entry, test)())
@@ -75,7 +67,7 @@ def _walk(base: Path) -> dict[str, Any]:
     files: list[tuple[tuple[str, ...], int]] = []
     dirs: dict[str, int] = {}
     classes: list[str] = []
-    linked: list[str] = []
+    linked: list[str] = []  # linked class folders
 
     def scan(rel: tuple[str, ...]) -> None:
         d = os.path.join(base, *rel)
@@ -95,7 +87,7 @@ def _walk(base: Path) -> dict[str, Any]:
                         continue
                     linked.append(e.name)
                 scan((*rel, e.name))
-            elif _suffix(e.name).lower() in IMG_EXTENSIONS and _is(e, "is_file"):
+            elif os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS and _is(e, "is_file"):
                 try:
                     files.append(((*rel, e.name), e.stat().st_size))
                 except OSError:
@@ -105,7 +97,7 @@ def _walk(base: Path) -> dict[str, Any]:
     files.sort()  # the order of sorted(Path, ...): part by part
     return {"version": LIST_VERSION, "root": os.path.abspath(base), "classes": sorted(classes),
             "linked": sorted(linked), "dirs": dirs, "files": ["/".join(p) for p, _ in files],
-            "sizes": [s for _, s in files], "listed_at": time.time(), "job": _job()}
+            "sizes": [s for _, s in files], "listed_at": time.time(), "job": job_key()}
 
 
 class NamedItems(Sequence, abc.ABC):
@@ -124,29 +116,21 @@ class NamedItems(Sequence, abc.ABC):
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[i]  # negative and out-of-range indices as a list's
         return self.name(i), self.labels[i]
 
 
-class FileItems(Sequence):
+class FileItems(NamedItems):
     """``(path, label)`` of each image, the path made on access from the list's relative one (a
-    million ``Path`` objects take seconds to make, a requeue's whole read of its list a fraction of
-    that); equal to the list of the same pairs."""
+    million ``Path`` objects take seconds to make); equal to the list of the same pairs."""
 
     def __init__(self, base: Path, files: list[str], labels: list[int]) -> None:
-        self.base, self.files, self.labels = base, files, labels
+        super().__init__(labels)
+        self.base, self.files = base, files
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.base / self.files[i], self.labels[i]
+    def name(self, i: int) -> Path:  # type: ignore[override]
+        return self.base / self.files[i]
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
@@ -166,23 +150,17 @@ def _items(base: Path, listing: dict[str, Any], labelled: bool) -> tuple[FileIte
     files, labels, sizes = [], [], []
     for rel, size in zip(listing["files"], listing["sizes"]):
         top, sep, _ = rel.partition("/")
-        if labelled:
-            if not sep or top not in index:
-                continue
-            labels.append(index[top])
-        elif sep and top in skip:
-            continue
-        else:
-            labels.append(-1)
-        files.append(rel)
-        sizes.append(size)
+        label = (index.get(top) if sep else None) if labelled else (None if sep and top in skip else -1)
+        if label is not None:  # None: left out
+            files.append(rel)
+            labels.append(label)
+            sizes.append(size)
     return FileItems(base, files, labels), sizes, classes
 
 
-def _job() -> str:
-    """This torchrun job and start (address, port, run id, restart), the same on every node: a
-    list written under it was written for this start, on this node or (a shared file system, where
-    each node's local rank 0 lists and the last write wins) on another."""
+def job_key() -> str:
+    """This torchrun job and start (address, port, run id, restart), the same on every node: what
+    is written under it (a file list, a node's shared cache) was written for this start."""
     keys = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
     return repr([os.environ.get(k, "") for k in keys])
 
@@ -239,7 +217,9 @@ def _write(base: Path, listing: dict[str, Any]) -> Path | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             before = os.stat(base).st_mtime_ns  # the root's time: moved since the walk began?
-            other = _list_time(path)  # a list already there (another node's, on a shared file system)
+            other = None  # a list already there (another node's, on a shared file system)
+            with contextlib.suppress(OSError):
+                other = os.stat(path).st_mtime_ns
             with open(tmp, "w") as f:
                 fs_now = min(os.fstat(f.fileno()).st_mtime_ns, time.time_ns())
                 racy = {rel for rel, m in listing["dirs"].items() if m >= fs_now - RACY_NS}
@@ -258,13 +238,6 @@ def _write(base: Path, listing: dict[str, Any]) -> Path | None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return None
-
-
-def _list_time(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
 
 
 def _listing(base: Path) -> dict[str, Any]:
@@ -298,7 +271,7 @@ def _listing(base: Path) -> dict[str, Any]:
 def _wait_for_list(base: Path) -> dict[str, Any]:
     """Another process of the node: the list its local rank 0 writes (or finds), once it appears
     and still describes the tree or was written for this start; after :data:`WAIT_S`, its own walk."""
-    job, deadline, seen = _job(), time.monotonic() + WAIT_S, {}
+    job, deadline, seen = job_key(), time.monotonic() + WAIT_S, {}
     while time.monotonic() < deadline:
         for path in list_places(base):
             try:
@@ -325,13 +298,22 @@ def subset_of(items: Sequence, sizes: list[int], subset: int, seed: int) -> tupl
     return items, sizes
 
 
+def read_file(path: str | Path) -> bytes | None:
+    """The bytes of the file at ``path``, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def decode_image(data: bytes, channels: int) -> Image.Image | None:
     """Encoded image bytes -> a PIL image (RGB, or L for ``channels=1``; 16-bit grey to 8 bits), or
     None when they are not a readable image."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode == "I;16" or im.mode == "I":  # 16-bit grey -> 8-bit
+            if im.mode in ("I;16", "I"):  # 16-bit grey -> 8-bit
                 im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB" if channels == 3 else "L")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -340,9 +322,7 @@ def decode_image(data: bytes, channels: int) -> Image.Image | None:
 
 class FileImages(Dataset):
     """Images under ``root``; labelled by class sub-folder when ``labelled`` (else label -1).
-
-    ``__getitem__`` returns ``(transform(image), label)`` or ``None`` for an unreadable file.
-    """
+    ``__getitem__`` returns ``(transform(image), label)`` or ``None`` for an unreadable file."""
 
     def __init__(self, root: str, labelled: bool, channels: int = 3, transform: Callable | None = None,
                  subset: int = 0, seed: int = 0) -> None:
@@ -364,11 +344,7 @@ class FileImages(Dataset):
     def read(self, i: int) -> bytes | None:
         """Image ``i``'s encoded bytes (the file), or None when it cannot be read. Other sources of
         encoded images (shards, Hugging Face datasets) override this and keep the rest."""
-        try:
-            with open(self.items[i][0], "rb") as f:
-                return f.read()
-        except OSError:
-            return None
+        return read_file(self.items[i][0])
 
     def load(self, i: int) -> Image.Image | None:
         """Image ``i`` decoded (RGB, or L for ``channels=1``), or None when it cannot be read."""
@@ -393,15 +369,10 @@ def _worker_stop(_signum: int, _frame: Any) -> None:
 
 
 def worker_ignores_stop(_worker_id: int) -> None:
-    """``worker_init_fn`` of every image loader: its worker processes outlive a SIGTERM or SIGINT
-    by :data:`WORKER_GRACE_S`. Slurm signals every process of a job step (the time-limit stop, a
-    preemption) and Ctrl-C every process of the terminal's group; a worker killed by that signal
-    would end the run with "DataLoader worker ... exited unexpectedly" before the main process,
-    which the signal asks to finish its step and checkpoint, could do so. The main process shuts
-    its workers down when it is done (:meth:`~mimco.data.build.BatchStream.close`, also at
-    interpreter exit); the grace bounds the wait of a process that did not (multiprocessing's
-    own exit sends its daemonic workers SIGTERM and joins them). A worker also exits with its
-    main process (the loader's watchdog)."""
+    """``worker_init_fn`` of every image loader: its workers outlive a SIGTERM or SIGINT by
+    :data:`WORKER_GRACE_S`. Slurm (and Ctrl-C) signal every process; a worker killed by it would end
+    the run ("DataLoader worker ... exited unexpectedly") before the main process could finish its
+    step and checkpoint. The main process shuts its workers down when done (``BatchStream.close``)."""
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, _worker_stop)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -415,11 +386,9 @@ def collate_skip_bad(batch: list[Any]) -> tuple[Any, int]:
 
 class Substituting(Dataset):
     """Training view of a per-image dataset. Key ``epoch * N + i`` gives ``(sample i, the indices of
-    the unreadable files tried)``: an unreadable file is replaced by the next readable one (``i + 1``, ``i + 2``,
-    ...; the same choice on every process and every epoch), so a batch never shrinks; and the
-    image's random augmentation is drawn from generators seeded by (``seed``, epoch, i) alone, so
-    it does not depend on the worker that decodes it, on how many workers there are, or on where a
-    run was resumed (the caller's generators are left as they were)."""
+    the unreadable files tried)``: an unreadable file is replaced by the next readable one (the same
+    choice on every process and epoch), so a batch never shrinks; the image's augmentation is drawn
+    from generators seeded by (``seed``, epoch, i) alone, whatever the worker, worker count or resume."""
 
     MAX_TRIES = 64
 

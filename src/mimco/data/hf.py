@@ -1,9 +1,7 @@
 """Hugging Face datasets (``data.name=hf``): a folder written by ``datasets``' ``save_to_disk``
 (one split, or a ``DatasetDict``) or parquet files with an image column and a label column
-(``data.image_column``, ``data.label_column``), read memory-mapped with random access, so that
-it trains, resumes and evaluates like an image folder. Nothing is downloaded: the user brings
-the files (parquet files are converted once into ``datasets``' own cache, as ``load_dataset``
-does)."""
+(``data.image_column``, ``data.label_column``), read memory-mapped with random access like an image
+folder. Nothing is downloaded (parquet files are converted once into ``datasets``' own cache)."""
 
 from __future__ import annotations
 
@@ -14,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mimco.data.files import FileImages, NamedItems, subset_of
+from mimco.data.files import FileImages, read_file, subset_of
+from mimco.data.shards import ShardItems
 from mimco.errors import MimcoError
 
 #: split names tried for the evaluation split, in order
@@ -51,7 +50,7 @@ def load_split(root: str, train: bool, val_root: str = "") -> Any | None:
     datasets = _datasets()
     own = bool(val_root) and not train  # the evaluation split has a source of its own
     spec = Path(val_root if own else root)
-    if not str(spec) or str(spec) == "." or not spec.exists():
+    if str(spec) == "." or not spec.exists():  # Path("") is "."
         raise MimcoError(f"data.{'val_root' if own else 'root'} '{spec}' does not exist; data.name=hf reads a "
                          "folder saved by datasets' save_to_disk or parquet files (nothing is downloaded)")
     wanted = ("train",) if train else EVAL_SPLITS
@@ -98,16 +97,15 @@ class HFImages(FileImages):
             feature = ds.features[label_column]
             column = ds.with_format("arrow", columns=[label_column])[label_column]  # one Arrow read, not a row walk
             labels = [-1 if c is None else int(c) for c in column.to_pylist()]
-            self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else (
-                [str(c) for c in range(max(labels) + 1)] if labels and max(labels) >= 0 else [])
-        elif label_column:
-            print(f"mimco: {source} has no column data.label_column={label_column}: its images are unlabelled",
-                  file=sys.stderr, flush=True)
-            labels, self.classes = [-1] * len(ds), []
+            self.classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else [
+                str(c) for c in range(max(labels, default=-1) + 1)]
         else:
+            if label_column:
+                print(f"mimco: {source} has no column data.label_column={label_column}: its images are unlabelled",
+                      file=sys.stderr, flush=True)
             labels, self.classes = [-1] * len(ds), []
-        items = _Rows(source, labels)
-        self.items, self.sizes = subset_of(items, [], subset, seed)
+        # (``<source>#<row>``, label) of each row
+        self.items, self.sizes = subset_of(ShardItems([source], [0], labels), [], subset, seed)
         self.ds, self.image_column = ds.select_columns([image_column]), image_column
         self.channels, self.transform = channels, transform
 
@@ -118,22 +116,6 @@ class HFImages(FileImages):
         except (OSError, ValueError, IndexError):
             return None
         if isinstance(value, dict):  # datasets.Image, undecoded: its bytes, or the file it names
-            if value.get("bytes"):
-                return value["bytes"]
-            try:
-                with open(value.get("path") or "", "rb") as f:
-                    return f.read()
-            except OSError:
-                return None
+            return value.get("bytes") or read_file(value.get("path") or "")
         return value if isinstance(value, bytes) else None
 
-
-class _Rows(NamedItems):
-    """``(<source>#<row>, label)`` of each row."""
-
-    def __init__(self, source: str, labels: list[int]) -> None:
-        super().__init__(labels)
-        self.source = source
-
-    def name(self, i: int) -> str:
-        return f"{self.source}#{i}"

@@ -23,18 +23,15 @@ def make_shapes(n: int, img_size: int = 32, seed: int = 0) -> tuple[np.ndarray, 
     r = rng.uniform(0.18, 0.3, size=(n, 1, 1))
     period = rng.uniform(0.12, 0.25, size=(n, 1, 1))
     dy, dx = yy - cy, xx - cx
-    shapes = {
-        0: dy**2 + dx**2 < r**2,
-        1: (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85),
-        2: (dy > -r) & (dy < r) & (np.abs(dx) < (dy + r) * 0.55),
-        3: ((np.abs(dy) < r * 0.3) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.3) & (np.abs(dy) < r)),
-        4: np.floor(yy / period) % 2 == 0,
-        5: (np.floor(yy / period) + np.floor(xx / period)) % 2 == 0,
-    }
-    fg_mask = np.zeros((n, s, s), dtype=bool)
-    for c, m in shapes.items():
-        sel = labels == c
-        fg_mask[sel] = np.broadcast_to(m, (n, s, s))[sel]
+    shapes = [  # in the order of CLASSES
+        dy**2 + dx**2 < r**2,
+        (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85),
+        (dy > -r) & (dy < r) & (np.abs(dx) < (dy + r) * 0.55),
+        ((np.abs(dy) < r * 0.3) & (np.abs(dx) < r)) | ((np.abs(dx) < r * 0.3) & (np.abs(dy) < r)),
+        np.floor(yy / period) % 2 == 0,
+        (np.floor(yy / period) + np.floor(xx / period)) % 2 == 0,
+    ]
+    fg_mask = np.stack([np.broadcast_to(m, (n, s, s)) for m in shapes])[labels, np.arange(n)]  # image i's own shape
     fg = rng.uniform(0.5, 1.0, size=(n, 3, 1, 1))
     bg = rng.uniform(0.0, 0.4, size=(n, 3, 1, 1))
     img = np.where(fg_mask[:, None], fg, bg) + rng.normal(0, 0.05, size=(n, 3, s, s))

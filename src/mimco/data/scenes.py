@@ -63,12 +63,10 @@ def make_scenes(images: np.ndarray, labels: np.ndarray, n: int, size: int = 56, 
 PRETRAIN_SEED = 1000
 
 
-def pretraining_scenes(images: np.ndarray, labels: np.ndarray, train: bool, size: int = 56,
-                       items: tuple[int, int] = (2, 4), threshold: int = 40) -> tuple[np.ndarray, np.ndarray]:
+def pretraining_scenes(images: np.ndarray, labels: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scenes as unlabelled-style pre-training images: as many scenes as there are ``images`` (M, 28,
     28), each labelled with the class (0..9) that covers most of its pixels (for k-NN and the linear
-    probe on scenes). Returns (canvases (M, size, size) uint8, labels (M,) int64)."""
-    canvases, masks = make_scenes(images, labels, len(images), size, items, threshold,
-                                  PRETRAIN_SEED + (0 if train else 1))
+    probe on scenes). Returns (canvases (M, 56, 56) uint8, labels (M,) int64)."""
+    canvases, masks = make_scenes(images, labels, len(images), seed=PRETRAIN_SEED + (0 if train else 1))
     counts = np.stack([np.bincount(m.ravel(), minlength=len(CLASSES))[1:] for m in masks])
     return canvases, counts.argmax(1).astype(np.int64)

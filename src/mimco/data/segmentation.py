@@ -11,10 +11,9 @@ whatever the layout writes:
 - ``plain``: ``{train,val}/images/NAME.(jpg|png)`` + ``{train,val}/masks/NAME.png``, a class index
   per pixel, ``seg.num_classes`` classes and ``seg.ignore_index`` ignored.
 
-A missing mask leaves its image out when the folder is listed; an unreadable mask or image, or a
-mask whose size differs from its image's, is an unreadable sample (skipped in evaluation, replaced
-and counted in training like an unreadable image). A label at or above the class count is an error
-naming the file.
+An image without a mask is left out; an unreadable mask or image, or a mask whose size differs
+from its image's, is an unreadable sample (as an unreadable image). A label at or above the class
+count is an error naming the file.
 """
 
 from __future__ import annotations
@@ -66,30 +65,24 @@ def detect_layout(root: Path) -> tuple[str, Path]:
 
 def list_pairs(layout: str, base: Path, train: bool) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """(image, mask) paths of a split, and the images that have no mask."""
-    if layout == "ade20k":
-        split = "training" if train else "validation"
-        images, masks = _stem_map(base / "images" / split, IMG_EXTENSIONS), _stem_map(base / "annotations" / split,
-                                                                                        (".png",))
-    elif layout == "voc":
-        ids = base / "ImageSets" / "Segmentation" / ("train.txt" if train else "val.txt")
+    split = ("training" if train else "validation") if layout == "ade20k" else ("train" if train else "val")
+    image_dir, mask_dir = {"ade20k": (base / "images" / split, base / "annotations" / split),
+                           "voc": (base / "JPEGImages", base / "SegmentationClass"),
+                           "plain": (base / split / "images", base / split / "masks")}[layout]
+    images, masks = _stem_map(image_dir, IMG_EXTENSIONS), _stem_map(mask_dir, (".png",))
+    if layout == "voc":
+        ids = base / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not ids.is_file():
             raise MimcoError(f"{ids} is missing: the Pascal VOC layout names each split's images there")
-        all_images = _stem_map(base / "JPEGImages", IMG_EXTENSIONS)
         names = [n.strip() for n in ids.read_text().split() if n.strip()]
-        images = {n: all_images.get(n, base / "JPEGImages" / f"{n}.jpg") for n in names}
-        masks = _stem_map(base / "SegmentationClass", (".png",))
-    else:
-        split = base / ("train" if train else "val")
-        images, masks = _stem_map(split / "images", IMG_EXTENSIONS), _stem_map(split / "masks", (".png",))
+        images = {n: images.get(n, image_dir / f"{n}.jpg") for n in names}
     pairs = [(p, masks[n]) for n, p in images.items() if n in masks and p.is_file()]
     return pairs, [p for n, p in images.items() if n not in masks or not p.is_file()]
 
 
 def layout_classes(layout: str, seg: SegDataConfig) -> int:
-    if layout == "ade20k":
-        return 150
-    if layout == "voc":
-        return 21
+    if layout != "plain":
+        return {"ade20k": 150, "voc": 21}[layout]
     if not seg.num_classes:
         raise MimcoError("a plain-layout folder does not say how many classes its masks hold; set seg.num_classes=N "
                          "(masks hold 0..N-1, and seg.ignore_index for unlabelled pixels)")
@@ -101,7 +94,6 @@ class SegSplit(Dataset, abc.ABC):
     unreadable sample. ``load(i)`` gives (PIL image, mask (H, W) uint8 in 0..K-1 or 255)."""
 
     num_classes: int
-    names: list[str]
     transform: Callable | None = None
 
     @abc.abstractmethod
@@ -129,7 +121,7 @@ class SegFolder(SegSplit):
             raise MimcoError(f"the {self.layout} folder {base} has no {split} images with masks; check data.root")
         if subset and subset < len(self.items):
             self.items = self.items[:subset]
-        self.channels, self.names = channels, [str(p) for p, _ in self.items]
+        self.channels = channels
         if verbose:
             left = f"; {len(no_mask)} images without a mask left out (e.g. {no_mask[0]})" if no_mask else ""
             print(f"mimco: {base}: {self.layout} layout, {len(self.items)} {split} pairs, {self.num_classes} "
@@ -183,7 +175,6 @@ class SceneSplit(SegSplit):
         self.images, self.masks = make_scenes(images, labels, n, data.img_size, (seg.items[0], seg.items[1]),
                                               seg.threshold, seed)
         self.num_classes, self.channels, self.classes = len(CLASSES), data.channels, CLASSES
-        self.names = [f"scene {i}" for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -209,34 +200,29 @@ def _tail(data: DataConfig) -> list[Any]:
             v2.Normalize(data.mean[:c], data.std[:c]), v2.ToPureTensor()]
 
 
-def _wrap(image: Image.Image, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    return v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image), tv_tensors.Mask(torch.from_numpy(mask))
+def _joint(ops: list[Any], data: DataConfig) -> Callable:
+    """(PIL image, mask) -> ``ops`` then the tail applied to both: (image (C, S, S), mask int64)."""
+    t = v2.Compose([*ops, *_tail(data)])
+
+    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, m = t(v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image),
+                 tv_tensors.Mask(torch.from_numpy(mask)))
+        return x, m.long()
+
+    return apply
 
 
 def seg_train_transform(aug: SegAugConfig, data: DataConfig) -> Callable:
     """(PIL image, mask) -> (normalised image (C, S, S), mask (S, S) int64): one random resized crop
     and flip for both (bilinear for the image, nearest-neighbour for the mask)."""
-    t = v2.Compose([v2.RandomResizedCrop(data.img_size, scale=(aug.min_scale, aug.max_scale), ratio=tuple(aug.ratio),
-                                         antialias=True),
-                    v2.RandomHorizontalFlip(p=aug.flip_prob), *_tail(data)])
-
-    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, m = t(*_wrap(image, mask))
-        return x, m.long()
-
-    return apply
+    return _joint([v2.RandomResizedCrop(data.img_size, scale=(aug.min_scale, aug.max_scale), ratio=tuple(aug.ratio),
+                                        antialias=True), v2.RandomHorizontalFlip(p=aug.flip_prob)], data)
 
 
 def seg_resize_transform(data: DataConfig) -> Callable:
     """(PIL image, mask) -> both resized to S x S (image bilinear, mask nearest): fixed-size training
     samples without augmentation (the frozen probe's features)."""
-    t = v2.Compose([v2.Resize((data.img_size, data.img_size), antialias=True), *_tail(data)])
-
-    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, m = t(*_wrap(image, mask))
-        return x, m.long()
-
-    return apply
+    return _joint([v2.Resize((data.img_size, data.img_size), antialias=True)], data)
 
 
 def seg_eval_transform(data: DataConfig) -> Callable:

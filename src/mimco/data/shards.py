@@ -1,24 +1,23 @@
 """WebDataset tar shards (``data.name=shards``), written by ``mimco shards`` and read with random
-access, so that a set of shards is a dataset like an image folder: the same seeded order (or a
-shard-local one, ``data.shuffle_buffer``), exact resume under any process count, every sample
-once in an evaluation, an unreadable sample substituted and counted like an unreadable file.
+access, so that a set of shards is a dataset like an image folder (the same seeded order or a
+shard-local one, ``data.shuffle_buffer``; exact resume; unreadable samples substituted and counted).
 
-A shard holds samples ``KEY.jpg`` (or ``.png``, ...) and ``KEY.cls`` (the class index as text),
-WebDataset's convention. ``mimco shards`` writes them with webdataset's ``TarWriter``, about
-``--shard-size`` bytes each, plus ``index.json``: wids' shard-list descriptor (``wids.
-ShardListDataset`` reads it as it is) with mimco's class names and, per shard, each sample's
-label and the byte offset and size of its image. A sample is then one ``pread`` at its offset:
-no tar header is parsed when a shard is opened, which wids' reader does for every header of a
-shard in each process that opens it (docs/training.md gives the measured reason). Shards written
-by another tool are read too (``data.root`` a brace pattern such as
+A shard holds samples ``KEY.jpg`` (or ``.png``, ...) and ``KEY.cls`` (the class index as text).
+``mimco shards`` writes them with webdataset's ``TarWriter`` plus ``index.json``: wids' shard-list
+descriptor with mimco's class names and, per shard, each sample's label and the byte offset and
+size of its image, so a sample is one ``pread`` and no tar header is parsed (docs/training.md).
+Shards written by another tool are read too (``data.root`` a brace pattern such as
 ``/data/in1k/train-{000000..001023}.tar``, or their wids index): each is walked once with
-Python's ``tarfile`` and what it holds kept in the cache folder for later starts.
+``tarfile`` and what it holds kept in the cache folder for later starts.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mimco.data.files import IMG_EXTENSIONS, FileImages, NamedItems, subset_of
+from mimco.data.files import FileImages, NamedItems, subset_of
 from mimco.errors import MimcoError
 from mimco.io import atomic_json
 
@@ -39,8 +38,7 @@ INDEX = "index.json"
 #: wids' descriptor kind (``index.json`` is one)
 KIND = "wids-shard-index-v1"
 #: image extensions in a sample, in the order looked for
-IMAGE_KEYS = tuple(e for e in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-                   if e in IMG_EXTENSIONS)
+IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 #: shard files kept open per process (a file descriptor each)
 OPEN_SHARDS = 256
 #: WebDataset's sample key: a member's path up to the first dot of its base name
@@ -124,10 +122,8 @@ def _scan(paths: list[str]) -> list[dict[str, Any]]:
         stats.append((p, st.st_size, st.st_mtime_ns))
     key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mimco" / "shards" / f"{key}.json"
-    try:
+    with contextlib.suppress(OSError, ValueError):
         return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
     print(f"mimco: reading where the samples and labels of {len(paths)} shards are, once (kept in {cache})",
           file=sys.stderr, flush=True)
     shards = []
@@ -138,11 +134,9 @@ def _scan(paths: list[str]) -> list[dict[str, Any]]:
             raise MimcoError(f"shard {p} cannot be read as a tar file ({type(e).__name__}); rewrite it or leave it "
                              "out of data.root") from None
         shards.append({"url": p, "nsamples": len(held["labels"]), "filesize": size, **held})
-    try:
+    with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_json(cache, shards)
-    except OSError:
-        pass
     return shards
 
 
@@ -181,17 +175,14 @@ def describe(root: str, train: bool, val_root: str = "") -> dict[str, Any] | Non
     """The shard-list descriptor of a split (None: the source has no such split). ``root``: a folder
     written by ``mimco shards`` (with ``train``/``val`` inside, or one split), an ``index.json``, or
     brace patterns of ``.tar`` files; ``val_root`` the same for the evaluation split."""
-    spec = root if train else val_root
-    if not spec and not train:
-        spec = root
-        if ".tar" in spec:
-            return None  # a pattern names one split; the evaluation one comes from data.val_root
+    own = train or bool(val_root)  # False: the evaluation split looked for beside the training one
+    spec = root if train or not val_root else val_root
     if not spec:
         raise MimcoError("data.name=shards needs data.root: a folder written by `mimco shards`, its index.json, or a "
                          "brace pattern of .tar files (/data/train-{000000..000127}.tar)")
-    if ".tar" in spec:
-        return _complete({"__kind__": KIND, "shardlist": _scan(expand(spec))})
-    path = _index_of(Path(spec), train or bool(val_root))
+    if ".tar" in spec:  # a pattern names one split; the evaluation one comes from data.val_root
+        return _complete({"__kind__": KIND, "shardlist": _scan(expand(spec))}) if own else None
+    path = _index_of(Path(spec), own)
     return None if path is None else _complete(_read_index(path))
 
 
@@ -208,21 +199,17 @@ class ShardItems(NamedItems):
 
 
 def _shard_of(starts: list[int], i: int) -> int:
-    import bisect
-
     return bisect.bisect_right(starts, i) - 1
 
 
 class ShardImages(FileImages):
     """The samples of a shard set as a dataset: ``items``, ``classes``, ``read(i)`` (the image's
     encoded bytes) and everything :class:`~mimco.data.files.FileImages` builds on them (decoding,
-    ``transform``, the cache, the GPU decode, subsets). ``labelled`` (None: when any sample has a
-    label): samples without one are left out, in one line; a label the index's classes do not
-    hold is a one-line error."""
+    ``transform``, the cache, the GPU decode, subsets). When any sample has a label, samples without
+    one are left out, in one line; a label the index's classes do not hold is a one-line error."""
 
-    def __init__(self, desc: dict[str, Any], labelled: bool | None = None, channels: int = 3,
-                 transform: Callable | None = None, subset: int = 0, seed: int = 0, shuffle_buffer: int = 0,
-                 verbose: bool = True) -> None:
+    def __init__(self, desc: dict[str, Any], channels: int = 3, transform: Callable | None = None, subset: int = 0,
+                 shuffle_buffer: int = 0, verbose: bool = True) -> None:
         shards = desc["shardlist"]
         meta = desc.get("mimco", {})
         labels: list[int] = [c for s in shards for c in s["labels"]]
@@ -232,30 +219,26 @@ class ShardImages(FileImages):
         self.urls = [s["url"] for s in shards]
         self._number = {u: k for k, u in enumerate(self.urls)}
         self.lengths = [s["nsamples"] for s in shards]
-        starts = [0]
-        for n in self.lengths[:-1]:
-            starts.append(starts[-1] + n)
-        if labelled is None:  # labelled when any sample has a label
-            labelled = any(c >= 0 for c in labels)
+        starts = [0, *itertools.accumulate(self.lengths[:-1])]
+        labelled = any(c >= 0 for c in labels)
         if not labelled:
             labels = [-1] * len(labels)
+        items: Sequence = ShardItems(self.urls, starts, labels)
         outside = [i for i, c in enumerate(labels) if c >= len(self.classes)]
         if outside:
-            name, c = ShardItems(self.urls, starts, labels)[outside[0]]
+            name, c = items[outside[0]]
             raise MimcoError(f"sample {name} has label {c}, outside the index's {len(self.classes)} classes; write "
                              "the shards again with `mimco shards` or fix the index's classes")
-        items: Sequence = ShardItems(self.urls, starts, labels)
         unlabelled = sum(c < 0 for c in labels) if labelled else 0
         if unlabelled:
-            keep = [i for i, c in enumerate(labels) if c >= 0]
-            items = [items[i] for i in keep]
+            items = [items[i] for i, c in enumerate(labels) if c >= 0]
             if verbose:
                 print(f"mimco: {unlabelled} of {len(labels)} samples in the shards have no label (.cls); left out of "
                       "this labelled split", file=sys.stderr, flush=True)
         if not len(items):
             raise MimcoError("the shards hold no samples" + (" with a label" if labelled else ""))
         self.starts, self.shuffle_buffer = starts, shuffle_buffer
-        self.items, self.sizes = subset_of(items, [], subset, seed)
+        self.items, self.sizes = subset_of(items, [], subset, 0)
         self.channels, self.transform = channels, transform
         self._open: dict[str, Any] = {}
         if verbose:
@@ -309,10 +292,8 @@ class ShardImages(FileImages):
     def __del__(self) -> None:
         for fd in getattr(self, "_open", {}).values():
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor | None:
         """The order of the whole split in ``epoch`` (None: a uniform shuffle, as an image folder).
@@ -354,6 +335,7 @@ def _encoded(dataset: Any, i: int) -> tuple[bytes, str] | None:
     """(encoded bytes, extension) of image ``i``: a file's own bytes (not decoded or encoded again)
     when its header reads as an image, an in-memory image as PNG; None when unreadable."""
     from PIL import Image
+    from torchvision.transforms.functional import to_pil_image
 
     if isinstance(dataset, FileImages):
         data = dataset.read(i)
@@ -365,20 +347,16 @@ def _encoded(dataset: Any, i: int) -> tuple[bytes, str] | None:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
         return (data, _EXT[fmt]) if fmt in _EXT else None
-    x = dataset.images[i]
-    img = Image.fromarray(x[0].numpy(), "L") if x.shape[0] == 1 else Image.fromarray(x.permute(1, 2, 0).numpy())
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    to_pil_image(dataset.images[i]).save(buf, format="PNG")
     return buf.getvalue(), ".png"
 
 
 def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard_size: int = 2**30,
                  prefix: str = "shard", progress: bool = True) -> dict[str, Any]:
     """Write ``dataset`` (a :class:`FileImages` or an in-memory ``ImageArray``) as tar shards of
-    about ``shard_size`` bytes in ``out``, and their ``index.json``. Each shard is written under a
-    temporary name and renamed whole; an interrupted write continues from its last whole shard
-    (the same source, in a progress file); a finished ``out`` is never overwritten. Returns the
-    index."""
+    about ``shard_size`` bytes in ``out``, and their ``index.json`` (returned). Each shard is renamed
+    into place whole; an interrupted write continues from its last whole shard (a progress file)."""
     from tqdm import tqdm
 
     try:
@@ -389,8 +367,6 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
         raise MimcoError(f"--out {out} holds shards already ({INDEX}); choose another folder (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
-    labels_of = (lambda i: int(dataset.items[i][1])) if isinstance(dataset, FileImages) else (
-        lambda i: int(dataset.labels[i]))
     fingerprint = {"source": source, "images": n, "shard_size": shard_size, "prefix": prefix}
     state: dict[str, Any] = {"fingerprint": fingerprint, "shards": [], "next": 0, "unreadable": 0}
     progress_file = out / PROGRESS
@@ -414,22 +390,18 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
         name = f"{prefix}-{len(state['shards']):06d}.tar"
         tmp = out / f".{name}.tmp"
         got: list[int] = []
-        unreadable = 0
         with open(tmp, "wb") as f:
-            writer = TarWriter(f, encoder=False, mtime=0)  # a fixed time: the same source gives the same bytes
-            try:
+            with TarWriter(f, encoder=False, mtime=0) as writer:  # a fixed time: the same source, the same bytes
                 while i < n and f.tell() < shard_size:
                     enc = _encoded(dataset, i)
                     if enc is None:
-                        unreadable += 1
+                        state["unreadable"] += 1
                     else:
-                        label = labels_of(i)
+                        label = int(dataset.items[i][1] if isinstance(dataset, FileImages) else dataset.labels[i])
                         writer.write({"__key__": f"{i:09d}", enc[1][1:]: enc[0], "cls": str(label).encode()})
                         got.append(label)
                     i += 1
                     bar.update(1)
-            finally:
-                writer.close()
             f.flush()
             os.fsync(f.fileno())
         if got:
@@ -439,7 +411,7 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
                                     "labels": got, "offsets": held["offsets"], "sizes": held["sizes"]})
         else:
             tmp.unlink()
-        state["next"], state["unreadable"] = i, state["unreadable"] + unreadable
+        state["next"] = i
         atomic_json(progress_file, state)
     bar.close()
     if not state["shards"]:

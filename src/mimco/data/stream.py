@@ -4,10 +4,8 @@ so every data key means the same in every stage:
 - ``data.cache=true``: an image folder is decoded once into memory, then served like an
   in-memory dataset;
 - ``data.on_device=true``: in-memory images are copied to the device once and augmented there in
-  batches; fine-tuning's per-image recipe (RandAugment) runs in the loader on uint8 images and
-  the images are normalised and randomly erased on the device (timm's prefetcher);
-- ``data.decode=gpu``: an image folder's JPEGs are decoded, cropped and augmented in batches on
-  the device.
+  batches (fine-tuning: RandAugment in the loader, normalisation and erasing on the device);
+- ``data.decode=gpu``: an image folder's JPEGs are decoded, cropped and augmented on the device.
 
 The batches a method takes are a *view kind*, registered by name (:func:`register_views`): ``two``
 (MoCo v3's two views), ``one`` (the MIM view), ``labelled`` (fine-tuning), ``masks`` (segmentation),
@@ -20,9 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import to_pil_image
 
 from mimco import distributed as dist
 from mimco.config_rules import IN_MEMORY
@@ -45,8 +43,7 @@ class TransformedArray(Dataset):
         return len(self.array)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.array.batch(torch.tensor([i]))[0].cpu()
-        img = Image.fromarray(x[0].numpy(), "L") if x.shape[0] == 1 else Image.fromarray(x.permute(1, 2, 0).numpy())
+        img = to_pil_image(self.array.batch(torch.tensor([i]))[0].cpu())
         return self.transform(img), int(self.array.labels[i])
 
 
@@ -69,10 +66,9 @@ class DeviceNormalize:
 def _in_memory(cfg: Any, device: torch.device, transform: Any = None) -> ImageArray | FileImages:
     """The training split, in memory when the dataset is (or ``data.cache`` makes it so)."""
     data = cfg.data
-    ds = load_dataset(data, train=True, transform=None if data.cache else transform)
     if data.cache:  # an image folder decoded once (once per node)
-        ds = cached(ds, data, verbose=dist.is_main(), device=device)
-    return ds
+        return cached(load_dataset(data, train=True), data, verbose=dist.is_main(), device=device)
+    return load_dataset(data, train=True, transform=transform)
 
 
 def views_stream(cfg: Any, device: torch.device, batched: Callable[[bool], Any],
@@ -163,10 +159,8 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
     ds = TransformedArray(train, tf) if isinstance(train, ImageArray) else train
     on_device = DeviceNormalize(d.mean[: d.channels], d.std[: d.channels], cfg.aug.reprob,
                                 device) if d.on_device else None
-    stream = BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, on_device, d.num_workers,
-                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
-    stream.num_classes = num_classes(train)
-    return stream
+    return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, on_device, d.num_workers,
+                       d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True, num_classes=num_classes(train))
 
 
 @register_views("masks")
@@ -177,10 +171,8 @@ def _mask_stream(cfg: Any, device: torch.device) -> BatchStream:
     d = cfg.data
     train = load_segmentation(d, cfg.seg, train=True, verbose=dist.is_main())
     train.transform = seg_train_transform(cfg.aug, d)
-    stream = BatchStream(train, cfg.optim.batch_size, cfg.train.seed, device, None, d.num_workers,
-                         d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True)
-    stream.num_classes = train.num_classes
-    return stream
+    return BatchStream(train, cfg.optim.batch_size, cfg.train.seed, device, None, d.num_workers,
+                       d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True, num_classes=train.num_classes)
 
 
 def build_stream(cfg: Any, device: torch.device, views: str) -> BatchStream:

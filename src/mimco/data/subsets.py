@@ -25,12 +25,9 @@ def labels_of(dataset: ImageArray | FileImages) -> torch.Tensor:
 
 def balanced_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 0.0, seed: int = 0,
                     what: str = "--per-class") -> torch.Tensor:
-    """Ascending indices of ``per_class`` images of every class (or ``fraction`` of each class,
-    at least one), drawn without replacement by a generator seeded with ``seed`` alone.
-
-    Raises :class:`MimcoError` (naming ``what``) for an unlabelled split, a size below 1 or a
-    size beyond the smallest class.
-    """
+    """Ascending indices of ``per_class`` images of every class (or ``fraction`` of each class, at
+    least one), drawn without replacement by a generator seeded with ``seed`` alone. A one-line
+    error (naming ``what``) for an unlabelled split, a size below 1 or beyond the smallest class."""
     if len(labels) == 0 or int(labels.min()) < 0:
         raise MimcoError(f"{what} needs a labelled training split; this one has no labels "
                          "(use data.name=imagefolder with class sub-folders, or a labelled dataset)")

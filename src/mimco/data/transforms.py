@@ -1,16 +1,12 @@
 """View transforms for both stages, in two forms with the same recipe:
 
-* batched, per-sample-random transforms on uint8 tensors, used for in-memory datasets; they run
-  on whatever device holds the batch, and draw their random parameters there too (with the
-  device's generator), so a step neither copies a parameter to the device nor waits for it
-  (``tests/engine/test_host_sync.py`` runs them on the meta device);
+* batched, per-sample-random transforms on uint8 tensors (in-memory datasets), run on the batch's
+  device with their random parameters drawn there, so a step neither copies a parameter to the
+  device nor waits for it (``tests/engine/test_host_sync.py`` runs them on the meta device);
 * per-image torchvision transforms, used by loader workers for image files of any size.
 
-Both follow torchvision's definitions (random resized crop with 10 tries and a centre-crop
-fallback; colour jitter's factors drawn uniformly, multiplicative brightness, its four parts in a
-random order; grayscale with ITU-R 601 weights; Gaussian blur with a per-image sigma; solarize at
-0.5; horizontal flip), each applied per image with its probability. Blur sigma is given for 224 px
-images (MoCo v3) and scaled to ``img_size``.
+Both follow torchvision's definitions, each op applied per image with its probability. Blur sigma
+is given for 224 px images (MoCo v3) and scaled to ``img_size``.
 """
 
 from __future__ import annotations
@@ -34,6 +30,10 @@ def blur_kernel(cfg: ContrastiveAugConfig, img_size: int) -> tuple[int, tuple[fl
     return k, (lo, hi)
 
 
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 class Normalize(nn.Module):
     """uint8 or [0,1] float (B, C, H, W) -> (x - mean) / std in float32."""
 
@@ -43,13 +43,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std[:channels]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
+        x = _to_float(x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
-
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 def _uniform(x: torch.Tensor, lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -134,17 +129,31 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return torch.cat([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], 1)
 
 
-class ColorJitter(nn.Module):
+class _PerImage(nn.Module):
+    """``op`` applied to each image with probability ``p`` (its own draws made first)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.op(x)
+        return torch.where(_chosen(x, self.p), out, x)
+
+
+class ColorJitter(_PerImage):
     """torchvision's colour jitter on RGB images in [0, 1], per image, applied with probability ``p``:
     brightness, contrast and saturation factors drawn in [max(0, 1 - a), 1 + a], hue in [-h, h]
     turns, the four in a random order (one per batch, as kornia's)."""
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(p)
         self.ranges = [(max(0.0, 1 - a), 1 + a) for a in (brightness, contrast, saturation)] + [(-hue, hue)]
-        self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor) -> torch.Tensor:
         f = [_uniform(x, lo, hi, 1, 1, 1) for lo, hi in self.ranges]
         out = x
         for k in torch.randperm(4).tolist():  # host randomness for the order: no device value read
@@ -159,27 +168,23 @@ class ColorJitter(nn.Module):
             else:
                 h, s, v = _rgb_to_hsv(out)
                 out = _hsv_to_rgb(torch.remainder(h + f[3][:, 0], 1.0), s, v)
-        return torch.where(_chosen(x, self.p), out, x)
+        return out
 
 
-class RandomGrayscale(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(_chosen(x, self.p), _grey(x).expand_as(x), x)
+class RandomGrayscale(_PerImage):
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        return _grey(x).expand_as(x)
 
 
-class RandomGaussianBlur(nn.Module):
+class RandomGaussianBlur(_PerImage):
     """A ``k`` x ``k`` Gaussian blur, its sigma drawn per image in ``sigma``, reflect padding (kornia's
     default border), applied with probability ``p``."""
 
     def __init__(self, k: int, sigma: tuple[float, float], p: float) -> None:
-        super().__init__()
-        self.k, self.sigma, self.p = k, sigma, p
+        super().__init__(p)
+        self.k, self.sigma = k, sigma
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def op(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         sigma = _uniform(x, *self.sigma, 1)
         pos = torch.arange(self.k, device=x.device, dtype=x.dtype) - (self.k - 1) / 2
@@ -188,28 +193,19 @@ class RandomGaussianBlur(nn.Module):
         pad = self.k // 2
         y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
         y = F.conv2d(y, kern.view(b * c, 1, 1, self.k), groups=b * c)
-        y = F.conv2d(y, kern.view(b * c, 1, self.k, 1), groups=b * c).view(b, c, h, w)
-        return torch.where(_chosen(x, self.p), y, x)
+        return F.conv2d(y, kern.view(b * c, 1, self.k, 1), groups=b * c).view(b, c, h, w)
 
 
-class RandomSolarize(nn.Module):
+class RandomSolarize(_PerImage):
     """Pixels at or above 0.5 inverted, with probability ``p``."""
 
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(_chosen(x, self.p), torch.where(x < 0.5, x, 1.0 - x), x)
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x < 0.5, x, 1.0 - x)
 
 
-class RandomHorizontalFlip(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(_chosen(x, self.p), x.flip(-1), x)
+class RandomHorizontalFlip(_PerImage):
+    def op(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(-1)
 
 
 class BatchTwoViews(nn.Module):
@@ -226,15 +222,10 @@ class BatchTwoViews(nn.Module):
 
         def view(blur_p: float, sol_p: float) -> nn.Sequential:
             ops: list[nn.Module] = [RandomResizedCrop(s, scale=(cfg.min_scale, 1.0))] if crop else []
-            ops += [
-                ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
-                RandomGrayscale(p=cfg.grayscale_prob),
-                RandomGaussianBlur(k, sigma, p=blur_p),
-            ]
-            if sol_p > 0:
-                ops.append(RandomSolarize(p=sol_p))
-            ops.append(RandomHorizontalFlip(p=cfg.flip_prob))
-            return nn.Sequential(*ops)
+            ops += [ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
+                    RandomGrayscale(p=cfg.grayscale_prob), RandomGaussianBlur(k, sigma, p=blur_p)]
+            ops += [RandomSolarize(p=sol_p)] if sol_p > 0 else []  # none: no draw for it
+            return nn.Sequential(*ops, RandomHorizontalFlip(p=cfg.flip_prob))
 
         self.v1 = view(cfg.blur_prob1, cfg.solarize_prob1)
         self.v2 = view(cfg.blur_prob2, cfg.solarize_prob2)
@@ -246,10 +237,9 @@ class BatchTwoViews(nn.Module):
             return self.norm(seq(x.expand(-1, 3, -1, -1))[:, :1])
         return self.norm(seq(x))
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = _to_float(x)
-        return [self._run(self.v1, x), self._run(self.v2, x)]
+        return self.from_crops([x, x])
 
     @torch.no_grad()
     def from_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -270,9 +260,8 @@ class BatchMimView(nn.Module):
         self.seq = nn.Sequential(*ops, RandomHorizontalFlip(p=cfg.flip_prob))
         self.norm = Normalize(data.mean, data.std, data.channels)
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.norm(self.seq(_to_float(x)))]
+        return self.from_crops([x])
 
     @torch.no_grad()
     def from_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

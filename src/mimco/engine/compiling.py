@@ -1,17 +1,14 @@
 """``train.compile``: torch.compile of every transformer block and head of a training method, in place.
 
-Blocks are compiled one by one (``nn.Module.compile``, as torchtitan does per transformer block)
-rather than the whole method: the method's forward holds what a graph cannot (mask generation,
-collectives, Python control flow), every ViT in it (student, frozen teacher, momentum encoder,
-fine-tuned model) spends nearly all of its time in blocks, and each block type compiles once and
-is reused by every block of its shape. Parameter names and state dicts are unchanged, so
-checkpoints of compiled and eager runs are interchangeable.
+Blocks are compiled one by one (``nn.Module.compile``, as torchtitan does per transformer block),
+not the whole method: its forward holds what a graph cannot (mask generation, collectives, Python
+control flow), every ViT in it spends nearly all of its time in blocks, and each block type compiles
+once for every block of its shape. State dicts are unchanged: compiled and eager checkpoints mix.
 
-Every module compiled in place runs through one shared code object (``nn.Module.compile`` wraps
-each module's ``_call_impl`` in the same function), so all of them share dynamo's cache and its
-``recompile_limit`` (8 by default): each module type and shape, in training and under evaluation's
-``no_grad``, holds its own entries, and past the limit the rest would silently run eager. The limit
-is raised to cover the modules compiled; if it is hit anyway, the run says so in one line.
+Every module compiled in place runs through one shared code object (``nn.Module.compile`` wraps each
+``_call_impl`` in the same function), so all share dynamo's cache and its ``recompile_limit`` (8 by
+default), past which the rest would silently run eager: the limit is raised to cover the modules
+compiled, and a run that hits it anyway says so in one line.
 """
 
 from __future__ import annotations
@@ -46,14 +43,12 @@ def compile_method(method: nn.Module, mode: str = "default", backend: Any = "ind
     embedding; MoCo and MimCo add their heads) except those holding SyncBatchNorm; returns how many
     modules were compiled, and raises dynamo's recompile limits to cover them. Call after BatchNorm
     conversion and before FSDP sharding. ``backend``: dynamo's (tests use ``"eager"``)."""
-    n = 0
-    for m in method.compile_targets():
-        # SyncBatchNorm (MoCo's heads under DDP on GPUs) all-gathers statistics inside an autograd
-        # Function, which dynamo breaks its graph on: such a module stays eager (a few small matmuls)
-        if not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules()):
-            m.compile(mode=mode, backend=backend)
-            n += 1
-    if n:
+    # SyncBatchNorm (MoCo's heads under DDP on GPUs) all-gathers statistics inside an autograd
+    # Function, which dynamo breaks its graph on: such a module stays eager (a few small matmuls)
+    targets = [m for m in method.compile_targets() if not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules())]
+    for m in targets:
+        m.compile(mode=mode, backend=backend)
+    if n := len(targets):
         cfg = torch._dynamo.config
         need = ENTRIES_PER_MODULE * n
         cfg.recompile_limit = max(cfg.recompile_limit, need)

@@ -47,11 +47,9 @@ def seed_process(seed: int) -> None:
 
 def all_rng_states() -> list[dict[str, Any]]:
     """Every process's :func:`rng_state`, in rank order (a collective when distributed)."""
-    mine = rng_state()
-    if not dist.is_dist():
-        return [mine]
-    out: list[Any] = [None] * dist.world_size()
-    torch.distributed.all_gather_object(out, mine)
+    out: list[Any] = [rng_state()] * dist.world_size()
+    if dist.is_dist():
+        torch.distributed.all_gather_object(out, out[0])
     return out
 
 

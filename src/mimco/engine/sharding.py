@@ -35,10 +35,8 @@ def mixed_precision(precision: str) -> tuple[Any, Any]:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtype = half_dtype(precision)
-    if dtype is None:
-        return MixedPrecisionPolicy(), MixedPrecisionPolicy(cast_forward_inputs=False)
-    return (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
-            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
+    kw = {} if dtype is None else {"param_dtype": dtype, "reduce_dtype": torch.float32}
+    return MixedPrecisionPolicy(**kw), MixedPrecisionPolicy(**kw, cast_forward_inputs=False)
 
 
 def shard(method: nn.Module, precision: str = "fp32") -> None:
@@ -53,9 +51,9 @@ def shard(method: nn.Module, precision: str = "fp32") -> None:
     frozen = {p for m in method.frozen_modules() for p in m.parameters()}
     if unit.param_dtype is not None:  # BatchNorm (MoCo's heads) in fp32: its running statistics are fp32 buffers
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)  # inputs cast to fp32 too
-        for bn in [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
-            if not any(p in frozen for p in bn.parameters()):
-                fully_shard(bn, mp_policy=fp32)
+        for bn in [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and not any(p in frozen for p in m.parameters())]:
+            fully_shard(bn, mp_policy=fp32)
     for u in method.fsdp_units():
         for vit in vits(u):
             for blk in vit.blocks:

@@ -1,9 +1,6 @@
 """The one training loop every stage shares (teacher, pretrain, finetune).
 
-It runs any :class:`~mimco.methods.base.TrainingMethod` (the contract: ``forward(views, step,
-first_index) -> (loss, logs)``, ``backbone()``, ``no_weight_decay()``, ``param_groups()``,
-``total_steps``, ``after_step()``, ``on_epoch_end()``, ``metric_keys``, ``encoders()``, ``frozen_modules()``,
-``compile_targets()`` and ``fsdp_units()``) and adds everything else: per-iteration warm-up +
+It runs any :class:`~mimco.methods.base.TrainingMethod` and adds everything else: per-iteration warm-up +
 cosine, bf16/fp16 autocast, gradient accumulation and clipping, gradient checkpointing, DDP/FSDP,
 a row every ``log_every`` steps to ``log.csv``, TensorBoard and W&B (:mod:`mimco.engine.logs`), a
 progress bar, the k-NN monitor (:mod:`mimco.eval.monitor`), atomic checkpoints (model, optimiser,
@@ -61,10 +58,9 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     a bf16/fp32 run is ignored, as a disabled scaler does."""
     if state:
         scaler.load_state_dict(state)
-    elif scaler.is_enabled():
-        if dist.is_main():
-            print("mimco: the checkpoint was not trained in fp16; the gradient scaler starts fresh "
-                  f"(scale {scaler.get_scale():g})", file=sys.stderr, flush=True)
+    elif scaler.is_enabled() and dist.is_main():
+        print("mimco: the checkpoint was not trained in fp16; the gradient scaler starts fresh "
+              f"(scale {scaler.get_scale():g})", file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -98,10 +94,9 @@ class Trainer:
         # bring back the old run's length (t_initial) over a changed optim.epochs
         self.scheduler = build_scheduler(self.optimizer, o, self.total_steps, int(round(o.warmup_epochs * spe)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
-        self.step = 0
+        self.step = 0 if resume is None else int(resume["step"])
         self.fresh = resume is None  # a resumed run's after_step for its first step ran before its checkpoint
         if resume is not None:
-            self.step = int(resume["step"])
             if self.step > self.total_steps:
                 raise MimcoError(f"the checkpoint is at step {self.step} but optim.epochs={o.epochs} ends at step "
                                  f"{self.total_steps}; resume with optim.epochs of at least {self.step / spe:g}")
@@ -165,21 +160,22 @@ class Trainer:
         every, spe = self.cfg.train.keep_every_epochs, self.stream.steps_per_epoch
         return bool(every) and self.step % spe == 0 and (self.step // spe) % every == 0
 
-    def _monitor(self, spe: int, first: bool) -> dict[str, float]:
+    def _monitor(self, spe: int, rows: RowLogger) -> dict[str, float]:
         """Score the k-NN monitor (every process: its share), log its pictures, and the first time
-        say what it costs."""
+        say what it costs (time that ``rows``' images/s does not count)."""
         start = time.perf_counter()
         with gathered(self.method):  # FSDP: the backbone's parameters whole, for its forward_features
             values, images = self.monitor(self.method.backbone(), self.device, self.cfg.train.precision)
         seconds = time.perf_counter() - start
         self.log.images(self.step, images)
-        if first and dist.is_main():
+        if rows.first_monitor and dist.is_main():
             trained = time.perf_counter() - self._start - self._monitor_s
             per_epoch = trained / max(self.step - self._start_step, 1) * spe
             tqdm.write(f"mimco: k-NN monitor on {self.monitor.size} images ({self.monitor.describe()}) took "
                        f"{seconds:.1f} s, {100 * seconds / per_epoch:.1f} % "
                        f"of an epoch ({per_epoch:.0f} s) of this run", file=sys.stderr)
         self._monitor_s += seconds
+        rows.pause(seconds)
         return values
 
     def _bad_images(self) -> tuple[int, int] | None:
@@ -198,11 +194,9 @@ class Trainer:
         if self._bad_images() is None:
             return
         bad = self.stream.bad
-        found: list[Any] = [None] * dist.world_size()
+        found: list[Any] = [(sorted(bad.files), bad.undecodable)] * dist.world_size()
         if dist.is_dist():
-            torch.distributed.all_gather_object(found, (sorted(bad.files), bad.undecodable))
-        else:
-            found = [(sorted(bad.files), bad.undecodable)]
+            torch.distributed.all_gather_object(found, found[0])
         files = sorted({i for f, _ in found for i in f})
         undecodable = sum(u for _, u in found)
         if dist.is_main() and (files or undecodable):
@@ -222,57 +216,39 @@ class Trainer:
             raise MimcoError(f"loss became NaN/Inf at step {bad + 1}; stopped, {kept}; lower optim.base_lr or set "
                              "optim.clip_grad, then resume")
 
-    def _micro_step(self, views: list[torch.Tensor], sync: bool,
-                    first_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        ctx = self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext()
-        if self.accum > 1:  # FSDP2: one reduce-scatter per unit and step, at the last micro-batch
-            gradient_sync(self.model, sync)
-        with ctx:
-            with autocast(self.device, self.cfg.train.precision):
-                loss, logs = self.model(views, self.step, first_index)
-            self.scaler.scale(loss / self.accum).backward()
-        return loss.detach(), logs
-
-    def _optimizer_step(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Clip (with ``optim.clip_grad``), step, zero. Returns the gradients' total norm before
-        clipping (unscaled, on the device; logged as ``grad_norm``), or None without clipping."""
-        norm = None
-        if self.cfg.optim.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
-            if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor (a collective)
-                norm = norm.full_tensor()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
     def train_step(self, views: list[torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor | float]:
         """One optimiser step on this process's share of the global batch (``views``): its micro-batches,
         clip and step, then the method's ``after_step``. Returns the step's logs (``loss`` and the
-        method's, the mean over micro-batches, tensors left on the device; ``grad_norm`` with clipping)."""
+        method's, the mean over micro-batches, tensors left on the device; ``grad_norm``, the gradients'
+        unscaled norm before clipping, with ``optim.clip_grad``)."""
         self.scheduler.step_update(self.step)
         chunks = list(zip(*[v.chunk(self.accum) for v in views]))
         micro, first = self.stream.local // self.accum, dist.rank() * self.stream.local
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         logs: dict[str, torch.Tensor | float] = {}
         for i, chunk in enumerate(chunks):
-            loss, got = self._micro_step(list(chunk), i == len(chunks) - 1, first + i * micro)
+            sync = i == len(chunks) - 1
+            if self.accum > 1:  # FSDP2: one reduce-scatter per unit and step, at the last micro-batch
+                gradient_sync(self.model, sync)
+            with self.model.no_sync() if (not sync and ddp) else contextlib.nullcontext():
+                with autocast(self.device, self.cfg.train.precision):
+                    loss, got = self.model(list(chunk), self.step, first + i * micro)
+                self.scaler.scale(loss / self.accum).backward()
             self.guard.update(loss, self.step)
             for k, v in {"loss": loss, **got}.items():  # tensors stay on the device; numbers on the host
                 v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                 logs[k] = logs.get(k, 0.0) + v / len(chunks)
-        norm = self._optimizer_step(params)
-        if norm is not None:
-            logs["grad_norm"] = norm.detach().float()
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            # FSDP2: the norm of sharded gradients is a DTensor (a collective)
+            logs["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach().float()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.method.after_step(self.step)  # every process, outside any forward (MoCo's EMA)
         return logs
-
-    def _checkpoint_due(self, epoch_end: bool, snapshot: bool, end: int) -> bool:
-        """A checkpoint before the end: new epoch metrics, an epoch snapshot, or ``train.ckpt_every``."""
-        every = self.cfg.train.ckpt_every
-        return (epoch_end or snapshot or bool(every and self.step % every == 0)) and self.step < end
 
     def fit(self) -> dict[str, Any]:
         """Train from ``self.step`` to the schedule's end (or ``train.max_steps``, or an agreed stop)
@@ -307,9 +283,7 @@ class Trainer:
                 epoch_end = epoch_done and bool(self.method.metric_keys)  # new metrics: a log row and a checkpoint
                 watch = self.monitor is not None and self.monitor.due(self.step, spe)
                 if watch:  # every process: its share of the features
-                    spent = self._monitor_s
-                    watched = self._monitor(spe, rows.first_monitor)
-                    rows.pause(self._monitor_s - spent)  # images/s counts training time only
+                    watched = self._monitor(spe, rows)
                 if self.step % t.log_every == 0 or self.step == end or epoch_end or watch:
                     rows.write(metrics, watched if watch else {})
                 if stop.requested and asked_at is None:
@@ -318,8 +292,8 @@ class Trainer:
                 if stop.agreed(self.device) and self.step < end:
                     stopped_by = stop.requested or "a signal on another process"
                     break
-                snap = self._snapshot_due()
-                if self._checkpoint_due(epoch_end, snap, end):
+                snap = self._snapshot_due()  # a checkpoint before the end: new epoch metrics, a snapshot, ckpt_every
+                if (epoch_end or snap or bool(t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint(snapshot=snap)
             rows.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run

@@ -1,7 +1,6 @@
 """Frozen features of a split to a file (``mimco extract``): CLS and mean-pooled tokens, optionally
-every patch token (float16), with labels, dataset indices and file names, extracted like the
-evaluation (every process its share under the run's autocast, each batch gathered to the main
-process) and streamed to the file: the main process holds one batch at a time, never the split."""
+every patch token (float16), with labels, dataset indices and file names, extracted as the evaluation
+extracts them and streamed to the file: the main process holds one batch at a time, never the split."""
 
 from __future__ import annotations
 
@@ -55,10 +54,9 @@ def token_outputs(backbone: torch.nn.Module, patch: bool) -> Any:
 def extract_tokens(backbone: torch.nn.Module, dataset: Any, data: DataConfig, device: torch.device,
                    precision: str = "fp32", patch: bool = False, batch_size: int = 256,
                    progress: bool = True) -> dict[str, Any] | None:
-    """On the main process ({} keys ``cls``, ``mean``, ``patch`` with ``patch`` (float16), ``labels``,
-    ``index``: tensors on the CPU in dataset order; ``names``: the files' paths, or [] for an
-    in-memory dataset), held in memory; None on the other processes. Unreadable files are left out
-    (their indices are missing)."""
+    """On the main process, in memory: {``cls``, ``mean``, with ``patch`` ``patch`` (float16), ``labels``,
+    ``index``: CPU tensors in dataset order (unreadable files left out); ``names``: the files' paths,
+    or [] for an in-memory dataset}; None on the other processes."""
     got = extract_distributed(backbone, dataset, data, device, token_outputs(backbone, patch), precision, batch_size,
                               progress, half=("patch",))
     if got is None:
@@ -77,22 +75,21 @@ _COPY = 4 * 2**20
 
 
 class FeatureWriter:
-    """The main process's side of :func:`stream_features`: each gathered batch's rows appended to one
-    part file per key (next to ``path``), then the whole file put together from the parts (a
-    header, then each part copied in pieces of :data:`_COPY` bytes) under a temporary name and
-    renamed to ``path``. Nothing but a batch is held in memory: the file names go to a part file
-    too, and into the safetensors file as a tensor ``names`` (UTF-8 bytes, one name after another,
-    each ended by a NUL byte), not into its header (which safetensors caps at 100 MB: ImageNet's
-    1.28 M training paths come near that)."""
+    """The main process's side of :func:`stream_features`: each batch's rows appended to one part
+    file per key next to ``path``, then the file put together from a header and the parts under a
+    temporary name and renamed. The file names go into a safetensors file as a tensor ``names``
+    (UTF-8, each ended by a NUL byte), not into its header, which safetensors caps at 100 MB
+    (ImageNet's 1.28 M paths come near that)."""
 
     def __init__(self, path: Path, names_of: Any = None) -> None:
         self.path, self.names_of = path, names_of
         path.parent.mkdir(parents=True, exist_ok=True)
         self.parts = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".parts", dir=path.parent))
-        self.files: dict[str, IO[bytes]] = {}
+        self.files: dict[str, IO[bytes]] = {}  # closed in close()
+        if names_of is not None:
+            self.files[NAMES] = open(self.parts / NAMES, "wb")  # noqa: SIM115
         self.rows: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         self.count = 0
-        self.names = 0  # file names written to the part file ``names``
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> None:
         for k, v in rows.items():
@@ -103,14 +100,7 @@ class FeatureWriter:
             a.tofile(self.files[k])
         self.count += len(rows["index"])
         if self.names_of is not None:
-            if NAMES not in self.files:
-                self.files[NAMES] = open(self.parts / NAMES, "wb")  # noqa: SIM115  closed in close()
-            names = self.names_of(rows["index"].tolist())
-            self.files[NAMES].write(b"".join(n.encode() + b"\0" for n in names))
-            self.names += len(names)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: (self.count, *shape) for k, (_, shape) in self.rows.items()}
+            self.files[NAMES].write(b"".join(n.encode() + b"\0" for n in self.names_of(rows["index"].tolist())))
 
     def finish(self, meta: dict[str, Any]) -> Path:
         """Put the file together and rename it to ``path`` (atomic); the parts are removed."""
@@ -141,8 +131,9 @@ class FeatureWriter:
 
     def _safetensors(self, tmp: Path, meta: dict[str, Any]) -> None:
         header: dict[str, Any] = {"__metadata__": {"mimco": json.dumps(meta)}}
+        keys = [*self.rows, *([NAMES] if NAMES in self.files else [])]
         start = 0
-        for k in self._keys():
+        for k in keys:
             size = (self.parts / k).stat().st_size
             dtype, shape = ("U8", [size]) if k == NAMES else (_SAFETENSORS_DTYPES[self.rows[k][0]],
                                                                 [self.count, *self.rows[k][1]])
@@ -153,11 +144,8 @@ class FeatureWriter:
         with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(text)))
             out.write(text)
-            for k in self._keys():
+            for k in keys:
                 self._copy(k, out)
-
-    def _keys(self) -> list[str]:
-        return [*self.rows, *([NAMES] if NAMES in self.files else [])]
 
     def _npz(self, tmp: Path, meta: dict[str, Any]) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -175,12 +163,10 @@ class FeatureWriter:
 def stream_features(backbone: torch.nn.Module, dataset: Any, data: DataConfig, device: torch.device, path: Path,
                     meta: dict[str, Any], precision: str = "fp32", patch: bool = False, batch_size: int = 256,
                     progress: bool = True) -> dict[str, tuple[int, ...]] | None:
-    """``mimco extract``: what :func:`extract_tokens` gives, written to ``path`` batch by batch as the
-    main process receives them (``.safetensors``: ``meta`` as JSON in the header's metadata, the
-    names as a tensor (see :class:`FeatureWriter`; :func:`read_names` reads them back); ``.npz``:
-    names as a string array, ``meta`` as a JSON string). Returns the shapes
-    written (and ``names`` (count,) for a folder) on the main process, None on the others; every
-    process takes part in the extraction."""
+    """``mimco extract``: what :func:`extract_tokens` gives, written to ``path`` batch by batch
+    (``.safetensors``: ``meta`` as JSON in the header's metadata, names as :class:`FeatureWriter`
+    writes them; ``.npz``: names as a string array, ``meta`` as a JSON string). Returns the shapes
+    written (and ``names`` (count,) for a folder) on the main process, None on the others."""
     names_of = ((lambda index: [str(dataset.items[i][0]) for i in index]) if isinstance(dataset, FileImages)
                 else None)
     writer = FeatureWriter(path, names_of) if dist.is_main() else None
@@ -190,7 +176,8 @@ def stream_features(backbone: torch.nn.Module, dataset: Any, data: DataConfig, d
         if writer is None:
             return None
         writer.finish(meta)
-        return {**writer.shapes(), **({"names": (writer.names,)} if names_of is not None else {})}
+        shapes = {k: (writer.count, *shape) for k, (_, shape) in writer.rows.items()}
+        return {**shapes, **({"names": (writer.count,)} if names_of is not None else {})}
     finally:
         if writer is not None:
             writer.close()

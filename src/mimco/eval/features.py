@@ -52,11 +52,8 @@ def features_of(backbone: torch.nn.Module | None, x: torch.Tensor, pool: str = "
 def extract_features(backbone: torch.nn.Module | None, dataset: ImageArray | FileImages, data: DataConfig,
                      device: torch.device, batch_size: int = 512,
                      pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (features (N, D) float32 on CPU, labels (N,)).
-
-    ``backbone=None`` gives the normalised raw pixels, flattened (the honest floor).
-    ``pool``: ``cls`` (CLS token after the final norm) or ``mean`` (mean of patch tokens).
-    """
+    """(features (N, D) float32 on CPU, labels (N,)): :func:`features_of` with ``pool`` (``cls`` or
+    ``mean``); ``backbone=None``: the normalised raw pixels, flattened (the honest floor)."""
     if backbone is not None:
         was_training = backbone.training
         backbone.eval()
@@ -110,15 +107,11 @@ def extract_distributed(backbone: torch.nn.Module | None, dataset: ImageArray | 
                         precision: str = "fp32", batch_size: int = 256, progress: bool = False,
                         half: tuple[str, ...] = (), sink: Sink | None = None) -> dict[str, torch.Tensor] | None:
     """``outputs(images)`` (a dict of (B, ...) tensors) over a whole split, each process computing
-    every world-th image under the run's autocast (``precision``). Each batch's outputs go to the
-    main process at once (a gather, not an all-gather: the other processes keep nothing) and there
-    straight off the accelerator into one host buffer per key sized for the split (float32, or
-    float16 for the keys in ``half``: patch tokens). On the main process: the dict in dataset order, on the CPU, plus
-    ``labels`` (N,) and ``index`` (N,, the dataset's indices); or, with ``sink``, nothing is held:
-    ``sink(rows)`` gets each gathered batch (the same keys), in dataset order, and {} is returned.
-    None on the other processes. Every process runs the same number of forward passes (padding the
-    last share; an FSDP backbone's forward is a collective), and unreadable files are left out.
-    Alone, the same thing in one process. ``backbone=None``: ``outputs`` reads raw pixels."""
+    every world-th image under autocast (``precision``), each batch gathered to the main process
+    (not all-gathered) and there written into one host buffer per key (float32, float16 for the keys
+    in ``half``). Main process: the dict in dataset order plus ``labels`` (N,) and ``index`` (N,); or,
+    with ``sink``, ``sink(rows)`` per gathered batch and {}. None elsewhere. Every process runs the
+    same number of forward passes (an FSDP forward is a collective); unreadable files are left out."""
     n, w, r = len(dataset), dist.world_size(), dist.rank()
     per = math.ceil(n / w)
     idx = torch.arange(r, r + w * per, w)

@@ -1,8 +1,6 @@
-"""Full fine-tuning with the MAE/BEiT recipe, built from timm's pieces: layer-wise lr decay,
-AdamW, per-iteration warm-up + cosine, RandAugment, mixup/cutmix with label smoothing, random
-erasing, drop path, mean-pooled patch tokens + fc_norm (or CLS). Registered as the method
-``finetune`` of the fine-tuning stage, so it runs on the shared stage runner and training engine;
-evaluates every epoch; keeps ``last.pt`` (resumable) and ``best.safetensors``."""
+"""Full fine-tuning with the MAE/BEiT recipe from timm's pieces (layer-wise lr decay, AdamW, warm-up +
+cosine, RandAugment, mixup/cutmix, label smoothing, random erasing, drop path, mean-pooled tokens +
+fc_norm or CLS): the method ``finetune`` of the fine-tuning stage, scored every epoch."""
 
 from __future__ import annotations
 
@@ -92,11 +90,9 @@ def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, dev
 
 
 class Finetune(MethodDefaults, nn.Module):
-    """Fine-tuning as a method of the shared training engine (:class:`~mimco.engine.trainer.Trainer`):
-    a timm classifier, mixup/cutmix, the (soft-target or label-smoothing) cross-entropy, layer-wise
-    lr decay groups, and an evaluation on the test split at the end of every epoch that keeps
-    ``best.safetensors``. The best top-1/top-5/epoch live in a buffer, so they resume with the model.
-    """
+    """Fine-tuning as a method of the training engine: a timm classifier, mixup/cutmix, layer-wise lr
+    decay, a test-split evaluation every epoch that keeps ``best.safetensors``. The best top-1 /
+    top-5 / epoch live in a buffer, so they resume with the model."""
 
     metric_keys = ("top1", "top5", "best_top1", "best_epoch")
 

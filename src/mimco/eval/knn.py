@@ -10,13 +10,8 @@ import torch.nn.functional as F
 def knn_predict_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                       ks: list[int], temperature: float = 0.07, num_classes: int | None = None,
                       chunk: int = 1024) -> dict[int, torch.Tensor]:
-    """Cosine k-NN for several k at once, votes weighted by ``exp(sim / T)``.
-
-    Args:
-        train_feats (N, D), train_labels (N,), test_feats (M, D).
-    Returns:
-        {k: predicted labels (M,)}; the neighbours are searched once, for the largest k.
-    """
+    """Cosine k-NN for several k at once, votes weighted by ``exp(sim / T)``: train_feats (N, D),
+    train_labels (N,), test_feats (M, D) -> {k: predicted labels (M,)}, neighbours searched once."""
     c = num_classes or int(train_labels.max()) + 1
     kmax = min(max(ks), len(train_feats))
     bank = F.normalize(train_feats.float(), dim=1)  # on the bank's device (a GPU at the end of a run)

@@ -1,15 +1,10 @@
 """Linear probe on a frozen backbone: BatchNorm without affine, then a linear layer; SGD or LARS.
 
-Two paths train the same head on the same batch order:
-* fast (``linear_probe``): features are extracted once and the head trains on them;
-* full (``linear_probe_full``): every batch goes through the frozen backbone, optionally with
-  random-resized-crop + flip (the MAE protocol); without augmentation it agrees with the fast path.
-
-Either takes one learning rate or a grid of them (and of weight decays). A grid trains one head
-per setting in a single pass over the data, every head on the same batch, as DINOv2's linear
-evaluation does; the setting whose head scores best on a class-balanced held-out 10 % of the
-training split is then trained again on the whole split (SimCLR's and BYOL's protocol), and that
-head is scored on the test split. Training runs on the features' device.
+The fast path (``linear_probe``) trains on features extracted once; the full one
+(``linear_probe_full``) sends every batch through the backbone, optionally augmented (MAE).
+A grid of learning rates / weight decays trains one head per setting in one pass (DINOv2); the
+best on a class-balanced held-out 10 % of the training split is trained again on all of it
+(SimCLR, BYOL) and scored on the test split. Training runs on the features' device.
 """
 
 from __future__ import annotations
@@ -84,12 +79,9 @@ class LinearHeads(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(heads))
 
     def per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(x)
-        if len(self.linears) == 1:
-            return self.linears[0](z).unsqueeze(1)
         w = torch.cat([lin.weight for lin in self.linears])
         b = torch.cat([lin.bias for lin in self.linears])
-        return F.linear(z, w, b).view(len(x), len(self.linears), -1)
+        return F.linear(self.norm(x), w, b).view(len(x), len(self.linears), -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.per_sample(x).transpose(0, 1)
@@ -101,13 +93,6 @@ def _settings(lr: float | Sequence[float], weight_decay: float | Sequence[float]
     if not lrs or not wds:
         raise MimcoError("the linear probe needs at least one learning rate and one weight decay")
     return [(a, w) for a in lrs for w in wds]
-
-
-def fallback_setting(settings: list[tuple[float, float]]) -> tuple[float, float]:
-    """The setting used when no held-out part can be made: the learning rate nearest
-    :data:`DEFAULT_LR` (log scale; the smaller on a tie), with the first weight decay given."""
-    lr = min((a for a, _ in settings), key=lambda a: (abs(math.log(max(a, 1e-30) / DEFAULT_LR)), a))
-    return lr, settings[0][1]
 
 
 def held_out_split(labels: torch.Tensor, fraction: float = HELD_OUT_FRACTION,
@@ -131,11 +116,9 @@ def train_heads(fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
                 settings: Sequence[tuple[float, float]], epochs: int = 30, batch_size: int = 1024,
                 optimizer: str = "sgd", seed: int = 0, device: torch.device | str | None = None) -> LinearHeads:
     """Train one BN(affine=False) + Linear head per (lr, weight decay) of ``settings`` on
-    ``fetch(indices) -> features (B, dim)``, all in one pass: every batch is fetched once and fed to
-    every head. SGD (momentum 0.9) or LARS with one parameter group per head, cosine lr per step;
-    every head starts from the same weights and the batch order depends only on ``seed``, so head k
-    is the head a single-setting run with ``settings[k]`` trains. Runs on ``device`` (default: that
-    of ``labels``)."""
+    ``fetch(indices) -> features (B, dim)``, every batch fetched once for all heads: SGD (momentum 0.9)
+    or LARS, one group per head, cosine lr per step. Same start and a batch order from ``seed`` alone,
+    so head k is what ``settings[k]`` alone trains. Runs on ``device`` (default: that of ``labels``)."""
     from timm.optim import Lars
 
     device = torch.device(device) if device is not None else labels.device
@@ -150,12 +133,10 @@ def train_heads(fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
     heads.to(device)
     groups = [{"params": list(lin.parameters()), "lr": a, "weight_decay": w}
               for lin, (a, w) in zip(heads.linears, settings, strict=True)]
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=settings[0][0], momentum=0.9)
-    elif optimizer == "lars":
-        opt = Lars(groups, lr=settings[0][0], momentum=0.9)
-    else:
+    optimizers = {"sgd": torch.optim.SGD, "lars": Lars}
+    if optimizer not in optimizers:
         raise ValueError(f"unknown optimizer '{optimizer}'; choose sgd or lars")
+    opt = optimizers[optimizer](groups, lr=settings[0][0], momentum=0.9)
     labels = labels.to(device)
     n = len(labels)
     steps = epochs * math.ceil(n / batch_size)
@@ -168,10 +149,8 @@ def train_heads(fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
             if len(idx) < 2:
                 continue
             y, logits = labels[idx], heads.per_sample(fetch(idx).float())
-            if len(settings) == 1:
-                loss = F.cross_entropy(logits[:, 0], y)
-            else:  # the sum over heads of each head's mean loss, in one call (a slice per head is slow)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(len(settings))) * len(settings)
+            # the sum over heads of each head's mean loss, in one call (a slice per head is slow)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(len(settings))) * len(settings)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,8 +188,9 @@ def _choose(fetch: Fetch, score_fetch: Fetch, labels: torch.Tensor, dim: int, nu
     if len(settings) == 1:
         return Choice(*settings[0])
     fit, held = held_out_split(labels, HELD_OUT_FRACTION, seed)
-    if len(held) < MIN_HELD_OUT:
-        lr, wd = fallback_setting(settings)
+    if len(held) < MIN_HELD_OUT:  # the lr nearest DEFAULT_LR (log scale; the smaller on a tie), the first wd
+        lr = min((a for a, _ in settings), key=lambda a: (abs(math.log(max(a, 1e-30) / DEFAULT_LR)), a))
+        wd = settings[0][1]
         note = (f"{len(labels)} training images are too few to hold out {HELD_OUT_FRACTION:.0%} of each class "
                 f"(at least {MIN_HELD_OUT} images); no choice made: lr {lr:g}, weight decay {wd:g}")
         print(f"[linprobe] {note}", file=sys.stderr, flush=True)
@@ -222,44 +202,41 @@ def _choose(fetch: Fetch, score_fetch: Fetch, labels: torch.Tensor, dim: int, nu
     return Choice(*settings[best], len(held), {s: round(t, 2) for s, t in zip(settings, top1, strict=True)})
 
 
-def _evaluate(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor) -> float:
-    heads.eval()
-    device = next(heads.parameters()).device
+def _probe(fetch: Fetch, plain: Fetch, labels: torch.Tensor, dim: int, test_feats: torch.Tensor,
+           test_labels: torch.Tensor, epochs: int, batch_size: int, lr: float | Sequence[float],
+           weight_decay: float | Sequence[float], seed: int, optimizer: str, device: torch.device) -> Top1:
+    """Choose a setting (a grid's, on held-out training images scored through ``plain``), train it on
+    the whole split through ``fetch`` and score it on the test features: top-1 in percent."""
+    c = int(max(labels.max(), test_labels.max())) + 1
+    choice = _choose(fetch, plain, labels, dim, c, _settings(lr, weight_decay), epochs, batch_size, optimizer, seed,
+                     device)
+    heads = train_heads(fetch, labels, dim, c, [(choice.lr, choice.weight_decay)], epochs, batch_size, optimizer,
+                        seed, device).eval()
     with torch.no_grad():
-        pred = heads(feats.to(device).float())[0].argmax(1)
-    return float((pred == labels.to(device)).float().mean() * 100)
+        pred = heads(test_feats.to(device).float())[0].argmax(1)
+    return Top1(float((pred == test_labels.to(device)).float().mean() * 100), choice)
 
 
 def linear_probe_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                       test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024,
                       lr: float | Sequence[float] = DEFAULT_LR_GRID, weight_decay: float | Sequence[float] = 0.0,
                       seed: int = 0, optimizer: str = "sgd") -> tuple[float, Choice]:
-    """The fast path on features extracted once, on their device: (test top-1 in percent, the
-    chosen setting). ``lr`` / ``weight_decay``: one value or a grid (every combination); a grid is
-    chosen on a held-out part of the training split and the choice trained again on all of it, so
-    the result equals the single-setting probe with the chosen values."""
-    c = int(max(train_labels.max(), test_labels.max())) + 1
-    x = train_feats.float()
-    settings = _settings(lr, weight_decay)
-
-    def fetch(idx: torch.Tensor) -> torch.Tensor:
-        return x[idx]
-
-    choice = _choose(fetch, fetch, train_labels, x.shape[1], c, settings, epochs, batch_size, optimizer, seed,
-                     x.device)
-    heads = train_heads(fetch, train_labels, x.shape[1], c, [(choice.lr, choice.weight_decay)], epochs, batch_size,
-                        optimizer, seed, x.device)
-    return _evaluate(heads, test_feats, test_labels), choice
+    """:func:`linear_probe` with the grid as default: (test top-1 in percent, the chosen setting)."""
+    top1 = linear_probe(train_feats, train_labels, test_feats, test_labels, epochs, batch_size, lr, weight_decay, seed,
+                        optimizer)
+    return float(top1), top1.choice
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024,
                  lr: float | Sequence[float] = DEFAULT_LR, weight_decay: float | Sequence[float] = 0.0,
                  seed: int = 0, optimizer: str = "sgd") -> Top1:
-    """The fast path: train on features extracted once; returns test top-1 in percent (a float;
-    ``.choice`` holds the setting, chosen when ``lr`` or ``weight_decay`` is a grid)."""
-    return Top1(*linear_probe_grid(train_feats, train_labels, test_feats, test_labels, epochs, batch_size, lr,
-                                   weight_decay, seed, optimizer))
+    """The fast path on features (N, D) extracted once, on their device: test top-1 in percent (a
+    float; ``.choice`` holds the setting, chosen when ``lr`` or ``weight_decay`` is a grid)."""
+    x = train_feats.float()
+    fetch = x.__getitem__
+    return _probe(fetch, fetch, train_labels, x.shape[1], test_feats, test_labels, epochs, batch_size, lr,
+                  weight_decay, seed, optimizer, x.device)
 
 
 def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_feats: torch.Tensor,
@@ -289,15 +266,13 @@ def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_
     else:
         tf = image_eval(data)
         labels = torch.tensor([c for _, c in train.items])
+        blank = torch.zeros(data.channels, data.img_size, data.img_size)  # an unreadable file
 
         def images(idx: torch.Tensor) -> torch.Tensor:  # un-normalised [0, 1] images
-            out = []
-            for i in idx.tolist():
-                img = train.load(i)
-                out.append(tf(img) if img is not None else torch.zeros(data.channels, data.img_size, data.img_size))
+            out = [blank if (img := train.load(i)) is None else tf(img) for i in idx.tolist()]
             return torch.stack(out).to(device) * norm.std + norm.mean
 
-    def features(idx: torch.Tensor, augmented: bool) -> torch.Tensor:
+    def fetch(idx: torch.Tensor, augmented: bool = True) -> torch.Tensor:
         with torch.no_grad():
             x = images(idx)
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x
@@ -305,16 +280,6 @@ def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_
                 x = aug(x)
             return features_of(backbone, norm(x), pool).float()
 
-    def fetch(idx: torch.Tensor) -> torch.Tensor:
-        return features(idx, True)
-
-    def plain(idx: torch.Tensor) -> torch.Tensor:
-        return features(idx, False)
-
-    c = int(max(labels.max(), test_labels.max())) + 1
     dim = fetch(torch.arange(2)).shape[1]
-    settings = _settings(lr, weight_decay)
-    choice = _choose(fetch, plain, labels, dim, c, settings, epochs, batch_size, optimizer, seed, device)
-    heads = train_heads(fetch, labels, dim, c, [(choice.lr, choice.weight_decay)], epochs, batch_size, optimizer,
-                        seed, device)
-    return Top1(_evaluate(heads, test_feats, test_labels), choice)
+    return _probe(fetch, lambda idx: fetch(idx, False), labels, dim, test_feats, test_labels, epochs, batch_size, lr,
+                  weight_decay, seed, optimizer, device)

@@ -1,19 +1,12 @@
 """The k-NN monitor of a pre-training run (``eval.every_epochs`` / ``eval.every_steps``).
 
-A bank of up to ``eval.monitor_train`` training images and up to ``eval.monitor_test`` test images
-(capped at what the split holds), both class-balanced and drawn once with ``eval.monitor_seed``
-(:func:`monitor_splits`, the same subsets ``mimco knn --monitor`` scores), are embedded by the
-live backbone on every process (each its share, under the run's autocast) and scored by weighted
-k-NN on rank 0 (``knn_monitor`` in ``log.csv``). At each point a few test images also become
-pictures for TensorBoard (on the main process; under FSDP every process takes part in their forward
-passes): the input, a masked input (stage 2), the last block's CLS attention and the PCA of the
-patch tokens.
+Class-balanced subsets of the training and test splits drawn once (:func:`monitor_splits`, the
+ones ``mimco knn --monitor`` scores) are embedded by the live backbone on every process and scored
+by weighted k-NN on rank 0 (``knn_monitor`` in ``log.csv``); a few test images become TensorBoard
+pictures (input, masked input, CLS attention, PCA of the patch tokens).
 
-Sizing: forward passes alone, ``monitor_train + monitor_test`` images per point. A training image
-costs about 4 forward passes in stage 2 (the student's forward and backward, the teacher's
-forward) and 8 in stage 1 (two views through both encoders), so the defaults (50k + 10k: 50 and 10
-per ImageNet class) cost 60k / (4 x 1.28M), about 1.2 % of an ImageNet epoch in stage 2 and 0.6 %
-in stage 1; the run prints the measured share at the first point.
+Sizing: a training image costs about 4 forward passes in stage 2 and 8 in stage 1, so the
+defaults (50k + 10k images) cost about 1.2 % of an ImageNet epoch in stage 2 and 0.6 % in stage 1.
 """
 
 from __future__ import annotations
@@ -46,7 +39,7 @@ def _balanced(split: Any, size: int, seed: int, key: str, name: str) -> Any:
     at most the smallest class: a size beyond what the split holds is capped, in one line on the
     main process)."""
     labels = labels_of(split)
-    counts = torch.bincount(labels[labels >= 0]) if len(labels) else torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(labels[labels >= 0])
     present = counts[counts > 0]
     classes = len(present)
     if classes and size < classes:
@@ -105,9 +98,7 @@ def monitor_images(backbone: torch.nn.Module, x: torch.Tensor, data: DataConfig,
     from mimco.masking import random_mask
 
     was = backbone.training
-    shown = denormalize(x, data.mean, data.std).clamp(0, 1)
-    if shown.shape[1] == 1:
-        shown = shown.expand(-1, 3, -1, -1)
+    shown = denormalize(x, data.mean, data.std).clamp(0, 1).expand(-1, 3, -1, -1)  # grey: 3 channels
     size = x.shape[-2:]
     rows = [shown]
     if mask is not None:
@@ -135,11 +126,9 @@ class KnnMonitor:
     """The monitor of one run: its subsets, when it is due, and one scoring."""
 
     def __init__(self, cfg: Any) -> None:
-        ev = cfg.eval
-        self.ev, self.data = ev, cfg.data
-        self.mask = getattr(cfg, "mask", None)
+        self.ev, self.data, self.mask = cfg.eval, cfg.data, getattr(cfg, "mask", None)
         self.bank, self.queries = monitor_splits(load_dataset(cfg.data, train=True),
-                                                 load_dataset(cfg.data, train=False), ev)
+                                                 load_dataset(cfg.data, train=False), cfg.eval)
 
     @property
     def size(self) -> int:

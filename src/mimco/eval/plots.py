@@ -30,7 +30,6 @@ def tsne_figure(panels: list[tuple[str, torch.Tensor, torch.Tensor]], out: str |
                    random_state=seed).fit_transform(x)
         sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels.numpy(), cmap="tab10", s=3, vmin=0, vmax=9)
         ax.set_title(title)
-        ax.set_xticks([]), ax.set_yticks([])
     if class_names:
         handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=n) for i,
                    n in enumerate(class_names)]
@@ -59,7 +58,7 @@ def curves_figure(run_dirs: list[str | Path], out: str | Path) -> Path:
         p = Path(d) / "log.csv" if Path(d).is_dir() else Path(d)
         if not p.is_file():
             raise MimcoError(f"no log.csv in {d}; pass run folders written by mimco")
-        logs.append((Path(d).name if Path(d).is_dir() else p.parent.name, read_log(p)))
+        logs.append((p.parent.name, read_log(p)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, log in logs:
         x = log.get("step", np.arange(len(next(iter(log.values())))))
@@ -73,7 +72,7 @@ def curves_figure(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    return _save(fig, out)
+    return _save(fig, out, ticks=True)
 
 
 @torch.no_grad()
@@ -108,23 +107,27 @@ def attention_figure(rows: list[tuple[str, VisionTransformer]], images: torch.Te
 
     ``images``: normalised model inputs (B, C, H, W); ``shown``: the same images in [0, 1] for display.
     """
-    b = images.shape[0]
-    shown = shown.float().cpu()
-    fig, axes = plt.subplots(len(rows) + 1, b, figsize=(1.6 * b, 1.7 * (len(rows) + 1)), squeeze=False)
-    disp = shown.permute(0, 2, 3, 1).clamp(0, 1).numpy()
-    for j in range(b):
-        axes[0][j].imshow(disp[j].squeeze(), cmap="gray" if disp.shape[-1] == 1 else None)
-    axes[0][0].set_ylabel("image", fontsize=8)
+    fig, axes, disp = _image_rows(shown, len(rows))
     for i, (name, model) in enumerate(rows, start=1):
         maps = torch.nn.functional.interpolate(cls_attention(model, images)[:, None], size=images.shape[-2:],
                                                mode="nearest")[:, 0].float().cpu().numpy()  # from the model's device
-        for j in range(b):
+        for j in range(len(disp)):
             axes[i][j].imshow(disp[j].mean(-1), cmap="gray")
             axes[i][j].imshow(maps[j], cmap="inferno", alpha=0.6)
         axes[i][0].set_ylabel(name, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, out)
+
+
+def _image_rows(shown: torch.Tensor, rows: int) -> tuple[plt.Figure, Any, np.ndarray]:
+    """A figure of ``rows + 1`` rows of B panels, the first showing ``shown`` (B, C, H, W) in [0, 1];
+    returns (figure, axes, the images as (B, H, W, C) numbers)."""
+    disp = shown.float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    b = len(disp)
+    fig, axes = plt.subplots(rows + 1, b, figsize=(1.6 * b, 1.7 * (rows + 1)), squeeze=False)
+    for j in range(b):
+        axes[0][j].imshow(disp[j].squeeze(), cmap="gray" if disp.shape[-1] == 1 else None)
+    axes[0][0].set_ylabel("image", fontsize=8)
+    return fig, axes, disp
 
 
 @torch.no_grad()
@@ -146,19 +149,12 @@ def pca_figure(rows: list[tuple[str, torch.nn.Module]], images: torch.Tensor, sh
                out: str | Path) -> Path:
     """The images, then for each (name, backbone) the first three principal components of its patch
     tokens as RGB (:func:`pca_maps`), nearest-neighbour upsampled to the image."""
-    b = images.shape[0]
-    disp = shown.float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
-    fig, axes = plt.subplots(len(rows) + 1, b, figsize=(1.6 * b, 1.7 * (len(rows) + 1)), squeeze=False)
-    for j in range(b):
-        axes[0][j].imshow(disp[j].squeeze(), cmap="gray" if disp.shape[-1] == 1 else None)
-    axes[0][0].set_ylabel("image", fontsize=8)
+    fig, axes, disp = _image_rows(shown, len(rows))
     for i, (name, model) in enumerate(rows, start=1):
         maps = pca_maps(model, images)
-        for j in range(b):
+        for j in range(len(disp)):
             axes[i][j].imshow(maps[j], interpolation="nearest")
         axes[i][0].set_ylabel(f"{name}\nPCA 1-3", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, out)
 
 
@@ -195,8 +191,6 @@ def segmentation_figure(backbone: torch.nn.Module | None, head: torch.nn.Module,
         axes[2][j].imshow(paint(pred), interpolation="nearest")
     for i, label in enumerate(["image", "ground truth", "prediction"]):
         axes[i][0].set_ylabel(label, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
     if names:
         handles = [plt.Line2D([], [], marker="s", ls="", color=cmap(i / max(k - 1, 1)), label=c)
                    for i, c in enumerate(names[:k])]
@@ -204,7 +198,10 @@ def segmentation_figure(backbone: torch.nn.Module | None, head: torch.nn.Module,
     return _save(fig, out, bottom=0.12 if names else 0.0)
 
 
-def _save(fig: plt.Figure, out: str | Path, bottom: float = 0.0) -> Path:
+def _save(fig: plt.Figure, out: str | Path, bottom: float = 0.0, ticks: bool = False) -> Path:
+    """Write ``fig`` to ``out`` (its folder made), the panels without ticks unless ``ticks``."""
+    for ax in [] if ticks else fig.axes:
+        ax.set_xticks([]), ax.set_yticks([])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(rect=(0, bottom, 1, 1))

@@ -1,17 +1,10 @@
-"""How much of a backbone's patch tokens is their grid position, measured on frozen tokens.
+"""How much of a backbone's patch tokens is their grid position, from frozen patch grids
+``(N, D, h, w)`` (:func:`mimco.eval.segmentation.grid_features`):
 
-Two numbers, both from patch grids ``(N, D, h, w)`` (the frozen segmentation probe's, see
-:func:`mimco.eval.segmentation.grid_features`):
-
-- ``position_acc`` (%): a linear classifier from one token (standardised with the training
-  tokens' mean and standard deviation) to its position among the ``h * w``, trained on the
-  training grids and scored on the validation grids. Chance is ``100 / (h * w)``.
-- ``position_share`` (%): the share of the validation tokens' variance that position explains,
-  ``1 - E|x - m(p)|^2 / E|x - m|^2``, with ``m(p)`` the training tokens' mean at the token's
-  position and ``m`` their overall mean (out of sample, so noise does not count as position).
-
-Tokens that carry their content rather than their place score low on both; tokens dominated by
-the position embedding score high.
+- ``position_acc`` (%): a linear classifier from one standardised token to its position among the
+  ``h * w``, trained on the training grids, scored on the validation grids (chance ``100 / (h * w)``).
+- ``position_share`` (%): ``1 - E|x - m(p)|^2 / E|x - m|^2`` on the validation tokens, ``m(p)`` the
+  training tokens' mean at the token's position, ``m`` their overall mean (out of sample).
 """
 
 from __future__ import annotations

@@ -32,18 +32,13 @@ def bank_split(train: Any, ev: EvalConfig) -> Any:
     return take(train, sample.sort().values)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """(mean, sample standard deviation; 0 for one value)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
-
-
 def spread_metrics(values: dict[str, list[float]], prefix: str = "", digits: int | None = 2) -> dict[str, float]:
-    """{prefix + name: mean, prefix + name + "_std": standard deviation} of values over label subsets
-    (or probe heads), rounded to ``digits`` (None: as computed)."""
+    """{prefix + name: mean, prefix + name + "_std": sample standard deviation (0 for one value)} of
+    values over label subsets (or probe heads), rounded to ``digits`` (None: as computed)."""
     out: dict[str, float] = {}
     for key, vals in values.items():
-        m, sd = mean_std(vals)
+        t = torch.tensor(vals, dtype=torch.float64)
+        m, sd = float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
         out[f"{prefix}{key}"], out[f"{prefix}{key}_std"] = (m, sd) if digits is None else (round(m, digits),
                                                                                            round(sd, digits))
     return out

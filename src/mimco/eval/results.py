@@ -28,8 +28,7 @@ def write_result(out_dir: str | Path, row: dict[str, Any]) -> Path:
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = read_results(out / "results.jsonl")
-    flat = [_flatten(r) for r in rows]
+    flat = [_flatten(r) for r in read_results(out / "results.jsonl")]
     cols = list(dict.fromkeys(k for r in flat for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -70,9 +69,7 @@ def collect(paths: list[str | Path]) -> list[dict[str, Any]]:
         if not p.exists():
             raise MimcoError(f"{p} does not exist; pass run or result folders")
         files = [p] if p.is_file() else sorted(p.rglob("results.jsonl"))
-        for f in files:
-            for r in read_results(f):
-                rows.append({"folder": str(f.parent), **r})
+        rows += [{"folder": str(f.parent), **r} for f in files for r in read_results(f)]
     if not rows:
         raise MimcoError(f"no results.jsonl under {', '.join(map(str, paths))}; run mimco knn / linprobe / finetune "
                          "first")

@@ -1,9 +1,6 @@
-"""Segmentation fine-tuning: the linear head of :mod:`mimco.eval.segmentation` (BatchNorm + 1x1
-convolution on the last ``head.layers`` blocks' patch tokens) with every layer of the backbone
-trained: timm's layer-wise lr decay, drop path, per-iteration warm-up + cosine, joint image/mask
-augmentation. Registered as the method ``segfinetune`` of the ``segfinetune`` stage, so it runs on
-the shared engine (DDP, FSDP, bf16, resume, SIGTERM) and scores mIoU on the validation split at
-the end of every epoch."""
+"""Segmentation fine-tuning: the linear head of :mod:`mimco.eval.segmentation` on the last
+``head.layers`` blocks with the whole backbone trained (layer-wise lr decay, drop path, warm-up +
+cosine, joint image/mask augmentation): the method ``segfinetune``, mIoU scored every epoch."""
 
 from __future__ import annotations
 

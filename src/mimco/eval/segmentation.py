@@ -1,10 +1,8 @@
-"""Semantic segmentation on a backbone's patch tokens: the linear head DINOv2 reports (BatchNorm +
-a 1x1 convolution on the patch grid, logits upsampled bilinearly to the label's size), mIoU and
-pixel accuracy from a confusion matrix, and the frozen probe behind ``mimco segprobe``.
+"""Semantic segmentation on patch tokens: DINOv2's linear head (BatchNorm + 1x1 convolution, logits
+upsampled bilinearly), mIoU and pixel accuracy, and the frozen probe behind ``mimco segprobe``.
 
-Scoring follows mmsegmentation: per class IoU = TP / (TP + FP + FN) over the whole split; classes
-with no pixel in the labels and none predicted (union 0) are left out of the mean; pixels labelled
-``ignore_index`` count nowhere.
+Scoring follows mmsegmentation: IoU = TP / (TP + FP + FN) per class over the whole split, classes
+with an empty union left out of the mean, ``ignore_index`` pixels counted nowhere.
 """
 
 from __future__ import annotations
@@ -61,12 +59,10 @@ def scores(conf: torch.Tensor) -> dict[str, float]:
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the whole global batch under a process
-    group, so that N processes train as one does. On GPUs the engine turns it into torch's
-    ``SyncBatchNorm`` (the same statistics); that one refuses CPU tensors, so under gloo the
-    per-channel sums are all-reduced here, through the differentiable all-reduce of
-    ``torch.distributed.nn``. Alone, in evaluation, or with ``across_processes`` False (a module
-    that one process trains by itself), it is BatchNorm2d."""
+    """BatchNorm2d with the global batch's training statistics under a process group. On GPUs the
+    engine makes it torch's ``SyncBatchNorm``, which refuses CPU tensors: under gloo the per-channel
+    sums go through ``torch.distributed.nn``'s differentiable all-reduce here. Alone, in evaluation,
+    or with ``across_processes`` False (one process trains it), it is BatchNorm2d."""
 
     across_processes = True
 
@@ -75,15 +71,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        xf = x.float()
-        n = xf.new_full((1,), float(x.numel() // x.shape[1]))  # a fill on the device, no host copy
-        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n])
-        stats = all_reduce(stats)
-        c = x.shape[1]
+        xf, c = x.float(), x.shape[1]
+        n = xf.new_full((1,), float(x.numel() // c))  # a fill on the device, no host copy
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n]))
         count = stats[-1]
         mean = stats[:c] / count
         var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        if self.running_mean is not None and self.running_var is not None:  # track_running_stats
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.mul_(1 - m).add_(mean.detach() * m)
@@ -113,8 +107,7 @@ def check_backbone(backbone: nn.Module | None, layers: int, what: str = "the che
     """Refuse what has no patch tokens (a CNN) and a ``layers`` count beyond the depth."""
     if backbone is None:
         return
-    if not hasattr(backbone, "forward_intermediates") or not hasattr(backbone, "blocks") or \
-            not hasattr(backbone, "patch_embed"):
+    if not all(hasattr(backbone, a) for a in ("forward_intermediates", "blocks", "patch_embed")):
         raise MimcoError(f"{what} is a {type(backbone).__name__}, which has no patch tokens; segmentation here takes a "
                          "ViT (mimco runs, MoCo v3, DINO, DINOv2, MAE, CLIP, timm ViTs)")
     depth = len(backbone.blocks)
@@ -184,14 +177,12 @@ def confusion_of(predict: Callable[[torch.Tensor], torch.Tensor], batches: Any, 
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x, masks, _ in batches:
         logits = predict(x.to(device, non_blocking=True))
-        same = all(m.shape == masks[0].shape for m in masks)
-        if same:
-            pred = upsampled(logits, masks[0].shape[-2:]).argmax(1)
-            conf += confusion_matrix(pred, torch.stack(masks).to(device), num_classes)
-        else:
-            for lg, m in zip(logits, masks):
-                pred = upsampled(lg[None], m.shape[-2:]).argmax(1)[0]
-                conf += confusion_matrix(pred, m.to(device), num_classes)
+        if all(m.shape == masks[0].shape for m in masks):
+            pairs = [(logits, torch.stack(masks))]
+        else:  # masks at their own sizes: one sample at a time
+            pairs = [(lg[None], m[None]) for lg, m in zip(logits, masks)]
+        for lg, m in pairs:
+            conf += confusion_matrix(upsampled(lg, m.shape[-2:]).argmax(1), m.to(device), num_classes)
     return conf
 
 
@@ -235,9 +226,7 @@ def train_probe_head(batches: Callable[[int], Iterator[tuple[torch.Tensor, torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = SegHead(dim, num_classes).to(device)
-    for m in head.modules():
-        if isinstance(m, GlobalBatchNorm2d):
-            m.across_processes = False
+    head.bn.across_processes = False
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = max(epochs * steps_per_epoch, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -261,12 +250,10 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
     validation split. The grids are extracted once (``cache``; None = when they take at most
     :data:`CACHE_BYTES`), else every batch goes through the backbone, with the joint augmentation
     ``augment`` when given (which needs the second path). Returns ({"miou": [per seed], "macc": [...],
-    "pixel_acc": [...], "path": "cached" | "streamed"}, and with ``position`` on the cached path the
-    position probe's ``position_acc``, ``position_share`` and ``position_chance``
-    (:mod:`mimco.eval.position`: how much of the tokens is their grid position), the heads). Under
-    torchrun the cached grids
-    are extracted by every process, a share each; the heads are trained and scored on the main
-    process alone (the others return ({"path": ...}, []))."""
+    "pixel_acc": [...], "path": "cached" | "streamed"}, plus, with ``position`` on the cached path,
+    :func:`mimco.eval.position.position_scores`; the heads). Under torchrun the cached grids are
+    extracted by every process, a share each; the heads are trained and scored on the main process
+    alone (the others return ({"path": ...}, []))."""
     s = data.img_size
     p = patch or backbone.patch_embed.patch_size[0]
     dim = grid_dim(backbone, data.channels, layers, p)
@@ -281,28 +268,23 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
         held = grid_features(backbone, val, data, device, layers, p, batch_size, precision)[0] if position else None
         if not dist.is_main():  # its share is with the main process, which trains and scores the heads
             return {"path": "cached"}, []
-
-        def batches(seed: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-            def run(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-                perm = torch.randperm(len(feats), generator=g)
-                for i in range(0, len(perm) - batch_size + 1, batch_size):
-                    yield feats[perm[i : i + batch_size]], masks[perm[i : i + batch_size]]
-            return run
-        per_epoch = len(feats) // batch_size
+        n = len(feats)
     else:
         train.transform = seg_train_transform(augment, data) if augment is not None else seg_resize_transform(data)
+        n = len(train)
 
-        def batches(seed: int) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-            def run(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-                order = torch.randperm(len(train), generator=g).tolist()
-                for x, m, _ in _readable(train, batch_size, data.num_workers, order):
-                    with torch.no_grad(), autocast(device, precision):
-                        f = patch_grid(backbone, x.to(device), layers, p).float()
-                    yield f, torch.stack(m)
-            return run
-        per_epoch = len(train) // batch_size
+    def batches(seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        if cache:
+            for i in range(0, n - batch_size + 1, batch_size):
+                yield feats[perm[i : i + batch_size]], masks[perm[i : i + batch_size]]
+            return
+        for x, m, _ in _readable(train, batch_size, data.num_workers, perm.tolist()):
+            with torch.no_grad(), autocast(device, precision):
+                f = patch_grid(backbone, x.to(device), layers, p).float()
+            yield f, torch.stack(m)
+
+    per_epoch = n // batch_size
     if per_epoch < 1:
         raise MimcoError(f"--batch-size {batch_size} exceeds the {len(train)} training samples; lower it")
     out: dict[str, Any] = {}
@@ -312,8 +294,8 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
         out.update(position_scores(feats, held, device))
     heads = []
     for seed in seeds:
-        head = train_probe_head(batches(seed), dim, train.num_classes, per_epoch, device, epochs, lr, weight_decay,
-                                seed)
+        head = train_probe_head(functools.partial(batches, seed), dim, train.num_classes, per_epoch, device, epochs,
+                                lr, weight_decay, seed)
 
         def predict(x: torch.Tensor, head: SegHead = head) -> torch.Tensor:
             with torch.no_grad(), autocast(device, precision):

@@ -1,9 +1,6 @@
-"""The contract between a training method and the engine (:class:`~mimco.engine.trainer.Trainer`).
-
-Every method (MoCo v3, MimCo, SimMIM, fine-tuning) is an ``nn.Module`` that satisfies
-:class:`TrainingMethod`; :class:`MethodDefaults` gives the optional hooks their defaults. The
-engine checks the contract when it is handed a method (:func:`check_method`) and learns from it,
-not from the method's class or attribute names, what to freeze, compile, shard and export.
+"""The contract between a training method (an ``nn.Module``) and the engine: :class:`TrainingMethod`,
+the optional hooks' defaults (:class:`MethodDefaults`) and the check (:func:`check_method`). The engine
+learns from it, never from class or attribute names, what to freeze, compile, shard and export.
 """
 
 from __future__ import annotations
@@ -19,35 +16,25 @@ Logs = dict[str, "torch.Tensor | float"]  # a tensor on the loss's device, or a 
 
 @runtime_checkable
 class TrainingMethod(Protocol):
-    """What the engine calls, and when.
+    """What the engine calls, and when (the table of docs/architecture.md#contracts).
 
-    - ``forward(views, step, first_index)``: one micro-batch. ``views`` are the batch's tensors
-      (two augmented views for MoCo, one for MimCo/SimMIM, images and labels for fine-tuning),
-      ``step`` the optimiser step (for schedules such as MoCo's momentum), ``first_index`` the
-      global index of the micro-batch's first sample (per-sample masks). Returns the scalar loss
-      and detached per-term logs, each a tensor on the loss's device or a Python number (they are
-      all-reduced at each log row). The step must not wait for the device: no ``.item()``, no
-      tensor made from host data (tests/engine/test_host_sync.py).
-    - ``backbone()``: the ViT that is evaluated and exported.
-    - ``no_weight_decay()``: parameter names excluded from weight decay.
-    - ``param_groups(weight_decay)``: the optimiser's groups, or None for the engine's default
-      (decay off for ``ndim <= 1`` and ``no_weight_decay()``).
+    - ``forward(views, step, first_index)``: one micro-batch (``views``: the batch's tensors; ``step``:
+      the optimiser step; ``first_index``: the global index of its first sample, for per-sample masks)
+      -> the scalar loss and detached logs, tensors on the loss's device or Python numbers. It never
+      waits for the device: no ``.item()``, no tensor made from host data (tests/engine/test_host_sync.py).
+    - ``backbone()``: the ViT evaluated and exported; ``no_weight_decay()``: names without weight
+      decay; ``param_groups(weight_decay)``: the optimiser's groups, or None for the engine's default.
     - ``total_steps``: set by the engine before the first step (the schedule's length).
-    - ``after_step(step)``: called on every process once ``step`` optimiser steps are done: after
-      each optimiser step (gradients zeroed), and with 0 before a new run's first step (not at the
-      start of a resumed one, whose checkpoint was written after its call). Outside any forward,
-      so it may write parameters a forward only reads (MoCo's momentum encoder: under FSDP2 an
-      all-gather may read its shards while a forward runs).
-    - ``on_epoch_end(epoch)``: called on every process after each epoch; returns metrics whose
-      names are ``metric_keys`` (log columns); a checkpoint follows.
-    - ``encoders()``: the backbones a checkpoint of the method offers, by name, the evaluated one
-      first (MoCo: ``momentum``, ``base``). The checkpoint records where each one's weights are
-      (:func:`backbone_prefixes`), so export and evaluation find them without knowing the method.
-    - ``frozen_modules()``: modules that never train (a teacher): kept whole on every process
-      under FSDP, never given to the optimiser (their parameters take no gradient).
-    - ``compile_targets()``: the modules ``train.compile`` compiles one by one.
-    - ``fsdp_units()``: the modules FSDP shards as units (each module's ViT blocks first); each
-      must be called through its own ``forward``.
+    - ``after_step(step)``: on every process once ``step`` optimiser steps are done (0: before a new
+      run's first; not at a resume's start, its checkpoint written after the call). Outside any
+      forward, so it may write what a forward only reads (MoCo's momentum encoder, whose FSDP2
+      shards an all-gather may be reading).
+    - ``on_epoch_end(epoch)``: on every process after each epoch: metrics named ``metric_keys``.
+    - ``encoders()``: the backbones a checkpoint offers by name, the evaluated one first (MoCo:
+      ``momentum``, ``base``); the checkpoint records their key prefixes (:func:`backbone_prefixes`).
+    - ``frozen_modules()``: never trained (a teacher): whole on every process under FSDP, not optimised.
+    - ``compile_targets()``: what ``train.compile`` compiles one by one; ``fsdp_units()``: what FSDP
+      shards as units (their ViT blocks first), each called through its own ``forward``.
     """
 
     total_steps: int

@@ -51,11 +51,8 @@ def contrastive_logits(query: torch.Tensor, keys: torch.Tensor, temperature: flo
 
 @fp32
 def info_nce(query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Plain InfoNCE: ``CE(normalize(q) @ normalize(k).T / T, labels)``, in fp32.
-
-    Args:
-        query: (M, D); keys: (K, D); labels: (M,) index of each query's positive in ``keys``.
-    """
+    """Plain InfoNCE: ``CE(normalize(q) @ normalize(k).T / T, labels)``, in fp32: query (M, D), keys
+    (K, D), labels (M,) each query's positive in ``keys``."""
     return F.cross_entropy(contrastive_logits(query, keys, temperature), labels)
 
 
@@ -107,16 +104,9 @@ class PatchContrastiveLoss(nn.Module):
 
     @fp32
     def forward(self, pred: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """In fp32 with autocast off.
-
-        Args:
-            pred: (B, M, D) student predictions at the masked positions.
-            target: (B, N, D) teacher patch tokens at every position.
-            positions: (B, M) grid index of each prediction (:func:`mimco.masking.masked_indices`),
-                or a bool mask (B, N) with M True per row, in which case predictions are row-major.
-        Returns:
-            scalar, averaged over the B*M masked positions.
-        """
+        """pred (B, M, D) at the masked positions, target (B, N, D) teacher tokens at every position,
+        positions (B, M) grid indices (:func:`mimco.masking.masked_indices`) or a bool mask (B, N) with M
+        True per row (predictions row-major) -> the mean over the B*M positions, in fp32."""
         b, n, _ = target.shape
         p = F.normalize(pred, dim=-1)
         t = F.normalize(target, dim=-1)

@@ -76,13 +76,10 @@ class MimcoLossConfig:
 
 
 class MimCo(MethodDefaults, nn.Module):
-    """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher.
-
-    The teacher is any timm ViT-family model; ``view`` (:class:`TeacherView`) says how it sees the
-    student's crop and which of its features are targets. Without one, the teacher sees the
-    student's input as is, its final tokens are the targets and its grid must be the student's;
-    its ``head`` is its projector (``image_target="projector"``). It stays in eval mode, takes no
-    gradient and is never given to the optimiser.
+    """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher (any timm ViT-family
+    model, in eval mode, never optimised). ``view`` (:class:`TeacherView`) says how the teacher sees the
+    student's crop and which of its features are targets; without one it sees the student's input as
+    is, on the student's grid, its final tokens the targets and its ``head`` its projector.
     """
 
     def __init__(self, student: MaskedViT, teacher: nn.Module, loss: MimcoLossConfig,
@@ -118,11 +115,8 @@ class MimCo(MethodDefaults, nn.Module):
 
     def teacher_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W), the student's batch -> (patch tokens (B, N, Dt) on the student's grid,
-        image target (B, Dt or projector width)).
-
-        Runs in inference mode (no activations kept); the clones turn the outputs into
-        ordinary tensors that the losses may save for their backward pass.
-        """
+        image target (B, Dt or projector width)). In inference mode (no activations kept); the clones
+        make ordinary tensors of them, which the losses may save for their backward pass."""
         with torch.inference_mode():
             patch, image = self.view(self.teacher, x)
         return patch.clone(), image.clone()
@@ -202,9 +196,8 @@ def build_teacher(cfg: Any, student_grid: tuple[int, int]) -> tuple[nn.Module, T
         raise MimcoError(f"the teacher takes {chans}-channel images but data.channels={data.channels}; set "
                          f"data.channels={chans}")
     mean, std = (t.mean, t.std) if t.mean else state.stats or (data.mean, data.std)
-    if len(mean) > chans:  # the data's 3 values for a grey teacher
-        mean, std = mean[:chans], std[:chans]
-    view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], list(mean), list(std),
+    mean, std = list(mean)[:chans], list(std)[:chans]  # the data's 3 values for a grey teacher: its first
+    view = TeacherView(teacher, size, data.mean[: data.channels], data.std[: data.channels], mean, std,
                        tuple(student_grid), t.layers, t.target_norm, t.image_target, t.resample)
     if dist.is_main():
         if state.progress is not None and state.progress[0] < state.progress[1]:

@@ -64,12 +64,9 @@ class MoCoV3(MethodDefaults, nn.Module):
                 first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """views: [x1, x2], each (B, C, H, W) -> (loss, logs). ``first_index`` (the micro-batch's
         place in the global batch) is unused: MoCo draws no masks."""
-        x1, x2 = views
-        q1 = self.predictor(self.base_encoder(x1))
-        q2 = self.predictor(self.base_encoder(x2))
+        q1, q2 = (self.predictor(self.base_encoder(x)) for x in views)
         with torch.no_grad():  # the momentum encoder as after_step(step) left it: read here, never written
-            k1 = self.momentum_encoder(x1)
-            k2 = self.momentum_encoder(x2)
+            k1, k2 = (self.momentum_encoder(x) for x in views)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         m = momentum_at(step, self.total_steps, self.base_momentum)  # the momentum of this step's keys
         return loss, {"momentum": m}  # a Python float: made into a tensor only for the log row, not every step

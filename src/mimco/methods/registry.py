@@ -9,26 +9,10 @@ the method and hands it to the engine; the engine learns the rest from the metho
 :mod:`mimco.methods` is imported, fine-tuning and segmentation fine-tuning when :mod:`mimco.eval.finetune` and
 :mod:`mimco.eval.segfinetune` are.
 
-A method owns its config: the sections it reads beyond the stage's own (``data``, ``model``,
-``aug``, ``optim``, ``train``, ``eval``; stage 2 adds ``mask``) are dataclasses it registers with
-itself, and a run of the method has them, typed and checked like the rest
-(:func:`mimco.config.stage_class`); rules live with their fields (:func:`mimco.config.setting`).
-A method defined outside the package registers the same way, in one file::
-
-    from mimco.config import setting
-    from mimco.methods import register_method
-
-    @dataclass
-    class SimSiamConfig:
-        proj_dim: int = setting(256, min=1, what="the projection width", fixed=True)
-
-    @register_method("simsiam", stage="teacher", views="two", sections={"simsiam": SimSiamConfig})
-    def build_simsiam(cfg, device, **inputs):
-        return SimSiam(create_vit(cfg.model, cfg.data.img_size, cfg.data.channels), cfg.simsiam.proj_dim).to(device)
-
-and trains with ``mimco teacher --plugin simsiam.py method=simsiam simsiam.proj_dim=128`` (or as an
-installed package's entry point, :mod:`mimco.plugins`), under torchrun too
-(docs/architecture.md#adding-a-method).
+A method owns its config: the sections it reads beyond the stage's own are dataclasses it registers
+with itself (``sections=``), typed and checked like the rest (:func:`mimco.config.stage_class`,
+:func:`mimco.config.setting`). A method outside the package registers the same way, in one file
+(``examples/simsiam.py``, loaded with ``--plugin`` or as an entry point: docs/architecture.md#adding-a-method).
 """
 
 from __future__ import annotations

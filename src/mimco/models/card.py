@@ -25,14 +25,11 @@ def _training_rows(config: Any, progress: tuple[int, int] | None) -> list[tuple[
     rows = [("data", f"{d.name}{f' ({d.root})' if d.root else ''}, {d.img_size} px, mean {d.mean[:d.channels]}, "
                      f"std {d.std[:d.channels]}"),
             ("method", str(config.method))]
-    teacher = getattr(config, "teacher", None)
-    if teacher is not None and teacher.checkpoint:
+    if (teacher := getattr(config, "teacher", None)) is not None and teacher.checkpoint:
         rows.append(("teacher", f"{teacher.checkpoint} (image target {teacher.image_target})"))
-    mask = getattr(config, "mask", None)
-    if mask is not None:
+    if (mask := getattr(config, "mask", None)) is not None:
         rows.append(("masking", f"{mask.type}, ratio {mask.ratio}"))
-    model = getattr(config, "model", None)
-    if model is not None and model.init_from:
+    if (model := getattr(config, "model", None)) is not None and model.init_from:
         rows.append(("initialised from", model.init_from))
     if progress is not None:
         step, total = progress

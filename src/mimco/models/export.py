@@ -10,10 +10,16 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimco.errors import MimcoError
 from mimco.io import save_weights
+from mimco.models.card import model_card
+from mimco.models.families import FAMILIES
+from mimco.models.formats import load_backbone
+from mimco.runs import CONFIG
 
 _SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 #: what the image size, channels and pooling aside must equal for a timm name to describe the weights
@@ -54,9 +60,8 @@ FALLBACK = "vit_base_patch16_224"
 
 
 def pretrained_cfg(vit: VisionTransformer, mean: list[float], std: list[float]) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` for ``vit`` with the statistics it was trained on and mimco's
-    evaluation transform (short side resized to S / 0.875 from 64 px up, else to S; centre crop S;
-    bilinear)."""
+    """timm's ``pretrained_cfg`` for ``vit``: the statistics it was trained on and mimco's evaluation
+    transform."""
     c, s = vit.patch_embed.proj.in_channels, vit.patch_embed.img_size[0]
     return {"tag": "mimco", "input_size": [c, s, s], "fixed_input_size": True, "interpolation": "bilinear",
             "crop_pct": 0.875 if s >= 64 else 1.0, "crop_mode": "center", "mean": list(mean[:c]), "std": list(std[:c]),
@@ -93,14 +98,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, encoder: str 
     """``mimco export``: the backbone of ``checkpoint`` (a run's last.pt or snapshot, or a plain ViT
     file) as a hub folder with its model card. Returns (the folder, where mean/std came from): a
     run's data statistics, the file's own, or ImageNet's when the file records none."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from mimco.errors import MimcoError
-    from mimco.models.card import model_card
-    from mimco.models.families import FAMILIES
-    from mimco.models.formats import load_backbone
-    from mimco.runs import CONFIG
-
     model, state = load_backbone(str(checkpoint), encoder)
     if state.kind in FAMILIES:
         raise MimcoError(f"{checkpoint} is a {state.format}: timm reads it as it is, e.g. timm.create_model(NAME, "

@@ -1,10 +1,7 @@
 """Released layouts of other ViT families: DINOv2 hub files, OpenCLIP / OpenAI CLIP visual towers,
-EVA-02, and timm models by name or from a Hugging Face hub folder.
-
-Each layout is recognised from its keys; its architecture is read from tensor shapes (or taken
-from a timm model name), and the weights go through the model family's own timm converter
-(``checkpoint_filter_fn``: CLIP's ``conv1``/``in_proj`` names, DINOv2's register tokens, EVA's
-SwiGLU names, position tables resampled to the chosen image size). Nothing is downloaded.
+EVA-02, and timm models by name or from a Hugging Face hub folder. Each is recognised from its keys,
+its architecture read from tensor shapes (or a timm name), its weights converted by the family's
+timm ``checkpoint_filter_fn`` (which also resamples position tables). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimco.errors import MimcoError
+from mimco.io import read_file
 
 #: kind -> what users call it
 FAMILIES = {
@@ -82,8 +80,7 @@ def _vit_patterns() -> set[str]:
     """Every key pattern of a timm ViT (block numbers as N), for naming the keys a file has in excess."""
     vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=1, num_classes=2,
                             init_values=1.0)
-    return {_pattern(k).replace(".ls1.", ".").replace(".ls2.", ".") for k in vit.state_dict()} | \
-        {_pattern(k) for k in vit.state_dict()}
+    return {p for k in vit.state_dict() for p in (_pattern(k), _pattern(k).replace(".ls1.", ".").replace(".ls2.", "."))}
 
 
 def closest_layout(keys: set[str]) -> str:
@@ -101,10 +98,10 @@ def _depth(sd: dict[str, torch.Tensor], pattern: str) -> int:
     return len({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
-def _heads(dim: int, num_heads: int) -> int:
-    heads = num_heads or max(dim // 64, 1)
+def _heads(dim: int, num_heads: int, whose: str = "teacher's") -> int:
+    heads = num_heads or max(dim // 64, 1)  # timm's head width of 64
     if dim % heads:
-        raise MimcoError(f"{heads} heads do not divide the teacher's width {dim}; set teacher.num_heads to a divisor "
+        raise MimcoError(f"{heads} heads do not divide the {whose} width {dim}; set teacher.num_heads to a divisor "
                          f"of {dim}")
     return heads
 
@@ -182,11 +179,8 @@ def create_named(name: str, img_size: int, **kwargs: Any) -> nn.Module:
 def read_hf_folder(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(timm model name, its pretrained config, weights) of a Hugging Face hub folder of a timm model
     (``config.json`` with ``architecture``, ``model.safetensors`` or ``pytorch_model.bin``)."""
-    from mimco.io import read_file
-
-    cfg_file = path / "config.json"
     try:
-        cfg = json.loads(cfg_file.read_text())
+        cfg = json.loads((path / "config.json").read_text())
         arch = cfg["architecture"]
     except (OSError, ValueError, KeyError):
         raise MimcoError(f"{path} is a folder but not a timm model folder: it needs config.json naming the "
@@ -228,9 +222,8 @@ def load_weights(model: nn.Module, raw: dict[str, torch.Tensor], what: str, keep
                          f"{sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
                          f"unexpected {sorted(unexpected)[:4]}{' ...' if len(unexpected) > 4 else ''}; check that "
                          "teacher.model names the file's architecture")
-    if not dropped:
-        return {}
-    return {"classifier (" + ", ".join(sorted({k.split(".")[0] for k in dropped})) + ")": len(dropped)}
+    groups = ", ".join(sorted({k.split(".")[0] for k in dropped}))
+    return {f"classifier ({groups})": len(dropped)} if dropped else {}
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -246,16 +239,10 @@ def default_stats(kind: str, model: nn.Module,
                   hf_cfg: dict[str, Any] | None = None) -> tuple[list[float], list[float]] | None:
     """The normalisation a family was trained with, when known (CLIP's, or a timm model's
     pretrained config); None = the data's."""
-    if kind == "clip":
-        return list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
-    if kind == "dinov2":
-        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-    if hf_cfg is not None:
-        cfg = hf_cfg
-    elif kind in ("timm_named", "eva02"):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-    else:
+    known = {"clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), "dinov2": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
+    if kind in known:
+        return list(known[kind][0]), list(known[kind][1])
+    if hf_cfg is None and kind not in ("timm_named", "eva02"):
         return None
-    if cfg.get("mean") and cfg.get("std"):
-        return list(cfg["mean"]), list(cfg["std"])
-    return None
+    cfg = hf_cfg if hf_cfg is not None else getattr(model, "pretrained_cfg", None) or {}
+    return (list(cfg["mean"]), list(cfg["std"])) if cfg.get("mean") and cfg.get("std") else None

@@ -8,7 +8,6 @@ from the format's known value or the config). Pickles load with ``weights_only=T
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,6 @@ FORMATS = {
     "mimco_pretrain": "mimco pretrain (stage 2) checkpoint",
     **families.FAMILIES,
 }
-
-#: formats whose backbone is already in timm ViT names (the others go through timm's converters)
-TIMM_NAMED = ("mocov3", "dino", "mae", "simmim", "timm", "mimco_teacher", "mimco_pretrain")
-
 
 @dataclass
 class BackboneState:
@@ -154,7 +149,7 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise MimcoError(f"no ViT backbone found: key {e} is missing; the keys fit no known layout, "
                          f"{families.closest_layout(set(sd))}") from None
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[-1]
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    depth = families._depth(sd, r"blocks\.(\d+)\.")
     regs = sd["reg_token"].shape[1] if "reg_token" in sd else 0
     prefix = 1 if "cls_token" in sd and not regs else 0  # timm's register models keep no prefix slots in the table
     grid = int(round((pos.shape[1] - prefix) ** 0.5))
@@ -167,35 +162,22 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
             "init_values": 1.0 if "blocks.0.ls1.gamma" in sd else None, "pre_norm": "norm_pre.weight" in sd}
 
 
-def expected_heads(state: BackboneState, dim: int) -> int:
-    """The heads count: the run config's or the format's known value, else timm's head width of 64."""
-    return state.num_heads or max(dim // 64, 1)
-
-
 def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, path: str = "") -> VisionTransformer:
     """A timm ViT holding ``state``'s weights (and MoCo projector as ``head``), at ``img_size``
     (0 = the checkpoint's; the position table is resampled bicubically, CLS slot kept)."""
-    if state.kind not in TIMM_NAMED:
+    if state.kind in families.FAMILIES:  # not in timm ViT names: through timm's converters
         return _build_family(state, img_size, num_heads, path)
     arch = infer_arch(state.backbone)
     dim = arch["embed_dim"]
-    known = expected_heads(state, dim)
-    if num_heads and (state.kind in ("mocov3", "mimco_teacher", "mimco_pretrain") or state.num_heads) and \
-            num_heads != known:
+    known = state.num_heads  # the run config's or the format's (MoCo v3 and mimco files record theirs)
+    if num_heads and known and num_heads != known:
         raise MimcoError(f"{state.format} {path} was trained with {known} heads but the config asks for {num_heads}; "
                          f"set teacher.num_heads={known} (or 0 to take it from the checkpoint)")
-    heads = num_heads or known
-    if dim % heads:
-        raise MimcoError(f"{heads} heads do not divide the checkpoint's width {dim}; set teacher.num_heads to a "
-                         f"divisor of {dim}")
+    heads = families._heads(dim, num_heads or known, "checkpoint's")
     size = img_size or arch["img_size"]
     if size % arch["patch_size"]:
         raise MimcoError(f"image size {size} is not divisible by the checkpoint's patch size {arch['patch_size']}")
-    vit = VisionTransformer(img_size=size, patch_size=arch["patch_size"], in_chans=arch["in_chans"], num_classes=0,
-                            global_pool="token", embed_dim=dim, depth=arch["depth"], num_heads=heads,
-                            mlp_ratio=arch["mlp_ratio"], qkv_bias=arch["qkv_bias"], class_token=arch["class_token"],
-                            reg_tokens=arch["reg_tokens"], no_embed_class=arch["no_embed_class"],
-                            init_values=arch["init_values"], pre_norm=arch["pre_norm"])
+    vit = VisionTransformer(**{**arch, "img_size": size}, num_heads=heads, num_classes=0, global_pool="token")
     sd = dict(state.backbone)
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
         old = arch["img_size"] // arch["patch_size"]
@@ -214,13 +196,9 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
 def _build_family(state: BackboneState, img_size: int, num_heads: int, path: str) -> torch.nn.Module:
     """A DINOv2, CLIP or EVA-02 file as the timm model of its shapes, loaded through timm's converter."""
     sd = state.backbone
+    build = {"dinov2": families.build_dinov2, "clip": families.build_clip}.get(state.kind)
     try:
-        if state.kind == "dinov2":
-            model = families.build_dinov2(sd, num_heads, img_size)
-        elif state.kind == "clip":
-            model = families.build_clip(sd, num_heads, img_size)
-        else:
-            model = families.build_eva02(sd, img_size)
+        model = build(sd, num_heads, img_size) if build else families.build_eva02(sd, img_size)
     except KeyError as e:
         raise MimcoError(f"{path} looks like a {state.format} but key {e} is missing; "
                          f"{families.closest_layout(set(sd))}") from None
@@ -260,6 +238,6 @@ def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_h
     if state.projector:
         model.head = MoCoMLP.from_state_dict(state.projector)
     # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
-    own = state.kind in TIMM_NAMED and state.kind != "timm"
+    own = state.kind not in families.FAMILIES and state.kind != "timm"
     state.stats = None if own else families.default_stats("hf_timm" if hf else "timm_named", model, hf)
     return model, state

@@ -16,9 +16,8 @@ class MoCoMLP(nn.Sequential):
 
     def __init__(self, num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> None:
         layers: list[nn.Module] = []
-        for i in range(num_layers):
-            d_in = in_dim if i == 0 else hidden_dim
-            d_out = out_dim if i == num_layers - 1 else hidden_dim
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
             layers.append(nn.Linear(d_in, d_out, bias=False))
             if i < num_layers - 1:
                 layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]

@@ -48,9 +48,8 @@ def init_encoders(method: Any, path: str, encoder: str = "momentum") -> str:
     unused: set[str] = set(sd)
     for target in targets.values():
         own = {k: v for k, v in target.state_dict().items() if not k.startswith("head.")}
-        wrong = [k for k in sd if k in own and own[k].shape != sd[k].shape]
-        if wrong:
-            k = wrong[0]
+        k = next((k for k in sd if k in own and own[k].shape != sd[k].shape), None)
+        if k is not None:
             raise MimcoError(f"model.init_from={path} holds a ViT ({_shape(src)}) that does not fit the model "
                              f"({_shape(target)}): {k} is {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in "
                              "the model; set model.arch / embed_dim / depth / num_heads / patch_size and data.channels "

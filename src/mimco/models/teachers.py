@@ -87,12 +87,9 @@ class TeacherView(nn.Module):
         # x_teacher = (x * s_std + s_mean - t_mean) / t_std = x * scale + shift, per teacher channel
         s_mean, s_std = torch.tensor(data_mean), torch.tensor(data_std)
         t_mean, t_std = torch.tensor(mean), torch.tensor(std)
-        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(),
-                             persistent=False)
-        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(),
-                             persistent=False)
-        identity = torch.allclose(self.scale, torch.ones(())) and torch.allclose(self.shift, torch.zeros(()))
-        self.renormalise = not identity
+        for name, v in (("scale", s_std / t_std), ("shift", (s_mean - t_mean) / t_std)):
+            self.register_buffer(name, v.view(1, -1, 1, 1).expand(1, in_chans, 1, 1).clone(), persistent=False)
+        self.renormalise = not (self.scale.allclose(torch.ones(())) and self.shift.allclose(torch.zeros(())))
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The student's batch (B, C, H, W) as the teacher takes it: (B, C_t, S_t, S_t)."""
@@ -124,10 +121,6 @@ class TeacherView(nn.Module):
         grid, image target (B, D) or (B, projector width))."""
         tokens, final = self.features(model, self.inputs(x))
         patches = tokens[:, self.prefix:]
-        if self.image_target == "cls":
-            image = tokens[:, 0]
-        elif self.image_target == "mean":
-            image = patches.mean(1)
-        else:
-            image = model.forward_head(final)
+        image = (tokens[:, 0] if self.image_target == "cls" else patches.mean(1) if self.image_target == "mean"
+                 else model.forward_head(final))
         return resample_grid(patches, self.grid, self.student_grid, self.resample), image

@@ -3,8 +3,6 @@ patch projection as options."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -37,17 +35,6 @@ def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 
     return torch.cat([torch.zeros(1, dim), table], dim=0)[None]
 
 
-def mocov3_patch_init(model: VisionTransformer) -> None:
-    """MoCo v3's patch projection: xavier-uniform over the unrolled (channels x p x p) -> D map, zero
-    bias (timm's ``weight_init="moco"`` does the Linear layers, q/k/v apart, and the CLS token)."""
-    proj = model.patch_embed.proj
-    fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-    val = math.sqrt(6.0 / float(fan_in + proj.out_channels))
-    with torch.no_grad():
-        nn.init.uniform_(proj.weight, -val, val)
-        nn.init.zeros_(proj.bias)
-
-
 def resolve_arch(cfg: ModelConfig) -> tuple[int, int, int]:
     """(embed_dim, depth, num_heads) from the preset, with explicit non-zero fields winning (the
     config's rules have checked that the heads divide the width)."""
@@ -63,15 +50,16 @@ def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTran
         embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
         drop_path_rate=cfg.drop_path_rate, weight_init="moco" if cfg.init == "mocov3" else "",
     )
-    if cfg.init == "mocov3":
-        mocov3_patch_init(model)
+    if cfg.init == "mocov3":  # MoCo v3's patch projection: xavier-uniform over the unrolled (C x p x p) -> D map,
+        with torch.no_grad():  # zero bias (timm's weight_init="moco" does the Linear layers, q/k/v apart, and CLS)
+            nn.init.xavier_uniform_(model.patch_embed.proj.weight.view(dim, -1))
+            nn.init.zeros_(model.patch_embed.proj.bias)
     if cfg.pos_embed == "sincos":
         with torch.no_grad():
             model.pos_embed.copy_(sincos_pos_embed(model.patch_embed.grid_size, dim))
         model.pos_embed.requires_grad_(False)
     if cfg.freeze_patch_embed:
-        model.patch_embed.proj.weight.requires_grad_(False)
-        model.patch_embed.proj.bias.requires_grad_(False)
+        model.patch_embed.proj.requires_grad_(False)
     return model
 
 
