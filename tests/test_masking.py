@@ -268,3 +268,46 @@ def test_a_generator_with_masks_under_way_pickles():
     gen(2, 0)
     copy = pickle.loads(pickle.dumps(gen))
     assert copy._ahead == {} and torch.equal(copy(2, 1), gen(2, 1))
+
+
+@pytest.mark.parametrize("kind, mask_patch_size, unit", [("random", 0, 1), ("random", 4, 1), ("random", 8, 2),
+                                                          ("random", 16, 4), ("block", 0, 1), ("block", 2, 1)])
+def test_from_config_takes_each_setting_of_the_mask_section(kind, mask_patch_size, unit):
+    """The mask unit is mask_patch_size / patch_size patches (0: the patch size; never below 1); the
+    other settings and the seed pass through as they are."""
+    from mimco.config import MaskConfig
+
+    cfg = MaskConfig(type=kind, ratio=0.4, mask_patch_size=mask_patch_size, min_block_patches=6, min_aspect=0.45)
+    gen = MaskGenerator.from_config(cfg, 4, [8, 8], seed=13)
+    assert (gen.kind, gen.ratio, gen.grid_size, gen.mask_unit) == (kind, 0.4, (8, 8), unit)
+    assert (gen.min_patches, gen.min_aspect, gen.seed, gen.prefetch) == (6, 0.45, 13, True)
+    assert isinstance(gen.grid_size, tuple) and type(gen.mask_unit) is int
+    gen.prefetch = False
+    plain = MaskGenerator(kind, 0.4, (8, 8), unit, 6, 0.45, 13, prefetch=False)
+    assert torch.equal(gen(3, 2), plain(3, 2))
+
+
+def test_block_masks_on_a_rectangular_grid():
+    """The count is the ratio of all H x W patches (not H x H or W x W)."""
+    for grid in ((4, 6), (6, 4)):
+        m = block_mask(3, grid, 0.5, seed=0)
+        assert m.shape == (3, 24) and (m.sum(1) == 12).all()
+    gen = MaskGenerator("block", 0.5, (4, 8), seed=1, prefetch=False)
+    assert gen.count == 16 and (gen(2, 0).sum(1) == 16).all()
+
+
+def test_an_error_in_a_background_build_reaches_the_caller(monkeypatch):
+    """A build that fails in the prefetch thread fails the call that takes it, with that error."""
+    real = MaskGenerator.build
+
+    def failing(self, batch_size, step, first_index=0):
+        if step == 1:
+            raise RuntimeError("no masks for step 1")
+        return real(self, batch_size, step, first_index)
+
+    monkeypatch.setattr(MaskGenerator, "build", failing)
+    gen = MaskGenerator("random", 0.5, (4, 4), seed=1)
+    gen(2, 0)  # step 1 is now built ahead, and fails there
+    with pytest.raises(RuntimeError, match="^no masks for step 1$"):
+        gen(2, 1)
+    join_pending()

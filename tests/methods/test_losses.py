@@ -296,3 +296,94 @@ def test_same_position_negatives_come_from_every_process(monkeypatch, negatives)
     assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
     local = PatchContrastiveLoss(0.3, negatives, gather=False)(pred, target, mask)
     assert local.item() != pytest.approx(got.item(), rel=1e-3)  # the other process's images counted
+    # gather=False: this process's images alone (nothing gathered), its own image at index i
+    assert local.item() == pytest.approx(_loop_patch_loss(pred, target, mask, 0.3, negatives).item(), rel=1e-5)
+
+
+def _one_hot_tokens(b, n, d, g):
+    """Teacher tokens that are each one of d axes: every cosine between two of them is exactly 0 or 1."""
+    return F.one_hot(torch.randint(0, d, (b, n), generator=g), d).float() * (1 + torch.rand(b, n, 1, generator=g))
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch", "position", "image+position"])
+def test_a_negative_exactly_at_the_threshold_is_kept(negatives):
+    """Only cosines above neg_threshold are dropped: with one-hot teacher tokens (cosines exactly 0 or 1)
+    and threshold 0, the orthogonal negatives stay and the duplicates go, as in the loop."""
+    g = torch.Generator().manual_seed(3)
+    b, n, m, d = 3, 8, 4, 3
+    target, pred = _one_hot_tokens(b, n, d, g), torch.randn(b, m, d, generator=g)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(n, generator=g)[:m]] = True
+    got = PatchContrastiveLoss(0.3, negatives, neg_threshold=0.0)(pred, target, mask)
+    want = _loop_patch_loss(pred, target, mask, 0.3, negatives, threshold=0.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 0.1  # negatives at 0 kept
+
+
+def test_sampled_negatives_exactly_at_the_threshold_are_kept():
+    g = torch.Generator().manual_seed(5)
+    b, n, m, d, k = 3, 8, 4, 3, 12
+    target, pred = _one_hot_tokens(b, n, d, g), torch.randn(b, m, d, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(b)])
+    torch.manual_seed(7)
+    got = PatchContrastiveLoss(0.3, "batch", neg_threshold=0.0, gather=False, max_negatives=k)(pred, target, idx)
+    torch.manual_seed(7)
+    pick = torch.randperm(b * n)[:k]
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    losses = []
+    for i in range(b):
+        for j in range(m):
+            own = i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            negs = [flat[c] for c in pick.tolist() if c != own and float(flat[own] @ flat[c]) <= 0.0]
+            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
+            losses.append(-torch.log_softmax(logits, 0)[0])
+    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
+def test_capped_negatives_without_gather_ignore_the_rank(monkeypatch):
+    """gather=False: the process's own tokens alone, indexed from 0 whatever its rank, so a drawn
+    positive is still recognised and left out; with a cap below the number of processes each draws one."""
+    import mimco.methods.losses as losses
+
+    g = torch.Generator().manual_seed(6)
+    b, n, m, d = 2, 4, 3, 8
+    target, pred = torch.randn(b, n, d, generator=g), torch.randn(b, m, d, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:m].sort().values for _ in range(b)])
+    torch.manual_seed(1)
+    at_rank_0 = PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=b * n - 1)(pred, target, idx)
+    monkeypatch.setattr(losses, "rank", lambda: 3)
+    monkeypatch.setattr(losses, "world_size", lambda: 8)
+    torch.manual_seed(1)
+    at_rank_3 = PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=b * n - 1)(pred, target, idx)
+    assert at_rank_3.item() == at_rank_0.item()
+    torch.manual_seed(1)
+    pick = torch.randperm(b * n)[: b * n - 1]  # nearly every token: most positives are drawn
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    want = []
+    for i in range(b):
+        for j in range(m):
+            own = i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            logits = torch.stack([q @ flat[own], *[q @ flat[c] for c in pick.tolist() if c != own]]) / 0.3
+            want.append(-torch.log_softmax(logits, 0)[0])
+    assert at_rank_3.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    gathered = []
+    monkeypatch.setattr(losses, "gather_no_grad", lambda x: gathered.append(tuple(x.shape)) or torch.cat([x] * 8))
+    PatchContrastiveLoss(0.3, "batch", max_negatives=5)(pred, target, idx)  # 5 // 8 = 0: one each, not none
+    assert gathered == [(1, d), (1,)]
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch", "position", "image+position"])
+def test_losses_stay_on_the_device_of_their_inputs(negatives):
+    """Every tensor a loss makes (labels, row indices, draws) is made on its inputs' device: on the
+    meta device (a stand-in for a GPU here) a host tensor mixed in fails."""
+    b, n, m, d = 2, 8, 3, 4
+    pred, target = torch.randn(b, m, d, device="meta"), torch.randn(b, n, d, device="meta")
+    idx = torch.zeros(b, m, dtype=torch.long, device="meta")
+    for threshold in (1.0, 0.5):
+        for cap in (0, 5):
+            loss = PatchContrastiveLoss(0.3, negatives, threshold, gather=False, max_negatives=cap)(pred, target, idx)
+            assert loss.device.type == "meta" and loss.shape == ()
+    q, k = torch.randn(3, 4, device="meta"), torch.randn(3, 4, device="meta")
+    assert GlobalInfoNCE(0.2, gather=False)(q, k).device.type == "meta"

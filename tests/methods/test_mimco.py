@@ -285,3 +285,188 @@ def test_head_position_adds_the_students_position_rows_to_the_head_input():
         if on:
             want = want + gather_tokens(m.student.backbone.pos_embed[:, 1:].expand(2, -1, -1), idx)
         assert torch.allclose(seen["x"], want)
+
+
+@pytest.mark.parametrize("patch, image, momentum, error", [
+    (0.0, 0.0, 0.9, "loss.patch_weight and loss.image_weight are both 0: nothing to learn; set one above 0"),
+    (1.0, 1.0, 1.0, "loss.centre_momentum=1 is out of range: it is the running mean's momentum per step and must "
+                    "lie in [0, 1), e.g. 0.9"),
+    (1.0, 0.0, -0.5, "loss.centre_momentum=-0.5 is out of range: it is the running mean's momentum per step and "
+                     "must lie in [0, 1), e.g. 0.9"),
+    (0.0, 1.0, 0.0, None), (1.0, 0.0, 0.99, None), (1.0, 1.0, 0.9, None)])
+def test_the_loss_section_check(patch, image, momentum, error):
+    import re
+
+    cfg = MimcoLossConfig(patch_weight=patch, image_weight=image, centre_momentum=momentum)
+    if error is None:
+        cfg.check()
+    else:
+        with pytest.raises(MimcoError, match=f"^{re.escape(error)}$"):
+            cfg.check()
+
+
+def test_a_resume_refuses_a_changed_centring_or_a_head_switched_on_or_off():
+    import re
+
+    now = MimcoLossConfig(target_centring="position", patch_weight=0.5, image_weight=0.0)
+    now.check_resume({"target_centring": "position", "patch_weight": 2.0, "image_weight": 0.0})  # same heads
+    now.check_resume({"target_centring": "position"})  # weights not saved: nothing to compare
+    MimcoLossConfig().check_resume({})  # an older checkpoint: no centring, as the default
+    MimcoLossConfig().check_resume({"target_centring": "none", "patch_weight": 0.3, "image_weight": 7.0})
+    msg = ("loss.target_centring cannot change on resume (the checkpoint has 'none', now 'position'): the running "
+           "mean is in the checkpoint or not; drop the override, or start a new run with another train.name")
+    for saved in ({}, {"target_centring": "none"}):
+        with pytest.raises(MimcoError, match=f"^{re.escape(msg)}$"):
+            now.check_resume(saved)
+    with pytest.raises(MimcoError, match=r"the checkpoint has 'position', now 'none'"):
+        MimcoLossConfig().check_resume({"target_centring": "position"})
+    for key, saved, cfg in (("patch_weight", 0.0, MimcoLossConfig(patch_weight=0.5)),
+                            ("patch_weight", 1.0, MimcoLossConfig(patch_weight=0.0)),
+                            ("image_weight", 0.0, MimcoLossConfig(image_weight=1.0)),
+                            ("image_weight", 0.2, MimcoLossConfig(image_weight=0.0))):
+        msg = (f"loss.{key} cannot switch between 0 and non-zero on resume (its head exists only when it is above 0); "
+               "start a new run")
+        with pytest.raises(MimcoError, match=f"^{re.escape(msg)}$"):
+            cfg.check_resume({key: saved})
+
+
+def test_compile_targets_add_the_heads_and_the_teachers_projector():
+    from mimco.models import MoCoMLP
+
+    m = tiny_mimco()
+    vit_parts = [p for v in (m.student.backbone, m.teacher) for p in (v.patch_embed, *v.blocks)]
+    # the teacher's head is an Identity (no parameters): nothing to compile
+    assert [id(x) for x in m.compile_targets()] == [id(x) for x in [*vit_parts, m.patch_head, m.image_head]]
+    m.teacher.head = MoCoMLP(3, 48, 64, 24)
+    only_image = tiny_mimco(patch_weight=0.0)
+    only_image.teacher.head = m.teacher.head
+    got = [id(x) for x in only_image.compile_targets()]
+    assert got[-2:] == [id(only_image.image_head), id(m.teacher.head)] and id(m.patch_head) not in got
+    del only_image.teacher.head
+    assert only_image.compile_targets()[-1] is only_image.image_head  # a teacher without a head
+
+
+def test_the_default_image_target_is_the_teachers_cls_and_the_grids_must_agree():
+    from mimco.models.teachers import TeacherView
+
+    m = tiny_mimco()
+    assert m.image_target == m.view.image_target == "cls"
+    student = MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3))
+    teacher = create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)
+    view = TeacherView(teacher, 16, [0.0], [1.0], [0.0] * 3, [1.0] * 3, (2, 2))
+    with pytest.raises(ValueError, match=r"^the teacher view resamples onto \(2, 2\), the student's grid is \(4, 4\)$"):
+        MimCo(student, teacher, MimcoLossConfig(head_hidden_dim=32), MaskGenerator("random", 0.5, (4, 4)), view=view)
+
+
+def test_forward_stays_on_the_device_of_the_batch():
+    """The masks are asked for on the batch's device (the meta device here, a stand-in for a GPU)."""
+    torch.manual_seed(0)
+    m = tiny_mimco().to("meta")
+    loss, logs = m([torch.randn(2, 3, 16, 16, device="meta")], step=0, first_index=0)
+    assert loss.device.type == "meta" and all(v.device.type == "meta" for v in logs.values())
+
+
+def test_without_first_index_a_process_takes_its_rank_times_the_batch(monkeypatch):
+    """Without first_index (a forward outside the engine) process r masks global samples r * B ... ."""
+    import mimco.methods.mimco as mm
+    import mimco.methods.simmim as sm
+    from mimco.methods.simmim import SimMIM
+
+    monkeypatch.setattr(mm, "rank", lambda: 2)
+    monkeypatch.setattr(sm, "rank", lambda: 2)
+    simmim = SimMIM(MaskedViT(create_vit(ModelConfig(patch_size=4, embed_dim=32, depth=1, num_heads=2), 16, 3)),
+                    MaskGenerator("random", 0.5, (4, 4), seed=0, prefetch=False))
+    for m in (tiny_mimco(), simmim):
+        m.mask_generator.prefetch = False
+        seen = []
+        real = m.mask_generator.build
+        m.mask_generator.build = lambda b, step, first=0: seen.append(first) or real(b, step, first)
+        m([torch.randn(4, 3, 16, 16)], step=1)  # 4 images of 3 channels: the batch's size, not another dimension
+        assert seen == [8]
+
+
+def _timm_teacher(path, in_chans: int = 3):
+    """A 2-block timm ViT (width 32, 2 heads, 16 px / patch 4) saved as a safetensors state dict."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                            in_chans=in_chans)
+    save_file(vit.state_dict(), str(path))
+    return vit
+
+
+def _student_cfg(tmp_path, *extra):
+    from tests.helpers import tiny_overrides
+
+    return load_config(PretrainConfig, None, [*tiny_overrides(tmp_path, "student"), "teacher.num_heads=2", *extra])
+
+
+def test_build_teacher_loads_the_file_and_sees_the_batch_as_asked(tmp_path, capsys):
+    """build_teacher: the file's weights, frozen later by MimCo; the teacher's side, grid, blocks,
+    target norm, image target and normalisation from ``teacher.*`` (the student's data stats mapped
+    onto the teacher's), and the line that says so."""
+    from mimco.methods.mimco import build_teacher
+
+    vit = _timm_teacher(tmp_path / "t.safetensors")
+    cfg = _student_cfg(tmp_path, f"teacher.checkpoint={tmp_path / 't.safetensors'}", "teacher.img_size=32",
+                       "teacher.mean=[0.5,0.4,0.3]", "teacher.std=[0.25,0.2,0.5]", "teacher.layers=[0]",
+                       "teacher.target_norm=layernorm", "teacher.image_target=mean", "teacher.resample=bilinear")
+    teacher, view = build_teacher(cfg, (4, 4))
+    assert torch.equal(teacher.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    assert teacher.pos_embed.shape[1] == 1 + 8 * 8  # resampled to the teacher's 32 px
+    assert (view.img_size, view.grid, view.student_grid, view.layers) == (32, (8, 8), (4, 4), [0])
+    assert (view.target_norm, view.image_target, view.resample) == ("layernorm", "mean", "bilinear")
+    d, t_mean, t_std = cfg.data, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.25, 0.2, 0.5])
+    assert torch.allclose(view.scale.flatten(), torch.tensor(d.std) / t_std)
+    assert torch.allclose(view.shift.flatten(), (torch.tensor(d.mean) - t_mean) / t_std)
+    err = capsys.readouterr().err
+    assert ("at 32 px, patch grid 8x8 -> student's 4x4 (bilinear), targets: mean of blocks [0], layer-normalised, "
+            "image mean") in err
+
+
+def test_build_teacher_defaults_to_the_data_and_the_final_output(tmp_path, capsys):
+    from mimco.methods.mimco import build_teacher
+
+    _timm_teacher(tmp_path / "t.safetensors")
+    teacher, view = build_teacher(_student_cfg(tmp_path, f"teacher.checkpoint={tmp_path / 't.safetensors'}"), (4, 4))
+    assert (view.img_size, view.grid, view.layers, view.image_target) == (16, (4, 4), [], "cls")
+    assert not view.renormalise  # no stats in the file, none given: the data's own
+    err = capsys.readouterr().err
+    assert "at 16 px, patch grid 4x4, targets: final output, image cls" in err and "->" not in err
+    assert " as " not in err  # no teacher.model named
+
+
+def test_build_teacher_refuses_no_file_and_other_channels_and_warns_of_an_unfinished_run(tmp_path, capsys):
+    from mimco.config import to_dict
+    from mimco.methods.mimco import build_teacher
+    from mimco.runs import save_checkpoint
+    from tests.helpers import tiny_teacher_cfg
+
+    with pytest.raises(MimcoError) as e:
+        build_teacher(_student_cfg(tmp_path), (4, 4))
+    assert str(e.value) == ("no teacher given; set teacher.checkpoint=runs/<teacher-run>/last.pt (train one with "
+                            "`mimco teacher`) or a released MoCo v3 / DINO file")
+    _timm_teacher(tmp_path / "grey.safetensors", in_chans=1)
+    with pytest.raises(MimcoError, match="the teacher takes 1-channel images but data.channels=3; set data.channels=1"):
+        build_teacher(_student_cfg(tmp_path, f"teacher.checkpoint={tmp_path / 'grey.safetensors'}"), (4, 4))
+    _timm_teacher(tmp_path / "rgb.safetensors")  # grey images into an RGB teacher: allowed, the data's first stats
+    cfg = _student_cfg(tmp_path, f"teacher.checkpoint={tmp_path / 'rgb.safetensors'}", "data.channels=1")
+    _, view = build_teacher(cfg, (4, 4))
+    std = torch.tensor(cfg.data.std)
+    assert view.in_chans == 3 and torch.allclose(view.scale.flatten(), std[0] / std)  # grey's stats -> each channel's
+    tcfg = tiny_teacher_cfg(tmp_path)
+    momentum, base = create_vit(tcfg.model, 16, 3), create_vit(tcfg.model, 16, 3)
+    weights = {**{f"momentum_encoder.{k}": v for k, v in momentum.state_dict().items()},
+               **{f"base_encoder.{k}": v for k, v in base.state_dict().items()}}
+    ckpt = tmp_path / "last.pt"
+    for step in (1, 4):  # an unfinished run (1 of 4 steps) is warned of, a finished one not
+        save_checkpoint(tmp_path, "teacher", step, 4, weights, {"momentum": "momentum_encoder.",
+                                                                "base": "base_encoder."}, {}, {}, [], to_dict(tcfg))
+        capsys.readouterr()
+        teacher, _ = build_teacher(_student_cfg(tmp_path, f"teacher.checkpoint={ckpt}", "teacher.encoder=base"), (4, 4))
+        assert torch.equal(teacher.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)  # the encoder asked for
+        err = capsys.readouterr().err
+        warned = f"warning: the teacher {ckpt} is from an unfinished run (step 1 of 4)" in err
+        assert warned == (step == 1) and "mimco: teacher mimco teacher (stage 1) checkpoint at 16 px" in err
