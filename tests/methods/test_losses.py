@@ -128,6 +128,25 @@ def test_loss_bodies_run_in_fp32_under_bf16_autocast():
     assert abs(reg.item() - (1 - cos).mean().item()) < 1e-6
 
 
+def _capped_loop(pred, target, idx, pick, threshold=None, t=0.3):
+    """The capped path by a loop, one process: each masked token (``idx``) against its own teacher token
+    and the drawn tokens ``pick`` of the flattened batch, less its own (and, with ``threshold``, those
+    whose teacher cosine to it is above); (mean loss, negatives dropped in all)."""
+    b, n, d = target.shape
+    flat = F.normalize(target.reshape(b * n, d), dim=-1)
+    losses, dropped = [], 0
+    for i in range(b):
+        for j in range(idx.shape[1]):
+            own = i * n + int(idx[i, j])
+            q = F.normalize(pred[i, j], dim=0)
+            negs = [flat[c] for c in pick.tolist()
+                    if c != own and (threshold is None or float(flat[own] @ flat[c]) <= threshold)]
+            dropped += len(pick) - len(negs)
+            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / t
+            losses.append(-torch.log_softmax(logits, 0)[0])
+    return torch.stack(losses).mean(), dropped
+
+
 def test_batch_negatives_capped_and_sampled():
     """``max_negatives`` below the pool: the logits are (B*M, K + 1) with the positive first, the
     negatives are K distinct tokens of the batch drawn with the torch RNG, and a drawn positive is
@@ -141,17 +160,8 @@ def test_batch_negatives_capped_and_sampled():
     torch.manual_seed(5)
     got = PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=k)(pred, target, idx)
     torch.manual_seed(5)
-    pick = torch.randperm(b * n)[:k]
-    flat = F.normalize(target.reshape(b * n, d), dim=-1)
-    losses = []
-    for i in range(b):
-        for j in range(m):
-            own = i * n + int(idx[i, j])
-            q = F.normalize(pred[i, j], dim=0)
-            negs = [flat[c] for c in pick.tolist() if c != own]
-            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
-            losses.append(-torch.log_softmax(logits, 0)[0])
-    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    want, _ = _capped_loop(pred, target, idx, torch.randperm(b * n)[:k])
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert got.item() < full.item()  # fewer negatives: an easier task
 
 
@@ -205,19 +215,9 @@ def test_sampled_negatives_drop_near_duplicates_and_the_positive(threshold):
     torch.manual_seed(7)
     got = PatchContrastiveLoss(0.3, "batch", neg_threshold=threshold, gather=False, max_negatives=k)(pred, target, idx)
     torch.manual_seed(7)
-    pick = torch.randperm(b * n)[:k]
-    flat = F.normalize(target.reshape(b * n, d), dim=-1)
-    losses, dropped = [], 0
-    for i in range(b):
-        for j in range(m):
-            own = i * n + int(idx[i, j])
-            q = F.normalize(pred[i, j], dim=0)
-            negs = [flat[c] for c in pick.tolist() if c != own and float(flat[own] @ flat[c]) <= threshold]
-            dropped += k - len(negs)
-            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
-            losses.append(-torch.log_softmax(logits, 0)[0])
+    want, dropped = _capped_loop(pred, target, idx, torch.randperm(b * n)[:k], threshold)
     assert dropped > b * m  # the threshold dropped more than the drawn positives
-    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_capped_batch_negatives_gather_only_the_draw(monkeypatch):
@@ -328,17 +328,8 @@ def test_sampled_negatives_exactly_at_the_threshold_are_kept():
     torch.manual_seed(7)
     got = PatchContrastiveLoss(0.3, "batch", neg_threshold=0.0, gather=False, max_negatives=k)(pred, target, idx)
     torch.manual_seed(7)
-    pick = torch.randperm(b * n)[:k]
-    flat = F.normalize(target.reshape(b * n, d), dim=-1)
-    losses = []
-    for i in range(b):
-        for j in range(m):
-            own = i * n + int(idx[i, j])
-            q = F.normalize(pred[i, j], dim=0)
-            negs = [flat[c] for c in pick.tolist() if c != own and float(flat[own] @ flat[c]) <= 0.0]
-            logits = torch.stack([q @ flat[own], *[q @ v for v in negs]]) / 0.3
-            losses.append(-torch.log_softmax(logits, 0)[0])
-    assert got.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    want, _ = _capped_loop(pred, target, idx, torch.randperm(b * n)[:k], threshold=0.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_capped_negatives_without_gather_ignore_the_rank(monkeypatch):
@@ -358,16 +349,8 @@ def test_capped_negatives_without_gather_ignore_the_rank(monkeypatch):
     at_rank_3 = PatchContrastiveLoss(0.3, "batch", gather=False, max_negatives=b * n - 1)(pred, target, idx)
     assert at_rank_3.item() == at_rank_0.item()
     torch.manual_seed(1)
-    pick = torch.randperm(b * n)[: b * n - 1]  # nearly every token: most positives are drawn
-    flat = F.normalize(target.reshape(b * n, d), dim=-1)
-    want = []
-    for i in range(b):
-        for j in range(m):
-            own = i * n + int(idx[i, j])
-            q = F.normalize(pred[i, j], dim=0)
-            logits = torch.stack([q @ flat[own], *[q @ flat[c] for c in pick.tolist() if c != own]]) / 0.3
-            want.append(-torch.log_softmax(logits, 0)[0])
-    assert at_rank_3.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    want, _ = _capped_loop(pred, target, idx, torch.randperm(b * n)[: b * n - 1])  # most positives are drawn
+    assert at_rank_3.item() == pytest.approx(want.item(), rel=1e-5)
     gathered = []
     monkeypatch.setattr(losses, "gather_no_grad", lambda x: gathered.append(tuple(x.shape)) or torch.cat([x] * 8))
     PatchContrastiveLoss(0.3, "batch", max_negatives=5)(pred, target, idx)  # 5 // 8 = 0: one each, not none
