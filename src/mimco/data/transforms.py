@@ -130,14 +130,11 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 class _PerImage(nn.Module):
-    """``op`` applied to each image with probability ``p`` (its own draws made first)."""
+    """A subclass's ``op(x)`` applied to each image with probability ``p`` (its own draws made first)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-
-    def op(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.op(x)
