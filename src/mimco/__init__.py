@@ -1,11 +1,6 @@
 """mimco: MimCo pre-training (masked image modeling with a frozen contrastive teacher).
 
-The Python API (docs/python.md) is loaded on first use, so ``import mimco`` stays light::
-
-    import mimco
-    cfg = mimco.load_config("pretrain", "fmnist_pretrain", ["optim.epochs=1"])
-    summary = mimco.train(cfg)
-    model = mimco.load_backbone(summary["checkpoint"])
+The Python API (docs/python.md, with examples) is loaded on first use, so ``import mimco`` stays light.
 """
 
 from __future__ import annotations

@@ -39,8 +39,7 @@ def load_backbone(path: str | Path, encoder: str = "momentum", img_size: int = 0
     classifier; ``img_size``: another input side (the position table resampled), 0 = its own."""
     from mimco.models.formats import load_backbone as _load
 
-    model, _ = _load(str(path), encoder, img_size)
-    return model
+    return _load(str(path), encoder, img_size)[0]
 
 
 def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
@@ -93,9 +92,8 @@ def extract_features(model: torch.nn.Module, cfg: Any, split: str = "test", patc
     from mimco.eval.extract import extract_tokens
 
     device = _device(cfg)
-    got = extract_tokens(model.to(device), _split(cfg, split), cfg.data, device, cfg.train.precision, patch,
-                         progress=False)
-    return got if got is not None else {}
+    return extract_tokens(model.to(device), _split(cfg, split), cfg.data, device, cfg.train.precision, patch,
+                          progress=False) or {}
 
 
 def knn(model: torch.nn.Module, cfg: Any, k: int = 20, temperature: float = 0.07, monitor: bool = False) -> float:

@@ -2,15 +2,14 @@
 
 Each stage has one top-level dataclass (:class:`TeacherStageConfig` for ``mimco teacher``,
 :class:`PretrainConfig` for ``mimco pretrain``, :class:`FinetuneConfig` for ``mimco finetune``)
-made of the sections below (stage 2's frozen teacher is its ``teacher:`` section,
-:class:`FrozenTeacherConfig`). A YAML file gives
-any subset of the keys; ``section.key=value`` overrides on the command line come last.
-An unknown key or a value of the wrong type is a :class:`~mimco.errors.MimcoError` that names
-the closest valid keys.
+made of the sections below (stage 2's frozen teacher is its ``teacher:`` section, :class:`FrozenTeacherConfig`).
+A YAML file gives any subset of the keys; ``section.key=value`` overrides on the command line come last.
+An unknown key or a value of the wrong type is a :class:`~mimco.errors.MimcoError` that names the closest valid keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -21,7 +20,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
-from mimco.config_rules import validate
+from mimco.config_rules import validate, walk
 from mimco.errors import MimcoError
 
 # The string choices of the config, in one place: a value outside them fails when the config is
@@ -172,15 +171,14 @@ class FrozenTeacherConfig:
     layers: list[int] = field(default_factory=list)  # [] = final output; else the mean of these blocks' outputs
     target_norm: Literal["none", "layernorm"] = "none"  # layernorm: per token, no affine (MaskDistill, data2vec)
 
-
     def check(self) -> None:
         if bool(self.mean) != bool(self.std):
             raise MimcoError("set teacher.mean and teacher.std together (or neither, for the teacher's own statistics)")
 
+
 @dataclass
 class OptimConfig:
-    # lr = base_lr * global_batch / 256
-    base_lr: float = setting(1.5e-4, above=0, what='the learning rate before scaling')
+    base_lr: float = setting(1.5e-4, above=0, what='the learning rate before scaling')  # lr = this * global_batch / 256
     min_lr: float = setting(0.0, min=0, what='the final learning rate')
     weight_decay: float = setting(0.05, min=0, what='the weight decay')
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -214,7 +212,6 @@ class TrainConfig:
     #                                  (NCCL's watchdog); data.cache's decode on one process per node must fit
     threads: int = setting(0, min=0, what='CPU threads (0 = default)')  # torch CPU threads, 0 = torch's default
     log_every: int = setting(20, min=1, what='steps between log rows')  # steps between CSV rows
-    # steps between checkpoints, 0 = only at the end
     ckpt_every: int = setting(0, min=0, what='steps between checkpoints (0 = at the end)')
     # stop after this many steps (schedule unchanged), 0 = run all
     max_steps: int = setting(0, min=0, what='a step limit (0 = none)')
@@ -262,9 +259,8 @@ class TeacherStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="mocov3"))
     aug: ContrastiveAugConfig = field(default_factory=ContrastiveAugConfig)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(weight_decay=0.1, epochs=300.0, warmup_epochs=40.0, betas=[0.9, 0.999])
-    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.1, epochs=300.0, warmup_epochs=40.0,
+                                                                   betas=[0.9, 0.999]))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -321,10 +317,8 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     aug: FinetuneAugConfig = field(default_factory=FinetuneAugConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(base_lr=5e-4, weight_decay=0.05, epochs=100.0, warmup_epochs=5.0,
-                                            betas=[0.9, 0.999], min_lr=1e-6)
-    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=5e-4, weight_decay=0.05, epochs=100.0,
+                                                                   warmup_epochs=5.0, betas=[0.9, 0.999], min_lr=1e-6))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -336,12 +330,10 @@ class SegDataConfig:
 
     # plain layout: classes 0..N-1 (ADE20K: 150, Pascal VOC: 21, fmnist_scenes: 11, fixed)
     num_classes: int = setting(0, min=0, what="a plain folder's class count (0 = from the layout)")
-    # plain layout: the mask value of pixels that are not scored
-    ignore_index: int = setting(255, min=0, what='the mask value of unscored pixels')
+    ignore_index: int = setting(255, min=0, what='the mask value of unscored pixels')  # plain layout
     # fmnist_scenes: training scenes (from Fashion-MNIST's training images)
     scenes: int = setting(2000, min=1, what='the number of training scenes')
-    # fmnist_scenes: validation scenes (from its test images)
-    val_scenes: int = setting(500, min=1, what='the number of validation scenes')
+    val_scenes: int = setting(500, min=1, what='the number of validation scenes')  # fmnist_scenes: from its test images
     items: list[int] = field(default_factory=lambda: [2, 4])  # fmnist_scenes: fewest and most items per scene
     # fmnist_scenes: an item's pixel (0-255) above this takes the item's class, else background
     threshold: int = setting(40, min=0, what='an intensity (0-254)')
@@ -382,10 +374,9 @@ class SegmentationConfig:
     seg: SegDataConfig = field(default_factory=SegDataConfig)
     aug: SegAugConfig = field(default_factory=SegAugConfig)
     head: SegHeadConfig = field(default_factory=SegHeadConfig)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(base_lr=1e-3, weight_decay=0.05, epochs=20.0, warmup_epochs=1.0,
-                                            betas=[0.9, 0.999], min_lr=1e-6, batch_size=16)
-    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=1e-3, weight_decay=0.05, epochs=20.0,
+                                                                   warmup_epochs=1.0, betas=[0.9, 0.999], min_lr=1e-6,
+                                                                   batch_size=16))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -445,17 +436,16 @@ def stage_class(cls: type, method: str, strict: bool = True) -> type:
     stage = getattr(base, "STAGE", None)
     if stage is None:
         return base
-    if (stage, method) not in _METHOD_SECTIONS:
-        stage_methods(stage)  # mimco's own methods and the plugins register on first use
-    if (stage, method) not in _METHOD_SECTIONS:
+    # mimco's own methods and the plugins register on first use (stage_methods loads them)
+    if (stage, method) not in _METHOD_SECTIONS and method not in stage_methods(stage):
         if strict:
             raise unknown_method(method, stage)
         return base
-    if not _METHOD_SECTIONS[(stage, method)] and method == _default_method(base):
+    own = _METHOD_SECTIONS[(stage, method)]
+    if not own and method == base.method:
         return base
     key = (base, method)
     if key not in _STAGE_CLASSES:
-        own = _METHOD_SECTIONS[(stage, method)]
         fields: list[Any] = [("method", str, field(default=method))]
         fields += [(name, sec, field(default_factory=sec)) for name, sec in own.items()]
         new = dataclasses.make_dataclass(base.__name__, fields, bases=(base,),
@@ -467,15 +457,7 @@ def stage_class(cls: type, method: str, strict: bool = True) -> type:
 
 def _reduce(cfg: Any) -> tuple[Any, tuple[Any, ...]]:
     """Pickle a method's config by its stage class, method and values (its class is made at run time)."""
-    return _rebuild, (base_class(type(cfg)), to_dict(cfg))
-
-
-def _rebuild(base: type, data: dict) -> Any:
-    return from_dict(base, data)
-
-
-def _default_method(base: type) -> str:
-    return next(f.default for f in dataclasses.fields(base) if f.name == "method")
+    return from_dict, (base_class(type(cfg)), to_dict(cfg))
 
 
 def _foreign(root: type, name: str) -> type | None:
@@ -489,20 +471,12 @@ def _foreign(root: type, name: str) -> type | None:
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Dotted names of every leaf field of a config dataclass."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += all_keys(hint, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+    return [key for key, _, _ in walk(cls, prefix)]
 
 
 def _unknown(key: str, root: type) -> MimcoError:
     close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
-    hints = typing.get_type_hints(root)
-    sections = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])]
+    sections = [name for name, hint in typing.get_type_hints(root).items() if dataclasses.is_dataclass(hint)]
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(sections)}"
     return MimcoError(f"unknown config key '{key}'{hint}")
 
@@ -525,31 +499,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
     if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise MimcoError(f"config key '{key}' expects a list like [0.5, 0.5], got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(v, item, key) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (hint is bool and isinstance(value, bool)) or (hint is int and number and isinstance(value, int)):
+        return value
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if (hint is float and number) or (hint is str and (number or isinstance(value, str))):
+        return hint(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        with contextlib.suppress(ValueError):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
     raise MimcoError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -623,18 +586,14 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """Build the config of ``cls``'s stage from defaults, then the YAML file at ``path`` (a file, or
     the name of a bundled config), then ``key=value`` overrides; its class is the chosen method's
     (:func:`stage_class`: the method given last, in an override or the file, else the stage's default)."""
-    data: dict = {}
     path = config_path(path)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise MimcoError(f"config file not found: {p} (configs live in configs/; pass --config "
-                             "configs/<name>.yaml)")
-        data = read_mapping(p, "config file", "a mapping of sections")
+    if path and not Path(path).is_file():
+        raise MimcoError(f"config file not found: {Path(path)} (configs live in configs/; pass --config "
+                         "configs/<name>.yaml)")
+    data = read_mapping(Path(path), "config file", "a mapping of sections") if path else {}
     base = base_class(cls)
-    method = data.get("method", _default_method(base)) if hasattr(base, "STAGE") else None
-    for text in overrides:
-        keys, value = parse_override(text)
+    method = data.get("method", base.method) if hasattr(base, "STAGE") else None
+    for keys, value in map(parse_override, overrides):
         if keys == ["method"]:
             method = value
     root = stage_class(base, str(method)) if method is not None else base
@@ -647,8 +606,7 @@ def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...], model_keys: 
     """Apply ``key=value`` overrides to ``cfg`` (in place, unless ``method`` changes: then a config of
     the new method's class, with the sections both share) and return it, then check the whole config
     (:func:`mimco.config_rules.validate`): every value is checked here, before anything is built."""
-    for text in overrides:
-        keys, value = parse_override(text)
+    for keys, value in map(parse_override, overrides):
         if keys == ["method"] and hasattr(cfg, "method") and value != cfg.method:
             root = stage_class(type(cfg), str(value))
             cfg = from_dict(root, {**to_dict(cfg), "method": value})
@@ -674,8 +632,7 @@ def from_dict(cls: type[C], data: dict) -> C:
     sections no longer known (another method's, from an older mimco, or a method whose plugin is not
     loaded) are left out."""
     base = base_class(cls)
-    root = stage_class(base, str(data.get("method", _default_method(base))), strict=False) \
-        if hasattr(base, "STAGE") else base
+    root = stage_class(base, str(data.get("method", base.method)), strict=False) if hasattr(base, "STAGE") else base
     hints = typing.get_type_hints(root)
     cfg = root()
     _apply(cfg, {k: v for k, v in data.items() if k in hints or not isinstance(v, dict)}, root)

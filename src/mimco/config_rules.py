@@ -12,6 +12,7 @@ import importlib.util
 import re
 import typing
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Any
 
 from mimco.errors import MimcoError
@@ -66,9 +67,7 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
     ``model_keys=False``: the commands that evaluate a backbone from a checkpoint (its own
     geometry), for which the ``model`` and ``mask`` sections mean nothing."""
     for key, low, inclusive, what in bounds(type(cfg)):
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
+        obj = attrgetter(key)(cfg)
         if isinstance(obj, bool):
             continue
         if obj < low or (obj == low and not inclusive):
@@ -101,18 +100,10 @@ def validate(cfg: Any, model_keys: bool = True) -> None:
         _model_rules(cfg)
     _data_rules(cfg)
     _segmentation_rules(cfg, model_keys)
-    _run_log_rules(cfg)
-
-
-def _run_log_rules(cfg: Any) -> None:
-    """Snapshots and the optional Weights & Biases logger."""
-    t = getattr(cfg, "train", None)
-    if t is None:
-        return
-    if t.keep_last == 0 or t.keep_last < -1:
+    if t is not None and (t.keep_last == 0 or t.keep_last < -1):
         raise MimcoError(f"train.keep_last={t.keep_last} is out of range: it is how many epoch snapshots to keep "
                          "(>= 1, or -1 for all); for no snapshots set train.keep_every_epochs=0")
-    if t.wandb and importlib.util.find_spec("wandb") is None:
+    if t is not None and t.wandb and importlib.util.find_spec("wandb") is None:
         raise MimcoError(f"train.wandb={t.wandb} needs the wandb package, which is not installed: pip install wandb "
                          "(or drop train.wandb)")
 
@@ -218,12 +209,10 @@ def check_resume(saved: dict, cfg: Any) -> None:
     """Refuse overrides a resume cannot honour (``saved``: the checkpoint's config as a dict; keys
     it does not have, from an older mimco, are not compared): the :func:`fixed_keys`, then each
     section's own ``check_resume`` (MimCo's ``loss:``)."""
-    new = dataclasses.asdict(cfg)
     for key in fixed_keys(type(cfg)):
-        a, b = saved, new
+        a, b = saved, attrgetter(key)(cfg)
         for part in key.split("."):
             a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
         if a is not None and b is not None and a != b:
             raise MimcoError(f"{key} cannot change on resume (the checkpoint has {a!r}, now {b!r}): the data order, "
                              "the step count or the saved state depend on it; drop the override, or start a new "

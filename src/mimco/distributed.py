@@ -52,8 +52,7 @@ def check_collective(x: torch.Tensor) -> torch.Tensor:
     NCCL only takes CUDA tensors (a CPU tensor fails there, often only at the first log row);
     gloo takes CPU tensors. Every collective here passes through this check, so the CPU tests
     (with a mocked backend) catch what a GPU run would hit."""
-    b = backend()
-    if b == "nccl" and x.device.type != "cuda":
+    if backend() == "nccl" and x.device.type != "cuda":
         raise RuntimeError(f"a {x.device.type} tensor {tuple(x.shape)} was handed to an NCCL collective; "
                            "NCCL takes CUDA tensors only: create logged values on the loss's device")
     return x
@@ -124,10 +123,7 @@ def barrier() -> None:
     """Wait for every process (a no-op alone). Under NCCL on this process's GPU: NCCL runs a
     barrier as an all-reduce on a device, and one it has to guess may be another process's."""
     if is_dist():
-        if backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        dist.barrier(device_ids=[torch.cuda.current_device()] if backend() == "nccl" else None)
 
 
 def destroy() -> None:

@@ -26,20 +26,15 @@ def message(error: MimcoError) -> str:
     return text
 
 
-def _file_head(path: Path, n: int = 4) -> bytes:
-    """The first ``n`` bytes of a file (b"" when it cannot be opened)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(n)
-    except OSError:
-        return b""
-
-
 def unreadable_checkpoint(path: Path, error: BaseException) -> str:
     """The message for a file ``torch.load`` cannot read: which file, what it is not, and what to pass."""
-    head = _file_head(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch >= 1.6) or a legacy pickle that failed inside
+    if head.startswith((b"PK", b"\x80")):  # a zip (torch >= 1.6) or a legacy pickle that failed inside
         if isinstance(error, pickle.UnpicklingError):
             return (f"cannot read checkpoint {path}: refusing it, it holds Python objects beyond tensors and could run "
                     f"code when loaded ({first}); convert it to a plain state dict or safetensors you trust")

@@ -4,6 +4,7 @@ one ``torch.load`` of the package (``weights_only=True``). User errors are :clas
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -39,8 +40,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def atomic_json(path: str | Path, obj: Any, indent: int | None = None) -> None:
     """``obj`` as JSON (compact, or indented by ``indent``), written to a temporary file in the same
     folder and renamed over ``path`` (readable as any file the user writes; ``mkstemp`` alone makes it private)."""
-    import json
-
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -37,8 +37,7 @@ def random_mask(
     """SimMIM random masking -> bool (B, H*W): exactly ``num_masked(units, ratio)`` units of
     ``mask_unit`` x ``mask_unit`` patches hidden per image (SimMIM's mask_patch_size / patch_size)."""
     hc, wc = _unit_grid(grid_size, mask_unit)
-    out = _lowest_units(torch.rand(batch_size, hc * wc, generator=generator), grid_size, ratio, mask_unit)
-    return out.to(device) if device is not None else out
+    return _lowest_units(torch.rand(batch_size, hc * wc, generator=generator), grid_size, ratio, mask_unit).to(device)
 
 
 def _unit_grid(grid_size: tuple[int, int], mask_unit: int) -> tuple[int, int]:
@@ -121,8 +120,7 @@ def block_mask(
 def masked_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Grid indices of the masked patches, ascending: bool (B, N) with ``count`` True per row ->
     long (B, count). Sorting instead of ``nonzero`` keeps the step free of host syncs."""
-    ids = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count]
-    return ids.sort(dim=1).values
+    return mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :count].sort(dim=1).values
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -193,13 +191,13 @@ class MaskGenerator:
         pin = device is not None and torch.device(device).type == "cuda"
         key = (batch_size, step, first_index)
         ahead = self._ahead.pop(key, None)
-        out = ahead.result() if ahead is not None else self._host(*key, pin)
+        out = ahead.out.result() if ahead is not None else self._host(*key, pin)
         if self.prefetch:
             if len(self._ahead) > 64:  # keys that were never asked for (a changed schedule): forget them
                 self._ahead.clear()
             nxt = (batch_size, step + 1, first_index)
             self._ahead[nxt] = _Ahead(self._host, (*nxt, pin))
-        return out.to(device, non_blocking=True) if device is not None else out
+        return out.to(device, non_blocking=True)
 
     def _host(self, batch_size: int, step: int, first_index: int, pin: bool) -> torch.Tensor:
         out = self.build(batch_size, step, first_index)
@@ -229,7 +227,7 @@ atexit.register(join_pending)
 class _Ahead(threading.Thread):
     """``fn(*args)`` in a short-lived daemon thread (:func:`join_pending` waits for all of
     them at the end of a run, so a later fork of loader workers finds no thread holding a lock,
-    and none is inside torch when the process exits); ``result()`` waits for it."""
+    and none is inside torch when the process exits); ``out`` is the future of its result."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], args: tuple) -> None:
         super().__init__(daemon=True, name="mimco-masks")
@@ -242,6 +240,3 @@ class _Ahead(threading.Thread):
             self.out.set_result(self.fn(*self.args))
         except BaseException as e:  # handed to the caller by result()
             self.out.set_exception(e)
-
-    def result(self) -> torch.Tensor:
-        return self.out.result()

@@ -5,12 +5,11 @@ whole pipeline (:func:`run_or_reuse`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,29 +153,22 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
                          "or choose another train.name")
     # the verdict's broadcast (read back on every process) also says the folder exists: no barrier needed
     try:
-        return _train(method, cfg, stream, run_dir, stage, device, resume, monitor)
+        summary = Trainer(method, cfg, stream, run_dir, stage, device, resume, monitor).fit()
+        summary["epochs"] = round(summary["step"] / stream.steps_per_epoch, 4)
+        summary["run_dir"] = str(run_dir)
+        if ev is not None and ev.at_end and finished(summary):  # every process extracts its share; rank 0 scores
+            splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+            if has_labels(*splits):
+                with gathered(method):  # FSDP: the backbone's parameters, whole on every process, for forward_features
+                    probe = Probe(method.backbone(), cfg.data, splits, cfg.eval, device, cfg.train.precision,
+                                  cfg.train.seed)
+                    summary.update(run_protocols(cfg.eval.protocols, probe))
+        if dist.is_main():
+            write_summary(run_dir, summary)
+        dist.barrier()  # as after a checkpoint: none exits before it is written (at a stop, Slurm may kill the rest)
+        return summary
     finally:
         lock.release()  # after the summary is written
-
-
-def _train(method: Any, cfg: Any, stream: Any, run_dir: Path, stage: str, device: torch.device,
-           resume: dict[str, Any] | None, monitor: KnnMonitor | None) -> dict[str, Any]:
-    """Run_stage's training, evaluation at the end and summary."""
-    summary = Trainer(method, cfg, stream, run_dir, stage, device, resume, monitor).fit()
-    summary["epochs"] = round(summary["step"] / stream.steps_per_epoch, 4)
-    summary["run_dir"] = str(run_dir)
-    at_end = getattr(cfg, "eval", None) is not None and cfg.eval.at_end
-    if at_end and finished(summary):  # every process extracts its share; rank 0 scores
-        splits = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-        if has_labels(*splits):
-            with gathered(method):  # FSDP: the backbone's parameters, whole on every process, for its forward_features
-                probe = Probe(method.backbone(), cfg.data, splits, cfg.eval, device, cfg.train.precision,
-                              cfg.train.seed)
-                summary.update(run_protocols(cfg.eval.protocols, probe))
-    if dist.is_main():
-        write_summary(run_dir, summary)
-    dist.barrier()  # as after a checkpoint: nobody exits (at a stop, Slurm may then kill the rest) before it is written
-    return summary
 
 
 class StageStopped(MimcoError):
@@ -217,7 +209,7 @@ class FinetuneOptions:
 def finetune_config(data: DataConfig, overrides: list[str]) -> FinetuneConfig:
     """The fine-tuning config of ``data`` and ``overrides`` (no progress bar)."""
     cfg = load_config(FinetuneConfig, None, ["train.progress=false"])
-    cfg.data = dataclasses.replace(data)
+    cfg.data = replace(data)
     return apply_overrides(cfg, [*overrides, "train.progress=false"])
 
 
@@ -294,8 +286,7 @@ def open_run(stage: str, config: str | None, overrides: list[str] | tuple[str, .
     cls = STAGE_CONFIGS[stage]
     if not resume:
         return load_config(cls, config, overrides), None, None
-    state, run_dir = resume_checkpoint(stage, load_config(cls, config, overrides) if resume == "auto" else None,
-                                       resume)
+    state, run_dir = resume_checkpoint(stage, load_config(cls, config, overrides) if resume == "auto" else None, resume)
     saved_init = (state["config"].get("model") or {}).get("init_from", "")
     for o in overrides:  # the same value (a requeued job repeating its command) is the run's own: not loaded again
         key, _, value = o.partition("=")

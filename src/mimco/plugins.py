@@ -2,14 +2,8 @@
 points of installed packages (group ``mimco.plugins``), and files named with ``--plugin FILE``.
 
 A plugin is a module that registers what it brings when imported: a method and its config
-sections (:func:`mimco.methods.register_method`). An installed package declares it in its
-``pyproject.toml``::
-
-    [project.entry-points."mimco.plugins"]
-    simsiam = "my_package.simsiam"
-
-and ``mimco teacher method=simsiam`` then finds it on every process of a run, torchrun's included;
-a file of your own loads with ``mimco teacher --plugin simsiam.py method=simsiam``.
+sections (:func:`mimco.methods.register_method`). docs/architecture.md shows both ways of loading
+one, so that every process of a run (torchrun's included) has the method.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
-"""The run folder and its checkpoint: the one place that writes and reads their layout.
-
-A run folder (one per ``mimco teacher | pretrain | finetune``) holds ``config.yaml`` (the
-resolved config), ``log.csv``, ``last.pt`` (the resumable run checkpoint), ``summary.json``
-(written when the process ends), once finished ``backbone.safetensors`` (a timm state dict), with
-``train.keep_every_epochs`` the snapshots ``epoch_XXXX.pt`` (each a ``last.pt`` of that epoch) and
-``tensorboard/`` (the event files), and ``.lock``, which the training process holds (``flock``)
-so that no second process trains in the same folder at once.
-
-``last.pt`` is a dict with the keys of :data:`CHECKPOINT_KEYS`. Its ``model`` entry is the
-method's full state dict; ``backbones`` maps each encoder the method offers (the evaluated one
-first; MoCo: ``momentum``, ``base``) to the key prefix of its weights in ``model`` (the engine
-writes it with :func:`save_checkpoint`, and :mod:`mimco.models.formats` reads it back).
+"""The run folder and its checkpoint: the one place that writes and reads their layout (the files
+and ``last.pt``'s keys, :data:`CHECKPOINT_KEYS`: docs/architecture.md#contracts; the snapshots
+``epoch_XXXX.pt``, ``tensorboard/`` and the ``.lock`` the training process holds: docs/training.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -97,8 +88,7 @@ def snapshots(run_dir: str | Path) -> list[Path]:
 
 def prune_snapshots(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` snapshots (-1: keep all); returns the deleted paths."""
-    found = snapshots(run_dir)
-    gone = found[:-keep] if keep > 0 else []
+    gone = snapshots(run_dir)[:-keep] if keep > 0 else []
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
@@ -150,7 +140,6 @@ def finished(summary: dict[str, Any]) -> bool:
 
 
 def is_finished(run_dir: str | Path) -> bool:
-    """Whether the run in ``run_dir`` reached the end of its schedule."""
     return finished(read_summary(run_dir))
 
 
@@ -204,10 +193,8 @@ _HELD: set[int] = set()
 
 def _close_inherited_locks() -> None:
     for fd in _HELD:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     _HELD.clear()
 
 

@@ -1,12 +1,9 @@
 """``mimco study SPEC``: runs (stage chains) x seeds x evaluation protocols, one table and the pictures.
 
 A spec is a YAML file, or a bundled one by name (``demo``: ``configs/studies/demo.yaml``); its keys
-are the fields of :class:`StudySpec`, :class:`RunSpec` and :class:`RowSpec`, and docs/evaluation.md#studies
-shows one whole. Each run is a normal run folder under OUT: a finished one is reused (refused when
-its :func:`_recipe` differs from the spec's), an interrupted one resumed, and a stop stops the study
-(:class:`~mimco.pipeline.StageStopped`). Every row is scored by its protocols on features extracted
-once per row and seed (:class:`Probe`), each score kept in the row's folder (``study-eval.json``) and
-reused; a cell is mean ± std over the seeds (one seed: over a protocol's label subsets or heads).
+are the fields of :class:`StudySpec`, :class:`RunSpec` and :class:`RowSpec`. docs/evaluation.md#studies
+shows one whole and says which runs and scores are reused (a run folder whose :func:`_recipe` differs
+from the spec's is refused).
 """
 
 from __future__ import annotations
@@ -99,12 +96,8 @@ class StudySpec:
     pictures: list[str] = field(default_factory=list)
     shown: list[str] = field(default_factory=list)
 
-    def protocol_of(self, instance: str) -> str:
-        """The registered protocol behind ``instance`` (``few100=few`` -> few)."""
-        return self.instances()[instance]
-
     def instances(self) -> dict[str, str]:
-        """{instance name: protocol name} in the order of ``protocols``."""
+        """{instance name: protocol name} in the order of ``protocols`` (``few100=few``: few100 -> few)."""
         return {e.split("=", 1)[0]: e.split("=", 1)[-1] for e in self.protocols}
 
 
@@ -136,8 +129,7 @@ def _section(cls: type, values: Any, where: str, name: str) -> Any:
 
 
 def load_spec(spec: str | Path) -> StudySpec:
-    """The checked spec of a file or bundled name: every key known, every run, row, protocol and
-    picture resolvable, each mistake one line naming the fix."""
+    """The checked spec of a file or bundled name (each mistake one line naming the fix)."""
     path = spec_path(spec)
     raw = read_mapping(path, "study spec", "a mapping (runs:, rows:, protocols:, ...)")
     if not isinstance(raw.get("runs"), dict) or not raw["runs"]:
@@ -185,12 +177,10 @@ def load_spec(spec: str | Path) -> StudySpec:
     s.eval_run = s.eval_run or list(s.runs)[-1]
     if s.eval_run not in s.runs:
         raise MimcoError(f"{path}: eval_run '{s.eval_run}' is not among the runs ({', '.join(s.runs)})")
-    bad = [p for p in s.pictures if p not in PICTURES]
-    if bad:
+    if bad := [p for p in s.pictures if p not in PICTURES]:
         raise MimcoError(f"{path}: unknown picture '{bad[0]}'; choose {choices_text(list(PICTURES))}")
     names = [r.name for r in s.rows]
-    bad = [n for n in s.shown if n not in names]
-    if bad:
+    if bad := [n for n in s.shown if n not in names]:
         raise MimcoError(f"{path}: shown: '{bad[0]}' is not a row ({', '.join(names)})")
     check_protocols(s)
     return s
@@ -202,23 +192,20 @@ def check_protocols(s: StudySpec) -> dict[str, Any]:
     inst = s.instances()
     for protocol in inst.values():
         get_protocol(protocol)
-    extra = sorted(set(s.options) - set(inst))
-    if extra:
+    if extra := sorted(set(s.options) - set(inst)):
         raise MimcoError(f"options for '{extra[0]}', which is not among the protocols {list(inst)}")
     for row in s.rows:
-        bad = [n for n in row.protocols or [] if n not in inst]
-        if bad:
+        if bad := [n for n in row.protocols or [] if n not in inst]:
             raise MimcoError(f"row '{row.name}': protocol '{bad[0]}' is not among the study's ({', '.join(inst)})")
     return {n: protocol_options(p, s.options.get(n)) for n, p in inst.items()}
 
 
 def with_overrides(s: StudySpec, texts: list[str] | tuple[str, ...]) -> StudySpec:
-    """A copy of ``s`` with command-line overrides: ``RUN:KEY=VALUE`` for one run, ``PROTOCOL.key=value``
-    for a protocol of the spec, ``KEY=VALUE`` for every run."""
+    """A copy of ``s`` with command-line overrides: ``RUN:KEY=VALUE``, ``PROTOCOL.key=value``, ``KEY=VALUE``."""
     s = copy.deepcopy(s)
     for text in texts:
         keys, value = parse_override(text)
-        run, colon, first = keys[0].partition(":")
+        run, colon, _ = keys[0].partition(":")
         if colon:
             if run not in s.runs:
                 raise MimcoError(f"'{text}' names the run '{run}', which the study has not; runs: {', '.join(s.runs)}")
@@ -289,10 +276,8 @@ def _train(s: StudySpec, out: Path, seeds: list[int | None]) -> tuple[dict, dict
     plan = []  # (run, seed, folder, overrides) in training order
     for seed in ([fixed] if fixed is not None and fixed not in seeds else []) + seeds:
         for name, r in s.runs.items():
-            if r.seeds == "first" and seed != seeds[0]:
-                continue
-            if fixed is not None and ((r.stage == "teacher" and seed != fixed) or (r.stage != "teacher"
-                                                                                   and seed not in seeds)):
+            wanted = [fixed] if fixed is not None and r.stage == "teacher" else seeds
+            if seed not in wanted or (r.seeds == "first" and seed != seeds[0]):
                 continue
             tseed = seed if fixed is None else fixed
             f = folder(name, seed) + (f"-t{tseed}" if r.teacher and tseed != seed else "")
@@ -308,7 +293,6 @@ def _train(s: StudySpec, out: Path, seeds: list[int | None]) -> tuple[dict, dict
         if not r.compute_of:  # a run sized by others' measured time is checked once they ran
             _same_recipe(out / f, cfgs[(name, seed)], bool(r.teacher))
     seconds: dict[tuple[str, int | None], float] = {}
-    dirs: dict[tuple[str, int | None], Path] = {}
     for name, seed, f, over in plan:
         r, cfg = s.runs[name], cfgs[(name, seed)]
         if r.compute_of:  # the measured compute of those runs, as epochs of this one
@@ -317,12 +301,11 @@ def _train(s: StudySpec, out: Path, seeds: list[int | None]) -> tuple[dict, dict
             cfg = load_config(STAGE_CONFIGS[r.stage], r.config, [*over, f"optim.epochs={epochs:.3f}"])
             cfgs[(name, seed)] = cfg
             _same_recipe(out / f, cfg, bool(r.teacher))
-        dirs[(name, seed)] = out / f
         seconds[(name, seed)] = run_or_reuse(r.stage, cfg, out / f, say=s.name).get("train_seconds", 0.0)
         if not is_finished(out / f):  # train.max_steps: a study scores finished runs alone
             raise MimcoError(f"run {f} stopped at train.max_steps={cfg.train.max_steps}, before the end of its "
                              "schedule; a study scores finished runs: drop train.max_steps (the run resumes)")
-    return cfgs, seconds, dirs
+    return cfgs, seconds, {(name, seed): out / f for name, seed, f, _ in plan}
 
 
 def _score(probe: Probe, instances: list[str], s: StudySpec, options: dict, cache: Path, ident: Any) -> dict:
@@ -332,12 +315,11 @@ def _score(probe: Probe, instances: list[str], s: StudySpec, options: dict, cach
     kept = json.loads(cache.read_text()) if cache.is_file() else {}
     got = {}
     for n in instances:
-        opts = options[n]
-        what = [s.protocol_of(n), to_dict(opts) if opts is not None else None, to_dict(probe.data),
-                to_dict(probe.eval), ident]
+        protocol, opts = s.instances()[n], options[n]
+        what = [protocol, to_dict(opts) if opts is not None else None, to_dict(probe.data), to_dict(probe.eval), ident]
         key = f"{n}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
         if key not in kept:
-            scored = run_protocols([s.protocol_of(n)], probe, {s.protocol_of(n): opts}, digits=None)
+            scored = run_protocols([protocol], probe, {protocol: opts}, digits=None)
             if not scored or not is_main():  # under torchrun the main process scores and keeps
                 got[n] = scored
                 continue
@@ -352,7 +334,6 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
     """Train (or resume, or reuse) every run of ``s`` for each seed in ``out``, score every row with
     its protocols, write ``<table>.md`` / ``<table>.csv`` and the pictures; returns the table."""
     start = time.perf_counter()
-    say = s.name
     options = check_protocols(s)
     out.mkdir(parents=True, exist_ok=True)
     seeds: list[int | None] = list(s.seeds) or [None]
@@ -363,7 +344,7 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
     first = next(k for k in cfgs if k[0] == s.eval_run)  # the evaluated run, its first seed
     ecfg = cfgs[first]
     data, ev = ecfg.data, ecfg.eval
-    print(f"[{say}] evaluating {len(s.rows)} rows x {len(seeds)} seed(s) with {', '.join(s.instances())} on "
+    print(f"[{s.name}] evaluating {len(s.rows)} rows x {len(seeds)} seed(s) with {', '.join(s.instances())} on "
           f"{data.name}", file=sys.stderr, flush=True)
     eval_start = time.perf_counter()
     device = setup(ecfg)
@@ -391,7 +372,7 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
         instances = row.protocols if row.protocols is not None else list(s.instances())
         row_seeds = [sd for sd in seeds if (row.run, sd) in cfgs] if row.run else seeds[:1]
         if row.backbone == "pixels" and data.channels * data.img_size ** 2 > MAX_PIXEL_FEATURES:
-            print(f"[{say}] {row.name} skipped: {data.img_size} px images are too large to use as features",
+            print(f"[{s.name}] {row.name} skipped: {data.img_size} px images are too large to use as features",
                   file=sys.stderr, flush=True)
             row_seeds = []
         metrics: dict[str, list[dict]] = {n: [] for n in instances}
@@ -412,11 +393,11 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
         cells = {"model": row.name, **({"seeds": str(len(row_seeds))} if s.seeds else {}),
                  "train minutes": _minutes(s, row, row_seeds, seconds)}
         for n in instances:
-            got = table_cells(s.protocol_of(n), metrics[n], options[n], ev)
+            got = table_cells(s.instances()[n], metrics[n], options[n], ev)
             headers[n].update(dict.fromkeys(got))
             cells.update(got)
         cells_of.append(cells)
-        print(f"[{say}] {row.name}: " + "  ".join(f"{k} {v}" for k, v in cells.items() if k != "model"),
+        print(f"[{s.name}] {row.name}: " + "  ".join(f"{k} {v}" for k, v in cells.items() if k != "model"),
               file=sys.stderr, flush=True)
     m = ecfg.model
     header = (f"{s.title + ': ' if s.title else ''}{data.name} test top-1 (%), ViT {data.img_size}px/patch "
@@ -428,24 +409,16 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
     columns = [*list(cells_of[0])[:2 + bool(s.seeds)], *[h for n in s.instances() for h in headers[n]]]
     md = write_table([{c: r.get(c, "-") for c in columns} for r in cells_of], out, header, table)
     print("\n" + md)
-    _pictures(s, out, shown, maker, seeds[0], panels, splits[1], data, options, device, dirs)
-    print(f"[{say}] wrote {out / (table + '.md')}, {out / (table + '.csv')}"
-          + "".join(f", {p}.png" for p in s.pictures) + f" ({(time.perf_counter() - start) / 60:.1f} min in all)",
-          file=sys.stderr, flush=True)
-    return md
-
-
-def _pictures(s: StudySpec, out: Path, shown: list[str], maker: Any, seed: int | None, panels: list, test: Any,
-              data: Any, options: dict, device: torch.device, dirs: dict) -> None:
-    """``s.pictures`` of the shown rows: t-SNE of their test features (``panels``), the runs' curves,
-    their CLS attention on 8 test images and their patch tokens' PCA on 8 segprobe images."""
+    # the pictures of the shown rows: t-SNE of their test features (``panels``), the runs' curves,
+    # their CLS attention on 8 test images and their patch tokens' PCA on 8 segprobe images
+    seed = seeds[0]
     runs = [row for row in s.rows if row.run and row.name in shown and (row.run, seed) in dirs]
     if "tsne" in s.pictures:
         tsne_figure(panels, out / "tsne.png", class_names=class_names(data))
     if "curves" in s.pictures:
         curves_figure([dirs[(row.run, seed)] for row in runs], out / "curves.png")
     if "attention" in s.pictures:
-        x, _ = next(iter(eval_batches(test, data, 8, device)))
+        x, _ = next(iter(eval_batches(splits[1], data, 8, device)))
         attention_figure([(row.name, maker(row, seed)(data.img_size).to(device)) for row in runs], x,
                          denormalize(x, data.mean, data.std), out / "attention.png")
     if "pca" in s.pictures:
@@ -457,6 +430,10 @@ def _pictures(s: StudySpec, out: Path, shown: list[str], maker: Any, seed: int |
         x = next(iter(val_batches(val, scfg.data, 8)))[0].to(device)
         pca_figure([(row.name, maker(row, seed)(opts.img_size).to(device)) for row in runs], x,
                    denormalize(x, scfg.data.mean, scfg.data.std), out / "pca.png")
+    print(f"[{s.name}] wrote {out / (table + '.md')}, {out / (table + '.csv')}"
+          + "".join(f", {p}.png" for p in s.pictures) + f" ({(time.perf_counter() - start) / 60:.1f} min in all)",
+          file=sys.stderr, flush=True)
+    return md
 
 
 def protocol_note(name: str, opts: Any, ev: Any) -> str:

@@ -1,32 +1,22 @@
-"""The one way the commands read a backbone for evaluation or fine-tuning.
-
-A model is named by a checkpoint path (any format :mod:`mimco.models.formats` reads),
-``random:PATH`` (a randomly initialised ViT shaped like PATH's backbone) or ``pixels`` (raw
-pixels; k-NN, linear probe, segmentation probe and t-SNE only). Data settings come from
-``--config``, else from the first mimco checkpoint's own config, then ``key=value`` overrides;
-segmentation takes its data from ``--config`` or :class:`~mimco.config.SegmentationConfig`'s
-defaults (Fashion-MNIST scenes), and only the input statistics (channels, mean, std) from the
-checkpoint.
-"""
+"""The one way the commands read a backbone for evaluation or fine-tuning: a checkpoint (any format
+:mod:`mimco.models.formats` reads), ``random:PATH`` or ``pixels``, with its data keys (docs/evaluation.md)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
-from mimco.config import (
-    FinetuneConfig,
-    PretrainConfig,
-    SegmentationConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from mimco.config import PretrainConfig, SegmentationConfig, apply_overrides, from_dict, load_config, to_dict
+from mimco.data.build import load_dataset
 from mimco.errors import MimcoError
+from mimco.eval.features import extract_features_distributed
+from mimco.models.export import timm_kwargs
+from mimco.models.formats import load_backbone
 from mimco.runs import CHECKPOINT, CONFIG
 
 
@@ -34,11 +24,6 @@ def resolve(spec: str, encoder: str = "momentum", num_heads: int = 0,
              img_size: int = 0) -> tuple[str, torch.nn.Module | None, Any]:
     """(display name, model or None for pixels, parsed checkpoint state or None); ``img_size``: the
     backbone at that side (its position table resampled), 0 = its own."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    from mimco.models.export import timm_kwargs
-    from mimco.models.formats import load_backbone
-
     if spec == "pixels":
         return "raw pixels", None, None
     if spec.startswith("random:"):
@@ -54,17 +39,15 @@ def data_config(cls: type, args: argparse.Namespace, states: list[Any], sections
     """The data keys (and the other ``sections``): from ``--config``, else the first mimco
     checkpoint's, then the overrides. Probes take their backbone from a checkpoint: the ``model``
     keys are not theirs to check."""
-    probe = cls is not FinetuneConfig
-    if args.config:
-        return load_config(cls, args.config, args.overrides, model_keys=not probe)
-    for st in states:
-        if st is not None and st.config is not None:
-            cfg, saved = cls(), from_dict(type(st.config), to_dict(st.config))
-            for section in sections:
-                if hasattr(saved, section):
-                    setattr(cfg, section, getattr(saved, section))
-            return apply_overrides(cfg, args.overrides, model_keys=not probe)
-    return load_config(cls, None, args.overrides, model_keys=not probe)
+    model_keys = cls.STAGE == "finetune"
+    saved = next((st.config for st in states if st is not None and st.config is not None), None)
+    if args.config or saved is None:
+        return load_config(cls, args.config, args.overrides, model_keys=model_keys)
+    cfg, saved = cls(), from_dict(type(saved), to_dict(saved))
+    for section in sections:
+        if hasattr(saved, section):
+            setattr(cfg, section, getattr(saved, section))
+    return apply_overrides(cfg, args.overrides, model_keys=model_keys)
 
 
 def at_data_size(resolved: tuple[str, torch.nn.Module | None, Any], spec: str, cfg: Any, encoder: str = "momentum",
@@ -87,8 +70,6 @@ def report(out: Path, command: str, spec: str, name: str, state: Any, cfg: Any, 
            shown: dict[str, Any] | None = None, **extra: Any) -> None:
     """A command's row of ``out/results.jsonl`` (and .csv): its ``metrics`` and settings (``extra``),
     with the checkpoint's hash; then ``shown`` (default: the metrics) printed as JSON."""
-    import json
-
     from mimco.eval.results import file_hash, write_result
 
     path = spec.split(":", 1)[-1]
@@ -100,8 +81,6 @@ def report(out: Path, command: str, spec: str, name: str, state: Any, cfg: Any, 
 
 
 def load_splits(cfg: Any) -> tuple[Any, Any]:
-    from mimco.data.build import load_dataset
-
     train, test = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
     if test is None:
         raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no labelled test "
@@ -139,12 +118,10 @@ def features_of(model: torch.nn.Module | None, split: Any, cfg: Any, device: tor
               pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) of ``split`` on the main process, None on the others: under torchrun every
     process extracts its share and the main one gathers them (alone: the whole split)."""
-    from mimco.eval.features import extract_features_distributed
-
     return extract_features_distributed(model, split, cfg.data, device, batch_size=512, pool=pool)
 
 
-def seg_config(args: argparse.Namespace, state: Any, overrides: list[str]) -> SegmentationConfig:
+def seg_config(args: argparse.Namespace, state: Any) -> SegmentationConfig:
     """Segmentation data: ``--config`` or the defaults (fmnist_scenes), with the input statistics
     of the checkpoint (a mimco run's data.channels/mean/std, a released family's mean/std) when no
     ``--config`` is given, then the overrides."""
@@ -155,7 +132,7 @@ def seg_config(args: argparse.Namespace, state: Any, overrides: list[str]) -> Se
             cfg.data.channels, cfg.data.mean, cfg.data.std = d.channels, list(d.mean), list(d.std)
         elif state.stats:
             cfg.data.mean, cfg.data.std = list(state.stats[0]), list(state.stats[1])
-    return apply_overrides(cfg, overrides, model_keys=False)
+    return apply_overrides(cfg, args.overrides, model_keys=False)
 
 
 def backbone_options(p: argparse.ArgumentParser, config: str = "data settings (else the checkpoint's own, for mimco "

@@ -1,26 +1,24 @@
-"""``mimco``: the command line. Its commands live by purpose: :mod:`mimco.cli.train` (teacher,
-pretrain, finetune, segfinetune, demo, study), :mod:`mimco.cli.probe` (eval, probe, knn, linprobe,
-segprobe, extract) and :mod:`mimco.cli.tools` (export, inspect, shards, plot, results).
-
-User errors (:class:`~mimco.errors.MimcoError`) print one line and exit with code 2.
-"""
+"""``mimco``: the command line, its commands gathered by purpose from :mod:`mimco.cli.train`,
+:mod:`mimco.cli.probe` and :mod:`mimco.cli.tools`. User errors (:class:`~mimco.errors.MimcoError`) print one line
+and exit with code 2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from mimco.distributed import destroy
 from mimco.errors import MimcoError, message
+from mimco.plugins import load_file, load_plugins
 
 #: the command modules, in the order ``mimco --help`` lists them
 MODULES = ("train", "probe", "tools")
 
 
 def _modules() -> list[Any]:
-    import importlib
-
     return [importlib.import_module(f"mimco.cli.{m}") for m in MODULES]
 
 
@@ -30,9 +28,8 @@ def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mimco",
-                                description="MimCo pre-training: MoCo v3 teacher, then masked image modeling against "
-                                            "it.")
+    p = argparse.ArgumentParser(prog="mimco", description="MimCo pre-training: MoCo v3 teacher, then masked image "
+                                                          "modeling against it.")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="a Python file that registers a method (and its config section), e.g. examples/simsiam.py; "
                         "may come anywhere on the line, and more than once (installed plugins load by themselves)")
@@ -59,26 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _plugin_files(argv: list[str]) -> tuple[list[str], list[str]]:
     """``argv`` without its ``--plugin FILE`` / ``--plugin=FILE`` pairs after the subcommand, and those files."""
-    rest, files, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--plugin" and i + 1 < len(argv) and i > 0:
-            files.append(argv[i + 1])
-            i += 2
-            continue
-        if a.startswith("--plugin=") and i > 0:
+    rest, files = argv[:1], []
+    after = iter(argv[1:])
+    for a in after:
+        if a.startswith("--plugin="):
             files.append(a.split("=", 1)[1])
+        elif a == "--plugin" and (path := next(after, None)) is not None:
+            files.append(path)
         else:
             rest.append(a)
-        i += 1
     return rest, files
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from mimco.plugins import load_file, load_plugins
-
         load_plugins()
         for path in args.plugin:
             load_file(path)
@@ -90,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print("mimco: interrupted", file=sys.stderr)
         return 130
     finally:
-        from mimco.distributed import destroy
-
         destroy()
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from mimco import distributed as dist
 from mimco.cli.checkpoints import (
     at_data_size,
     backbone_options,
@@ -22,8 +23,12 @@ from mimco.cli.checkpoints import (
     seg_config,
 )
 from mimco.config import PretrainConfig, parse_override, to_dict
+from mimco.data.build import load_dataset
+from mimco.data.subsets import labelled_subset
 from mimco.errors import MimcoError
-from mimco.eval.probe import spread_metrics
+from mimco.eval.knn import knn_accuracies
+from mimco.eval.linear import DEFAULT_LR_GRID, linear_probe, linear_probe_full
+from mimco.eval.probe import probe_few_labels, spread_metrics
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -37,7 +42,6 @@ def _run_protocols(args: argparse.Namespace, command: str, names: list[str], cho
                    sections: tuple[str, ...] = (), batch_size: int = 256, **extra: Any) -> int:
     """Protocols ``names`` (``chosen``: their options) on the backbone of ``args.checkpoint``, features
     extracted once; one results row (``extra``: its settings) and one print, by the main process."""
-    from mimco import distributed as dist
     from mimco.eval.protocols import Probe, run_protocols
 
     name, model, state, cfg, device, train, test = prepare(args, sections)
@@ -51,9 +55,7 @@ def _run_protocols(args: argparse.Namespace, command: str, names: list[str], cho
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
-    from mimco.eval.knn import knn_accuracies
-    from mimco.eval.probe import probe_few_labels
+    from mimco.eval.monitor import monitor_splits
 
     few = few_labels(args)
     if few and args.monitor:
@@ -62,8 +64,6 @@ def cmd_knn(args: argparse.Namespace) -> int:
     name, model, state, cfg, device, train, test = prepare(args)
     subsets: dict[str, Any] = {}
     if args.monitor:  # the k-NN monitor's subsets (eval.monitor_* of the checkpoint's config, then overrides)
-        from mimco.eval.monitor import monitor_splits
-
         train, test = monitor_splits(train, test, cfg.eval)
         subsets = {"monitor": {k: getattr(cfg.eval, k) for k in ("monitor_train", "monitor_test", "monitor_seed")}}
     fte, yte = features_of(model, test, cfg, device, args.pool) or (None, None)
@@ -85,11 +85,6 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def cmd_linprobe(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
-    from mimco.data.subsets import labelled_subset
-    from mimco.eval.linear import linear_probe, linear_probe_full
-    from mimco.eval.probe import probe_few_labels
-
     few = few_labels(args)
     name, model, state, cfg, device, train, test = prepare(args)
     if args.full and model is None:
@@ -103,13 +98,11 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
                                   tuple(few["label_seeds"]), ks=(), linear=opts, pool=args.pool).get("linear_top1", [])
     elif args.full and (fte is None or yte is None):  # --full trains through the backbone on the main process alone
         return 0
-    elif few:  # the full path, once per labelled subset
-        values = [linear_probe_full(model, labelled_subset(train, args.per_class, args.labels_fraction, seed), fte, yte,
-                                    cfg.data, device, pool=args.pool, augment=args.augment,
-                                    **{**opts, "seed": opts["seed"] + seed}) for seed in few["label_seeds"]]
-    elif args.full:
-        values = [linear_probe_full(model, train, fte, yte, cfg.data, device, pool=args.pool, augment=args.augment,
-                                    **opts)]
+    elif args.full:  # once per labelled subset, else on the whole split
+        values = [linear_probe_full(model, (labelled_subset(train, args.per_class, args.labels_fraction, seed) if few
+                                            else train), fte, yte, cfg.data, device, pool=args.pool,
+                                    augment=args.augment, **{**opts, "seed": opts["seed"] + seed})
+                  for seed in few.get("label_seeds", [0])]
     else:
         bank = features_of(model, train, cfg, device, args.pool)
         if bank is None:
@@ -149,7 +142,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_segprobe(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
     from mimco.data.segmentation import load_segmentation
     from mimco.eval.plots import segmentation_figure
     from mimco.eval.segmentation import check_backbone, segprobe
@@ -157,7 +149,7 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
 
     name, model, state = resolve(args.checkpoint, args.encoder, args.num_heads)
     check_backbone(model, args.layers, args.checkpoint)
-    cfg = seg_config(args, state, args.overrides)
+    cfg = seg_config(args, state)
     name, model, state = at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
     if args.seeds < 1:
         raise MimcoError(f"--seeds {args.seeds} must be at least 1")
@@ -176,10 +168,9 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
                          f"{cfg.data.channels}; set data.channels={model.patch_embed.proj.in_channels}")
     model = model.to(device) if model is not None else None
     start = time.perf_counter()
-    values, heads = segprobe(model, train, val, cfg.data, device, args.layers, patch, args.epochs,
-                             args.batch_size, args.lr, args.weight_decay, tuple(range(args.seeds)),
-                             cfg.train.precision, cfg.aug if args.augment else None,
-                             cache=False if args.augment else None)
+    values, heads = segprobe(model, train, val, cfg.data, device, args.layers, patch, args.epochs, args.batch_size,
+                             args.lr, args.weight_decay, tuple(range(args.seeds)), cfg.train.precision,
+                             cfg.aug if args.augment else None, cache=False if args.augment else None)
     if not dist.is_main():  # its share of the grids is with the main process, which trains and scores
         return 0
     metrics = spread_metrics({k: v for k, v in values.items() if isinstance(v, list)})
@@ -196,8 +187,6 @@ def cmd_segprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
-    from mimco.data.build import load_dataset
     from mimco.eval.extract import check_out, stream_features
     from mimco.pipeline import setup
 
@@ -225,6 +214,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
         backbone_options(p)
         p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of patch tokens")
         p.add_argument("--out", help="folder for results.jsonl/csv (default: <run>/eval or runs/eval)")
@@ -255,7 +245,6 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("overrides", nargs="*", metavar="key=value", help="data and train keys, e.g. train.precision=bf16")
 
     k = sub.add_parser("knn", help="weighted k-NN top-1 of frozen features, several k at once")
-    k.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
     k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100])
     k.add_argument("--temperature", type=float, default=0.07)
     k.add_argument("--monitor", action="store_true",
@@ -271,14 +260,12 @@ def add_parsers(sub: Any) -> None:
     pr.add_argument("overrides", nargs="*", metavar="key=value",
                     help="data / eval keys, and a protocol's options as NAME.key=value")
     lp = sub.add_parser("linprobe", help="linear probe (BN without affine + linear) on a frozen backbone")
-    lp.add_argument("checkpoint", help="a checkpoint, random:CKPT or pixels")
     lp.add_argument("--full", action="store_true", help="run every batch through the backbone (else features once)")
     lp.add_argument("--augment", action="store_true", help="with --full: random-resized-crop + flip")
     lp.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"])
     lp.add_argument("--epochs", type=int, default=30)
     lp.add_argument("--batch-size", type=int, default=1024)
-    lp.add_argument("--lr", type=float, nargs="+",  # mimco.eval.linear.DEFAULT_LR_GRID (not imported here: slow)
-                    default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+    lp.add_argument("--lr", type=float, nargs="+", default=list(DEFAULT_LR_GRID),
                     help="one learning rate, or a grid trained in one pass and chosen on a held-out 10%% of the "
                          "training split (default: 0.001 .. 1.0 in 1-2-5 steps)")
     lp.add_argument("--weight-decay", type=float, default=0.0)

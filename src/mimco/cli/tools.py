@@ -9,14 +9,22 @@ from typing import Any
 
 import torch
 
+from mimco import distributed as dist
 from mimco.cli.checkpoints import at_data_size, data_config, features_of, load_splits, resolve
-from mimco.config import PretrainConfig
+from mimco.config import PretrainConfig, SegDataConfig, load_config
+from mimco.config_rules import IN_MEMORY, SEGMENTATION
+from mimco.data.build import class_names, load_dataset
+from mimco.data.files import FileImages
+from mimco.data.subsets import take
 from mimco.errors import MimcoError
+from mimco.eval.features import eval_batches
+from mimco.models.export import export_checkpoint
+from mimco.models.families import describe
+from mimco.models.formats import load_backbone
+from mimco.models.teachers import projector_width
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mimco.models.export import export_checkpoint
-
     out, said = export_checkpoint(args.checkpoint, args.out, args.encoder)
     print(f"wrote {out}/ (model.safetensors, config.json, README.md; mean/std: {said}); load with:\n"
           f"  timm.create_model('local-dir:{out}', pretrained=True)")
@@ -24,10 +32,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mimco.models.families import describe
-    from mimco.models.formats import load_backbone
-    from mimco.models.teachers import projector_width
-
     model, state = load_backbone(args.checkpoint, args.encoder, 0, args.num_heads, args.model)
     a = describe(model)
     n = sum(p.numel() for p in model.parameters())
@@ -55,10 +59,6 @@ _NATIVE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "procedural": 32,
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from mimco.config import PretrainConfig, load_config
-    from mimco.config_rules import IN_MEMORY
-    from mimco.data.build import class_names, load_dataset
-    from mimco.data.files import FileImages
     from mimco.data.shards import parse_size, write_shards
 
     size = parse_size(args.shard_size)
@@ -67,8 +67,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
         base = [f"data.name={args.source}"]
         if "data.img_size" not in given:
             base.append(f"data.img_size={_NATIVE[args.source]}")
-    elif Path(args.source).is_dir():
-        root = Path(args.source)
+    elif (root := Path(args.source)).is_dir():
         split_root = root / args.split if (root / "train").is_dir() else root
         labelled = split_root.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in split_root.iterdir())
         base = [f"data.name={'imagefolder' if labelled else 'folder'}", f"data.root={root}"]
@@ -97,23 +96,17 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def _plot_images(cfg: Any, n: int, device: torch.device) -> torch.Tensor:
     """The first ``n`` normalised evaluation images of the data (a segmentation split's validation
     images, or a test split), on ``device``."""
-    from mimco.config import SegDataConfig
-    from mimco.config_rules import SEGMENTATION
+    from mimco.data.segmentation import load_segmentation
+    from mimco.eval.segmentation import val_batches
 
     if cfg.data.name in SEGMENTATION:
-        from mimco.data.segmentation import load_segmentation
-        from mimco.eval.segmentation import val_batches
-
         val = load_segmentation(cfg.data, getattr(cfg, "seg", SegDataConfig()), train=False, verbose=False)
         return next(iter(val_batches(val, cfg.data, n)))[0].to(device)
-    from mimco.eval.features import eval_batches
-
     return next(iter(eval_batches(load_splits(cfg)[1], cfg.data, n, device)))[0]
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mimco import distributed as dist
-    from mimco.eval.plots import attention_figure, curves_figure, denormalize, tsne_figure
+    from mimco.eval.plots import attention_figure, curves_figure, denormalize, pca_figure, tsne_figure
     from mimco.pipeline import setup
 
     args.overrides = [*args.overrides, *[i for i in args.inputs if "=" in i]]
@@ -130,10 +123,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise MimcoError(f"--names gives {len(names)} names for {len(resolved)} inputs")
     if args.kind != "tsne" and not dist.is_main():  # one picture, drawn by the main process
         return 0
+    rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
     if args.kind == "pca":
-        from mimco.eval.plots import pca_figure
-
-        rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
         if not rows:
             raise MimcoError("plot pca needs a backbone; raw pixels have no patch tokens")
         x = _plot_images(cfg, min(args.n, 16), device)
@@ -141,10 +132,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 0
     _, test = load_splits(cfg)
     if args.kind == "tsne":
-        from mimco.data.subsets import take
-
-        g = torch.Generator().manual_seed(0)
-        sub = take(test, torch.randperm(len(test), generator=g)[: args.n])
+        sub = take(test, torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.n])
         panels = []
         for name, (_, model, _) in zip(names, resolved):  # every process its share, gathered to the main one
             got = features_of(model.to(device) if model is not None else None, sub, cfg, device)
@@ -152,14 +140,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 panels.append((name, *got))
         if not dist.is_main():
             return 0
-        from mimco.data.build import class_names
-
         print(tsne_figure(panels, args.out, class_names=class_names(cfg.data, test)))
         return 0
-    from mimco.eval.features import eval_batches
-
     x, _ = next(iter(eval_batches(test, cfg.data, args.n, device)))
-    rows = [(n, m.to(device)) for n, (_, m, _) in zip(names, resolved) if m is not None]
     print(attention_figure(rows, x, denormalize(x, cfg.data.mean, cfg.data.std), args.out))
     return 0
 

@@ -1,29 +1,27 @@
-"""``mimco teacher | pretrain | finetune | segfinetune | demo | study``: the commands that train.
-
-User errors (:class:`~mimco.errors.MimcoError`) print one line and exit with code 2 (:mod:`mimco.cli.main`).
-"""
+"""``mimco teacher | pretrain | finetune | segfinetune | demo | study``: the commands that train."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mimco import distributed as dist
 from mimco.cli.checkpoints import data_config, report, resolve, seg_config
 from mimco.config import FinetuneConfig, to_dict
 from mimco.errors import MimcoError
 
 
 def cmd_train(stage: str, args: argparse.Namespace) -> int:
-    from mimco.distributed import is_main
     from mimco.pipeline import open_run, run_stage
 
     cfg, resume, run_dir = open_run(stage, args.config, args.overrides, args.resume)
     summary = run_stage(stage, cfg, resume, run_dir)
-    if not is_main():  # under torchrun every process returns the summary; one prints it
+    if not dist.is_main():  # under torchrun every process returns the summary; one prints it
         return 0
     print(json.dumps(summary, indent=2))
     if "stopped_by" in summary:
@@ -32,21 +30,17 @@ def cmd_train(stage: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metrics: dict[str, str],
-          extra: Any) -> int:
+def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metrics: dict[str, str], extra: Any) -> int:
     """``mimco finetune | segfinetune``: the backbone of ``args.checkpoint`` trained by the stage's
     method (``fresh(state)``: a new run's config; ``--resume``: the run's own), its encoder and
     heads from the config's ``section``; a result row with ``metrics`` (row name -> summary key)
     and ``extra(cfg)``."""
-    from mimco import distributed as dist
     from mimco.pipeline import open_run, run_stage
 
     spec = args.checkpoint
     name, model, state = resolve(spec, "momentum", 0)
-    if args.resume:
-        cfg, resume, run_dir = open_run(stage, None, args.overrides, args.resume)
-    else:
-        cfg, resume, run_dir = fresh(state), None, None
+    cfg, resume, run_dir = (open_run(stage, None, args.overrides, args.resume) if args.resume
+                            else (fresh(state), None, None))
     part = getattr(cfg, section)
     if part.encoder != "momentum" or part.num_heads:
         name, model, state = resolve(spec, part.encoder, part.num_heads)
@@ -60,17 +54,15 @@ def _tune(stage: str, args: argparse.Namespace, fresh: Any, section: str, metric
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    # the data keys from --config, else from the checkpoint's own config
     return _tune("finetune", args, lambda state: data_config(FinetuneConfig, args, [state]), "classifier",
                  {"finetune_top1": "top1", "finetune_top5": "top5", "finetune_best_top1": "best_top1"},
                  lambda cfg: {"layer_decay": cfg.classifier.layer_decay})
 
 
 def cmd_segfinetune(args: argparse.Namespace) -> int:
-    return _tune("segfinetune", args, lambda state: seg_config(args, state, args.overrides), "head",
+    return _tune("segfinetune", args, lambda state: seg_config(args, state), "head",
                  {k: k for k in ("miou", "macc", "pixel_acc", "best_miou")},
-                 lambda cfg: {"layers": cfg.head.layers, "layer_decay": cfg.head.layer_decay,
-                              "seg": to_dict(cfg.seg)})
+                 lambda cfg: {"layers": cfg.head.layers, "layer_decay": cfg.head.layer_decay, "seg": to_dict(cfg.seg)})
 
 
 #: ``mimco demo --quick``: 6k images, 2 epochs a stage, fewer scenes (checks the machinery only)
@@ -80,8 +72,6 @@ QUICK = ["data.subset=6000", "optim.epochs=2", "optim.warmup_epochs=0.5", "segpr
 
 def cmd_study(args: argparse.Namespace) -> int:
     """``mimco study SPEC`` and ``mimco demo`` (the bundled spec ``demo``): a stop prints the command that resumes."""
-    import shlex
-
     from mimco.pipeline import StageStopped
     from mimco.studies import load_spec, run_study, with_overrides
 

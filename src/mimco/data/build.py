@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader
 
 from mimco import distributed as dist
 from mimco.config import DataConfig, DatasetName
-from mimco.data.fashion_mnist import load_fashion_mnist
+from mimco.data import fashion_mnist, procedural
 from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted, worker_ignores_stop
-from mimco.data.procedural import make_shapes
 from mimco.errors import MimcoError
 
 DATASETS = typing.get_args(DatasetName)
@@ -73,27 +72,27 @@ def load_dataset(cfg: DataConfig, train: bool = True,
     """The train (or test) split of ``cfg.name``; ``None`` when the dataset has no test split.
     In-memory datasets as :class:`ImageArray` at ``img_size``; file datasets as :class:`FileImages`
     whose items pass through ``transform``."""
-    name = cfg.name
+    name, subset = cfg.name, cfg.subset if train else 0
     if name == "segfolder":
         raise MimcoError(f"data.name={name} is segmentation data (images with masks): use it with `mimco segprobe` or "
                          "`mimco segfinetune`")
     if name == "fashion_mnist":
-        ds = _array(*load_fashion_mnist(cfg.root, train, cfg.download), cfg)
+        ds = _array(*fashion_mnist.load_fashion_mnist(cfg.root, train, cfg.download), cfg)
     elif name == "fmnist_scenes":  # pre-training on the segmentation scenes' domain, without their masks
         from mimco.data.scenes import pretraining_scenes
 
-        ds = _array(*pretraining_scenes(*load_fashion_mnist(cfg.root, train, cfg.download), train), cfg)
+        ds = _array(*pretraining_scenes(*fashion_mnist.load_fashion_mnist(cfg.root, train, cfg.download), train), cfg)
     elif name in ("cifar10", "cifar100"):
         ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
     elif name == "procedural":
-        ds = _array(*make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
+        ds = _array(*procedural.make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
     elif name == "shards":
         from mimco.data.shards import ShardImages, describe
 
         desc = describe(cfg.root, train, cfg.val_root)
         if desc is None:
             return None
-        return ShardImages(desc, channels=cfg.channels, transform=transform, subset=cfg.subset if train else 0,
+        return ShardImages(desc, channels=cfg.channels, transform=transform, subset=subset,
                            shuffle_buffer=cfg.shuffle_buffer if train else 0, verbose=dist.is_main())
     elif name == "hf":
         from mimco.data.hf import HFImages, load_split
@@ -102,21 +101,19 @@ def load_dataset(cfg: DataConfig, train: bool = True,
         if split is None:
             return None
         source = cfg.val_root if cfg.val_root and not train else cfg.root
-        return HFImages(split, source, cfg.image_column, cfg.label_column, cfg.channels, transform,
-                        cfg.subset if train else 0)
+        return HFImages(split, source, cfg.image_column, cfg.label_column, cfg.channels, transform, subset)
     else:  # imagefolder, folder
         root = Path(cfg.root)
-        split = root / ("train" if train else "val")
         if (root / "train").is_dir():
-            if not split.is_dir():
-                return None
-            root = split
+            root = root / ("train" if train else "val")
         elif not train:
             return None
+        if not train and not root.is_dir():
+            return None
         return FileImages(str(root), labelled=name == "imagefolder", channels=cfg.channels, transform=transform,
-                          subset=cfg.subset if train else 0)
-    if train and cfg.subset:
-        ds = ImageArray(ds.images[: cfg.subset], ds.labels[: cfg.subset], ds.channels)
+                          subset=subset)
+    if subset:
+        ds = ImageArray(ds.images[:subset], ds.labels[:subset], ds.channels)
     return ds
 
 
@@ -132,8 +129,6 @@ def cached(files: FileImages, cfg: DataConfig, verbose: bool = True, device: tor
 
 def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None) -> list[str] | None:
     """Human-readable class names where the dataset defines them."""
-    from mimco.data import fashion_mnist, procedural
-
     if cfg.name in ("fashion_mnist", "fmnist_scenes"):  # a scene is labelled with the class covering most of it
         return fashion_mnist.CLASSES
     if cfg.name == "procedural":

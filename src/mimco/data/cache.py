@@ -1,13 +1,10 @@
-"""``data.cache``: decode an image folder once into memory, then train at in-memory speed.
+"""``data.cache``: decode an image folder once into memory, then train at in-memory speed (the size S,
+``data.cache_size``, and unreadable files: docs/performance.md#image-folders).
 
 Loader workers decode every image every epoch, most of a small model's step. Cached, the folder
-becomes a uint8 tensor (N, C, S, S) that takes the batched-view path of the in-memory datasets.
-Each image is resized (short side S, ``data.cache_size``, default ``data.img_size``) and
-centre-cropped to S x S once; random crops then come from that square. Unreadable files are left
-out and counted (the run stops past ``data.max_bad_fraction``).
-
-Under torchrun the cache is built once per node: local rank 0 decodes into a shared-memory file
-(``/dev/shm``) that the node's other processes map, so a node holds one copy, not one per process.
+becomes a uint8 tensor (N, C, S, S), each image resized and centre-cropped to S x S once, that takes
+the batched-view path of the in-memory datasets. Under torchrun local rank 0 of each node decodes
+into a shared-memory file (``/dev/shm``) that the node's other processes map: one copy per node.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""``data.decode=gpu``: JPEG folders decoded and augmented on the training device.
+"""``data.decode=gpu``: JPEG folders decoded and augmented on the training device (what the loader
+workers and the device each do: docs/performance.md#image-folders).
 
 The CPU path (each loader worker decodes, crops and augments one image) feeds a few hundred
-images/s per worker, far below a compiled ViT-S step. Here loader workers only read each file's
-bytes and draw each view's crop box from its header (seeded per image, like the CPU path); the
-main process decodes the batch with nvJPEG (``decode_jpeg(device="cuda")``, one batched call),
-crops and resizes on the device, then runs the photometric part of the batched views.
-
-Non-JPEG files are decoded by the worker. An unreadable file is replaced by the next readable one,
-as on the CPU path; a JPEG whose data does not decode is replaced by the batch's previous image and
-counted as unreadable. On a CPU device the same code runs with libjpeg (the tests).
+images/s per worker, far below a compiled ViT-S step. An unreadable file is replaced by the next
+readable one, as on the CPU path; a JPEG whose data does not decode is replaced by the batch's
+previous image and counted as unreadable. On a CPU device the same code runs with libjpeg (the tests).
 """
 
 from __future__ import annotations

@@ -4,10 +4,7 @@ In training, an unreadable image is replaced by the next readable one (:class:`S
 deterministic, so every process keeps its full batch) and counted; a run stops when more than
 ``max_bad_fraction`` of the images read were bad. Evaluation skips them.
 
-The tree is listed once: each node's local rank 0 walks it and writes its file list
-(``<root>/.mimco-files.json``, or the user's cache folder when the data folder is read-only),
-which every other process and every later start reads while the folders' modification times
-still match it (docs/training.md#image-folders-at-scale).
+The tree is listed once per node and kept for later starts (docs/training.md#image-folders-at-scale).
 """
 
 from __future__ import annotations
@@ -59,6 +56,13 @@ def _is(entry: os.DirEntry, test: str) -> bool:
         return False
 
 
+def stat_or_none(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def _walk(base: Path) -> dict[str, Any]:
     """Every image file under ``base`` (one pass of ``os.scandir``): the listing that
     :func:`_items` turns into a dataset's items, with the modification time of every folder read,
@@ -88,10 +92,8 @@ def _walk(base: Path) -> dict[str, Any]:
                     linked.append(e.name)
                 scan((*rel, e.name))
             elif os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS and _is(e, "is_file"):
-                try:
+                with contextlib.suppress(OSError):
                     files.append(((*rel, e.name), e.stat().st_size))
-                except OSError:
-                    continue
 
     scan(())
     files.sort()  # the order of sorted(Path, ...): part by part
@@ -115,10 +117,8 @@ class NamedItems(Sequence, abc.ABC):
         return len(self.labels)
 
     def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(len(self))[i]]
-        i = range(len(self))[i]  # negative and out-of-range indices as a list's
-        return self.name(i), self.labels[i]
+        i = range(len(self))[i]  # negative and out-of-range indices, and slices, as a list's
+        return [self[j] for j in i] if isinstance(i, range) else (self.name(i), self.labels[i])
 
 
 class FileItems(NamedItems):
@@ -195,14 +195,10 @@ def _read(base: Path, path: Path) -> tuple[dict[str, Any] | None, str]:
         return listing, "racy"
     changed = 0
     for rel, mtime in dirs.items():
-        try:
-            now = os.stat(base / rel if rel else base).st_mtime_ns
-        except OSError:
-            now = None
         # the list next to the images moved the root's time when it was written: the root's time
         # is then carried as the list's own
         recorded = st.st_mtime_ns if not rel and path == base / LIST_NAME else mtime
-        changed += now != recorded
+        changed += getattr(stat_or_none(base / rel), "st_mtime_ns", None) != recorded
     if changed:
         return listing, (f"the image tree at {base} changed ({changed} of {len(dirs)} folders modified since it was "
                          "listed)")
@@ -217,9 +213,8 @@ def _write(base: Path, listing: dict[str, Any]) -> Path | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             before = os.stat(base).st_mtime_ns  # the root's time: moved since the walk began?
-            other = None  # a list already there (another node's, on a shared file system)
-            with contextlib.suppress(OSError):
-                other = os.stat(path).st_mtime_ns
+            # a list already there (another node's, on a shared file system)
+            other = getattr(stat_or_none(path), "st_mtime_ns", None)
             with open(tmp, "w") as f:
                 fs_now = min(os.fstat(f.fileno()).st_mtime_ns, time.time_ns())
                 racy = {rel for rel, m in listing["dirs"].items() if m >= fs_now - RACY_NS}
@@ -274,11 +269,8 @@ def _wait_for_list(base: Path) -> dict[str, Any]:
     job, deadline, seen = job_key(), time.monotonic() + WAIT_S, {}
     while time.monotonic() < deadline:
         for path in list_places(base):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if seen.get(path) == (st.st_ino, st.st_mtime_ns, st.st_size):
+            st = stat_or_none(path)
+            if st is None or seen.get(path) == (st.st_ino, st.st_mtime_ns, st.st_size):
                 continue
             seen[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
             listing, reason = _read(base, path)

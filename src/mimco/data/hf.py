@@ -104,7 +104,6 @@ class HFImages(FileImages):
                 print(f"mimco: {source} has no column data.label_column={label_column}: its images are unlabelled",
                       file=sys.stderr, flush=True)
             labels, self.classes = [-1] * len(ds), []
-        # (``<source>#<row>``, label) of each row
         self.items, self.sizes = subset_of(ShardItems([source], [0], labels), [], subset, seed)
         self.ds, self.image_column = ds.select_columns([image_column]), image_column
         self.channels, self.transform = channels, transform

@@ -1,11 +1,5 @@
-"""``data.name=fmnist_scenes``: segmentation scenes made of real Fashion-MNIST items.
-
-The layout is synthetic, the objects are real: each canvas holds 2-4 items (``seg.items``) at
-their native 28 x 28 scale, placed at seeded random positions and drawn in order (a later item
-covers an earlier one where its own pixels are bright). A pixel is labelled with the class of the
-item drawn there (1..10) where that item's intensity is above ``seg.threshold``, else background
-(0). Training scenes use only Fashion-MNIST's training images, validation scenes only its test
-images; the same seed gives the same scenes.
+"""``data.name=fmnist_scenes``: segmentation scenes made of real Fashion-MNIST items at seeded random
+positions, labelled per pixel (the layout, classes and keys: docs/evaluation.md#dense-transfer-segmentation).
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Segmentation data: (image, mask) pairs of a split, from a folder in one of three layouts or
-from generated Fashion-MNIST scenes (:mod:`mimco.data.scenes`).
+"""Segmentation data: (image, mask) pairs of a split, from a folder in one of three layouts
+(``ade20k``, ``voc``, ``plain``; each layout, and what a missing, unreadable or out-of-range mask does:
+docs/evaluation.md#dense-transfer-segmentation) or from generated Fashion-MNIST scenes (:mod:`mimco.data.scenes`).
 
 Masks are held as class indices 0..K-1 with :data:`IGNORE` (255) for pixels that are not scored,
-whatever the layout writes:
-
-- ``ade20k``: ``images/{training,validation}/*.jpg`` + ``annotations/{training,validation}/*.png``;
-  0 is "other" (ignored) and classes 1..150 become 0..149;
-- ``voc``: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs) and
-  ``ImageSets/Segmentation/{train,val}.txt``; 21 classes, 255 ignored;
-- ``plain``: ``{train,val}/images/NAME.(jpg|png)`` + ``{train,val}/masks/NAME.png``, a class index
-  per pixel, ``seg.num_classes`` classes and ``seg.ignore_index`` ignored.
-
-An image without a mask is left out; an unreadable mask or image, or a mask whose size differs
-from its image's, is an unreadable sample (as an unreadable image). A label at or above the class
-count is an error naming the file.
+whatever the layout writes (ADE20K's 0, "other", is ignored and its classes 1..150 become 0..149).
 """
 
 from __future__ import annotations
@@ -49,13 +39,11 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     """(layout, the folder it starts at) of a segmentation folder; the usual archive folders
     (``ADEChallengeData2016``, ``VOCdevkit/VOC2012``) are looked into."""
     for base in (root, root / "ADEChallengeData2016", root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
-        if (base / "images" / "training").is_dir() and (base / "annotations" / "training").is_dir():
-            return "ade20k", base
-        if (base / "JPEGImages").is_dir() and (base / "SegmentationClass").is_dir() and \
-                (base / "ImageSets" / "Segmentation").is_dir():
-            return "voc", base
-        if (base / "train" / "images").is_dir() and (base / "train" / "masks").is_dir():
-            return "plain", base
+        for layout, folders in (("ade20k", ("images/training", "annotations/training")),
+                                ("voc", ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation")),
+                                ("plain", ("train/images", "train/masks"))):
+            if all((base / f).is_dir() for f in folders):
+                return layout, base
     if not root.is_dir():
         raise MimcoError(f"data.root '{root}' is not a folder; set data.root to a segmentation dataset: {_DESCRIBE}")
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:8]
@@ -74,19 +62,9 @@ def list_pairs(layout: str, base: Path, train: bool) -> tuple[list[tuple[Path, P
         ids = base / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not ids.is_file():
             raise MimcoError(f"{ids} is missing: the Pascal VOC layout names each split's images there")
-        names = [n.strip() for n in ids.read_text().split() if n.strip()]
-        images = {n: images.get(n, image_dir / f"{n}.jpg") for n in names}
+        images = {n: images.get(n, image_dir / f"{n}.jpg") for n in ids.read_text().split()}
     pairs = [(p, masks[n]) for n, p in images.items() if n in masks and p.is_file()]
     return pairs, [p for n, p in images.items() if n not in masks or not p.is_file()]
-
-
-def layout_classes(layout: str, seg: SegDataConfig) -> int:
-    if layout != "plain":
-        return {"ade20k": 150, "voc": 21}[layout]
-    if not seg.num_classes:
-        raise MimcoError("a plain-layout folder does not say how many classes its masks hold; set seg.num_classes=N "
-                         "(masks hold 0..N-1, and seg.ignore_index for unlabelled pixels)")
-    return seg.num_classes
 
 
 class SegSplit(Dataset, abc.ABC):
@@ -113,15 +91,16 @@ class SegFolder(SegSplit):
     def __init__(self, root: str, train: bool, seg: SegDataConfig, channels: int = 3, subset: int = 0,
                  verbose: bool = True) -> None:
         self.layout, base = detect_layout(Path(root))
-        self.num_classes = layout_classes(self.layout, seg)
-        self.ignore_index = seg.ignore_index
+        self.num_classes = {"ade20k": 150, "voc": 21}.get(self.layout, seg.num_classes)
+        if not self.num_classes:  # plain
+            raise MimcoError("a plain-layout folder does not say how many classes its masks hold; set "
+                             "seg.num_classes=N (masks hold 0..N-1, and seg.ignore_index for unlabelled pixels)")
+        self.ignore_index, self.channels = seg.ignore_index, channels
         self.items, no_mask = list_pairs(self.layout, base, train)
         split = "training" if train else "validation"
         if not self.items:
             raise MimcoError(f"the {self.layout} folder {base} has no {split} images with masks; check data.root")
-        if subset and subset < len(self.items):
-            self.items = self.items[:subset]
-        self.channels = channels
+        self.items = self.items[: subset or None]
         if verbose:
             left = f"; {len(no_mask)} images without a mask left out (e.g. {no_mask[0]})" if no_mask else ""
             print(f"mimco: {base}: {self.layout} layout, {len(self.items)} {split} pairs, {self.num_classes} "
@@ -194,19 +173,18 @@ def load_segmentation(data: DataConfig, seg: SegDataConfig, train: bool, verbose
     return SegFolder(data.root, train, seg, data.channels, data.subset if train else 0, verbose)
 
 
-def _tail(data: DataConfig) -> list[Any]:
+def _joint(ops: list[Any], data: DataConfig, resize_mask: bool = True) -> Callable:
+    """(PIL image, mask) -> ``ops`` then normalisation, applied to both (``resize_mask=False``: to the
+    image only, the mask kept at its own size): (image (C, S, S), mask int64)."""
     c = data.channels
-    return [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            v2.Normalize(data.mean[:c], data.std[:c]), v2.ToPureTensor()]
-
-
-def _joint(ops: list[Any], data: DataConfig) -> Callable:
-    """(PIL image, mask) -> ``ops`` then the tail applied to both: (image (C, S, S), mask int64)."""
-    t = v2.Compose([*ops, *_tail(data)])
+    t = v2.Compose([*ops, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                    v2.Normalize(data.mean[:c], data.std[:c]), v2.ToPureTensor()])
 
     def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, m = t(v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image),
-                 tv_tensors.Mask(torch.from_numpy(mask)))
+        x = v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image)
+        if not resize_mask:
+            return t(x), torch.from_numpy(np.asarray(mask)).long()
+        x, m = t(x, tv_tensors.Mask(torch.from_numpy(mask)))
         return x, m.long()
 
     return apply
@@ -228,13 +206,7 @@ def seg_resize_transform(data: DataConfig) -> Callable:
 def seg_eval_transform(data: DataConfig) -> Callable:
     """(PIL image, mask) -> (image resized to S x S and normalised, the mask at its own size, int64):
     predictions are upsampled to the mask's size before they are scored."""
-    t = v2.Compose([v2.Resize((data.img_size, data.img_size), antialias=True), *_tail(data)])
-
-    def apply(image: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = t(v2.functional.pil_to_tensor(image).as_subclass(tv_tensors.Image))
-        return x, torch.from_numpy(np.asarray(mask)).long()
-
-    return apply
+    return _joint([v2.Resize((data.img_size, data.img_size), antialias=True)], data, resize_mask=False)
 
 
 def collate_eval(batch: list[Any]) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:

@@ -2,13 +2,9 @@
 access, so that a set of shards is a dataset like an image folder (the same seeded order or a
 shard-local one, ``data.shuffle_buffer``; exact resume; unreadable samples substituted and counted).
 
-A shard holds samples ``KEY.jpg`` (or ``.png``, ...) and ``KEY.cls`` (the class index as text).
-``mimco shards`` writes them with webdataset's ``TarWriter`` plus ``index.json``: wids' shard-list
-descriptor with mimco's class names and, per shard, each sample's label and the byte offset and
-size of its image, so a sample is one ``pread`` and no tar header is parsed (docs/training.md).
-Shards written by another tool are read too (``data.root`` a brace pattern such as
-``/data/in1k/train-{000000..001023}.tar``, or their wids index): each is walked once with
-``tarfile`` and what it holds kept in the cache folder for later starts.
+The shard layout, ``index.json`` (where each sample's image lies, so a sample is one ``pread`` and no
+tar header is parsed) and other tools' shards (walked once with ``tarfile``, the result cached):
+docs/training.md#shards-and-hugging-face-datasets.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mimco.data.files import FileImages, NamedItems, subset_of
+from mimco.data.files import FileImages, NamedItems, stat_or_none, subset_of
 from mimco.errors import MimcoError
 from mimco.io import atomic_json
 
@@ -241,21 +237,14 @@ class ShardImages(FileImages):
         self.items, self.sizes = subset_of(items, [], subset, 0)
         self.channels, self.transform = channels, transform
         self._open: dict[str, Any] = {}
-        if verbose:
-            self._check_sizes(shards)
-
-    def _check_sizes(self, shards: list[dict[str, Any]]) -> None:
-        """One line per shard missing or shorter than its index says: its samples read as unreadable."""
-        for s in shards:
-            want = s.get("filesize")
-            try:
-                size = os.stat(s["url"]).st_size
-            except OSError:
-                size = -1
-            if isinstance(want, int) and size != want:
-                what = "is missing" if size < 0 else f"is {size} bytes, its index says {want}"
-                print(f"mimco: shard {s['url']} {what}: its {s['nsamples']} samples will count as unreadable "
-                      "(data.max_bad_fraction)", file=sys.stderr, flush=True)
+        if verbose:  # one line per shard missing or shorter than its index says: its samples read as unreadable
+            for s in shards:
+                want = s.get("filesize")
+                size = getattr(stat_or_none(s["url"]), "st_size", -1)
+                if isinstance(want, int) and size != want:
+                    what = "is missing" if size < 0 else f"is {size} bytes, its index says {want}"
+                    print(f"mimco: shard {s['url']} {what}: its {s['nsamples']} samples will count as unreadable "
+                          "(data.max_bad_fraction)", file=sys.stderr, flush=True)
 
     def __getstate__(self) -> dict[str, Any]:  # loader workers open their own shards
         return {**self.__dict__, "_open": {}}

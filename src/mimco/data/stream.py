@@ -1,15 +1,9 @@
 """The training batches of every stage, built from its config in one place (:func:`build_stream`),
-so every data key means the same in every stage:
+so every data key (``data.cache``, ``data.on_device``, ``data.decode``) means the same in every stage;
+with ``data.on_device``, fine-tuning runs RandAugment in the loader, normalisation and erasing on the device.
 
-- ``data.cache=true``: an image folder is decoded once into memory, then served like an
-  in-memory dataset;
-- ``data.on_device=true``: in-memory images are copied to the device once and augmented there in
-  batches (fine-tuning: RandAugment in the loader, normalisation and erasing on the device);
-- ``data.decode=gpu``: an image folder's JPEGs are decoded, cropped and augmented on the device.
-
-The batches a method takes are a *view kind*, registered by name (:func:`register_views`): ``two``
-(MoCo v3's two views), ``one`` (the MIM view), ``labelled`` (fine-tuning), ``masks`` (segmentation),
-and any a plugin registers beside its method (:func:`register_views`, :func:`views_stream`).
+The batches a method takes are a *view kind*, registered by name (:func:`register_views`, :func:`views_stream`;
+the kinds: docs/architecture.md#contracts, "Method registry").
 """
 
 from __future__ import annotations
@@ -117,7 +111,6 @@ def register_views(name: str) -> Callable[[StreamBuilder], StreamBuilder]:
 
 
 def view_names() -> list[str]:
-    """The registered view kinds."""
     return sorted(_VIEWS)
 
 
@@ -135,15 +128,6 @@ def _one_view(cfg: Any, device: torch.device) -> BatchStream:
                         lambda: image_mim_view(cfg.aug, cfg.data))
 
 
-def num_classes(ds: Any) -> int:
-    """Classes of a labelled training set (in memory: the largest label + 1)."""
-    if isinstance(ds, TransformedArray):
-        ds = ds.array
-    if isinstance(ds, ImageArray):
-        return int(ds.labels.max()) + 1
-    return len(ds.classes)
-
-
 @register_views("labelled")
 def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
     """Fine-tuning batches: one augmented view per image (timm's recipe, per image) and its label."""
@@ -156,11 +140,13 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
         if len(train) < cfg.optim.batch_size:
             raise MimcoError(f"optim.batch_size={cfg.optim.batch_size} exceeds the {len(train)} labelled training "
                              f"images; set optim.batch_size to at most {len(train)}")
-    ds = TransformedArray(train, tf) if isinstance(train, ImageArray) else train
+    in_memory = isinstance(train, ImageArray)
+    ds = TransformedArray(train, tf) if in_memory else train
     on_device = DeviceNormalize(d.mean[: d.channels], d.std[: d.channels], cfg.aug.reprob,
                                 device) if d.on_device else None
     return BatchStream(ds, cfg.optim.batch_size, cfg.train.seed, device, on_device, d.num_workers,
-                       d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True, num_classes=num_classes(train))
+                       d.max_bad_fraction, dist.rank(), dist.world_size(), labels=True,
+                       num_classes=int(train.labels.max()) + 1 if in_memory else len(train.classes))
 
 
 @register_views("masks")

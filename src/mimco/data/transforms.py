@@ -26,8 +26,7 @@ def blur_kernel(cfg: ContrastiveAugConfig, img_size: int) -> tuple[int, tuple[fl
     """MoCo v3's Gaussian blur at ``img_size``: (kernel side, sigma range), both scaled from 224 px."""
     scale = img_size / 224.0
     lo, hi = cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale
-    k = max(3, 2 * math.ceil(3 * hi) + 1)
-    return k, (lo, hi)
+    return max(3, 2 * math.ceil(3 * hi) + 1), (lo, hi)
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
@@ -50,11 +49,6 @@ class Normalize(nn.Module):
 def _uniform(x: torch.Tensor, lo: float, hi: float, *shape: int) -> torch.Tensor:
     """Uniform draws in [lo, hi) on ``x``'s device, (B, *shape)."""
     return torch.empty(len(x), *shape, device=x.device).uniform_(lo, hi)
-
-
-def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Which images an op with probability ``p`` applies to, (B, 1, 1, 1) bool on ``x``'s device."""
-    return torch.rand(len(x), 1, 1, 1, device=x.device) < p
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +132,7 @@ class _PerImage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.op(x)
-        return torch.where(_chosen(x, self.p), out, x)
+        return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < self.p, out, x)
 
 
 class ColorJitter(_PerImage):
@@ -218,7 +212,7 @@ class BatchTwoViews(nn.Module):
         self.crops = [((cfg.min_scale, 1.0), (3 / 4, 4 / 3))] * 2
 
         def view(blur_p: float, sol_p: float) -> nn.Sequential:
-            ops: list[nn.Module] = [RandomResizedCrop(s, scale=(cfg.min_scale, 1.0))] if crop else []
+            ops: list[nn.Module] = [RandomResizedCrop(s, *self.crops[0])] if crop else []
             ops += [ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.jitter_prob),
                     RandomGrayscale(p=cfg.grayscale_prob), RandomGaussianBlur(k, sigma, p=blur_p)]
             ops += [RandomSolarize(p=sol_p)] if sol_p > 0 else []  # none: no draw for it
@@ -250,10 +244,8 @@ class BatchMimView(nn.Module):
 
     def __init__(self, cfg: MimAugConfig, data: DataConfig, crop: bool = True) -> None:
         super().__init__()
-        s = data.img_size
         self.crops = [((cfg.min_scale, cfg.max_scale), tuple(cfg.ratio))]
-        ops: list[nn.Module] = [RandomResizedCrop(s, scale=(cfg.min_scale, cfg.max_scale),
-                                                  ratio=tuple(cfg.ratio))] if crop else []
+        ops: list[nn.Module] = [RandomResizedCrop(data.img_size, *self.crops[0])] if crop else []
         self.seq = nn.Sequential(*ops, RandomHorizontalFlip(p=cfg.flip_prob))
         self.norm = Normalize(data.mean, data.std, data.channels)
 

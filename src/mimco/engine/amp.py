@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def half_dtype(precision: str) -> torch.dtype | None:
     """bf16 -> torch.bfloat16, fp16 -> torch.float16, fp32 -> None (no autocast)."""
-    return HALF.get(precision)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:

@@ -1,14 +1,10 @@
-"""``train.compile``: torch.compile of every transformer block and head of a training method, in place.
+"""``train.compile``: torch.compile of every transformer block and head of a training method, in place
+(docs/performance.md#compiled-steps-traincompiletrue).
 
-Blocks are compiled one by one (``nn.Module.compile``, as torchtitan does per transformer block),
-not the whole method: its forward holds what a graph cannot (mask generation, collectives, Python
-control flow), every ViT in it spends nearly all of its time in blocks, and each block type compiles
-once for every block of its shape. State dicts are unchanged: compiled and eager checkpoints mix.
-
-Every module compiled in place runs through one shared code object (``nn.Module.compile`` wraps each
-``_call_impl`` in the same function), so all share dynamo's cache and its ``recompile_limit`` (8 by
-default), past which the rest would silently run eager: the limit is raised to cover the modules
-compiled, and a run that hits it anyway says so in one line.
+Blocks are compiled one by one, not the whole method: its forward holds what a graph cannot (mask
+generation, collectives, Python control flow), and every ViT in it spends nearly all of its time in
+blocks. ``nn.Module.compile`` wraps each ``_call_impl`` in the same function, hence one shared
+``recompile_limit`` for every module compiled.
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ _hits_before = [0]
 
 
 def limit_hits() -> int:
-    """How many times dynamo found a code object past its recompile limit (and ran it eager) in this
-    process."""
+    """How many times dynamo found a code object past its recompile limit (and ran it eager) in this process."""
     from torch._dynamo.utils import counters
 
     names = ("recompile limit", "cache limit", "cache size limit")  # the name's wording across releases

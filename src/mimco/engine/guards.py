@@ -41,13 +41,9 @@ class StopSignal:
 
     def agreed(self, device: torch.device) -> bool:
         """Called after every step: True on every process, at the same step, once any process was
-        asked to stop. Alone, the flag itself. Distributed, this step's flag goes into one tiny
-        all-reduce and the call returns the result of the previous step's all-reduce: every
-        process learns of a stop one step after it was asked for, at the same step, and the host
-        never waits for the device (on a GPU the reduced flag is copied behind the all-reduce into
-        page-locked memory and read once that copy is done, by which time the next step's kernels
-        are queued). Each step is voted on, so a stop costs at most two steps plus the checkpoint
-        (torchrun kills its workers 30 s after forwarding SIGTERM)."""
+        asked to stop (alone: the flag itself). Distributed, the previous step's all-reduced flag, as
+        docs/training.md#many-gpus-interruptions-bad-data says; on a GPU it is copied behind the all-reduce
+        into page-locked memory and read once that copy is done, by which time the next step's kernels are queued."""
         if not dist.is_dist():
             return self.requested is not None
         if self._vote is None or self._vote.device != device:
@@ -64,20 +60,18 @@ class _Vote:
         cuda = device.type == "cuda"
         self.host = torch.zeros(1, pin_memory=cuda)  # host-only: the reduced flag is read here, never reduced
         self.done = torch.cuda.Event() if cuda else None
-        self.posted = False
 
     def __call__(self, requested: bool) -> bool:
-        previous = False
-        if self.posted:
-            if self.done is not None:
-                self.done.synchronize()  # the copy queued one step ago, behind that step's kernels
-            previous = bool(self.host[0] > 0)
+        # the copy queued one step ago, behind that step's kernels (none at the first call: an event
+        # never recorded does not wait, and the host flag is still 0)
+        if self.done is not None:
+            self.done.synchronize()
+        previous = bool(self.host[0] > 0)
         self.flag.fill_(1.0 if requested else 0.0)  # a fill kernel: no copy from the host
         dist.all_reduce_(self.flag, "max")
         self.host.copy_(self.flag, non_blocking=self.done is not None)
         if self.done is not None:
             self.done.record()
-        self.posted = True
         return previous
 
 

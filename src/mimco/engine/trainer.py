@@ -1,13 +1,6 @@
-"""The one training loop every stage shares (teacher, pretrain, finetune).
-
-It runs any :class:`~mimco.methods.base.TrainingMethod` and adds everything else: per-iteration warm-up +
-cosine, bf16/fp16 autocast, gradient accumulation and clipping, gradient checkpointing, DDP/FSDP,
-a row every ``log_every`` steps to ``log.csv``, TensorBoard and W&B (:mod:`mimco.engine.logs`), a
-progress bar, the k-NN monitor (:mod:`mimco.eval.monitor`), atomic checkpoints (model, optimiser,
-step, every process's RNG state, resolved config) with epoch snapshots kept beside them, resume
-(the schedule is rebuilt from the resumed config), a clean stop on SIGTERM/SIGINT and a stop on a
-non-finite loss.
-"""
+"""The one training loop every stage shares (teacher, pretrain, finetune): it runs any
+:class:`~mimco.methods.base.TrainingMethod` and adds everything else (schedule, precision, accumulation,
+DDP/FSDP, logs, the k-NN monitor, checkpoints and resume, stops), as docs/training.md describes."""
 
 from __future__ import annotations
 
@@ -70,14 +63,12 @@ class Trainer:
         steps_per_epoch)``, and a call ``(backbone, device, precision) -> (values, pictures)`` that
         every process makes."""
         check_method(method)
-        self.monitor = monitor
-        self.method, self.cfg, self.stream = method, cfg, stream
+        self.method, self.cfg, self.stream, self.monitor = method, cfg, stream, monitor
         self.run_dir, self.stage, self.device = run_dir, stage, device
         o, t = cfg.optim, cfg.train
         self.accum = accumulation(stream.local, o.accum_steps, o.micro_batch)
         spe = stream.steps_per_epoch
-        self.total_steps = max(1, int(round(o.epochs * spe)))
-        self.method.total_steps = self.total_steps
+        self.total_steps = self.method.total_steps = max(1, int(round(o.epochs * spe)))
         if t.grad_checkpointing:
             for m in method.modules():
                 if isinstance(m, VisionTransformer) and any(p.requires_grad for p in m.parameters()):
@@ -168,14 +159,13 @@ class Trainer:
             values, images = self.monitor(self.method.backbone(), self.device, self.cfg.train.precision)
         seconds = time.perf_counter() - start
         self.log.images(self.step, images)
-        if rows.first_monitor and dist.is_main():
-            trained = time.perf_counter() - self._start - self._monitor_s
-            per_epoch = trained / max(self.step - self._start_step, 1) * spe
+        if not self._monitor_s and dist.is_main():  # the first monitor point of this run
+            per_epoch = (time.perf_counter() - self._start) / max(self.step - self._start_step, 1) * spe
             tqdm.write(f"mimco: k-NN monitor on {self.monitor.size} images ({self.monitor.describe()}) took "
                        f"{seconds:.1f} s, {100 * seconds / per_epoch:.1f} % "
                        f"of an epoch ({per_epoch:.0f} s) of this run", file=sys.stderr)
         self._monitor_s += seconds
-        rows.pause(seconds)
+        rows.t0 += seconds  # time outside training: not counted in images/s
         return values
 
     def _bad_images(self) -> tuple[int, int] | None:
@@ -252,8 +242,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from ``self.step`` to the schedule's end (or ``train.max_steps``, or an agreed stop)
-        and return the summary: each step (:meth:`train_step`), then what it is due: the method's
-        epoch hook, the k-NN monitor, a log row (:class:`RowLogger`), the stop vote, a checkpoint."""
+        and return the summary."""
         t = self.cfg.train
         end = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
         self.model.train()
@@ -263,17 +252,16 @@ class Trainer:
         spe = self.stream.steps_per_epoch
         metrics: dict[str, Any] = {k: "" for k in self.method.metric_keys}
         watched: dict[str, float] = {}
-        stopped_by, first_step_s, start_step, asked_at = None, None, self.step, None
-        start = time.perf_counter()
-        self._start, self._start_step, self._monitor_s = start, start_step, 0.0
+        stopped_by, first_step_s, asked_at = None, None, None
+        self._start, self._start_step, self._monitor_s = time.perf_counter(), self.step, 0.0
         with StopSignal() as stop, contextlib.closing(self.log):
             if self.fresh and self.step < end:
                 self.method.after_step(self.step)  # no step done yet: what comes before the first (MoCo's first EMA)
             while self.step < end:
                 views = next(batches)
                 rows.add(self.train_step(views, params), views[0].shape[0] * dist.world_size())
-                if self.step == start_step + 1:  # loader start-up, and with train.compile the compilation
-                    first_step_s = round(time.perf_counter() - start, 2)
+                if self.step == self._start_step + 1:  # loader start-up, and with train.compile the compilation
+                    first_step_s = round(time.perf_counter() - self._start, 2)
                     if self.compiled and dist.is_main():
                         tqdm.write(f"mimco: first step {first_step_s} s (torch.compile of {self.compiled} blocks, "
                                    "patch embeddings and heads; later steps reuse the compiled code)", file=sys.stderr)
@@ -302,7 +290,7 @@ class Trainer:
         report_recompile_limit(self.compiled)  # one line if dynamo ran compiled modules eager
         out = {"step": self.step, "total_steps": self.total_steps, "checkpoint": str(path), **rows.last,
                **{k: v for k, v in metrics.items() if v != ""}, **watched,
-               "train_seconds": round(time.perf_counter() - start, 1), "first_step_seconds": first_step_s}
+               "train_seconds": round(time.perf_counter() - self._start, 1), "first_step_seconds": first_step_s}
         if stopped_by:
             out["stopped_by"] = stopped_by
             if asked_at is not None:
@@ -325,7 +313,6 @@ class RowLogger:
         self.sums: dict[str, torch.Tensor | float] = {}
         self.steps, self.seen, self.t0, self.start = 0, 0, time.perf_counter(), time.perf_counter()
         self.last: dict[str, float] = {}
-        self.first_monitor = True
 
     def add(self, logs: dict[str, torch.Tensor | float], images: int) -> None:
         """One step's logs and the images it trained on (all processes)."""
@@ -334,11 +321,6 @@ class RowLogger:
         self.steps += 1
         self.seen += images
         self.bar.update(1)
-
-    def pause(self, seconds: float) -> None:
-        """Time spent outside training (the k-NN monitor): not counted in images/s."""
-        self.t0 += seconds
-        self.first_monitor = False
 
     def write(self, metrics: dict[str, Any], watched: dict[str, float]) -> None:
         """A row of the means since the last one (a collective under torchrun: every process writes)."""
@@ -351,8 +333,7 @@ class RowLogger:
                "lr": max(g["lr"] for g in tr.optimizer.param_groups), **self.last, **metrics, **self.columns,
                **watched, **({"skipped_images": bad[0]} if bad is not None else {}),
                "images_per_s": round(self.seen / elapsed, 1), "elapsed_s": round(time.perf_counter() - self.start, 2)}
-        if tr.log:
-            tr.log.write(row)
+        tr.log.write(row)
         shown = {"knn": f"{watched['knn_monitor']:.1f}"} if "knn_monitor" in watched else {}
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}",
                              **shown)

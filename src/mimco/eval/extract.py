@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from mimco import distributed as dist
 from mimco.config import DataConfig
@@ -110,10 +111,7 @@ class FeatureWriter:
             raise MimcoError("no readable image in the split; nothing to write")
         tmp = self.path.with_name(f".{self.path.name}.tmp{self.path.suffix}")
         try:
-            if self.path.suffix == ".safetensors":
-                self._safetensors(tmp, meta)
-            else:
-                self._npz(tmp, meta)
+            (self._safetensors if self.path.suffix == ".safetensors" else self._npz)(tmp, meta)
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -190,8 +188,6 @@ def read_names(path: str | Path) -> list[str]:
     if p.suffix == ".npz":
         with np.load(p) as z:
             return [str(n) for n in z[NAMES]]
-    from safetensors import safe_open
-
     with safe_open(str(p), "np") as f:
         if NAMES not in f.keys():
             return []

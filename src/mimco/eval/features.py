@@ -88,8 +88,7 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     :func:`host_ready`), ``x`` itself on the CPU."""
     if x.device.type != "cuda":
         return x
-    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    return out.copy_(x, non_blocking=True)
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
 
 
 def host_ready(device: torch.device) -> None:

@@ -69,8 +69,7 @@ def evaluate_classifier(model: nn.Module, dataset: Any, cfg: FinetuneConfig, dev
     passes (FSDP's forward is a collective)."""
     was = model.training
     model.eval()
-    r, w = dist.rank(), dist.world_size()
-    idx = torch.arange(r, len(dataset), w)
+    idx = torch.arange(dist.rank(), len(dataset), dist.world_size())
     batches = dist.all_reduce_(torch.tensor(math.ceil(len(idx) / batch_size), device=device), "max")
     counts = torch.zeros(3, device=device)  # correct top-1, correct top-5, images
     done = 0
@@ -146,9 +145,8 @@ def build_finetune(cfg: FinetuneConfig, device: torch.device, stream: BatchStrea
     """Fine-tuning of ``backbone`` under a :class:`~mimco.config.FinetuneConfig`, on the classes of
     ``stream``'s training set, evaluated on the test split every epoch (``best.safetensors`` in
     ``run_dir``)."""
-    a = cfg.aug
     micro = stream.local // accumulation(stream.local, cfg.optim.accum_steps, cfg.optim.micro_batch)
-    if (a.mixup > 0 or a.cutmix > 0) and micro % 2:
+    if (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0) and micro % 2:
         raise MimcoError(f"mixup/cutmix pair the images of a batch, but each process's micro-batch holds {micro}; "
                          "use an even optim.batch_size per process, or aug.mixup=0 aug.cutmix=0")
     chans = backbone.patch_embed.proj.in_channels

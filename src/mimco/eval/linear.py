@@ -1,10 +1,8 @@
 """Linear probe on a frozen backbone: BatchNorm without affine, then a linear layer; SGD or LARS.
 
 The fast path (``linear_probe``) trains on features extracted once; the full one
-(``linear_probe_full``) sends every batch through the backbone, optionally augmented (MAE).
-A grid of learning rates / weight decays trains one head per setting in one pass (DINOv2); the
-best on a class-balanced held-out 10 % of the training split is trained again on all of it
-(SimCLR, BYOL) and scored on the test split. Training runs on the features' device.
+(``linear_probe_full``) sends every batch through the backbone, optionally augmented (MAE). A grid of
+settings, one head each in one pass: docs/evaluation.md ("The linear probe's learning-rate grid").
 """
 
 from __future__ import annotations
@@ -14,18 +12,18 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mimco.config import DataConfig
+from mimco.data.build import ImageArray
+from mimco.data.files import FileImages
+from mimco.data.transforms import Normalize, image_eval
 from mimco.errors import MimcoError
-
-if TYPE_CHECKING:
-    from mimco.config import DataConfig
-    from mimco.data.build import ImageArray
-    from mimco.data.files import FileImages
+from mimco.eval.features import features_of
 
 DEFAULT_LR = 0.1
 # DINOv2's 1-2-5 steps, placed around this recipe's single learning rate (SGD with momentum on
@@ -88,8 +86,7 @@ class LinearHeads(nn.Module):
 
 
 def _settings(lr: float | Sequence[float], weight_decay: float | Sequence[float]) -> list[tuple[float, float]]:
-    lrs = [float(lr)] if isinstance(lr, Real) else [float(v) for v in lr]
-    wds = [float(weight_decay)] if isinstance(weight_decay, Real) else [float(v) for v in weight_decay]
+    lrs, wds = ([float(v)] if isinstance(v, Real) else [float(x) for x in v] for v in (lr, weight_decay))
     if not lrs or not wds:
         raise MimcoError("the linear probe needs at least one learning rate and one weight decay")
     return [(a, w) for a in lrs for w in wds]
@@ -249,10 +246,6 @@ def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_
     held-out part is scored without it.
     """
     import kornia.augmentation as K
-
-    from mimco.data.build import ImageArray
-    from mimco.data.transforms import Normalize, image_eval
-    from mimco.eval.features import features_of
 
     backbone.eval()
     norm = Normalize(data.mean, data.std, data.channels).to(device)

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from mimco.errors import MimcoError  # noqa: E402
+from mimco.eval.segmentation import patch_grid, upsampled, val_batches  # noqa: E402
 
 
 def tsne_figure(panels: list[tuple[str, torch.Tensor, torch.Tensor]], out: str | Path, seed: int = 0,
@@ -64,10 +65,9 @@ def curves_figure(run_dirs: list[str | Path], out: str | Path) -> Path:
         x = log.get("step", np.arange(len(next(iter(log.values())))))
         for key in [k for k in log if k.startswith("loss")]:
             axes[0].plot(x, log[key], label=f"{name}: {key}")
-        if "lr" in log:
-            axes[1].plot(x, log["lr"], label=name)
-        if "images_per_s" in log:
-            axes[2].plot(x, log["images_per_s"], label=name)
+        for ax, key in zip(axes[1:], ["lr", "images_per_s"]):
+            if key in log:
+                ax.plot(x, log[key], label=name)
     for ax, title in zip(axes, ["loss", "learning rate", "images / s"]):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -85,9 +85,8 @@ def cls_attention(backbone: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     backbone.eval()
     backbone.forward_features(x)
     handle.remove()
-    b, n, d3 = captured["qkv"].shape
-    heads, d = blk.attn.num_heads, d3 // 3
-    qkv = captured["qkv"].reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    b, n, _ = captured["qkv"].shape
+    qkv = captured["qkv"].reshape(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k = blk.attn.q_norm(qkv[0]), blk.attn.k_norm(qkv[1])
     attn = (q @ k.transpose(-2, -1) * blk.attn.scale).softmax(-1)  # (B, heads, N, N)
     p = backbone.num_prefix_tokens
@@ -164,8 +163,6 @@ def segmentation_figure(backbone: torch.nn.Module | None, head: torch.nn.Module,
                         names: list[str] | None = None) -> Path:
     """The first ``n`` validation samples: image, ground truth, the probe's prediction (upsampled to
     the mask's size); ignored pixels black."""
-    from mimco.eval.segmentation import patch_grid, upsampled, val_batches
-
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for x, masks, _ in val_batches(val, data, n):
         logits = head(patch_grid(backbone, x.to(device), layers, patch).float())

@@ -79,7 +79,6 @@ def position_accuracy(train: torch.Tensor, val: torch.Tensor, device: torch.devi
 def position_scores(train: torch.Tensor, val: torch.Tensor, device: torch.device, seed: int = 0) -> dict[str, float]:
     """``{"position_acc": %, "position_share": %, "position_chance": %}`` of patch grids ``train``
     and ``val`` (N, D, h, w), see the module's docstring."""
-    positions = train.shape[2] * train.shape[3]
     return {"position_acc": round(position_accuracy(train, val, device, seed=seed), 2),
             "position_share": round(position_share(train, val), 2),
-            "position_chance": round(100 / positions, 2)}
+            "position_chance": round(100 / (train.shape[2] * train.shape[3]), 2)}

@@ -1,31 +1,11 @@
 """Evaluation protocols by name: the one contract every way of scoring a frozen backbone keeps.
 
-A protocol registers a function ``run(probe, options) -> metrics`` under a name, with a dataclass of
-its own options (:func:`register_protocol`); :class:`Probe` hands it the backbone, the data and the
-features of both splits, extracted once and shared by every protocol of one call. The end of a
-training run (``eval.protocols``, at ``eval.at_end``) and ``mimco probe NAME CKPT`` run them;
-``knn`` (weighted k-NN: ``eval.knn_k``, ``eval.knn_temperature``), ``linear`` (the fast linear probe,
-SGD at learning rate 0.1), ``few`` (k-NN and linear probe from ``eval.few_per_class`` labels per
-class over ``eval.few_label_seeds`` subsets) and ``segprobe`` are mimco's own (``finetune`` and
-``segfinetune``, which train, register in :mod:`mimco.pipeline`). A protocol defined outside the
-package registers the same way and loads as a plugin (``--plugin FILE``, or an installed package's
-``mimco.plugins`` entry point)::
-
-    @dataclass
-    class CentroidConfig:
-        normalise: bool = True  # cosine (True) or Euclidean distance to the class means
-
-    @register_protocol("centroid", options=CentroidConfig)
-    def centroid(probe, opts):
-        got = probe.features()            # None on every process but the main one
-        if got is None:
-            return {}
-        (ftr, ytr), (fte, yte) = got
-        ...
-        return {"centroid_top1": top1}
-
-Under torchrun every process extracts its share of each split; the main process scores and
-returns the metrics, the others return ``{}``.
+A protocol registers ``run(probe, options) -> metrics`` under a name, with a dataclass of its own
+options (:func:`register_protocol`); :class:`Probe` hands it the backbone, the data and the features of
+both splits, extracted once and shared by every protocol of one call. The built-in protocols, where
+they run and how a plugin adds one: docs/evaluation.md#evaluate; a whole plugin: examples/logreg_probe.py.
+Under torchrun every process extracts its share of each split; the main process scores and returns
+the metrics, the others return ``{}``.
 """
 
 from __future__ import annotations
@@ -50,10 +30,14 @@ from mimco.config import (
     choices_text,
     load_section,
     setting,
+    to_dict,
 )
+from mimco.data.segmentation import load_segmentation
 from mimco.errors import MimcoError
 from mimco.eval.features import extract_features_distributed
 from mimco.eval.knn import knn_accuracy
+from mimco.eval.probe import bank_split, probe_few_labels, spread_metrics
+from mimco.eval.segmentation import segprobe
 
 
 @dataclass
@@ -91,8 +75,6 @@ class Probe:
         ``eval.max_train`` images; "test") on the main process, None on the others."""
         key = (split, pool)
         if key not in self._cache:
-            from mimco.eval.probe import bank_split
-
             ds = bank_split(self.splits[0], self.eval) if split == "train" else self.splits[1]
             self._cache[key] = extract_features_distributed(self.backbone, ds, self.data, self.device,
                                                             self.precision, self.batch_size, pool)
@@ -181,19 +163,17 @@ def protocol_names() -> list[str]:
 
 def get_protocol(name: str) -> ProtocolSpec:
     """The protocol ``name``; a one-line :class:`MimcoError` naming the choices otherwise."""
-    if name not in _PROTOCOLS:
-        names = protocol_names()
-        if name not in _PROTOCOLS:
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-            hint = (f" (did you mean {close[0]}?)" if close
-                    else " (a protocol defined in a file of your own loads with --plugin FILE)")
-            raise MimcoError(f"unknown evaluation protocol '{name}'; choose {choices_text(names)}{hint}")
-    return _PROTOCOLS[name]
+    if name in _PROTOCOLS or name in (names := protocol_names()):
+        return _PROTOCOLS[name]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = (f" (did you mean {close[0]}?)" if close
+            else " (a protocol defined in a file of your own loads with --plugin FILE)")
+    raise MimcoError(f"unknown evaluation protocol '{name}'; choose {choices_text(names)}{hint}")
 
 
 def protocol_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The options of protocol ``name``: its defaults, then ``overrides`` ({key: value}, checked
-    like config keys: ``centroid.normalise``), or None for a protocol without options."""
+    like config keys: ``logreg.c``), or None for a protocol without options."""
     spec = get_protocol(name)
     if spec.options is None:
         if overrides:
@@ -210,8 +190,7 @@ def run_protocols(names: list[str], probe: Probe, options: dict[str, Any] | None
     out: dict[str, float] = {}
     for name in names:
         spec, start = get_protocol(name), time.perf_counter()
-        opts = (options or {}).get(name, protocol_options(name))
-        got = spec.run(probe, opts)
+        got = spec.run(probe, (options or {}).get(name, protocol_options(name)))
         if got:
             out.update({k: round(v, digits) if digits is not None and isinstance(v, float) else v
                         for k, v in got.items()})
@@ -281,8 +260,6 @@ def few_protocol(probe: Probe, opts: FewOptions | None) -> dict[str, float]:
     """k-NN and the linear probe from ``per_class`` labelled images per class, mean and std over
     ``label_seeds`` balanced subsets (each 0: the run's ``eval.few_per_class``, ``eval.few_label_seeds``,
     ``eval.few_knn_k``)."""
-    from mimco.eval.probe import probe_few_labels, spread_metrics
-
     test = probe.split_features("test")
     n, seeds, k = _few(opts, probe.eval)
     values = probe_few_labels(probe.backbone, probe.splits[0], *(test or (None, None)), probe.data, probe.device, n,
@@ -333,9 +310,6 @@ _SEG_DATA: dict[str, tuple[SegmentationConfig, Any, Any]] = {}
 def segmentation_data(data: DataConfig, opts: SegDataOptions) -> tuple[SegmentationConfig, Any, Any]:
     """(the config, training split, validation split) of ``opts``' segmentation data, normalised as
     ``data``; loaded once per process and kept."""
-    from mimco.config import to_dict
-    from mimco.data.segmentation import load_segmentation
-
     scfg = segmentation_config(data, opts)
     key = repr((to_dict(scfg.data), to_dict(scfg.seg)))
     if key not in _SEG_DATA:
@@ -377,17 +351,13 @@ def segprobe_protocol(probe: Probe, opts: SegprobeOptions) -> dict[str, float]:
     tokens, ``opts.heads`` heads) with the backbone at ``opts.img_size`` (its position table
     resampled; raw pixels: each patch's pixels), mIoU mean and std over the heads; with
     ``opts.position`` the token position probe (:mod:`mimco.eval.position`)."""
-    from mimco.eval.probe import spread_metrics
-    from mimco.eval.segmentation import segprobe
-
     scfg, train, val = segmentation_data(probe.data, opts)
     if opts.grid == "training":
         model, data = probe.backbone, dataclasses.replace(scfg.data, img_size=probe.data.img_size)
     else:
         model, data = probe.backbone_at(opts.img_size), scfg.data
-    patch = probe.patch or model.patch_embed.patch_size[0]
-    values, _ = segprobe(model, train, val, data, probe.device, opts.layers, patch, opts.epochs,
-                         seeds=tuple(range(opts.heads)), precision=probe.precision,
-                         position=opts.position and opts.grid == "resampled")
+    values, _ = segprobe(model, train, val, data, probe.device, opts.layers,
+                         probe.patch or model.patch_embed.patch_size[0], opts.epochs, seeds=tuple(range(opts.heads)),
+                         precision=probe.precision, position=opts.position and opts.grid == "resampled")
     out = spread_metrics({k: v for k, v in values.items() if isinstance(v, list)}, digits=None)
     return {**out, "heads": opts.heads, **{k: v for k, v in values.items() if k.startswith("position_")}} if out else {}

@@ -28,7 +28,8 @@ def write_result(out_dir: str | Path, row: dict[str, Any]) -> Path:
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **row}
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    flat = [_flatten(r) for r in read_results(out / "results.jsonl")]
+    flat = [{**{k: v for k, v in r.items() if k not in ("metrics", "config")}, **r.get("metrics", {})}
+            for r in read_results(out / "results.jsonl")]
     cols = list(dict.fromkeys(k for r in flat for k in r))
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -56,12 +57,6 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _flatten(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in row.items() if k not in ("metrics", "config")}
-    out.update(row.get("metrics", {}))
-    return out
-
-
 def collect(paths: list[str | Path]) -> list[dict[str, Any]]:
     """Every result row under the given folders (results.jsonl files, searched recursively)."""
     rows = []
@@ -84,10 +79,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         m = r.get("metrics", {})
         cells = [r.get("name") or Path(str(r.get("checkpoint", ""))).name, r.get("sha256", ""), r.get("command", ""),
-                 r.get("data", ""), *[_fmt(m.get(k, "")) for k in metrics]]
+                 r.get("data", ""), *[f"{m[k]:.2f}" if isinstance(m.get(k), float) else m.get(k, "") for k in metrics]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else str(v)

@@ -47,8 +47,6 @@ def pixel_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 class SegFinetune(MethodDefaults, nn.Module):
-    """Segmentation fine-tuning as a method of the shared training engine."""
-
     metric_keys = ("miou", "macc", "pixel_acc", "best_miou")
 
     def __init__(self, model: Segmenter, cfg: SegmentationConfig, val: Any) -> None:

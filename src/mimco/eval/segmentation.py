@@ -1,8 +1,6 @@
 """Semantic segmentation on patch tokens: DINOv2's linear head (BatchNorm + 1x1 convolution, logits
-upsampled bilinearly), mIoU and pixel accuracy, and the frozen probe behind ``mimco segprobe``.
-
-Scoring follows mmsegmentation: IoU = TP / (TP + FP + FN) per class over the whole split, classes
-with an empty union left out of the mean, ``ignore_index`` pixels counted nowhere.
+upsampled bilinearly), mIoU and pixel accuracy (scored as mmsegmentation does:
+docs/evaluation.md#dense-transfer-segmentation), and the frozen probe behind ``mimco segprobe``.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from mimco.data.segmentation import (
 from mimco.engine.amp import autocast
 from mimco.errors import MimcoError
 from mimco.eval.features import gather_host_rows
+from mimco.eval.position import position_scores
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -254,24 +253,20 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
     :func:`mimco.eval.position.position_scores`; the heads). Under torchrun the cached grids are
     extracted by every process, a share each; the heads are trained and scored on the main process
     alone (the others return ({"path": ...}, []))."""
-    s = data.img_size
     p = patch or backbone.patch_embed.patch_size[0]
     dim = grid_dim(backbone, data.channels, layers, p)
     if cache is None:
-        cache = augment is None and len(train) * dim * (s // p) ** 2 * 2 <= CACHE_BYTES
+        cache = augment is None and len(train) * dim * (data.img_size // p) ** 2 * 2 <= CACHE_BYTES
     if backbone is not None:
         backbone.eval()
-    if not cache and not dist.is_main():  # the streamed path runs on the main process alone
-        return {"path": "streamed"}, []
     if cache:
         feats, masks = grid_features(backbone, train, data, device, layers, p, batch_size, precision)
         held = grid_features(backbone, val, data, device, layers, p, batch_size, precision)[0] if position else None
-        if not dist.is_main():  # its share is with the main process, which trains and scores the heads
-            return {"path": "cached"}, []
-        n = len(feats)
-    else:
+    if not dist.is_main():  # the main process trains and scores the heads (the cached grids' shares are with it)
+        return {"path": "cached" if cache else "streamed"}, []
+    if not cache:
         train.transform = seg_train_transform(augment, data) if augment is not None else seg_resize_transform(data)
-        n = len(train)
+    n = len(feats) if cache else len(train)
 
     def batches(seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -287,11 +282,7 @@ def segprobe(backbone: nn.Module | None, train: SegSplit, val: SegSplit, data: D
     per_epoch = n // batch_size
     if per_epoch < 1:
         raise MimcoError(f"--batch-size {batch_size} exceeds the {len(train)} training samples; lower it")
-    out: dict[str, Any] = {}
-    if cache and position:
-        from mimco.eval.position import position_scores
-
-        out.update(position_scores(feats, held, device))
+    out: dict[str, Any] = position_scores(feats, held, device) if cache and position else {}
     heads = []
     for seed in seeds:
         head = train_probe_head(functools.partial(batches, seed), dim, train.num_classes, per_epoch, device, epochs,
@@ -318,8 +309,7 @@ def evaluate_segmenter(model: nn.Module, val: SegSplit, data: DataConfig, device
     process runs the same number of forward passes (an FSDP model's forward is a collective)."""
     was = model.training
     model.eval()
-    r, w = dist.rank(), dist.world_size()
-    idx = list(range(r, len(val), w))
+    idx = list(range(dist.rank(), len(val), dist.world_size()))
     batches = int(dist.all_reduce_(torch.tensor(math.ceil(len(idx) / batch_size), device=device), "max"))
     done = 0
 

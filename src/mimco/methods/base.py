@@ -16,49 +16,22 @@ Logs = dict[str, "torch.Tensor | float"]  # a tensor on the loss's device, or a 
 
 @runtime_checkable
 class TrainingMethod(Protocol):
-    """What the engine calls, and when (the table of docs/architecture.md#contracts).
-
-    - ``forward(views, step, first_index)``: one micro-batch (``views``: the batch's tensors; ``step``:
-      the optimiser step; ``first_index``: the global index of its first sample, for per-sample masks)
-      -> the scalar loss and detached logs, tensors on the loss's device or Python numbers. It never
-      waits for the device: no ``.item()``, no tensor made from host data (tests/engine/test_host_sync.py).
-    - ``backbone()``: the ViT evaluated and exported; ``no_weight_decay()``: names without weight
-      decay; ``param_groups(weight_decay)``: the optimiser's groups, or None for the engine's default.
-    - ``total_steps``: set by the engine before the first step (the schedule's length).
-    - ``after_step(step)``: on every process once ``step`` optimiser steps are done (0: before a new
-      run's first; not at a resume's start, its checkpoint written after the call). Outside any
-      forward, so it may write what a forward only reads (MoCo's momentum encoder, whose FSDP2
-      shards an all-gather may be reading).
-    - ``on_epoch_end(epoch)``: on every process after each epoch: metrics named ``metric_keys``.
-    - ``encoders()``: the backbones a checkpoint offers by name, the evaluated one first (MoCo:
-      ``momentum``, ``base``); the checkpoint records their key prefixes (:func:`backbone_prefixes`).
-    - ``frozen_modules()``: never trained (a teacher): whole on every process under FSDP, not optimised.
-    - ``compile_targets()``: what ``train.compile`` compiles one by one; ``fsdp_units()``: what FSDP
-      shards as units (their ViT blocks first), each called through its own ``forward``.
-    """
+    """What the engine calls, and when: the table of docs/architecture.md#contracts (the hooks'
+    defaults: :class:`MethodDefaults`; ``forward`` never waits for the device: tests/engine/test_host_sync.py)."""
 
     total_steps: int
     metric_keys: tuple[str, ...]
 
     def forward(self, views: list[torch.Tensor], step: int,
                 first_index: int | None = None) -> tuple[torch.Tensor, Logs]: ...
-
     def backbone(self) -> VisionTransformer: ...
-
     def no_weight_decay(self) -> set[str]: ...
-
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None: ...
-
     def after_step(self, step: int) -> None: ...
-
     def on_epoch_end(self, epoch: float) -> dict[str, float]: ...
-
     def encoders(self) -> dict[str, nn.Module]: ...
-
     def frozen_modules(self) -> list[nn.Module]: ...
-
     def compile_targets(self) -> list[nn.Module]: ...
-
     def fsdp_units(self) -> list[nn.Module]: ...
 
 
@@ -69,9 +42,7 @@ def vits(module: nn.Module) -> list[nn.Module]:
 
 
 class MethodDefaults:
-    """The optional hooks' defaults: no extra metrics, the engine's parameter groups, nothing after a
-    step or at epoch end, one encoder (``backbone()``), nothing frozen, every ViT's patch embedding and blocks
-    compiled, and every ViT outside the frozen modules sharded as a unit."""
+    """The optional hooks' defaults (listed in the table of docs/architecture.md#contracts)."""
 
     total_steps: int = 1
     metric_keys: tuple[str, ...] = ()

@@ -70,10 +70,8 @@ class GlobalInfoNCE(nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """query (B, D) with gradient, keys (B, D) targets -> scalar loss."""
         b = query.shape[0]
-        all_keys = gather_no_grad(keys) if self.gather else keys
-        offset = rank() * b if self.gather else 0
-        labels = torch.arange(b, device=query.device) + offset
-        loss = info_nce(query, all_keys, labels, self.temperature)
+        labels = torch.arange(b, device=query.device) + (rank() * b if self.gather else 0)
+        loss = info_nce(query, gather_no_grad(keys) if self.gather else keys, labels, self.temperature)
         return loss * (2.0 * self.temperature) if self.scale_by_2t else loss
 
 
@@ -108,8 +106,7 @@ class PatchContrastiveLoss(nn.Module):
         positions (B, M) grid indices (:func:`mimco.masking.masked_indices`) or a bool mask (B, N) with M
         True per row (predictions row-major) -> the mean over the B*M positions, in fp32."""
         b, n, _ = target.shape
-        p = F.normalize(pred, dim=-1)
-        t = F.normalize(target, dim=-1)
+        p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
         pos_idx = masked_indices(positions, pred.shape[1]) if positions.dtype == torch.bool else positions
         threshold = self.neg_threshold < 1.0
         t_pos = gather_tokens(t, pos_idx) if threshold else None  # (B, M, D), only to find near-duplicates
@@ -123,8 +120,7 @@ class PatchContrastiveLoss(nn.Module):
             labels = pos_idx + torch.arange(b, device=pos_idx.device)[:, None] * n + first
             if 0 < self.max_negatives < world * b * n:
                 return self._sampled(p, gather_tokens(t, pos_idx), t.reshape(b * n, -1), labels, threshold, world)
-            keys = gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)
-            keys = keys.T  # (D, world*B*N)
+            keys = (gather_no_grad(t.reshape(b * n, -1)) if self.gather else t.reshape(b * n, -1)).T  # (D, world*B*N)
         logits = p @ keys
         if threshold:
             drop = (t_pos @ keys) > self.neg_threshold
@@ -152,8 +148,7 @@ class PatchContrastiveLoss(nn.Module):
         own = rows + first  # each query's own image among the G
         drop = None
         if t_pos is not None:
-            sims = torch.bmm(t.transpose(0, 1), keys)[pos_idx, rows]  # (B, M, G): the positive against each key
-            drop = sims > self.neg_threshold
+            drop = torch.bmm(t.transpose(0, 1), keys)[pos_idx, rows] > self.neg_threshold  # (B, M, G): positive vs key
             drop.scatter_(2, own.unsqueeze(-1), False)
         if self.negatives == "position":
             logits = logits if drop is None else logits.masked_fill(drop, float("-inf"))
@@ -181,26 +176,21 @@ class PatchContrastiveLoss(nn.Module):
         at most ``max_negatives`` tokens, not every token of the global batch."""
         k = max(self.max_negatives // world, 1)
         pick = torch.randperm(local.shape[0], device=local.device)[:k]  # (k,) local indices
-        offset = rank() * local.shape[0] if self.gather else 0
-        neg = local[pick]  # (k, D)
-        ids = pick + offset
+        neg, ids = local[pick], pick  # (k, D), (k,) indices among the global batch's tokens
         if self.gather:
-            neg, ids = gather_no_grad(neg), gather_no_grad(ids)  # (world*k, D), (world*k,)
+            neg, ids = gather_no_grad(neg), gather_no_grad(pick + rank() * local.shape[0])  # (world*k, D), (world*k,)
         drop = labels.unsqueeze(-1) == ids  # (B, M, K): the positive drawn as a negative
         if threshold:
             drop |= (t_pos @ neg.T) > self.neg_threshold
         logits = torch.cat([(p * t_pos).sum(-1, keepdim=True), (p @ neg.T).masked_fill(drop, float("-inf"))], dim=-1)
-        zeros = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-        return F.cross_entropy((logits / self.temperature).flatten(0, 1), zeros.flatten())
+        return F.cross_entropy((logits / self.temperature).flatten(0, 1), labels.new_zeros(labels.numel()))
 
 
 @fp32
 def regression_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Feature regression for the ablation: ``l1`` | ``smooth_l1`` | ``cosine`` (1 - cos), mean over tokens (fp32)."""
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, beta=1.0)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
-    raise ValueError(f"unknown regression loss '{kind}'")
+    losses = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss,  # smooth_l1: beta 1
+              "cosine": lambda pred, target: (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()}
+    if kind not in losses:
+        raise ValueError(f"unknown regression loss '{kind}'")
+    return losses[kind](pred, target)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimco import distributed as dist
@@ -16,10 +15,9 @@ from mimco.config import FrozenTeacherConfig, setting
 from mimco.distributed import rank
 from mimco.errors import MimcoError
 from mimco.masking import MaskGenerator, gather_tokens, masked_indices
-from mimco.methods.base import MethodDefaults
 from mimco.methods.losses import GlobalInfoNCE, PatchContrastiveLoss, regression_loss
 from mimco.methods.registry import register_method
-from mimco.methods.simmim import masked_student
+from mimco.methods.simmim import MaskedMethod, masked_student
 from mimco.models.formats import load_backbone
 from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
@@ -75,7 +73,7 @@ class MimcoLossConfig:
                                  "when it is above 0); start a new run")
 
 
-class MimCo(MethodDefaults, nn.Module):
+class MimCo(MaskedMethod, nn.Module):
     """Student (:class:`MaskedViT`), patch and image heads, and a frozen teacher (any timm ViT-family
     model, in eval mode, never optimised). ``view`` (:class:`TeacherView`) says how the teacher sees the
     student's crop and which of its features are targets; without one it sees the student's input as
@@ -94,16 +92,14 @@ class MimCo(MethodDefaults, nn.Module):
             raise ValueError(f"the teacher view resamples onto {view.student_grid}, the student's grid is {grid}")
         self.student, self.teacher, self.cfg, self.mask_generator = student, teacher, loss, mask_generator
         self.view, self.image_target = view, view.image_target
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher.requires_grad_(False).eval()
         s_dim, t_dim = student.backbone.embed_dim, teacher.embed_dim
         image_dim = projector_width(teacher) if self.image_target == "projector" else t_dim
         # a head whose loss weighs 0 is not built: DDP refuses parameters that never receive a gradient
         self.patch_head = ReconstructionHead(s_dim, loss.head_hidden_dim, t_dim) if loss.patch_weight > 0 else None
         self.image_head = ReconstructionHead(s_dim, loss.head_hidden_dim, image_dim) if loss.image_weight > 0 else None
         self.patch_criterion = PatchContrastiveLoss(loss.patch_temperature, loss.patch_negatives,
-                                                    loss.patch_neg_threshold,
-                                                    max_negatives=loss.patch_max_negatives)
+                                                    loss.patch_neg_threshold, max_negatives=loss.patch_max_negatives)
         self.image_criterion = GlobalInfoNCE(loss.image_temperature)
         if loss.target_centring == "position":  # saved with the weights: a resumed run goes on with the same mean
             self.register_buffer("target_centre", torch.zeros(grid[0] * grid[1], t_dim))
@@ -132,20 +128,17 @@ class MimCo(MethodDefaults, nn.Module):
         with_position = cfg.head_position and cfg.patch_weight > 0
         out = self.student(x, mask, position=with_position)
         tokens, pos = out if with_position else (out, None)  # pos (1, N, Ds)
-        p = self.student.num_prefix_tokens
         loss = tokens.new_zeros((), dtype=torch.float32)
         if cfg.patch_weight > 0:
             idx = masked_indices(mask, self.mask_generator.count)  # (B, M), ascending
-            masked = gather_tokens(tokens[:, p:], idx)  # (B, M, Ds)
+            masked = gather_tokens(tokens[:, self.student.num_prefix_tokens :], idx)  # (B, M, Ds)
             if pos is not None:
                 masked = masked + gather_tokens(pos.expand(b, -1, -1), idx)
             pred = self.patch_head(masked)
             if cfg.target_centring == "position":
                 t_patch = self.centre_targets(t_patch)
-            if cfg.patch_loss == "infonce":
-                lp = self.patch_criterion(pred, t_patch, idx)
-            else:
-                lp = regression_loss(cfg.patch_loss, pred, gather_tokens(t_patch, idx))
+            lp = (self.patch_criterion(pred, t_patch, idx) if cfg.patch_loss == "infonce"
+                  else regression_loss(cfg.patch_loss, pred, gather_tokens(t_patch, idx)))
             loss = loss + cfg.patch_weight * lp
             logs["loss_patch"] = lp.detach()
         if cfg.image_weight > 0:
@@ -164,21 +157,12 @@ class MimCo(MethodDefaults, nn.Module):
             self.target_centre.mul_(self.cfg.centre_momentum).add_(batch, alpha=1 - self.cfg.centre_momentum)
         return centred
 
-    def backbone(self) -> VisionTransformer:
-        return self.student.backbone
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"student.{n}" for n in self.student.no_weight_decay()}
-
     def frozen_modules(self) -> list[nn.Module]:
         return [self.teacher]
 
     def compile_targets(self) -> list[nn.Module]:
         heads = [self.patch_head, self.image_head, getattr(self.teacher, "head", None)]  # the teacher's: its projector
         return [*super().compile_targets(), *(h for h in heads if h is not None and any(True for _ in h.parameters()))]
-
-    def fsdp_units(self) -> list[nn.Module]:
-        return [self.student]  # its forward calls the backbone's parts, not the backbone's forward
 
 
 def build_teacher(cfg: Any, student_grid: tuple[int, int]) -> tuple[nn.Module, TeacherView]:

@@ -55,10 +55,9 @@ class MoCoV3(MethodDefaults, nn.Module):
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:
         """momentum_param = m * momentum_param + (1 - m) * base_param."""
-        mom = [p for p in self.momentum_encoder.parameters()]
-        base = [p.detach() for p in self.base_encoder.parameters()]
+        mom = list(self.momentum_encoder.parameters())
         torch._foreach_mul_(mom, m)
-        torch._foreach_add_(mom, base, alpha=1.0 - m)
+        torch._foreach_add_(mom, [p.detach() for p in self.base_encoder.parameters()], alpha=1.0 - m)
 
     def forward(self, views: list[torch.Tensor], step: int,
                 first_index: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:

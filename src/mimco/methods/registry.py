@@ -1,18 +1,9 @@
 """Training methods by name: the one place a stage finds the method it trains.
 
-A method registers a builder, ``build(cfg, device, **inputs) -> nn.Module``, under a name, with
-the stage whose config it reads (``teacher``, ``pretrain``, ``finetune`` or ``segfinetune``: the keys it may use)
-and the batches it takes (``views``). The stage runner (:func:`mimco.pipeline.run_stage`) looks
-the method up by the config's ``method`` key, builds the batch stream its ``views`` name, builds
-the method and hands it to the engine; the engine learns the rest from the method's contract
-(:class:`~mimco.methods.base.TrainingMethod`). MoCo v3, MimCo and SimMIM register when
-:mod:`mimco.methods` is imported, fine-tuning and segmentation fine-tuning when :mod:`mimco.eval.finetune` and
-:mod:`mimco.eval.segfinetune` are.
-
-A method owns its config: the sections it reads beyond the stage's own are dataclasses it registers
-with itself (``sections=``), typed and checked like the rest (:func:`mimco.config.stage_class`,
-:func:`mimco.config.setting`). A method outside the package registers the same way, in one file
-(``examples/simsiam.py``, loaded with ``--plugin`` or as an entry point: docs/architecture.md#adding-a-method).
+The builder's contract: docs/architecture.md#contracts ("Method registry"). MoCo v3, MimCo and SimMIM
+register when :mod:`mimco.methods` is imported, fine-tuning and segmentation fine-tuning with
+:mod:`mimco.eval.finetune` and :mod:`mimco.eval.segfinetune`; a plugin registers the same way
+(docs/architecture.md#adding-a-method).
 """
 
 from __future__ import annotations
@@ -72,7 +63,6 @@ def method_names(stage: str | None = None) -> list[str]:
 
 def get_method(name: str, stage: str) -> MethodSpec:
     """The method ``name`` of ``stage``; a :class:`MimcoError` naming the choices otherwise."""
-    spec = _METHODS.get(name)
-    if spec is not None and spec.stage == stage:
+    if (spec := _METHODS.get(name)) is not None and spec.stage == stage:
         return spec
     raise unknown_method(name, stage)

@@ -24,7 +24,22 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-class SimMIM(MethodDefaults, nn.Module):
+class MaskedMethod(MethodDefaults):
+    """The hooks of a method that trains a masked student (SimMIM, MimCo)."""
+
+    student: MaskedViT
+
+    def backbone(self) -> VisionTransformer:
+        return self.student.backbone
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"student.{n}" for n in self.student.no_weight_decay()}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.student]  # its forward calls the backbone's parts, not the backbone's forward
+
+
+class SimMIM(MaskedMethod, nn.Module):
     """Masked student, linear pixel decoder; the loss is L1 on the masked patches' pixels."""
 
     def __init__(self, student: MaskedViT, mask_generator: MaskGenerator) -> None:
@@ -44,15 +59,6 @@ class SimMIM(MethodDefaults, nn.Module):
         err = (self.decoder(tokens) - patchify(x, self.patch_size)).abs().mean(-1)  # (B, N)
         w = mask.to(err.dtype)
         return (err * w).sum() / w.sum(), {}
-
-    def backbone(self) -> VisionTransformer:
-        return self.student.backbone
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"student.{n}" for n in self.student.no_weight_decay()}
-
-    def fsdp_units(self) -> list[nn.Module]:
-        return [self.student]  # its forward calls the backbone's parts, not the backbone's forward
 
 
 def masked_student(cfg: Any) -> tuple[MaskedViT, MaskGenerator]:

@@ -46,8 +46,7 @@ def _result_rows(run_dir: Path | None, summary: dict[str, Any]) -> list[tuple[st
     rows = [(name, f"{summary[key]:.2f} %") for key, name in (("knn_top1", "k-NN top-1 at the end of the run"),
                                                              ("knn_monitor", "k-NN monitor (subsets) at the end"))
             if isinstance(summary.get(key), (int, float))]
-    results = run_dir / "eval" / "results.jsonl" if run_dir is not None else None
-    if results is not None and results.is_file():
+    if run_dir is not None and (results := run_dir / "eval" / "results.jsonl").is_file():
         for r in (json.loads(line) for line in results.read_text().splitlines() if line.strip()):
             values = ", ".join(f"{k} {v}" for k, v in r.get("metrics", {}).items() if not k.endswith("seconds"))
             rows.append((f"`mimco {r.get('command')}` of {r.get('name')}", values))

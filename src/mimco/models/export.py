@@ -111,8 +111,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, encoder: str 
         mean, std, said = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), "ImageNet's (the file records none)"
     parent = Path(checkpoint).parent
     run_dir = parent if state.config is not None and (parent / CONFIG).is_file() else None
-    out = Path(out_dir)
-    card = model_card(model, out.name, str(checkpoint), state.format, state.config, run_dir, state.progress)
-    export_timm(model, out, mean, std, {"source": str(checkpoint), "source_format": state.format,
-                                        "source_part": state.source}, card)
-    return out, said
+    card = model_card(model, Path(out_dir).name, str(checkpoint), state.format, state.config, run_dir, state.progress)
+    info = {"source": str(checkpoint), "source_format": state.format, "source_part": state.source}
+    return export_timm(model, out_dir, mean, std, info, card), said

@@ -52,10 +52,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 
 
 def _unwrap(obj: dict[str, Any]) -> dict[str, Any]:
-    for key in ("model_ema", "model", "module", "state_dict"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+    return next((obj[k] for k in ("model_ema", "model", "module", "state_dict") if isinstance(obj.get(k), dict)), obj)
 
 
 def detect(obj: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]] | None:

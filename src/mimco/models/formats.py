@@ -61,11 +61,10 @@ def _strip(sd: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
 def _groups(keys: list[str]) -> dict[str, int]:
     """Count keys by their top-level module (``module.`` and ``encoder.`` prefixes kept): {"predictor.*": 10}."""
     out: dict[str, int] = {}
-    for k in keys:
-        parts = k.split(".")
+    for parts in (k.split(".") for k in keys):
         depth = 2 if parts[0] == "module" and len(parts) > 2 else 1
-        g = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
-        out[g] = out.get(g, 0) + 1
+        group = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        out[group] = out.get(group, 0) + 1
     return out
 
 
@@ -110,8 +109,7 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
                              "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / "
                              "vit-b-300ep.pth.tar")
         obj = sd  # a plain state dict saved under 'state_dict'
-    found = families.detect(obj)
-    if found is not None:
+    if (found := families.detect(obj)) is not None:
         kind, sd = found
         rest = [k for k in sd if kind == "clip" and "visual." not in k]  # CLIP's text tower
         return BackboneState(kind, "visual." if kind == "clip" else "", sd, {}, _groups(rest), 0)
@@ -163,8 +161,8 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, path: str = "") -> VisionTransformer:
-    """A timm ViT holding ``state``'s weights (and MoCo projector as ``head``), at ``img_size``
-    (0 = the checkpoint's; the position table is resampled bicubically, CLS slot kept)."""
+    """A timm ViT holding ``state``'s backbone weights, at ``img_size`` (0 = the checkpoint's; the
+    position table is resampled bicubically, CLS slot kept)."""
     if state.kind in families.FAMILIES:  # not in timm ViT names: through timm's converters
         return _build_family(state, img_size, num_heads, path)
     arch = infer_arch(state.backbone)
@@ -188,8 +186,6 @@ def build_backbone(state: BackboneState, img_size: int = 0, num_heads: int = 0, 
         raise MimcoError(f"{path} looks like a {state.format} but its keys do not fit a timm ViT: "
                          f"missing {sorted(missing)[:4]}{' ...' if len(missing) > 4 else ''}, "
                          f"unexpected {sorted(unexpected)[:4]}{' ...' if len(unexpected) > 4 else ''}")
-    if state.projector:
-        vit.head = MoCoMLP.from_state_dict(state.projector)
     return vit
 
 
@@ -227,17 +223,17 @@ def load_backbone(path: str, encoder: str = "momentum", img_size: int = 0, num_h
     if not model_name:
         model = build_backbone(state, img_size, num_heads, str(path))
         state.stats = families.default_stats(state.kind, model)
-        return model, state
-    kwargs = dict(hf["model_args"]) if hf else {}
-    if num_heads or state.num_heads:
-        kwargs["num_heads"] = num_heads or state.num_heads
-    saved_size = kwargs.pop("img_size", 0)
-    model = families.create_named(model_name, img_size or saved_size, **kwargs)
-    state.ignored.update(families.load_weights(model, state.backbone, f"teacher.model={model_name}",
-                                               keep_head=state.kind == "clip" or "clip" in model_name))
+    else:
+        kwargs = dict(hf["model_args"]) if hf else {}
+        if num_heads or state.num_heads:
+            kwargs["num_heads"] = num_heads or state.num_heads
+        saved_size = kwargs.pop("img_size", 0)
+        model = families.create_named(model_name, img_size or saved_size, **kwargs)
+        state.ignored.update(families.load_weights(model, state.backbone, f"teacher.model={model_name}",
+                                                   keep_head=state.kind == "clip" or "clip" in model_name))
+        # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
+        own = state.kind not in families.FAMILIES and state.kind != "timm"
+        state.stats = None if own else families.default_stats("hf_timm" if hf else "timm_named", model, hf)
     if state.projector:
         model.head = MoCoMLP.from_state_dict(state.projector)
-    # a MoCo / DINO / MAE / mimco file: trained on the data's statistics
-    own = state.kind not in families.FAMILIES and state.kind != "timm"
-    state.stats = None if own else families.default_stats("hf_timm" if hf else "timm_named", model, hf)
     return model, state

@@ -48,8 +48,7 @@ def init_encoders(method: Any, path: str, encoder: str = "momentum") -> str:
     unused: set[str] = set(sd)
     for target in targets.values():
         own = {k: v for k, v in target.state_dict().items() if not k.startswith("head.")}
-        k = next((k for k in sd if k in own and own[k].shape != sd[k].shape), None)
-        if k is not None:
+        if (k := next((key for key in sd if key in own and own[key].shape != sd[key].shape), None)) is not None:
             raise MimcoError(f"model.init_from={path} holds a ViT ({_shape(src)}) that does not fit the model "
                              f"({_shape(target)}): {k} is {tuple(sd[k].shape)} in the file, {tuple(own[k].shape)} in "
                              "the model; set model.arch / embed_dim / depth / num_heads / patch_size and data.channels "
@@ -57,7 +56,6 @@ def init_encoders(method: Any, path: str, encoder: str = "momentum") -> str:
         target.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
         missing |= own.keys() - sd.keys()
         unused -= own.keys()
-    loaded = len(sd) - len(unused)
-    return (f"mimco: model.init_from={path} ({state.format}): loaded {loaded} tensors into {' and '.join(targets)}; "
-            f"missing {_short(sorted(missing))}; not used {_short(sorted(unused))}; resampled "
-            f"{_short(resampled)}")
+    return (f"mimco: model.init_from={path} ({state.format}): loaded {len(sd) - len(unused)} tensors into "
+            f"{' and '.join(targets)}; missing {_short(sorted(missing))}; not used {_short(sorted(unused))}; "
+            f"resampled {_short(resampled)}")

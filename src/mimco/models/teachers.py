@@ -14,9 +14,7 @@ from mimco.errors import MimcoError
 def projector_width(model: nn.Module) -> int:
     """The width of the teacher's image projector (a MoCo MLP or CLIP's projection), 0 = none."""
     head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    return int(getattr(head, "out_dim", 0))
+    return head.out_features if isinstance(head, nn.Linear) else int(getattr(head, "out_dim", 0))
 
 
 def resample_grid(tokens: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str) -> torch.Tensor:
@@ -47,10 +45,8 @@ class TeacherView(nn.Module):
         data_mean, data_std: the student's normalisation (per channel of the batch).
         mean, std: the teacher's normalisation (per channel of the teacher's input).
         student_grid: the student's patch grid (rows, cols).
-        layers: [] = the final output (after the last norm); else the mean of these blocks' outputs.
-        target_norm: ``none`` | ``layernorm`` (per token, no affine; before the mean of blocks).
-        image_target: ``cls`` | ``mean`` (of the teacher's patch tokens) | ``projector``.
-        resample: ``area`` | ``bilinear``, when the grids differ.
+        layers, target_norm, image_target, resample: the keys ``teacher.*`` of the same names
+            (docs/teachers.md#which-teacher-features, docs/teachers.md#the-teacher-keeps-its-own-geometry).
     """
 
     def __init__(self, model: nn.Module, img_size: int, data_mean: list[float], data_std: list[float],
@@ -70,8 +66,7 @@ class TeacherView(nn.Module):
                              f"{student_grid[0]}x{student_grid[1]}: area averaging cannot fill it; set "
                              "teacher.resample=bilinear or a larger teacher.img_size")
         depth = len(model.blocks)
-        bad = [i for i in (layers or []) if not -depth <= i < depth]
-        if bad:
+        if bad := [i for i in (layers or []) if not -depth <= i < depth]:
             raise MimcoError(f"teacher.layers {bad} out of range: the teacher has {depth} blocks (0..{depth - 1}, or "
                              f"-1..-{depth} from the end)")
         if image_target == "cls" and getattr(model, "cls_token", None) is None:

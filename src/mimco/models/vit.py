@@ -14,23 +14,14 @@ from mimco.errors import MimcoError
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """MoCo v3's 2-D sin-cos table with a zero CLS slot.
-
-    The first half of the channels encodes the patch row, the second half the column
-    (sin then cos within each half).
-
-    Returns:
-        (1, 1 + H*W, dim) float tensor.
-    """
+    """MoCo v3's 2-D sin-cos table with a zero CLS slot, (1, 1 + H*W, dim) float: the first half of
+    the channels encodes the patch row, the second half the column (sin then cos within each half)."""
     if dim % 4:
         raise MimcoError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
-    h, w = grid_size
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid_size), indexing="ij")
     q = dim // 4
     omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float32) / q)
-    out_r = rows.flatten()[:, None] * omega[None]
-    out_c = cols.flatten()[:, None] * omega[None]
+    out_r, out_c = (grid.flatten()[:, None] * omega[None] for grid in (rows, cols))
     table = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim), table], dim=0)[None]
 
@@ -65,15 +56,10 @@ def create_vit(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> VisionTran
 
 def encode(model: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None = None,
            mask_token: torch.Tensor | None = None) -> torch.Tensor:
-    """All output tokens of a timm ViT after the final norm, optionally SimMIM-masked.
-
-    Args:
-        x: images (B, C, H, W).
-        mask: bool (B, N) over the patch grid; masked patch embeddings are replaced by
-            ``mask_token`` (1, 1, D) before position embeddings are added.
-    Returns:
-        (B, P + N, D) tokens, P = ``model.num_prefix_tokens`` (the CLS token first).
-    """
+    """All output tokens of a timm ViT after the final norm, optionally SimMIM-masked: images x
+    (B, C, H, W) -> (B, P + N, D) tokens, P = ``model.num_prefix_tokens`` (the CLS token first).
+    ``mask``: bool (B, N) over the patch grid; masked patch embeddings are replaced by ``mask_token``
+    (1, 1, D) before position embeddings are added."""
     t = model.patch_embed(x)
     if mask is not None:
         w = mask.unsqueeze(-1).to(t.dtype)
