@@ -23,16 +23,6 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
     return _load(STAGE_CONFIGS[stage], path, overrides)
 
 
-def stage_of(cfg: Any) -> str:
-    """The stage a config object belongs to."""
-    from mimco.pipeline import STAGE_CONFIGS
-
-    stage = getattr(type(cfg), "STAGE", None)  # the stage's class or its method's (mimco.config.stage_class)
-    if stage in STAGE_CONFIGS:
-        return stage
-    raise MimcoError(f"{type(cfg).__name__} is not a stage config; build one with mimco.load_config(stage, ...)")
-
-
 def load_backbone(path: str | Path, encoder: str = "momentum", img_size: int = 0) -> torch.nn.Module:
     """The backbone of any checkpoint mimco reads (a run's ``last.pt`` or snapshot, an exported or
     hub folder, timm/safetensors, MoCo v3, DINO, MAE, DINOv2, CLIP, ...) as a timm model without
@@ -50,9 +40,11 @@ def train(cfg: Any, backbone: str | Path | torch.nn.Module | None = None,
     ``cfg.train.out_dir/cfg.train.name``; the run continues under ``cfg``, which may change what a
     resume can change (a longer ``optim.epochs``, ``train.max_steps``), and nothing else."""
     from mimco.config_rules import check_resume
-    from mimco.pipeline import resume_checkpoint, run_dir_for, run_stage
+    from mimco.pipeline import STAGE_CONFIGS, resume_checkpoint, run_dir_for, run_stage
 
-    stage = stage_of(cfg)
+    stage = getattr(type(cfg), "STAGE", None)  # the stage's class or its method's (mimco.config.stage_class)
+    if stage not in STAGE_CONFIGS:
+        raise MimcoError(f"{type(cfg).__name__} is not a stage config; build one with mimco.load_config(stage, ...)")
     state, run_dir = None, run_dir_for(cfg, stage, False) if resume is None else None
     if resume is not None:
         state, run_dir = resume_checkpoint(stage, cfg, resume)
@@ -109,9 +101,8 @@ def knn(model: torch.nn.Module, cfg: Any, k: int = 20, temperature: float = 0.07
     if monitor:
         train, test = monitor_splits(train, test, cfg.eval)
     model = model.to(device)
-    ftr, ytr = _extract(model, train, cfg.data, device)
-    fte, yte = _extract(model, test, cfg.data, device)
-    return knn_accuracy(ftr, ytr, fte, yte, k, temperature)
+    return knn_accuracy(*_extract(model, train, cfg.data, device), *_extract(model, test, cfg.data, device), k,
+                        temperature)
 
 
 def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = "knn",
@@ -123,8 +114,7 @@ def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = 
 
     names = [protocols] if isinstance(protocols, str) else list(protocols)
     opts = {n: protocol_options(n, options.get(n)) for n in names}
-    unknown = sorted(set(options) - set(names))
-    if unknown:
+    if unknown := sorted(set(options) - set(names)):
         raise MimcoError(f"options for {', '.join(unknown)}, which is not among the protocols {names}")
     device = _device(cfg)
     p = Probe(model.to(device) if model is not None else None, cfg.data, (_split(cfg, "train"), _split(cfg, "test")),

@@ -186,9 +186,8 @@ class OptimConfig:
     warmup_epochs: float = setting(10.0, min=0, what='the warm-up length')
     batch_size: int = setting(256, min=1, what='the global batch per optimiser step', fixed=True)
     accum_steps: int = setting(1, min=1, what='micro-batches per step (batch_size must divide by it)')
-    # largest per-process micro-batch; raises accum_steps to fit (0 = no limit). Keeps the global batch's schedule,
-    # data order and masks on fewer processes; InfoNCE negatives and BatchNorm statistics then come from each
-    # micro-batch.
+    # largest per-process micro-batch; raises accum_steps to fit (0 = no limit). Keeps the global batch's schedule, data
+    # order and masks on fewer processes; InfoNCE negatives and BatchNorm statistics then come from each micro-batch.
     micro_batch: int = setting(0, min=0, what='the largest micro-batch (0 = no limit)')
     clip_grad: float = setting(0.0, min=0, what='the gradient-norm limit (0 = off)')  # max grad norm, 0 = off
 
@@ -474,13 +473,6 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return [key for key, _, _ in walk(cls, prefix)]
 
 
-def _unknown(key: str, root: type) -> MimcoError:
-    close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
-    sections = [name for name, hint in typing.get_type_hints(root).items() if dataclasses.is_dataclass(hint)]
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(sections)}"
-    return MimcoError(f"unknown config key '{key}'{hint}")
-
-
 def choices_text(choices: tuple[str, ...] | list[str]) -> str:
     """``a, b or c``."""
     return " or ".join(filter(None, (", ".join(choices[:-1]), choices[-1])))
@@ -520,11 +512,14 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in data.items():
         key = prefix + str(name)
-        if name not in hints and not prefix and isinstance(value, dict) and (owner := _foreign(root, name)):
-            _apply(owner(), {name: value}, owner)  # another method's section: checked, not kept
-            continue
         if name not in hints:
-            raise _unknown(key, root)
+            if not prefix and isinstance(value, dict) and (owner := _foreign(root, name)):
+                _apply(owner(), {name: value}, owner)  # another method's section: checked, not kept
+                continue
+            close = difflib.get_close_matches(key, all_keys(root), n=3, cutoff=0.5)
+            sections = [sec for sec, kind in typing.get_type_hints(root).items() if dataclasses.is_dataclass(kind)]
+            tip = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(sections)}"
+            raise MimcoError(f"unknown config key '{key}'{tip}")
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -536,9 +531,8 @@ def _apply(obj: Any, data: dict, root: type, prefix: str = "") -> None:
 
 
 def load_section(cls: type[C], values: dict[str, Any], name: str) -> C:
-    """An instance of the section dataclass ``cls`` from ``{key: value}``, typed and checked (ranges,
-    its own ``check()``) like a config's sections, its keys named ``name.key`` in every message
-    (``name=""``: ``key``)."""
+    """An instance of the section dataclass ``cls`` from ``{key: value}``, typed and checked (ranges, its own
+    ``check()``) like a config's sections, its keys named ``name.key`` in every message (``name=""``: ``key``)."""
     holder = dataclasses.make_dataclass("Section", [(name, cls, field(default_factory=cls))]) if name else cls
     cfg = holder()
     _apply(cfg, {name: values} if name else values, holder)
@@ -562,14 +556,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 BUNDLED = Path(__file__).resolve().parent / "configs"
 
 
-def config_path(name: str | Path | None) -> str | Path | None:
-    """A config file path as given, or the bundled config of that name (``fmnist_teacher``)."""
-    if not name or Path(name).is_file():
-        return name
-    bundled = BUNDLED / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
-    return bundled if bundled.is_file() else name
-
-
 def read_mapping(path: Path, what: str, holds: str) -> dict:
     """The YAML mapping in ``path`` (``what`` it is and what it ``holds``, for the one-line errors)."""
     try:
@@ -586,10 +572,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """Build the config of ``cls``'s stage from defaults, then the YAML file at ``path`` (a file, or
     the name of a bundled config), then ``key=value`` overrides; its class is the chosen method's
     (:func:`stage_class`: the method given last, in an override or the file, else the stage's default)."""
-    path = config_path(path)
-    if path and not Path(path).is_file():
-        raise MimcoError(f"config file not found: {Path(path)} (configs live in configs/; pass --config "
-                         "configs/<name>.yaml)")
+    if path and not Path(path).is_file():  # not a file: the bundled config of that name (``fmnist_teacher``)
+        bundled = BUNDLED / (str(path) if str(path).endswith(".yaml") else f"{path}.yaml")
+        if not bundled.is_file():
+            raise MimcoError(f"config file not found: {Path(path)} (configs live in configs/; pass --config "
+                             "configs/<name>.yaml)")
+        path = bundled
     data = read_mapping(Path(path), "config file", "a mapping of sections") if path else {}
     base = base_class(cls)
     method = data.get("method", base.method) if hasattr(base, "STAGE") else None
@@ -628,9 +616,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def from_dict(cls: type[C], data: dict) -> C:
-    """A saved config (a run's ``config.yaml``, a checkpoint's ``config``) as the class of its method;
-    sections no longer known (another method's, from an older mimco, or a method whose plugin is not
-    loaded) are left out."""
+    """A saved config (a run's ``config.yaml``, a checkpoint's ``config``) as the class of its method; sections no
+    longer known (another method's, from an older mimco, or a method whose plugin is not loaded) are left out."""
     base = base_class(cls)
     root = stage_class(base, str(data.get("method", base.method)), strict=False) if hasattr(base, "STAGE") else base
     hints = typing.get_type_hints(root)

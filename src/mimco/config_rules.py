@@ -1,9 +1,8 @@
-"""Rules on config values beyond their types: ranges no run can use, values that do not fit
-together, and overrides a resumed run cannot honour. Each ends in a one-line
-:class:`~mimco.errors.MimcoError` naming the key. :func:`validate` runs whenever a config is
-built (:func:`mimco.config.load_config`, :func:`mimco.config.apply_overrides`) and again when a
-stage starts, so a bad value fails before any data or model is built. The choices of string keys
-are their ``Literal`` types in :mod:`mimco.config`."""
+"""Rules on config values beyond their types: ranges no run can use, values that do not fit together, and overrides a
+resumed run cannot honour. Each ends in a one-line :class:`~mimco.errors.MimcoError` naming the key. :func:`validate`
+runs whenever a config is built (:func:`mimco.config.load_config`, :func:`mimco.config.apply_overrides`) and again when
+a stage starts, so a bad value fails before any data or model is built. The choices of string keys are their ``Literal``
+types in :mod:`mimco.config`."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 IN_MEMORY = ("fashion_mnist", "cifar10", "cifar100", "procedural", "fmnist_scenes")
 #: the datasets of (image, mask) pairs, for ``mimco segprobe | segfinetune`` only
 SEGMENTATION = ("segfolder", "fmnist_scenes")
+
 
 def walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, type]]:
     """(dotted key, field, the section class holding it) of every leaf key of a config class."""
@@ -62,15 +62,12 @@ def _sections(cfg: Any) -> Iterator[tuple[str, Any]]:
 
 
 def validate(cfg: Any, model_keys: bool = True) -> None:
-    """Refuse values no run can use (a zero batch, a negative schedule): a :class:`MimcoError`
-    naming the key and the valid range. Keys a config class does not have are skipped.
-    ``model_keys=False``: the commands that evaluate a backbone from a checkpoint (its own
-    geometry), for which the ``model`` and ``mask`` sections mean nothing."""
+    """Refuse values no run can use (a zero batch, a negative schedule): a :class:`MimcoError` naming the key and the
+    valid range. Keys a config class does not have are skipped. ``model_keys=False``: the commands that evaluate a
+    backbone from a checkpoint (its own geometry), for which the ``model`` and ``mask`` sections mean nothing."""
     for key, low, inclusive, what in bounds(type(cfg)):
         obj = attrgetter(key)(cfg)
-        if isinstance(obj, bool):
-            continue
-        if obj < low or (obj == low and not inclusive):
+        if not isinstance(obj, bool) and (obj < low or (obj == low and not inclusive)):
             need = f">= {low}" if inclusive else f"> {low}"
             raise MimcoError(f"{key}={obj} is out of range: it is {what} and must be {need}; fix the value in the "
                              "config or the override")

@@ -72,10 +72,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gather_to_main(x: torch.Tensor) -> list[torch.Tensor] | None:
-    """Every process's ``x`` (n_r, ...) on the main process, a list in rank order (on ``x``'s
-    device), None elsewhere; the n_r may differ, the other dimensions may not. Only the main
-    process receives: the others keep nothing (``torch.distributed.gather``, not an all-gather).
-    Alone: ``[x]``."""
+    """Every process's ``x`` (n_r, ...) on the main process, a list in rank order (on ``x``'s device), None elsewhere;
+    the n_r may differ, the other dimensions may not. Only the main process receives: the others keep nothing
+    (``torch.distributed.gather``, not an all-gather). Alone: ``[x]``."""
     if not is_dist():
         return [x]
     check_collective(x)
@@ -103,10 +102,7 @@ def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of ``x`` over processes (a new tensor; ``x`` itself is left alone)."""
-    if is_dist():
-        x = all_reduce_(x.detach().clone())
-        x /= world_size()
-    return x
+    return all_reduce_(x.detach().clone()) / world_size() if is_dist() else x
 
 
 def mean_over_processes(values: dict[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:

@@ -7,6 +7,7 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -19,20 +20,15 @@ def message(error: MimcoError) -> str:
     """The one-line message of ``error``, also when a DataLoader worker raised it (the loader
     re-raises it in the main process with the worker's traceback around the message)."""
     text = str(error)
-    if "Original Traceback" in text:
-        tail = [line for line in text.strip().splitlines() if "MimcoError: " in line]
-        if tail:
-            return tail[-1].split("MimcoError: ", 1)[1]
-    return text
+    tail = [line for line in text.strip().splitlines() if "MimcoError: " in line]
+    return tail[-1].split("MimcoError: ", 1)[1] if tail and "Original Traceback" in text else text
 
 
 def unreadable_checkpoint(path: Path, error: BaseException) -> str:
     """The message for a file ``torch.load`` cannot read: which file, what it is not, and what to pass."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        head = b""
+    head = b""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(2)
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
     if head.startswith((b"PK", b"\x80")):  # a zip (torch >= 1.6) or a legacy pickle that failed inside
         if isinstance(error, pickle.UnpicklingError):

@@ -26,14 +26,8 @@ def num_masked(num_cells: int, ratio: float) -> int:
     return min(max(int(round(num_cells * ratio)), 1), num_cells - 1)
 
 
-def random_mask(
-    batch_size: int,
-    grid_size: tuple[int, int],
-    ratio: float,
-    mask_unit: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
+def random_mask(batch_size: int, grid_size: tuple[int, int], ratio: float, mask_unit: int = 1,
+                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """SimMIM random masking -> bool (B, H*W): exactly ``num_masked(units, ratio)`` units of
     ``mask_unit`` x ``mask_unit`` patches hidden per image (SimMIM's mask_patch_size / patch_size)."""
     hc, wc = _unit_grid(grid_size, mask_unit)
@@ -57,14 +51,9 @@ def _lowest_units(noise: torch.Tensor, grid_size: tuple[int, int], ratio: float,
     return cells.view(b, hc, 1, wc, 1).expand(b, hc, mask_unit, wc, mask_unit).reshape(b, grid_size[0] * grid_size[1])
 
 
-def sample_blocks(
-    grid_size: tuple[int, int],
-    target: int,
-    rng: np.random.Generator,
-    min_patches: int = 4,
-    min_aspect: float = 0.3,
-    max_attempts: int = 10,
-) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def sample_blocks(grid_size: tuple[int, int], target: int, rng: np.random.Generator, min_patches: int = 4,
+                  min_aspect: float = 0.3,
+                  max_attempts: int = 10) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """BEiT blockwise masking of one image -> (mask (H, W) bool array, the accepted rectangles
     (top, left, height, width)).
 
@@ -98,16 +87,8 @@ def sample_blocks(
     return mask, blocks
 
 
-def block_mask(
-    batch_size: int,
-    grid_size: tuple[int, int],
-    ratio: float,
-    seed: int,
-    min_patches: int = 4,
-    min_aspect: float = 0.3,
-    device: torch.device | str | None = None,
-    first_index: int = 0,
-) -> torch.Tensor:
+def block_mask(batch_size: int, grid_size: tuple[int, int], ratio: float, seed: int, min_patches: int = 4,
+               min_aspect: float = 0.3, device: torch.device | str | None = None, first_index: int = 0) -> torch.Tensor:
     """BEiT blockwise masking for a batch -> bool (B, H*W), ``num_masked(H*W, ratio)`` per row. Sample i
     is drawn from its own generator seeded by (``seed``, ``first_index + i``): a batch's slice is the slice's mask."""
     target = num_masked(grid_size[0] * grid_size[1], ratio)
@@ -128,14 +109,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def seeded_random_mask(
-    batch_size: int,
-    grid_size: tuple[int, int],
-    ratio: float,
-    seed: int,
-    mask_unit: int = 1,
-    first_index: int = 0,
-) -> torch.Tensor:
+def seeded_random_mask(batch_size: int, grid_size: tuple[int, int], ratio: float, seed: int, mask_unit: int = 1,
+                       first_index: int = 0) -> torch.Tensor:
     """:func:`random_mask` -> bool (B, H*W), sample i drawn from its own generator seeded by (``seed``,
     ``first_index + i``), like :func:`block_mask`: a slice of a batch equals the batch's slice."""
     hc, wc = _unit_grid(grid_size, mask_unit)
@@ -225,9 +200,8 @@ atexit.register(join_pending)
 
 
 class _Ahead(threading.Thread):
-    """``fn(*args)`` in a short-lived daemon thread (:func:`join_pending` waits for all of
-    them at the end of a run, so a later fork of loader workers finds no thread holding a lock,
-    and none is inside torch when the process exits); ``out`` is the future of its result."""
+    """``fn(*args)`` in a short-lived daemon thread, which :func:`join_pending` waits for; ``out`` is
+    the future of its result."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], args: tuple) -> None:
         super().__init__(daemon=True, name="mimco-masks")
@@ -238,5 +212,5 @@ class _Ahead(threading.Thread):
     def run(self) -> None:
         try:
             self.out.set_result(self.fn(*self.args))
-        except BaseException as e:  # handed to the caller by result()
+        except BaseException as e:  # handed to the caller by out.result()
             self.out.set_exception(e)

@@ -127,9 +127,8 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     run_dir = run_dir or run_dir_for(cfg, stage, resume is not None)
     stream = build_stream(cfg, device, spec.views)
     method = spec.build(cfg, device, stream=stream, run_dir=run_dir, **inputs)
-    model = getattr(cfg, "model", None)
-    if model is not None and model.init_from and resume is None:  # continued pre-training
-        report = init_encoders(method, model.init_from)
+    if getattr(cfg, "model", None) is not None and cfg.model.init_from and resume is None:  # continued pre-training
+        report = init_encoders(method, cfg.model.init_from)
         if dist.is_main():
             print(report, file=sys.stderr, flush=True)
     monitor = KnnMonitor(cfg) if ev is not None and (ev.every_epochs or ev.every_steps) else None
@@ -189,8 +188,7 @@ def run_or_reuse(stage: str, cfg: Any, run_dir: Path, say: str = "mimco", **inpu
     if is_finished(run_dir):
         print(f"[{say}] {stage}: reusing the finished run in {run_dir}", file=sys.stderr, flush=True)
         return read_summary(run_dir)
-    resume = resume_state(run_dir)
-    if resume is not None:
+    if (resume := resume_state(run_dir)) is not None:
         check_resume(resume["config"], cfg)
     print(f"[{say}] {stage}: {'resuming' if resume else 'training'} in {run_dir}", file=sys.stderr, flush=True)
     summary = run_stage(stage, cfg, resume, run_dir, **inputs)

@@ -59,10 +59,9 @@ def backbone_state(model_state: dict[str, torch.Tensor], prefix: str) -> dict[st
 def save_checkpoint(run_dir: Path, stage: str, step: int, total_steps: int, model: dict[str, Any],
                     backbones: dict[str, str], optimizer: dict[str, Any], scaler: dict[str, Any], rng: list[Any],
                     config: dict[str, Any], backbone_args: dict[str, Any] | None = None) -> Path:
-    """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors`` (the first of
-    ``backbones``), with ``backbone_args`` (the exact timm ``VisionTransformer`` keyword arguments,
-    :func:`mimco.models.export.timm_kwargs`) as JSON in its ``model_args`` metadata: the heads count
-    is not in the tensors' shapes."""
+    """Write ``last.pt`` atomically; on the last step also ``backbone.safetensors`` (the first of ``backbones``), with
+    ``backbone_args`` (the exact timm ``VisionTransformer`` keyword arguments, :func:`mimco.models.export.timm_kwargs`)
+    as JSON in its ``model_args`` metadata: the heads count is not in the tensors' shapes."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     path = run_dir / CHECKPOINT
@@ -144,11 +143,10 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 class RunLock:
-    """The run folder's ``.lock``, held with ``flock`` while a process trains there: a second process
-    (the same command started twice, a study run twice, a requeued job whose first copy still runs)
-    is refused at start instead of writing the same checkpoint and log. The kernel drops the lock
-    when the process ends, however it ends, so no stale lock is ever left. On a file system without
-    ``flock`` (some Lustre mounts) the folder is not locked."""
+    """The run folder's ``.lock``, held with ``flock`` while a process trains there: a second process (the same command
+    started twice, a study run twice, a requeued job whose first copy still runs) is refused at start instead of writing
+    the same checkpoint and log. The kernel drops the lock when the process ends, however it ends, so no stale lock is
+    ever left. On a file system without ``flock`` (some Lustre mounts) the folder is not locked."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path, self.fd = Path(run_dir) / LOCK, -1

@@ -1,10 +1,7 @@
-"""``mimco study SPEC``: runs (stage chains) x seeds x evaluation protocols, one table and the pictures.
-
-A spec is a YAML file, or a bundled one by name (``demo``: ``configs/studies/demo.yaml``); its keys
-are the fields of :class:`StudySpec`, :class:`RunSpec` and :class:`RowSpec`. docs/evaluation.md#studies
-shows one whole and says which runs and scores are reused (a run folder whose :func:`_recipe` differs
-from the spec's is refused).
-"""
+"""``mimco study SPEC``: runs (stage chains) x seeds x evaluation protocols, one table and the pictures. A spec
+is a YAML file, or a bundled one by name (``demo``: ``configs/studies/demo.yaml``); its keys are the fields of
+:class:`StudySpec`, :class:`RunSpec` and :class:`RowSpec`. docs/evaluation.md#studies shows one whole and says
+which runs and scores are reused (a run folder whose :func:`_recipe` differs from the spec's is refused)."""
 
 from __future__ import annotations
 
@@ -246,11 +243,10 @@ def _changed(saved: Any, now: Any) -> bool:
 
 
 def _recipe(cfg: dict, study_teacher: bool = False) -> dict:
-    """A saved or built config (as a dict) without what does not change the trained weights: the
-    ``eval`` section (scores are keyed by it), the ``train`` section but ``train.seed`` and
-    ``train.precision`` (a run cut short by ``train.max_steps`` resumes), and with ``study_teacher``
-    (the teacher is a run of the study, checked itself) the teacher checkpoint as its run folder's
-    name, so a moved study folder is reused."""
+    """A saved or built config (as a dict) without what does not change the trained weights: the ``eval``
+    section (scores are keyed by it), the ``train`` section but ``train.seed`` and ``train.precision`` (a run
+    cut short by ``train.max_steps`` resumes), and with ``study_teacher`` (the teacher is a run of the study,
+    checked itself) the teacher checkpoint as its run folder's name, so a moved study folder is reused."""
     out = {k: v for k, v in cfg.items() if k != "eval"}
     out["train"] = {k: cfg.get("train", {}).get(k) for k in ("seed", "precision")}
     if study_teacher and isinstance(cfg.get("teacher"), dict):
@@ -400,9 +396,10 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
         print(f"[{s.name}] {row.name}: " + "  ".join(f"{k} {v}" for k, v in cells.items() if k != "model"),
               file=sys.stderr, flush=True)
     m = ecfg.model
+    notes = [(get_protocol(p).note, options[n]) for n, p in s.instances().items()]  # what the columns are
     header = (f"{s.title + ': ' if s.title else ''}{data.name} test top-1 (%), ViT {data.img_size}px/patch "
               f"{m.patch_size}, width {m.embed_dim}, depth {m.depth}; "
-              + "".join(f"{note}; " for n, p in s.instances().items() if (note := protocol_note(p, options[n], ev)))
+              + "".join(f"{text}; " for note, opts in notes if note is not None and (text := note(opts, ev)))
               + (f"mean ± std over seeds {', '.join(map(str, s.seeds))}; " if len(seeds) > 1 else "")
               + f"{torch.get_num_threads()} threads; training {train_minutes:.1f} min + evaluation "
               f"{(time.perf_counter() - eval_start) / 60:.1f} min{' (quick)' if quick else ''}")
@@ -436,12 +433,6 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
     return md
 
 
-def protocol_note(name: str, opts: Any, ev: Any) -> str:
-    """What protocol ``name``'s columns are, for the table's header ("" when it says nothing)."""
-    note = get_protocol(name).note
-    return note(opts, ev) if note is not None else ""
-
-
 def _minutes(s: StudySpec, row: RowSpec, seeds: list[int | None], seconds: dict) -> str:
     """A row's training minutes: its run's and those of the runs it learnt from (mean over seeds)."""
     if row.backbone:
@@ -452,10 +443,8 @@ def _minutes(s: StudySpec, row: RowSpec, seeds: list[int | None], seconds: dict)
     while run:
         chain.append(run)
         run = s.runs[run].teacher
-
-    def sec(run: str, seed: int | None) -> float:  # a teacher of another seed (teacher_seed) counts too
-        return seconds.get((run, seed), seconds.get((run, s.teacher_seed), 0.0))
-
-    own = sum(sec(chain[0], seed) for seed in seeds) / len(seeds) / 60
-    total = sum(sec(r, seed) for r in chain for seed in seeds) / len(seeds) / 60
+    sec = {(r, sd): seconds.get((r, sd), seconds.get((r, s.teacher_seed), 0.0))  # teacher_seed's teacher counts too
+           for r in chain for sd in seeds}
+    own = sum(sec[(chain[0], sd)] for sd in seeds) / len(seeds) / 60
+    total = sum(sec[(r, sd)] for r in chain for sd in seeds) / len(seeds) / 60
     return f"{total:.1f}" if len(chain) == 1 else f"{total:.1f} ({' + '.join(reversed(chain[1:]))} + {own:.1f})"

@@ -81,7 +81,8 @@ def test_the_pictures_are_drawn_on_the_main_process_only_except_under_fsdp(monke
     calls = []
     monkeypatch.setattr(mon, "monitor_images", lambda *a, **k: calls.append(1) or {"inputs": torch.zeros(3, 1, 1)})
     monkeypatch.setattr("mimco.distributed.is_main", lambda: main)
-    monkeypatch.setattr(mon, "_sharded", lambda _m: sharded)
+    if sharded:  # every module an FSDP2 unit
+        monkeypatch.setattr(mon, "FSDPModule", torch.nn.Module)
     m = KnnMonitor.__new__(KnnMonitor)
     m.ev, m.mask = EvalConfig(monitor_train=8, monitor_test=4, knn_k=2), None
     m.data = DataConfig(img_size=8, channels=1, mean=[0.5], std=[0.5])

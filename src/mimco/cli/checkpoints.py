@@ -15,6 +15,7 @@ from mimco.config import PretrainConfig, SegmentationConfig, apply_overrides, fr
 from mimco.data.build import load_dataset
 from mimco.errors import MimcoError
 from mimco.eval.features import extract_features_distributed
+from mimco.eval.results import file_hash, write_result
 from mimco.models.export import timm_kwargs
 from mimco.models.formats import load_backbone
 from mimco.runs import CHECKPOINT, CONFIG
@@ -70,8 +71,6 @@ def report(out: Path, command: str, spec: str, name: str, state: Any, cfg: Any, 
            shown: dict[str, Any] | None = None, **extra: Any) -> None:
     """A command's row of ``out/results.jsonl`` (and .csv): its ``metrics`` and settings (``extra``),
     with the checkpoint's hash; then ``shown`` (default: the metrics) printed as JSON."""
-    from mimco.eval.results import file_hash, write_result
-
     path = spec.split(":", 1)[-1]
     write_result(out, {"command": command, "name": name, "checkpoint": spec,
                        "sha256": file_hash(path) if Path(path).is_file() else "",

@@ -46,8 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     args.plugin = [*args.plugin, *plugins]
     # key=value overrides may come after options too (argparse stops collecting positionals at the first option)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if unknown:
+    if unknown := [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -18,6 +18,7 @@ from mimco.data.files import FileImages
 from mimco.data.subsets import take
 from mimco.errors import MimcoError
 from mimco.eval.features import eval_batches
+from mimco.eval.results import collect, markdown_table
 from mimco.models.export import export_checkpoint
 from mimco.models.families import describe
 from mimco.models.formats import load_backbone
@@ -138,9 +139,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             got = features_of(model.to(device) if model is not None else None, sub, cfg, device)
             if got is not None:
                 panels.append((name, *got))
-        if not dist.is_main():
-            return 0
-        print(tsne_figure(panels, args.out, class_names=class_names(cfg.data, test)))
+        if dist.is_main():
+            print(tsne_figure(panels, args.out, class_names=class_names(cfg.data, test)))
         return 0
     x, _ = next(iter(eval_batches(test, cfg.data, args.n, device)))
     print(attention_figure(rows, x, denormalize(x, cfg.data.mean, cfg.data.std), args.out))
@@ -148,8 +148,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from mimco.eval.results import collect, markdown_table
-
     table = markdown_table(collect(args.dirs))
     print(table, end="")
     if args.out:

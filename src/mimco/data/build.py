@@ -18,6 +18,9 @@ from mimco import distributed as dist
 from mimco.config import DataConfig, DatasetName
 from mimco.data import fashion_mnist, procedural
 from mimco.data.files import BadImageCounter, FileImages, Substituting, collate_substituted, worker_ignores_stop
+from mimco.data.hf import HFImages, load_split
+from mimco.data.scenes import pretraining_scenes
+from mimco.data.shards import ShardImages, describe
 from mimco.errors import MimcoError
 
 DATASETS = typing.get_args(DatasetName)
@@ -79,24 +82,18 @@ def load_dataset(cfg: DataConfig, train: bool = True,
     if name == "fashion_mnist":
         ds = _array(*fashion_mnist.load_fashion_mnist(cfg.root, train, cfg.download), cfg)
     elif name == "fmnist_scenes":  # pre-training on the segmentation scenes' domain, without their masks
-        from mimco.data.scenes import pretraining_scenes
-
         ds = _array(*pretraining_scenes(*fashion_mnist.load_fashion_mnist(cfg.root, train, cfg.download), train), cfg)
     elif name in ("cifar10", "cifar100"):
         ds = _array(*_torchvision(name.upper(), cfg, train), cfg)
     elif name == "procedural":
         ds = _array(*procedural.make_shapes(cfg.procedural_size, cfg.img_size, seed=0 if train else 1), cfg)
     elif name == "shards":
-        from mimco.data.shards import ShardImages, describe
-
         desc = describe(cfg.root, train, cfg.val_root)
         if desc is None:
             return None
         return ShardImages(desc, channels=cfg.channels, transform=transform, subset=subset,
                            shuffle_buffer=cfg.shuffle_buffer if train else 0, verbose=dist.is_main())
     elif name == "hf":
-        from mimco.data.hf import HFImages, load_split
-
         split = load_split(cfg.root, train, cfg.val_root)
         if split is None:
             return None
@@ -133,9 +130,7 @@ def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None)
         return fashion_mnist.CLASSES
     if cfg.name == "procedural":
         return procedural.CLASSES
-    if isinstance(dataset, FileImages) and dataset.classes:
-        return dataset.classes
-    return None
+    return dataset.classes if isinstance(dataset, FileImages) and dataset.classes else None
 
 
 def _close(ref: weakref.ReferenceType) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -55,8 +56,7 @@ def check_memory(need: int, n: int, size: int, device: torch.device | None = Non
     """Refuse a cache (one copy per node) that would take more than half the node's free memory; the
     verdict is all-reduced (max), so a node that cannot hold it stops every process in one line."""
     free = available_bytes()
-    here = bool(free and need > free // 2)
-    refuse = here
+    refuse = here = bool(free and need > free // 2)
     if dist.is_dist() and device is not None:
         refuse = bool(dist.all_reduce_(torch.tensor([float(here)], device=device), "max").item())
     if refuse:
@@ -119,11 +119,9 @@ def _decode_into(images: torch.Tensor, files: FileImages, size: int, num_workers
 
 def _room(folder: Path) -> int:
     """Bytes free for an unprivileged writer in ``folder`` (0 when it is not a writable folder)."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize if os.access(folder, os.W_OK) else 0
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free if os.access(folder, os.W_OK) else 0
+    return 0
 
 
 def _shared_path(files: FileImages, size: int, need: int) -> Path:

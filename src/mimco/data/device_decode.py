@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -42,7 +43,6 @@ class EncodedFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Any:
-        label = self.files.items[i][1]
         raw = self.files.read(i)  # the encoded file (a folder's, a shard's, a Hugging Face dataset's)
         if raw is None:
             return None
@@ -60,7 +60,7 @@ class EncodedFiles(Dataset):
             if img is None:
                 return None
             data = pil_to_tensor(img)
-        return data, boxes, label
+        return data, boxes, self.files.items[i][1]
 
     @staticmethod
     def collate(batch: list[tuple[Any, tuple[int, ...]]]) -> tuple[tuple[Packed, torch.Tensor], list[int]]:
@@ -115,11 +115,8 @@ class DeviceViews(nn.Module):
         good = [x for x in out if x is not None]
         if not good:
             raise RuntimeError("no image of the batch could be decoded")
-        filled, last = [], good[0]
-        for x in out:
-            last = last if x is None else x
-            filled.append(last)
-        return filled, len(out) - len(good)
+        filled = itertools.accumulate(out, lambda last, x: last if x is None else x, initial=good[0])
+        return list(filled)[1:], len(out) - len(good)
 
     def crop(self, images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) float in [0, 1]: image b cut at ``boxes[b]`` and resized to S (bilinear, antialiased)."""

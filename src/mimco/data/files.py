@@ -50,10 +50,9 @@ SAY_FILES = 10_000
 
 
 def _is(entry: os.DirEntry, test: str) -> bool:
-    try:
+    with contextlib.suppress(OSError):
         return bool(getattr(entry, test)())
-    except OSError:
-        return False
+    return False
 
 
 def stat_or_none(path: str | Path) -> os.stat_result | None:
@@ -292,11 +291,9 @@ def subset_of(items: Sequence, sizes: list[int], subset: int, seed: int) -> tupl
 
 def read_file(path: str | Path) -> bytes | None:
     """The bytes of the file at ``path``, or None when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
+    with contextlib.suppress(OSError):
+        return Path(path).read_bytes()
+    return None
 
 
 def decode_image(data: bytes, channels: int) -> Image.Image | None:

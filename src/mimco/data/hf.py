@@ -1,7 +1,5 @@
-"""Hugging Face datasets (``data.name=hf``): a folder written by ``datasets``' ``save_to_disk``
-(one split, or a ``DatasetDict``) or parquet files with an image column and a label column
-(``data.image_column``, ``data.label_column``), read memory-mapped with random access like an image
-folder. Nothing is downloaded (parquet files are converted once into ``datasets``' own cache)."""
+"""Hugging Face datasets (``data.name=hf``): a ``save_to_disk`` folder or parquet files, read memory-mapped
+with random access like an image folder; nothing is downloaded (docs/training.md#shards-and-hugging-face-datasets)."""
 
 from __future__ import annotations
 

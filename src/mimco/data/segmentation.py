@@ -22,7 +22,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mimco.config import DataConfig, SegAugConfig, SegDataConfig
+from mimco.data.fashion_mnist import load_fashion_mnist
 from mimco.data.files import IMG_EXTENSIONS
+from mimco.data.scenes import CLASSES, make_scenes
 from mimco.errors import MimcoError
 
 IGNORE = 255
@@ -80,9 +82,7 @@ class SegSplit(Dataset, abc.ABC):
 
     def __getitem__(self, i: int) -> Any:
         item = self.load(i)
-        if item is None:
-            return None
-        return self.transform(*item) if self.transform is not None else item
+        return self.transform(*item) if item is not None and self.transform is not None else item
 
 
 class SegFolder(SegSplit):
@@ -143,16 +143,12 @@ class SceneSplit(SegSplit):
     """``data.name=fmnist_scenes``: generated scenes in memory (:mod:`mimco.data.scenes`)."""
 
     def __init__(self, data: DataConfig, seg: SegDataConfig, train: bool) -> None:
-        from mimco.data.fashion_mnist import load_fashion_mnist
-        from mimco.data.scenes import CLASSES, make_scenes
-
         images, labels = load_fashion_mnist(data.root, train, data.download)
         n = seg.scenes if train else seg.val_scenes
         if train and data.subset:
             n = min(n, data.subset)
-        seed = seg.scene_seed * 2 + (0 if train else 1)
         self.images, self.masks = make_scenes(images, labels, n, data.img_size, (seg.items[0], seg.items[1]),
-                                              seg.threshold, seed)
+                                              seg.threshold, seed=seg.scene_seed * 2 + (0 if train else 1))
         self.num_classes, self.channels, self.classes = len(CLASSES), data.channels, CLASSES
 
     def __len__(self) -> int:

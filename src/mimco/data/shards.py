@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from mimco.data.files import FileImages, NamedItems, stat_or_none, subset_of
 from mimco.errors import MimcoError
@@ -69,22 +71,14 @@ def members(path: str) -> dict[str, list[int]]:
             ext = "." + got.group(2).lower()
             if ext == ".cls":
                 f = tar.extractfile(m)
-                out["labels"][-1] = _label(f.read() if f is not None else b"")
+                try:
+                    out["labels"][-1] = int((f.read() if f is not None else b"").decode().strip())
+                except (UnicodeDecodeError, ValueError):
+                    out["labels"][-1] = -1
             elif ext in IMAGE_KEYS and IMAGE_KEYS.index(ext) < rank:
                 rank = IMAGE_KEYS.index(ext)
                 out["offsets"][-1], out["sizes"][-1] = m.offset_data, m.size
     return out
-
-
-def _index_of(root: Path, train: bool) -> Path | None:
-    """The ``index.json`` of ``root``'s split: ``root/train`` or ``root/val`` when ``root`` has split
-    folders, else ``root`` itself (training only), or ``root`` when it is the index file."""
-    if root.suffix == ".json":
-        return root if train else None
-    split = root / ("train" if train else "val")
-    if (root / "train" / INDEX).is_file():
-        return split / INDEX if (split / INDEX).is_file() else None
-    return root / INDEX if train else None
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -160,13 +154,6 @@ def _complete(desc: dict[str, Any]) -> dict[str, Any]:
     return desc
 
 
-def _label(data: bytes) -> int:
-    try:
-        return int(data.decode().strip())
-    except (UnicodeDecodeError, ValueError):
-        return -1
-
-
 def describe(root: str, train: bool, val_root: str = "") -> dict[str, Any] | None:
     """The shard-list descriptor of a split (None: the source has no such split). ``root``: a folder
     written by ``mimco shards`` (with ``train``/``val`` inside, or one split), an ``index.json``, or
@@ -178,7 +165,14 @@ def describe(root: str, train: bool, val_root: str = "") -> dict[str, Any] | Non
                          "brace pattern of .tar files (/data/train-{000000..000127}.tar)")
     if ".tar" in spec:  # a pattern names one split; the evaluation one comes from data.val_root
         return _complete({"__kind__": KIND, "shardlist": _scan(expand(spec))}) if own else None
-    path = _index_of(Path(spec), own)
+    base = Path(spec)
+    if base.suffix == ".json":
+        path = base if own else None
+    elif (base / "train" / INDEX).is_file():  # split folders
+        path = base / ("train" if own else "val") / INDEX
+        path = path if path.is_file() else None
+    else:  # the folder of one (training) split
+        path = base / INDEX if own else None
     return None if path is None else _complete(_read_index(path))
 
 
@@ -201,17 +195,15 @@ def _shard_of(starts: list[int], i: int) -> int:
 class ShardImages(FileImages):
     """The samples of a shard set as a dataset: ``items``, ``classes``, ``read(i)`` (the image's
     encoded bytes) and everything :class:`~mimco.data.files.FileImages` builds on them (decoding,
-    ``transform``, the cache, the GPU decode, subsets). When any sample has a label, samples without
-    one are left out, in one line; a label the index's classes do not hold is a one-line error."""
+    ``transform``, the cache, the GPU decode, subsets)."""
 
     def __init__(self, desc: dict[str, Any], channels: int = 3, transform: Callable | None = None, subset: int = 0,
                  shuffle_buffer: int = 0, verbose: bool = True) -> None:
         shards = desc["shardlist"]
-        meta = desc.get("mimco", {})
         labels: list[int] = [c for s in shards for c in s["labels"]]
         self.offsets = torch.tensor([o for s in shards for o in s["offsets"]], dtype=torch.int64)
         self.nbytes = torch.tensor([n for s in shards for n in s["sizes"]], dtype=torch.int64)
-        self.classes = list(meta.get("classes", []))
+        self.classes = list(desc.get("mimco", {}).get("classes", []))
         self.urls = [s["url"] for s in shards]
         self._number = {u: k for k, u in enumerate(self.urls)}
         self.lengths = [s["nsamples"] for s in shards]
@@ -285,9 +277,8 @@ class ShardImages(FileImages):
                     os.close(fd)
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor | None:
-        """The order of the whole split in ``epoch`` (None: a uniform shuffle, as an image folder).
-        With ``data.shuffle_buffer=N``: the shards in a seeded order, the samples shuffled within
-        windows of N, so that reads stay within a few shards at a time."""
+        """The order of the whole split in ``epoch`` with ``data.shuffle_buffer=N`` (the shards in a seeded
+        order, the samples shuffled within windows of N); None: a uniform shuffle, as an image folder."""
         if not self.shuffle_buffer or len(self.items) != sum(self.lengths):
             return None
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -323,7 +314,6 @@ def parse_size(text: str) -> int:
 def _encoded(dataset: Any, i: int) -> tuple[bytes, str] | None:
     """(encoded bytes, extension) of image ``i``: a file's own bytes (not decoded or encoded again)
     when its header reads as an image, an in-memory image as PNG; None when unreadable."""
-    from PIL import Image
     from torchvision.transforms.functional import to_pil_image
 
     if isinstance(dataset, FileImages):
@@ -346,8 +336,6 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
     """Write ``dataset`` (a :class:`FileImages` or an in-memory ``ImageArray``) as tar shards of
     about ``shard_size`` bytes in ``out``, and their ``index.json`` (returned). Each shard is renamed
     into place whole; an interrupted write continues from its last whole shard (a progress file)."""
-    from tqdm import tqdm
-
     try:
         from webdataset import TarWriter
     except ImportError:

@@ -1,6 +1,5 @@
 """The training batches of every stage, built from its config in one place (:func:`build_stream`),
-so every data key (``data.cache``, ``data.on_device``, ``data.decode``) means the same in every stage;
-with ``data.on_device``, fine-tuning runs RandAugment in the loader, normalisation and erasing on the device.
+so every data key (``data.cache``, ``data.on_device``, ``data.decode``) means the same in every stage.
 
 The batches a method takes are a *view kind*, registered by name (:func:`register_views`, :func:`views_stream`;
 the kinds: docs/architecture.md#contracts, "Method registry").
@@ -21,6 +20,7 @@ from mimco.config_rules import IN_MEMORY
 from mimco.data.build import BatchStream, ImageArray, cached, load_dataset
 from mimco.data.device_decode import DeviceViews, EncodedFiles
 from mimco.data.files import FileImages
+from mimco.data.segmentation import load_segmentation, seg_train_transform
 from mimco.data.subsets import labelled_subset
 from mimco.data.transforms import BatchMimView, BatchTwoViews, finetune_transform, image_mim_view, image_two_views
 from mimco.errors import MimcoError
@@ -114,18 +114,14 @@ def view_names() -> list[str]:
     return sorted(_VIEWS)
 
 
-@register_views("two")
-def _two_views(cfg: Any, device: torch.device) -> BatchStream:
-    """MoCo v3's two asymmetric views of each image."""
-    return views_stream(cfg, device, lambda crop: BatchTwoViews(cfg.aug, cfg.data, crop=crop),
-                        lambda: image_two_views(cfg.aug, cfg.data))
+def _pretraining(batched: Callable[..., Any], per_image: Callable[..., Callable]) -> StreamBuilder:
+    """The stream of the views ``batched(aug, data, crop=crop)`` makes, or per image ``per_image(aug, data)``."""
+    return lambda cfg, device: views_stream(cfg, device, lambda crop: batched(cfg.aug, cfg.data, crop=crop),
+                                            lambda: per_image(cfg.aug, cfg.data))
 
 
-@register_views("one")
-def _one_view(cfg: Any, device: torch.device) -> BatchStream:
-    """MimCo's (and SimMIM's) one light view of each image."""
-    return views_stream(cfg, device, lambda crop: BatchMimView(cfg.aug, cfg.data, crop=crop),
-                        lambda: image_mim_view(cfg.aug, cfg.data))
+register_views("two")(_pretraining(BatchTwoViews, image_two_views))  # MoCo v3's two asymmetric views of each image
+register_views("one")(_pretraining(BatchMimView, image_mim_view))  # MimCo's (and SimMIM's) one light view of each image
 
 
 @register_views("labelled")
@@ -152,8 +148,6 @@ def _labelled_stream(cfg: Any, device: torch.device) -> BatchStream:
 @register_views("masks")
 def _mask_stream(cfg: Any, device: torch.device) -> BatchStream:
     """Segmentation batches: one jointly augmented (image, mask) pair per sample, from loader workers."""
-    from mimco.data.segmentation import load_segmentation, seg_train_transform
-
     d = cfg.data
     train = load_segmentation(d, cfg.seg, train=True, verbose=dist.is_main())
     train.transform = seg_train_transform(cfg.aug, d)

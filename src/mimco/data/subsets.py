@@ -47,10 +47,8 @@ def balanced_subset(labels: torch.Tensor, per_class: int = 0, fraction: float = 
                              f"use at most {smallest}")
         sizes = {int(c): per_class for c in present}
     g = torch.Generator().manual_seed(seed)
-    picked = []
-    for c, n in sizes.items():
-        members = (labels == c).nonzero().flatten()
-        picked.append(members[torch.randperm(len(members), generator=g)[:n]])
+    picked = [(labels == c).nonzero().flatten()[torch.randperm(int(counts[c]), generator=g)[:n]]
+              for c, n in sizes.items()]
     return torch.cat(picked).sort().values
 
 

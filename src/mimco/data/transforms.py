@@ -5,8 +5,7 @@
   device nor waits for it (``tests/engine/test_host_sync.py`` runs them on the meta device);
 * per-image torchvision transforms, used by loader workers for image files of any size.
 
-Both follow torchvision's definitions, each op applied per image with its probability. Blur sigma
-is given for 224 px images (MoCo v3) and scaled to ``img_size``.
+Both follow torchvision's definitions, each op applied per image with its probability.
 """
 
 from __future__ import annotations
@@ -150,12 +149,9 @@ class ColorJitter(_PerImage):
         for k in torch.randperm(4).tolist():  # host randomness for the order: no device value read
             if k == 0:
                 out = (out * f[0]).clamp(0, 1)
-            elif k == 1:
-                mean = _grey(out).mean((1, 2, 3), keepdim=True)
-                out = (mean + (out - mean) * f[1]).clamp(0, 1)
-            elif k == 2:
-                grey = _grey(out)
-                out = (grey + (out - grey) * f[2]).clamp(0, 1)
+            elif k < 3:  # contrast: towards the mean grey; saturation: towards each pixel's grey
+                ref = _grey(out).mean((1, 2, 3), keepdim=True) if k == 1 else _grey(out)
+                out = (ref + (out - ref) * f[k]).clamp(0, 1)
             else:
                 h, s, v = _rgb_to_hsv(out)
                 out = _hsv_to_rgb(torch.remainder(h + f[3][:, 0], 1.0), s, v)

@@ -6,7 +6,6 @@ import torch
 
 
 def half_dtype(precision: str) -> torch.dtype | None:
-    """bf16 -> torch.bfloat16, fp16 -> torch.float16, fp32 -> None (no autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 

@@ -1,11 +1,7 @@
 """``train.compile``: torch.compile of every transformer block and head of a training method, in place
-(docs/performance.md#compiled-steps-traincompiletrue).
-
-Blocks are compiled one by one, not the whole method: its forward holds what a graph cannot (mask
-generation, collectives, Python control flow), and every ViT in it spends nearly all of its time in
-blocks. ``nn.Module.compile`` wraps each ``_call_impl`` in the same function, hence one shared
-``recompile_limit`` for every module compiled.
-"""
+(docs/performance.md#compiled-steps-traincompiletrue, which says why one shared ``recompile_limit``). Blocks
+are compiled one by one, not the whole method: its forward holds what a graph cannot (mask generation,
+collectives, Python control flow), and every ViT in it spends nearly all of its time in blocks."""
 
 from __future__ import annotations
 

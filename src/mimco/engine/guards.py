@@ -17,8 +17,6 @@ class StopSignal:
     """Within ``with StopSignal() as stop``: the first SIGTERM or SIGINT sets ``stop.requested``
     (the loop finishes its step, checkpoints and exits 0); a second SIGINT interrupts at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
@@ -31,7 +29,7 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
+            for s in (signal.SIGTERM, signal.SIGINT):
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -40,10 +38,9 @@ class StopSignal:
             signal.signal(s, h)
 
     def agreed(self, device: torch.device) -> bool:
-        """Called after every step: True on every process, at the same step, once any process was
-        asked to stop (alone: the flag itself). Distributed, the previous step's all-reduced flag, as
-        docs/training.md#many-gpus-interruptions-bad-data says; on a GPU it is copied behind the all-reduce
-        into page-locked memory and read once that copy is done, by which time the next step's kernels are queued."""
+        """Called after every step: True on every process, at the same step, once any process was asked to
+        stop (alone: the flag itself; distributed: the previous step's all-reduced flag, read without a
+        host-device sync by :class:`_Vote`, as docs/training.md#many-gpus-interruptions-bad-data says)."""
         if not dist.is_dist():
             return self.requested is not None
         if self._vote is None or self._vote.device != device:

@@ -109,19 +109,16 @@ class RunLog:
 
     def __init__(self, run_dir: Path, stage: str, train: Any, config: dict[str, Any], log_name: str,
                  resumed_at: int | None, main: bool) -> None:
-        self.csv: CsvLog | None = None
+        self.csv = CsvLog(run_dir / log_name, resumed_at) if main else None
         self.others: list[Any] = []
-        if not main:
-            return
-        self.csv = CsvLog(run_dir / log_name, resumed_at)
-        if train.tensorboard:
+        if main and train.tensorboard:
             try:
                 # resumed: the reader hides events past the checkpoint, from the files of earlier attempts
                 self.others.append(TensorBoardLog(run_dir, stage, None if resumed_at is None else resumed_at + 1))
             except ImportError:
                 print("mimco: train.tensorboard=true but the tensorboard package is missing (pip install tensorboard);"
                       " logging to log.csv only", file=sys.stderr, flush=True)
-        if train.wandb:
+        if main and train.wandb:
             self.others.append(WandbLog(run_dir, stage, train.wandb, config))
 
     def write(self, row: dict[str, Any]) -> None:

@@ -1,8 +1,6 @@
-"""Random state of a process (Python, NumPy, torch CPU, CUDA) and of every process of a run.
-
-Each process draws its own augmentations and drop-path masks, so a checkpoint keeps one state
-per process (rank order) and a resume gives each process its own back.
-"""
+"""Random state of a process (Python, NumPy, torch CPU, CUDA) and of every process of a run: each process
+draws its own augmentations and drop-path masks, so a checkpoint keeps one state per process (rank order)
+and a resume gives each process its own back."""
 
 from __future__ import annotations
 

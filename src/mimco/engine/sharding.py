@@ -1,8 +1,6 @@
-"""Model and optimiser state for every strategy (single process, DDP, FSDP2), and FSDP2 wrapping.
-
-Checkpoints always hold *full* state dicts keyed by parameter name (torch.distributed.checkpoint's
-state-dict API), so a run saved under one strategy or process count resumes under another.
-"""
+"""Model and optimiser state for every strategy (single process, DDP, FSDP2), and FSDP2 wrapping. Checkpoints
+always hold *full* state dicts keyed by parameter name (torch.distributed.checkpoint's state-dict API), so a
+run saved under one strategy or process count resumes under another."""
 
 from __future__ import annotations
 
@@ -27,11 +25,9 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def mixed_precision(precision: str) -> tuple[Any, Any]:
-    """FSDP2's mixed-precision policies for ``train.precision``: (for the sharded units, for the
-    method itself). bf16/fp16: parameters all-gathered and used in that dtype (half the gather
-    traffic), gradients reduce-scattered in fp32, the fp32 shards kept for the optimiser. The
-    method's own inputs are not cast: the frozen teacher (not sharded) and the losses see the batch
-    as it comes. fp32: FSDP's defaults."""
+    """FSDP2's mixed-precision policies for ``train.precision`` (docs/training.md, Memory): (for the sharded
+    units, for the method itself, whose own inputs are not cast: the frozen teacher, not sharded, and the
+    losses see the batch as it comes). fp32: FSDP's defaults."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtype = half_dtype(precision)

@@ -45,10 +45,8 @@ def accumulation(local_batch: int, accum_steps: int, micro_batch: int) -> int:
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """The gradient scaler's saved state, when it has one. A checkpoint saved in bf16 or fp32 holds an
-    empty state (a disabled scaler), which GradScaler refuses to load: an fp16 resume of it starts
-    the scaler fresh (its first steps find the scale again) and says so; an fp16 state loaded into
-    a bf16/fp32 run is ignored, as a disabled scaler does."""
+    """The gradient scaler's saved state, when it has one: a bf16/fp32 checkpoint holds an empty one (a disabled
+    scaler), which GradScaler refuses to load, so an fp16 resume of it starts the scaler fresh and says so."""
     if state:
         scaler.load_state_dict(state)
     elif scaler.is_enabled() and dist.is_main():
@@ -124,27 +122,21 @@ class Trainer:
             save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
                             backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng,
                             to_dict(self.cfg), timm_kwargs(self.method.backbone()))
-            if snapshot:
-                self._snapshot(path)
+            if snapshot:  # epoch_XXXX.pt: a hard link to last.pt (docs/training.md), a copy where links are not allowed
+                target = snapshot_path(self.run_dir, self.step // self.stream.steps_per_epoch)
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, target)
+                prune_snapshots(self.run_dir, self.cfg.train.keep_last)
         # nobody goes on (or exits, at a stop) before the file is written: under srun
         # --kill-on-bad-exit a process that left first could have Slurm kill the writer mid-write
         dist.barrier()
         self.last_saved = (path, self.step)
         return path
-
-    def _snapshot(self, path: Path) -> None:
-        """``epoch_XXXX.pt``: a hard link to the last.pt just written (the next last.pt replaces the
-        name, not the file), or a copy renamed into place where links are not allowed; then the
-        oldest beyond ``train.keep_last`` are deleted."""
-        target = snapshot_path(self.run_dir, self.step // self.stream.steps_per_epoch)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
-        prune_snapshots(self.run_dir, self.cfg.train.keep_last)
 
     def _snapshot_due(self) -> bool:
         """At the end of every ``train.keep_every_epochs``-th whole epoch (not a schedule's fractional end)."""
@@ -199,8 +191,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
 
     def check_finite(self) -> None:
-        bad = self.guard.bad_step()
-        if bad is not None:
+        if (bad := self.guard.bad_step()) is not None:
             kept = (f"the last checkpoint {self.last_saved[0]} (step {self.last_saved[1]}) is kept" if self.last_saved
                     else "no checkpoint was written")
             raise MimcoError(f"loss became NaN/Inf at step {bad + 1}; stopped, {kept}; lower optim.base_lr or set "
@@ -283,7 +274,7 @@ class Trainer:
                 snap = self._snapshot_due()  # a checkpoint before the end: new epoch metrics, a snapshot, ckpt_every
                 if (epoch_end or snap or bool(t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint(snapshot=snap)
-            rows.close()
+            rows.bar.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run
             path = self.checkpoint(snapshot=self._snapshot_due())
         self._report_bad_images()
@@ -299,15 +290,14 @@ class Trainer:
 
 
 class RowLogger:
-    """The log rows of a run and its progress bar: the steps' logs summed between rows, written
-    as one row of means over steps and processes (``log.csv``, TensorBoard, W&B) with the learning
-    rate, the epoch metrics, the k-NN monitor, skipped images and images/s of training time."""
+    """The log rows of a run and its progress bar: the steps' logs summed between rows, written as one row of
+    means over steps and processes (``log.csv``, TensorBoard, W&B) with the learning rate, the epoch metrics,
+    the k-NN monitor, skipped images and images/s of training time."""
 
     def __init__(self, trainer: Trainer, end: int) -> None:
-        t = trainer.cfg.train
         self.trainer = trainer
         self.bar = tqdm(total=end, initial=trainer.step, desc=trainer.stage,
-                        disable=not (t.progress and dist.is_main()), dynamic_ncols=True, leave=True,
+                        disable=not (trainer.cfg.train.progress and dist.is_main()), dynamic_ncols=True, leave=True,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.columns = {"knn_monitor": ""} if trainer.monitor is not None else {}  # filled in the rows that score it
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -338,6 +328,3 @@ class RowLogger:
         self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}",
                              **shown)
         self.sums, self.steps, self.seen, self.t0 = {}, 0, 0, time.perf_counter()
-
-    def close(self) -> None:
-        self.bar.close()

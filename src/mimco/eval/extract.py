@@ -78,9 +78,7 @@ _COPY = 4 * 2**20
 class FeatureWriter:
     """The main process's side of :func:`stream_features`: each batch's rows appended to one part
     file per key next to ``path``, then the file put together from a header and the parts under a
-    temporary name and renamed. The file names go into a safetensors file as a tensor ``names``
-    (UTF-8, each ended by a NUL byte), not into its header, which safetensors caps at 100 MB
-    (ImageNet's 1.28 M paths come near that)."""
+    temporary name and renamed (the layout, and why the names are a tensor: docs/evaluation.md)."""
 
     def __init__(self, path: Path, names_of: Any = None) -> None:
         self.path, self.names_of = path, names_of
@@ -189,6 +187,4 @@ def read_names(path: str | Path) -> list[str]:
         with np.load(p) as z:
             return [str(n) for n in z[NAMES]]
     with safe_open(str(p), "np") as f:
-        if NAMES not in f.keys():
-            return []
-        return bytes(f.get_tensor(NAMES)).decode().split("\0")[:-1]
+        return bytes(f.get_tensor(NAMES)).decode().split("\0")[:-1] if NAMES in f.keys() else []

@@ -15,6 +15,7 @@ from numbers import Real
 from typing import Any
 
 import torch
+from timm.optim import Lars
 from torch import nn
 from torch.nn import functional as F
 
@@ -116,8 +117,6 @@ def train_heads(fetch: Fetch, labels: torch.Tensor, dim: int, num_classes: int,
     ``fetch(indices) -> features (B, dim)``, every batch fetched once for all heads: SGD (momentum 0.9)
     or LARS, one group per head, cosine lr per step. Same start and a batch order from ``seed`` alone,
     so head k is what ``settings[k]`` alone trains. Runs on ``device`` (default: that of ``labels``)."""
-    from timm.optim import Lars
-
     device = torch.device(device) if device is not None else labels.device
     g = torch.Generator().manual_seed(seed)
     heads = LinearHeads(dim, num_classes, len(settings))
@@ -243,8 +242,7 @@ def linear_probe_full(backbone: nn.Module, train: ImageArray | FileImages, test_
                       pool: str = "cls", augment: bool = False) -> Top1:
     """The full path: every batch through the frozen backbone (eval mode, no gradient), the head
     on ``device``. ``augment`` adds random-resized-crop (scale 0.08-1) + flip per batch; a grid's
-    held-out part is scored without it.
-    """
+    held-out part is scored without it."""
     import kornia.augmentation as K
 
     backbone.eval()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torchvision.utils import make_grid
 
 from mimco import distributed as dist
@@ -60,13 +61,6 @@ def monitor_splits(train: Any, test: Any, ev: EvalConfig) -> tuple[Any, Any]:
                          "split (fashion_mnist, cifar10, an imagefolder with train/ and val/); set them to 0")
     return (_balanced(train, ev.monitor_train, ev.monitor_seed, "eval.monitor_train", "training"),
             _balanced(test, ev.monitor_test, ev.monitor_seed + 1, "eval.monitor_test", "test"))
-
-
-def _sharded(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds FSDP2 units (its forward passes are collectives)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 @contextmanager
@@ -139,9 +133,8 @@ class KnnMonitor:
         whole epoch."""
         ev = self.ev
         by_steps = bool(ev.every_steps) and step % ev.every_steps == 0
-        whole = step % steps_per_epoch == 0
-        by_epochs = bool(ev.every_epochs) and whole and (step // steps_per_epoch) % ev.every_epochs == 0
-        return by_steps or by_epochs
+        epochs, rest = divmod(step, steps_per_epoch)
+        return by_steps or (rest == 0 and bool(ev.every_epochs) and epochs % ev.every_epochs == 0)
 
     @torch.no_grad()
     def __call__(self, backbone: torch.nn.Module, device: torch.device,
@@ -151,9 +144,9 @@ class KnnMonitor:
         bank = extract_features_distributed(backbone, self.bank, self.data, device, precision)
         queries = extract_features_distributed(backbone, self.queries, self.data, device, precision)
         images: dict[str, torch.Tensor] = {}
-        # the main process alone draws them; under FSDP each unit's forward is a collective, so every
-        # process runs the pictures' forward passes with it (and drops what it drew)
-        if dist.is_main() or _sharded(backbone):
+        # the main process alone draws them; under FSDP (the backbone holds FSDP2 units) each unit's forward is a
+        # collective, so every process runs the pictures' forward passes with it (and drops what it drew)
+        if dist.is_main() or any(isinstance(m, FSDPModule) for m in backbone.modules()):
             x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
             with autocast(device, precision):  # FSDP's bf16 policy gathers bf16 parameters: inputs must follow
                 images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)

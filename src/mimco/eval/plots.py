@@ -3,6 +3,7 @@ principal components of patch tokens, and a segmentation probe's masks beside th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,8 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
         raise MimcoError(f"{path} has no rows yet")
     out = {}
     for k in rows[0]:
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # a column that is not numbers
             out[k] = np.array([float(r[k]) for r in rows])
-        except (TypeError, ValueError):
-            continue
     return out
 
 

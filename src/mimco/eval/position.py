@@ -1,11 +1,6 @@
 """How much of a backbone's patch tokens is their grid position, from frozen patch grids
-``(N, D, h, w)`` (:func:`mimco.eval.segmentation.grid_features`):
-
-- ``position_acc`` (%): a linear classifier from one standardised token to its position among the
-  ``h * w``, trained on the training grids, scored on the validation grids (chance ``100 / (h * w)``).
-- ``position_share`` (%): ``1 - E|x - m(p)|^2 / E|x - m|^2`` on the validation tokens, ``m(p)`` the
-  training tokens' mean at the token's position, ``m`` their overall mean (out of sample).
-"""
+``(N, D, h, w)`` (:func:`mimco.eval.segmentation.grid_features`): ``position_acc`` and
+``position_share``, both in percent, defined in docs/evaluation.md ("Token position")."""
 
 from __future__ import annotations
 
@@ -78,7 +73,7 @@ def position_accuracy(train: torch.Tensor, val: torch.Tensor, device: torch.devi
 
 def position_scores(train: torch.Tensor, val: torch.Tensor, device: torch.device, seed: int = 0) -> dict[str, float]:
     """``{"position_acc": %, "position_share": %, "position_chance": %}`` of patch grids ``train``
-    and ``val`` (N, D, h, w), see the module's docstring."""
+    and ``val`` (N, D, h, w), see docs/evaluation.md ("Token position")."""
     return {"position_acc": round(position_accuracy(train, val, device, seed=seed), 2),
             "position_share": round(position_share(train, val), 2),
             "position_chance": round(100 / (train.shape[2] * train.shape[3]), 2)}

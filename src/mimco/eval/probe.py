@@ -38,9 +38,8 @@ def spread_metrics(values: dict[str, list[float]], prefix: str = "", digits: int
     out: dict[str, float] = {}
     for key, vals in values.items():
         t = torch.tensor(vals, dtype=torch.float64)
-        m, sd = float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
-        out[f"{prefix}{key}"], out[f"{prefix}{key}_std"] = (m, sd) if digits is None else (round(m, digits),
-                                                                                           round(sd, digits))
+        for name, v in ((key, float(t.mean())), (f"{key}_std", float(t.std()) if len(vals) > 1 else 0.0)):
+            out[prefix + name] = v if digits is None else round(v, digits)
     return out
 
 

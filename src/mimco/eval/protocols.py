@@ -3,7 +3,7 @@
 A protocol registers ``run(probe, options) -> metrics`` under a name, with a dataclass of its own
 options (:func:`register_protocol`); :class:`Probe` hands it the backbone, the data and the features of
 both splits, extracted once and shared by every protocol of one call. The built-in protocols, where
-they run and how a plugin adds one: docs/evaluation.md#evaluate; a whole plugin: examples/logreg_probe.py.
+they run and how a plugin adds one (with a whole example): docs/evaluation.md#evaluate.
 Under torchrun every process extracts its share of each split; the main process scores and returns
 the metrics, the others return ``{}``.
 """
@@ -36,8 +36,10 @@ from mimco.data.segmentation import load_segmentation
 from mimco.errors import MimcoError
 from mimco.eval.features import extract_features_distributed
 from mimco.eval.knn import knn_accuracy
+from mimco.eval.linear import linear_probe
 from mimco.eval.probe import bank_split, probe_few_labels, spread_metrics
 from mimco.eval.segmentation import segprobe
+from mimco.plugins import load_plugins
 
 
 @dataclass
@@ -155,8 +157,6 @@ def table_cells(name: str, runs: list[dict[str, float]], opts: Any, ev: EvalConf
 
 
 def protocol_names() -> list[str]:
-    from mimco.plugins import load_plugins
-
     load_plugins()
     return sorted(_PROTOCOLS)
 
@@ -173,7 +173,7 @@ def get_protocol(name: str) -> ProtocolSpec:
 
 def protocol_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The options of protocol ``name``: its defaults, then ``overrides`` ({key: value}, checked
-    like config keys: ``logreg.c``), or None for a protocol without options."""
+    like config keys: ``segprobe.heads``), or None for a protocol without options."""
     spec = get_protocol(name)
     if spec.options is None:
         if overrides:
@@ -198,8 +198,7 @@ def run_protocols(names: list[str], probe: Probe, options: dict[str, Any] | None
     return out
 
 
-@register_protocol("knn", columns=lambda runs, opts, ev: {"k-NN top-1": cell([m["knn_top1"] for m in runs
-                                                                             if "knn_top1" in m])},
+@register_protocol("knn", columns=lambda runs, opts, ev: {"k-NN top-1": spread_cell(runs, "knn_top1")},
                    note=lambda opts, ev: f"k-NN: k = {ev.knn_k}, cosine, the training split as the bank")
 def knn_protocol(probe: Probe, opts: None) -> dict[str, float]:
     """Weighted k-NN top-1 (``eval.knn_k``, ``eval.knn_temperature``), a bank of at most
@@ -212,15 +211,11 @@ def knn_protocol(probe: Probe, opts: None) -> dict[str, float]:
     return {"knn_top1": knn_accuracy(ftr.to(probe.device), ytr, fte, yte, ev.knn_k, ev.knn_temperature)}
 
 
-@register_protocol("linear",
-                   columns=lambda runs, opts, ev: {"linear probe top-1": cell([m["linear_top1"] for m in runs
-                                                                                 if "linear_top1" in m])},
+@register_protocol("linear", columns=lambda runs, opts, ev: {"linear probe top-1": spread_cell(runs, "linear_top1")},
                    note=lambda opts, ev: "linear probe: BatchNorm + linear on frozen CLS features, SGD at lr 0.1")
 def linear_protocol(probe: Probe, opts: None) -> dict[str, float]:
     """The fast linear probe (BatchNorm without affine + linear, SGD for 30 epochs at learning rate
     0.1, :data:`mimco.eval.linear.DEFAULT_LR`, on features extracted once); ``mimco linprobe`` tunes it."""
-    from mimco.eval.linear import linear_probe
-
     got = probe.features()
     if got is None:
         return {}
@@ -325,9 +320,9 @@ def _seg_columns(runs: list[dict[str, float]], opts: SegprobeOptions, ev: EvalCo
         return {f"{name} mIoU (training grid)": spread_cell(runs, "miou", "heads")}
     out = {f"{name} mIoU ({opts.img_size}px)": spread_cell(runs, "miou", "heads")}
     if opts.position:
-        out["token position acc."] = cell([m["position_acc"] for m in runs if "position_acc" in m])
+        out["token position acc."] = spread_cell(runs, "position_acc")
     if opts.position and opts.position_share:
-        out["position variance share"] = cell([m["position_share"] for m in runs if "position_share" in m])
+        out["position variance share"] = spread_cell(runs, "position_share")
     return out
 
 
@@ -356,8 +351,8 @@ def segprobe_protocol(probe: Probe, opts: SegprobeOptions) -> dict[str, float]:
         model, data = probe.backbone, dataclasses.replace(scfg.data, img_size=probe.data.img_size)
     else:
         model, data = probe.backbone_at(opts.img_size), scfg.data
-    values, _ = segprobe(model, train, val, data, probe.device, opts.layers,
-                         probe.patch or model.patch_embed.patch_size[0], opts.epochs, seeds=tuple(range(opts.heads)),
-                         precision=probe.precision, position=opts.position and opts.grid == "resampled")
+    values, _ = segprobe(model, train, val, data, probe.device, opts.layers, probe.patch, opts.epochs,
+                         seeds=tuple(range(opts.heads)), precision=probe.precision,
+                         position=opts.position and opts.grid == "resampled")
     out = spread_metrics({k: v for k, v in values.items() if isinstance(v, list)}, digits=None)
     return {**out, "heads": opts.heads, **{k: v for k, v in values.items() if k.startswith("position_")}} if out else {}

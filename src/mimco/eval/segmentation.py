@@ -45,15 +45,11 @@ def scores(conf: torch.Tensor) -> dict[str, float]:
     """mIoU, mean class accuracy and pixel accuracy (percent) of a confusion matrix; ``classes``:
     how many classes entered the mean (those with a non-empty union)."""
     c = conf.double()
-    tp = c.diag()
-    union = c.sum(0) + c.sum(1) - tp
-    present = union > 0
-    iou = tp[present] / union[present]
-    labelled = c.sum(1) > 0
-    acc = tp[labelled] / c.sum(1)[labelled]
-    total = c.sum()
-    return {"miou": float(iou.mean() * 100) if present.any() else 0.0,
-            "macc": float(acc.mean() * 100) if labelled.any() else 0.0,
+    tp, true = c.diag(), c.sum(1)  # true: the pixels of each class
+    union = c.sum(0) + true - tp
+    present, labelled, total = union > 0, true > 0, c.sum()
+    return {"miou": float((tp[present] / union[present]).mean() * 100) if present.any() else 0.0,
+            "macc": float((tp[labelled] / true[labelled]).mean() * 100) if labelled.any() else 0.0,
             "pixel_acc": float(tp.sum() / total * 100) if total > 0 else 0.0, "classes": int(present.sum())}
 
 
@@ -176,10 +172,8 @@ def confusion_of(predict: Callable[[torch.Tensor], torch.Tensor], batches: Any, 
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x, masks, _ in batches:
         logits = predict(x.to(device, non_blocking=True))
-        if all(m.shape == masks[0].shape for m in masks):
-            pairs = [(logits, torch.stack(masks))]
-        else:  # masks at their own sizes: one sample at a time
-            pairs = [(lg[None], m[None]) for lg, m in zip(logits, masks)]
+        same = all(m.shape == masks[0].shape for m in masks)  # else masks at their own sizes: one sample at a time
+        pairs = [(logits, torch.stack(masks))] if same else [(lg[None], m[None]) for lg, m in zip(logits, masks)]
         for lg, m in pairs:
             conf += confusion_matrix(upsampled(lg, m.shape[-2:]).argmax(1), m.to(device), num_classes)
     return conf
@@ -323,6 +317,5 @@ def evaluate_segmenter(model: nn.Module, val: SegSplit, data: DataConfig, device
     x0 = torch.zeros(1, data.channels, data.img_size, data.img_size, device=device)
     for _ in range(batches - done):  # unreadable samples left this process short: keep in step
         model(x0)
-    conf = dist.all_reduce_(conf)
     model.train(was)
-    return scores(conf)
+    return scores(dist.all_reduce_(conf))

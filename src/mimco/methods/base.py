@@ -85,7 +85,6 @@ def backbone_prefixes(method: nn.Module) -> dict[str, str]:
 def check_method(method: Any) -> None:
     """Raise ``TypeError`` naming what ``method`` lacks of :class:`TrainingMethod`."""
     if not isinstance(method, TrainingMethod):
-        names = ("total_steps", "metric_keys", "forward", "backbone", "no_weight_decay", "param_groups", "after_step",
-                 "on_epoch_end", "encoders", "frozen_modules", "compile_targets", "fsdp_units")
+        names = [*TrainingMethod.__annotations__, *(n for n in vars(TrainingMethod) if not n.startswith("_"))]
         missing = [n for n in names if not hasattr(method, n)]
         raise TypeError(f"{type(method).__name__} is not a TrainingMethod: it lacks {', '.join(missing)}")

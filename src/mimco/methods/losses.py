@@ -76,21 +76,11 @@ class GlobalInfoNCE(nn.Module):
 
 
 class PatchContrastiveLoss(nn.Module):
-    """Patch-level contrastive reconstruction over masked positions.
-
-    For every masked position the student prediction is pulled to the teacher token at the
-    same position and pushed from the negatives: the other patch tokens of the same image
-    (``negatives="image"``) or every teacher patch token of the batch (``"batch"``).
-    ``"position"``: the teacher tokens at the same grid position in every image of the batch
-    (the positive is the query's own image's), so position alone cannot tell the positive from a
-    negative; ``"image+position"``: both sets, the same image's tokens and the other images' at the
-    same position. Negatives whose teacher cosine similarity to the positive exceeds ``neg_threshold``
-    are dropped (near-duplicates of the positive are false negatives). With ``"batch"``, at most
-    ``max_negatives`` tokens of the global batch (each process draws its share of its own tokens
-    at random each call and the draws are gathered: the same set for every query of every
-    process; 0 = all) serve as negatives, which bounds both the gather and the logits,
-    (B*M) x (max_negatives + 1).
-    """
+    """Patch-level contrastive reconstruction over masked positions: each student prediction is pulled
+    to the teacher token at its position and pushed from the ``negatives`` (``image`` | ``batch`` |
+    ``position`` | ``image+position``, the key ``loss.patch_negatives``: docs/training.md). Negatives whose
+    teacher cosine to the positive exceeds ``neg_threshold`` are dropped (false negatives); with ``batch``,
+    at most ``max_negatives`` tokens of the global batch (0 = all, :meth:`_sampled`)."""
 
     def __init__(self, temperature: float = 0.2, negatives: str = "image", neg_threshold: float = 1.0,
                  gather: bool = True, max_negatives: int = 0) -> None:
@@ -135,8 +125,7 @@ class PatchContrastiveLoss(nn.Module):
         p (B, M, D) normalised predictions; t (B, N, D) normalised teacher tokens; pos_idx (B, M);
         t_pos (B, M, D) the positives, only with a ``neg_threshold``. The scores of every position
         against every image are one batched matmul per position, (N, B, D) x (N, D, world*B), of which
-        the masked positions' rows are kept: N*B*world*B floats, 0.1 GB for ViT-S/16 at 128 images
-        on each of 8 processes (the gathered teacher tokens: world*B*N*D floats, 0.3 GB)."""
+        the masked positions' rows are kept: N*B*world*B floats (and world*B*N*D gathered; docs/training.md)."""
         b, n, d = t.shape
         every = gather_no_grad(t) if self.gather else t  # (G, N, D), G = world*B
         first = rank() * b if self.gather else 0

@@ -46,8 +46,7 @@ class MoCoV3(MethodDefaults, nn.Module):
         super().__init__()
         backbone.head = MoCoMLP(3, backbone.embed_dim, mlp_dim, proj_dim)
         self.base_encoder = backbone
-        self.momentum_encoder = copy.deepcopy(backbone)
-        self.momentum_encoder.requires_grad_(False)
+        self.momentum_encoder = copy.deepcopy(backbone).requires_grad_(False)
         self.predictor = MoCoMLP(2, proj_dim, mlp_dim, proj_dim)
         self.criterion = GlobalInfoNCE(temperature)
         self.base_momentum = base_momentum

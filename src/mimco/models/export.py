@@ -54,41 +54,28 @@ def matching_name(vit: VisionTransformer) -> str | None:
     return name if all(ref.get(k) == kw.get(k) for k in _ARCH) else None
 
 
-#: the registered name a hub folder names when no timm model is exactly the ViT: its ``model_args``
-#: (every architectural argument that differs from :class:`VisionTransformer`'s defaults) build it
-FALLBACK = "vit_base_patch16_224"
-
-
-def pretrained_cfg(vit: VisionTransformer, mean: list[float], std: list[float]) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` for ``vit``: the statistics it was trained on and mimco's evaluation
-    transform."""
-    c, s = vit.patch_embed.proj.in_channels, vit.patch_embed.img_size[0]
-    return {"tag": "mimco", "input_size": [c, s, s], "fixed_input_size": True, "interpolation": "bilinear",
-            "crop_pct": 0.875 if s >= 64 else 1.0, "crop_mode": "center", "mean": list(mean[:c]), "std": list(std[:c]),
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
-
-
-def hub_config(vit: VisionTransformer, mean: list[float], std: list[float],
-               info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``config.json`` of a timm hub folder (what ``timm.create_model("local-dir:PATH")`` and
-    ``hf-hub:`` read): ``architecture``, ``num_classes``, ``num_features``, ``global_pool``,
-    ``model_args`` (the exact architecture), ``pretrained_cfg``; ``info`` goes under ``mimco``."""
-    kw = timm_kwargs(vit)
-    args = {k: v for k, v in kw.items() if k != "num_classes"}
-    return {"architecture": matching_name(vit) or FALLBACK, "num_classes": 0, "num_features": vit.embed_dim,
-            "global_pool": kw["global_pool"], "model_args": args, "pretrained_cfg": pretrained_cfg(vit, mean, std),
-            **({"mimco": info} if info else {})}
-
-
 def export_timm(vit: VisionTransformer, out_dir: str | Path, mean: list[float], std: list[float],
                 info: dict[str, Any] | None = None, card: str = "") -> Path:
-    """A timm hub folder in ``out_dir``: ``model.safetensors`` (the backbone without head),
-    ``config.json`` (:func:`hub_config`) and, given ``card``, ``README.md`` (the model card)."""
+    """A timm hub folder in ``out_dir``: ``model.safetensors`` (the backbone without head), ``config.json``
+    (what ``timm.create_model("local-dir:PATH")`` and ``hf-hub:`` read: the architecture, its exact
+    ``model_args``, and a ``pretrained_cfg`` with the statistics it was trained on and mimco's evaluation
+    transform; ``info`` goes under ``mimco``) and, given ``card``, ``README.md`` (the model card)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}
     save_weights(state, out / "model.safetensors", {"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hub_config(vit, mean, std, info), indent=2) + "\n")
+    kw = timm_kwargs(vit)
+    c, s = kw["in_chans"], kw["img_size"]
+    pretrained = {"tag": "mimco", "input_size": [c, s, s], "fixed_input_size": True, "interpolation": "bilinear",
+                  "crop_pct": 0.875 if s >= 64 else 1.0, "crop_mode": "center", "mean": list(mean[:c]),
+                  "std": list(std[:c]), "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+                  "license": "apache-2.0"}
+    # the timm name that is exactly the ViT or, when none is, one whose model_args (below) rebuild the ViT
+    config = {"architecture": matching_name(vit) or "vit_base_patch16_224", "num_classes": 0,
+              "num_features": vit.embed_dim, "global_pool": kw["global_pool"],
+              "model_args": {k: v for k, v in kw.items() if k != "num_classes"}, "pretrained_cfg": pretrained,
+              **({"mimco": info} if info else {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if card:
         (out / "README.md").write_text(card)
     return out

@@ -35,6 +35,7 @@ FORMATS = {
     **families.FAMILIES,
 }
 
+
 @dataclass
 class BackboneState:
     """What a checkpoint holds for a ViT backbone, in timm names."""
@@ -102,8 +103,7 @@ def parse_checkpoint(obj: Any, encoder: str = "momentum") -> BackboneState:
             if "patch_embed.proj.weight" not in body:
                 raise MimcoError("this MoCo v3 checkpoint has a convolutional stem (vit_conv_*); only the plain "
                                  "patch-projection ViTs (vit-s-300ep, vit-b-300ep) are supported")
-            rest = [k for k in sd if not k.startswith(prefix)]
-            return BackboneState("mocov3", prefix, body, proj, _groups(rest), 12)
+            return BackboneState("mocov3", prefix, body, proj, _groups([k for k in sd if not k.startswith(prefix)]), 12)
         if "module.head.weight" in sd and sd["module.head.weight"].ndim == 2:
             raise MimcoError("this is a MoCo v3 linear-probe checkpoint (linear-vit-*.pth.tar: a frozen backbone plus "
                              "a 1000-class linear head), not a pre-training one; pass vit-s-300ep.pth.tar / "

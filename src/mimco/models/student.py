@@ -10,11 +10,8 @@ from mimco.models.vit import encode
 
 
 class MaskedViT(nn.Module):
-    """Wraps a timm ViT with a learnable mask token (SimMIM: every token goes through the encoder).
-
-    ``self.backbone`` is an unmodified timm model, so its state dict loads into
-    ``timm.create_model`` directly after pre-training.
-    """
+    """Wraps a timm ViT with a learnable mask token (SimMIM: every token goes through the encoder);
+    ``self.backbone`` stays an unmodified timm model (its state dict loads into ``timm.create_model``)."""
 
     def __init__(self, backbone: VisionTransformer) -> None:
         super().__init__()

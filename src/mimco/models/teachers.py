@@ -18,11 +18,9 @@ def projector_width(model: nn.Module) -> int:
 
 
 def resample_grid(tokens: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str) -> torch.Tensor:
-    """Patch tokens (B, Hs*Ws, D) on grid ``src`` -> (B, Hd*Wd, D) on grid ``dst``, row-major.
-
-    ``area`` averages the teacher tokens each student patch covers (overlapping windows when the
-    sizes do not divide); ``bilinear`` interpolates (antialiased when shrinking).
-    """
+    """Patch tokens (B, Hs*Ws, D) on grid ``src`` -> (B, Hd*Wd, D) on grid ``dst``, row-major: ``area``
+    averages the teacher tokens each student patch covers (overlapping windows when the sizes do not
+    divide); ``bilinear`` interpolates (antialiased when shrinking)."""
     if tuple(src) == tuple(dst):
         return tokens
     b, n, d = tokens.shape

@@ -64,8 +64,7 @@ def encode(model: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None 
     if mask is not None:
         w = mask.unsqueeze(-1).to(t.dtype)
         t = t * (1.0 - w) + mask_token.to(t.dtype) * w
-    # timm's own prefix tokens + position table (timm 1.x, pinned in pyproject.toml; tests compare it
-    # with forward_features)
+    # timm's own prefix tokens + position table (timm 1.x: docs/architecture.md#contracts)
     t = model._pos_embed(t)
     t = model.norm_pre(model.patch_drop(t))
     if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
