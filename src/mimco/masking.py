@@ -69,8 +69,7 @@ def sample_blocks(grid_size: tuple[int, int], target: int, rng: np.random.Genera
         for _ in range(max_attempts):
             area = rng.uniform(min_patches, max(min_patches, remaining))
             aspect = math.exp(rng.uniform(log_lo, log_hi))
-            bh = int(round(math.sqrt(area * aspect)))
-            bw = int(round(math.sqrt(area / aspect)))
+            bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if not (1 <= bh <= h and 1 <= bw <= w) or bh * bw < min_patches or \
                     not (min_aspect <= bh / bw <= 1.0 / min_aspect):
                 continue
@@ -81,8 +80,7 @@ def sample_blocks(grid_size: tuple[int, int], target: int, rng: np.random.Genera
                 blocks.append((top, left, bh, bw))
                 break
         else:  # no rectangle fits
-            free = np.flatnonzero(~mask.ravel())
-            fill = rng.choice(free, size=remaining, replace=False)
+            fill = rng.choice(np.flatnonzero(~mask.ravel()), size=remaining, replace=False)
             mask.ravel()[fill] = True
     return mask, blocks
 

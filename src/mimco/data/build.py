@@ -101,11 +101,10 @@ def load_dataset(cfg: DataConfig, train: bool = True,
         return HFImages(split, source, cfg.image_column, cfg.label_column, cfg.channels, transform, subset)
     else:  # imagefolder, folder
         root = Path(cfg.root)
-        if (root / "train").is_dir():
+        split = (root / "train").is_dir()
+        if split:
             root = root / ("train" if train else "val")
-        elif not train:
-            return None
-        if not train and not root.is_dir():
+        if not train and not (split and root.is_dir()):
             return None
         return FileImages(str(root), labelled=name == "imagefolder", channels=cfg.channels, transform=transform,
                           subset=subset)
@@ -120,8 +119,7 @@ def cached(files: FileImages, cfg: DataConfig, verbose: bool = True, device: tor
     from mimco.data.cache import decode_all
 
     size = cfg.cache_size or cfg.img_size
-    images, labels = decode_all(files, size, cfg.num_workers, cfg.max_bad_fraction, verbose, device)
-    return ImageArray(images, labels, cfg.channels)
+    return ImageArray(*decode_all(files, size, cfg.num_workers, cfg.max_bad_fraction, verbose, device), cfg.channels)
 
 
 def class_names(cfg: DataConfig, dataset: ImageArray | FileImages | None = None) -> list[str] | None:

@@ -169,8 +169,7 @@ _SIDE_STREAMS: dict[int | None, Any] = {}  # one side stream per device, for the
 
 
 def _decode_one(data: torch.Tensor, mode: ImageReadMode, device: torch.device) -> torch.Tensor | None:
-    try:
+    with contextlib.suppress(RuntimeError):
         return decode_jpeg(data, mode=mode, device=device)
-    except RuntimeError:
-        return None
+    return None
 

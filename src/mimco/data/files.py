@@ -56,10 +56,9 @@ def _is(entry: os.DirEntry, test: str) -> bool:
 
 
 def stat_or_none(path: str | Path) -> os.stat_result | None:
-    try:
+    with contextlib.suppress(OSError):
         return os.stat(path)
-    except OSError:
-        return None
+    return None
 
 
 def _walk(base: Path) -> dict[str, Any]:
@@ -192,16 +191,13 @@ def _read(base: Path, path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"the file list {path} cannot be read ({type(e).__name__})"
     if -1 in dirs.values():
         return listing, "racy"
-    changed = 0
-    for rel, mtime in dirs.items():
-        # the list next to the images moved the root's time when it was written: the root's time
-        # is then carried as the list's own
-        recorded = st.st_mtime_ns if not rel and path == base / LIST_NAME else mtime
-        changed += getattr(stat_or_none(base / rel), "st_mtime_ns", None) != recorded
-    if changed:
-        return listing, (f"the image tree at {base} changed ({changed} of {len(dirs)} folders modified since it was "
-                         "listed)")
-    return listing, ""
+    # the list next to the images moved the root's time when it was written: the root's time is
+    # then carried as the list's own
+    own = path == base / LIST_NAME
+    changed = sum(getattr(stat_or_none(base / rel), "st_mtime_ns", None)
+                  != (st.st_mtime_ns if not rel and own else mtime) for rel, mtime in dirs.items())
+    why = f"the image tree at {base} changed ({changed} of {len(dirs)} folders modified since it was listed)"
+    return listing, why if changed else ""
 
 
 def _write(base: Path, listing: dict[str, Any]) -> Path | None:
@@ -290,7 +286,6 @@ def subset_of(items: Sequence, sizes: list[int], subset: int, seed: int) -> tupl
 
 
 def read_file(path: str | Path) -> bytes | None:
-    """The bytes of the file at ``path``, or None when it cannot be read."""
     with contextlib.suppress(OSError):
         return Path(path).read_bytes()
     return None

@@ -17,11 +17,10 @@ def scene_layout(n: int, pool: int, size: int, item: int = 28, items: tuple[int,
     in drawing order, drawn from one seeded generator."""
     if size < item:
         raise ValueError(f"a scene of {size} px cannot hold a {item}-px item")
-    lo, hi = items
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        k = int(rng.integers(lo, hi + 1))
+        k = int(rng.integers(items[0], items[1] + 1))
         src = rng.integers(0, pool, size=k)
         pos = rng.integers(0, size - item + 1, size=(k, 2))
         out.append([(int(s), int(t), int(left)) for s, (t, left) in zip(src, pos)])

@@ -208,6 +208,4 @@ def seg_eval_transform(data: DataConfig) -> Callable:
 def collate_eval(batch: list[Any]) -> tuple[torch.Tensor, list[torch.Tensor], int] | None:
     """Readable evaluation samples: (images (B, C, S, S), masks at their own sizes, unreadable count)."""
     good = [b for b in batch if b is not None]
-    if not good:
-        return None
-    return torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)
+    return (torch.stack([b[0] for b in good]), [b[1] for b in good], len(batch) - len(good)) if good else None

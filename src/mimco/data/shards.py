@@ -93,9 +93,8 @@ def _read_index(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         raise MimcoError(f"{path} is not a shard index (wids' shardlist JSON); write it again with `mimco shards` or "
                          "point data.root at the .tar files (a brace pattern)") from None
-    base = path.parent
     for s in shards:
-        s["url"] = str(base / s["url"]) if not os.path.isabs(s["url"]) else s["url"]
+        s["url"] = str(path.parent / s["url"]) if not os.path.isabs(s["url"]) else s["url"]
     return desc
 
 
@@ -250,10 +249,9 @@ class ShardImages(FileImages):
                 old = self._open.pop(next(iter(self._open)))
                 if old is not None:
                     os.close(old)
-            try:
+            fd = None
+            with contextlib.suppress(OSError):
                 fd = os.open(url, os.O_RDONLY)
-            except OSError:
-                fd = None
         self._open[url] = fd  # most recently used last
         return fd
 
@@ -264,11 +262,10 @@ class ShardImages(FileImages):
         fd = self._fd(url)
         if fd is None or offset < 0:
             return None
-        try:
+        with contextlib.suppress(OSError):
             data = os.pread(fd, size, offset)
-        except OSError:
-            return None
-        return data if len(data) == size else None  # short: a truncated shard
+            return data if len(data) == size else None  # short: a truncated shard
+        return None
 
     def __del__(self) -> None:
         for fd in getattr(self, "_open", {}).values():

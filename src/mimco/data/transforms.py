@@ -225,8 +225,7 @@ class BatchTwoViews(nn.Module):
         return self.norm(seq(x))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = _to_float(x)
-        return self.from_crops([x, x])
+        return self.from_crops([_to_float(x)] * 2)
 
     @torch.no_grad()
     def from_crops(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -51,13 +51,10 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _unwrap(obj: dict[str, Any]) -> dict[str, Any]:
-    return next((obj[k] for k in ("model_ema", "model", "module", "state_dict") if isinstance(obj.get(k), dict)), obj)
-
-
 def detect(obj: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(kind, the state dict in its released names) for a DINOv2, CLIP or EVA-02 file, else None."""
-    sd = _unwrap(obj)
+    # the state dict itself, or the one a training checkpoint wraps
+    sd = next((obj[k] for k in ("model_ema", "model", "module", "state_dict") if isinstance(obj.get(k), dict)), obj)
     if not all(isinstance(v, torch.Tensor) for v in list(sd.values())[:50]):
         return None
     if "visual.class_embedding" in sd or "module.visual.class_embedding" in sd:
