@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -599,10 +600,7 @@ def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...], model_keys: 
             root = stage_class(type(cfg), str(value))
             cfg = from_dict(root, {**to_dict(cfg), "method": value})
             continue
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _apply(cfg, nested, type(cfg))
+        _apply(cfg, functools.reduce(lambda inner, k: {k: inner}, reversed(keys), value), type(cfg))
     validate(cfg, model_keys)
     return cfg
 

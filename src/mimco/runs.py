@@ -160,13 +160,11 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        except OSError as e:  # BlockingIOError: held; another error: no flock here (ENOLCK, EINVAL, ENOSYS)
+            holder = (os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                      if isinstance(e, BlockingIOError) else None)
             os.close(fd)
             return holder
-        except OSError:  # no flock here (ENOLCK, EINVAL, ENOSYS): nothing to hold
-            os.close(fd)
-            return None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())

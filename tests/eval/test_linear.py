@@ -13,7 +13,6 @@ from mimco.eval.linear import (
     LinearHeads,
     held_out_split,
     linear_probe,
-    linear_probe_grid,
     train_heads,
 )
 
@@ -83,14 +82,15 @@ def test_grid_picks_the_lr_best_on_held_out_data():
     x, y = _clusters(400, 0)
     xt, yt = _clusters(200, 1)
     grid = [1e-7, 0.1, 1e38]
-    top1, choice = linear_probe_grid(x, y, xt, yt, epochs=3, batch_size=64, lr=grid)
+    top1 = linear_probe(x, y, xt, yt, epochs=3, batch_size=64, lr=grid)
+    choice = top1.choice
     assert choice.held_out == 40 and choice.lr == 0.1
     scores = choice.scores
     assert scores[(0.1, 0.0)] > 95 and scores[(1e-7, 0.0)] < 60
     assert scores[(1e38, 0.0)] == 0  # not-a-number logits are wrong, whatever their argmax says
     assert top1 == linear_probe(x, y, xt, yt, epochs=3, batch_size=64, lr=0.1) > 95
     # weight decay is a second axis: 10.0 shrinks every weight to nothing, 0 does not
-    _, choice = linear_probe_grid(x, y, xt, yt, epochs=3, batch_size=64, lr=[0.1], weight_decay=[10.0, 0.0])
+    choice = linear_probe(x, y, xt, yt, epochs=3, batch_size=64, lr=[0.1], weight_decay=[10.0, 0.0]).choice
     assert (choice.lr, choice.weight_decay) == (0.1, 0.0) and len(choice.scores) == 2
 
 
@@ -124,7 +124,7 @@ def test_grid_is_one_pass(monkeypatch):
     counts = []
     for grid in (DEFAULT_LR_GRID, [0.05, 0.5]):
         calls.clear()
-        linear_probe_grid(x, y, xt, yt, epochs=epochs, batch_size=bs, lr=grid)
+        linear_probe(x, y, xt, yt, epochs=epochs, batch_size=bs, lr=grid)
         counts.append((len(calls), sum(calls)))
     fit, held = 360, 40
     batches = epochs * math.ceil(fit / bs) + math.ceil(held / bs) + epochs * math.ceil(400 / bs) + 1
@@ -148,11 +148,12 @@ def test_tiny_split_falls_back_and_says_so(capsys):
     lr nearest the single-lr default is trained, and one line says so."""
     x, y = _clusters(16, 0)
     xt, yt = _clusters(40, 1)
-    top1, choice = linear_probe_grid(x, y, xt, yt, epochs=2, batch_size=8, lr=[0.03, 1.0])
+    top1 = linear_probe(x, y, xt, yt, epochs=2, batch_size=8, lr=[0.03, 1.0])
+    choice = top1.choice
     assert (choice.lr, choice.held_out, choice.scores) == (0.03, 0, {})
     assert "too few" in capsys.readouterr().err and "0.03" in choice.note
     assert top1 == linear_probe(x, y, xt, yt, epochs=2, batch_size=8, lr=0.03)
-    assert linear_probe_grid(x, y, xt, yt, epochs=1, batch_size=8)[1].lr == 0.1
+    assert linear_probe(x, y, xt, yt, epochs=1, batch_size=8, lr=DEFAULT_LR_GRID).choice.lr == 0.1
     with pytest.raises(MimcoError, match="at least one learning rate"):
         linear_probe(x, y, xt, yt, lr=[])
 
@@ -174,8 +175,8 @@ def test_grid_on_a_gpu_matches_the_cpu():
     x, y = _clusters(400, 0)
     xt, yt = _clusters(200, 1)
     grid = [1e-7, 0.1, 1e38]
-    top1, choice = linear_probe_grid(x.cuda(), y.cuda(), xt.cuda(), yt.cuda(), epochs=3, batch_size=64, lr=grid)
-    assert choice.lr == 0.1 and abs(top1 - linear_probe_grid(x, y, xt, yt, epochs=3, batch_size=64, lr=grid)[0]) < 1
+    top1 = linear_probe(x.cuda(), y.cuda(), xt.cuda(), yt.cuda(), epochs=3, batch_size=64, lr=grid)
+    assert top1.choice.lr == 0.1 and abs(top1 - linear_probe(x, y, xt, yt, epochs=3, batch_size=64, lr=grid)) < 1
 
 
 def test_linprobe_default_is_the_grid():

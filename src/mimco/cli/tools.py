@@ -94,20 +94,10 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot_images(cfg: Any, n: int, device: torch.device) -> torch.Tensor:
-    """The first ``n`` normalised evaluation images of the data (a segmentation split's validation
-    images, or a test split), on ``device``."""
-    from mimco.data.segmentation import load_segmentation
-    from mimco.eval.segmentation import val_batches
-
-    if cfg.data.name in SEGMENTATION:
-        val = load_segmentation(cfg.data, getattr(cfg, "seg", SegDataConfig()), train=False, verbose=False)
-        return next(iter(val_batches(val, cfg.data, n)))[0].to(device)
-    return next(iter(eval_batches(load_splits(cfg)[1], cfg.data, n, device)))[0]
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
+    from mimco.data.segmentation import load_segmentation
     from mimco.eval.plots import attention_figure, curves_figure, denormalize, pca_figure, tsne_figure
+    from mimco.eval.segmentation import val_batches
     from mimco.pipeline import setup
 
     args.overrides = [*args.overrides, *[i for i in args.inputs if "=" in i]]
@@ -128,7 +118,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.kind == "pca":
         if not rows:
             raise MimcoError("plot pca needs a backbone; raw pixels have no patch tokens")
-        x = _plot_images(cfg, min(args.n, 16), device)
+        if cfg.data.name in SEGMENTATION:  # a segmentation split's validation images, else the test split's
+            val = load_segmentation(cfg.data, getattr(cfg, "seg", SegDataConfig()), train=False, verbose=False)
+            x = next(val_batches(val, cfg.data, min(args.n, 16)))[0].to(device)
+        else:
+            x = next(eval_batches(load_splits(cfg)[1], cfg.data, min(args.n, 16), device))[0]
         print(pca_figure(rows, x, denormalize(x, cfg.data.mean, cfg.data.std), args.out))
         return 0
     _, test = load_splits(cfg)

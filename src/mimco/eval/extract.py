@@ -23,14 +23,11 @@ from mimco.data.files import FileImages
 from mimco.errors import MimcoError
 from mimco.eval.features import extract_distributed
 
-#: the file types ``mimco extract`` writes, by suffix
-SUFFIXES = (".safetensors", ".npz")
-
 
 def check_out(path: str | Path) -> Path:
     """The output file, refused before any work when its type is unknown or it exists already."""
     p = Path(path)
-    if p.suffix not in SUFFIXES:
+    if p.suffix not in (".safetensors", ".npz"):
         raise MimcoError(f"--out {p}: write a .safetensors or .npz file")
     if p.exists():
         raise MimcoError(f"--out {p} exists; choose another name (or delete it) so nothing is overwritten")
@@ -71,8 +68,6 @@ def extract_tokens(backbone: torch.nn.Module, dataset: Any, data: DataConfig, de
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64"}
 #: the key of the file names (image folders)
 NAMES = "names"
-#: bytes copied at a time when the file is put together from its parts
-_COPY = 4 * 2**20
 
 
 class FeatureWriter:
@@ -123,7 +118,7 @@ class FeatureWriter:
 
     def _copy(self, key: str, out: IO[bytes]) -> None:
         with open(self.parts / key, "rb") as f:
-            shutil.copyfileobj(f, out, _COPY)
+            shutil.copyfileobj(f, out, 4 * 2**20)  # 4 MiB at a time
 
     def _safetensors(self, tmp: Path, meta: dict[str, Any]) -> None:
         header: dict[str, Any] = {"__metadata__": {"mimco": json.dumps(meta)}}

@@ -86,13 +86,6 @@ class LinearHeads(nn.Module):
         return self.per_sample(x).transpose(0, 1)
 
 
-def _settings(lr: float | Sequence[float], weight_decay: float | Sequence[float]) -> list[tuple[float, float]]:
-    lrs, wds = ([float(v)] if isinstance(v, Real) else [float(x) for x in v] for v in (lr, weight_decay))
-    if not lrs or not wds:
-        raise MimcoError("the linear probe needs at least one learning rate and one weight decay")
-    return [(a, w) for a in lrs for w in wds]
-
-
 def held_out_split(labels: torch.Tensor, fraction: float = HELD_OUT_FRACTION,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, held-out) ascending indices: ``floor(fraction * n_c)`` images of every class c held
@@ -203,24 +196,17 @@ def _probe(fetch: Fetch, plain: Fetch, labels: torch.Tensor, dim: int, test_feat
            weight_decay: float | Sequence[float], seed: int, optimizer: str, device: torch.device) -> Top1:
     """Choose a setting (a grid's, on held-out training images scored through ``plain``), train it on
     the whole split through ``fetch`` and score it on the test features: top-1 in percent."""
+    lrs, wds = ([float(v)] if isinstance(v, Real) else [float(x) for x in v] for v in (lr, weight_decay))
+    if not lrs or not wds:
+        raise MimcoError("the linear probe needs at least one learning rate and one weight decay")
     c = int(max(labels.max(), test_labels.max())) + 1
-    choice = _choose(fetch, plain, labels, dim, c, _settings(lr, weight_decay), epochs, batch_size, optimizer, seed,
-                     device)
+    settings = [(a, w) for a in lrs for w in wds]
+    choice = _choose(fetch, plain, labels, dim, c, settings, epochs, batch_size, optimizer, seed, device)
     heads = train_heads(fetch, labels, dim, c, [(choice.lr, choice.weight_decay)], epochs, batch_size, optimizer,
                         seed, device).eval()
     with torch.no_grad():
         pred = heads(test_feats.to(device).float())[0].argmax(1)
     return Top1(float((pred == test_labels.to(device)).float().mean() * 100), choice)
-
-
-def linear_probe_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                      test_labels: torch.Tensor, epochs: int = 30, batch_size: int = 1024,
-                      lr: float | Sequence[float] = DEFAULT_LR_GRID, weight_decay: float | Sequence[float] = 0.0,
-                      seed: int = 0, optimizer: str = "sgd") -> tuple[float, Choice]:
-    """:func:`linear_probe` with the grid as default: (test top-1 in percent, the chosen setting)."""
-    top1 = linear_probe(train_feats, train_labels, test_feats, test_labels, epochs, batch_size, lr, weight_decay, seed,
-                        optimizer)
-    return float(top1), top1.choice
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,

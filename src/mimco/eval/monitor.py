@@ -30,9 +30,6 @@ from mimco.eval.knn import knn_accuracy
 from mimco.eval.probe import has_labels
 from mimco.masking import random_mask
 
-#: test images shown at each monitor point
-SHOWN = 8
-
 
 def _balanced(split: Any, size: int, seed: int, key: str, name: str) -> Any:
     """Up to ``size`` images of ``split``, the same number from every class (``size // classes``,
@@ -147,7 +144,7 @@ class KnnMonitor:
         # the main process alone draws them; under FSDP (the backbone holds FSDP2 units) each unit's forward is a
         # collective, so every process runs the pictures' forward passes with it (and drops what it drew)
         if dist.is_main() or any(isinstance(m, FSDPModule) for m in backbone.modules()):
-            x = next(eval_batches(self.queries, self.data, SHOWN, device))[0]
+            x = next(eval_batches(self.queries, self.data, 8, device))[0]  # the 8 test images shown
             with autocast(device, precision):  # FSDP's bf16 policy gathers bf16 parameters: inputs must follow
                 images = monitor_images(backbone, x, self.data, self.mask, self.ev.monitor_seed)
             images = images if dist.is_main() else {}

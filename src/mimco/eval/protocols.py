@@ -203,8 +203,7 @@ def run_protocols(names: list[str], probe: Probe, options: dict[str, Any] | None
 def knn_protocol(probe: Probe, opts: None) -> dict[str, float]:
     """Weighted k-NN top-1 (``eval.knn_k``, ``eval.knn_temperature``), a bank of at most
     ``eval.max_train`` training images; scored on the run's device."""
-    got = probe.features()
-    if got is None:
+    if (got := probe.features()) is None:
         return {}
     (ftr, ytr), (fte, yte) = got
     ev = probe.eval
@@ -216,8 +215,7 @@ def knn_protocol(probe: Probe, opts: None) -> dict[str, float]:
 def linear_protocol(probe: Probe, opts: None) -> dict[str, float]:
     """The fast linear probe (BatchNorm without affine + linear, SGD for 30 epochs at learning rate
     0.1, :data:`mimco.eval.linear.DEFAULT_LR`, on features extracted once); ``mimco linprobe`` tunes it."""
-    got = probe.features()
-    if got is None:
+    if (got := probe.features()) is None:
         return {}
     (ftr, ytr), (fte, yte) = got
     return {"linear_top1": linear_probe(*[t.to(probe.device) for t in (ftr, ytr, fte, yte)], seed=probe.seed)}
