@@ -64,8 +64,7 @@ def _split(cfg: Any, split: str) -> Any:
 
     if split not in ("train", "test"):
         raise MimcoError(f"unknown split '{split}'; choose train or test")
-    data = load_dataset(cfg.data, train=split == "train")
-    if data is None:
+    if (data := load_dataset(cfg.data, train=split == "train")) is None:
         raise MimcoError(f"data.name={cfg.data.name} has no {split} split")
     return data
 

@@ -412,8 +412,7 @@ def stage_methods(stage: str) -> list[str]:
 def unknown_method(name: str, stage: str) -> MimcoError:
     """The one-line error for a ``method`` that ``stage`` does not have."""
     names = stage_methods(stage)
-    other = next((s for s, m in _METHOD_SECTIONS if m == name), None)
-    if other is not None:
+    if (other := next((s for s, m in _METHOD_SECTIONS if m == name), None)) is not None:
         return MimcoError(f"method '{name}' trains with `mimco {other}`, not `mimco {stage}`; choose "
                           f"{choices_text(names)}")
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
@@ -433,8 +432,7 @@ def stage_class(cls: type, method: str, strict: bool = True) -> type:
     ``cls``. An unregistered method is a :class:`MimcoError` naming the choices (``strict=False``: the
     stage's sections alone, for a saved config whose method is not loaded)."""
     base = base_class(cls)
-    stage = getattr(base, "STAGE", None)
-    if stage is None:
+    if (stage := getattr(base, "STAGE", None)) is None:
         return base
     # mimco's own methods and the plugins register on first use (stage_methods loads them)
     if (stage, method) not in _METHOD_SECTIONS and method not in stage_methods(stage):

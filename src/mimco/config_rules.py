@@ -119,8 +119,7 @@ def _model_rules(cfg: Any) -> None:
     if d.img_size % m.patch_size:
         raise MimcoError(f"data.img_size={d.img_size} is not divisible by model.patch_size={m.patch_size}; change one "
                          "of them")
-    mask = getattr(cfg, "mask", None)
-    if mask is not None:
+    if (mask := getattr(cfg, "mask", None)) is not None:
         if mask.mask_patch_size % m.patch_size:
             raise MimcoError(f"mask.mask_patch_size={mask.mask_patch_size} is not a multiple of model.patch_size="
                              f"{m.patch_size}; set a multiple (or 0 for the patch size)")
@@ -132,8 +131,7 @@ def _model_rules(cfg: Any) -> None:
 
 def _data_rules(cfg: Any) -> None:
     """Which data keys apply to which datasets."""
-    d = getattr(cfg, "data", None)
-    if d is None:
+    if (d := getattr(cfg, "data", None)) is None:
         return
     if d.decode == "gpu" and (d.name in IN_MEMORY or d.cache or d.on_device):
         other = "data.cache=true" if d.cache else "data.on_device=true" if d.on_device else d.name

@@ -137,8 +137,7 @@ def run_stage(stage: str, cfg: Any, resume: dict[str, Any] | None = None, run_di
     if dist.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            held = lock.acquire()
-            if held is None:
+            if (held := lock.acquire()) is None:
                 save_config(cfg, run_dir / CONFIG)
         except OSError as e:  # an unwritable folder: said by every process, none left waiting in the broadcast
             lock.release()

@@ -197,8 +197,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = data_config(PretrainConfig, args, [state])
     name, model, state = at_data_size((name, model, state), args.checkpoint, cfg, args.encoder, args.num_heads)
     device = setup(cfg, model_keys=False)
-    split = load_dataset(cfg.data, train=args.split == "train")
-    if split is None:
+    if (split := load_dataset(cfg.data, train=args.split == "train")) is None:
         raise MimcoError(f"data.name={cfg.data.name} at {cfg.data.root or 'its default place'} has no test split; use "
                          "--split train")
     meta = {"checkpoint": args.checkpoint, "format": state.format if state is not None else "", "split": args.split,

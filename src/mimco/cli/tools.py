@@ -75,8 +75,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     else:
         raise MimcoError(f"{args.source} is neither a folder of images nor one of {', '.join(IN_MEMORY)}")
     cfg = load_config(PretrainConfig, None, [*base, *args.overrides], model_keys=False)
-    ds = load_dataset(cfg.data, train=args.split == "train")
-    if ds is None:
+    if (ds := load_dataset(cfg.data, train=args.split == "train")) is None:
         raise MimcoError(f"{args.source} has no {args.split} split (a folder needs {args.split}/ beside train/)")
     if isinstance(ds, FileImages):
         classes = ds.classes

@@ -101,8 +101,7 @@ def load_dataset(cfg: DataConfig, train: bool = True,
         return HFImages(split, source, cfg.image_column, cfg.label_column, cfg.channels, transform, subset)
     else:  # imagefolder, folder
         root = Path(cfg.root)
-        split = (root / "train").is_dir()
-        if split:
+        if split := (root / "train").is_dir():
             root = root / ("train" if train else "val")
         if not train and not (split and root.is_dir()):
             return None

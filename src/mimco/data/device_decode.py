@@ -56,8 +56,7 @@ class EncodedFiles(Dataset):
         if jpeg:
             data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         else:  # not a JPEG nvJPEG takes: decoded here
-            img = decode_image(raw, self.files.channels)
-            if img is None:
+            if (img := decode_image(raw, self.files.channels)) is None:
                 return None
             data = pil_to_tensor(img)
         return data, boxes, self.files.items[i][1]
@@ -112,8 +111,7 @@ class DeviceViews(nn.Module):
                 hand_over(decoded)
             for i, x in zip(jpegs, decoded):
                 out[i] = x
-        good = [x for x in out if x is not None]
-        if not good:
+        if not (good := [x for x in out if x is not None]):
             raise RuntimeError("no image of the batch could be decoded")
         filled = itertools.accumulate(out, lambda last, x: last if x is None else x, initial=good[0])
         return list(filled)[1:], len(out) - len(good)

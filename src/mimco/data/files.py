@@ -81,8 +81,7 @@ def _walk(base: Path) -> dict[str, Any]:
             return
         for e in entries:
             if _is(e, "is_dir"):
-                top_class = not rel and not e.name.startswith(".")
-                if top_class:
+                if top_class := (not rel and not e.name.startswith(".")):
                     classes.append(e.name)
                 if e.is_symlink():
                     if not top_class:
@@ -336,8 +335,7 @@ class FileImages(Dataset):
         return None if data is None else decode_image(data, self.channels)
 
     def __getitem__(self, i: int) -> Any:
-        img = self.load(i)
-        if img is None:
+        if (img := self.load(i)) is None:
             return None
         return (self.transform(img) if self.transform else img), self.items[i][1]
 

@@ -62,15 +62,12 @@ def load_split(root: str, train: bool, val_root: str = "") -> Any | None:
         if not isinstance(obj, datasets.DatasetDict):
             return obj if single else None
         splits: dict[str, Any] = dict(obj)
-    else:
-        splits = _parquet_splits(spec)
-        if not splits:
-            raise MimcoError(f"no parquet files and no saved dataset in {spec}; point data.root at a folder saved by "
-                             "datasets' save_to_disk or at parquet files")
+    elif not (splits := _parquet_splits(spec)):
+        raise MimcoError(f"no parquet files and no saved dataset in {spec}; point data.root at a folder saved by "
+                         "datasets' save_to_disk or at parquet files")
     if own and len(splits) == 1:
         wanted = tuple(splits)
-    name = next((k for k in wanted if k in splits), None)
-    if name is None:
+    if (name := next((k for k in wanted if k in splits), None)) is None:
         return None
     if isinstance(splits[name], list):  # parquet files: converted once into datasets' cache, then memory-mapped
         return datasets.load_dataset("parquet", data_files={name: splits[name]}, split=name)

@@ -314,8 +314,7 @@ def _encoded(dataset: Any, i: int) -> tuple[bytes, str] | None:
     from torchvision.transforms.functional import to_pil_image
 
     if isinstance(dataset, FileImages):
-        data = dataset.read(i)
-        if data is None:
+        if (data := dataset.read(i)) is None:
             return None
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -367,8 +366,7 @@ def write_shards(dataset: Any, out: Path, source: str, classes: list[str], shard
         with open(tmp, "wb") as f:
             with TarWriter(f, encoder=False, mtime=0) as writer:  # a fixed time: the same source, the same bytes
                 while i < n and f.tell() < shard_size:
-                    enc = _encoded(dataset, i)
-                    if enc is None:
+                    if (enc := _encoded(dataset, i)) is None:
                         state["unreadable"] += 1
                     else:
                         label = int(dataset.items[i][1] if isinstance(dataset, FileImages) else dataset.labels[i])

@@ -37,8 +37,7 @@ class CsvLog:
                     csv.writer(f).writerows(kept)
 
     def write(self, row: dict[str, Any]) -> None:
-        new = self.fields is None
-        if new:
+        if new := (self.fields is None):
             self.fields = list(row)
         with self.path.open("a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")

@@ -77,8 +77,7 @@ class _Marked(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
-        item = self.files[self.indices[i]]
-        if item is None:
+        if (item := self.files[self.indices[i]]) is None:
             return torch.zeros(self.shape), -1, False
         return item[0], int(item[1]), True
 

@@ -153,8 +153,7 @@ def build_finetune(cfg: FinetuneConfig, device: torch.device, stream: BatchStrea
     if cfg.data.channels != chans:
         raise MimcoError(f"the backbone takes {chans}-channel images but data.channels={cfg.data.channels}; set "
                          f"data.channels={chans}")
-    test = load_dataset(cfg.data, train=False)
-    if test is None:
+    if (test := load_dataset(cfg.data, train=False)) is None:
         raise MimcoError(f"{cfg.data.root} has no val/ split to evaluate on; lay the data out as train/ and val/ "
                          "class folders")
     model = build_classifier(backbone, stream.num_classes, cfg.classifier.pool, cfg.classifier.drop_path_rate,
