@@ -69,20 +69,15 @@ def _split(cfg: Any, split: str) -> Any:
     return data
 
 
-def _device(cfg: Any) -> torch.device:
-    from mimco.pipeline import setup
-
-    return setup(cfg, model_keys=False)
-
-
 def extract_features(model: torch.nn.Module, cfg: Any, split: str = "test", patch: bool = False) -> dict[str, Any]:
     """Frozen features of ``split`` of ``cfg``'s data (``cfg.train`` gives device and precision):
     ``cls`` (N, D), ``mean`` (N, D), with ``patch`` also ``patch`` (N, L, D), ``labels`` (N,),
     ``index`` (N,) and ``names`` (file paths, [] for in-memory data), as ``mimco extract`` writes
     them."""
     from mimco.eval.extract import extract_tokens
+    from mimco.pipeline import setup
 
-    device = _device(cfg)
+    device = setup(cfg, model_keys=False)
     return extract_tokens(model.to(device), _split(cfg, split), cfg.data, device, cfg.train.precision, patch,
                           progress=False) or {}
 
@@ -94,8 +89,9 @@ def knn(model: torch.nn.Module, cfg: Any, k: int = 20, temperature: float = 0.07
     from mimco.eval.features import extract_features as _extract
     from mimco.eval.knn import knn_accuracy
     from mimco.eval.monitor import monitor_splits
+    from mimco.pipeline import setup
 
-    device = _device(cfg)
+    device = setup(cfg, model_keys=False)
     train, test = _split(cfg, "train"), _split(cfg, "test")
     if monitor:
         train, test = monitor_splits(train, test, cfg.eval)
@@ -110,12 +106,13 @@ def probe(model: torch.nn.Module | None, cfg: Any, protocols: str | list[str] = 
     frozen features (None: raw pixels) under ``cfg``'s data and ``eval`` keys, as ``mimco probe``
     scores them; ``options``: a protocol's options by its name (``NAME={"key": value}``)."""
     from mimco.eval.protocols import Probe, protocol_options, run_protocols
+    from mimco.pipeline import setup
 
     names = [protocols] if isinstance(protocols, str) else list(protocols)
     opts = {n: protocol_options(n, options.get(n)) for n in names}
     if unknown := sorted(set(options) - set(names)):
         raise MimcoError(f"options for {', '.join(unknown)}, which is not among the protocols {names}")
-    device = _device(cfg)
+    device = setup(cfg, model_keys=False)
     p = Probe(model.to(device) if model is not None else None, cfg.data, (_split(cfg, "train"), _split(cfg, "test")),
               cfg.eval, device, cfg.train.precision, cfg.train.seed)
     return run_protocols(names, p, opts)

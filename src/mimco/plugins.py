@@ -20,8 +20,6 @@ from mimco.errors import MimcoError
 
 #: mimco's own modules that register methods (imported by name: they sit above the config layer)
 BUILTIN = ("mimco.methods", "mimco.eval.finetune", "mimco.eval.segfinetune", "mimco.pipeline")
-#: the entry-point group of installed plugins
-GROUP = "mimco.plugins"
 _loaded = False
 
 
@@ -33,7 +31,7 @@ def load_plugins() -> None:
     _loaded = True
     for name in BUILTIN:
         importlib.import_module(name)
-    for ep in importlib.metadata.entry_points(group=GROUP):
+    for ep in importlib.metadata.entry_points(group="mimco.plugins"):
         try:
             ep.load()
         except Exception as e:  # a broken plugin names itself instead of a traceback from inside importlib

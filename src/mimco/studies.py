@@ -223,10 +223,9 @@ def spec_dict(s: StudySpec) -> dict[str, Any]:
     def compact(obj: Any, default: Any) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(obj).items() if v != getattr(default, k, None) and k != "name"}
 
-    out = compact(s, StudySpec("", {}, []))
-    out["runs"] = {k: {"stage": r.stage} | compact(r, RunSpec(r.stage)) for k, r in s.runs.items()}
-    out["rows"] = [{"name": r.name} | compact(r, RowSpec(r.name)) for r in s.rows]
-    return out
+    return {**compact(s, StudySpec("", {}, [])),
+            "runs": {k: {"stage": r.stage} | compact(r, RunSpec(r.stage)) for k, r in s.runs.items()},
+            "rows": [{"name": r.name} | compact(r, RowSpec(r.name)) for r in s.rows]}
 
 
 def folder(run: str, seed: int | None) -> str:
@@ -314,15 +313,11 @@ def _score(probe: Probe, instances: list[str], s: StudySpec, options: dict, cach
         protocol, opts = s.instances()[n], options[n]
         what = [protocol, to_dict(opts) if opts is not None else None, to_dict(probe.data), to_dict(probe.eval), ident]
         key = f"{n}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
-        if key not in kept:
-            scored = run_protocols([protocol], probe, {protocol: opts}, digits=None)
-            if not scored or not is_main():  # under torchrun the main process scores and keeps
-                got[n] = scored
-                continue
-            kept[key] = scored
+        got[n] = kept[key] if key in kept else run_protocols([protocol], probe, {protocol: opts}, digits=None)
+        if key not in kept and got[n] and is_main():  # under torchrun the main process scores and keeps
+            kept[key] = got[n]
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_json(cache, kept)
-        got[n] = kept[key]
     return got
 
 
@@ -395,10 +390,9 @@ def run_study(s: StudySpec, out: Path, quick: bool = False, table: str = "result
         cells_of.append(cells)
         print(f"[{s.name}] {row.name}: " + "  ".join(f"{k} {v}" for k, v in cells.items() if k != "model"),
               file=sys.stderr, flush=True)
-    m = ecfg.model
     notes = [(get_protocol(p).note, options[n]) for n, p in s.instances().items()]  # what the columns are
     header = (f"{s.title + ': ' if s.title else ''}{data.name} test top-1 (%), ViT {data.img_size}px/patch "
-              f"{m.patch_size}, width {m.embed_dim}, depth {m.depth}; "
+              f"{ecfg.model.patch_size}, width {ecfg.model.embed_dim}, depth {ecfg.model.depth}; "
               + "".join(f"{text}; " for note, opts in notes if note is not None and (text := note(opts, ev)))
               + (f"mean ± std over seeds {', '.join(map(str, s.seeds))}; " if len(seeds) > 1 else "")
               + f"{torch.get_num_threads()} threads; training {train_minutes:.1f} min + evaluation "

@@ -136,8 +136,7 @@ def seg_config(args: argparse.Namespace, state: Any) -> SegmentationConfig:
 
 def backbone_options(p: argparse.ArgumentParser, config: str = "data settings (else the checkpoint's own, for mimco "
                                                                  "checkpoints)") -> None:
-    """The options of every command that reads one backbone from a checkpoint: ``--config`` (the
-    data's settings), ``--encoder`` and ``--num-heads``."""
+    """The options of every command that reads one backbone from a checkpoint."""
     p.add_argument("--config", help=config)
     p.add_argument("--encoder", default="momentum", help="momentum | base (teacher / MoCo / DINO files)")
     p.add_argument("--num-heads", type=int, default=0, help="heads count when the format does not fix it")

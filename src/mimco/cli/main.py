@@ -14,12 +14,10 @@ from mimco.distributed import destroy
 from mimco.errors import MimcoError, message
 from mimco.plugins import load_file, load_plugins
 
-#: the command modules, in the order ``mimco --help`` lists them
-MODULES = ("train", "probe", "tools")
-
 
 def _modules() -> list[Any]:
-    return [importlib.import_module(f"mimco.cli.{m}") for m in MODULES]
+    """The command modules, in the order ``mimco --help`` lists them."""
+    return [importlib.import_module(f"mimco.cli.{m}") for m in ("train", "probe", "tools")]
 
 
 def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:

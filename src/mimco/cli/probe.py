@@ -32,8 +32,6 @@ from mimco.eval.probe import probe_few_labels, spread_metrics
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``mimco eval CKPT``: the protocols ``knn`` and ``linear`` (``--no-linear``: ``knn``) on the test
-    split, with a mimco checkpoint's own data, eval and train keys (then the overrides)."""
     return _run_protocols(args, "eval", ["knn"] if args.no_linear else ["knn", "linear"], {},
                           ("data", "eval", "train"), batch_size=512, linear=not args.no_linear)
 
@@ -120,8 +118,6 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    """``mimco probe NAME[,NAME...] CKPT``: registered evaluation protocols on a frozen backbone, the
-    features extracted once; ``NAME.key=value`` overrides set a protocol's options."""
     from mimco.eval.protocols import get_protocol, protocol_options
 
     names = [n for n in args.protocols.split(",") if n]

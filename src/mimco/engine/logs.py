@@ -121,9 +121,8 @@ class RunLog:
             self.others.append(WandbLog(run_dir, stage, train.wandb, config))
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.csv is None:
-            return
-        self.csv.write(row)
+        if self.csv is not None:
+            self.csv.write(row)
         values = scalars(row)
         for log in self.others:
             log.write(int(row["step"]), values)

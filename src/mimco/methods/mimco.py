@@ -23,19 +23,15 @@ from mimco.models.heads import ReconstructionHead
 from mimco.models.student import MaskedViT
 from mimco.models.teachers import TeacherView, projector_width
 
-PatchLoss = Literal["infonce", "l1", "smooth_l1", "cosine"]
-PatchNegatives = Literal["image", "batch", "position", "image+position"]
-TargetCentring = Literal["none", "position"]
-
 
 @dataclass
 class MimcoLossConfig:
     """The ``loss:`` section: MimCo's patch and image reconstruction losses and their heads."""
 
-    patch_loss: PatchLoss = "infonce"  # infonce | l1 | smooth_l1 | cosine
+    patch_loss: Literal["infonce", "l1", "smooth_l1", "cosine"] = "infonce"  # infonce | l1 | smooth_l1 | cosine
     # image (the same image's tokens) | batch (every token of the batch) | position (the same grid position in every
     # image of the batch: position cannot tell the positive apart) | image+position (both)
-    patch_negatives: PatchNegatives = "image"
+    patch_negatives: Literal["image", "batch", "position", "image+position"] = "image"
     patch_temperature: float = setting(0.2, above=0, what='the InfoNCE temperature')
     patch_neg_threshold: float = 1.0  # drop negatives with teacher cosine to the positive above this
     # patch_negatives=batch: at most this many negatives per step, sampled from the global batch's teacher
@@ -48,7 +44,7 @@ class MimcoLossConfig:
     head_hidden_dim: int = setting(512, min=1, what="the reconstruction heads' hidden width", fixed=True)
     # position: subtract a running mean of the teacher's patch targets at each grid position before the patch loss
     # (DINO's centring, per position: what every image has at a position is no target); none: the targets as they are
-    target_centring: TargetCentring = "none"
+    target_centring: Literal["none", "position"] = "none"
     centre_momentum: float = 0.9  # target_centring: the running mean's momentum per step (DINO's 0.9), in [0, 1)
     head_position: bool = False  # give the patch head the student's position embedding of each masked token
 
