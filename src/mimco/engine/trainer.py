@@ -122,21 +122,26 @@ class Trainer:
             save_checkpoint(self.run_dir, self.stage, self.step, self.total_steps, model_state,
                             backbone_prefixes(self.method), optim_state, self.scaler.state_dict(), rng,
                             to_dict(self.cfg), timm_kwargs(self.method.backbone()))
-            if snapshot:  # epoch_XXXX.pt: a hard link to last.pt (docs/training.md), a copy where links are not allowed
-                target = snapshot_path(self.run_dir, self.step // self.stream.steps_per_epoch)
-                tmp = target.with_name(target.name + ".tmp")
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(path, tmp)
-                except OSError:
-                    shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
-                prune_snapshots(self.run_dir, self.cfg.train.keep_last)
+            if snapshot:
+                self._snapshot(path)
         # nobody goes on (or exits, at a stop) before the file is written: under srun
         # --kill-on-bad-exit a process that left first could have Slurm kill the writer mid-write
         dist.barrier()
         self.last_saved = (path, self.step)
         return path
+
+    def _snapshot(self, path: Path) -> None:
+        """``epoch_XXXX.pt``: a hard link to the last.pt just written (the next last.pt replaces the name, not
+        the file), or a copy where links are not allowed; then the oldest beyond ``train.keep_last`` go."""
+        target = snapshot_path(self.run_dir, self.step // self.stream.steps_per_epoch)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        prune_snapshots(self.run_dir, self.cfg.train.keep_last)
 
     def _snapshot_due(self) -> bool:
         """At the end of every ``train.keep_every_epochs``-th whole epoch (not a schedule's fractional end)."""
@@ -157,7 +162,7 @@ class Trainer:
                        f"{seconds:.1f} s, {100 * seconds / per_epoch:.1f} % "
                        f"of an epoch ({per_epoch:.0f} s) of this run", file=sys.stderr)
         self._monitor_s += seconds
-        rows.t0 += seconds  # time outside training: not counted in images/s
+        rows.pause(seconds)
         return values
 
     def _bad_images(self) -> tuple[int, int] | None:
@@ -274,7 +279,7 @@ class Trainer:
                 snap = self._snapshot_due()  # a checkpoint before the end: new epoch metrics, a snapshot, ckpt_every
                 if (epoch_end or snap or bool(t.ckpt_every and self.step % t.ckpt_every == 0)) and self.step < end:
                     self.checkpoint(snapshot=snap)
-            rows.bar.close()
+            rows.close()
             join_pending()  # the next step's masks are being built: let no thread run on past the run
             path = self.checkpoint(snapshot=self._snapshot_due())
         self._report_bad_images()
@@ -311,6 +316,13 @@ class RowLogger:
         self.steps += 1
         self.seen += images
         self.bar.update(1)
+
+    def pause(self, seconds: float) -> None:
+        """Time spent outside training (the k-NN monitor): not counted in images/s."""
+        self.t0 += seconds
+
+    def close(self) -> None:
+        self.bar.close()
 
     def write(self, metrics: dict[str, Any], watched: dict[str, float]) -> None:
         """A row of the means since the last one (a collective under torchrun: every process writes)."""
